@@ -1,0 +1,2 @@
+//! dchat-operator: runs dchat relay clusters declared as `DchatCluster` objects.
+#![forbid(unsafe_code)]
