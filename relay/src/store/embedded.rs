@@ -1,0 +1,905 @@
+//! The embedded store: one redb database file, fsync'd on every commit.
+//!
+//! Writes go through a single writer thread fed by a bounded channel. The thread takes
+//! whatever has queued up while the previous commit was being fsync'd, applies all of it
+//! in one write transaction, commits (one fsync for the whole batch) and only then answers
+//! each caller. That is group commit: throughput grows with concurrency while every
+//! acknowledged write is durable. Reads run on the blocking pool against MVCC read
+//! transactions and never wait for the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec::{
+    channel_prefix, decode_message, dedup_key, dedup_value, encode_message, expiry_key, member_key,
+    pending_key, split_dedup_value, split_member_key,
+};
+use super::snapshot::{self, SnapshotSummary};
+use super::{
+    validate_channel, validate_message, Pending, PublicKey, PutOutcome, Store, StoreError,
+    StoreStats, StoredMessage,
+};
+
+/// seq → encoded message record.
+pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+/// recipient ‖ seq → (): pending messages per recipient in seq order.
+pub(crate) const PENDING: TableDefinition<&[u8], ()> = TableDefinition::new("pending");
+/// recipient ‖ sender ‖ id → seq ‖ expires_at_ms. Kept after ack until expiry.
+pub(crate) const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
+/// ordered(expires_at_ms) ‖ seq → dedup key: what `expire` removes, without a full scan.
+pub(crate) const EXPIRY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("expiry");
+/// public key → updated_ms (i64 BE) ‖ profile blob.
+pub(crate) const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles");
+/// u16 len ‖ channel ‖ member → (): persistent memberships.
+pub(crate) const MEMBERS: TableDefinition<&[u8], ()> = TableDefinition::new("members");
+/// channel → member count, so `stats` can count channels without a scan.
+pub(crate) const CHANNELS: TableDefinition<&str, u64> = TableDefinition::new("channels");
+/// Store metadata: "schema_version", "next_seq".
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// On-disk layout version written to META at creation.
+pub(crate) const SCHEMA_VERSION: u64 = 1;
+/// Database file name inside the data directory.
+pub const DB_FILE_NAME: &str = "dchat.redb";
+
+/// Queued write operations before callers wait (backpressure beyond this).
+const QUEUE_CAPACITY: usize = 4096;
+/// Upper bound on messages applied in one transaction, to bound commit latency.
+const MAX_BATCH_MESSAGES: usize = 8192;
+
+/// Maps any redb error into a [`StoreError::Embedded`] naming the operation.
+pub(crate) trait Ctx<T> {
+    fn ctx(self, op: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
+    fn ctx(self, op: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Embedded {
+            op,
+            source: e.into(),
+        })
+    }
+}
+
+/// The embedded store. Cheap to share behind an `Arc`; dropping the last handle stops
+/// the writer thread after it has committed everything queued, and closes the file.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    tx: Option<mpsc::Sender<WriteOp>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One queued write and the channel its caller waits on.
+enum WriteOp {
+    Put {
+        msgs: Vec<StoredMessage>,
+        reply: oneshot::Sender<Result<Vec<PutOutcome>, StoreError>>,
+    },
+    Ack {
+        recipient: PublicKey,
+        keys: Vec<(PublicKey, String)>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Expire {
+        now_ms: i64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    PutProfile {
+        key: PublicKey,
+        profile: Vec<u8>,
+        updated_ms: i64,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    Membership {
+        channel: String,
+        member: PublicKey,
+        join: bool,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Commits (possibly empty) and answers: proves the queue drained and the disk
+    /// accepts commits. Used by `flush` and `check`.
+    Barrier {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// What an applied op will answer once its transaction is durable.
+enum Answer {
+    Outcomes(Vec<PutOutcome>),
+    Count(u64),
+    Flag(bool),
+    Unit,
+}
+
+impl WriteOp {
+    fn message_count(&self) -> usize {
+        match self {
+            WriteOp::Put { msgs, .. } => msgs.len(),
+            _ => 1,
+        }
+    }
+
+    /// Sends the result to the waiting caller. A caller that gave up (dropped its
+    /// future) is not an error: its write is committed regardless.
+    fn answer(self, result: Result<Answer, StoreError>) {
+        fn send<T>(
+            reply: oneshot::Sender<Result<T, StoreError>>,
+            r: Result<Answer, StoreError>,
+            pick: impl FnOnce(Answer) -> Option<T>,
+        ) {
+            let out = r.and_then(|a| {
+                pick(a).ok_or(StoreError::Task {
+                    op: "embedded writer",
+                    reason: "internal: answer of the wrong kind".into(),
+                })
+            });
+            let _ = reply.send(out);
+        }
+        match self {
+            WriteOp::Put { reply, .. } => send(reply, result, |a| match a {
+                Answer::Outcomes(o) => Some(o),
+                _ => None,
+            }),
+            WriteOp::Ack { reply, .. } | WriteOp::Expire { reply, .. } => {
+                send(reply, result, |a| match a {
+                    Answer::Count(c) => Some(c),
+                    _ => None,
+                })
+            }
+            WriteOp::PutProfile { reply, .. } => send(reply, result, |a| match a {
+                Answer::Flag(b) => Some(b),
+                _ => None,
+            }),
+            WriteOp::Membership { reply, .. } | WriteOp::Barrier { reply, .. } => {
+                send(reply, result, |a| match a {
+                    Answer::Unit => Some(()),
+                    _ => None,
+                })
+            }
+        }
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `dir`, whose file is `dir/dchat.redb`.
+    /// After a crash redb recovers the last committed state. A corrupt or foreign file
+    /// is a typed error ([`StoreError::Open`]), never a panic.
+    pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            op: "creating data directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(DB_FILE_NAME);
+        let db = Database::create(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        init_schema(&db)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("dchat-store-writer".into())
+            .spawn(move || writer_loop(&writer_db, rx))
+            .map_err(|source| StoreError::Io {
+                op: "spawning writer thread for",
+                path: path.clone(),
+                source,
+            })?;
+        tracing::info!(path = %path.display(), "embedded store opened");
+        Ok(EmbeddedStore {
+            db,
+            path,
+            tx: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes a consistent snapshot (one read transaction) of everything the store holds
+    /// to `out`: header, records, SHA-256 trailer (format in docs/storage.md). Blocking;
+    /// call from a blocking thread. Concurrent writes continue and are not included.
+    pub fn snapshot(
+        &self,
+        out: &mut (impl std::io::Write + Send),
+    ) -> Result<SnapshotSummary, StoreError> {
+        snapshot::write_snapshot(&self.db, out)
+    }
+
+    /// Loads a snapshot into this store, which must be empty ([`StoreError::NotEmpty`]
+    /// otherwise). Everything is applied in one write transaction that is committed only
+    /// after the trailer's checksum and the header's counts have been verified, so a
+    /// corrupt or truncated stream leaves the store unchanged. Blocking.
+    pub fn restore(
+        &self,
+        input: &mut (impl std::io::Read + Send),
+    ) -> Result<SnapshotSummary, StoreError> {
+        snapshot::restore_snapshot(&self.db, input)
+    }
+
+    async fn submit<T>(
+        &self,
+        op_name: &'static str,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or(StoreError::WriterClosed { op: op_name })?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(make(reply))
+            .await
+            .map_err(|_| StoreError::WriterClosed { op: op_name })?;
+        rx.await
+            .map_err(|_| StoreError::WriterClosed { op: op_name })?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().ctx(op)?;
+            f(&txn)
+        })
+        .await
+        .map_err(|e| StoreError::Task {
+            op,
+            reason: e.to_string(),
+        })?
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish the queued batches and exit; joining
+        // it releases its handle on the file so the directory can be reopened at once.
+        self.tx.take();
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!(path = %self.path.display(), "embedded store writer panicked");
+            }
+        }
+    }
+}
+
+/// Creates the tables and checks the layout version.
+fn init_schema(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().ctx("init: begin")?;
+    {
+        txn.open_table(MESSAGES).ctx("init: open messages")?;
+        txn.open_table(PENDING).ctx("init: open pending")?;
+        txn.open_table(DEDUP).ctx("init: open dedup")?;
+        txn.open_table(EXPIRY).ctx("init: open expiry")?;
+        txn.open_table(PROFILES).ctx("init: open profiles")?;
+        txn.open_table(MEMBERS).ctx("init: open members")?;
+        txn.open_table(CHANNELS).ctx("init: open channels")?;
+        let mut meta = txn.open_table(META).ctx("init: open meta")?;
+        let version = meta
+            .get("schema_version")
+            .ctx("init: read schema_version")?
+            .map(|v| v.value());
+        match version {
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .ctx("init: write schema_version")?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(StoreError::Corrupt {
+                    table: "meta",
+                    reason: format!(
+                        "schema_version {other}, this relay understands {SCHEMA_VERSION}"
+                    ),
+                })
+            }
+        }
+    }
+    txn.commit().ctx("init: commit")?;
+    Ok(())
+}
+
+/// The writer thread: batch everything queued, commit once, answer everyone.
+fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut messages = first.message_count();
+        let mut batch = vec![first];
+        while messages < MAX_BATCH_MESSAGES {
+            match rx.try_recv() {
+                Ok(op) => {
+                    messages += op.message_count();
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        run_batch(db, batch);
+    }
+    tracing::debug!("embedded store writer stopped");
+}
+
+/// Applies `batch` in one transaction. If the batch fails as a whole, each op is retried
+/// in a transaction of its own so one bad op cannot fail its neighbours.
+fn run_batch(db: &Database, batch: Vec<WriteOp>) {
+    let size = batch.len();
+    match apply_all(db, &batch) {
+        Ok(answers) => {
+            tracing::trace!(ops = size, "group commit");
+            for (op, ans) in batch.into_iter().zip(answers) {
+                op.answer(Ok(ans));
+            }
+        }
+        Err(e) if size == 1 => {
+            if let Some(op) = batch.into_iter().next() {
+                op.answer(Err(e));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(ops = size, error = %e, "batch commit failed; retrying ops one by one");
+            for op in batch {
+                let single = std::slice::from_ref(&op);
+                let res = apply_all(db, single).map(|mut a| a.remove(0));
+                op.answer(res);
+            }
+        }
+    }
+}
+
+/// One write transaction over `ops`, committed durably; answers in op order.
+fn apply_all(db: &Database, ops: &[WriteOp]) -> Result<Vec<Answer>, StoreError> {
+    let txn = db.begin_write().ctx("write: begin")?;
+    let mut answers = Vec::with_capacity(ops.len());
+    {
+        let mut w = Writer::new(&txn)?;
+        for op in ops {
+            answers.push(w.apply(op)?);
+        }
+        w.finish()?;
+    }
+    txn.commit().ctx("write: commit")?;
+    Ok(answers)
+}
+
+/// The open tables of one write transaction.
+pub(crate) struct Writer<'t> {
+    pub(crate) messages: redb::Table<'t, u64, &'static [u8]>,
+    pub(crate) pending: redb::Table<'t, &'static [u8], ()>,
+    pub(crate) dedup: redb::Table<'t, &'static [u8], &'static [u8]>,
+    pub(crate) expiry: redb::Table<'t, &'static [u8], &'static [u8]>,
+    pub(crate) profiles: redb::Table<'t, &'static [u8], &'static [u8]>,
+    pub(crate) members: redb::Table<'t, &'static [u8], ()>,
+    pub(crate) channels: redb::Table<'t, &'static str, u64>,
+    pub(crate) meta: redb::Table<'t, &'static str, u64>,
+    pub(crate) next_seq: u64,
+}
+
+impl<'t> Writer<'t> {
+    pub(crate) fn new(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        let meta = txn.open_table(META).ctx("write: open meta")?;
+        let next_seq = meta
+            .get("next_seq")
+            .ctx("write: read next_seq")?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        Ok(Writer {
+            messages: txn.open_table(MESSAGES).ctx("write: open messages")?,
+            pending: txn.open_table(PENDING).ctx("write: open pending")?,
+            dedup: txn.open_table(DEDUP).ctx("write: open dedup")?,
+            expiry: txn.open_table(EXPIRY).ctx("write: open expiry")?,
+            profiles: txn.open_table(PROFILES).ctx("write: open profiles")?,
+            members: txn.open_table(MEMBERS).ctx("write: open members")?,
+            channels: txn.open_table(CHANNELS).ctx("write: open channels")?,
+            meta,
+            next_seq,
+        })
+    }
+
+    /// Persists the sequence counter; call once before commit.
+    pub(crate) fn finish(&mut self) -> Result<(), StoreError> {
+        self.meta
+            .insert("next_seq", self.next_seq)
+            .ctx("write: store next_seq")?;
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &WriteOp) -> Result<Answer, StoreError> {
+        Ok(match op {
+            WriteOp::Put { msgs, .. } => {
+                let mut out = Vec::with_capacity(msgs.len());
+                for m in msgs {
+                    out.push(self.put(m)?);
+                }
+                Answer::Outcomes(out)
+            }
+            WriteOp::Ack {
+                recipient, keys, ..
+            } => Answer::Count(self.ack(recipient, keys)?),
+            WriteOp::Expire { now_ms, .. } => Answer::Count(self.expire(*now_ms)?),
+            WriteOp::PutProfile {
+                key,
+                profile,
+                updated_ms,
+                ..
+            } => Answer::Flag(self.put_profile(key, profile, *updated_ms)?),
+            WriteOp::Membership {
+                channel,
+                member,
+                join,
+                ..
+            } => {
+                if *join {
+                    self.join(channel, member)?;
+                } else {
+                    self.leave(channel, member)?;
+                }
+                Answer::Unit
+            }
+            WriteOp::Barrier { .. } => Answer::Unit,
+        })
+    }
+
+    fn put(&mut self, m: &StoredMessage) -> Result<PutOutcome, StoreError> {
+        let dk = dedup_key(&m.recipient, &m.sender, &m.id);
+        if self
+            .dedup
+            .get(dk.as_slice())
+            .ctx("put: read dedup")?
+            .is_some()
+        {
+            return Ok(PutOutcome::Duplicate);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.insert_message(seq, m, &dk)?;
+        Ok(PutOutcome::Stored { seq })
+    }
+
+    /// Writes a message and its three index entries.
+    pub(crate) fn insert_message(
+        &mut self,
+        seq: u64,
+        m: &StoredMessage,
+        dk: &[u8],
+    ) -> Result<(), StoreError> {
+        let rec = encode_message(m);
+        self.messages
+            .insert(seq, rec.as_slice())
+            .ctx("put: insert messages")?;
+        self.pending
+            .insert(pending_key(&m.recipient, seq).as_slice(), ())
+            .ctx("put: insert pending")?;
+        self.insert_dedup(dk, seq, m.expires_at_ms)
+    }
+
+    /// Writes a dedup entry and its expiry index entry.
+    pub(crate) fn insert_dedup(
+        &mut self,
+        dk: &[u8],
+        seq: u64,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.dedup
+            .insert(dk, dedup_value(seq, expires_at_ms).as_slice())
+            .ctx("put: insert dedup")?;
+        self.expiry
+            .insert(expiry_key(expires_at_ms, seq).as_slice(), dk)
+            .ctx("put: insert expiry")?;
+        Ok(())
+    }
+
+    fn ack(
+        &mut self,
+        recipient: &PublicKey,
+        keys: &[(PublicKey, String)],
+    ) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for (sender, id) in keys {
+            let dk = dedup_key(recipient, sender, id);
+            let seq = match self.dedup.get(dk.as_slice()).ctx("ack: read dedup")? {
+                Some(v) => {
+                    split_dedup_value(v.value())
+                        .map_err(|reason| StoreError::Corrupt {
+                            table: "dedup",
+                            reason,
+                        })?
+                        .0
+                }
+                None => continue,
+            };
+            // The dedup entry stays until expiry: a retry of an acknowledged id must
+            // still be recognised as a duplicate.
+            if self
+                .messages
+                .remove(seq)
+                .ctx("ack: remove messages")?
+                .is_some()
+            {
+                self.pending
+                    .remove(pending_key(recipient, seq).as_slice())
+                    .ctx("ack: remove pending")?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn expire(&mut self, now_ms: i64) -> Result<u64, StoreError> {
+        let upper = expiry_key(now_ms, u64::MAX);
+        let due: Vec<(Vec<u8>, Vec<u8>)> = self
+            .expiry
+            .range::<&[u8]>(..=upper.as_slice())
+            .ctx("expire: scan expiry")?
+            .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
+            .collect::<Result<_, _>>()
+            .ctx("expire: read expiry")?;
+        let mut removed = 0;
+        for (ek, dk) in due {
+            self.expiry
+                .remove(ek.as_slice())
+                .ctx("expire: remove expiry")?;
+            let seq =
+                u64::from_be_bytes(ek[8..16].try_into().map_err(|_| StoreError::Corrupt {
+                    table: "expiry",
+                    reason: format!("key of {} bytes", ek.len()),
+                })?);
+            if dk.len() < 32 {
+                return Err(StoreError::Corrupt {
+                    table: "expiry",
+                    reason: format!("dedup key of {} bytes", dk.len()),
+                });
+            }
+            let mut recipient = [0u8; 32];
+            recipient.copy_from_slice(&dk[..32]);
+            if self
+                .messages
+                .remove(seq)
+                .ctx("expire: remove messages")?
+                .is_some()
+            {
+                self.pending
+                    .remove(pending_key(&recipient, seq).as_slice())
+                    .ctx("expire: remove pending")?;
+                removed += 1;
+            }
+            // Only drop the dedup entry if it still belongs to this seq.
+            let current = self
+                .dedup
+                .get(dk.as_slice())
+                .ctx("expire: read dedup")?
+                .map(|v| split_dedup_value(v.value()));
+            if let Some(Ok((s, _))) = current {
+                if s == seq {
+                    self.dedup
+                        .remove(dk.as_slice())
+                        .ctx("expire: remove dedup")?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    pub(crate) fn put_profile(
+        &mut self,
+        key: &PublicKey,
+        profile: &[u8],
+        updated_ms: i64,
+    ) -> Result<bool, StoreError> {
+        if let Some(old) = self
+            .profiles
+            .get(key.as_slice())
+            .ctx("put_profile: read profiles")?
+        {
+            let (old_updated, _) = split_profile(old.value())?;
+            if old_updated >= updated_ms {
+                return Ok(false);
+            }
+        }
+        let mut v = Vec::with_capacity(8 + profile.len());
+        v.extend_from_slice(&updated_ms.to_be_bytes());
+        v.extend_from_slice(profile);
+        self.profiles
+            .insert(key.as_slice(), v.as_slice())
+            .ctx("put_profile: insert profiles")?;
+        Ok(true)
+    }
+
+    pub(crate) fn join(&mut self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
+        let k = member_key(channel, member);
+        let was = self
+            .members
+            .insert(k.as_slice(), ())
+            .ctx("join: insert members")?
+            .is_some();
+        if !was {
+            let n = self
+                .channels
+                .get(channel)
+                .ctx("join: read channels")?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            self.channels
+                .insert(channel, n + 1)
+                .ctx("join: update channels")?;
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
+        let k = member_key(channel, member);
+        let was = self
+            .members
+            .remove(k.as_slice())
+            .ctx("leave: remove members")?
+            .is_some();
+        if was {
+            let n = self
+                .channels
+                .get(channel)
+                .ctx("leave: read channels")?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            if n <= 1 {
+                self.channels
+                    .remove(channel)
+                    .ctx("leave: remove channels")?;
+            } else {
+                self.channels
+                    .insert(channel, n - 1)
+                    .ctx("leave: update channels")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a PROFILES value into (updated_ms, blob).
+pub(crate) fn split_profile(v: &[u8]) -> Result<(i64, &[u8]), StoreError> {
+    if v.len() < 8 {
+        return Err(StoreError::Corrupt {
+            table: "profiles",
+            reason: format!("value of {} bytes, need at least 8", v.len()),
+        });
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&v[..8]);
+    Ok((i64::from_be_bytes(a), &v[8..]))
+}
+
+#[async_trait::async_trait]
+impl Store for EmbeddedStore {
+    async fn put(&self, msg: StoredMessage) -> Result<PutOutcome, StoreError> {
+        validate_message(&msg)?;
+        let mut out = self
+            .submit("put", |reply| WriteOp::Put {
+                msgs: vec![msg],
+                reply,
+            })
+            .await?;
+        out.pop().ok_or(StoreError::Task {
+            op: "put",
+            reason: "writer returned no outcome".into(),
+        })
+    }
+
+    async fn put_many(&self, msgs: Vec<StoredMessage>) -> Result<Vec<PutOutcome>, StoreError> {
+        for m in &msgs {
+            validate_message(m)?;
+        }
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit("put_many", |reply| WriteOp::Put { msgs, reply })
+            .await
+    }
+
+    async fn pending(
+        &self,
+        recipient: &PublicKey,
+        after_seq: u64,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Pending>, StoreError> {
+        if after_seq == u64::MAX || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let recipient = *recipient;
+        self.read("pending", move |txn| {
+            let pending = txn.open_table(PENDING).ctx("pending: open pending")?;
+            let messages = txn.open_table(MESSAGES).ctx("pending: open messages")?;
+            let lo = pending_key(&recipient, after_seq + 1);
+            let hi = pending_key(&recipient, u64::MAX);
+            let mut out = Vec::new();
+            for entry in pending
+                .range::<&[u8]>(lo.as_slice()..=hi.as_slice())
+                .ctx("pending: scan pending")?
+            {
+                let (k, _) = entry.ctx("pending: read pending")?;
+                let k = k.value();
+                let mut s = [0u8; 8];
+                s.copy_from_slice(&k[32..40]);
+                let seq = u64::from_be_bytes(s);
+                let Some(rec) = messages.get(seq).ctx("pending: read messages")? else {
+                    return Err(StoreError::Corrupt {
+                        table: "pending",
+                        reason: format!("index entry for missing message seq {seq}"),
+                    });
+                };
+                let message =
+                    decode_message(rec.value()).map_err(|reason| StoreError::Corrupt {
+                        table: "messages",
+                        reason: format!("seq {seq}: {reason}"),
+                    })?;
+                if message.expires_at_ms <= now_ms {
+                    continue;
+                }
+                out.push(Pending { seq, message });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ack(
+        &self,
+        recipient: &PublicKey,
+        keys: &[(PublicKey, String)],
+    ) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let recipient = *recipient;
+        let keys = keys.to_vec();
+        self.submit("ack", |reply| WriteOp::Ack {
+            recipient,
+            keys,
+            reply,
+        })
+        .await
+    }
+
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.submit("expire", |reply| WriteOp::Expire { now_ms, reply })
+            .await
+    }
+
+    async fn put_profile(
+        &self,
+        key: &PublicKey,
+        profile: Vec<u8>,
+        updated_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let key = *key;
+        self.submit("put_profile", |reply| WriteOp::PutProfile {
+            key,
+            profile,
+            updated_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn get_profile(&self, key: &PublicKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = *key;
+        self.read("get_profile", move |txn| {
+            let t = txn.open_table(PROFILES).ctx("get_profile: open profiles")?;
+            match t.get(key.as_slice()).ctx("get_profile: read profiles")? {
+                Some(v) => Ok(Some(split_profile(v.value())?.1.to_vec())),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn join_channel(&self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
+        validate_channel(channel)?;
+        let (channel, member) = (channel.to_owned(), *member);
+        self.submit("join_channel", |reply| WriteOp::Membership {
+            channel,
+            member,
+            join: true,
+            reply,
+        })
+        .await
+    }
+
+    async fn leave_channel(&self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
+        validate_channel(channel)?;
+        let (channel, member) = (channel.to_owned(), *member);
+        self.submit("leave_channel", |reply| WriteOp::Membership {
+            channel,
+            member,
+            join: false,
+            reply,
+        })
+        .await
+    }
+
+    async fn channel_members(&self, channel: &str) -> Result<Vec<PublicKey>, StoreError> {
+        validate_channel(channel)?;
+        let prefix = channel_prefix(channel);
+        self.read("channel_members", move |txn| {
+            let t = txn
+                .open_table(MEMBERS)
+                .ctx("channel_members: open members")?;
+            let mut out = Vec::new();
+            for entry in t
+                .range::<&[u8]>(prefix.as_slice()..)
+                .ctx("channel_members: scan members")?
+            {
+                let (k, _) = entry.ctx("channel_members: read members")?;
+                let k = k.value();
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let (_, member) = split_member_key(k).map_err(|reason| StoreError::Corrupt {
+                    table: "members",
+                    reason,
+                })?;
+                out.push(member);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.submit("check", |reply| WriteOp::Barrier { reply })
+            .await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Every acknowledged write is already durable; the barrier waits for queued
+        // writes of callers still waiting to be committed too.
+        self.submit("flush", |reply| WriteOp::Barrier { reply })
+            .await
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.read("stats", |txn| {
+            Ok(StoreStats {
+                pending_messages: txn
+                    .open_table(MESSAGES)
+                    .ctx("stats: open messages")?
+                    .len()
+                    .ctx("stats: count messages")?,
+                profiles: txn
+                    .open_table(PROFILES)
+                    .ctx("stats: open profiles")?
+                    .len()
+                    .ctx("stats: count profiles")?,
+                channels: txn
+                    .open_table(CHANNELS)
+                    .ctx("stats: open channels")?
+                    .len()
+                    .ctx("stats: count channels")?,
+            })
+        })
+        .await
+    }
+}

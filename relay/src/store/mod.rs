@@ -1,0 +1,237 @@
+//! Durable storage for the relay: messages held for offline recipients, signed
+//! profiles and persistent channel membership.
+//!
+//! One [`Store`] trait, two implementations:
+//! - [`EmbeddedStore`] (default, one relay): a redb database under the data directory,
+//!   every write fsync'd, concurrent writes group-committed by a single writer thread.
+//! - [`PostgresStore`] (clusters): a PostgreSQL database shared by all relays, schema
+//!   migrations embedded in the binary and applied at connect.
+//!
+//! The behaviour both must share (dedup, ordering, acknowledgement, expiry) is pinned by
+//! one test suite, `relay/tests/store_suite.rs`, run against each backend. The on-disk
+//! layout, durability model and snapshot format are described in `docs/storage.md`.
+
+mod codec;
+mod embedded;
+mod error;
+mod postgres;
+mod snapshot;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use embedded::EmbeddedStore;
+pub use error::StoreError;
+pub use postgres::{PostgresConfig, PostgresStore};
+pub use snapshot::{SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
+
+/// An Ed25519 public key (raw 32 bytes): identities and routing keys.
+pub type PublicKey = [u8; 32];
+
+/// Longest accepted client-chosen message id, in bytes. The id is part of the dedup
+/// key in both backends, so it is bounded to keep index entries small.
+pub const MAX_MESSAGE_ID_BYTES: usize = 256;
+
+/// Longest accepted channel name, in bytes (part of the membership key).
+pub const MAX_CHANNEL_NAME_BYTES: usize = 256;
+
+/// Longest accepted message kind label, in bytes.
+pub const MAX_KIND_BYTES: usize = 64;
+
+/// A message held for a recipient who was offline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Key of the user the message is for.
+    pub recipient: PublicKey,
+    /// Key of the user who sent it.
+    pub sender: PublicKey,
+    /// Client-chosen id; unique per sender. Dedup key is (recipient, sender, id).
+    pub id: String,
+    /// Channel the message was sent to, if any (fan-out copies carry it).
+    pub channel: Option<String>,
+    /// Sender's timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// When the relay may drop the message, milliseconds since the Unix epoch.
+    pub expires_at_ms: i64,
+    /// Message kind label ("text", "image", ...), for metrics only.
+    pub kind: String,
+    /// The full serialized envelope, opaque to the store.
+    pub envelope: Vec<u8>,
+}
+
+/// One pending message with the store-assigned sequence (monotonic per store;
+/// with PostgreSQL, global across relays). Ordering by seq gives per-sender order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// Store-assigned sequence number; strictly increasing in commit order of one writer.
+    pub seq: u64,
+    /// The stored message.
+    pub message: StoredMessage,
+}
+
+/// Result of storing one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Newly stored under this sequence number.
+    Stored {
+        /// Sequence number assigned to the message.
+        seq: u64,
+    },
+    /// A message with the same (recipient, sender, id) was already stored (or was
+    /// stored and acknowledged, and has not expired yet); nothing was written.
+    Duplicate,
+}
+
+/// Counts for the admin API and gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    /// Messages stored and not yet acknowledged or expired.
+    pub pending_messages: u64,
+    /// Stored profiles.
+    pub profiles: u64,
+    /// Channels with at least one persistent member.
+    pub channels: u64,
+}
+
+/// The storage interface the relay core uses. Every method is durable before it
+/// returns: once a write returns `Ok`, it survives a crash (kill -9, power loss on
+/// the embedded store's fsync guarantee).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores durably (fsync'd / committed) before returning. Concurrent calls are
+    /// group-committed by the implementation.
+    async fn put(&self, msg: StoredMessage) -> Result<PutOutcome, StoreError>;
+    /// Many messages in one durable commit (channel fan-out); outcome per input, same order.
+    async fn put_many(&self, msgs: Vec<StoredMessage>) -> Result<Vec<PutOutcome>, StoreError>;
+    /// Unexpired messages for `recipient` with seq > after_seq, ascending seq, at most `limit`.
+    async fn pending(
+        &self,
+        recipient: &PublicKey,
+        after_seq: u64,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Pending>, StoreError>;
+    /// Removes acknowledged messages identified by (sender, id); returns how many were removed.
+    async fn ack(
+        &self,
+        recipient: &PublicKey,
+        keys: &[(PublicKey, String)],
+    ) -> Result<u64, StoreError>;
+    /// Deletes messages with expires_at_ms <= now_ms; returns the count removed.
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Stores a signed profile blob if `updated_ms` is newer than the stored one.
+    async fn put_profile(
+        &self,
+        key: &PublicKey,
+        profile: Vec<u8>,
+        updated_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// The stored profile blob of `key`, if any.
+    async fn get_profile(&self, key: &PublicKey) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Persistent channel membership (so offline members receive channel messages).
+    async fn join_channel(&self, channel: &str, member: &PublicKey) -> Result<(), StoreError>;
+    /// Removes a persistent membership; leaving a channel one is not in is not an error.
+    async fn leave_channel(&self, channel: &str, member: &PublicKey) -> Result<(), StoreError>;
+    /// Members of `channel`, in ascending key order.
+    async fn channel_members(&self, channel: &str) -> Result<Vec<PublicKey>, StoreError>;
+    /// Readiness: the storage is reachable and writable.
+    async fn check(&self) -> Result<(), StoreError>;
+    /// Flushes everything buffered; called on drain before exit.
+    async fn flush(&self) -> Result<(), StoreError>;
+    /// Current counts.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}
+
+/// Which backend to open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The embedded store in this directory (created if missing).
+    Embedded {
+        /// Data directory; the database file is `dchat.redb` inside it.
+        dir: PathBuf,
+    },
+    /// A shared PostgreSQL database.
+    Postgres(PostgresConfig),
+}
+
+/// Opens the configured backend. For PostgreSQL this connects and applies the embedded
+/// migrations, so it fails early (with the failing setting named) when the database is
+/// unreachable.
+pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match cfg {
+        StoreConfig::Embedded { dir } => {
+            let dir = dir.clone();
+            // Opening may replay/repair the file after a crash: keep it off the runtime.
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir))
+                .await
+                .map_err(|e| StoreError::Task {
+                    op: "open embedded store",
+                    reason: e.to_string(),
+                })??;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Postgres(pg) => Ok(Arc::new(PostgresStore::connect(pg).await?)),
+    }
+}
+
+/// Checks the field limits shared by both backends before anything is written, so an
+/// oversized id is a typed error instead of an index failure deep in the backend.
+pub(crate) fn validate_message(msg: &StoredMessage) -> Result<(), StoreError> {
+    if msg.id.is_empty() {
+        return Err(StoreError::InvalidInput {
+            field: "id",
+            reason: "message id is empty".into(),
+        });
+    }
+    if msg.id.len() > MAX_MESSAGE_ID_BYTES {
+        return Err(StoreError::InvalidInput {
+            field: "id",
+            reason: format!(
+                "message id is {} bytes, limit {MAX_MESSAGE_ID_BYTES}",
+                msg.id.len()
+            ),
+        });
+    }
+    if let Some(channel) = &msg.channel {
+        validate_channel(channel)?;
+    }
+    // PostgreSQL TEXT cannot hold NUL; refuse it in both backends so they agree.
+    for (field, value) in [("id", &msg.id), ("kind", &msg.kind)] {
+        if value.contains('\0') {
+            return Err(StoreError::InvalidInput {
+                field,
+                reason: "contains a NUL character".into(),
+            });
+        }
+    }
+    if msg.kind.len() > MAX_KIND_BYTES {
+        return Err(StoreError::InvalidInput {
+            field: "kind",
+            reason: format!(
+                "kind label is {} bytes, limit {MAX_KIND_BYTES}",
+                msg.kind.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a channel name against [`MAX_CHANNEL_NAME_BYTES`].
+pub(crate) fn validate_channel(channel: &str) -> Result<(), StoreError> {
+    if channel.is_empty() || channel.len() > MAX_CHANNEL_NAME_BYTES {
+        return Err(StoreError::InvalidInput {
+            field: "channel",
+            reason: format!(
+                "channel name is {} bytes, must be 1..={MAX_CHANNEL_NAME_BYTES}",
+                channel.len()
+            ),
+        });
+    }
+    if channel.contains('\0') {
+        return Err(StoreError::InvalidInput {
+            field: "channel",
+            reason: "contains a NUL character".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,516 @@
+//! The PostgreSQL store, shared by every relay of a cluster.
+//!
+//! Connections come from a deadpool pool; a connection that broke (server restart,
+//! network drop) fails its one operation with a typed error and is replaced on the next
+//! checkout. Schema migrations are compiled into the binary and applied at connect in a
+//! transaction holding an advisory lock, so relays starting together serialize on it and
+//! each migration runs exactly once.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::{
+    validate_channel, validate_message, Pending, PublicKey, PutOutcome, Store, StoreError,
+    StoreStats, StoredMessage,
+};
+
+/// Embedded migrations: (version, name, SQL). Append only; never edit a shipped one.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+
+/// Advisory lock key held while migrating ("dchatmig" as bytes).
+const MIGRATION_LOCK: i64 = 0x6463_6861_746d_6967;
+
+/// Connection settings (from `DB_HOST`, `DB_PORT`, `DB_NAME`, `DB_USER`, `DB_PASSWORD`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Server host name or IP (`DB_HOST`).
+    pub host: String,
+    /// Server port (`DB_PORT`).
+    pub port: u16,
+    /// Database name (`DB_NAME`).
+    pub dbname: String,
+    /// Role to connect as (`DB_USER`).
+    pub user: String,
+    /// Password (`DB_PASSWORD`); may be empty for trust authentication. Never logged.
+    pub password: String,
+    /// Pool size: the most connections this relay opens.
+    pub max_connections: usize,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+/// Wraps a driver error with the failing operation.
+fn pg(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { op, source }
+}
+
+/// Converts a u64 sequence to the BIGINT column type; a cursor beyond i64 is past
+/// everything the database can hold.
+fn seq_to_db(seq: u64) -> Option<i64> {
+    i64::try_from(seq).ok()
+}
+
+fn seq_from_db(seq: i64, op: &'static str) -> Result<u64, StoreError> {
+    u64::try_from(seq).map_err(|_| StoreError::Corrupt {
+        table: "messages",
+        reason: format!("{op}: negative seq {seq}"),
+    })
+}
+
+fn key_from_db(bytes: &[u8], table: &'static str, column: &str) -> Result<PublicKey, StoreError> {
+    PublicKey::try_from(bytes).map_err(|_| StoreError::Corrupt {
+        table,
+        reason: format!("{column} is {} bytes, expected 32", bytes.len()),
+    })
+}
+
+impl PostgresStore {
+    /// Connects, verifies the server is reachable, and applies pending migrations.
+    pub async fn connect(cfg: &PostgresConfig) -> Result<PostgresStore, StoreError> {
+        if cfg.host.is_empty() {
+            return Err(StoreError::Config {
+                field: "DB_HOST",
+                reason: "empty".into(),
+            });
+        }
+        if cfg.dbname.is_empty() {
+            return Err(StoreError::Config {
+                field: "DB_NAME",
+                reason: "empty".into(),
+            });
+        }
+        if cfg.user.is_empty() {
+            return Err(StoreError::Config {
+                field: "DB_USER",
+                reason: "empty".into(),
+            });
+        }
+        if cfg.port == 0 {
+            return Err(StoreError::Config {
+                field: "DB_PORT",
+                reason: "must be 1..=65535".into(),
+            });
+        }
+        if cfg.max_connections == 0 {
+            return Err(StoreError::Config {
+                field: "max_connections",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let mut pc = tokio_postgres::Config::new();
+        pc.host(&cfg.host)
+            .port(cfg.port)
+            .dbname(&cfg.dbname)
+            .user(&cfg.user)
+            .application_name("dchat-relay")
+            .connect_timeout(Duration::from_secs(10))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        if !cfg.password.is_empty() {
+            pc.password(&cfg.password);
+        }
+        let mgr = Manager::from_config(
+            pc,
+            NoTls,
+            ManagerConfig {
+                // Verified recycling runs a trivial query on checkout, so a connection
+                // the server dropped is discarded instead of failing the next statement.
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.max_connections)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(15)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StoreError::Config {
+                field: "max_connections",
+                reason: format!("building the connection pool: {e}"),
+            })?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        tracing::info!(host = %cfg.host, port = cfg.port, db = %cfg.dbname, "postgres store connected");
+        Ok(store)
+    }
+
+    async fn client(&self, op: &'static str) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|source| StoreError::Pool { op, source })
+    }
+
+    /// Applies the embedded migrations not yet recorded, under the advisory lock.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client("migrate").await?;
+        let txn = client.transaction().await.map_err(pg("migrate: begin"))?;
+        // Transaction-scoped: released by commit or by the connection dying.
+        txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg("migrate: take advisory lock"))?;
+        txn.batch_execute(
+            "CREATE TABLE IF NOT EXISTS dchat_schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 name       TEXT NOT NULL,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(pg("migrate: create dchat_schema_migrations"))?;
+        let row = txn
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM dchat_schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg("migrate: read dchat_schema_migrations"))?;
+        let current: i32 = row.try_get(0).map_err(pg("migrate: read version"))?;
+        let supported = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > supported {
+            return Err(StoreError::SchemaTooNew {
+                found: current,
+                supported,
+            });
+        }
+        for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            txn.batch_execute(sql)
+                .await
+                .map_err(|source| StoreError::Migration {
+                    version,
+                    name,
+                    source,
+                })?;
+            txn.execute(
+                "INSERT INTO dchat_schema_migrations (version, name) VALUES ($1, $2)",
+                &[&version, &name],
+            )
+            .await
+            .map_err(|source| StoreError::Migration {
+                version,
+                name,
+                source,
+            })?;
+            tracing::info!(version, name, "applied postgres migration");
+        }
+        txn.commit().await.map_err(pg("migrate: commit"))?;
+        Ok(())
+    }
+
+    /// Inserts `msgs` in order on `client` (inside the caller's transaction, if any).
+    async fn insert_all(
+        client: &impl deadpool_postgres::GenericClient,
+        msgs: &[StoredMessage],
+        op: &'static str,
+    ) -> Result<Vec<PutOutcome>, StoreError> {
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO messages
+                   (recipient, sender, msg_id, channel, timestamp_ms, expires_at_ms, kind, envelope)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT ON CONSTRAINT messages_dedup DO NOTHING
+                 RETURNING seq",
+            )
+            .await
+            .map_err(pg("put: prepare insert into messages"))?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let row = client
+                .query_opt(
+                    &stmt,
+                    &[
+                        &m.recipient.as_slice(),
+                        &m.sender.as_slice(),
+                        &m.id,
+                        &m.channel,
+                        &m.timestamp_ms,
+                        &m.expires_at_ms,
+                        &m.kind,
+                        &m.envelope,
+                    ],
+                )
+                .await
+                .map_err(pg(op))?;
+            out.push(match row {
+                Some(row) => PutOutcome::Stored {
+                    seq: seq_from_db(row.try_get(0).map_err(pg(op))?, op)?,
+                },
+                None => PutOutcome::Duplicate,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    async fn put(&self, msg: StoredMessage) -> Result<PutOutcome, StoreError> {
+        validate_message(&msg)?;
+        let client = self.client("put").await?;
+        // A single autocommit statement: PostgreSQL group-commits concurrent WAL flushes
+        // across connections itself.
+        let mut out = Self::insert_all(
+            &client,
+            std::slice::from_ref(&msg),
+            "put: insert into messages",
+        )
+        .await?;
+        out.pop().ok_or(StoreError::Task {
+            op: "put",
+            reason: "no outcome".into(),
+        })
+    }
+
+    async fn put_many(&self, msgs: Vec<StoredMessage>) -> Result<Vec<PutOutcome>, StoreError> {
+        for m in &msgs {
+            validate_message(m)?;
+        }
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = self.client("put_many").await?;
+        let txn = client.transaction().await.map_err(pg("put_many: begin"))?;
+        let out = Self::insert_all(&txn, &msgs, "put_many: insert into messages").await?;
+        txn.commit().await.map_err(pg("put_many: commit"))?;
+        Ok(out)
+    }
+
+    async fn pending(
+        &self,
+        recipient: &PublicKey,
+        after_seq: u64,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Pending>, StoreError> {
+        let Some(after) = seq_to_db(after_seq) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client("pending").await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT seq, sender, msg_id, channel, timestamp_ms, expires_at_ms, kind, envelope
+                   FROM messages
+                  WHERE recipient = $1 AND NOT acked AND seq > $2 AND expires_at_ms > $3
+                  ORDER BY seq
+                  LIMIT $4",
+            )
+            .await
+            .map_err(pg("pending: prepare select from messages"))?;
+        let rows = client
+            .query(&stmt, &[&recipient.as_slice(), &after, &now_ms, &limit])
+            .await
+            .map_err(pg("pending: select from messages"))?;
+        let op = "pending: decode messages row";
+        rows.iter()
+            .map(|row| {
+                let sender: &[u8] = row.try_get(1).map_err(pg(op))?;
+                Ok(Pending {
+                    seq: seq_from_db(row.try_get(0).map_err(pg(op))?, op)?,
+                    message: StoredMessage {
+                        recipient: *recipient,
+                        sender: key_from_db(sender, "messages", "sender")?,
+                        id: row.try_get(2).map_err(pg(op))?,
+                        channel: row.try_get(3).map_err(pg(op))?,
+                        timestamp_ms: row.try_get(4).map_err(pg(op))?,
+                        expires_at_ms: row.try_get(5).map_err(pg(op))?,
+                        kind: row.try_get(6).map_err(pg(op))?,
+                        envelope: row.try_get(7).map_err(pg(op))?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn ack(
+        &self,
+        recipient: &PublicKey,
+        keys: &[(PublicKey, String)],
+    ) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let senders: Vec<&[u8]> = keys.iter().map(|(s, _)| s.as_slice()).collect();
+        let ids: Vec<&str> = keys.iter().map(|(_, id)| id.as_str()).collect();
+        let client = self.client("ack").await?;
+        // The row stays (envelope dropped) until expiry so a late retry is a duplicate.
+        let stmt = client
+            .prepare_cached(
+                "UPDATE messages m SET acked = TRUE, envelope = ''::bytea
+                   FROM unnest($2::bytea[], $3::text[]) AS k(sender, msg_id)
+                  WHERE m.recipient = $1 AND m.sender = k.sender AND m.msg_id = k.msg_id
+                    AND NOT m.acked",
+            )
+            .await
+            .map_err(pg("ack: prepare update messages"))?;
+        client
+            .execute(&stmt, &[&recipient.as_slice(), &senders, &ids])
+            .await
+            .map_err(pg("ack: update messages"))
+    }
+
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let client = self.client("expire").await?;
+        let row = client
+            .query_one(
+                "WITH d AS (DELETE FROM messages WHERE expires_at_ms <= $1 RETURNING acked)
+                 SELECT count(*) FILTER (WHERE NOT acked) FROM d",
+                &[&now_ms],
+            )
+            .await
+            .map_err(pg("expire: delete from messages"))?;
+        let n: i64 = row.try_get(0).map_err(pg("expire: read count"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn put_profile(
+        &self,
+        key: &PublicKey,
+        profile: Vec<u8>,
+        updated_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let client = self.client("put_profile").await?;
+        let n = client
+            .execute(
+                "INSERT INTO profiles (key, profile, updated_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (key) DO UPDATE
+                   SET profile = EXCLUDED.profile, updated_ms = EXCLUDED.updated_ms
+                   WHERE profiles.updated_ms < EXCLUDED.updated_ms",
+                &[&key.as_slice(), &profile, &updated_ms],
+            )
+            .await
+            .map_err(pg("put_profile: upsert profiles"))?;
+        Ok(n == 1)
+    }
+
+    async fn get_profile(&self, key: &PublicKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client("get_profile").await?;
+        let row = client
+            .query_opt(
+                "SELECT profile FROM profiles WHERE key = $1",
+                &[&key.as_slice()],
+            )
+            .await
+            .map_err(pg("get_profile: select from profiles"))?;
+        row.map(|r| r.try_get(0).map_err(pg("get_profile: decode profile")))
+            .transpose()
+    }
+
+    async fn join_channel(&self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
+        validate_channel(channel)?;
+        let client = self.client("join_channel").await?;
+        client
+            .execute(
+                "INSERT INTO channel_members (channel, member) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+                &[&channel, &member.as_slice()],
+            )
+            .await
+            .map_err(pg("join_channel: insert into channel_members"))?;
+        Ok(())
+    }
+
+    async fn leave_channel(&self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
+        validate_channel(channel)?;
+        let client = self.client("leave_channel").await?;
+        client
+            .execute(
+                "DELETE FROM channel_members WHERE channel = $1 AND member = $2",
+                &[&channel, &member.as_slice()],
+            )
+            .await
+            .map_err(pg("leave_channel: delete from channel_members"))?;
+        Ok(())
+    }
+
+    async fn channel_members(&self, channel: &str) -> Result<Vec<PublicKey>, StoreError> {
+        validate_channel(channel)?;
+        let client = self.client("channel_members").await?;
+        let rows = client
+            .query(
+                "SELECT member FROM channel_members WHERE channel = $1 ORDER BY member",
+                &[&channel],
+            )
+            .await
+            .map_err(pg("channel_members: select from channel_members"))?;
+        rows.iter()
+            .map(|r| {
+                let m: &[u8] = r.try_get(0).map_err(pg("channel_members: decode member"))?;
+                key_from_db(m, "channel_members", "member")
+            })
+            .collect()
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        let client = self.client("check").await?;
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(pg("check: query server state"))?;
+        let read_only: bool = row.try_get(0).map_err(pg("check: decode"))?;
+        if read_only {
+            return Err(StoreError::Config {
+                field: "DB_HOST",
+                reason: "the server is a read-only standby (in recovery)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Every write is committed before its call returns; nothing is buffered here.
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let client = self.client("stats").await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM messages WHERE NOT acked),
+                        (SELECT count(*) FROM profiles),
+                        (SELECT count(DISTINCT channel) FROM channel_members)",
+                &[],
+            )
+            .await
+            .map_err(pg("stats: count rows"))?;
+        let get = |i: usize| -> Result<u64, StoreError> {
+            let n: i64 = row.try_get(i).map_err(pg("stats: decode count"))?;
+            Ok(n.max(0) as u64)
+        };
+        Ok(StoreStats {
+            pending_messages: get(0)?,
+            profiles: get(1)?,
+            channels: get(2)?,
+        })
+    }
+}
