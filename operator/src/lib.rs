@@ -1,2 +1,18 @@
 //! dchat-operator: runs dchat relay clusters declared as `DchatCluster` objects.
+//!
+//! Layout, in the order a reconcile uses it:
+//! - [`api`]: the `DchatCluster` types, defaults and validation.
+//! - [`labels`]: every name, label and owner reference the operator writes.
+//! - [`build`]: pure builders, one per child kind.
+//! - [`controller`]: the effects — apply, cleanup, status, events.
+//! - [`render`], [`crd`]: the offline CLI commands.
 #![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod api;
+pub mod build;
+pub mod labels;
+pub mod quantity;
+
+#[cfg(test)]
+mod testing;

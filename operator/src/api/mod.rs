@@ -1,0 +1,750 @@
+//! The `DchatCluster` API (group `dchat.network`, version `v1alpha1`).
+//!
+//! Field doc comments become the CRD's descriptions, so they are written for the user
+//! reading `kubectl explain dchatcluster.spec`. What the API server can check lives in
+//! the schema (ranges, patterns, enums, CEL rules); what it cannot (quantity ordering,
+//! duration sizes) lives in [`validate`] and surfaces as a `Degraded` condition.
+
+mod validate;
+
+pub use validate::{validate, FieldError, ValidationErrors};
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every dchat resource.
+pub const GROUP: &str = "dchat.network";
+/// API version of [`DchatCluster`].
+pub const VERSION: &str = "v1alpha1";
+
+/// Pattern of a Kubernetes resource quantity as this API accepts it ("500m", "2", "4Gi").
+pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$";
+/// Pattern of a duration: one or more number+unit pairs, units ms, s, m, h, d ("90s", "1h30m", "90d").
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+
+/// Desired state of a dchat relay cluster.
+///
+/// One DchatCluster becomes a relay StatefulSet per deployment slot (blue, green), the
+/// Services, autoscaler, disruption budget, network policy, monitoring objects, config and
+/// service account a production relay fleet needs.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "dchat.network",
+    version = "v1alpha1",
+    kind = "DchatCluster",
+    plural = "dchatclusters",
+    shortname = "dchat",
+    category = "dchat",
+    namespaced,
+    status = "DchatClusterStatus",
+    doc = "A dchat relay cluster managed by dchat-operator.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready relays / desired relays"
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".status.activeVersion",
+        description = "Relay version serving traffic"
+    ),
+    printcolumn(
+        name = "Slot",
+        type_ = "string",
+        json_path = ".status.activeSlot",
+        description = "Deployment slot serving traffic"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Lifecycle phase"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("has(self.database) || self.replicas == 1")
+        .message("embedded storage (no spec.database) runs exactly one relay: set spec.replicas to 1 or configure spec.database")
+        .field_path(".replicas"),
+    validation = Rule::new("has(self.database) || !self.autoscaling.enabled")
+        .message("autoscaling needs shared storage: configure spec.database or disable spec.autoscaling")
+        .field_path(".autoscaling.enabled"),
+    validation = Rule::new("!has(self.disruptionBudget.minAvailable) || self.disruptionBudget.minAvailable < (self.autoscaling.enabled ? self.autoscaling.minReplicas : self.replicas)")
+        .message("disruptionBudget.minAvailable must be less than the replica count (spec.replicas, or autoscaling.minReplicas when autoscaling), or no relay could ever be evicted")
+        .field_path(".disruptionBudget.minAvailable"),
+    validation = Rule::new("!self.autoscaling.enabled || self.replicas <= self.autoscaling.maxReplicas")
+        .message("spec.replicas must not exceed autoscaling.maxReplicas")
+        .field_path(".replicas")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DchatClusterSpec {
+    /// Relay version: the image tag to run. Changing it starts a rollout of the relays.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    )]
+    pub version: String,
+
+    /// Relay image repository, without tag; the tag is `spec.version`.
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// When the kubelet pulls the relay image.
+    #[serde(default)]
+    pub image_pull_policy: ImagePullPolicy,
+
+    /// Number of relays. Fixed size when autoscaling is off; the starting size when it is
+    /// on (the HorizontalPodAutoscaler owns the count from then on). Embedded storage
+    /// (no `database`) supports exactly one relay.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+
+    /// CPU and memory for each relay container.
+    #[serde(default)]
+    pub resources: ComputeResources,
+
+    /// Persistent volume for each relay's data directory (`/data`).
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// Shared PostgreSQL database. Absent: each relay keeps messages in an embedded store
+    /// on its volume, which limits the cluster to one relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseSpec>,
+
+    /// Relay settings, passed to the relays through a ConfigMap.
+    #[serde(default)]
+    pub relay: RelaySettings,
+
+    /// Horizontal autoscaling of the serving relays on CPU and memory.
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+
+    /// PodDisruptionBudget for the relays (created when more than one relay runs).
+    #[serde(default)]
+    pub disruption_budget: DisruptionBudgetSpec,
+
+    /// The client-facing Service.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Optional Ingress in front of the client Service.
+    #[serde(default)]
+    pub ingress: IngressSpec,
+
+    /// NetworkPolicy restricting relay traffic to what relays need.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+
+    /// Prometheus Operator objects (created only when its CRDs are installed).
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+
+    /// Scheduling and identity settings passed to the relay pods.
+    #[serde(default)]
+    pub pod: PodSettings,
+}
+
+fn default_image() -> String {
+    "ghcr.io/dchat/relay".to_string()
+}
+fn default_replicas() -> i32 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+
+/// When the kubelet pulls the relay image.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    /// Pull when the image is not on the node.
+    #[default]
+    IfNotPresent,
+    /// Pull on every pod start.
+    Always,
+    /// Never pull; the image must be on the node.
+    Never,
+}
+
+impl ImagePullPolicy {
+    /// The Kubernetes spelling of this policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Always => "Always",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// CPU and memory requests and limits of a relay container.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeResources {
+    /// Resources the scheduler reserves for each relay.
+    #[serde(default = "default_requests")]
+    pub requests: ResourceAmounts,
+    /// Upper bounds for each relay; must not be below the requests.
+    #[serde(default = "default_limits")]
+    pub limits: ResourceAmounts,
+}
+
+impl Default for ComputeResources {
+    fn default() -> Self {
+        Self {
+            requests: default_requests(),
+            limits: default_limits(),
+        }
+    }
+}
+
+fn default_requests() -> ResourceAmounts {
+    ResourceAmounts {
+        cpu: Some("250m".into()),
+        memory: Some("256Mi".into()),
+    }
+}
+fn default_limits() -> ResourceAmounts {
+    ResourceAmounts {
+        cpu: None,
+        memory: Some("512Mi".into()),
+    }
+}
+
+/// A CPU and memory amount in Kubernetes quantity notation.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceAmounts {
+    /// CPU, e.g. "500m" or "2".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"))]
+    pub cpu: Option<String>,
+    /// Memory, e.g. "512Mi" or "4Gi".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"))]
+    pub memory: Option<String>,
+}
+
+/// Persistent volume of each relay.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Volume size, e.g. "50Gi".
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"))]
+    pub size: String,
+    /// StorageClass of the volume; absent uses the cluster default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+fn default_storage_size() -> String {
+    "10Gi".into()
+}
+
+/// Connection to the shared PostgreSQL database.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Secret in the cluster's namespace with keys `host`, `port`, `name`, `username`,
+    /// `password`; the relays read them as `DB_HOST`, `DB_PORT`, `DB_NAME`, `DB_USER`,
+    /// `DB_PASSWORD`.
+    pub secret_ref: SecretReference,
+    /// TCP port the NetworkPolicy allows relays to reach the database on.
+    #[serde(default = "default_db_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+fn default_db_port() -> i32 {
+    5432
+}
+
+/// A Secret in the DchatCluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+}
+
+/// Relay process settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelaySettings {
+    /// Log level of the relays.
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Largest frame a client may send, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 1024, max = 16777216))]
+    pub max_message_bytes: i64,
+    /// How long a message waits for an offline recipient before it expires, e.g. "720h".
+    #[serde(default = "default_message_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub message_ttl: String,
+    /// URL of the chain RPC endpoint the relays use to resolve identities (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^(https?|wss?)://"))]
+    pub chain_rpc_url: Option<String>,
+    /// How long a relay may take to drain its connections on shutdown, e.g. "60s".
+    /// The pod's termination grace period is this plus a safety margin.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub drain_timeout: String,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            log_level: LogLevel::default(),
+            max_message_bytes: default_max_message_bytes(),
+            message_ttl: default_message_ttl(),
+            chain_rpc_url: None,
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn default_max_message_bytes() -> i64 {
+    262_144
+}
+fn default_message_ttl() -> String {
+    "720h".into()
+}
+fn default_drain_timeout() -> String {
+    "60s".into()
+}
+
+/// Relay log level.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything, including per-frame detail.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Problems only.
+    Warn,
+    /// Errors only.
+    Error,
+}
+
+impl LogLevel {
+    /// The `RUST_LOG` spelling of this level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Horizontal autoscaling of the serving slot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
+    .field_path(".minReplicas"))]
+#[x_kube(validation = Rule::new("!self.enabled || has(self.targetCPUUtilizationPercentage) || has(self.targetMemoryUtilizationPercentage)")
+    .message("autoscaling needs at least one target: targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage"))]
+pub struct AutoscalingSpec {
+    /// Whether a HorizontalPodAutoscaler manages the relay count.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Fewest relays the autoscaler keeps.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most relays the autoscaler starts.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation (percent of requests) the autoscaler aims for.
+    #[serde(
+        default = "default_cpu_target",
+        rename = "targetCPUUtilizationPercentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: Option<i32>,
+    /// Average memory utilisation (percent of requests) the autoscaler aims for.
+    #[serde(
+        default = "default_memory_target",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_memory_utilization_percentage: Option<i32>,
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            min_replicas: default_min_replicas(),
+            max_replicas: default_max_replicas(),
+            target_cpu_utilization_percentage: default_cpu_target(),
+            target_memory_utilization_percentage: default_memory_target(),
+        }
+    }
+}
+
+fn default_min_replicas() -> i32 {
+    2
+}
+fn default_max_replicas() -> i32 {
+    10
+}
+fn default_cpu_target() -> Option<i32> {
+    Some(70)
+}
+fn default_memory_target() -> Option<i32> {
+    Some(80)
+}
+
+/// PodDisruptionBudget settings. Set at most one of the two fields; with neither, at
+/// most one relay is disrupted at a time.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.minAvailable) && has(self.maxUnavailable))")
+    .message("set at most one of disruptionBudget.minAvailable and disruptionBudget.maxUnavailable"))]
+pub struct DisruptionBudgetSpec {
+    /// Relays that must stay available during voluntary disruptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_available: Option<i32>,
+    /// Relays that may be unavailable during voluntary disruptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: Option<i32>,
+}
+
+/// The client-facing Service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Port clients connect to; it forwards to the relay's port 7070.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Annotations for the Service (e.g. load balancer settings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_service_port() -> i32 {
+    7070
+}
+
+/// Kubernetes Service type of the client Service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// Also on a port of every node.
+    NodePort,
+    /// Through a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The Kubernetes spelling of this type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Optional Ingress in front of the client Service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.enabled || has(self.host)")
+    .message("ingress.host is required when ingress.enabled is true")
+    .field_path(".host"))]
+pub struct IngressSpec {
+    /// Whether to create the Ingress.
+    #[serde(default)]
+    pub enabled: bool,
+    /// IngressClass to use (e.g. "alb", "nginx").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub class_name: Option<String>,
+    /// Host name clients use, e.g. "relay.example.com".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(
+            pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+        )
+    )]
+    pub host: Option<String>,
+    /// Secret with the TLS certificate for the host; absent means no TLS section
+    /// (e.g. when the load balancer terminates TLS with ACM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub tls_secret_name: Option<String>,
+    /// Annotations for the Ingress (e.g. ALB settings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// NetworkPolicy settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Whether to create the NetworkPolicy.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Labels of the namespaces allowed to scrape metrics on port 9090; empty allows
+    /// every namespace.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics_namespace_selector: BTreeMap<String, String>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            metrics_namespace_selector: BTreeMap::new(),
+        }
+    }
+}
+
+/// Prometheus Operator integration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Create a ServiceMonitor for the relays' metrics.
+    #[serde(default = "default_true")]
+    pub service_monitor: bool,
+    /// Create a PrometheusRule with the relay alerts.
+    #[serde(default = "default_true")]
+    pub prometheus_rule: bool,
+    /// Scrape interval, e.g. "30s".
+    #[serde(default = "default_scrape_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub interval: String,
+}
+
+impl Default for MonitoringSpec {
+    fn default() -> Self {
+        Self {
+            service_monitor: true,
+            prometheus_rule: true,
+            interval: default_scrape_interval(),
+        }
+    }
+}
+
+fn default_scrape_interval() -> String {
+    "30s".into()
+}
+
+/// Scheduling and identity settings of the relay pods.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// Node labels the relay pods must run on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the relay pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity rules; when set they replace the operator's default spreading rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Names of Secrets used to pull the relay image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+    /// Annotations for the relays' ServiceAccount, e.g.
+    /// `eks.amazonaws.com/role-arn` for IAM Roles for Service Accounts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_account_annotations: BTreeMap<String, String>,
+    /// Extra annotations for the relay pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// One of the two deployment slots a cluster's relays run in.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    /// The blue slot; a new cluster starts here.
+    #[default]
+    Blue,
+    /// The green slot.
+    Green,
+}
+
+impl Slot {
+    /// Both slots, blue first.
+    pub const ALL: [Slot; 2] = [Slot::Blue, Slot::Green];
+
+    /// The lowercase name used in object names and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blue => "blue",
+            Self::Green => "green",
+        }
+    }
+
+    /// The other slot.
+    pub fn other(self) -> Slot {
+        match self {
+            Self::Blue => Self::Green,
+            Self::Green => Self::Blue,
+        }
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lifecycle phase, a one-word summary of the conditions for `kubectl get`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Accepted, nothing created yet.
+    #[default]
+    Pending,
+    /// Objects created; relays are starting.
+    Provisioning,
+    /// All relays ready and serving.
+    Running,
+    /// A change is rolling out.
+    Progressing,
+    /// A validated new version waits for manual promotion.
+    AwaitingPromotion,
+    /// The last rollout failed and traffic went back to the previous version.
+    RolledBack,
+    /// Serving, but not as desired (relays not ready, invalid spec, failed apply).
+    Degraded,
+    /// Cannot make progress without a change to the spec.
+    Failed,
+}
+
+impl Phase {
+    /// Every phase, for metrics.
+    pub const ALL: [Phase; 8] = [
+        Phase::Pending,
+        Phase::Provisioning,
+        Phase::Running,
+        Phase::Progressing,
+        Phase::AwaitingPromotion,
+        Phase::RolledBack,
+        Phase::Degraded,
+        Phase::Failed,
+    ];
+
+    /// The phase's name as written in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Provisioning => "Provisioning",
+            Self::Running => "Running",
+            Self::Progressing => "Progressing",
+            Self::AwaitingPromotion => "AwaitingPromotion",
+            Self::RolledBack => "RolledBack",
+            Self::Degraded => "Degraded",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
+/// Observed state of a dchat relay cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DchatClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// One-word summary of the conditions.
+    #[serde(default)]
+    pub phase: Phase,
+    /// Slot whose relays serve client traffic.
+    #[serde(default)]
+    pub active_slot: Slot,
+    /// Relay version serving client traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<String>,
+    /// Relays in the serving slot.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Ready relays in the serving slot.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// "ready/desired", for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Label selector of the serving relays (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Hash of the relay pod template serving traffic; a different desired hash means a
+    /// rollout is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_template_hash: Option<String>,
+    /// Standard conditions: Ready, Progressing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,193 @@
+//! Checks the schema cannot express: quantity ordering and duration bounds.
+//!
+//! The CRD schema (patterns, ranges, CEL) runs on the API server; these rules run in the
+//! operator and in `dchat-operator render`, and a failure becomes a `Degraded` condition
+//! naming the field.
+
+use std::time::Duration;
+
+use super::{DchatClusterSpec, ResourceAmounts};
+use crate::quantity::{parse_duration, parse_quantity};
+
+/// One invalid field: its path from the object root and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.resources.limits.memory`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every invalid field of a spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl std::fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Longest drain the operator accepts; a longer grace period stalls node drains.
+const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
+/// Checks the rules of a spec that the CRD schema cannot; returns every failure.
+pub fn validate(spec: &DchatClusterSpec) -> Result<(), ValidationErrors> {
+    let mut errors = Vec::new();
+    let mut fail = |path: &str, message: String| {
+        errors.push(FieldError {
+            path: path.to_string(),
+            message,
+        })
+    };
+
+    check_amounts(
+        "spec.resources.requests",
+        &spec.resources.requests,
+        &mut fail,
+    );
+    check_amounts("spec.resources.limits", &spec.resources.limits, &mut fail);
+    for (name, request, limit) in [
+        (
+            "cpu",
+            &spec.resources.requests.cpu,
+            &spec.resources.limits.cpu,
+        ),
+        (
+            "memory",
+            &spec.resources.requests.memory,
+            &spec.resources.limits.memory,
+        ),
+    ] {
+        if let (Some(request), Some(limit)) = (request, limit) {
+            if let (Ok(r), Ok(l)) = (parse_quantity(request), parse_quantity(limit)) {
+                if l < r {
+                    fail(
+                        &format!("spec.resources.limits.{name}"),
+                        format!("limit {limit} is below the request {request}"),
+                    );
+                }
+            }
+        }
+    }
+    match parse_quantity(&spec.storage.size) {
+        Ok(0) => fail("spec.storage.size", "must be greater than zero".into()),
+        Ok(_) => {}
+        Err(e) => fail("spec.storage.size", e.to_string()),
+    }
+
+    match parse_duration(&spec.relay.message_ttl) {
+        Ok(d) if d.is_zero() => fail("spec.relay.messageTtl", "must be greater than zero".into()),
+        Ok(_) => {}
+        Err(e) => fail("spec.relay.messageTtl", e.to_string()),
+    }
+    match parse_duration(&spec.relay.drain_timeout) {
+        Ok(d) if d > MAX_DRAIN => fail(
+            "spec.relay.drainTimeout",
+            format!("must be at most 1h, got {}", spec.relay.drain_timeout),
+        ),
+        Ok(_) => {}
+        Err(e) => fail("spec.relay.drainTimeout", e.to_string()),
+    }
+    match parse_duration(&spec.monitoring.interval) {
+        Ok(d) if d < Duration::from_secs(1) => fail(
+            "spec.monitoring.interval",
+            "must be at least 1s".to_string(),
+        ),
+        Ok(_) => {}
+        Err(e) => fail("spec.monitoring.interval", e.to_string()),
+    }
+
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(errors))
+    }
+}
+
+fn check_amounts(path: &str, amounts: &ResourceAmounts, fail: &mut impl FnMut(&str, String)) {
+    for (name, value) in [("cpu", &amounts.cpu), ("memory", &amounts.memory)] {
+        if let Some(value) = value {
+            if let Err(e) = parse_quantity(value) {
+                fail(&format!("{path}.{name}"), e.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::spec_from_yaml;
+
+    fn errors_of(yaml: &str) -> Vec<FieldError> {
+        match validate(&spec_from_yaml(yaml)) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(errors_of("version: '1.0.0'"), vec![]);
+    }
+
+    #[test]
+    fn limit_below_request_names_the_limit() {
+        let errors = errors_of(
+            "version: '1'\nresources: {requests: {cpu: '2', memory: 1Gi}, limits: {cpu: 1500m, memory: 512Mi}}",
+        );
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["spec.resources.limits.cpu", "spec.resources.limits.memory"]
+        );
+        assert!(errors[0].message.contains("1500m"), "{}", errors[0].message);
+    }
+
+    #[test]
+    fn equal_limit_and_request_is_fine() {
+        assert_eq!(
+            errors_of(
+                "version: '1'\nresources: {requests: {memory: 1Gi}, limits: {memory: 1024Mi}}"
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn zero_ttl_and_long_drain_are_refused() {
+        let errors = errors_of("version: '1'\nrelay: {messageTtl: 0s, drainTimeout: 2h}");
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["spec.relay.messageTtl", "spec.relay.drainTimeout"]
+        );
+    }
+
+    #[test]
+    fn malformed_quantity_and_duration_are_reported() {
+        let errors = errors_of("version: '1'\nstorage: {size: 10Zi}\nmonitoring: {interval: soon}");
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, vec!["spec.storage.size", "spec.monitoring.interval"]);
+    }
+
+    #[test]
+    fn zero_storage_is_refused() {
+        let errors = errors_of("version: '1'\nstorage: {size: '0'}");
+        assert_eq!(errors[0].path, "spec.storage.size");
+    }
+
+    #[test]
+    fn sub_second_scrape_interval_is_refused() {
+        let errors = errors_of("version: '1'\nmonitoring: {interval: 500ms}");
+        assert_eq!(errors[0].path, "spec.monitoring.interval");
+    }
+}

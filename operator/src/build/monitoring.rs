@@ -1,0 +1,262 @@
+//! Prometheus Operator objects: a ServiceMonitor scraping the relays and a PrometheusRule
+//! with the relay alerts. Built only when the monitoring.coreos.com CRDs exist.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+use crate::api::DchatCluster;
+use crate::labels::{self, Component, SLOT_LABEL};
+
+/// Where the alert runbooks live; each alert links to its page.
+pub const RUNBOOK_BASE: &str = "https://github.com/dchat/dchat-operator/blob/main/docs/runbooks";
+
+/// Relay metric counting frames the relay rejected, by error code.
+pub const METRIC_REJECTED_FRAMES: &str = "dchat_relay_frames_rejected_total";
+/// Relay metric counting frames the relay received.
+pub const METRIC_RECEIVED_FRAMES: &str = "dchat_relay_frames_received_total";
+/// Relay histogram of delivery latency in seconds.
+pub const METRIC_DELIVERY_LATENCY: &str = "dchat_relay_delivery_latency_seconds";
+
+/// The subset of the Prometheus Operator's ServiceMonitor the operator writes.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "monitoring.coreos.com",
+    version = "v1",
+    kind = "ServiceMonitor",
+    namespaced,
+    schema = "disabled",
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    /// Services to scrape.
+    pub selector: LabelSelector,
+    /// Ports to scrape on those Services.
+    pub endpoints: Vec<ScrapeEndpoint>,
+}
+
+/// One scrape endpoint of a ServiceMonitor.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScrapeEndpoint {
+    /// Service port name.
+    pub port: String,
+    /// HTTP path.
+    pub path: String,
+    /// Scrape interval.
+    pub interval: String,
+}
+
+/// The subset of the Prometheus Operator's PrometheusRule the operator writes.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "monitoring.coreos.com",
+    version = "v1",
+    kind = "PrometheusRule",
+    namespaced,
+    schema = "disabled",
+    derive = "PartialEq"
+)]
+pub struct PrometheusRuleSpec {
+    /// Rule groups.
+    pub groups: Vec<RuleGroup>,
+}
+
+/// A named group of alerting rules.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RuleGroup {
+    /// Group name.
+    pub name: String,
+    /// Alerts in the group.
+    pub rules: Vec<AlertRule>,
+}
+
+/// One alerting rule.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AlertRule {
+    /// Alert name.
+    pub alert: String,
+    /// PromQL condition.
+    pub expr: String,
+    /// How long the condition must hold.
+    #[serde(rename = "for")]
+    pub for_: String,
+    /// Labels, including severity.
+    pub labels: BTreeMap<String, String>,
+    /// Summary, description and runbook URL.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The ServiceMonitor `<name>`, scraping both slots' headless Services, or `None` when
+/// `spec.monitoring.serviceMonitor` is off.
+pub fn service_monitor(cluster: &DchatCluster) -> Option<ServiceMonitor> {
+    let spec = &cluster.spec.monitoring;
+    if !spec.service_monitor {
+        return None;
+    }
+    let mut selector = labels::cluster_selector(cluster);
+    selector.insert(
+        "app.kubernetes.io/component".to_string(),
+        "relay".to_string(),
+    );
+    Some(ServiceMonitor {
+        metadata: labels::child_meta(
+            cluster,
+            labels::cluster_object_name(cluster),
+            labels::labels(cluster, Component::Monitoring),
+        ),
+        spec: ServiceMonitorSpec {
+            // Only the per-slot headless Services carry the slot label, so each relay is
+            // scraped once, through its own slot's Service.
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: SLOT_LABEL.to_string(),
+                        operator: "Exists".to_string(),
+                        values: None,
+                    },
+                ]),
+            },
+            endpoints: vec![ScrapeEndpoint {
+                port: "metrics".to_string(),
+                path: "/metrics".to_string(),
+                interval: spec.interval.clone(),
+            }],
+        },
+    })
+}
+
+/// The PrometheusRule `<name>` with the relay alerts, or `None` when
+/// `spec.monitoring.prometheusRule` is off.
+pub fn prometheus_rule(cluster: &DchatCluster) -> Option<PrometheusRule> {
+    if !cluster.spec.monitoring.prometheus_rule {
+        return None;
+    }
+    let name = labels::cluster_object_name(cluster);
+    let namespace = cluster.metadata.namespace.as_deref().unwrap_or("default");
+    let scope = format!(r#"namespace="{namespace}",service=~"{name}-(blue|green)-headless""#);
+    let alert =
+        |alert: &str, expr: String, for_: &str, severity: &str, summary: String, runbook: &str| {
+            AlertRule {
+                alert: alert.to_string(),
+                expr,
+                for_: for_.to_string(),
+                labels: BTreeMap::from([
+                    ("severity".to_string(), severity.to_string()),
+                    ("dchat_cluster".to_string(), name.clone()),
+                ]),
+                annotations: BTreeMap::from([
+                    ("summary".to_string(), summary),
+                    (
+                        "runbook_url".to_string(),
+                        format!("{RUNBOOK_BASE}/{runbook}.md"),
+                    ),
+                ]),
+            }
+        };
+    let rules = vec![
+        alert(
+            "DchatRelayDown",
+            format!("up{{{scope}}} == 0"),
+            "5m",
+            "critical",
+            format!("A relay of dchat cluster {namespace}/{name} is down"),
+            "relay-crash-loop",
+        ),
+        alert(
+            "DchatRelayHighErrorRate",
+            format!(
+                "sum(rate({METRIC_REJECTED_FRAMES}{{{scope}}}[5m])) / clamp_min(sum(rate({METRIC_RECEIVED_FRAMES}{{{scope}}}[5m])), 1) > 0.05"
+            ),
+            "10m",
+            "warning",
+            format!("More than 5% of frames rejected by dchat cluster {namespace}/{name}"),
+            "relay-errors",
+        ),
+        alert(
+            "DchatRelayHighLatency",
+            format!(
+                "histogram_quantile(0.99, sum by (le) (rate({METRIC_DELIVERY_LATENCY}_bucket{{{scope}}}[5m]))) > 0.5"
+            ),
+            "10m",
+            "warning",
+            format!("p99 delivery latency of dchat cluster {namespace}/{name} above 500ms"),
+            "relay-latency",
+        ),
+    ];
+    Some(PrometheusRule {
+        metadata: labels::child_meta(
+            cluster,
+            name.clone(),
+            labels::labels(cluster, Component::Monitoring),
+        ),
+        spec: PrometheusRuleSpec {
+            groups: vec![RuleGroup {
+                name: format!("dchat-{namespace}-{name}"),
+                rules,
+            }],
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::cluster_from_yaml;
+
+    #[test]
+    fn service_monitor_scrapes_metrics_port_at_interval() {
+        let sm = service_monitor(&cluster_from_yaml(
+            "version: '1'\nmonitoring: {interval: 15s}",
+        ))
+        .unwrap();
+        assert_eq!(sm.metadata.name.as_deref(), Some("chat"));
+        let endpoint = &sm.spec.endpoints[0];
+        assert_eq!(endpoint.port, "metrics");
+        assert_eq!(endpoint.path, "/metrics");
+        assert_eq!(endpoint.interval, "15s");
+        let labels = sm.spec.selector.match_labels.unwrap();
+        assert_eq!(labels["app.kubernetes.io/instance"], "chat");
+        assert_eq!(
+            sm.spec.selector.match_expressions.unwrap()[0].key,
+            "dchat.network/slot"
+        );
+    }
+
+    #[test]
+    fn switches_turn_objects_off() {
+        let cluster = cluster_from_yaml(
+            "version: '1'\nmonitoring: {serviceMonitor: false, prometheusRule: false}",
+        );
+        assert!(service_monitor(&cluster).is_none());
+        assert!(prometheus_rule(&cluster).is_none());
+    }
+
+    #[test]
+    fn rule_has_the_relay_alerts_with_runbooks() {
+        let rule = prometheus_rule(&cluster_from_yaml("version: '1'")).unwrap();
+        let alerts = &rule.spec.groups[0].rules;
+        let names: Vec<&str> = alerts.iter().map(|a| a.alert.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "DchatRelayDown",
+                "DchatRelayHighErrorRate",
+                "DchatRelayHighLatency"
+            ]
+        );
+        for alert in alerts {
+            assert!(alert.expr.contains(r#"namespace="apps""#), "{}", alert.expr);
+            assert!(alert.annotations["runbook_url"].starts_with(RUNBOOK_BASE));
+            assert!(alert.labels.contains_key("severity"));
+        }
+        assert!(alerts[0].expr.starts_with("up{"));
+        assert!(alerts[2]
+            .expr
+            .contains("dchat_relay_delivery_latency_seconds_bucket"));
+    }
+}
