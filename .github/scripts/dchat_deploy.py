@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Deployment helper for the deploy-staging and deploy-production workflows.
+
+Talks to the cluster only through `kubectl` (already configured by the workflow) and keeps
+every decision in pure functions so scripts/checks/test_deploy_script.py can test them.
+
+  dchat_deploy.py check-version --version 1.4.2
+  dchat_deploy.py confirm --version 1.4.2 --typed "deploy 1.4.2 to production"
+  dchat_deploy.py backup  --namespace chat --name relays --timeout 1800
+  dchat_deploy.py rollout --namespace chat --name relays --version 1.4.2 --timeout 2700
+
+`rollout` sets spec.version and waits on the operator's status until the blue-green
+rollout has completed (exit 0) or was rolled back / failed / degraded / timed out (exit 1).
+Only the Python standard library is used, so any runner can execute it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
+TERMINAL_FAILURE_PHASES = ("RolledBack", "Failed")
+# Phases in which a rollout (or the first provisioning) is still under way.
+IN_FLIGHT_PHASES = ("Pending", "Provisioning", "Progressing", "AwaitingPromotion")
+
+
+class DeployError(Exception):
+    """A deployment step failed; the message says which object and why."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one look at the cluster: `done` (success), `failed`, or neither (wait)."""
+
+    done: bool
+    failed: bool
+    message: str
+
+
+
+def check_version(version: str) -> None:
+    """Reject anything that is not a plain SemVer release such as 1.4.2 (no leading v)."""
+    if not SEMVER.match(version):
+        raise DeployError(f"version {version!r} is not SemVer like 1.4.2 (no leading 'v')")
+
+
+def check_confirmation(version: str, typed: str) -> None:
+    """The production workflow requires the operator to type the exact sentence."""
+    check_version(version)
+    expected = f"deploy {version} to production"
+    if typed.strip() != expected:
+        raise DeployError(f"confirmation mismatch: type exactly {expected!r}")
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def evaluate_rollout(cluster: dict[str, Any], version: str, generation: int) -> Verdict:
+    """Decide from a DchatCluster object whether the rollout to `version` (requested at
+    metadata.generation `generation`) has finished, failed, or is still going.
+
+    Success needs all of: status.observedGeneration >= generation, status.activeVersion ==
+    version, condition Ready=True (observed at that generation when the condition says so),
+    and no rollout still in progress (Progressing not True, phase not in IN_FLIGHT_PHASES):
+    the post-promotion window, during which the operator may still roll back, must be over. Failure: phase RolledBack or Failed, or Degraded=True,
+    once the operator has seen the new generation (older status is about the old spec)."""
+    status = cluster.get("status") or {}
+    observed = int(status.get("observedGeneration") or 0)
+    phase = status.get("phase") or "Unknown"
+    if observed < generation:
+        return Verdict(False, False, f"operator has not observed generation {generation} yet "
+                                     f"(observed {observed}, phase {phase})")
+    rollout = status.get("rollout") or {}
+    degraded = _condition(status, "Degraded")
+    if phase in TERMINAL_FAILURE_PHASES:
+        detail = rollout.get("message") or (degraded or {}).get("message") or ""
+        origin = rollout.get("rolledBackFrom")
+        extra = f" (rolled back from {origin})" if origin else ""
+        return Verdict(False, True, f"rollout to {version} ended in phase {phase}{extra}: {detail}")
+    if degraded and degraded.get("status") == "True":
+        return Verdict(False, True, f"cluster is Degraded ({degraded.get('reason')}): "
+                                    f"{degraded.get('message', '')}")
+    ready = _condition(status, "Ready")
+    ready_ok = bool(ready and ready.get("status") == "True"
+                    and int(ready.get("observedGeneration") or observed) >= generation)
+    progressing = _condition(status, "Progressing")
+    still_progressing = bool(progressing and progressing.get("status") == "True")
+    active = status.get("activeVersion")
+    if (active == version and ready_ok and not still_progressing
+            and phase not in IN_FLIGHT_PHASES):
+        return Verdict(True, False, f"version {version} is active on slot "
+                                    f"{status.get('activeSlot')} and Ready")
+    step = rollout.get("step") or "-"
+    return Verdict(False, False, f"phase {phase}, step {step}, active {active}, "
+                                 f"ready {ready_ok}: {rollout.get('message', '')}")
+
+
+def find_backup_cronjob(cronjobs: list[dict[str, Any]], cluster: str) -> str:
+    """The name of the backup CronJob the operator created for `cluster`: the CronJob owned
+    (ownerReferences) by that DchatCluster. Exactly one must exist."""
+    owned = [
+        cj["metadata"]["name"] for cj in cronjobs
+        if any(ref.get("kind") == "DchatCluster" and ref.get("name") == cluster
+               for ref in cj.get("metadata", {}).get("ownerReferences") or [])
+    ]
+    if len(owned) != 1:
+        raise DeployError(f"expected one backup CronJob owned by DchatCluster {cluster}, "
+                          f"found {owned or 'none'}; is spec.backup configured?")
+    return owned[0]
+
+
+def evaluate_job(job: dict[str, Any]) -> Verdict:
+    """Whether a backup Job has completed, failed, or is still running."""
+    name = job.get("metadata", {}).get("name", "?")
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return Verdict(True, False, f"backup job {name} completed")
+        if cond.get("type") == "Failed":
+            return Verdict(False, True, f"backup job {name} failed: {cond.get('reason')}: "
+                                        f"{cond.get('message', '')}")
+    return Verdict(False, False, f"backup job {name} running")
+
+
+def kubectl(*args: str) -> dict[str, Any]:
+    """Run kubectl with JSON output and return the parsed object."""
+    proc = subprocess.run(["kubectl", *args, "-o", "json"], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise DeployError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+    try:
+        parsed: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError as err:
+        raise DeployError(f"kubectl {' '.join(args)} printed invalid JSON: {err}") from err
+    return parsed
+
+
+def poll(look: Callable[[], Verdict], timeout: float, interval: float,
+         sleep: Callable[[float], None] = time.sleep,
+         clock: Callable[[], float] = time.monotonic) -> Verdict:
+    """Call `look` until it reports done or failed, or `timeout` seconds pass."""
+    deadline = clock() + timeout
+    last = ""
+    while True:
+        verdict = look()
+        if verdict.message != last:
+            print(verdict.message, flush=True)
+            last = verdict.message
+        if verdict.done or verdict.failed:
+            return verdict
+        if clock() >= deadline:
+            return Verdict(False, True, f"timed out after {int(timeout)}s; last state: {last}")
+        sleep(interval)
+
+
+def cmd_rollout(args: argparse.Namespace) -> Verdict:
+    check_version(args.version)
+    patch = json.dumps({"spec": {"version": args.version}})
+    patched = kubectl("-n", args.namespace, "patch", "dchatcluster", args.name,
+                      "--type=merge", "-p", patch)
+    generation = int(patched["metadata"]["generation"])
+    print(f"set {args.namespace}/{args.name} spec.version={args.version} "
+          f"(generation {generation})", flush=True)
+    return poll(lambda: evaluate_rollout(
+        kubectl("-n", args.namespace, "get", "dchatcluster", args.name), args.version, generation),
+        args.timeout, args.interval)
+
+
+def cmd_backup(args: argparse.Namespace) -> Verdict:
+    cronjobs = kubectl("-n", args.namespace, "get", "cronjobs")["items"]
+    source = find_backup_cronjob(cronjobs, args.name)
+    job = f"{args.name}-predeploy-{int(time.time())}"[:63]
+    proc = subprocess.run(["kubectl", "-n", args.namespace, "create", "job", job,
+                           f"--from=cronjob/{source}"], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise DeployError(f"creating job {job} from cronjob/{source}: {proc.stderr.strip()}")
+    print(f"started backup job {args.namespace}/{job} from cronjob/{source}", flush=True)
+    return poll(lambda: evaluate_job(kubectl("-n", args.namespace, "get", "job", job)),
+                args.timeout, args.interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-version", help="check a version is plain SemVer")
+    check.add_argument("--version", required=True)
+    confirm = sub.add_parser("confirm", help="check the typed production confirmation")
+    confirm.add_argument("--version", required=True)
+    confirm.add_argument("--typed", required=True)
+    for name in ("backup", "rollout"):
+        p = sub.add_parser(name)
+        p.add_argument("--namespace", required=True)
+        p.add_argument("--name", required=True, help="DchatCluster name")
+        p.add_argument("--timeout", type=float, default=2700)
+        p.add_argument("--interval", type=float, default=15)
+        if name == "rollout":
+            p.add_argument("--version", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check-version":
+            check_version(args.version)
+            print(f"version {args.version} accepted")
+            return 0
+        if args.command == "confirm":
+            check_confirmation(args.version, args.typed)
+            print("confirmation accepted")
+            return 0
+        verdict = cmd_rollout(args) if args.command == "rollout" else cmd_backup(args)
+    except DeployError as err:
+        print(f"::error::{err}", flush=True)
+        return 1
+    if verdict.failed:
+        print(f"::error::{verdict.message}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

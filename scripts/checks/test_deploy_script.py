@@ -1,0 +1,146 @@
+"""The decisions .github/scripts/dchat_deploy.py makes for the deploy workflows: typed
+confirmation, rollout success/failure from DchatCluster status, backup job outcome."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+import pytest
+
+from delivery_lib import ROOT
+
+_spec = importlib.util.spec_from_file_location(
+    "dchat_deploy", ROOT / ".github" / "scripts" / "dchat_deploy.py")
+assert _spec and _spec.loader
+deploy = importlib.util.module_from_spec(_spec)
+sys.modules["dchat_deploy"] = deploy
+_spec.loader.exec_module(deploy)
+
+
+def cluster(*, observed: int = 7, phase: str = "Running", active: str = "1.5.0",
+            ready: str = "True", progressing: str = "False", degraded: str = "False",
+            rollout: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "relays", "generation": 7},
+        "status": {
+            "observedGeneration": observed, "phase": phase, "activeVersion": active,
+            "activeSlot": "green", "rollout": rollout or {},
+            "conditions": [
+                {"type": "Ready", "status": ready, "reason": "R", "message": ""},
+                {"type": "Progressing", "status": progressing, "reason": "P", "message": ""},
+                {"type": "Degraded", "status": degraded, "reason": "SmokeTestFailed",
+                 "message": "2 of 3 relays failed"},
+            ],
+        },
+    }
+
+
+def test_success_needs_new_generation_version_ready_and_rollout_finished() -> None:
+    v = deploy.evaluate_rollout(cluster(), "1.5.0", 7)
+    assert v.done and not v.failed and "green" in v.message
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"observed": 6},                      # operator has not seen the new spec
+    {"active": "1.4.2"},                  # old version still active
+    {"ready": "False"},
+    {"progressing": "True"},              # post-promotion window still open
+    {"phase": "AwaitingPromotion", "active": "1.4.2"},
+    {"phase": "Progressing"},
+])
+def test_in_flight_states_wait(kwargs: dict[str, Any]) -> None:
+    v = deploy.evaluate_rollout(cluster(**kwargs), "1.5.0", 7)
+    assert not v.done and not v.failed
+
+
+def test_stale_failure_from_an_older_generation_is_ignored() -> None:
+    v = deploy.evaluate_rollout(cluster(observed=6, phase="RolledBack"), "1.5.0", 7)
+    assert not v.done and not v.failed
+
+
+@pytest.mark.parametrize("phase", ["RolledBack", "Failed"])
+def test_rollback_or_failure_fails_the_job(phase: str) -> None:
+    v = deploy.evaluate_rollout(cluster(phase=phase, active="1.4.2", rollout={
+        "rolledBackFrom": "1.5.0", "message": "smoke test failed"}), "1.5.0", 7)
+    assert v.failed and not v.done
+    assert phase in v.message and "smoke test failed" in v.message
+
+
+def test_degraded_fails_the_job_even_if_version_is_active() -> None:
+    v = deploy.evaluate_rollout(cluster(degraded="True"), "1.5.0", 7)
+    assert v.failed and "SmokeTestFailed" in v.message
+
+
+def test_poll_times_out_as_failure() -> None:
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    looks = []
+
+    def look():
+        looks.append(now[0])
+        return deploy.evaluate_rollout(cluster(progressing="True"), "1.5.0", 7)
+
+    v = deploy.poll(look, timeout=60, interval=15, sleep=sleep, clock=lambda: now[0])
+    assert v.failed and "timed out after 60s" in v.message
+    assert looks == [0.0, 15.0, 30.0, 45.0, 60.0]
+
+
+def test_poll_stops_at_success() -> None:
+    states = iter([cluster(observed=6), cluster(progressing="True"), cluster()])
+    v = deploy.poll(lambda: deploy.evaluate_rollout(next(states), "1.5.0", 7),
+                    timeout=600, interval=1, sleep=lambda s: None, clock=lambda: 0.0)
+    assert v.done
+
+
+@pytest.mark.parametrize("version,typed,ok", [
+    ("1.5.0", "deploy 1.5.0 to production", True),
+    ("1.5.0", "  deploy 1.5.0 to production ", True),
+    ("1.5.0", "deploy 1.5.1 to production", False),
+    ("1.5.0", "yes", False),
+    ("v1.5.0", "deploy v1.5.0 to production", False),
+    ("1.5", "deploy 1.5 to production", False),
+    ("1.5.0; rm -rf /", "deploy 1.5.0; rm -rf / to production", False),
+])
+def test_typed_confirmation(version: str, typed: str, ok: bool) -> None:
+    if ok:
+        deploy.check_confirmation(version, typed)
+    else:
+        with pytest.raises(deploy.DeployError):
+            deploy.check_confirmation(version, typed)
+
+
+def _cronjob(name: str, owner: str | None) -> dict[str, Any]:
+    refs = [{"apiVersion": "dchat.network/v1alpha1", "kind": "DchatCluster", "name": owner,
+             "uid": "u"}] if owner else []
+    return {"metadata": {"name": name, "ownerReferences": refs}}
+
+
+def test_backup_cronjob_is_found_by_owner_reference() -> None:
+    jobs = [_cronjob("other-backup", "other"), _cronjob("relays-backup", "relays"),
+            _cronjob("unrelated", None)]
+    assert deploy.find_backup_cronjob(jobs, "relays") == "relays-backup"
+    with pytest.raises(deploy.DeployError, match="spec.backup"):
+        deploy.find_backup_cronjob(jobs, "missing")
+
+
+def test_backup_job_outcome() -> None:
+    running = {"metadata": {"name": "b"}, "status": {"active": 1}}
+    done = {"metadata": {"name": "b"}, "status": {"conditions": [
+        {"type": "Complete", "status": "True"}]}}
+    failed = {"metadata": {"name": "b"}, "status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "x"}]}}
+    assert not deploy.evaluate_job(running).done and not deploy.evaluate_job(running).failed
+    assert deploy.evaluate_job(done).done
+    v = deploy.evaluate_job(failed)
+    assert v.failed and "BackoffLimitExceeded" in v.message
+
+
+def test_cli_confirm_exit_codes(capsys) -> None:
+    assert deploy.main(["confirm", "--version", "2.0.0", "--typed", "deploy 2.0.0 to production"]) == 0
+    assert deploy.main(["confirm", "--version", "2.0.0", "--typed", "deploy"]) == 1
+    assert "::error::confirmation mismatch" in capsys.readouterr().out
