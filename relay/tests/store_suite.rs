@@ -214,6 +214,30 @@ async fn expire_removes_due_messages_only(h: &Harness) {
     assert_eq!(s.stats().await.unwrap().pending_messages, 0);
 }
 
+async fn expire_clears_a_backlog_larger_than_one_chunk(h: &Harness) {
+    // Both backends expire in chunks of 5,000; 6,000 due entries need two rounds.
+    let s = h.open().await;
+    for batch in 0..6 {
+        let msgs = (0..1000)
+            .map(|i| {
+                let mut m = msg((i % 7) as u8, 2, &format!("b{batch}-{i}"));
+                m.expires_at_ms = 10 + i64::from(batch);
+                m
+            })
+            .collect();
+        s.put_many(msgs).await.unwrap();
+    }
+    s.put(msg(1, 2, "keeper")).await.unwrap();
+    assert_eq!(s.ack(&key(0), &[(key(2), "b0-0".into())]).await.unwrap(), 1);
+    assert_eq!(
+        s.expire(100).await.unwrap(),
+        5_999,
+        "all but the acknowledged one"
+    );
+    assert_eq!(ids(&all_pending(&*s, 1).await), ["keeper"]);
+    assert_eq!(s.stats().await.unwrap().pending_messages, 1);
+}
+
 async fn profiles_newer_wins(h: &Harness) {
     let s = h.open().await;
     assert_eq!(s.get_profile(&key(1)).await.unwrap(), None);
@@ -429,6 +453,7 @@ backend_suite!(
     pending_is_in_seq_order_with_cursor_and_limit,
     ack_removes_and_a_retry_after_ack_stays_a_duplicate,
     expire_removes_due_messages_only,
+    expire_clears_a_backlog_larger_than_one_chunk,
     profiles_newer_wins,
     channel_membership_is_persistent_and_exact,
     put_many_reports_an_outcome_per_input,

@@ -53,6 +53,8 @@ pub const DB_FILE_NAME: &str = "dchat.redb";
 const QUEUE_CAPACITY: usize = 4096;
 /// Upper bound on messages applied in one transaction, to bound commit latency.
 const MAX_BATCH_MESSAGES: usize = 8192;
+/// Expiry-index entries removed per transaction by `expire`.
+const EXPIRE_CHUNK: usize = 5000;
 
 /// Maps any redb error into a [`StoreError::Embedded`] naming the operation.
 pub(crate) trait Ctx<T> {
@@ -96,9 +98,12 @@ enum WriteOp {
         keys: Vec<(PublicKey, String)>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Removes at most `max_entries` due expiry-index entries; answers (pending
+    /// messages removed, whether due entries remain).
     Expire {
         now_ms: i64,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
+        max_entries: usize,
+        reply: oneshot::Sender<Result<(u64, bool), StoreError>>,
     },
     PutProfile {
         key: PublicKey,
@@ -123,6 +128,7 @@ enum WriteOp {
 enum Answer {
     Outcomes(Vec<PutOutcome>),
     Count(u64),
+    Expired(u64, bool),
     Flag(bool),
     Unit,
 }
@@ -156,12 +162,14 @@ impl WriteOp {
                 Answer::Outcomes(o) => Some(o),
                 _ => None,
             }),
-            WriteOp::Ack { reply, .. } | WriteOp::Expire { reply, .. } => {
-                send(reply, result, |a| match a {
-                    Answer::Count(c) => Some(c),
-                    _ => None,
-                })
-            }
+            WriteOp::Ack { reply, .. } => send(reply, result, |a| match a {
+                Answer::Count(c) => Some(c),
+                _ => None,
+            }),
+            WriteOp::Expire { reply, .. } => send(reply, result, |a| match a {
+                Answer::Expired(c, more) => Some((c, more)),
+                _ => None,
+            }),
             WriteOp::PutProfile { reply, .. } => send(reply, result, |a| match a {
                 Answer::Flag(b) => Some(b),
                 _ => None,
@@ -437,7 +445,14 @@ impl<'t> Writer<'t> {
             WriteOp::Ack {
                 recipient, keys, ..
             } => Answer::Count(self.ack(recipient, keys)?),
-            WriteOp::Expire { now_ms, .. } => Answer::Count(self.expire(*now_ms)?),
+            WriteOp::Expire {
+                now_ms,
+                max_entries,
+                ..
+            } => {
+                let (removed, more) = self.expire(*now_ms, *max_entries)?;
+                Answer::Expired(removed, more)
+            }
             WriteOp::PutProfile {
                 key,
                 profile,
@@ -546,15 +561,19 @@ impl<'t> Writer<'t> {
         Ok(removed)
     }
 
-    fn expire(&mut self, now_ms: i64) -> Result<u64, StoreError> {
+    fn expire(&mut self, now_ms: i64, max_entries: usize) -> Result<(u64, bool), StoreError> {
         let upper = expiry_key(now_ms, u64::MAX);
-        let due: Vec<(Vec<u8>, Vec<u8>)> = self
+        // One more than the chunk tells whether another round is needed.
+        let mut due: Vec<(Vec<u8>, Vec<u8>)> = self
             .expiry
             .range::<&[u8]>(..=upper.as_slice())
             .ctx("expire: scan expiry")?
+            .take(max_entries + 1)
             .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
             .collect::<Result<_, _>>()
             .ctx("expire: read expiry")?;
+        let more = due.len() > max_entries;
+        due.truncate(max_entries);
         let mut removed = 0;
         for (ek, dk) in due {
             self.expiry
@@ -598,7 +617,7 @@ impl<'t> Writer<'t> {
                 }
             }
         }
-        Ok(removed)
+        Ok((removed, more))
     }
 
     pub(crate) fn put_profile(
@@ -784,8 +803,22 @@ impl Store for EmbeddedStore {
     }
 
     async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
-        self.submit("expire", |reply| WriteOp::Expire { now_ms, reply })
-            .await
+        // In chunks, so a large backlog never holds the writer (and every put queued
+        // behind it) for one huge transaction.
+        let mut total = 0;
+        loop {
+            let (removed, more) = self
+                .submit("expire", |reply| WriteOp::Expire {
+                    now_ms,
+                    max_entries: EXPIRE_CHUNK,
+                    reply,
+                })
+                .await?;
+            total += removed;
+            if !more {
+                return Ok(total);
+            }
+        }
     }
 
     async fn put_profile(

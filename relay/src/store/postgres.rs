@@ -6,6 +6,7 @@
 //! transaction holding an advisory lock, so relays starting together serialize on it and
 //! each migration runs exactly once.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -18,6 +19,13 @@ use super::{
 
 /// Embedded migrations: (version, name, SQL). Append only; never edit a shipped one.
 const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+
+/// Rows inserted per statement by `put_many`; larger batches use several statements
+/// in one transaction.
+const PUT_CHUNK: usize = 1000;
+
+/// Rows deleted per statement by `expire`.
+const EXPIRE_CHUNK: i64 = 5000;
 
 /// Advisory lock key held while migrating ("dchatmig" as bytes).
 const MIGRATION_LOCK: i64 = 0x6463_6861_746d_6967;
@@ -224,8 +232,14 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Inserts `msgs` in order on `client` (inside the caller's transaction, if any).
-    async fn insert_all(
+    /// Inserts `msgs` with one statement on `client` (inside the caller's transaction,
+    /// if any) and reports an outcome per input, in input order.
+    ///
+    /// The rows are fed through `unnest ... WITH ORDINALITY ORDER BY ord`, so identity
+    /// values are drawn in input order (seq order = input order, as with the embedded
+    /// store). `ON CONFLICT DO NOTHING` skips rows already stored and later copies of a
+    /// key within the batch; `RETURNING` names the rows that were inserted.
+    async fn insert_batch(
         client: &impl deadpool_postgres::GenericClient,
         msgs: &[StoredMessage],
         op: &'static str,
@@ -234,38 +248,67 @@ impl PostgresStore {
             .prepare_cached(
                 "INSERT INTO messages
                    (recipient, sender, msg_id, channel, timestamp_ms, expires_at_ms, kind, envelope)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 SELECT recipient, sender, msg_id, channel, timestamp_ms, expires_at_ms, kind, envelope
+                   FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::int8[],
+                               $6::int8[], $7::text[], $8::bytea[])
+                        WITH ORDINALITY AS u(recipient, sender, msg_id, channel, timestamp_ms,
+                                             expires_at_ms, kind, envelope, ord)
+                  ORDER BY ord
                  ON CONFLICT ON CONSTRAINT messages_dedup DO NOTHING
-                 RETURNING seq",
+                 RETURNING seq, recipient, sender, msg_id",
             )
             .await
             .map_err(pg("put: prepare insert into messages"))?;
-        let mut out = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let row = client
-                .query_opt(
-                    &stmt,
-                    &[
-                        &m.recipient.as_slice(),
-                        &m.sender.as_slice(),
-                        &m.id,
-                        &m.channel,
-                        &m.timestamp_ms,
-                        &m.expires_at_ms,
-                        &m.kind,
-                        &m.envelope,
-                    ],
-                )
-                .await
-                .map_err(pg(op))?;
-            out.push(match row {
-                Some(row) => PutOutcome::Stored {
-                    seq: seq_from_db(row.try_get(0).map_err(pg(op))?, op)?,
-                },
-                None => PutOutcome::Duplicate,
-            });
+        let recipients: Vec<&[u8]> = msgs.iter().map(|m| m.recipient.as_slice()).collect();
+        let senders: Vec<&[u8]> = msgs.iter().map(|m| m.sender.as_slice()).collect();
+        let ids: Vec<&str> = msgs.iter().map(|m| m.id.as_str()).collect();
+        let channels: Vec<Option<&str>> = msgs.iter().map(|m| m.channel.as_deref()).collect();
+        let timestamps: Vec<i64> = msgs.iter().map(|m| m.timestamp_ms).collect();
+        let expiries: Vec<i64> = msgs.iter().map(|m| m.expires_at_ms).collect();
+        let kinds: Vec<&str> = msgs.iter().map(|m| m.kind.as_str()).collect();
+        let envelopes: Vec<&[u8]> = msgs.iter().map(|m| m.envelope.as_slice()).collect();
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &recipients,
+                    &senders,
+                    &ids,
+                    &channels,
+                    &timestamps,
+                    &expiries,
+                    &kinds,
+                    &envelopes,
+                ],
+            )
+            .await
+            .map_err(pg(op))?;
+        let mut inserted: HashMap<(PublicKey, PublicKey, String), u64> =
+            HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let seq = seq_from_db(row.try_get(0).map_err(pg(op))?, op)?;
+            let r: &[u8] = row.try_get(1).map_err(pg(op))?;
+            let s: &[u8] = row.try_get(2).map_err(pg(op))?;
+            let id: String = row.try_get(3).map_err(pg(op))?;
+            inserted.insert(
+                (
+                    key_from_db(r, "messages", "recipient")?,
+                    key_from_db(s, "messages", "sender")?,
+                    id,
+                ),
+                seq,
+            );
         }
-        Ok(out)
+        // The first input with an inserted key got the row; any later copy is a duplicate.
+        Ok(msgs
+            .iter()
+            .map(
+                |m| match inserted.remove(&(m.recipient, m.sender, m.id.clone())) {
+                    Some(seq) => PutOutcome::Stored { seq },
+                    None => PutOutcome::Duplicate,
+                },
+            )
+            .collect())
     }
 }
 
@@ -276,7 +319,7 @@ impl Store for PostgresStore {
         let client = self.client("put").await?;
         // A single autocommit statement: PostgreSQL group-commits concurrent WAL flushes
         // across connections itself.
-        let mut out = Self::insert_all(
+        let mut out = Self::insert_batch(
             &client,
             std::slice::from_ref(&msg),
             "put: insert into messages",
@@ -296,8 +339,15 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let mut client = self.client("put_many").await?;
+        if msgs.len() <= PUT_CHUNK {
+            // One statement is atomic on its own.
+            return Self::insert_batch(&client, &msgs, "put_many: insert into messages").await;
+        }
         let txn = client.transaction().await.map_err(pg("put_many: begin"))?;
-        let out = Self::insert_all(&txn, &msgs, "put_many: insert into messages").await?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for chunk in msgs.chunks(PUT_CHUNK) {
+            out.extend(Self::insert_batch(&txn, chunk, "put_many: insert into messages").await?);
+        }
         txn.commit().await.map_err(pg("put_many: commit"))?;
         Ok(out)
     }
@@ -381,16 +431,32 @@ impl Store for PostgresStore {
 
     async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
         let client = self.client("expire").await?;
-        let row = client
-            .query_one(
-                "WITH d AS (DELETE FROM messages WHERE expires_at_ms <= $1 RETURNING acked)
-                 SELECT count(*) FILTER (WHERE NOT acked) FROM d",
-                &[&now_ms],
+        // In chunks (via the expiry index) so a large backlog is never one long
+        // transaction holding locks that concurrent puts and acks wait on.
+        let stmt = client
+            .prepare_cached(
+                "WITH d AS (
+                   DELETE FROM messages WHERE seq IN (
+                     SELECT seq FROM messages WHERE expires_at_ms <= $1 LIMIT $2)
+                   RETURNING acked)
+                 SELECT count(*), count(*) FILTER (WHERE NOT acked) FROM d",
             )
             .await
-            .map_err(pg("expire: delete from messages"))?;
-        let n: i64 = row.try_get(0).map_err(pg("expire: read count"))?;
-        Ok(n.max(0) as u64)
+            .map_err(pg("expire: prepare delete from messages"))?;
+        let chunk = EXPIRE_CHUNK;
+        let mut total = 0u64;
+        loop {
+            let row = client
+                .query_one(&stmt, &[&now_ms, &chunk])
+                .await
+                .map_err(pg("expire: delete from messages"))?;
+            let deleted: i64 = row.try_get(0).map_err(pg("expire: read count"))?;
+            let pending: i64 = row.try_get(1).map_err(pg("expire: read count"))?;
+            total += pending.max(0) as u64;
+            if deleted < chunk {
+                return Ok(total);
+            }
+        }
     }
 
     async fn put_profile(
