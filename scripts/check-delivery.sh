@@ -13,6 +13,16 @@ if [ ! -x .venv/bin/pytest ]; then
   exit 1
 fi
 
+# python-hcl2 in its own directory (see scripts/requirements.txt for why), reinstalled
+# only when its requirements file changes.
+hcl2_dir=.venv/python-hcl2
+if ! cmp -s scripts/checks/requirements-hcl2.txt "$hcl2_dir/.requirements.installed"; then
+  rm -rf "$hcl2_dir"
+  .venv/bin/pip install -q --disable-pip-version-check --target "$hcl2_dir" \
+    -r scripts/checks/requirements-hcl2.txt
+  cp scripts/checks/requirements-hcl2.txt "$hcl2_dir/.requirements.installed"
+fi
+
 set +e
 .venv/bin/pytest -q -p no:cacheprovider scripts/checks "$@"
 rc=$?
