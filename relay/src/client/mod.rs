@@ -1,0 +1,508 @@
+//! `dchat_relay::client`: a small async client for protocol v1.
+//!
+//! One [`Client`] is one authenticated connection. Requests are answered in order;
+//! `deliver` frames that arrive while waiting for an answer are queued and returned
+//! by [`Client::next_delivery`].
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+use ed25519_dalek::{Signer, SigningKey};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::protocol::{
+    auth_message, profile_message, AckRef, Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex,
+    Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, SigHex,
+};
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting or talking to the relay failed.
+    #[error("websocket to {url}: {source}")]
+    Transport {
+        /// The relay URL.
+        url: String,
+        /// Cause.
+        #[source]
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
+    /// The relay answered with an error frame.
+    #[error("relay error {code}: {message}")]
+    Relay {
+        /// Stable code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// The relay closed the connection.
+    #[error("relay closed the connection (code {code}): {reason}")]
+    Closed {
+        /// Close code (0 when none was given).
+        code: u16,
+        /// Close reason.
+        reason: String,
+    },
+    /// The relay sent something this client does not understand.
+    #[error("unexpected frame from relay: {0}")]
+    Unexpected(String),
+    /// No answer in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// Reading or writing a key file failed.
+    #[error("key file {path}: {reason}")]
+    KeyFile {
+        /// The path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A fresh random identity.
+pub fn generate_key() -> Result<SigningKey, ClientError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| ClientError::KeyFile {
+        path: "<random>".into(),
+        reason: format!("no randomness: {e}"),
+    })?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Public key of a signing key in wire form.
+pub fn public_key(key: &SigningKey) -> KeyHex {
+    KeyHex(key.verifying_key().to_bytes())
+}
+
+/// Loads a key file: 64 hex digits of the secret seed (whitespace ignored).
+pub fn load_key(path: &Path) -> Result<SigningKey, ClientError> {
+    let err = |reason: String| ClientError::KeyFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let bytes = hex::decode(text.trim()).map_err(|e| err(format!("not hex: {e}")))?;
+    let seed: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| err("expected 32 bytes (64 hex digits)".into()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Writes a key file (mode 0600 on Unix); refuses to overwrite.
+pub fn save_key(path: &Path, key: &SigningKey) -> Result<(), ClientError> {
+    use std::io::Write;
+    let err = |reason: String| ClientError::KeyFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| err(e.to_string()))?;
+    writeln!(f, "{}", hex::encode(key.to_bytes())).map_err(|e| err(e.to_string()))
+}
+
+/// A message received by the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Store sequence when it came from storage.
+    pub seq: Option<u64>,
+    /// The envelope (`from` set by the relay).
+    pub envelope: Envelope,
+}
+
+impl Delivery {
+    /// The reference to acknowledge this delivery.
+    pub fn ack_ref(&self) -> AckRef {
+        AckRef {
+            from: self.envelope.from.unwrap_or(KeyHex([0; 32])),
+            id: self.envelope.id.clone(),
+        }
+    }
+}
+
+/// Result of a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendResult {
+    /// What the relay did.
+    pub status: SendStatus,
+    /// Store sequence, when stored.
+    pub seq: Option<u64>,
+    /// Channel: live deliveries.
+    pub delivered: Option<u32>,
+    /// Channel: stored copies.
+    pub stored: Option<u32>,
+}
+
+/// A published profile as fetched (signature already verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// The profile document.
+    pub doc: ProfileDoc,
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// An authenticated connection to a relay.
+pub struct Client {
+    ws: Ws,
+    url: String,
+    key: SigningKey,
+    /// Limits announced by the relay.
+    pub limits: Limits,
+    queued: VecDeque<Delivery>,
+    timeout: Duration,
+    next_id: u64,
+}
+
+/// Current time in ms since the epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens a WebSocket to `url` without authenticating (tests of raw protocol use this).
+pub async fn connect_raw(url: &str) -> Result<Ws, ClientError> {
+    let mut cfg = WebSocketConfig::default();
+    cfg.read_buffer_size = 8192;
+    cfg.write_buffer_size = 0;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
+        .await
+        .map_err(|e| ClientError::Transport {
+            url: url.to_string(),
+            source: Box::new(e),
+        })?;
+    Ok(ws)
+}
+
+impl Client {
+    /// Connects to `url` (e.g. `ws://host:7070/v1/ws`) and authenticates as `key`.
+    pub async fn connect(url: &str, key: SigningKey) -> Result<Client, ClientError> {
+        let ws = connect_raw(url).await?;
+        let mut c = Client {
+            ws,
+            url: url.to_string(),
+            key,
+            limits: Limits {
+                max_frame_bytes: 0,
+                rate_per_sec: 0,
+                burst: 0,
+                max_inflight: 0,
+                idle_timeout_secs: 0,
+            },
+            queued: VecDeque::new(),
+            timeout: Duration::from_secs(10),
+            next_id: 0,
+        };
+        let nonce = match c.read_frame("challenge").await? {
+            ServerFrame::Challenge { nonce, .. } => nonce,
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        let sig = c.key.sign(&auth_message(&nonce.0)).to_bytes();
+        c.write(&ClientFrame::Auth {
+            key: public_key(&c.key),
+            sig: SigHex(sig),
+        })
+        .await?;
+        match c.response("welcome").await? {
+            ServerFrame::Welcome { limits, .. } => c.limits = limits,
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+        Ok(c)
+    }
+
+    /// Sets how long requests wait for their answer (default 10 s).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    /// This client's public key.
+    pub fn key(&self) -> KeyHex {
+        public_key(&self.key)
+    }
+
+    fn transport(&self, e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+        ClientError::Transport {
+            url: self.url.clone(),
+            source: Box::new(e),
+        }
+    }
+
+    /// Sends one frame.
+    pub async fn write(&mut self, f: &ClientFrame) -> Result<(), ClientError> {
+        let text = serde_json::to_string(f).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|e| self.transport(e))
+    }
+
+    /// Reads the next frame of any type.
+    pub async fn read_frame(&mut self, what: &'static str) -> Result<ServerFrame, ClientError> {
+        let t = self.timeout;
+        loop {
+            let msg = tokio::time::timeout(t, self.ws.next())
+                .await
+                .map_err(|_| ClientError::Timeout(what))?;
+            match msg {
+                None => {
+                    return Err(ClientError::Closed {
+                        code: 0,
+                        reason: String::new(),
+                    })
+                }
+                Some(Err(e)) => return Err(self.transport(e)),
+                Some(Ok(Message::Text(t))) => {
+                    return serde_json::from_str(t.as_str())
+                        .map_err(|e| ClientError::Unexpected(format!("{e}: {}", t.as_str())))
+                }
+                Some(Ok(Message::Close(f))) => {
+                    let (code, reason) = f
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((0, String::new()));
+                    return Err(ClientError::Closed { code, reason });
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads frames until a non-delivery one (the answer), queueing deliveries.
+    async fn response(&mut self, what: &'static str) -> Result<ServerFrame, ClientError> {
+        loop {
+            match self.read_frame(what).await? {
+                ServerFrame::Deliver { seq, envelope } => {
+                    self.queued.push_back(Delivery { seq, envelope })
+                }
+                ServerFrame::Error { code, message, .. } => {
+                    return Err(ClientError::Relay { code, message })
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn fresh_id(&mut self) -> String {
+        self.next_id += 1;
+        let mut r = [0u8; 8];
+        let _ = getrandom::fill(&mut r);
+        format!("{}-{}", hex::encode(r), self.next_id)
+    }
+
+    /// Builds an envelope to `to` with a fresh id.
+    pub fn envelope_to(&mut self, to: KeyHex, kind: Kind, payload: Vec<u8>) -> Envelope {
+        Envelope {
+            id: self.fresh_id(),
+            from: None,
+            to: Some(to),
+            channel: None,
+            ts: now_ms(),
+            kind,
+            payload: Base64Bytes(payload),
+            media: None,
+        }
+    }
+
+    /// Builds a channel envelope with a fresh id.
+    pub fn envelope_channel(&mut self, channel: &str, kind: Kind, payload: Vec<u8>) -> Envelope {
+        Envelope {
+            id: self.fresh_id(),
+            from: None,
+            to: None,
+            channel: Some(channel.to_string()),
+            ts: now_ms(),
+            kind,
+            payload: Base64Bytes(payload),
+            media: None,
+        }
+    }
+
+    /// Sends an envelope and waits for the relay's `sent` answer. Retrying with the
+    /// same envelope (same id) is safe: the relay answers `duplicate`.
+    pub async fn send(&mut self, envelope: Envelope) -> Result<SendResult, ClientError> {
+        self.write(&ClientFrame::Send { envelope }).await?;
+        match self.response("sent").await? {
+            ServerFrame::Sent {
+                status,
+                seq,
+                delivered,
+                stored,
+                ..
+            } => Ok(SendResult {
+                status,
+                seq,
+                delivered,
+                stored,
+            }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `text` to `to`.
+    pub async fn send_text(&mut self, to: KeyHex, text: &str) -> Result<SendResult, ClientError> {
+        let env = self.envelope_to(to, Kind::Text, text.as_bytes().to_vec());
+        self.send(env).await
+    }
+
+    /// Joins a channel.
+    pub async fn join(&mut self, channel: &str) -> Result<(), ClientError> {
+        self.write(&ClientFrame::Join {
+            channel: channel.into(),
+        })
+        .await?;
+        match self.response("joined").await? {
+            ServerFrame::Joined { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Leaves a channel.
+    pub async fn leave(&mut self, channel: &str) -> Result<(), ClientError> {
+        self.write(&ClientFrame::Leave {
+            channel: channel.into(),
+        })
+        .await?;
+        match self.response("left").await? {
+            ServerFrame::Left { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Acknowledges deliveries; returns how many the relay removed.
+    pub async fn ack(&mut self, refs: Vec<AckRef>) -> Result<u64, ClientError> {
+        self.write(&ClientFrame::Ack { messages: refs }).await?;
+        match self.response("acked").await? {
+            ServerFrame::Acked { removed } => Ok(removed),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Asks for pending messages; returns every delivery received up to the `fetched`
+    /// answer (including ones pushed before it) and whether more are pending.
+    pub async fn fetch(&mut self, limit: u32) -> Result<(Vec<Delivery>, bool), ClientError> {
+        self.write(&ClientFrame::Fetch { limit: Some(limit) })
+            .await?;
+        match self.response("fetched").await? {
+            ServerFrame::Fetched { more, .. } => Ok((self.queued.drain(..).collect(), more)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The next delivery (queued or from the socket), waiting up to the timeout.
+    pub async fn next_delivery(&mut self) -> Result<Delivery, ClientError> {
+        if let Some(d) = self.queued.pop_front() {
+            return Ok(d);
+        }
+        match self.read_frame("delivery").await? {
+            ServerFrame::Deliver { seq, envelope } => Ok(Delivery { seq, envelope }),
+            ServerFrame::Error { code, message, .. } => Err(ClientError::Relay { code, message }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Round trip.
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        self.write(&ClientFrame::Ping {
+            nonce: Some("p".into()),
+        })
+        .await?;
+        match self.response("pong").await? {
+            ServerFrame::Pong { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Signs and publishes this identity's profile; returns whether it replaced the stored one.
+    pub async fn publish_profile(
+        &mut self,
+        name: &str,
+        avatar: Option<MediaRef>,
+        updated_ms: i64,
+    ) -> Result<bool, ClientError> {
+        let doc = ProfileDoc {
+            key: self.key(),
+            name: name.to_string(),
+            avatar,
+            updated_ms,
+        };
+        let data = serde_json::to_vec(&doc).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let sig = SigHex(self.key.sign(&profile_message(&data)).to_bytes());
+        self.write(&ClientFrame::ProfilePublish {
+            data: Base64Bytes(data),
+            sig,
+        })
+        .await?;
+        match self.response("profile_stored").await? {
+            ServerFrame::ProfileStored { updated } => Ok(updated),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Fetches and verifies someone's profile; `None` when there is none.
+    pub async fn get_profile(&mut self, key: KeyHex) -> Result<Option<Profile>, ClientError> {
+        self.write(&ClientFrame::ProfileGet { key }).await?;
+        match self.response("profile").await {
+            Ok(ServerFrame::Profile { key: k, data, sig }) => {
+                if k != key
+                    || !crate::protocol::verify_signature(&key, &profile_message(&data.0), &sig)
+                {
+                    return Err(ClientError::Unexpected("profile signature invalid".into()));
+                }
+                let doc: ProfileDoc = serde_json::from_slice(&data.0)
+                    .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                if doc.key != key {
+                    return Err(ClientError::Unexpected("profile key mismatch".into()));
+                }
+                Ok(Some(Profile { doc }))
+            }
+            Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            Err(ClientError::Relay {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Closes the connection cleanly.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// The operator's slot validation: connect with a fresh key, send a message to
+/// ourselves, and require it back (and acknowledged) within `within`.
+pub async fn smoke(url: &str, within: Duration) -> Result<Duration, ClientError> {
+    let start = std::time::Instant::now();
+    let run = async {
+        let key = generate_key()?;
+        let mut c = Client::connect(url, key).await?;
+        c.set_timeout(within);
+        let me = c.key();
+        let env = c.envelope_to(me, Kind::Text, b"dchat smoke test".to_vec());
+        let id = env.id.clone();
+        c.send(env).await?;
+        loop {
+            let d = c.next_delivery().await?;
+            if d.envelope.id == id && d.envelope.from == Some(me) {
+                c.ack(vec![d.ack_ref()]).await?;
+                c.close().await;
+                return Ok(start.elapsed());
+            }
+        }
+    };
+    tokio::time::timeout(within, run)
+        .await
+        .map_err(|_| ClientError::Timeout("smoke round trip"))?
+}

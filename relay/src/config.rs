@@ -1,0 +1,497 @@
+//! Relay configuration: command-line flags with environment fallbacks and defaults.
+//!
+//! Values are taken as strings by clap and validated here, so an invalid value yields
+//! a [`ConfigError`] that names the environment variable (the name operators set).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Flags and environment variables of `dchat-relay` (see `docs/relay.md`).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "dchat-relay", version, about = "dchat WebSocket chat relay")]
+pub struct Cli {
+    /// Client WebSocket + HTTP listen address.
+    #[arg(long, env = "DCHAT_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: String,
+    /// Metrics and admin API listen address.
+    #[arg(long, env = "DCHAT_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: String,
+    /// Directory of the embedded store (used when DB_HOST is unset).
+    #[arg(long, env = "DCHAT_DATA_DIR", default_value = "./dchat-data")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL host; setting it selects the PostgreSQL store.
+    #[arg(long, env = "DB_HOST")]
+    pub db_host: Option<String>,
+    /// PostgreSQL port.
+    #[arg(long, env = "DB_PORT", default_value = "5432")]
+    pub db_port: String,
+    /// PostgreSQL database name.
+    #[arg(long, env = "DB_NAME", default_value = "dchat")]
+    pub db_name: String,
+    /// PostgreSQL user.
+    #[arg(long, env = "DB_USER", default_value = "dchat")]
+    pub db_user: String,
+    /// PostgreSQL password.
+    #[arg(long, env = "DB_PASSWORD", default_value = "", hide_env_values = true)]
+    pub db_password: String,
+    /// PostgreSQL connection pool size.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value = "16")]
+    pub db_max_connections: String,
+    /// Largest accepted WebSocket text frame in bytes (1024..=16777216).
+    #[arg(long, env = "DCHAT_MAX_MESSAGE_BYTES", default_value = "262144")]
+    pub max_message_bytes: String,
+    /// How long stored messages wait for their recipient (e.g. 720h, 30d, 90s).
+    #[arg(long, env = "DCHAT_MESSAGE_TTL", default_value = "720h")]
+    pub message_ttl: String,
+    /// Peer relay WebSocket base URLs, comma-separated (ws://host:7070).
+    #[arg(long, env = "DCHAT_PEERS", default_value = "")]
+    pub peers: String,
+    /// DNS name:port of the headless Service listing all relays, re-resolved periodically.
+    #[arg(long, env = "DCHAT_PEER_DNS", default_value = "")]
+    pub peer_dns: String,
+    /// Bearer token of the admin API; the admin API is disabled when empty.
+    #[arg(
+        long,
+        env = "DCHAT_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub admin_token: String,
+    /// Blockchain RPC URL (reserved for on-chain identity lookups; validated, not used yet).
+    #[arg(long, env = "DCHAT_CHAIN_RPC", default_value = "")]
+    pub chain_rpc: String,
+    /// Sustained requests per second per connection.
+    #[arg(long, env = "DCHAT_RATE_PER_SEC", default_value = "200")]
+    pub rate_per_sec: String,
+    /// Token bucket size per connection.
+    #[arg(long, env = "DCHAT_RATE_BURST", default_value = "400")]
+    pub rate_burst: String,
+    /// Maximum concurrent client connections.
+    #[arg(long, env = "DCHAT_MAX_CONNECTIONS", default_value = "100000")]
+    pub max_connections: String,
+    /// Close connections silent for this long.
+    #[arg(long, env = "DCHAT_IDLE_TIMEOUT", default_value = "120s")]
+    pub idle_timeout: String,
+    /// Time a new connection has to authenticate (challenge lifetime).
+    #[arg(long, env = "DCHAT_AUTH_TIMEOUT", default_value = "10s")]
+    pub auth_timeout: String,
+    /// Close a client whose socket accepts no data for this long (slow reader).
+    #[arg(long, env = "DCHAT_WRITE_TIMEOUT", default_value = "10s")]
+    pub write_timeout: String,
+    /// Total time allowed for a drain after SIGTERM.
+    #[arg(long, env = "DCHAT_DRAIN_GRACE", default_value = "25s")]
+    pub drain_grace: String,
+    /// Time between readiness turning false and closing connections (lets load balancers see it).
+    #[arg(long, env = "DCHAT_DRAIN_DELAY", default_value = "0s")]
+    pub drain_delay: String,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format: text or json.
+    #[arg(long, env = "DCHAT_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl Cli {
+    /// Parses flags only, ignoring the environment (tests and embedding, where the
+    /// process environment, e.g. `DB_HOST` from a test script, must not leak in).
+    pub fn parse_without_env<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let cmd = Cli::command().mut_args(|a| a.env(None));
+        Cli::from_arg_matches(&cmd.try_get_matches_from(args)?)
+    }
+}
+
+/// An invalid setting; `setting` is the environment variable name.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {setting}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// Environment variable name of the setting.
+    pub setting: &'static str,
+    /// The rejected value (secrets are never echoed).
+    pub value: String,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+fn bad(setting: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Where messages are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageSettings {
+    /// Embedded store in this directory (single relay).
+    Embedded {
+        /// Data directory.
+        dir: PathBuf,
+    },
+    /// Shared PostgreSQL database (cluster).
+    Postgres {
+        /// Host name or address.
+        host: String,
+        /// TCP port.
+        port: u16,
+        /// Database name.
+        dbname: String,
+        /// User name.
+        user: String,
+        /// Password (never logged).
+        password: String,
+        /// Pool size.
+        max_connections: usize,
+    },
+}
+
+/// Validated relay configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Client listener address.
+    pub listen: SocketAddr,
+    /// Metrics/admin listener address.
+    pub metrics_listen: SocketAddr,
+    /// Storage backend.
+    pub storage: StorageSettings,
+    /// Largest accepted frame in bytes.
+    pub max_message_bytes: usize,
+    /// Lifetime of stored messages.
+    pub message_ttl: Duration,
+    /// Static peer base URLs (ws://host:port).
+    pub peers: Vec<String>,
+    /// Headless-service DNS name and port, if any.
+    pub peer_dns: Option<String>,
+    /// Admin bearer token; `None` disables the admin API.
+    pub admin_token: Option<String>,
+    /// Reserved chain RPC URL.
+    pub chain_rpc: Option<String>,
+    /// Token bucket refill rate per connection.
+    pub rate_per_sec: u32,
+    /// Token bucket size per connection.
+    pub rate_burst: u32,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Authentication deadline / challenge lifetime.
+    pub auth_timeout: Duration,
+    /// Slow-reader write timeout.
+    pub write_timeout: Duration,
+    /// Drain grace period.
+    pub drain_grace: Duration,
+    /// Delay between readiness false and closing connections.
+    pub drain_delay: Duration,
+    /// Log filter.
+    pub log: String,
+    /// Emit JSON logs.
+    pub log_json: bool,
+    /// Deliveries in flight per connection.
+    pub max_inflight: usize,
+    /// Queued outbound pushes per connection before falling back to storage.
+    pub outbound_queue: usize,
+}
+
+/// Parses durations like `90s`, `15m`, `720h`, `30d`, `250ms`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a number followed by ms, s, m, h or d".to_string())?;
+    let mult_ms: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown unit {other:?} (use ms, s, m, h or d)")),
+    };
+    n.checked_mul(mult_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| "duration too large".to_string())
+}
+
+fn duration(setting: &'static str, v: &str, min: Duration) -> Result<Duration, ConfigError> {
+    let d = parse_duration(v).map_err(|e| bad(setting, v, e))?;
+    if d < min {
+        return Err(bad(setting, v, format!("must be at least {min:?}")));
+    }
+    Ok(d)
+}
+
+fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+    setting: &'static str,
+    v: &str,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    let n: T = v
+        .trim()
+        .parse()
+        .map_err(|_| bad(setting, v, "not a number"))?;
+    if n < min || n > max {
+        return Err(bad(setting, v, format!("must be between {min} and {max}")));
+    }
+    Ok(n)
+}
+
+fn addr(setting: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|e| bad(setting, v, format!("expected ip:port: {e}")))
+}
+
+fn ws_url(setting: &'static str, v: &str) -> Result<String, ConfigError> {
+    let v = v.trim().trim_end_matches('/');
+    // Peer links stay inside the cluster network; TLS is not supported on them.
+    let rest = v
+        .strip_prefix("ws://")
+        .ok_or_else(|| bad(setting, v, "peer URLs must start with ws://"))?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        return Err(bad(setting, v, "peer URL has no host"));
+    }
+    Ok(v.to_string())
+}
+
+impl Config {
+    /// Validates parsed flags/env into a configuration.
+    pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
+        let storage = match cli.db_host.as_deref().map(str::trim) {
+            Some(host) if !host.is_empty() => StorageSettings::Postgres {
+                host: host.to_string(),
+                port: number("DB_PORT", &cli.db_port, 1u16, u16::MAX)?,
+                dbname: non_empty("DB_NAME", &cli.db_name)?,
+                user: non_empty("DB_USER", &cli.db_user)?,
+                password: cli.db_password.clone(),
+                max_connections: number("DB_MAX_CONNECTIONS", &cli.db_max_connections, 1, 1000)?,
+            },
+            _ => {
+                if cli.data_dir.as_os_str().is_empty() {
+                    return Err(bad("DCHAT_DATA_DIR", "", "must not be empty"));
+                }
+                StorageSettings::Embedded {
+                    dir: cli.data_dir.clone(),
+                }
+            }
+        };
+        let peers = cli
+            .peers
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| ws_url("DCHAT_PEERS", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let peer_dns = match cli.peer_dns.trim() {
+            "" => None,
+            v => {
+                let (host, port) = v.rsplit_once(':').ok_or_else(|| {
+                    bad(
+                        "DCHAT_PEER_DNS",
+                        v,
+                        "expected host:port of the headless Service",
+                    )
+                })?;
+                if host.is_empty() || port.parse::<u16>().is_err() {
+                    return Err(bad("DCHAT_PEER_DNS", v, "expected host:port"));
+                }
+                Some(v.to_string())
+            }
+        };
+        let chain_rpc = match cli.chain_rpc.trim() {
+            "" => None,
+            v if v.starts_with("http://")
+                || v.starts_with("https://")
+                || v.starts_with("ws://")
+                || v.starts_with("wss://") =>
+            {
+                Some(v.to_string())
+            }
+            v => {
+                return Err(bad(
+                    "DCHAT_CHAIN_RPC",
+                    v,
+                    "must be an http(s):// or ws(s):// URL",
+                ))
+            }
+        };
+        let admin_token = match cli.admin_token.as_str() {
+            "" => None,
+            t if t.len() < 16 => {
+                return Err(bad(
+                    "DCHAT_ADMIN_TOKEN",
+                    "<redacted>",
+                    "must be at least 16 characters",
+                ))
+            }
+            t => Some(t.to_string()),
+        };
+        let log_json = match cli.log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            v => return Err(bad("DCHAT_LOG_FORMAT", v, "must be text or json")),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&cli.log).is_err() {
+            return Err(bad("RUST_LOG", &cli.log, "not a valid log filter"));
+        }
+        Ok(Config {
+            listen: addr("DCHAT_LISTEN", &cli.listen)?,
+            metrics_listen: addr("DCHAT_METRICS_LISTEN", &cli.metrics_listen)?,
+            storage,
+            max_message_bytes: number(
+                "DCHAT_MAX_MESSAGE_BYTES",
+                &cli.max_message_bytes,
+                1024usize,
+                16 * 1024 * 1024,
+            )?,
+            message_ttl: duration(
+                "DCHAT_MESSAGE_TTL",
+                &cli.message_ttl,
+                Duration::from_secs(1),
+            )?,
+            peers,
+            peer_dns,
+            admin_token,
+            chain_rpc,
+            rate_per_sec: number("DCHAT_RATE_PER_SEC", &cli.rate_per_sec, 1u32, 1_000_000)?,
+            rate_burst: number("DCHAT_RATE_BURST", &cli.rate_burst, 1u32, 1_000_000)?,
+            max_connections: number(
+                "DCHAT_MAX_CONNECTIONS",
+                &cli.max_connections,
+                1usize,
+                10_000_000,
+            )?,
+            idle_timeout: duration(
+                "DCHAT_IDLE_TIMEOUT",
+                &cli.idle_timeout,
+                Duration::from_secs(1),
+            )?,
+            auth_timeout: duration(
+                "DCHAT_AUTH_TIMEOUT",
+                &cli.auth_timeout,
+                Duration::from_millis(100),
+            )?,
+            write_timeout: duration(
+                "DCHAT_WRITE_TIMEOUT",
+                &cli.write_timeout,
+                Duration::from_millis(100),
+            )?,
+            drain_grace: duration(
+                "DCHAT_DRAIN_GRACE",
+                &cli.drain_grace,
+                Duration::from_secs(1),
+            )?,
+            drain_delay: duration("DCHAT_DRAIN_DELAY", &cli.drain_delay, Duration::ZERO)?,
+            log: cli.log.clone(),
+            log_json,
+            max_inflight: 256,
+            outbound_queue: 128,
+        })
+    }
+
+    /// A configuration for tests and embedding: ephemeral ports on 127.0.0.1,
+    /// embedded store in `dir`, defaults elsewhere.
+    pub fn for_test(dir: impl Into<PathBuf>) -> Config {
+        let cli = Cli::parse_without_env([
+            "dchat-relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap_or_else(|e| panic!("default flags: {e}"));
+        let mut cfg = Config::from_cli(&cli).unwrap_or_else(|e| panic!("default config: {e}"));
+        cfg.storage = StorageSettings::Embedded { dir: dir.into() };
+        cfg.log = "info".into();
+        cfg
+    }
+}
+
+fn non_empty(setting: &'static str, v: &str) -> Result<String, ConfigError> {
+    if v.trim().is_empty() {
+        return Err(bad(setting, v, "must not be empty"));
+    }
+    Ok(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["dchat-relay"];
+        all.extend_from_slice(args);
+        Config::from_cli(&Cli::parse_without_env(all).unwrap())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("720h"), Ok(Duration::from_secs(720 * 3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5 weeks").is_err());
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let e = parse(&["--message-ttl", "soon"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_MESSAGE_TTL");
+        let e = parse(&["--max-message-bytes", "12"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_MAX_MESSAGE_BYTES");
+        let e = parse(&["--listen", "nowhere"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_LISTEN");
+        let e = parse(&["--peers", "http://a:1"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_PEERS");
+        let e = parse(&["--db-host", "pg", "--db-port", "0"]).unwrap_err();
+        assert_eq!(e.setting, "DB_PORT");
+        let e = parse(&["--admin-token", "short"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_ADMIN_TOKEN");
+        assert!(!e.to_string().contains("short"), "secret echoed: {e}");
+    }
+
+    #[test]
+    fn defaults_select_embedded_store() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            c.storage,
+            StorageSettings::Embedded {
+                dir: PathBuf::from("./dchat-data")
+            }
+        );
+        assert_eq!(c.listen.port(), 7070);
+        assert_eq!(c.metrics_listen.port(), 9090);
+        assert_eq!(c.max_message_bytes, 262_144);
+        assert_eq!(c.message_ttl, Duration::from_secs(720 * 3600));
+        assert!(c.admin_token.is_none());
+    }
+
+    #[test]
+    fn db_host_selects_postgres_and_peers_parse() {
+        let c = parse(&[
+            "--db-host",
+            "pg.svc",
+            "--db-port",
+            "6543",
+            "--peers",
+            "ws://a:7070, ws://b:7070/",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.storage,
+            StorageSettings::Postgres { port: 6543, .. }
+        ));
+        assert_eq!(c.peers, vec!["ws://a:7070", "ws://b:7070"]);
+    }
+}

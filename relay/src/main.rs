@@ -1,0 +1,77 @@
+//! `dchat-relay`: runs one relay until SIGTERM/SIGINT, then drains.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use dchat_relay::config::{Cli, Config, StorageSettings};
+use dchat_relay::server::Relay;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::from_cli(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dchat-relay: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dchat-relay: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("dchat-relay: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if cfg.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let backend = match &cfg.storage {
+        StorageSettings::Embedded { dir } => format!("embedded ({})", dir.display()),
+        StorageSettings::Postgres {
+            host, port, dbname, ..
+        } => {
+            format!("postgres ({host}:{port}/{dbname})")
+        }
+    };
+    if cfg.chain_rpc.is_some() {
+        tracing::info!("DCHAT_CHAIN_RPC is set; it is reserved and not used by this version");
+    }
+    let relay = Relay::bind(cfg).await?;
+    tracing::info!(
+        listen = %relay.local_addr(),
+        metrics = %relay.metrics_addr(),
+        storage = %backend,
+        "dchat-relay started"
+    );
+    let report = relay.run(dchat_relay::shutdown::signal()).await?;
+    if report.abandoned_connections > 0 || !report.flushed {
+        anyhow::bail!(
+            "drain incomplete: {} connections abandoned, storage flushed: {}",
+            report.abandoned_connections,
+            report.flushed
+        );
+    }
+    Ok(())
+}

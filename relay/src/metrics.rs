@@ -1,0 +1,285 @@
+//! Prometheus metrics of the relay (names and meanings are listed in `docs/relay.md`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::protocol::{ErrorCode, Kind};
+
+/// `kind` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Message kind (text, image, ...).
+    pub kind: &'static str,
+}
+
+/// `code` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// Stable error code.
+    pub code: &'static str,
+}
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Short reason.
+    pub reason: &'static str,
+}
+
+/// `op` label (storage operation).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// Storage operation name.
+    pub op: &'static str,
+}
+
+/// `op` + `error` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpErrorLabel {
+    /// Storage operation name.
+    pub op: &'static str,
+    /// Store error label.
+    pub error: &'static str,
+}
+
+/// All relay metrics; cheap to clone handles are shared by every task.
+pub struct Metrics {
+    registry: Registry,
+    /// Open client connections (authenticated or not).
+    pub connections: Gauge,
+    /// Authenticated sessions.
+    pub sessions: Gauge,
+    /// Accepted client connections since start.
+    pub connections_total: Counter,
+    /// Failed authentications by reason.
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    /// Messages accepted for routing, by kind (one per send, not per recipient).
+    pub routed: Family<KindLabel, Counter>,
+    /// Message copies written to storage, by kind.
+    pub stored: Family<KindLabel, Counter>,
+    /// Message copies written to a recipient's socket, by kind.
+    pub delivered: Family<KindLabel, Counter>,
+    /// Duplicate sends (same sender and id) that were suppressed.
+    pub duplicates: Counter,
+    /// Stored messages removed by the TTL task.
+    pub expired: Counter,
+    /// Acknowledged messages removed.
+    pub acked: Counter,
+    /// Seconds from the relay receiving a message to writing it to the recipient (live
+    /// pushes) or from the sender's timestamp (stored messages).
+    pub delivery_latency: Histogram,
+    /// Storage call latency by operation.
+    pub store_latency: Family<OpLabel, Histogram>,
+    /// Storage errors by operation and error.
+    pub store_errors: Family<OpErrorLabel, Counter>,
+    /// Frames waiting in per-connection outbound queues (sum over connections).
+    pub outbound_queue_depth: Gauge,
+    /// Deliveries written but not yet acknowledged (sum over connections).
+    pub inflight: Gauge,
+    /// Bytes of client frames received.
+    pub bytes_in: Counter,
+    /// Bytes of frames sent to clients.
+    pub bytes_out: Counter,
+    /// Rejected frames / errors sent, by error code.
+    pub rejected: Family<CodeLabel, Counter>,
+    /// Connections closed by the relay, by error code.
+    pub closed: Family<CodeLabel, Counter>,
+    /// Connected outgoing peer links.
+    pub peer_links: Gauge,
+    /// Wake notices sent to peers.
+    pub peer_wakes_sent: Counter,
+    /// Wake notices received from peers.
+    pub peer_wakes_received: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `dchat` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("dchat");
+        let m = Metrics {
+            connections: Gauge::default(),
+            sessions: Gauge::default(),
+            connections_total: Counter::default(),
+            auth_failures: Family::default(),
+            routed: Family::default(),
+            stored: Family::default(),
+            delivered: Family::default(),
+            duplicates: Counter::default(),
+            expired: Counter::default(),
+            acked: Counter::default(),
+            // 50 µs .. ~3.3 s
+            delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 17)),
+            store_latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+            }),
+            store_errors: Family::default(),
+            outbound_queue_depth: Gauge::default(),
+            inflight: Gauge::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            rejected: Family::default(),
+            closed: Family::default(),
+            peer_links: Gauge::default(),
+            peer_wakes_sent: Counter::default(),
+            peer_wakes_received: Counter::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        r.register("sessions", "Authenticated sessions", m.sessions.clone());
+        r.register(
+            "connections_accepted",
+            "Accepted client connections",
+            m.connections_total.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed authentications by reason",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "messages_routed",
+            "Messages accepted for routing by kind",
+            m.routed.clone(),
+        );
+        r.register(
+            "messages_stored",
+            "Message copies stored durably by kind",
+            m.stored.clone(),
+        );
+        r.register(
+            "messages_delivered",
+            "Message copies written to recipients by kind",
+            m.delivered.clone(),
+        );
+        r.register(
+            "messages_duplicate",
+            "Duplicate sends suppressed",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "messages_expired",
+            "Stored messages removed by TTL",
+            m.expired.clone(),
+        );
+        r.register(
+            "messages_acked",
+            "Stored or in-flight messages acknowledged",
+            m.acked.clone(),
+        );
+        r.register(
+            "delivery_latency_seconds",
+            "Relay receive (or sender timestamp for stored) to socket write",
+            m.delivery_latency.clone(),
+        );
+        r.register(
+            "store_operation_seconds",
+            "Storage call latency by operation",
+            m.store_latency.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Storage errors by operation and error",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "outbound_queue_depth",
+            "Frames queued for client sockets",
+            m.outbound_queue_depth.clone(),
+        );
+        r.register(
+            "inflight_deliveries",
+            "Deliveries awaiting acknowledgement",
+            m.inflight.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Bytes of client frames received",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "sent_bytes",
+            "Bytes of frames sent to clients",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "rejected_frames",
+            "Error frames sent by error code",
+            m.rejected.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections closed by the relay by code",
+            m.closed.clone(),
+        );
+        r.register(
+            "peer_links",
+            "Connected outgoing peer links",
+            m.peer_links.clone(),
+        );
+        r.register(
+            "peer_wakes_sent",
+            "Wake notices sent to peers",
+            m.peer_wakes_sent.clone(),
+        );
+        r.register(
+            "peer_wakes_received",
+            "Wake notices received from peers",
+            m.peer_wakes_received.clone(),
+        );
+        // Pre-create label sets so dashboards see zeros instead of missing series.
+        for k in Kind::ALL {
+            let l = KindLabel { kind: k.as_str() };
+            let _ = m.routed.get_or_create(&l);
+            let _ = m.stored.get_or_create(&l);
+            let _ = m.delivered.get_or_create(&l);
+        }
+        for reason in ["bad_signature", "timeout"] {
+            let _ = m.auth_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for c in ErrorCode::ALL {
+            let _ = m.rejected.get_or_create(&CodeLabel { code: c.as_str() });
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// Counts an error frame sent with `code`.
+    pub fn reject(&self, code: ErrorCode) {
+        self.rejected
+            .get_or_create(&CodeLabel {
+                code: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts a relay-initiated close with `code`.
+    pub fn close(&self, code: ErrorCode) {
+        self.closed
+            .get_or_create(&CodeLabel {
+                code: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,597 @@
+//! Protocol v1 frames: JSON objects in WebSocket text frames, tagged by `type`.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ErrorCode;
+use super::types::{Base64Bytes, KeyHex, SigHex};
+
+/// Protocol version announced in the challenge.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest accepted client message id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Longest accepted channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 64;
+/// Most message references in one `ack` frame.
+pub const MAX_ACK_BATCH: usize = 1024;
+/// Largest accepted `fetch` limit.
+pub const MAX_FETCH_LIMIT: u32 = 1000;
+/// Largest accepted signed profile document, in bytes (before base64).
+pub const MAX_PROFILE_BYTES: usize = 4096;
+
+/// What a message contains; clients render by kind, the relay only counts by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Text message.
+    Text,
+    /// Picture.
+    Image,
+    /// Arbitrary file.
+    File,
+    /// Voice or audio clip.
+    Audio,
+    /// Video clip.
+    Video,
+    /// Sticker.
+    Sticker,
+}
+
+impl Kind {
+    /// All kinds, for metric pre-registration.
+    pub const ALL: [Kind; 6] = [
+        Kind::Text,
+        Kind::Image,
+        Kind::File,
+        Kind::Audio,
+        Kind::Video,
+        Kind::Sticker,
+    ];
+
+    /// The wire string, also the `kind` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Image => "image",
+            Kind::File => "file",
+            Kind::Audio => "audio",
+            Kind::Video => "video",
+            Kind::Sticker => "sticker",
+        }
+    }
+}
+
+/// Reference to media too large for a frame; the bytes live elsewhere (e.g. object storage).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaRef {
+    /// Where to download the (usually encrypted) media.
+    pub url: String,
+    /// SHA-256 of the bytes at `url`, 64 hex digits.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// MIME type, e.g. `image/jpeg`.
+    pub mime: String,
+}
+
+/// A message as sent by a client and delivered to recipients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Client-chosen id, unique per sender; retries reuse it, the relay deduplicates on it.
+    pub id: String,
+    /// Sender key; filled in (or checked) by the relay from the authenticated session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<KeyHex>,
+    /// Recipient key (exactly one of `to` and `channel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<KeyHex>,
+    /// Channel name (exactly one of `to` and `channel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Sender's timestamp, milliseconds since the Unix epoch.
+    pub ts: i64,
+    /// Content kind.
+    pub kind: Kind,
+    /// Opaque (end-to-end encrypted) content, base64.
+    pub payload: Base64Bytes,
+    /// Media carried by reference, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaRef>,
+}
+
+/// Why an envelope was refused (maps to [`ErrorCode::InvalidEnvelope`]).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// The id is empty, too long or has control characters.
+    #[error("envelope.id must be 1..={MAX_ID_LEN} bytes without control characters")]
+    BadId,
+    /// Both or neither of `to` and `channel` were given.
+    #[error("envelope must have exactly one of `to` and `channel`")]
+    BadTarget,
+    /// Channel name is not `[A-Za-z0-9._-]{{1,64}}`.
+    #[error("envelope.channel must match [A-Za-z0-9._-]{{1,{MAX_CHANNEL_LEN}}}")]
+    BadChannel,
+    /// Media reference fields are invalid.
+    #[error("envelope.media invalid: {0}")]
+    BadMedia(&'static str),
+}
+
+/// Checks a channel name: `[A-Za-z0-9._-]{1,64}`.
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CHANNEL_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+impl Envelope {
+    /// Validates the rules that JSON decoding cannot express.
+    pub fn validate(&self) -> Result<(), EnvelopeError> {
+        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || self.id.chars().any(char::is_control)
+        {
+            return Err(EnvelopeError::BadId);
+        }
+        match (&self.to, &self.channel) {
+            (Some(_), None) => {}
+            (None, Some(c)) => {
+                if !valid_channel(c) {
+                    return Err(EnvelopeError::BadChannel);
+                }
+            }
+            _ => return Err(EnvelopeError::BadTarget),
+        }
+        if let Some(m) = &self.media {
+            if m.url.is_empty() || m.url.len() > 2048 {
+                return Err(EnvelopeError::BadMedia("url must be 1..=2048 bytes"));
+            }
+            if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(EnvelopeError::BadMedia("sha256 must be 64 hex digits"));
+            }
+            if m.mime.is_empty() || m.mime.len() > 255 || !m.mime.contains('/') {
+                return Err(EnvelopeError::BadMedia("mime must look like type/subtype"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One message reference in an `ack`: the sender and the sender's id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckRef {
+    /// Sender key of the acknowledged message.
+    pub from: KeyHex,
+    /// Id of the acknowledged message.
+    pub id: String,
+}
+
+/// Frames a client sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Proves the identity `key` by signing the challenge (see `docs/protocol.md`).
+    Auth {
+        /// The client's Ed25519 public key.
+        key: KeyHex,
+        /// Signature over `"dchat-auth-v1:" || nonce`.
+        sig: SigHex,
+    },
+    /// Sends a message to a key or a channel.
+    Send {
+        /// The message.
+        envelope: Envelope,
+    },
+    /// Joins a channel (persistent membership).
+    Join {
+        /// Channel name.
+        channel: String,
+    },
+    /// Leaves a channel.
+    Leave {
+        /// Channel name.
+        channel: String,
+    },
+    /// Acknowledges delivered messages; the relay forgets them.
+    Ack {
+        /// Messages being acknowledged.
+        messages: Vec<AckRef>,
+    },
+    /// Asks for pending (stored) messages not yet delivered on this connection.
+    Fetch {
+        /// At most this many (default 100, max 1000).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Publishes the caller's signed profile.
+    ProfilePublish {
+        /// Base64 of the profile JSON document.
+        data: Base64Bytes,
+        /// Signature over `"dchat-profile-v1:" || data`.
+        sig: SigHex,
+    },
+    /// Fetches someone's signed profile.
+    ProfileGet {
+        /// Whose profile.
+        key: KeyHex,
+    },
+    /// Keep-alive; answered with `pong`.
+    Ping {
+        /// Echoed back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+    },
+}
+
+impl ClientFrame {
+    /// The frame's `type` string (metrics, logs).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientFrame::Auth { .. } => "auth",
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::Join { .. } => "join",
+            ClientFrame::Leave { .. } => "leave",
+            ClientFrame::Ack { .. } => "ack",
+            ClientFrame::Fetch { .. } => "fetch",
+            ClientFrame::ProfilePublish { .. } => "profile_publish",
+            ClientFrame::ProfileGet { .. } => "profile_get",
+            ClientFrame::Ping { .. } => "ping",
+        }
+    }
+}
+
+/// Frame types a client may send, for telling "unknown type" from "bad frame".
+pub const CLIENT_FRAME_TYPES: [&str; 9] = [
+    "auth",
+    "send",
+    "join",
+    "leave",
+    "ack",
+    "fetch",
+    "profile_publish",
+    "profile_get",
+    "ping",
+];
+
+/// Outcome of a `send` to one recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendStatus {
+    /// Pushed to the recipient's live connection on this relay (not yet acknowledged by it).
+    Delivered,
+    /// Stored durably for later delivery (the recipient is offline or on another relay).
+    Stored,
+    /// The (sender, id) was seen before; nothing was done again.
+    Duplicate,
+    /// Channel message fanned out; see `delivered` and `stored` counts.
+    Fanout,
+}
+
+/// Limits the relay enforces on this connection, announced in `welcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest accepted text frame, bytes.
+    pub max_frame_bytes: usize,
+    /// Sustained requests per second (token bucket refill).
+    pub rate_per_sec: u32,
+    /// Token bucket size (burst).
+    pub burst: u32,
+    /// Deliveries the relay keeps in flight (unacknowledged) per connection.
+    pub max_inflight: usize,
+    /// Seconds of silence after which the relay closes the connection.
+    pub idle_timeout_secs: u64,
+}
+
+/// Frames the relay sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame on every connection.
+    Challenge {
+        /// Protocol version (1).
+        v: u32,
+        /// 32 random bytes, base64; sign `"dchat-auth-v1:" || nonce_bytes`.
+        nonce: Base64Bytes,
+        /// Milliseconds until the challenge expires.
+        expires_in_ms: u64,
+    },
+    /// Authentication succeeded.
+    Welcome {
+        /// The authenticated key.
+        key: KeyHex,
+        /// Opaque session id (logs, support).
+        session: String,
+        /// Enforced limits.
+        limits: Limits,
+    },
+    /// Result of a `send`.
+    Sent {
+        /// The envelope id.
+        id: String,
+        /// What happened.
+        status: SendStatus,
+        /// Store sequence number when stored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        /// For channels: live deliveries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delivered: Option<u32>,
+        /// For channels: stored copies.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stored: Option<u32>,
+    },
+    /// A message for this connection's key.
+    Deliver {
+        /// Store sequence number if it came from storage; absent for live pushes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        /// The message, `from` filled in by the relay.
+        envelope: Envelope,
+    },
+    /// Result of an `ack`.
+    Acked {
+        /// Messages found and forgotten.
+        removed: u64,
+    },
+    /// Result of `join`.
+    Joined {
+        /// Channel name.
+        channel: String,
+    },
+    /// Result of `leave`.
+    Left {
+        /// Channel name.
+        channel: String,
+    },
+    /// End of the deliveries triggered by a `fetch`.
+    Fetched {
+        /// Messages delivered for this fetch.
+        count: u32,
+        /// More pending messages exist beyond the limit or the in-flight window.
+        more: bool,
+    },
+    /// Result of `profile_publish`.
+    ProfileStored {
+        /// False when an equal-or-newer profile was already stored.
+        updated: bool,
+    },
+    /// Result of `profile_get`.
+    Profile {
+        /// Whose profile.
+        key: KeyHex,
+        /// Base64 of the signed profile JSON document.
+        data: Base64Bytes,
+        /// Signature by `key` over `"dchat-profile-v1:" || data`.
+        sig: SigHex,
+    },
+    /// Answer to `ping`.
+    Pong {
+        /// Echo of the ping's nonce.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+    },
+    /// A typed error; the connection stays open unless followed by a close.
+    Error {
+        /// Stable code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+        /// The envelope id or frame type the error refers to, when known.
+        #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+}
+
+impl ServerFrame {
+    /// Encodes to the JSON text of a WebSocket frame.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: no maps with non-string keys, no I/O.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"encode failed"}"#.to_string()
+        })
+    }
+}
+
+/// Builds a `deliver` frame around an already-serialized envelope without re-encoding it.
+pub fn encode_deliver(seq: Option<u64>, envelope_json: &str) -> String {
+    match seq {
+        Some(s) => format!(r#"{{"type":"deliver","seq":{s},"envelope":{envelope_json}}}"#),
+        None => format!(r#"{{"type":"deliver","envelope":{envelope_json}}}"#),
+    }
+}
+
+/// Why a client frame could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not JSON, or not matching the schema of its type.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// A well-formed object with a `type` this version does not know.
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
+}
+
+impl DecodeError {
+    /// The error code sent back to the client.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::Malformed(_) => ErrorCode::BadFrame,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+        }
+    }
+}
+
+/// Decodes one client text frame. Never panics, whatever the input.
+pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
+    match serde_json::from_str::<ClientFrame>(text) {
+        Ok(f) => Ok(f),
+        Err(err) => {
+            // Only on the error path: find out whether the type itself was the problem.
+            #[derive(Deserialize)]
+            struct TypeOnly {
+                #[serde(rename = "type")]
+                kind: String,
+            }
+            if let Ok(t) = serde_json::from_str::<TypeOnly>(text) {
+                if !CLIENT_FRAME_TYPES.contains(&t.kind.as_str()) {
+                    let mut name = t.kind;
+                    name.truncate(64);
+                    return Err(DecodeError::UnknownType(name));
+                }
+            }
+            let mut msg = err.to_string();
+            msg.truncate(256);
+            Err(DecodeError::Malformed(msg))
+        }
+    }
+}
+
+/// Domain-separation prefix of the authentication signature.
+pub const AUTH_CONTEXT: &[u8] = b"dchat-auth-v1:";
+/// Domain-separation prefix of the profile signature.
+pub const PROFILE_CONTEXT: &[u8] = b"dchat-profile-v1:";
+
+/// The bytes a client signs to answer a challenge.
+pub fn auth_message(nonce: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(AUTH_CONTEXT.len() + nonce.len());
+    m.extend_from_slice(AUTH_CONTEXT);
+    m.extend_from_slice(nonce);
+    m
+}
+
+/// The bytes a client signs to publish a profile.
+pub fn profile_message(data: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(PROFILE_CONTEXT.len() + data.len());
+    m.extend_from_slice(PROFILE_CONTEXT);
+    m.extend_from_slice(data);
+    m
+}
+
+/// The profile document inside `profile_publish.data`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileDoc {
+    /// Owner key; must equal the publishing session's key.
+    pub key: KeyHex,
+    /// Display name, 1..=64 characters.
+    pub name: String,
+    /// Avatar image by reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<MediaRef>,
+    /// Milliseconds since the epoch; a profile replaces a stored one only if newer.
+    pub updated_ms: i64,
+}
+
+/// Verifies an Ed25519 signature (strict: rejects malleable and small-order forms).
+pub fn verify_signature(key: &KeyHex, message: &[u8], sig: &SigHex) -> bool {
+    let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(&key.0) else {
+        return false;
+    };
+    let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
+    vk.verify_strict(message, &sig).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> KeyHex {
+        KeyHex([7u8; 32])
+    }
+
+    #[test]
+    fn decodes_send_with_base64_payload() {
+        let text = format!(
+            r#"{{"type":"send","envelope":{{"id":"m1","to":"{}","ts":5,"kind":"text","payload":"aGk="}}}}"#,
+            key()
+        );
+        let f = decode_client_frame(&text).unwrap();
+        let ClientFrame::Send { envelope } = f else {
+            panic!("not send")
+        };
+        assert_eq!(envelope.payload.0, b"hi");
+        assert_eq!(envelope.to, Some(key()));
+        envelope.validate().unwrap();
+    }
+
+    #[test]
+    fn classifies_unknown_type_and_malformed() {
+        assert_eq!(
+            decode_client_frame(r#"{"type":"teleport"}"#),
+            Err(DecodeError::UnknownType("teleport".into()))
+        );
+        assert!(matches!(
+            decode_client_frame("{not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_client_frame(r#"{"type":"join"}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_client_frame(r#"{"type":"ping","extra":1}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn envelope_rules() {
+        let mut e = Envelope {
+            id: "x".into(),
+            from: None,
+            to: Some(key()),
+            channel: Some("c".into()),
+            ts: 0,
+            kind: Kind::Text,
+            payload: Base64Bytes(vec![]),
+            media: None,
+        };
+        assert_eq!(e.validate(), Err(EnvelopeError::BadTarget));
+        e.to = None;
+        e.channel = Some("bad name!".into());
+        assert_eq!(e.validate(), Err(EnvelopeError::BadChannel));
+        e.channel = Some("general".into());
+        e.id = String::new();
+        assert_eq!(e.validate(), Err(EnvelopeError::BadId));
+    }
+
+    #[test]
+    fn deliver_encoding_round_trips() {
+        let env = Envelope {
+            id: "a\"b".into(),
+            from: Some(key()),
+            to: Some(key()),
+            channel: None,
+            ts: 1,
+            kind: Kind::Image,
+            payload: Base64Bytes(vec![1, 2, 3]),
+            media: Some(MediaRef {
+                url: "https://x/y".into(),
+                sha256: "a".repeat(64),
+                size: 10,
+                mime: "image/png".into(),
+            }),
+        };
+        let json = serde_json::to_string(&env).unwrap();
+        let frame: ServerFrame = serde_json::from_str(&encode_deliver(Some(9), &json)).unwrap();
+        assert_eq!(
+            frame,
+            ServerFrame::Deliver {
+                seq: Some(9),
+                envelope: env
+            }
+        );
+    }
+
+    #[test]
+    fn error_frame_uses_ref_field() {
+        let f = ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            reference: Some("m1".into()),
+        };
+        let json = f.to_json();
+        assert!(json.contains(r#""ref":"m1""#), "{json}");
+        assert!(json.contains(r#""code":"rate_limited""#), "{json}");
+    }
+}

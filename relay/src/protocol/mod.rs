@@ -1,0 +1,14 @@
+//! Wire protocol v1: frame types, their JSON codec, error codes and signature rules.
+//! `docs/protocol.md` is the normative description; this module implements it.
+
+pub mod error;
+pub mod frame;
+pub mod types;
+
+pub use error::ErrorCode;
+pub use frame::{
+    auth_message, decode_client_frame, encode_deliver, profile_message, verify_signature, AckRef,
+    ClientFrame, DecodeError, Envelope, EnvelopeError, Kind, Limits, MediaRef, ProfileDoc,
+    SendStatus, ServerFrame, PROTOCOL_VERSION,
+};
+pub use types::{Base64Bytes, KeyHex, SigHex};

@@ -1,0 +1,1030 @@
+//! One client connection: challenge/response authentication, then the session loop
+//! that handles requests, pushes live messages and drains stored ones.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use futures::SinkExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::limits::TokenBucket;
+use super::router::{is_new, Message, Offer, SessionHandle};
+use super::Shared;
+use crate::metrics::{KindLabel, ReasonLabel};
+use crate::protocol::frame::{valid_channel, MAX_ACK_BATCH, MAX_FETCH_LIMIT, MAX_PROFILE_BYTES};
+use crate::protocol::{
+    auth_message, decode_client_frame, encode_deliver, profile_message, verify_signature, AckRef,
+    Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex, Limits, ProfileDoc, SendStatus,
+    ServerFrame, SigHex, PROTOCOL_VERSION,
+};
+use crate::store::{PutOutcome, StoreError};
+
+/// Consecutive refused frames after which a flooding client is disconnected.
+const MAX_STRIKES: u32 = 64;
+/// Live pushes written per wake-up before flushing the socket.
+const PUSH_BATCH: usize = 64;
+/// Page size when reading stored messages.
+const PAGE: usize = 128;
+
+/// Current wall-clock time in ms since the epoch (storage timestamps).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed or the socket failed; no close frame to send.
+    Gone,
+    /// The relay closes with this code and reason.
+    Close(ErrorCode, String),
+}
+
+/// Where a delivery in flight came from (decides what an ack removes).
+enum Origin {
+    /// Pushed live: held only in memory; re-stored if the connection ends unacked.
+    Live(Arc<Message>),
+    /// Read from storage; an ack deletes it there.
+    Stored,
+}
+
+/// The stored form of a profile: the signed document exactly as published.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredProfile {
+    data: Base64Bytes,
+    sig: SigHex,
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    ws: WebSocket,
+    peer: SocketAddr,
+    bucket: TokenBucket,
+    strikes: u32,
+    idle_deadline: Instant,
+}
+
+/// Runs one upgraded WebSocket connection to completion.
+pub async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr) {
+    shared.metrics.connections.inc();
+    shared.metrics.connections_total.inc();
+    let bucket = TokenBucket::new(shared.cfg.rate_per_sec, shared.cfg.rate_burst);
+    let idle_deadline = Instant::now() + shared.cfg.idle_timeout;
+    let mut conn = Conn {
+        shared: shared.clone(),
+        ws,
+        peer,
+        bucket,
+        strikes: 0,
+        idle_deadline,
+    };
+    let end = match conn.authenticate().await {
+        Ok(key) => conn.session(key).await,
+        Err(end) => end,
+    };
+    conn.finish(end).await;
+    shared.metrics.connections.dec();
+}
+
+impl Conn {
+    fn m(&self) -> &crate::metrics::Metrics {
+        &self.shared.metrics
+    }
+
+    /// Writes one text frame, disconnecting a reader that does not take it in time.
+    async fn write(&mut self, text: String) -> Result<(), End> {
+        self.feed(text).await?;
+        self.flush().await
+    }
+
+    async fn feed(&mut self, text: String) -> Result<(), End> {
+        self.shared.metrics.bytes_out.inc_by(text.len() as u64);
+        match timeout(
+            self.shared.cfg.write_timeout,
+            self.ws.feed(WsMessage::Text(text.into())),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Close(
+                ErrorCode::SlowConsumer,
+                "client is not reading; disconnected".into(),
+            )),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        match timeout(self.shared.cfg.write_timeout, self.ws.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Close(
+                ErrorCode::SlowConsumer,
+                "client is not reading; disconnected".into(),
+            )),
+        }
+    }
+
+    async fn send_frame(&mut self, f: ServerFrame) -> Result<(), End> {
+        self.write(f.to_json()).await
+    }
+
+    async fn error(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+        reference: Option<String>,
+    ) -> Result<(), End> {
+        self.m().reject(code);
+        self.send_frame(ServerFrame::Error {
+            code,
+            message: message.into(),
+            reference,
+        })
+        .await
+    }
+
+    /// Maps a transport error from the socket to the way the connection ends.
+    fn classify(&self, err: axum::Error) -> End {
+        let inner = err.into_inner();
+        match inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            Some(tokio_tungstenite::tungstenite::Error::Capacity(c)) => {
+                End::Close(ErrorCode::FrameTooLarge, format!("frame too large: {c}"))
+            }
+            Some(tokio_tungstenite::tungstenite::Error::Utf8(_)) => End::Close(
+                ErrorCode::InvalidUtf8,
+                "text frame is not valid UTF-8".into(),
+            ),
+            Some(tokio_tungstenite::tungstenite::Error::Protocol(p)) => {
+                debug!(peer = %self.peer, error = %p, "websocket protocol error");
+                End::Close(ErrorCode::BadFrame, "websocket protocol violation".into())
+            }
+            _ => End::Gone,
+        }
+    }
+
+    /// Applies the rate limit; Err ends the connection after too many refusals.
+    async fn admit(&mut self, frame_type: Option<&str>) -> Result<bool, End> {
+        if self.bucket.take() {
+            self.strikes = 0;
+            return Ok(true);
+        }
+        self.strikes += 1;
+        if self.strikes >= MAX_STRIKES {
+            return Err(End::Close(
+                ErrorCode::RateLimited,
+                "request flood; disconnected".into(),
+            ));
+        }
+        self.error(
+            ErrorCode::RateLimited,
+            "rate limit exceeded; slow down",
+            frame_type.map(str::to_string),
+        )
+        .await?;
+        Ok(false)
+    }
+
+    /// Challenge/response. Returns the proven key.
+    async fn authenticate(&mut self) -> Result<KeyHex, End> {
+        let mut nonce = [0u8; 32];
+        if getrandom::fill(&mut nonce).is_err() {
+            return Err(End::Close(ErrorCode::Internal, "no randomness".into()));
+        }
+        let ttl = self.shared.cfg.auth_timeout;
+        self.send_frame(ServerFrame::Challenge {
+            v: PROTOCOL_VERSION,
+            nonce: Base64Bytes(nonce.to_vec()),
+            expires_in_ms: ttl.as_millis() as u64,
+        })
+        .await?;
+        let deadline = Instant::now() + ttl;
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    return Err(End::Close(ErrorCode::Draining, DRAIN_REASON.into()));
+                }
+                _ = sleep_until(deadline) => {
+                    self.m().auth_failures.get_or_create(&ReasonLabel { reason: "timeout" }).inc();
+                    return Err(End::Close(ErrorCode::ChallengeExpired, "challenge expired before auth".into()));
+                }
+                m = self.ws.recv() => m,
+            };
+            let text = match msg {
+                None => return Err(End::Gone),
+                Some(Err(e)) => return Err(self.classify(e)),
+                Some(Ok(WsMessage::Text(t))) => t,
+                Some(Ok(WsMessage::Binary(_))) => {
+                    self.m().bytes_in.inc();
+                    if self.admit(None).await? {
+                        self.error(ErrorCode::BinaryFrame, "protocol v1 uses text frames", None)
+                            .await?;
+                    }
+                    continue;
+                }
+                Some(Ok(WsMessage::Close(_))) => return Err(End::Gone),
+                Some(Ok(_)) => continue,
+            };
+            self.m().bytes_in.inc_by(text.len() as u64);
+            let frame = match decode_client_frame(text.as_str()) {
+                Ok(f) => f,
+                Err(e) => {
+                    if self.admit(None).await? {
+                        self.error(e.code(), e.to_string(), None).await?;
+                    }
+                    continue;
+                }
+            };
+            if !self.admit(Some(frame.type_name())).await? {
+                continue;
+            }
+            match frame {
+                ClientFrame::Auth { key, sig } => {
+                    if verify_signature(&key, &auth_message(&nonce), &sig) {
+                        return Ok(key);
+                    }
+                    self.m()
+                        .auth_failures
+                        .get_or_create(&ReasonLabel {
+                            reason: "bad_signature",
+                        })
+                        .inc();
+                    self.error(
+                        ErrorCode::AuthFailed,
+                        "signature does not verify for this key and challenge",
+                        Some("auth".into()),
+                    )
+                    .await?;
+                    // The challenge is single-use: a failed attempt ends the connection.
+                    return Err(End::Close(
+                        ErrorCode::AuthFailed,
+                        "authentication failed".into(),
+                    ));
+                }
+                ClientFrame::Ping { nonce } => self.send_frame(ServerFrame::Pong { nonce }).await?,
+                other => {
+                    self.error(
+                        ErrorCode::NotAuthenticated,
+                        "authenticate first (answer the challenge with an auth frame)",
+                        Some(other.type_name().into()),
+                    )
+                    .await?
+                }
+            }
+        }
+    }
+
+    /// Sends the close frame (if any), and counts.
+    async fn finish(&mut self, end: End) {
+        if let End::Close(code, reason) = end {
+            self.m().close(code);
+            let mut reason = reason;
+            // Close reasons are limited to 123 bytes by RFC 6455.
+            while reason.len() > 120 {
+                reason.pop();
+            }
+            let frame = CloseFrame {
+                code: code.close_code(),
+                reason: Utf8Bytes::from(reason),
+            };
+            let _ = timeout(
+                Duration::from_secs(1),
+                self.ws.send(WsMessage::Close(Some(frame))),
+            )
+            .await;
+            // Complete the closing handshake: read (and discard) what the client still
+            // sends until its close reply. Dropping the socket with unread input would
+            // make the kernel send a reset, and the client would never see our reason.
+            let _ = timeout(Duration::from_secs(1), async {
+                while let Some(Ok(m)) = self.ws.recv().await {
+                    if matches!(m, WsMessage::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    /// The authenticated session loop.
+    async fn session(&mut self, key: KeyHex) -> End {
+        let shared = self.shared.clone();
+        let (tx, rx) = mpsc::channel(shared.cfg.outbound_queue);
+        let handle = Arc::new(SessionHandle {
+            id: shared.next_session.fetch_add(1, Ordering::Relaxed),
+            tx,
+            wake: Notify::new(),
+            live: false.into(),
+            kicked: CancellationToken::new(),
+        });
+        if let Some(old) = shared.sessions.insert(key, handle.clone()) {
+            old.kicked.cancel();
+        }
+        shared.metrics.sessions.inc();
+        debug!(peer = %self.peer, key = %key, "session started");
+        let mut s = Session {
+            key,
+            handle: handle.clone(),
+            rx,
+            inflight: HashMap::new(),
+        };
+        let end = s.run(self).await;
+        shared.sessions.remove(&key, handle.id);
+        shared.metrics.sessions.dec();
+        s.rehome(self).await;
+        end
+    }
+}
+
+/// Close reason sent to every client on drain: it tells them to reconnect.
+pub const DRAIN_REASON: &str = "relay draining: reconnect to the service";
+
+struct Session {
+    key: KeyHex,
+    handle: Arc<SessionHandle>,
+    rx: mpsc::Receiver<Arc<Message>>,
+    inflight: HashMap<(KeyHex, String), Origin>,
+}
+
+impl Session {
+    async fn run(&mut self, c: &mut Conn) -> End {
+        let welcome = ServerFrame::Welcome {
+            key: self.key,
+            session: format!("{}-{}", c.shared.instance_id, self.handle.id),
+            limits: Limits {
+                max_frame_bytes: c.shared.cfg.max_message_bytes,
+                rate_per_sec: c.shared.cfg.rate_per_sec,
+                burst: c.shared.cfg.rate_burst,
+                max_inflight: c.shared.cfg.max_inflight,
+                idle_timeout_secs: c.shared.cfg.idle_timeout.as_secs(),
+            },
+        };
+        // Welcome is only buffered here; the pump flushes it together with the stored
+        // backlog. So when the client sees `welcome` with nothing pending, this session
+        // is already live and a message sent right after is pushed, not stored.
+        if let Err(e) = c.feed(welcome.to_json()).await {
+            return e;
+        }
+        if let Err(e) = self.pump(c, None).await {
+            return e;
+        }
+        let shutdown = c.shared.shutdown.clone();
+        let kicked = self.handle.kicked.clone();
+        let handle = self.handle.clone();
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Err(End::Close(ErrorCode::Draining, DRAIN_REASON.into())),
+                _ = kicked.cancelled() => Err(End::Close(ErrorCode::Replaced, "another connection authenticated with this key".into())),
+                _ = sleep_until(c.idle_deadline) => Err(End::Close(ErrorCode::IdleTimeout, "idle timeout".into())),
+                m = c.ws.recv() => {
+                    c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
+                    match m {
+                        None => Err(End::Gone),
+                        Some(Err(e)) => Err(c.classify(e)),
+                        Some(Ok(msg)) => self.inbound(c, msg).await,
+                    }
+                }
+                Some(first) = self.rx.recv() => self.push_batch(c, first).await,
+                _ = handle.wake.notified() => self.pump(c, None).await.map(|_| ()),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Writes a batch of live pushes, then flushes once.
+    async fn push_batch(&mut self, c: &mut Conn, first: Arc<Message>) -> Result<(), End> {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(msg) = next.take() {
+            c.shared.metrics.outbound_queue_depth.dec();
+            if self.inflight.len() >= c.shared.cfg.max_inflight
+                || self.inflight.contains_key(&(msg.sender, msg.id.clone()))
+            {
+                // Too many unacknowledged: keep it in storage instead of memory.
+                self.handle.live.store(false, Ordering::Release);
+                self.store_for_later(c, &msg).await?;
+            } else {
+                c.feed(encode_deliver(None, &msg.envelope)).await?;
+                c.shared
+                    .metrics
+                    .delivery_latency
+                    .observe(msg.received.elapsed().as_secs_f64());
+                c.shared
+                    .metrics
+                    .delivered
+                    .get_or_create(&KindLabel {
+                        kind: msg.kind.as_str(),
+                    })
+                    .inc();
+                c.shared.metrics.inflight.inc();
+                self.inflight
+                    .insert((msg.sender, msg.id.clone()), Origin::Live(msg));
+            }
+            n += 1;
+            if n < PUSH_BATCH {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        c.flush().await
+    }
+
+    async fn store_for_later(&mut self, c: &mut Conn, msg: &Arc<Message>) -> Result<(), End> {
+        let expires = now_ms().saturating_add(c.shared.cfg.message_ttl.as_millis() as i64);
+        match c.shared.put(msg.to_stored(self.key, expires)).await {
+            Ok(o) => {
+                if is_new(&o) {
+                    c.shared
+                        .metrics
+                        .stored
+                        .get_or_create(&KindLabel {
+                            kind: msg.kind.as_str(),
+                        })
+                        .inc();
+                }
+                self.handle.wake.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "could not store a message for a lagging reader");
+                Err(End::Close(
+                    ErrorCode::StorageUnavailable,
+                    "storage unavailable".into(),
+                ))
+            }
+        }
+    }
+
+    /// Delivers stored messages not already in flight, oldest first, up to the in-flight
+    /// window (and `limit`). Returns (delivered, more pending).
+    async fn pump(&mut self, c: &mut Conn, limit: Option<u32>) -> Result<(u32, bool), End> {
+        let max = c.shared.cfg.max_inflight;
+        let mut after = 0u64;
+        let mut count = 0u32;
+        let mut more = false;
+        'pages: loop {
+            let page = match c.shared.pending(&self.key, after, PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "reading pending messages failed");
+                    return Err(End::Close(
+                        ErrorCode::StorageUnavailable,
+                        "storage unavailable".into(),
+                    ));
+                }
+            };
+            let full = page.len() == PAGE;
+            for p in page {
+                after = p.seq;
+                let k = (KeyHex(p.message.sender), p.message.id.clone());
+                if self.inflight.contains_key(&k) {
+                    continue;
+                }
+                if self.inflight.len() >= max || limit.is_some_and(|l| count >= l) {
+                    more = true;
+                    break 'pages;
+                }
+                let Ok(env) = std::str::from_utf8(&p.message.envelope) else {
+                    warn!(seq = p.seq, "stored envelope is not UTF-8; skipping");
+                    continue;
+                };
+                c.feed(encode_deliver(Some(p.seq), env)).await?;
+                let age_ms = now_ms().saturating_sub(p.message.timestamp_ms).max(0);
+                c.shared
+                    .metrics
+                    .delivery_latency
+                    .observe(age_ms as f64 / 1000.0);
+                let kind = crate::protocol::Kind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == p.message.kind)
+                    .map(|k| k.as_str())
+                    .unwrap_or("text");
+                c.shared
+                    .metrics
+                    .delivered
+                    .get_or_create(&KindLabel { kind })
+                    .inc();
+                c.shared.metrics.inflight.inc();
+                self.inflight.insert(k, Origin::Stored);
+                count += 1;
+            }
+            if !full {
+                break;
+            }
+        }
+        c.flush().await?;
+        if !more && limit.is_none() {
+            self.handle.live.store(true, Ordering::Release);
+        }
+        Ok((count, more))
+    }
+
+    async fn inbound(&mut self, c: &mut Conn, msg: WsMessage) -> Result<(), End> {
+        let text = match msg {
+            WsMessage::Text(t) => t,
+            WsMessage::Binary(b) => {
+                c.m().bytes_in.inc_by(b.len() as u64);
+                if c.admit(None).await? {
+                    c.error(ErrorCode::BinaryFrame, "protocol v1 uses text frames", None)
+                        .await?;
+                }
+                return Ok(());
+            }
+            WsMessage::Close(_) => return Err(End::Gone),
+            _ => return Ok(()),
+        };
+        c.m().bytes_in.inc_by(text.len() as u64);
+        let frame = match decode_client_frame(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                if c.admit(None).await? {
+                    c.error(e.code(), e.to_string(), None).await?;
+                }
+                return Ok(());
+            }
+        };
+        if !c.admit(Some(frame.type_name())).await? {
+            return Ok(());
+        }
+        match frame {
+            ClientFrame::Auth { .. } => {
+                c.error(
+                    ErrorCode::AlreadyAuthenticated,
+                    "already authenticated",
+                    Some("auth".into()),
+                )
+                .await
+            }
+            ClientFrame::Ping { nonce } => c.send_frame(ServerFrame::Pong { nonce }).await,
+            ClientFrame::Send { envelope } => self.send(c, envelope).await,
+            ClientFrame::Join { channel } => self.membership(c, channel, true).await,
+            ClientFrame::Leave { channel } => self.membership(c, channel, false).await,
+            ClientFrame::Ack { messages } => self.ack(c, messages).await,
+            ClientFrame::Fetch { limit } => {
+                let limit = limit.unwrap_or(100).clamp(1, MAX_FETCH_LIMIT);
+                let (count, more) = self.pump(c, Some(limit)).await?;
+                c.send_frame(ServerFrame::Fetched { count, more }).await
+            }
+            ClientFrame::ProfilePublish { data, sig } => self.publish_profile(c, data, sig).await,
+            ClientFrame::ProfileGet { key } => self.get_profile(c, key).await,
+        }
+    }
+
+    async fn send(&mut self, c: &mut Conn, mut env: Envelope) -> Result<(), End> {
+        let id = env.id.clone();
+        if let Err(e) = env.validate() {
+            return c
+                .error(ErrorCode::InvalidEnvelope, e.to_string(), Some(id))
+                .await;
+        }
+        match env.from {
+            Some(f) if f != self.key => {
+                return c
+                    .error(
+                        ErrorCode::SenderMismatch,
+                        "envelope.from must be the authenticated key",
+                        Some(id),
+                    )
+                    .await
+            }
+            _ => env.from = Some(self.key),
+        }
+        let kind = env.kind;
+        c.shared
+            .metrics
+            .routed
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
+        if !c.shared.recent.insert(self.key, &id) {
+            c.shared.metrics.duplicates.inc();
+            return c
+                .send_frame(ServerFrame::Sent {
+                    id,
+                    status: SendStatus::Duplicate,
+                    seq: None,
+                    delivered: None,
+                    stored: None,
+                })
+                .await;
+        }
+        let envelope_json = match serde_json::to_string(&env) {
+            Ok(j) => j,
+            Err(e) => {
+                c.shared.recent.remove(self.key, &id);
+                return c.error(ErrorCode::Internal, e.to_string(), Some(id)).await;
+            }
+        };
+        let msg = Arc::new(Message {
+            sender: self.key,
+            id: id.clone(),
+            channel: env.channel.clone(),
+            ts: env.ts,
+            kind,
+            envelope: envelope_json.into(),
+            received: std::time::Instant::now(),
+        });
+        let result = match (env.to, env.channel.as_deref()) {
+            (Some(to), _) => c.shared.route_direct(&msg, to).await,
+            (None, Some(ch)) => c.shared.route_channel(&msg, ch).await,
+            (None, None) => Err(RouteError::NotMember),
+        };
+        match result {
+            Ok(frame) => {
+                if matches!(
+                    frame,
+                    ServerFrame::Sent {
+                        status: SendStatus::Duplicate,
+                        ..
+                    }
+                ) {
+                    c.shared.metrics.duplicates.inc();
+                }
+                c.send_frame(frame).await
+            }
+            Err(RouteError::NotMember) => {
+                c.shared.recent.remove(self.key, &id);
+                c.error(
+                    ErrorCode::NotMember,
+                    "join the channel before sending to it",
+                    Some(id),
+                )
+                .await
+            }
+            Err(RouteError::Store(e)) => {
+                c.shared.recent.remove(self.key, &id);
+                warn!(error = %e, "storing a message failed");
+                c.error(
+                    ErrorCode::StorageUnavailable,
+                    "message not stored; retry with the same id",
+                    Some(id),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn membership(&mut self, c: &mut Conn, channel: String, join: bool) -> Result<(), End> {
+        if !valid_channel(&channel) {
+            return c
+                .error(
+                    ErrorCode::InvalidEnvelope,
+                    "channel must match [A-Za-z0-9._-]{1,64}",
+                    Some(channel),
+                )
+                .await;
+        }
+        let r = if join {
+            c.shared
+                .timed(
+                    "join_channel",
+                    c.shared.store.join_channel(&channel, &self.key.0),
+                )
+                .await
+        } else {
+            c.shared
+                .timed(
+                    "leave_channel",
+                    c.shared.store.leave_channel(&channel, &self.key.0),
+                )
+                .await
+        };
+        match r {
+            Ok(()) if join => c.send_frame(ServerFrame::Joined { channel }).await,
+            Ok(()) => c.send_frame(ServerFrame::Left { channel }).await,
+            Err(e) => {
+                warn!(error = %e, "channel membership update failed");
+                c.error(
+                    ErrorCode::StorageUnavailable,
+                    "storage unavailable",
+                    Some(channel),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn ack(&mut self, c: &mut Conn, refs: Vec<AckRef>) -> Result<(), End> {
+        if refs.len() > MAX_ACK_BATCH {
+            return c
+                .error(
+                    ErrorCode::BadFrame,
+                    format!("at most {MAX_ACK_BATCH} messages per ack"),
+                    Some("ack".into()),
+                )
+                .await;
+        }
+        let mut live = 0u64;
+        let mut keys = Vec::with_capacity(refs.len());
+        for r in refs {
+            match self.inflight.remove(&(r.from, r.id.clone())) {
+                Some(Origin::Live(_)) => {
+                    c.shared.metrics.inflight.dec();
+                    live += 1;
+                }
+                Some(Origin::Stored) => {
+                    c.shared.metrics.inflight.dec();
+                    keys.push((r.from.0, r.id));
+                }
+                // Delivered on an earlier connection: it can only be in storage.
+                None => keys.push((r.from.0, r.id)),
+            }
+        }
+        let mut removed = live;
+        if !keys.is_empty() {
+            match c
+                .shared
+                .timed("ack", c.shared.store.ack(&self.key.0, &keys))
+                .await
+            {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    warn!(error = %e, "ack failed");
+                    return c
+                        .error(
+                            ErrorCode::StorageUnavailable,
+                            "ack not recorded; retry",
+                            Some("ack".into()),
+                        )
+                        .await;
+                }
+            }
+        }
+        c.shared.metrics.acked.inc_by(removed);
+        c.send_frame(ServerFrame::Acked { removed }).await?;
+        if !self.handle.live.load(Ordering::Acquire)
+            && self.inflight.len() <= c.shared.cfg.max_inflight / 2
+        {
+            self.pump(c, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_profile(
+        &mut self,
+        c: &mut Conn,
+        data: Base64Bytes,
+        sig: SigHex,
+    ) -> Result<(), End> {
+        let r = Some("profile_publish".to_string());
+        if data.0.len() > MAX_PROFILE_BYTES {
+            return c
+                .error(
+                    ErrorCode::InvalidProfile,
+                    format!("profile document larger than {MAX_PROFILE_BYTES} bytes"),
+                    r,
+                )
+                .await;
+        }
+        if !verify_signature(&self.key, &profile_message(&data.0), &sig) {
+            return c
+                .error(
+                    ErrorCode::InvalidProfile,
+                    "profile signature does not verify for the session key",
+                    r,
+                )
+                .await;
+        }
+        let doc: ProfileDoc = match serde_json::from_slice(&data.0) {
+            Ok(d) => d,
+            Err(e) => {
+                return c
+                    .error(
+                        ErrorCode::InvalidProfile,
+                        format!("profile document: {e}"),
+                        r,
+                    )
+                    .await
+            }
+        };
+        let name_len = doc.name.chars().count();
+        if doc.key != self.key || name_len == 0 || name_len > 64 {
+            return c
+                .error(
+                    ErrorCode::InvalidProfile,
+                    "profile key must be the session key and name 1..=64 characters",
+                    r,
+                )
+                .await;
+        }
+        let blob = match serde_json::to_vec(&StoredProfile { data, sig }) {
+            Ok(b) => b,
+            Err(e) => return c.error(ErrorCode::Internal, e.to_string(), r).await,
+        };
+        match c
+            .shared
+            .timed(
+                "put_profile",
+                c.shared
+                    .store
+                    .put_profile(&self.key.0, blob, doc.updated_ms),
+            )
+            .await
+        {
+            Ok(updated) => c.send_frame(ServerFrame::ProfileStored { updated }).await,
+            Err(e) => {
+                warn!(error = %e, "storing profile failed");
+                c.error(ErrorCode::StorageUnavailable, "storage unavailable", r)
+                    .await
+            }
+        }
+    }
+
+    async fn get_profile(&mut self, c: &mut Conn, key: KeyHex) -> Result<(), End> {
+        let r = Some(key.to_hex());
+        match c
+            .shared
+            .timed("get_profile", c.shared.store.get_profile(&key.0))
+            .await
+        {
+            Ok(Some(blob)) => match serde_json::from_slice::<StoredProfile>(&blob) {
+                Ok(p) => {
+                    c.send_frame(ServerFrame::Profile {
+                        key,
+                        data: p.data,
+                        sig: p.sig,
+                    })
+                    .await
+                }
+                Err(e) => c.error(ErrorCode::Internal, e.to_string(), r).await,
+            },
+            Ok(None) => {
+                c.error(ErrorCode::NotFound, "no profile for this key", r)
+                    .await
+            }
+            Err(e) => {
+                warn!(error = %e, "reading profile failed");
+                c.error(ErrorCode::StorageUnavailable, "storage unavailable", r)
+                    .await
+            }
+        }
+    }
+
+    /// On disconnect: live messages that were pushed but not acknowledged (or still
+    /// queued) go to storage, so the recipient gets them on its next connection.
+    async fn rehome(&mut self, c: &mut Conn) {
+        let expires = now_ms().saturating_add(c.shared.cfg.message_ttl.as_millis() as i64);
+        let mut msgs = Vec::new();
+        for (_, origin) in self.inflight.drain() {
+            c.shared.metrics.inflight.dec();
+            if let Origin::Live(m) = origin {
+                msgs.push(m.to_stored(self.key, expires));
+            }
+        }
+        self.rx.close();
+        while let Ok(m) = self.rx.try_recv() {
+            c.shared.metrics.outbound_queue_depth.dec();
+            msgs.push(m.to_stored(self.key, expires));
+        }
+        if msgs.is_empty() {
+            return;
+        }
+        let n = msgs.len();
+        match c.shared.put_many(msgs).await {
+            Ok(outcomes) => {
+                info!(
+                    count = n,
+                    "stored unacknowledged live messages of a closed session"
+                );
+                if outcomes.iter().any(is_new) {
+                    c.shared.cluster.wake(self.key);
+                }
+            }
+            Err(e) => warn!(error = %e, count = n, "could not store unacknowledged live messages"),
+        }
+    }
+}
+
+/// Why routing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// Channel send by a non-member.
+    #[error("sender is not a member of the channel")]
+    NotMember,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Shared {
+    /// Routes a message to one key: live push if the recipient is connected here and
+    /// keeping up, otherwise durable storage (and a wake-up for it wherever it is).
+    pub async fn route_direct(
+        &self,
+        msg: &Arc<Message>,
+        to: KeyHex,
+    ) -> Result<ServerFrame, RouteError> {
+        if let Offer::Pushed = self.sessions.offer(&to, msg) {
+            self.metrics.outbound_queue_depth.inc();
+            return Ok(ServerFrame::Sent {
+                id: msg.id.clone(),
+                status: SendStatus::Delivered,
+                seq: None,
+                delivered: None,
+                stored: None,
+            });
+        }
+        let expires = now_ms().saturating_add(self.cfg.message_ttl.as_millis() as i64);
+        let outcome = self.put(msg.to_stored(to, expires)).await?;
+        let (status, seq) = match outcome {
+            PutOutcome::Stored { seq } => {
+                self.metrics
+                    .stored
+                    .get_or_create(&KindLabel {
+                        kind: msg.kind.as_str(),
+                    })
+                    .inc();
+                self.wake_local(&to);
+                self.cluster.wake(to);
+                (SendStatus::Stored, Some(seq))
+            }
+            PutOutcome::Duplicate => (SendStatus::Duplicate, None),
+        };
+        Ok(ServerFrame::Sent {
+            id: msg.id.clone(),
+            status,
+            seq,
+            delivered: None,
+            stored: None,
+        })
+    }
+
+    /// Fans a channel message out to every member except the sender.
+    pub async fn route_channel(
+        &self,
+        msg: &Arc<Message>,
+        channel: &str,
+    ) -> Result<ServerFrame, RouteError> {
+        let members = self
+            .timed("channel_members", self.store.channel_members(channel))
+            .await?;
+        if !members.contains(&msg.sender.0) {
+            return Err(RouteError::NotMember);
+        }
+        let expires = now_ms().saturating_add(self.cfg.message_ttl.as_millis() as i64);
+        let mut delivered = 0u32;
+        let mut to_store = Vec::new();
+        let mut store_keys = Vec::new();
+        for m in members {
+            let k = KeyHex(m);
+            if k == msg.sender {
+                continue;
+            }
+            match self.sessions.offer(&k, msg) {
+                Offer::Pushed => {
+                    self.metrics.outbound_queue_depth.inc();
+                    delivered += 1;
+                }
+                Offer::Store => {
+                    to_store.push(msg.to_stored(k, expires));
+                    store_keys.push(k);
+                }
+            }
+        }
+        let mut stored = 0u32;
+        if !to_store.is_empty() {
+            let outcomes = self.put_many(to_store).await?;
+            for (o, k) in outcomes.iter().zip(store_keys) {
+                if is_new(o) {
+                    stored += 1;
+                    self.wake_local(&k);
+                    self.cluster.wake(k);
+                }
+            }
+            self.metrics
+                .stored
+                .get_or_create(&KindLabel {
+                    kind: msg.kind.as_str(),
+                })
+                .inc_by(u64::from(stored));
+        }
+        Ok(ServerFrame::Sent {
+            id: msg.id.clone(),
+            status: SendStatus::Fanout,
+            seq: None,
+            delivered: Some(delivered),
+            stored: Some(stored),
+        })
+    }
+
+    /// Tells a local session (if any) that stored messages are waiting.
+    pub fn wake_local(&self, key: &KeyHex) {
+        if let Some(h) = self.sessions.get(key) {
+            h.wake.notify_one();
+        }
+    }
+}

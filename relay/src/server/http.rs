@@ -1,0 +1,112 @@
+//! HTTP surface: the client port (`/v1/ws`, `/v1/peer`, `/health`, `/ready`) and the
+//! metrics port (`/metrics` and the admin API).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use super::{admin, connection, Shared};
+use crate::metrics::CodeLabel;
+
+/// tungstenite's default read buffer is 128 KiB per connection; idle chat connections
+/// need far less, and larger frames still assemble in their own buffer.
+const READ_BUFFER: usize = 4096;
+/// Small write buffer target: frames are flushed explicitly after each batch.
+const WRITE_BUFFER: usize = 8192;
+
+/// Routes of the client port.
+pub fn client_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/ws", get(ws_upgrade))
+        .route("/v1/peer", get(crate::cluster::peer_upgrade))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .with_state(shared)
+}
+
+/// Routes of the metrics port.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/admin/stats", get(admin::stats))
+        .route("/admin/snapshot", get(admin::snapshot))
+        .route("/admin/restore", post(admin::restore))
+        .with_state(shared)
+}
+
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    if !shared.accepting() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(2), shared.store.check()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage unavailable: {}\n", e.metric_label()),
+        )
+            .into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage check timed out\n").into_response(),
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Frame size limits for a WebSocket upgrade, from the configuration.
+pub fn configure_ws(ws: WebSocketUpgrade, max_frame: usize) -> WebSocketUpgrade {
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max_frame.saturating_mul(4).max(1 << 20))
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
+}
+
+async fn ws_upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !shared.accepting() {
+        shared
+            .metrics
+            .closed
+            .get_or_create(&CodeLabel { code: "draining" })
+            .inc();
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining; reconnect\n").into_response();
+    }
+    let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .closed
+            .get_or_create(&CodeLabel {
+                code: "too_many_connections",
+            })
+            .inc();
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    };
+    let token = shared.tracker.token();
+    configure_ws(ws, shared.cfg.max_message_bytes).on_upgrade(move |socket| async move {
+        let _permit = permit;
+        let _token = token;
+        connection::run(shared, socket, peer).await;
+    })
+}
