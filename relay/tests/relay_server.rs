@@ -656,3 +656,14 @@ async fn in_process_drain_closes_clients_with_reconnect_reason() {
     let again = b.next_delivery().await.unwrap();
     assert_eq!(again.envelope.id, d.envelope.id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_sent_right_after_recipient_connects_is_pushed_live() {
+    let r = start(|_| {}).await;
+    for _ in 0..20 {
+        let mut a = r.client().await;
+        let b = r.client().await;
+        let s = a.send_text(b.key(), "x").await.unwrap();
+        assert_eq!(s.status, SendStatus::Delivered);
+    }
+}

@@ -525,10 +525,12 @@ impl Session {
                 break;
             }
         }
-        c.flush().await?;
+        // Go live before flushing: once the client has read these frames (or the
+        // welcome buffered ahead of them), new messages must be pushed, not stored.
         if !more && limit.is_none() {
             self.handle.live.store(true, Ordering::Release);
         }
+        c.flush().await?;
         Ok((count, more))
     }
 
