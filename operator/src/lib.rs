@@ -11,8 +11,13 @@
 
 pub mod api;
 pub mod build;
+pub mod controller;
 pub mod labels;
+pub mod leader;
+pub mod metrics;
 pub mod quantity;
+pub mod rbac;
+pub mod render;
 
 #[cfg(test)]
 mod testing;

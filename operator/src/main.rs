@@ -1,1 +1,278 @@
-fn main() {}
+//! `dchat-operator`: run the operator, or use its offline commands.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use clap::{Parser, Subcommand, ValueEnum};
+use dchat_operator::api::DchatCluster;
+use dchat_operator::controller;
+use dchat_operator::leader::LeaderElector;
+use dchat_operator::metrics::Metrics;
+use dchat_operator::render::{render_file, RenderOptions};
+use kube::CustomResourceExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+/// Kubernetes operator for dchat relay clusters.
+#[derive(Parser, Debug)]
+#[command(name = "dchat-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the DchatCluster CustomResourceDefinition as YAML.
+    Crd,
+    /// Print the RBAC rules the operator needs, as YAML PolicyRules.
+    Rbac,
+    /// Print every object the operator would create for the DchatClusters in a file,
+    /// without contacting a cluster.
+    Render {
+        /// YAML file with one or more DchatClusters (other kinds are skipped).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Namespace for clusters that do not name one.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Leave out ServiceMonitor and PrometheusRule, as on a cluster without the
+        /// Prometheus Operator.
+        #[arg(long)]
+        no_monitoring: bool,
+    },
+    /// Run the operator against the cluster in KUBECONFIG or the in-cluster config.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Namespace to watch; empty watches all namespaces.
+    #[arg(long, env = "DCHAT_WATCH_NAMESPACE", default_value = "")]
+    namespace: String,
+    /// Address of the /metrics, /healthz and /readyz server.
+    #[arg(long, env = "DCHAT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "DCHAT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "DCHAT_LEASE_NAME",
+        default_value = "dchat-operator-leader"
+    )]
+    lease_name: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Disable leader election (one replica only, e.g. local development).
+    #[arg(long, env = "DCHAT_DISABLE_LEADER_ELECTION")]
+    disable_leader_election: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => print_yaml(&DchatCluster::crd()),
+        Command::Rbac => print_yaml(&dchat_operator::rbac::policy_rules()),
+        Command::Render {
+            file,
+            namespace,
+            no_monitoring,
+        } => {
+            let options = RenderOptions {
+                namespace,
+                monitoring_available: !no_monitoring,
+            };
+            match render_file(&file, &options) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Run(args) => {
+            init_tracing(args.log_format);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn print_yaml<T: serde::Serialize>(value: &T) -> ExitCode {
+    match serde_norway::to_string(value) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve_http(addr: SocketAddr, state: HttpState) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<HttpState>| async move {
+                match s.metrics.encode() {
+                    Ok(text) => (StatusCode::OK, text),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                if s.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics server to {addr}"))?;
+    info!(%addr, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, app).await.context("metrics server")
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("loading Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = tokio::spawn(serve_http(
+        args.metrics_addr,
+        HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+    ));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let signal_stop = stop_tx.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
+        }
+        let _ = signal_stop.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("dchat-operator-{}", std::process::id()));
+    let elector = (!args.disable_leader_election).then(|| {
+        Arc::new(LeaderElector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(15),
+        ))
+    });
+    // A standby replica is healthy and ready: it serves metrics and waits for the lease.
+    ready.store(true, Ordering::Relaxed);
+    if let Some(elector) = &elector {
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = stopped(stop_rx.clone()) => return Ok(()),
+        }
+    }
+
+    let namespace = (!args.namespace.is_empty()).then(|| args.namespace.clone());
+    info!(
+        namespace = namespace.as_deref().unwrap_or("<all>"),
+        "starting controller"
+    );
+    let lost_lease = Arc::new(AtomicBool::new(false));
+    if let Some(keeper) = elector.clone() {
+        let lost = lost_lease.clone();
+        let stop = stop_tx.clone();
+        let rx = stop_rx.clone();
+        // Renewal runs beside the controller; losing the lease stops the controller.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = keeper.keep() => {
+                    lost.store(true, Ordering::Relaxed);
+                    let _ = stop.send(true);
+                }
+                _ = stopped(rx) => {}
+            }
+        });
+    }
+    let shutdown = stopped(stop_rx.clone());
+    controller::run(client, namespace, metrics, Some(identity), shutdown).await;
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    http.abort();
+    if lost_lease.load(Ordering::Relaxed) {
+        anyhow::bail!("lost the leader lease; exiting so a fresh replica can campaign");
+    }
+    Ok(())
+}

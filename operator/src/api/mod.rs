@@ -5,8 +5,10 @@
 //! the schema (ranges, patterns, enums, CEL rules); what it cannot (quantity ordering,
 //! duration sizes) lives in [`validate`] and surfaces as a `Degraded` condition.
 
+mod admission;
 mod validate;
 
+pub use admission::{admit, AdmissionError};
 pub use validate::{validate, FieldError, ValidationErrors};
 
 use std::collections::BTreeMap;
@@ -32,6 +34,8 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
 /// One DchatCluster becomes a relay StatefulSet per deployment slot (blue, green), the
 /// Services, autoscaler, disruption budget, network policy, monitoring objects, config and
 /// service account a production relay fleet needs.
+// Each printer column repeats `type_`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "dchat.network",

@@ -278,14 +278,6 @@ pub fn desired_children(cluster: &DchatCluster, inputs: &BuildInputs) -> Vec<Chi
     children
 }
 
-/// Unused helper kept private to the module tests.
-#[cfg(test)]
-pub(crate) fn find<'a>(children: &'a [Child], kind: &str, name: &str) -> Option<&'a Child> {
-    children
-        .iter()
-        .find(|c| c.kind() == kind && c.name() == name)
-}
-
 /// Converts a typed object into a `DynamicObject` (used by tests and the renderer).
 pub fn to_dynamic(child: &ErasedChild) -> Result<DynamicObject, serde_json::Error> {
     serde_json::from_value(child.body.clone())

@@ -1,0 +1,667 @@
+//! Effects: the reconcile that observes children, applies the desired ones with
+//! server-side apply, deletes the ones no longer desired, and writes status and Events.
+//!
+//! The decisions are made by pure functions ([`crate::build`], [`status`], [`diff`]);
+//! this module only moves data between them and the API server.
+
+pub mod diff;
+pub mod status;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::DynamicObject;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::api::{validate, DchatCluster, Slot};
+use crate::build::{
+    desired_children, fixed_replicas, managed_kinds, BuildInputs, Child, ErasedChild,
+    SerializeError, SlotDeployment,
+};
+use crate::labels::{self, FIELD_MANAGER, FINALIZER};
+use crate::metrics::Metrics;
+use status::{Observation, SlotObservation};
+
+/// Field manager that takes over `spec.replicas` of a StatefulSet for the moment the
+/// operator hands the count to a HorizontalPodAutoscaler (see [`hand_replicas_to_hpa`]).
+pub const HANDOVER_MANAGER: &str = "dchat-operator-hpa-handover";
+
+/// How often an unchanged cluster is looked at again; watches trigger everything else.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Everything a reconcile needs, shared by all reconciles.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    /// A context reporting Events as `dchat-operator` from `instance`.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: "dchat-operator".into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+        }
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec breaks a rule the schema cannot check; waits for a spec change.
+    #[error("invalid spec of {cluster}: {message}")]
+    InvalidSpec {
+        /// namespace/name.
+        cluster: String,
+        /// Which fields are wrong.
+        message: String,
+    },
+    /// A Kubernetes API call failed.
+    #[error("{action} {kind} {namespace}/{name}: {source}")]
+    Kube {
+        /// What the operator was doing ("applying", "listing", ...).
+        action: &'static str,
+        /// Kind of object.
+        kind: String,
+        /// Namespace.
+        namespace: String,
+        /// Object name (empty for lists).
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A child could not be serialized (a bug).
+    #[error(transparent)]
+    Serialize(#[from] SerializeError),
+    /// The object lacks a namespace (the CRD is namespaced, so this is a bug).
+    #[error("DchatCluster {0} has no namespace")]
+    NoNamespace(String),
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// A stable label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec { .. } => "invalid_spec",
+            Error::Kube { source, .. } => match source {
+                kube::Error::Api(status) if status.code == 409 => "conflict",
+                kube::Error::Api(status) if status.code >= 500 => "api_server",
+                kube::Error::Api(_) => "api_request",
+                _ => "transport",
+            },
+            Error::Serialize(_) => "serialize",
+            Error::NoNamespace(_) => "internal",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+        }
+    }
+
+    /// Whether only a spec change can fix this.
+    pub fn is_invalid_spec(&self) -> bool {
+        self.metric_label() == "invalid_spec"
+    }
+}
+
+fn kube_error(
+    action: &'static str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> impl FnOnce(kube::Error) -> Error {
+    let (kind, namespace, name) = (kind.to_string(), namespace.to_string(), name.to_string());
+    move |source| Error::Kube {
+        action,
+        kind,
+        namespace,
+        name,
+        source,
+    }
+}
+
+fn is_not_found(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.is_not_found())
+}
+
+/// Reconciles one DchatCluster: the entry point the controller calls.
+pub async fn reconcile(cluster: Arc<DchatCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
+    let span = info_span!("reconcile", cluster = %cluster.name_any(), namespace = %namespace);
+    let _timer = ctx.metrics.reconcile_timer();
+    ctx.metrics.reconciles.inc();
+    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, cluster, |event| async {
+        match event {
+            FinalizerEvent::Apply(cluster) => apply(cluster, &ctx).await,
+            FinalizerEvent::Cleanup(cluster) => cleanup(cluster, &ctx).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(inner)
+        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    if let Err(e) = &result {
+        ctx.metrics.record_error(e.metric_label());
+    }
+    result
+}
+
+/// Controller error policy: an invalid spec waits for the next spec change (the watch
+/// delivers it); anything else is retried with a delay.
+pub fn error_policy(cluster: Arc<DchatCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if error.is_invalid_spec() {
+        info!(cluster = %cluster.name_any(), %error, "waiting for a spec change");
+        Action::await_change()
+    } else {
+        warn!(cluster = %cluster.name_any(), %error, "reconcile failed; retrying");
+        Action::requeue(Duration::from_secs(15))
+    }
+}
+
+/// Live children of a cluster, by kind, as the API server returned them.
+struct LiveChildren {
+    objects: Vec<(ErasedKind, DynamicObject)>,
+    monitoring_available: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ErasedKind {
+    group: String,
+    kind: String,
+}
+
+impl LiveChildren {
+    fn get(&self, kind: &str, name: &str) -> Option<&DynamicObject> {
+        self.objects
+            .iter()
+            .find(|(k, o)| k.kind == kind && o.metadata.name.as_deref() == Some(name))
+            .map(|(_, o)| o)
+    }
+}
+
+async fn observe(
+    cluster: &DchatCluster,
+    client: &Client,
+    namespace: &str,
+) -> Result<LiveChildren, Error> {
+    let uid = cluster.uid();
+    let params = ListParams::default().labels(&labels::managed_selector(cluster));
+    let mut objects = Vec::new();
+    let mut monitoring_available = true;
+    for kind in managed_kinds() {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), namespace, &kind.resource);
+        let list = match api.list(&params).await {
+            Ok(list) => list,
+            // No Prometheus Operator: its kinds are not served.
+            Err(e) if kind.needs_monitoring_crds && is_not_found(&e) => {
+                monitoring_available = false;
+                continue;
+            }
+            Err(e) => return Err(kube_error("listing", &kind.resource.kind, namespace, "")(e)),
+        };
+        for object in list.items {
+            let owned = object
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|r| Some(&r.uid) == uid.as_ref());
+            if owned {
+                objects.push((
+                    ErasedKind {
+                        group: kind.resource.group.clone(),
+                        kind: kind.resource.kind.clone(),
+                    },
+                    object,
+                ));
+            }
+        }
+    }
+    Ok(LiveChildren {
+        objects,
+        monitoring_available,
+    })
+}
+
+fn slot_observation(live: Option<&DynamicObject>) -> Option<SlotObservation> {
+    let sts: StatefulSet = serde_json::from_value(serde_json::to_value(live?).ok()?).ok()?;
+    let status = sts.status.clone().unwrap_or_default();
+    let desired = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let generation_seen = status.observed_generation >= sts.metadata.generation;
+    let revision_done = match (&status.current_revision, &status.update_revision) {
+        (Some(current), Some(update)) => current == update,
+        _ => false,
+    };
+    Some(SlotObservation {
+        desired,
+        replicas: status.replicas,
+        ready: status.ready_replicas.unwrap_or(0),
+        updated: status.updated_replicas.unwrap_or(0),
+        rolled_out: generation_seen
+            && revision_done
+            && status.updated_replicas.unwrap_or(0) >= desired,
+    })
+}
+
+fn existing_claims(
+    live: Option<&DynamicObject>,
+) -> Option<Vec<k8s_openapi::api::core::v1::PersistentVolumeClaim>> {
+    let sts: StatefulSet = serde_json::from_value(serde_json::to_value(live?).ok()?).ok()?;
+    let claims = sts.spec?.volume_claim_templates?;
+    // Only the fields the operator sets, so the comparison with live stays exact.
+    Some(
+        claims
+            .into_iter()
+            .map(|c| k8s_openapi::api::core::v1::PersistentVolumeClaim {
+                metadata: kube::api::ObjectMeta {
+                    name: c.metadata.name,
+                    labels: c.metadata.labels,
+                    ..Default::default()
+                },
+                spec: c
+                    .spec
+                    .map(|s| k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
+                        access_modes: s.access_modes,
+                        storage_class_name: s.storage_class_name,
+                        resources: s.resources,
+                        ..Default::default()
+                    }),
+                status: None,
+            })
+            .collect(),
+    )
+}
+
+async fn apply(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Error> {
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
+    let active_slot = cluster
+        .status
+        .as_ref()
+        .map(|s| s.active_slot)
+        .unwrap_or(Slot::Blue);
+    let live = observe(&cluster, &ctx.client, &namespace).await?;
+    let active_name = labels::statefulset_name(&cluster, active_slot);
+    let active_live = live.get("StatefulSet", &active_name);
+
+    if let Err(errors) = validate(&cluster.spec) {
+        let message = errors.to_string();
+        let obs = observation(
+            &cluster,
+            active_slot,
+            active_live,
+            Some(message.clone()),
+            None,
+        );
+        write_status(&cluster, ctx, &namespace, obs).await?;
+        return Err(Error::InvalidSpec {
+            cluster: status::display_name(&cluster),
+            message,
+        });
+    }
+
+    let inputs = BuildInputs {
+        active_slot,
+        slots: vec![SlotDeployment {
+            slot: active_slot,
+            replicas: fixed_replicas(&cluster),
+            existing_claims: existing_claims(active_live),
+        }],
+        monitoring_available: live.monitoring_available,
+    };
+    if !live.monitoring_available
+        && (cluster.spec.monitoring.service_monitor || cluster.spec.monitoring.prometheus_rule)
+    {
+        debug!(
+            "monitoring.coreos.com CRDs not installed; skipping ServiceMonitor and PrometheusRule"
+        );
+    }
+    let desired = desired_children(&cluster, &inputs);
+    let outcome = apply_children(&cluster, ctx, &namespace, &desired, &live).await;
+    let reconcile_error = outcome.as_ref().err().map(ToString::to_string);
+    let obs = observation(&cluster, active_slot, active_live, None, reconcile_error);
+    write_status(&cluster, ctx, &namespace, obs).await?;
+    outcome?;
+    Ok(Action::requeue(RESYNC))
+}
+
+fn observation(
+    cluster: &DchatCluster,
+    active_slot: Slot,
+    active_live: Option<&DynamicObject>,
+    invalid_spec: Option<String>,
+    reconcile_error: Option<String>,
+) -> Observation {
+    let selector = labels::slot_selector(cluster, active_slot)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Observation {
+        invalid_spec,
+        reconcile_error,
+        active_slot,
+        active: slot_observation(active_live),
+        template_hash: template_hash(cluster, active_slot),
+        selector,
+        now: Timestamp::now(),
+    }
+}
+
+/// Hash of the relay pod template the spec asks for, recorded in status when it serves.
+fn template_hash(cluster: &DchatCluster, slot: Slot) -> String {
+    use sha2::{Digest, Sha256};
+    let inputs = BuildInputs::steady(cluster, slot, false);
+    let template = desired_children(cluster, &inputs)
+        .into_iter()
+        .find_map(|c| match c {
+            Child::StatefulSet(sts) => sts.spec.map(|s| s.template),
+            _ => None,
+        });
+    let bytes = serde_json::to_vec(&template).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..8])
+}
+
+async fn apply_children(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    desired: &[Child],
+    live: &LiveChildren,
+) -> Result<(), Error> {
+    let mut wanted = HashSet::new();
+    for child in desired {
+        let erased = child.erase()?;
+        wanted.insert((erased.resource.kind.clone(), erased.name.clone()));
+        let live_object = live.get(&erased.resource.kind, &erased.name);
+        if let Some(live_object) = live_object {
+            let live_json = serde_json::to_value(live_object).unwrap_or_default();
+            if erased.resource.kind == "StatefulSet"
+                && erased.body.pointer("/spec/replicas").is_none()
+                && diff::manager_owns_replicas(&live_json, FIELD_MANAGER)
+            {
+                hand_replicas_to_hpa(ctx, namespace, &erased, &live_json).await?;
+            } else if diff::is_subset(&erased.body, &live_json) {
+                continue;
+            }
+        }
+        server_side_apply(ctx, namespace, &erased).await?;
+    }
+    for (kind, object) in &live.objects {
+        let name = object.name_any();
+        if wanted.contains(&(kind.kind.clone(), name.clone())) {
+            continue;
+        }
+        let resource = managed_kinds()
+            .into_iter()
+            .find(|k| k.resource.kind == kind.kind && k.resource.group == kind.group)
+            .map(|k| k.resource);
+        let Some(resource) = resource else { continue };
+        info!(kind = %kind.kind, %name, "deleting child no longer desired");
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), namespace, &resource);
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(kube_error("deleting", &kind.kind, namespace, &name)(e)),
+        }
+        publish(
+            ctx,
+            cluster,
+            EventType::Normal,
+            "Deleted",
+            format!("Deleted {} {name}", kind.kind),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+async fn server_side_apply(
+    ctx: &Context,
+    namespace: &str,
+    child: &ErasedChild,
+) -> Result<(), Error> {
+    debug!(kind = %child.resource.kind, name = %child.name, "applying");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &child.resource);
+    // Forced: the DchatCluster is the declared source of truth for its children, so a
+    // field another manager changed (a kubectl edit, a deleted HPA's replica count that
+    // the operator takes back) is set back to the declared value instead of failing
+    // the reconcile with a conflict forever.
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&child.name, &params, &Patch::Apply(&child.body))
+        .await
+        .map_err(kube_error(
+            "applying",
+            &child.resource.kind,
+            namespace,
+            &child.name,
+        ))?;
+    Ok(())
+}
+
+/// Gives `spec.replicas` of a StatefulSet to the autoscaler without a dip: a second
+/// field manager first co-owns the current count, so the operator's next apply, which
+/// omits replicas, releases its ownership without the API server resetting the field
+/// (server-side apply removes fields their only manager stops setting).
+async fn hand_replicas_to_hpa(
+    ctx: &Context,
+    namespace: &str,
+    child: &ErasedChild,
+    live: &serde_json::Value,
+) -> Result<(), Error> {
+    let current = live.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
+    info!(name = %child.name, replicas = %current, "handing replica count to the HorizontalPodAutoscaler");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &child.resource);
+    let body = json!({
+        "apiVersion": child.resource.api_version,
+        "kind": child.resource.kind,
+        "metadata": {"name": child.name},
+        "spec": {"replicas": current},
+    });
+    api.patch(
+        &child.name,
+        &PatchParams::apply(HANDOVER_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_error(
+        "handing over replicas of",
+        &child.resource.kind,
+        namespace,
+        &child.name,
+    ))?;
+    Ok(())
+}
+
+async fn write_status(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    obs: Observation,
+) -> Result<(), Error> {
+    let next = status::compute(cluster, &obs);
+    ctx.metrics
+        .set_phase(&status::display_name(cluster), next.phase);
+    if cluster.status.as_ref() == Some(&next) {
+        return Ok(());
+    }
+    if let Some(phase) = status::phase_transition(cluster, &next) {
+        let (type_, note) = match &obs {
+            Observation {
+                invalid_spec: Some(m),
+                ..
+            } => (EventType::Warning, m.clone()),
+            Observation {
+                reconcile_error: Some(m),
+                ..
+            } => (EventType::Warning, m.clone()),
+            _ => (
+                EventType::Normal,
+                next.conditions
+                    .iter()
+                    .find(|c| c.type_ == status::PROGRESSING)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default(),
+            ),
+        };
+        publish(ctx, cluster, type_, phase.as_str(), note).await;
+    }
+    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    let body = json!({
+        "apiVersion": DchatCluster::api_version(&()),
+        "kind": DchatCluster::kind(&()),
+        "status": next,
+    });
+    api.patch_status(
+        &cluster.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_error(
+        "updating status of",
+        "DchatCluster",
+        namespace,
+        &cluster.name_any(),
+    ))?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    cluster: &DchatCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    // An Event is best effort: failing to record one must not fail the reconcile.
+    if let Err(e) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
+}
+
+async fn cleanup(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Error> {
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
+    // Delete the relays first so each drains its clients within its grace period;
+    // garbage collection removes the remaining children through their owner references.
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    for slot in Slot::ALL {
+        let name = labels::statefulset_name(&cluster, slot);
+        match api.delete(&name, &DeleteParams::foreground()).await {
+            Ok(_) => info!(%name, "deleted relay StatefulSet"),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(kube_error("deleting", "StatefulSet", &namespace, &name)(e)),
+        }
+    }
+    publish(
+        ctx,
+        &cluster,
+        EventType::Normal,
+        "Deleting",
+        "Relays deleted; remaining children are garbage-collected".into(),
+    )
+    .await;
+    ctx.metrics.forget(&status::display_name(&cluster));
+    Ok(Action::await_change())
+}
+
+/// Runs the controller until `shutdown` resolves: watches DchatClusters (in `namespace`
+/// or everywhere) and the kinds they own.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+    instance: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let owned = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={}",
+        labels::MANAGED_BY
+    ));
+    let ctx = Arc::new(Context::new(client.clone(), metrics, instance));
+    Controller::new(
+        api::<DchatCluster>(&client, &namespace),
+        watcher::Config::default(),
+    )
+    .owns(api::<StatefulSet>(&client, &namespace), owned.clone())
+    .owns(api::<Service>(&client, &namespace), owned.clone())
+    .owns(api::<ConfigMap>(&client, &namespace), owned.clone())
+    .owns(api::<ServiceAccount>(&client, &namespace), owned.clone())
+    .owns(
+        api::<HorizontalPodAutoscaler>(&client, &namespace),
+        owned.clone(),
+    )
+    .owns(
+        api::<PodDisruptionBudget>(&client, &namespace),
+        owned.clone(),
+    )
+    .owns(api::<NetworkPolicy>(&client, &namespace), owned.clone())
+    .owns(api::<Ingress>(&client, &namespace), owned)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((object, _)) => debug!(cluster = %object.name, "reconciled"),
+            Err(e) => debug!(error = %e, "reconcile did not complete"),
+        }
+    })
+    .await;
+}

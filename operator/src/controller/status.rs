@@ -1,0 +1,434 @@
+//! Status as a pure function of the spec, the previous status and what the reconcile
+//! observed. Conditions follow the Kubernetes conventions and kstatus:
+//!
+//! - `Ready`, `Progressing`, `Degraded` always present, True or False, with a reason.
+//! - `Reconciling` (True) is present exactly while the cluster is changing, and
+//!   `Stalled` (True) exactly while it cannot progress without a spec change — the
+//!   "abnormal-true" pair kstatus-based tools (Flux, Argo CD, `kstatus`) read.
+//! - `observedGeneration` says which spec the status describes.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{DchatCluster, DchatClusterStatus, Phase, Slot};
+
+/// Condition type: every relay of the serving slot is ready with the desired template.
+pub const READY: &str = "Ready";
+/// Condition type: the cluster is moving towards its spec.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition type: the cluster is not as desired and needs attention.
+pub const DEGRADED: &str = "Degraded";
+/// kstatus condition type, present while progressing.
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus condition type, present while stalled.
+pub const STALLED: &str = "Stalled";
+
+/// Condition reasons, stable for alerting and automation.
+pub mod reason {
+    /// The spec fails validation.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Applying children failed; retrying.
+    pub const RECONCILE_ERROR: &str = "ReconcileError";
+    /// Relays are being created for the first time.
+    pub const PROVISIONING: &str = "Provisioning";
+    /// Relays are being replaced with a new template.
+    pub const ROLLING_UPDATE: &str = "RollingUpdate";
+    /// Some relays are not ready.
+    pub const RELAYS_NOT_READY: &str = "RelaysNotReady";
+    /// Every relay is ready.
+    pub const ALL_RELAYS_READY: &str = "AllRelaysReady";
+    /// Nothing left to do.
+    pub const COMPLETE: &str = "Complete";
+    /// Nothing is wrong.
+    pub const AS_EXPECTED: &str = "AsExpected";
+}
+
+/// What a reconcile saw of the serving slot's StatefulSet.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlotObservation {
+    /// `spec.replicas` (set by the operator or the HPA).
+    pub desired: i32,
+    /// `status.replicas`.
+    pub replicas: i32,
+    /// `status.readyReplicas`.
+    pub ready: i32,
+    /// `status.updatedReplicas`.
+    pub updated: i32,
+    /// Whether the StatefulSet controller has seen the latest spec and every pod runs
+    /// the latest revision.
+    pub rolled_out: bool,
+}
+
+/// Everything the status depends on besides the cluster itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    /// Validation failure message, if the spec is invalid.
+    pub invalid_spec: Option<String>,
+    /// Error of this reconcile's apply, if it failed.
+    pub reconcile_error: Option<String>,
+    /// The serving slot.
+    pub active_slot: Slot,
+    /// Its StatefulSet, if it exists.
+    pub active: Option<SlotObservation>,
+    /// Hash of the desired relay pod template.
+    pub template_hash: String,
+    /// Label selector of the serving relays.
+    pub selector: String,
+    /// The time to stamp on conditions that change.
+    pub now: Timestamp,
+}
+
+struct Verdict {
+    phase: Phase,
+    ready: (bool, &'static str, String),
+    progressing: (bool, &'static str, String),
+    degraded: (bool, &'static str, String),
+    stalled: bool,
+}
+
+fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observation) -> Verdict {
+    let counts = obs
+        .active
+        .as_ref()
+        .map(|a| format!("{}/{} relays ready", a.ready, a.desired))
+        .unwrap_or_else(|| "no relays yet".to_string());
+    if let Some(message) = &obs.invalid_spec {
+        return Verdict {
+            phase: Phase::Failed,
+            ready: (false, reason::INVALID_SPEC, message.clone()),
+            progressing: (
+                false,
+                reason::INVALID_SPEC,
+                "waiting for a valid spec".into(),
+            ),
+            degraded: (true, reason::INVALID_SPEC, message.clone()),
+            stalled: true,
+        };
+    }
+    let all_ready = obs
+        .active
+        .as_ref()
+        .is_some_and(|a| a.rolled_out && a.desired > 0 && a.ready >= a.desired);
+    if let Some(message) = &obs.reconcile_error {
+        return Verdict {
+            phase: Phase::Degraded,
+            ready: (all_ready, reason::RECONCILE_ERROR, counts),
+            progressing: (true, reason::RECONCILE_ERROR, "retrying".into()),
+            degraded: (true, reason::RECONCILE_ERROR, message.clone()),
+            stalled: false,
+        };
+    }
+    let served_before = previous.active_version.is_some();
+    match &obs.active {
+        Some(a) if all_ready => Verdict {
+            phase: Phase::Running,
+            ready: (true, reason::ALL_RELAYS_READY, counts),
+            progressing: (
+                false,
+                reason::COMPLETE,
+                format!(
+                    "version {} serving from slot {}",
+                    cluster.spec.version, obs.active_slot
+                ),
+            ),
+            degraded: (
+                false,
+                reason::AS_EXPECTED,
+                format!("{}/{} relays ready", a.ready, a.desired),
+            ),
+            stalled: false,
+        },
+        Some(a) if !a.rolled_out && served_before => Verdict {
+            phase: Phase::Progressing,
+            ready: (false, reason::ROLLING_UPDATE, counts.clone()),
+            progressing: (
+                true,
+                reason::ROLLING_UPDATE,
+                format!(
+                    "updating relays to version {}: {}/{} updated",
+                    cluster.spec.version, a.updated, a.desired
+                ),
+            ),
+            degraded: (false, reason::AS_EXPECTED, counts),
+            stalled: false,
+        },
+        Some(_) if served_before => Verdict {
+            phase: Phase::Degraded,
+            ready: (false, reason::RELAYS_NOT_READY, counts.clone()),
+            progressing: (false, reason::RELAYS_NOT_READY, counts.clone()),
+            degraded: (true, reason::RELAYS_NOT_READY, counts),
+            stalled: false,
+        },
+        _ => Verdict {
+            phase: Phase::Provisioning,
+            ready: (false, reason::PROVISIONING, counts.clone()),
+            progressing: (
+                true,
+                reason::PROVISIONING,
+                format!("starting relays: {counts}"),
+            ),
+            degraded: (false, reason::AS_EXPECTED, counts),
+            stalled: false,
+        },
+    }
+}
+
+/// The status the cluster should have. Conditions keep their previous
+/// `lastTransitionTime` unless their status flips, so an unchanged cluster yields an
+/// identical status and no write.
+pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let v = verdict(cluster, &previous, obs);
+    let generation = cluster.meta().generation;
+    let condition = |type_: &str, (status, reason, message): (bool, &str, String)| {
+        let status = if status { "True" } else { "False" };
+        let since = previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| Time(obs.now));
+        Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: reason.to_string(),
+            message,
+            observed_generation: generation,
+            last_transition_time: since,
+        }
+    };
+    let mut conditions = vec![
+        condition(READY, v.ready.clone()),
+        condition(PROGRESSING, v.progressing.clone()),
+        condition(DEGRADED, v.degraded.clone()),
+    ];
+    if v.progressing.0 {
+        conditions.push(condition(
+            RECONCILING,
+            (true, v.progressing.1, v.progressing.2.clone()),
+        ));
+    }
+    if v.stalled {
+        conditions.push(condition(
+            STALLED,
+            (true, v.degraded.1, v.degraded.2.clone()),
+        ));
+    }
+
+    let (replicas, ready_replicas, desired) = obs
+        .active
+        .as_ref()
+        .map(|a| (a.replicas, a.ready, a.desired))
+        .unwrap_or((0, 0, 0));
+    let serving_now = v.phase == Phase::Running;
+    DchatClusterStatus {
+        observed_generation: generation,
+        phase: v.phase,
+        active_slot: obs.active_slot,
+        active_version: if serving_now {
+            Some(cluster.spec.version.clone())
+        } else {
+            previous.active_version.clone()
+        },
+        active_template_hash: if serving_now {
+            Some(obs.template_hash.clone())
+        } else {
+            previous.active_template_hash.clone()
+        },
+        replicas,
+        ready_replicas,
+        ready: Some(format!("{ready_replicas}/{desired}")),
+        selector: Some(obs.selector.clone()),
+        conditions,
+    }
+}
+
+/// Name of the phase change for Events, e.g. "Running", or `None` when unchanged.
+pub fn phase_transition(cluster: &DchatCluster, next: &DchatClusterStatus) -> Option<Phase> {
+    let before = cluster.status.as_ref().map(|s| s.phase);
+    (before != Some(next.phase)).then_some(next.phase)
+}
+
+/// The cluster's name and namespace for messages.
+pub fn display_name(cluster: &DchatCluster) -> String {
+    format!(
+        "{}/{}",
+        cluster.namespace().unwrap_or_default(),
+        cluster.name_any()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::cluster_from_yaml;
+
+    fn obs(active: Option<SlotObservation>) -> Observation {
+        Observation {
+            invalid_spec: None,
+            reconcile_error: None,
+            active_slot: Slot::Blue,
+            active,
+            template_hash: "t1".into(),
+            selector: "app=x".into(),
+            now: Timestamp::from_second(1_000).unwrap(),
+        }
+    }
+
+    fn ready(n: i32) -> SlotObservation {
+        SlotObservation {
+            desired: n,
+            replicas: n,
+            ready: n,
+            updated: n,
+            rolled_out: true,
+        }
+    }
+
+    fn cond<'a>(status: &'a DchatClusterStatus, type_: &str) -> Option<&'a Condition> {
+        status.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    #[test]
+    fn first_reconcile_is_provisioning() {
+        let cluster = cluster_from_yaml("version: '1.0'");
+        let status = compute(&cluster, &obs(None));
+        assert_eq!(status.phase, Phase::Provisioning);
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(cond(&status, READY).unwrap().status, "False");
+        assert_eq!(cond(&status, PROGRESSING).unwrap().status, "True");
+        assert_eq!(cond(&status, RECONCILING).unwrap().status, "True");
+        assert!(cond(&status, STALLED).is_none());
+        assert_eq!(status.active_version, None);
+        assert_eq!(status.ready.as_deref(), Some("0/0"));
+    }
+
+    #[test]
+    fn all_ready_is_running_and_records_version() {
+        let cluster = cluster_from_yaml("version: '1.0'");
+        let status = compute(&cluster, &obs(Some(ready(1))));
+        assert_eq!(status.phase, Phase::Running);
+        assert_eq!(status.active_version.as_deref(), Some("1.0"));
+        assert_eq!(status.active_template_hash.as_deref(), Some("t1"));
+        assert_eq!(cond(&status, READY).unwrap().status, "True");
+        assert_eq!(
+            cond(&status, READY).unwrap().reason,
+            reason::ALL_RELAYS_READY
+        );
+        assert_eq!(cond(&status, PROGRESSING).unwrap().status, "False");
+        assert_eq!(cond(&status, DEGRADED).unwrap().status, "False");
+        assert!(cond(&status, RECONCILING).is_none());
+        assert_eq!(status.ready.as_deref(), Some("1/1"));
+    }
+
+    #[test]
+    fn unchanged_inputs_give_identical_status_with_old_times() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        let first = compute(&cluster, &obs(Some(ready(1))));
+        cluster.status = Some(first.clone());
+        let mut later = obs(Some(ready(1)));
+        later.now = Timestamp::from_second(9_999).unwrap();
+        assert_eq!(compute(&cluster, &later), first);
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_flips() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(None)));
+        let mut later = obs(Some(ready(1)));
+        later.now = Timestamp::from_second(5_000).unwrap();
+        let status = compute(&cluster, &later);
+        assert_eq!(
+            cond(&status, READY)
+                .unwrap()
+                .last_transition_time
+                .0
+                .as_second(),
+            5_000
+        );
+        // Degraded stayed False: its time is kept.
+        assert_eq!(
+            cond(&status, DEGRADED)
+                .unwrap()
+                .last_transition_time
+                .0
+                .as_second(),
+            1_000
+        );
+    }
+
+    #[test]
+    fn invalid_spec_is_stalled_and_failed() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(1)))));
+        let mut o = obs(Some(ready(1)));
+        o.invalid_spec = Some("spec.resources.limits.cpu: limit 1 is below the request 2".into());
+        let status = compute(&cluster, &o);
+        assert_eq!(status.phase, Phase::Failed);
+        let degraded = cond(&status, DEGRADED).unwrap();
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, reason::INVALID_SPEC);
+        assert!(degraded.message.contains("spec.resources.limits.cpu"));
+        assert_eq!(cond(&status, STALLED).unwrap().status, "True");
+        assert_eq!(cond(&status, PROGRESSING).unwrap().status, "False");
+        assert_eq!(
+            status.active_version.as_deref(),
+            Some("1.0"),
+            "keeps what serves"
+        );
+    }
+
+    #[test]
+    fn apply_error_is_degraded_and_retrying() {
+        let cluster = cluster_from_yaml("version: '1.0'");
+        let mut o = obs(Some(ready(1)));
+        o.reconcile_error = Some("applying StatefulSet apps/chat-blue: 500".into());
+        let status = compute(&cluster, &o);
+        assert_eq!(status.phase, Phase::Degraded);
+        assert_eq!(
+            cond(&status, DEGRADED).unwrap().reason,
+            reason::RECONCILE_ERROR
+        );
+        assert_eq!(cond(&status, PROGRESSING).unwrap().status, "True");
+        assert!(cond(&status, STALLED).is_none());
+    }
+
+    #[test]
+    fn rolling_update_after_serving_is_progressing() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(3)))));
+        cluster.spec.version = "1.1".into();
+        let mut rolling = ready(3);
+        rolling.rolled_out = false;
+        rolling.updated = 1;
+        let status = compute(&cluster, &obs(Some(rolling)));
+        assert_eq!(status.phase, Phase::Progressing);
+        assert_eq!(status.active_version.as_deref(), Some("1.0"));
+        assert!(cond(&status, PROGRESSING)
+            .unwrap()
+            .message
+            .contains("1/3 updated"));
+    }
+
+    #[test]
+    fn lost_relays_after_serving_are_degraded() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(3)))));
+        let mut lost = ready(3);
+        lost.ready = 2;
+        let status = compute(&cluster, &obs(Some(lost)));
+        assert_eq!(status.phase, Phase::Degraded);
+        assert_eq!(cond(&status, DEGRADED).unwrap().message, "2/3 relays ready");
+        assert_eq!(status.ready.as_deref(), Some("2/3"));
+    }
+
+    #[test]
+    fn phase_transition_is_reported_once() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        let status = compute(&cluster, &obs(Some(ready(1))));
+        assert_eq!(phase_transition(&cluster, &status), Some(Phase::Running));
+        cluster.status = Some(status.clone());
+        assert_eq!(phase_transition(&cluster, &status), None);
+    }
+}

@@ -1,0 +1,178 @@
+//! Operator metrics, served on `/metrics`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::api::Phase;
+
+/// Label of the error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Stable error category, from `Error::metric_label`.
+    pub category: String,
+}
+
+/// Label of the clusters-by-phase gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// Phase name.
+    pub phase: String,
+}
+
+/// The operator's metrics and the registry that encodes them.
+pub struct Metrics {
+    /// `dchat_operator_reconciles_total`.
+    pub reconciles: Counter,
+    /// `dchat_operator_reconcile_errors_total{category}`.
+    pub errors: Family<ErrorLabels, Counter>,
+    /// `dchat_operator_reconcile_duration_seconds`.
+    pub duration: Histogram,
+    /// `dchat_operator_clusters{phase}`.
+    pub clusters: Family<PhaseLabels, Gauge>,
+    /// Last phase of each cluster, to keep the gauge exact.
+    phases: Mutex<HashMap<String, Phase>>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dchat_operator");
+        let reconciles = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        let clusters = Family::<PhaseLabels, Gauge>::default();
+        registry.register("reconciles", "Reconciles started", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error category",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time a reconcile took",
+            duration.clone(),
+        );
+        registry.register("clusters", "DchatClusters by phase", clusters.clone());
+        for phase in Phase::ALL {
+            clusters
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str().to_string(),
+                })
+                .set(0);
+        }
+        Self {
+            reconciles,
+            errors,
+            duration,
+            clusters,
+            phases: Mutex::new(HashMap::new()),
+            registry,
+        }
+    }
+
+    /// Counts a failed reconcile.
+    pub fn record_error(&self, category: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                category: category.to_string(),
+            })
+            .inc();
+    }
+
+    /// Starts timing a reconcile; the time is recorded when the guard drops, whichever
+    /// way the reconcile ends.
+    pub fn reconcile_timer(&self) -> ReconcileTimer<'_> {
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: &self.duration,
+        }
+    }
+
+    /// Records the phase of a cluster.
+    pub fn set_phase(&self, cluster: &str, phase: Phase) {
+        // A poisoned lock only means another reconcile panicked mid-update; the map is
+        // still usable.
+        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        phases.insert(cluster.to_string(), phase);
+        self.refresh(&phases);
+    }
+
+    /// Forgets a deleted cluster.
+    pub fn forget(&self, cluster: &str) {
+        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        phases.remove(cluster);
+        self.refresh(&phases);
+    }
+
+    fn refresh(&self, phases: &HashMap<String, Phase>) {
+        for phase in Phase::ALL {
+            let count = phases.values().filter(|p| **p == phase).count();
+            self.clusters
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str().to_string(),
+                })
+                .set(count as i64);
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Observes the reconcile duration when dropped.
+pub struct ReconcileTimer<'a> {
+    start: Instant,
+    histogram: &'a Histogram,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_metric() {
+        let metrics = Metrics::new();
+        metrics.reconciles.inc();
+        metrics.record_error("conflict");
+        drop(metrics.reconcile_timer());
+        metrics.set_phase("apps/a", Phase::Running);
+        metrics.set_phase("apps/b", Phase::Running);
+        metrics.set_phase("apps/b", Phase::Degraded);
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("dchat_operator_reconciles_total 1"), "{text}");
+        assert!(text.contains(r#"dchat_operator_reconcile_errors_total{category="conflict"} 1"#));
+        assert!(text.contains("dchat_operator_reconcile_duration_seconds_count 1"));
+        assert!(text.contains(r#"dchat_operator_clusters{phase="Running"} 1"#));
+        assert!(text.contains(r#"dchat_operator_clusters{phase="Degraded"} 1"#));
+        metrics.forget("apps/b");
+        let text = metrics.encode().unwrap();
+        assert!(text.contains(r#"dchat_operator_clusters{phase="Degraded"} 0"#));
+    }
+}

@@ -1,0 +1,80 @@
+//! The checked-in CRD must be what the code generates, so `kubectl apply -f crds/` and the
+//! Helm chart install the schema the operator was built with.
+
+use dchat_operator::api::DchatCluster;
+use kube::CustomResourceExt;
+
+fn checked_in() -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/dchatclusters.dchat.network.yaml"
+    );
+    std::fs::read_to_string(path).expect("crds/dchatclusters.dchat.network.yaml is readable")
+}
+
+#[test]
+fn crds_directory_is_current() {
+    let generated = serde_norway::to_string(&DchatCluster::crd()).unwrap();
+    assert!(
+        checked_in() == generated,
+        "crds/ is stale: run `cargo run -p dchat-operator -- crd > crds/dchatclusters.dchat.network.yaml`"
+    );
+}
+
+#[test]
+fn crd_has_the_promised_shape() {
+    let crd = DchatCluster::crd();
+    assert_eq!(crd.spec.group, "dchat.network");
+    assert_eq!(crd.spec.scope, "Namespaced");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["dchat".to_string()]));
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, "v1alpha1");
+    let subresources = version.subresources.as_ref().unwrap();
+    assert!(subresources.status.is_some());
+    let scale = subresources.scale.as_ref().unwrap();
+    assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
+    let columns: Vec<&str> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(columns, vec!["Ready", "Version", "Slot", "Phase", "Age"]);
+}
+
+#[test]
+fn every_schema_property_has_a_description() {
+    fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+        if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+            for (name, prop) in props {
+                let here = format!("{path}.{name}");
+                if prop.get("description").is_none() && !here.starts_with(".metadata") {
+                    missing.push(here.clone());
+                }
+                // Kubernetes' own types (affinity, tolerations, conditions) document themselves.
+                if !here.contains(".affinity")
+                    && !here.contains(".tolerations")
+                    && !here.contains(".conditions")
+                {
+                    walk(&here, prop, missing);
+                }
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            walk(path, items, missing);
+        }
+    }
+    let crd = serde_json::to_value(DchatCluster::crd()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let mut missing = Vec::new();
+    walk("", schema, &mut missing);
+    missing.retain(|p| p != ".apiVersion" && p != ".kind" && p != ".metadata");
+    assert!(
+        missing.is_empty(),
+        "fields without description: {missing:?}"
+    );
+}
