@@ -52,25 +52,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The contract the operator engineer published before `dchat-operator rbac` existed. Used
-# only while the binary cannot print its rules yet; once it can, its output is the truth.
-CONTRACT_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["dchat.network"], "resources": ["dchatclusters"],
-     "verbs": ["get", "list", "watch", "patch", "update"]},
-    {"apiGroups": ["dchat.network"], "resources": ["dchatclusters/status"],
-     "verbs": ["get", "patch", "update"]},
-    {"apiGroups": ["dchat.network"], "resources": ["dchatclusters/finalizers"], "verbs": ["update"]},
-    *[{"apiGroups": [g], "resources": r, "verbs": ["get", "list", "watch", "create", "patch", "delete"]}
-      for g, r in [("apps", ["statefulsets"]), ("", ["services", "configmaps", "serviceaccounts"]),
-                   ("autoscaling", ["horizontalpodautoscalers"]), ("policy", ["poddisruptionbudgets"]),
-                   ("networking.k8s.io", ["networkpolicies", "ingresses"]),
-                   ("monitoring.coreos.com", ["servicemonitors", "prometheusrules"]),
-                   ("batch", ["jobs", "cronjobs"])]],
-    {"apiGroups": [""], "resources": ["secrets", "pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-     "verbs": ["get", "create", "update"]},
-]
+RULES_FILE = OPERATOR_CHART / "files" / "rbac-rules.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +62,25 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def expected_rules() -> list[dict[str, Any]]:
+    """The rules the chart ships (generated from `dchat-operator rbac`)."""
+    rules = yaml.safe_load(RULES_FILE.read_text())
+    assert isinstance(rules, list) and rules, f"{RULES_FILE} holds no PolicyRules"
+    return rules
+
+
+def test_shipped_rules_are_what_the_operator_prints(expected_rules) -> None:
     from delivery_lib import OperatorRbacUnavailable
     try:
-        return operator_rbac_rules()
-    except OperatorRbacUnavailable:
-        return CONTRACT_RULES
+        printed = operator_rbac_rules()
+    except OperatorRbacUnavailable as err:
+        pytest.skip(f"`dchat-operator rbac` is not available in this tree: {err}")
+    wanted = rule_triples(printed)
+    shipped = rule_triples(expected_rules)
+    assert shipped == wanted, (
+        "charts/dchat-operator/files/rbac-rules.yaml differs from `dchat-operator rbac`:\n"
+        f"missing {sorted(wanted - shipped)}\nextra {sorted(shipped - wanted)}\n"
+        "regenerate: cargo run -q -p dchat-operator -- rbac > charts/dchat-operator/files/rbac-rules.yaml"
+        "")
 
 
 def test_chart_metadata_matches_operator_crate() -> None:
