@@ -595,3 +595,160 @@ mod tests {
         assert!(json.contains(r#""code":"rate_limited""#), "{json}");
     }
 }
+
+/// Fuzzing of the decoder with bounded case counts (runs in about a second in CI).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A syntactically plausible frame: known or unknown type plus random fields.
+    fn plausible_frame() -> impl Strategy<Value = String> {
+        let ty = prop_oneof![
+            Just("auth".to_string()),
+            Just("send".to_string()),
+            Just("ack".to_string()),
+            Just("fetch".to_string()),
+            Just("join".to_string()),
+            Just("profile_publish".to_string()),
+            Just("ping".to_string()),
+            "[a-z_]{0,12}",
+        ];
+        let value = prop_oneof![
+            Just("null".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            "\\PC{0,40}".prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just(r#"{"id":"x","to":"00","ts":1,"kind":"text","payload":"!!"}"#.to_string()),
+            Just(format!(
+                r#"{{"id":"x","to":"{}","ts":1,"kind":"video","payload":"AA=="}}"#,
+                "ab".repeat(32)
+            )),
+        ];
+        let field = ("[a-z_]{1,10}", value);
+        (ty, proptest::collection::vec(field, 0..5)).prop_map(|(ty, fields)| {
+            let mut s = format!(
+                r#"{{"type":{}"#,
+                serde_json::to_string(&ty).unwrap_or_default()
+            );
+            for (k, v) in fields {
+                s.push_str(&format!(r#","{k}":{v}"#));
+            }
+            s.push('}');
+            s
+        })
+    }
+
+    fn key() -> impl Strategy<Value = KeyHex> {
+        any::<[u8; 32]>().prop_map(KeyHex)
+    }
+
+    fn envelope() -> impl Strategy<Value = Envelope> {
+        (
+            "[ -~]{1,40}",
+            proptest::option::of(key()),
+            any::<bool>(),
+            key(),
+            "[a-z0-9._-]{1,20}",
+            any::<i64>(),
+            proptest::sample::select(Kind::ALL.to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(id, from, direct, to, ch, ts, kind, payload)| Envelope {
+                id,
+                from,
+                to: direct.then_some(to),
+                channel: (!direct).then_some(ch),
+                ts,
+                kind,
+                payload: Base64Bytes(payload),
+                media: None,
+            })
+    }
+
+    fn client_frame() -> impl Strategy<Value = ClientFrame> {
+        prop_oneof![
+            (key(), any::<[u8; 32]>()).prop_map(|(key, s)| {
+                let mut sig = [0u8; 64];
+                sig[..32].copy_from_slice(&s);
+                ClientFrame::Auth {
+                    key,
+                    sig: SigHex(sig),
+                }
+            }),
+            envelope().prop_map(|envelope| ClientFrame::Send { envelope }),
+            "[a-z]{1,10}".prop_map(|channel| ClientFrame::Join { channel }),
+            proptest::collection::vec((key(), "[ -~]{1,10}"), 0..4).prop_map(|v| {
+                ClientFrame::Ack {
+                    messages: v
+                        .into_iter()
+                        .map(|(from, id)| AckRef { from, id })
+                        .collect(),
+                }
+            }),
+            proptest::option::of(any::<u32>()).prop_map(|limit| ClientFrame::Fetch { limit }),
+            proptest::option::of("\\PC{0,10}").prop_map(|nonce| ClientFrame::Ping { nonce }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1500, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_never_panics(s in "\\PC{0,300}") {
+            let _ = decode_client_frame(&s);
+        }
+
+        #[test]
+        fn plausible_frames_decode_or_fail_typed(s in plausible_frame()) {
+            match decode_client_frame(&s) {
+                Ok(f) => prop_assert!(CLIENT_FRAME_TYPES.contains(&f.type_name())),
+                Err(DecodeError::UnknownType(t)) => prop_assert!(!CLIENT_FRAME_TYPES.contains(&t.as_str())),
+                Err(DecodeError::Malformed(m)) => prop_assert!(m.len() <= 256),
+            }
+        }
+
+        #[test]
+        fn valid_frames_round_trip(f in client_frame()) {
+            let text = serde_json::to_string(&f).unwrap();
+            prop_assert_eq!(decode_client_frame(&text), Ok(f));
+        }
+
+        #[test]
+        fn truncated_valid_frames_are_rejected_not_panicking(f in client_frame(), cut in 0usize..200) {
+            let text = serde_json::to_string(&f).unwrap();
+            let cut = cut.min(text.len().saturating_sub(1));
+            if text.is_char_boundary(cut) {
+                prop_assert!(decode_client_frame(&text[..cut]).is_err());
+            }
+        }
+    }
+}
+
+/// The worked example in `docs/protocol.md` ("Test vector"), so other-language
+/// clients can check their signing against exactly what the relay verifies.
+#[cfg(test)]
+mod test_vector {
+    use super::*;
+    use base64::Engine as _;
+    use ed25519_dalek::Signer;
+
+    #[test]
+    fn documented_auth_vector() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1u8; 32]);
+        let nonce = [2u8; 32];
+        let nonce_b64 = base64::engine::general_purpose::STANDARD.encode(nonce);
+        let public = KeyHex(key.verifying_key().to_bytes());
+        let sig = SigHex(key.sign(&auth_message(&nonce)).to_bytes());
+        assert!(verify_signature(&public, &auth_message(&nonce), &sig));
+        assert_eq!(nonce_b64, DOC_NONCE);
+        assert_eq!(public.to_hex(), DOC_KEY);
+        assert_eq!(hex::encode(sig.0), DOC_SIG);
+    }
+
+    const DOC_NONCE: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+    const DOC_KEY: &str = "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c";
+    const DOC_SIG: &str = "5cd0598750a4e0d0268cebf8baea595ee4c34bbd09bf9b9753ddcb9c9f77553197256ddaed35f021138ea8bab091bd9ea112e96f6c40ead47804d77e748cda06";
+}
