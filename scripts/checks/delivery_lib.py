@@ -118,17 +118,15 @@ def rule_triples(rules: Iterable[dict[str, Any]]) -> set[Triple]:
 
 
 class OperatorRbacUnavailable(RuntimeError):
-    """`dchat-operator rbac` could not be run or printed no rules."""
+    """The operator CLI could not be run, or printed nothing usable."""
 
 
-def operator_rbac_rules() -> list[dict[str, Any]]:
-    """The PolicyRules the operator says it needs, from `dchat-operator rbac`.
-
-    Uses a prebuilt binary when DCHAT_OPERATOR_BIN names one, otherwise
-    `cargo run -q -p dchat-operator -- rbac` (the workspace is already built by
-    scripts/test-all.sh before this runs)."""
+def operator_cli(*args: str) -> str:
+    """Stdout of `dchat-operator ARGS...`: a prebuilt binary when DCHAT_OPERATOR_BIN names
+    one, otherwise `cargo run -q -p dchat-operator -- ARGS` (scripts/test-all.sh has built
+    the workspace before this runs, so it does not compile again)."""
     binary = os.environ.get("DCHAT_OPERATOR_BIN")
-    cmd = [binary, "rbac"] if binary else ["cargo", "run", "-q", "-p", "dchat-operator", "--", "rbac"]
+    cmd = [binary, *args] if binary else ["cargo", "run", "-q", "-p", "dchat-operator", "--", *args]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                               check=False)
@@ -137,11 +135,16 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
     if proc.returncode != 0:
         raise OperatorRbacUnavailable(
             f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-    parsed = yaml.safe_load(proc.stdout)
+    return proc.stdout
+
+
+def operator_rbac_rules() -> list[dict[str, Any]]:
+    """The PolicyRules the operator says it needs, from `dchat-operator rbac`."""
+    parsed = yaml.safe_load(operator_cli("rbac"))
     if isinstance(parsed, dict) and "rules" in parsed:
         parsed = parsed["rules"]
     if not isinstance(parsed, list) or not parsed:
-        raise OperatorRbacUnavailable(f"{' '.join(cmd)} printed no list of PolicyRules")
+        raise OperatorRbacUnavailable("`dchat-operator rbac` printed no list of PolicyRules")
     return parsed
 
 
