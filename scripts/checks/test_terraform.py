@@ -173,6 +173,11 @@ def test_vpc_and_eks_shape() -> None:
     for g in groups.values():
         assert g["metadata_options"]["http_tokens"] == "required"
     assert "audit" in eks["enabled_log_types"]
+    for g in groups.values():
+        assert g["block_device_mappings"]["xvda"]["ebs"]["encrypted"] is True
+    sc = blocks("resource")["kubernetes_storage_class_v1.gp3"]
+    assert sc["parameters"] == {"type": "gp3", "encrypted": "true"}
+    assert sc["reclaim_policy"] == "Retain" and sc["allow_volume_expansion"] is True
     default = blocks("variable")["kubernetes_version"]["default"]
     assert re.match(r"^1\.(3[3-9])$", default)
 

@@ -18,6 +18,7 @@ module "eks" {
 
   enabled_log_types                      = ["api", "audit", "authenticator", "controllerManager", "scheduler"]
   cloudwatch_log_group_retention_in_days = var.log_retention_days
+  cloudwatch_log_group_kms_key_id        = aws_kms_key.logs.arn
 
   # IRSA: the OIDC provider the operator's and the controllers' roles trust.
   enable_irsa = true
@@ -63,6 +64,17 @@ module "eks" {
           effect = "NO_SCHEDULE"
         }
       }
+      block_device_mappings = {
+        xvda = {
+          device_name = "/dev/xvda"
+          ebs = {
+            volume_size           = 50
+            volume_type           = "gp3"
+            encrypted             = true
+            delete_on_termination = true
+          }
+        }
+      }
       metadata_options = {
         http_endpoint               = "enabled"
         http_tokens                 = "required"
@@ -78,6 +90,17 @@ module "eks" {
       labels = {
         "dchat.network/pool" = "general"
       }
+      block_device_mappings = {
+        xvda = {
+          device_name = "/dev/xvda"
+          ebs = {
+            volume_size           = 50
+            volume_type           = "gp3"
+            encrypted             = true
+            delete_on_termination = true
+          }
+        }
+      }
       metadata_options = {
         http_endpoint               = "enabled"
         http_tokens                 = "required"
@@ -85,4 +108,25 @@ module "eks" {
       }
     }
   }
+}
+
+# Encrypted gp3 volumes for relay data (spec.storage.storageClassName: gp3). Retain: deleting a
+# PVC by mistake must not delete undelivered messages.
+resource "kubernetes_storage_class_v1" "gp3" {
+  metadata {
+    name = "gp3"
+    annotations = {
+      "storageclass.kubernetes.io/is-default-class" = "true"
+    }
+  }
+  storage_provisioner    = "ebs.csi.aws.com"
+  reclaim_policy         = "Retain"
+  volume_binding_mode    = "WaitForFirstConsumer"
+  allow_volume_expansion = true
+  parameters = {
+    type      = "gp3"
+    encrypted = "true"
+  }
+
+  depends_on = [module.eks]
 }
