@@ -189,3 +189,19 @@ def test_required_runbooks_exist_and_are_actionable(slug: str) -> None:
     assert text.startswith("# ")
     assert "```sh" in text, f"{slug}: a runbook needs commands to run"
     assert "kubectl" in text
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known drift, reported to the operator and relay owners: the operator's PrometheusRule "
+    "queries dchat_relay_* series, the relay exports dchat_* (docs/relay.md); remove this "
+    "marker once the names agree"))
+def test_operator_alerts_query_metrics_the_relay_exports() -> None:
+    if not MONITORING_RS.exists() or not METRIC_SOURCES[0].exists():
+        pytest.skip("operator monitoring builder or relay metrics not in the tree yet")
+    code = MONITORING_RS.read_text().split("#[cfg(test)]")[0]
+    exposed = set(all_exposed())
+    queried = set(re.findall(r'"(dchat_[a-z0-9_]+)"', code))
+    assert queried, "no metric names found in operator/src/build/monitoring.rs"
+    missing = sorted(n for n in queried
+                     if n not in exposed and f"{n}_bucket" not in exposed)
+    assert not missing, f"operator alerts query series no relay exports: {missing}"
