@@ -113,3 +113,42 @@ async fn three_relays_act_as_one_service() {
         assert_eq!(report.abandoned_connections, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_are_discovered_through_dns() {
+    let pg = pg_support::fresh_database(4).await;
+    let storage = StorageSettings::Postgres {
+        host: pg.host.clone(),
+        port: pg.port,
+        dbname: pg.dbname.clone(),
+        user: pg.user.clone(),
+        password: pg.password.clone(),
+        max_connections: pg.max_connections,
+    };
+    let mut cfg = Config::for_test(std::env::temp_dir());
+    cfg.storage = storage.clone();
+    let r1 = Relay::bind(cfg).await.unwrap().spawn();
+    // Relay 2 finds relay 1 by resolving a name (as with a headless Service).
+    let mut cfg = Config::for_test(std::env::temp_dir());
+    cfg.storage = storage;
+    cfg.peer_dns = Some(format!("localhost:{}", r1.addr.port()));
+    let r2 = Relay::bind(cfg).await.unwrap().spawn();
+    for _ in 0..500 {
+        if r2.shared.metrics.peer_links.get() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(r2.shared.metrics.peer_links.get() >= 1, "no link from DNS");
+    let mut a = Client::connect(&r2.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    let mut b = Client::connect(&r1.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    a.send_text(b.key(), "found you").await.unwrap();
+    assert_eq!(
+        b.next_delivery().await.unwrap().envelope.payload.0,
+        b"found you"
+    );
+}

@@ -435,16 +435,25 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
             }
             if let Ok(t) = serde_json::from_str::<TypeOnly>(text) {
                 if !CLIENT_FRAME_TYPES.contains(&t.kind.as_str()) {
-                    let mut name = t.kind;
-                    name.truncate(64);
-                    return Err(DecodeError::UnknownType(name));
+                    return Err(DecodeError::UnknownType(truncate_utf8(t.kind, 64)));
                 }
             }
-            let mut msg = err.to_string();
-            msg.truncate(256);
-            Err(DecodeError::Malformed(msg))
+            Err(DecodeError::Malformed(truncate_utf8(err.to_string(), 256)))
         }
     }
+}
+
+/// Shortens `s` to at most `max` bytes without splitting a character (`String::truncate`
+/// panics inside a multi-byte character, and error text may echo client input).
+pub fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
 }
 
 /// Domain-separation prefix of the authentication signature.
@@ -584,6 +593,17 @@ mod tests {
     }
 
     #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate_utf8("ééé".into(), 3), "é");
+        assert_eq!(truncate_utf8("abc".into(), 5), "abc");
+        let long_type = format!(r#"{{"type":"{}"}}"#, "é".repeat(100));
+        let Err(DecodeError::UnknownType(t)) = decode_client_frame(&long_type) else {
+            panic!("expected unknown type")
+        };
+        assert!(t.len() <= 64);
+    }
+
+    #[test]
     fn error_frame_uses_ref_field() {
         let f = ServerFrame::Error {
             code: ErrorCode::RateLimited,
@@ -613,6 +633,8 @@ mod fuzz {
             Just("profile_publish".to_string()),
             Just("ping".to_string()),
             "[a-z_]{0,12}",
+            // Long non-ASCII names exercise the truncation of error messages.
+            "\\PC{60,90}",
         ];
         let value = prop_oneof![
             Just("null".to_string()),

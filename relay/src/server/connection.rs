@@ -903,6 +903,9 @@ impl Session {
                     "stored unacknowledged live messages of a closed session"
                 );
                 if outcomes.iter().any(is_new) {
+                    // A newer session of the same key may already be live (here or on
+                    // another relay) and must pick these up now, not at its next wake.
+                    c.shared.wake_local(&self.key);
                     c.shared.cluster.wake(self.key);
                 }
             }
