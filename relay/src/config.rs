@@ -81,9 +81,9 @@ pub struct Cli {
     /// Close a client whose socket accepts no data for this long (slow reader).
     #[arg(long, env = "DCHAT_WRITE_TIMEOUT", default_value = "10s")]
     pub write_timeout: String,
-    /// Total time allowed for a drain after SIGTERM.
-    #[arg(long, env = "DCHAT_DRAIN_GRACE", default_value = "25s")]
-    pub drain_grace: String,
+    /// Total time allowed for a drain after SIGTERM (keep below the pod's grace period).
+    #[arg(long, env = "DCHAT_DRAIN_TIMEOUT", default_value = "25s")]
+    pub drain_timeout: String,
     /// Time between readiness turning false and closing connections (lets load balancers see it).
     #[arg(long, env = "DCHAT_DRAIN_DELAY", default_value = "0s")]
     pub drain_delay: String,
@@ -292,20 +292,27 @@ impl Config {
             .filter(|p| !p.is_empty())
             .map(|p| ws_url("DCHAT_PEERS", p))
             .collect::<Result<Vec<_>, _>>()?;
+        let listen = addr("DCHAT_LISTEN", &cli.listen)?;
         let peer_dns = match cli.peer_dns.trim() {
             "" => None,
             v => {
-                let (host, port) = v.rsplit_once(':').ok_or_else(|| {
-                    bad(
+                // `name` (the headless Service; peers listen on our own port) or `name:port`.
+                let (host, port) = match v.rsplit_once(':') {
+                    Some((h, p)) => (
+                        h,
+                        p.parse::<u16>()
+                            .map_err(|_| bad("DCHAT_PEER_DNS", v, "port must be 1-65535"))?,
+                    ),
+                    None => (v, listen.port()),
+                };
+                if host.is_empty() || port == 0 || host.contains(char::is_whitespace) {
+                    return Err(bad(
                         "DCHAT_PEER_DNS",
                         v,
-                        "expected host:port of the headless Service",
-                    )
-                })?;
-                if host.is_empty() || port.parse::<u16>().is_err() {
-                    return Err(bad("DCHAT_PEER_DNS", v, "expected host:port"));
+                        "expected the headless Service name, optionally with :port",
+                    ));
                 }
-                Some(v.to_string())
+                Some(format!("{host}:{port}"))
             }
         };
         let chain_rpc = match cli.chain_rpc.trim() {
@@ -345,7 +352,7 @@ impl Config {
             return Err(bad("RUST_LOG", &cli.log, "not a valid log filter"));
         }
         Ok(Config {
-            listen: addr("DCHAT_LISTEN", &cli.listen)?,
+            listen,
             metrics_listen: addr("DCHAT_METRICS_LISTEN", &cli.metrics_listen)?,
             storage,
             max_message_bytes: number(
@@ -387,8 +394,8 @@ impl Config {
                 Duration::from_millis(100),
             )?,
             drain_grace: duration(
-                "DCHAT_DRAIN_GRACE",
-                &cli.drain_grace,
+                "DCHAT_DRAIN_TIMEOUT",
+                &cli.drain_timeout,
                 Duration::from_secs(1),
             )?,
             drain_delay: duration("DCHAT_DRAIN_DELAY", &cli.drain_delay, Duration::ZERO)?,

@@ -167,7 +167,7 @@ async fn sigterm_drains_readiness_first_closes_clients_and_keeps_messages() {
     let mut cmd = relay_cmd(dir.path());
     cmd.env("DCHAT_DATA_DIR", &data)
         .env("DCHAT_DRAIN_DELAY", "1s")
-        .env("DCHAT_DRAIN_GRACE", "10s");
+        .env("DCHAT_DRAIN_TIMEOUT", "10s");
     let mut p = spawn(cmd);
     assert_eq!(ready_status(p.addr).await, Some(200));
     let bkey = generate_key().unwrap();

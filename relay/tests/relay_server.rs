@@ -667,3 +667,39 @@ async fn message_sent_right_after_recipient_connects_is_pushed_live() {
         assert_eq!(s.status, SendStatus::Delivered);
     }
 }
+
+#[tokio::test]
+async fn second_connection_of_a_key_replaces_the_first() {
+    let r = start(|_| {}).await;
+    let key = generate_key().unwrap();
+    let mut first = r.client_as(&key).await;
+    let mut second = r.client_as(&key).await;
+    match first.next_delivery().await {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, 4005),
+        other => panic!("{other:?}"),
+    }
+    // The newer connection receives messages.
+    let mut a = r.client().await;
+    a.send_text(second.key(), "to the new one").await.unwrap();
+    assert_eq!(
+        second.next_delivery().await.unwrap().envelope.payload.0,
+        b"to the new one"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused() {
+    let r = start(|c| c.max_connections = 1).await;
+    let _one = r.client().await;
+    match Client::connect(&r.url(), generate_key().unwrap()).await {
+        Err(ClientError::Transport { source, .. }) => {
+            assert!(source.to_string().contains("503"), "{source}");
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("second connection accepted"),
+    }
+    assert_eq!(
+        r.metric("dchat_connections_closed_total{code=\"too_many_connections\"}"),
+        1.0
+    );
+}
