@@ -47,6 +47,7 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
     namespaced,
     status = "DchatClusterStatus",
     doc = "A dchat relay cluster managed by dchat-operator.",
+    derive = "Default",
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -165,6 +166,30 @@ pub struct DchatClusterSpec {
     /// Scheduling and identity settings passed to the relay pods.
     #[serde(default)]
     pub pod: PodSettings,
+}
+
+/// An empty spec (no version), only for tooling that needs a `Default` object; the API
+/// server rejects it because `version` is required and non-empty.
+impl Default for DchatClusterSpec {
+    fn default() -> Self {
+        Self {
+            version: String::new(),
+            image: default_image(),
+            image_pull_policy: ImagePullPolicy::default(),
+            replicas: default_replicas(),
+            resources: ComputeResources::default(),
+            storage: StorageSpec::default(),
+            database: None,
+            relay: RelaySettings::default(),
+            autoscaling: AutoscalingSpec::default(),
+            disruption_budget: DisruptionBudgetSpec::default(),
+            service: ServiceSpec::default(),
+            ingress: IngressSpec::default(),
+            network_policy: NetworkPolicySpec::default(),
+            monitoring: MonitoringSpec::default(),
+            pod: PodSettings::default(),
+        }
+    }
 }
 
 fn default_image() -> String {

@@ -160,6 +160,17 @@ pub struct SerializeError {
     source: serde_json::Error,
 }
 
+impl SerializeError {
+    /// A serialization failure of `kind` `name`.
+    pub fn new(kind: &str, name: &str, source: serde_json::Error) -> Self {
+        Self {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            source,
+        }
+    }
+}
+
 impl Child {
     /// Kind name, e.g. "StatefulSet".
     pub fn kind(&self) -> &'static str {

@@ -22,7 +22,6 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -101,9 +100,6 @@ pub enum Error {
     /// The object lacks a namespace (the CRD is namespaced, so this is a bug).
     #[error("DchatCluster {0} has no namespace")]
     NoNamespace(String),
-    /// Adding or removing the finalizer failed.
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -119,11 +115,6 @@ impl Error {
             },
             Error::Serialize(_) => "serialize",
             Error::NoNamespace(_) => "internal",
-            Error::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "finalizer",
-            },
         }
     }
 
@@ -161,24 +152,100 @@ pub async fn reconcile(cluster: Arc<DchatCluster>, ctx: Arc<Context>) -> Result<
     let span = info_span!("reconcile", cluster = %cluster.name_any(), namespace = %namespace);
     let _timer = ctx.metrics.reconcile_timer();
     ctx.metrics.reconciles.inc();
-    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = finalizer(&api, FINALIZER, cluster, |event| async {
-        match event {
-            FinalizerEvent::Apply(cluster) => apply(cluster, &ctx).await,
-            FinalizerEvent::Cleanup(cluster) => cleanup(cluster, &ctx).await,
+    let result = async {
+        let finalizers = cluster.finalizers();
+        let ours = finalizers.iter().position(|f| f == FINALIZER);
+        match (cluster.meta().deletion_timestamp.is_some(), ours) {
+            (true, Some(index)) => {
+                let action = cleanup(cluster.clone(), &ctx).await?;
+                remove_finalizer(&cluster, &ctx, &namespace, index).await?;
+                Ok(action)
+            }
+            // Being deleted and already cleaned up: nothing to do.
+            (true, None) => Ok(Action::await_change()),
+            (false, None) => {
+                add_finalizer(&cluster, &ctx, &namespace).await?;
+                apply(cluster, &ctx).await
+            }
+            (false, Some(_)) => apply(cluster, &ctx).await,
         }
-    })
+    }
     .instrument(span)
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(inner)
-        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
-        other => Error::Finalizer(Box::new(other)),
-    });
+    .await;
     if let Err(e) = &result {
         ctx.metrics.record_error(e.metric_label());
     }
     result
+}
+
+/// Adds the finalizer, guarded by the resourceVersion read, so that a concurrent
+/// change fails this reconcile (and is retried) instead of being overwritten.
+async fn add_finalizer(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(), Error> {
+    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut ops = vec![json!({
+        "op": "test",
+        "path": "/metadata/resourceVersion",
+        "value": cluster.resource_version(),
+    })];
+    if cluster.meta().finalizers.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}));
+    }
+    let patch: json_patch::Patch = serde_json::from_value(json!(ops)).map_err(|e| {
+        Error::Serialize(SerializeError::new("DchatCluster", &cluster.name_any(), e))
+    })?;
+    api.patch(
+        &cluster.name_any(),
+        &PatchParams::default(),
+        &Patch::<()>::Json(patch),
+    )
+    .await
+    .map_err(kube_error(
+        "adding finalizer to",
+        "DchatCluster",
+        namespace,
+        &cluster.name_any(),
+    ))?;
+    Ok(())
+}
+
+/// Removes the finalizer at `index`, checking it is still ours at that position.
+async fn remove_finalizer(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    index: usize,
+) -> Result<(), Error> {
+    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    let path = format!("/metadata/finalizers/{index}");
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "remove", "path": path},
+    ]))
+    .map_err(|e| Error::Serialize(SerializeError::new("DchatCluster", &cluster.name_any(), e)))?;
+    match api
+        .patch(
+            &cluster.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Already gone: the API server removed it once the last finalizer went.
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(kube_error(
+            "removing finalizer from",
+            "DchatCluster",
+            namespace,
+            &cluster.name_any(),
+        )(e)),
+    }
 }
 
 /// Controller error policy: an invalid spec waits for the next spec change (the watch
