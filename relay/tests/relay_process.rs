@@ -297,6 +297,34 @@ fn cli_keygen_send_and_fetch() {
     // Fetch acknowledged it: a second fetch is empty.
     let out = run(&["fetch", "--key", "bob.key"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hello bob"));
+    // `listen` prints deliveries as they arrive.
+    let mut listener = Command::new(CLI)
+        .current_dir(dir.path())
+        .env("DCHAT_URL", url(&p))
+        .args(["listen", "--key", "bob.key"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = listener.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut got = String::new();
+    for i in 0..50 {
+        // Until the listener is connected, messages are stored and delivered on connect.
+        let out = run(&["send", "--key", "alice.key", &bob, &format!("live {i}")]);
+        assert!(out.status.success());
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            got = line;
+            break;
+        }
+    }
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert!(got.contains("live "), "listen printed {got:?}");
     let out = run(&["profile", "--key", "bob.key", "--name", "Bob"]);
     assert!(
         out.status.success(),

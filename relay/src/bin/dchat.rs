@@ -148,15 +148,33 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({"status": r.status, "seq": r.seq}));
             c.close().await;
         }
-        Cmd::Listen { conn } => {
+        Cmd::Listen { conn } => loop {
             let mut c = connect(&conn).await?;
-            c.set_timeout(Duration::from_secs(3600 * 24 * 365));
-            loop {
-                let d = c.next_delivery().await?;
-                print_delivery(&d)?;
-                c.ack(vec![d.ack_ref()]).await?;
+            // Wait for messages indefinitely; keep the connection alive with pings.
+            c.set_timeout(Duration::from_secs(30));
+            let end = loop {
+                match c.next_delivery().await {
+                    Ok(d) => {
+                        print_delivery(&d)?;
+                        c.ack(vec![d.ack_ref()]).await?;
+                    }
+                    Err(client::ClientError::Timeout(_)) => {
+                        if let Err(e) = c.ping().await {
+                            break e;
+                        }
+                    }
+                    Err(e) => break e,
+                }
+            };
+            match end {
+                // The relay is draining: reconnect (to any relay behind the URL).
+                client::ClientError::Closed { code: 1012, .. } => {
+                    eprintln!("dchat: relay draining; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                e => return Err(e.into()),
             }
-        }
+        },
         Cmd::Fetch { conn, limit } => {
             let mut c = connect(&conn).await?;
             let (ds, more) = c.fetch(limit).await?;
