@@ -78,7 +78,7 @@ def test_reference_is_current() -> None:
     doc = ROOT / "docs" / "crd-reference.md"
     assert doc.exists(), "docs/crd-reference.md missing: run scripts/checks/gen_crd_reference.py"
     assert doc.read_text() == gen.generate(), \
-        "docs/crd-reference.md is stale: run .venv/bin/python scripts/checks/gen_crd_reference.py"
+        "docs/crd-reference.md is stale: run scripts/checks/sync-generated.sh"
 
 
 def test_reference_covers_the_contract_fields() -> None:

@@ -79,7 +79,7 @@ def test_shipped_rules_are_what_the_operator_prints(expected_rules) -> None:
     assert shipped == wanted, (
         "charts/dchat-operator/files/rbac-rules.yaml differs from `dchat-operator rbac`:\n"
         f"missing {sorted(wanted - shipped)}\nextra {sorted(shipped - wanted)}\n"
-        "regenerate: cargo run -q -p dchat-operator -- rbac > charts/dchat-operator/files/rbac-rules.yaml"
+        "regenerate with scripts/checks/sync-generated.sh"
         "")
 
 
@@ -124,10 +124,10 @@ def test_chart_crds_identical_to_generated() -> None:
     top = sorted(p.name for p in CRDS.glob("*.yaml"))
     chart_dir = OPERATOR_CHART / "crds"
     shipped = sorted(p.name for p in chart_dir.glob("*.yaml")) if chart_dir.exists() else []
-    assert shipped == top, f"charts/dchat-operator/crds {shipped} != crds/ {top}; copy crds/*.yaml"
+    assert shipped == top, f"charts/dchat-operator/crds {shipped} != crds/ {top}; run scripts/checks/sync-generated.sh"
     for name in top:
         assert filecmp.cmp(CRDS / name, chart_dir / name, shallow=False), \
-            f"charts/dchat-operator/crds/{name} differs from crds/{name}; copy it again"
+            f"charts/dchat-operator/crds/{name} differs from crds/{name}; run scripts/checks/sync-generated.sh"
 
 
 def test_default_install_objects(rendered) -> None:
