@@ -104,6 +104,10 @@ def test_e2e_uses_kind_loads_images_installs_chart_runs_ignored_tests() -> None:
     assert "helm upgrade --install dchat-operator charts/dchat-operator" in runs
     assert "examples/*.yaml" in runs
     assert "cargo test --locked --workspace -- --ignored" in runs
+    steps = [s.get("run", "") for s in _steps(wf)]
+    tests = next(i for i, r in enumerate(steps) if "-- --ignored" in r)
+    install = next(i for i, r in enumerate(steps) if "helm upgrade --install" in r)
+    assert tests < install, "the in-process e2e controller must not share the cluster with the chart's"
 
 
 def test_release_builds_multi_arch_images_with_sbom_and_scan_and_publishes_charts() -> None:
