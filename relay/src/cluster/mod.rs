@@ -187,7 +187,7 @@ async fn link(shared: Arc<Shared>, base: String, stop: CancellationToken) {
         let mut rx = shared.cluster.tx.subscribe();
         let conn = tokio::select! {
             _ = stop.cancelled() => return,
-            c = tokio_tungstenite::connect_async(url.as_str()) => c,
+            c = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true) => c,
         };
         match conn {
             Ok((mut ws, _)) => {

@@ -411,10 +411,16 @@ impl Session {
         let mut n = 0;
         while let Some(msg) = next.take() {
             c.shared.metrics.outbound_queue_depth.dec();
-            if self.inflight.len() >= c.shared.cfg.max_inflight
-                || self.inflight.contains_key(&(msg.sender, msg.id.clone()))
+            if self.inflight.contains_key(&(msg.sender, msg.id.clone())) {
+                // Already delivered and awaiting its ack on this connection: a second
+                // copy (in memory or in storage) would only be a duplicate.
+                c.shared.metrics.duplicates.inc();
+            } else if !self.handle.live.load(Ordering::Acquire)
+                || self.inflight.len() >= c.shared.cfg.max_inflight
             {
-                // Too many unacknowledged: keep it in storage instead of memory.
+                // Too many unacknowledged: keep it in storage instead of memory. And once
+                // anything went to storage, later pushes follow it there until the pump
+                // has caught up, so a live message never overtakes a stored one.
                 self.handle.live.store(false, Ordering::Release);
                 self.store_for_later(c, &msg).await?;
             } else {

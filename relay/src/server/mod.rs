@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -307,6 +308,13 @@ impl Relay {
         let stop_metrics = CancellationToken::new();
         let background = CancellationToken::new();
 
+        // Small frames must leave at once: Nagle's algorithm with delayed ACKs would
+        // add tens of milliseconds to a push that follows an answer.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let app = http::client_router(shared.clone());
         let stop = stop_accept.clone();
         let mut serve_task = tokio::spawn(async move {
