@@ -344,3 +344,34 @@ def test_checkov_passes_on_the_rendered_chart(rendered, tmp_path) -> None:
         for skipped in report["results"]["skipped_checks"]:
             reason = skipped["check_result"].get("suppress_comment", "")
             assert len(reason) >= 20, f"{name}: {skipped['check_id']} suppressed without a reason"
+
+
+def test_deployment_env_matches_the_operator_cli(rendered) -> None:
+    """Every variable the chart sets is one `dchat-operator run` reads (clap lists them as
+    `[env: NAME=]`), so a renamed flag cannot silently fall back to its default."""
+    import re
+
+    from delivery_lib import OperatorRbacUnavailable, operator_cli
+
+    try:
+        help_text = operator_cli("run", "--help")
+    except OperatorRbacUnavailable as err:
+        pytest.skip(f"`dchat-operator run --help` is not available: {err}")
+    known = set(re.findall(r"\[env: ([A-Z0-9_]+)=", help_text))
+    assert known, "run --help lists no environment variables"
+    # RUST_LOG is read by the tracing filter, not by clap.
+    for name in set(_env(rendered["defaults"])) - {"RUST_LOG"}:
+        assert name in known, f"the chart sets {name}, which `dchat-operator run` does not read"
+    formats = re.search(r"--log-format.*?\[possible values: ([^\]]+)\]", help_text, re.S)
+    assert formats, "run --help lists no log formats"
+    schema_formats = json_schema_enum("operator", "logFormat")
+    assert set(schema_formats) <= {v.strip() for v in formats.group(1).split(",")}
+
+
+def json_schema_enum(*path: str) -> list[str]:
+    import json
+
+    node = json.loads((OPERATOR_CHART / "values.schema.json").read_text())
+    for key in path:
+        node = node["properties"][key]
+    return node["enum"]
