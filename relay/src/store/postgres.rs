@@ -7,9 +7,11 @@
 //! each migration runs exactly once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
@@ -60,11 +62,24 @@ impl std::fmt::Debug for PostgresConfig {
     }
 }
 
-/// The PostgreSQL store.
+/// The PostgreSQL store. Cloning shares the pool and the put writers.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Queue of single puts for the group-commit writers.
+    puts: mpsc::Sender<PutRequest>,
 }
+
+/// One queued `put` and the channel its caller waits on.
+struct PutRequest {
+    msg: StoredMessage,
+    reply: oneshot::Sender<Result<PutOutcome, StoreError>>,
+}
+
+/// Queued puts before callers wait (backpressure beyond this).
+const PUT_QUEUE: usize = 4096;
+/// Most put writers (each one statement, hence one commit, in flight at a time).
+const MAX_PUT_WRITERS: usize = 4;
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,8 +179,14 @@ impl PostgresStore {
                 field: "max_connections",
                 reason: format!("building the connection pool: {e}"),
             })?;
-        let store = PostgresStore { pool };
+        let (puts, rx) = mpsc::channel(PUT_QUEUE);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let store = PostgresStore { pool, puts };
         store.migrate().await?;
+        // Writers stop when the last store handle (and so the last sender) is dropped.
+        for _ in 0..cfg.max_connections.clamp(1, MAX_PUT_WRITERS) {
+            tokio::spawn(put_writer(store.pool.clone(), rx.clone()));
+        }
         tracing::info!(host = %cfg.host, port = cfg.port, db = %cfg.dbname, "postgres store connected");
         Ok(store)
     }
@@ -312,23 +333,80 @@ impl PostgresStore {
     }
 }
 
+/// Group commit for single puts: takes everything queued (up to [`PUT_CHUNK`]) and
+/// stores it with one `insert_batch` statement — one commit, one WAL flush — then
+/// answers each caller. Several writers run so that batches overlap; a writer holds the
+/// queue only while collecting a batch, not while it is being committed.
+async fn put_writer(pool: Pool, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<PutRequest>>>) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < PUT_CHUNK {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let (msgs, replies): (Vec<StoredMessage>, Vec<_>) =
+            batch.into_iter().map(|r| (r.msg, r.reply)).unzip();
+        match put_batch(&pool, &msgs).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    // A caller that gave up is not an error: its message is stored anyway.
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) if replies.len() == 1 => {
+                if let Some(reply) = replies.into_iter().next() {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            Err(e) => {
+                // Each caller gets its own answer. A batch whose commit outcome is unknown
+                // (connection lost) is safe to retry: stored rows come back as Duplicate.
+                tracing::warn!(puts = msgs.len(), error = %e, "batched put failed; retrying one by one");
+                for (m, reply) in msgs.iter().zip(replies) {
+                    let r = put_batch(&pool, std::slice::from_ref(m))
+                        .await
+                        .and_then(|mut o| {
+                            o.pop().ok_or(StoreError::Task {
+                                op: "put",
+                                reason: "no outcome".into(),
+                            })
+                        });
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// One autocommit statement for `msgs` on a pooled connection.
+async fn put_batch(pool: &Pool, msgs: &[StoredMessage]) -> Result<Vec<PutOutcome>, StoreError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|source| StoreError::Pool { op: "put", source })?;
+    PostgresStore::insert_batch(&client, msgs, "put: insert into messages").await
+}
+
 #[async_trait::async_trait]
 impl Store for PostgresStore {
     async fn put(&self, msg: StoredMessage) -> Result<PutOutcome, StoreError> {
         validate_message(&msg)?;
-        let client = self.client("put").await?;
-        // A single autocommit statement: PostgreSQL group-commits concurrent WAL flushes
-        // across connections itself.
-        let mut out = Self::insert_batch(
-            &client,
-            std::slice::from_ref(&msg),
-            "put: insert into messages",
-        )
-        .await?;
-        out.pop().ok_or(StoreError::Task {
-            op: "put",
-            reason: "no outcome".into(),
-        })
+        let (reply, rx) = oneshot::channel();
+        self.puts
+            .send(PutRequest { msg, reply })
+            .await
+            .map_err(|_| StoreError::WriterClosed { op: "put" })?;
+        rx.await
+            .map_err(|_| StoreError::WriterClosed { op: "put" })?
     }
 
     async fn put_many(&self, msgs: Vec<StoredMessage>) -> Result<Vec<PutOutcome>, StoreError> {
