@@ -144,3 +144,27 @@ def test_cli_confirm_exit_codes(capsys) -> None:
     assert deploy.main(["confirm", "--version", "2.0.0", "--typed", "deploy 2.0.0 to production"]) == 0
     assert deploy.main(["confirm", "--version", "2.0.0", "--typed", "deploy"]) == 1
     assert "::error::confirmation mismatch" in capsys.readouterr().out
+
+
+def test_status_fields_the_script_reads_exist_in_the_crd() -> None:
+    """The deploy workflows decide on DchatCluster status; every field and phase the script
+    relies on must be in the generated CRD, or a renamed field would make deploys hang."""
+    from crd_schema import load_crd, version_schema
+    from delivery_lib import CRD_FILE
+
+    if not CRD_FILE.exists():
+        pytest.skip("crds/ not generated yet")
+    crd = load_crd(CRD_FILE)
+    status = version_schema(crd, "v1alpha1")["properties"]["status"]["properties"]
+    for field in ("observedGeneration", "phase", "activeVersion", "activeSlot", "conditions"):
+        assert field in status, f"status.{field} missing from the CRD"
+    phases = set(status["phase"]["enum"])
+    used = set(deploy.TERMINAL_FAILURE_PHASES) | set(deploy.IN_FLIGHT_PHASES) | {"Running"}
+    assert used <= phases, f"phases the script uses but the CRD lacks: {used - phases}"
+    if "rollout" in status:
+        rollout = status["rollout"]["properties"]
+        for field in ("step", "message", "rolledBackFrom"):
+            assert field in rollout, f"status.rollout.{field} missing from the CRD"
+    condition_types = status["conditions"].get("description", "")
+    for kind in ("Ready", "Progressing", "Degraded"):
+        assert kind in condition_types, f"condition {kind} not documented in the CRD"
