@@ -13,12 +13,12 @@ use crate::labels::{self, Component, SLOT_LABEL};
 /// Where the alert runbooks live; each alert links to its page.
 pub const RUNBOOK_BASE: &str = "https://github.com/dchat/dchat-operator/blob/main/docs/runbooks";
 
-/// Relay metric counting frames the relay rejected, by error code.
-pub const METRIC_REJECTED_FRAMES: &str = "dchat_relay_frames_rejected_total";
-/// Relay metric counting frames the relay received.
-pub const METRIC_RECEIVED_FRAMES: &str = "dchat_relay_frames_received_total";
+/// Relay counter of frames answered with an error, by error code.
+pub const METRIC_REJECTED_FRAMES: &str = "dchat_rejected_frames_total";
+/// Relay counter of messages routed (accepted for delivery), by kind.
+pub const METRIC_ROUTED_MESSAGES: &str = "dchat_messages_routed_total";
 /// Relay histogram of delivery latency in seconds.
-pub const METRIC_DELIVERY_LATENCY: &str = "dchat_relay_delivery_latency_seconds";
+pub const METRIC_DELIVERY_LATENCY: &str = "dchat_delivery_latency_seconds";
 
 /// The subset of the Prometheus Operator's ServiceMonitor the operator writes.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -170,7 +170,7 @@ pub fn prometheus_rule(cluster: &DchatCluster) -> Option<PrometheusRule> {
         alert(
             "DchatRelayHighErrorRate",
             format!(
-                "sum(rate({METRIC_REJECTED_FRAMES}{{{scope}}}[5m])) / clamp_min(sum(rate({METRIC_RECEIVED_FRAMES}{{{scope}}}[5m])), 1) > 0.05"
+                "sum(rate({METRIC_REJECTED_FRAMES}{{{scope}}}[5m])) / clamp_min(sum(rate({METRIC_ROUTED_MESSAGES}{{{scope}}}[5m])) + sum(rate({METRIC_REJECTED_FRAMES}{{{scope}}}[5m])), 0.001) > 0.05"
             ),
             "10m",
             "warning",
@@ -257,6 +257,27 @@ mod tests {
         assert!(alerts[0].expr.starts_with("up{"));
         assert!(alerts[2]
             .expr
-            .contains("dchat_relay_delivery_latency_seconds_bucket"));
+            .contains("dchat_delivery_latency_seconds_bucket"));
+    }
+
+    /// The alerts query metrics the relay really exports: each name must be registered
+    /// in the relay's metrics module (prefix `dchat_`, counters get `_total`).
+    #[test]
+    fn alert_metrics_exist_in_the_relay() {
+        let source = include_str!("../../../relay/src/metrics.rs");
+        for metric in [
+            METRIC_REJECTED_FRAMES,
+            METRIC_ROUTED_MESSAGES,
+            METRIC_DELIVERY_LATENCY,
+        ] {
+            let registered = metric
+                .trim_start_matches("dchat_")
+                .trim_end_matches("_total");
+            assert!(
+                source.contains(&format!("\"{registered}\"")),
+                "{metric} is not registered in relay/src/metrics.rs"
+            );
+        }
+        assert!(source.contains("Registry::with_prefix(\"dchat\")"));
     }
 }
