@@ -191,10 +191,6 @@ def test_required_runbooks_exist_and_are_actionable(slug: str) -> None:
     assert "kubectl" in text
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known drift, reported to the operator and relay owners: the operator's PrometheusRule "
-    "queries dchat_relay_* series, the relay exports dchat_* (docs/relay.md); remove this "
-    "marker once the names agree"))
 def test_operator_alerts_query_metrics_the_relay_exports() -> None:
     if not MONITORING_RS.exists() or not METRIC_SOURCES[0].exists():
         pytest.skip("operator monitoring builder or relay metrics not in the tree yet")
