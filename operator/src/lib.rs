@@ -4,6 +4,7 @@
 //! - [`api`]: the `DchatCluster` types, defaults and validation.
 //! - [`labels`]: every name, label and owner reference the operator writes.
 //! - [`build`]: pure builders, one per child kind.
+//! - [`rollout`]: the blue-green rollout state machine (pure).
 //! - [`controller`]: the effects — apply, cleanup, status, events.
 //! - [`render`], [`crd`]: the offline CLI commands.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod quantity;
 pub mod rbac;
 pub mod render;
+pub mod rollout;
 
 #[cfg(test)]
 mod testing;

@@ -14,7 +14,7 @@ pub use validate::{validate, FieldError, ValidationErrors};
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -166,6 +166,12 @@ pub struct DchatClusterSpec {
     /// Scheduling and identity settings passed to the relay pods.
     #[serde(default)]
     pub pod: PodSettings,
+
+    /// How a change of the relay pod template (version, image, resources, relay
+    /// settings, ...) rolls out: blue-green between the two slots, validated before the
+    /// switch, watched after it, rolled back automatically on failure.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
 }
 
 /// An empty spec (no version), only for tooling that needs a `Default` object; the API
@@ -188,6 +194,7 @@ impl Default for DchatClusterSpec {
             network_policy: NetworkPolicySpec::default(),
             monitoring: MonitoringSpec::default(),
             pod: PodSettings::default(),
+            rollout: RolloutSpec::default(),
         }
     }
 }
@@ -776,4 +783,212 @@ pub struct DchatClusterStatus {
     /// Standard conditions: Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The current or last blue-green rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Blue-green rollout settings. A change of the relay pod template starts the idle
+/// slot with the new template, validates it behind the `<name>-preview` Service,
+/// switches the client Service to it, watches it for `postPromotionWindow` (rolling
+/// back to the still-warm old slot on failure) and scales the old slot to zero after
+/// `scaleDownDelay`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.autoPromoteAfter) || !self.autoPromote")
+    .message("rollout.autoPromoteAfter only applies when rollout.autoPromote is false")
+    .field_path(".autoPromoteAfter"))]
+pub struct RolloutSpec {
+    /// Switch traffic as soon as the new version passes validation. When false the
+    /// rollout waits in phase AwaitingPromotion until the annotation
+    /// `dchat.network/promote` is set on the DchatCluster (or `autoPromoteAfter` passes).
+    #[serde(default = "default_true")]
+    pub auto_promote: bool,
+    /// With `autoPromote: false`: promote by itself after waiting this long for manual
+    /// promotion, e.g. "1h". Absent: wait for the annotation however long it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub auto_promote_after: Option<String>,
+    /// Checks the new slot must pass before it gets traffic.
+    #[serde(default)]
+    pub validation: RolloutValidation,
+    /// How long the operator watches the new slot after the switch, e.g. "10m". A relay
+    /// that restarts, crash-loops or stops being ready inside the window switches traffic
+    /// back to the old slot (automatic rollback).
+    #[serde(default = "default_post_promotion_window")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub post_promotion_window: String,
+    /// How long after the switch the old slot keeps running, warm for an instant
+    /// rollback, e.g. "10m". Never shorter in effect than `postPromotionWindow`: the old
+    /// slot scales to zero at the later of the two.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub scale_down_delay: String,
+    /// Longest a rollout step that waits on the cluster (starting the new relays,
+    /// running the smoke test) may take, e.g. "15m". A rollout that exceeds it fails,
+    /// keeps traffic on the old slot and says so in status.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub progress_deadline: String,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            auto_promote: true,
+            auto_promote_after: None,
+            validation: RolloutValidation::default(),
+            post_promotion_window: default_post_promotion_window(),
+            scale_down_delay: default_scale_down_delay(),
+            progress_deadline: default_progress_deadline(),
+        }
+    }
+}
+
+fn default_post_promotion_window() -> String {
+    "10m".into()
+}
+fn default_scale_down_delay() -> String {
+    "10m".into()
+}
+fn default_progress_deadline() -> String {
+    "15m".into()
+}
+
+/// Checks a new slot passes before the switch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutValidation {
+    /// Every relay of the new slot must be Ready within this time of the rollout's
+    /// start, e.g. "10m"; a relay that restarts or crash-loops fails validation at once.
+    #[serde(default = "default_ready_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub ready_timeout: String,
+    /// Run `dchat smoke` (from the new relay image, as a Job) against the preview
+    /// Service: a message to itself must round-trip.
+    #[serde(default = "default_true")]
+    pub smoke_test: bool,
+}
+
+impl Default for RolloutValidation {
+    fn default() -> Self {
+        Self {
+            ready_timeout: default_ready_timeout(),
+            smoke_test: true,
+        }
+    }
+}
+
+fn default_ready_timeout() -> String {
+    "10m".into()
+}
+
+/// Step of a blue-green rollout, as recorded in `status.rollout.step`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum RolloutStep {
+    /// The idle slot runs the new template; waiting for all its relays to be Ready.
+    Preparing,
+    /// The smoke test runs against the preview Service.
+    Validating,
+    /// Validated; waiting for `dchat.network/promote` (or `autoPromoteAfter`).
+    AwaitingPromotion,
+    /// Traffic switched to the new slot; watching it for the post-promotion window.
+    Promoted,
+    /// Window passed; the old slot scales to zero after the scale-down delay.
+    ScalingDown,
+    /// Done: the new version serves and the old slot is at zero.
+    Complete,
+    /// Validation failed or the progress deadline passed; traffic never left the old slot.
+    Failed,
+    /// The new version failed after the switch; traffic went back to the old slot.
+    RolledBack,
+    /// Aborted with `dchat.network/abort`; traffic is on the old slot.
+    Aborted,
+    /// The spec went back to the serving template before the switch; nothing to do.
+    Cancelled,
+}
+
+impl RolloutStep {
+    /// The step's name as written in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Preparing => "Preparing",
+            Self::Validating => "Validating",
+            Self::AwaitingPromotion => "AwaitingPromotion",
+            Self::Promoted => "Promoted",
+            Self::ScalingDown => "ScalingDown",
+            Self::Complete => "Complete",
+            Self::Failed => "Failed",
+            Self::RolledBack => "RolledBack",
+            Self::Aborted => "Aborted",
+            Self::Cancelled => "Cancelled",
+        }
+    }
+
+    /// Whether the rollout is still moving (not a final step).
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            Self::Preparing
+                | Self::Validating
+                | Self::AwaitingPromotion
+                | Self::Promoted
+                | Self::ScalingDown
+        )
+    }
+
+    /// Whether traffic has moved to the new slot.
+    pub fn switched(self) -> bool {
+        matches!(self, Self::Promoted | Self::ScalingDown | Self::Complete)
+    }
+}
+
+impl std::fmt::Display for RolloutStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The current (or last) blue-green rollout. Everything the operator needs to continue
+/// a rollout lives here, so an operator restart resumes at the recorded step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Relay version being rolled out.
+    pub target_version: String,
+    /// Hash of the relay pod template being rolled out.
+    pub target_template_hash: String,
+    /// Slot the new version runs in.
+    pub slot: Slot,
+    /// Version that served when the rollout started (traffic returns to it on rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<String>,
+    /// Pod template hash that served when the rollout started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_template_hash: Option<String>,
+    /// Relay count of the new slot, held steady during the rollout (the serving slot's
+    /// count when the rollout started).
+    pub replicas: i32,
+    /// Current step.
+    pub step: RolloutStep,
+    /// Machine-readable reason of the current step, e.g. "SmokeTestFailed".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What is happening or what went wrong, for people.
+    pub message: String,
+    /// When the rollout started.
+    pub started_at: Time,
+    /// When the current step started.
+    pub step_started_at: Time,
+    /// When traffic switched to the new slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_at: Option<Time>,
+    /// Version traffic was switched back from (set by a rollback or an abort after the
+    /// switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<String>,
+    /// Template hash that failed or was aborted; it is not tried again until the spec
+    /// changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_template_hash: Option<String>,
 }

@@ -105,6 +105,40 @@ pub fn validate(spec: &DchatClusterSpec) -> Result<(), ValidationErrors> {
         Err(e) => fail("spec.monitoring.interval", e.to_string()),
     }
 
+    let rollout = &spec.rollout;
+    for (path, value) in [
+        (
+            "spec.rollout.validation.readyTimeout",
+            Some(&rollout.validation.ready_timeout),
+        ),
+        (
+            "spec.rollout.postPromotionWindow",
+            Some(&rollout.post_promotion_window),
+        ),
+        (
+            "spec.rollout.scaleDownDelay",
+            Some(&rollout.scale_down_delay),
+        ),
+        (
+            "spec.rollout.progressDeadline",
+            Some(&rollout.progress_deadline),
+        ),
+        (
+            "spec.rollout.autoPromoteAfter",
+            rollout.auto_promote_after.as_ref(),
+        ),
+    ] {
+        let Some(value) = value else { continue };
+        match parse_duration(value) {
+            // A zero timeout or deadline would fail every rollout at once.
+            Ok(d) if d.is_zero() && path != "spec.rollout.scaleDownDelay" => {
+                fail(path, "must be greater than zero".into())
+            }
+            Ok(_) => {}
+            Err(e) => fail(path, e.to_string()),
+        }
+    }
+
     if errors.is_empty() {
         Ok(())
     } else {
@@ -183,6 +217,21 @@ mod tests {
     fn zero_storage_is_refused() {
         let errors = errors_of("version: '1'\nstorage: {size: '0'}");
         assert_eq!(errors[0].path, "spec.storage.size");
+    }
+
+    #[test]
+    fn rollout_durations_are_checked() {
+        let errors = errors_of(
+            "version: '1'\nrollout: {validation: {readyTimeout: 0s}, progressDeadline: soon, scaleDownDelay: 0s}",
+        );
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "spec.rollout.validation.readyTimeout",
+                "spec.rollout.progressDeadline"
+            ]
+        );
     }
 
     #[test]

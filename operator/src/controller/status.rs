@@ -241,6 +241,7 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
         ready: Some(format!("{ready_replicas}/{desired}")),
         selector: Some(obs.selector.clone()),
         conditions,
+        rollout: previous.rollout.clone(),
     }
 }
 

@@ -1,0 +1,1004 @@
+//! Blue-green rollouts as a pure state machine.
+//!
+//! [`decide`] takes what the controller knows — the rollout settings, the template the
+//! spec asks for, what serves now, the rollout recorded in status, what it observed of
+//! the two slots, the pods and the smoke test, the promote/abort annotations, and the
+//! time — and returns the next rollout status plus the plan the controller applies:
+//! which slot the client Service selects, which StatefulSets get the desired template,
+//! which keep the one they run, at what size, and whether a smoke test Job must exist.
+//!
+//! No I/O and no clock: the same inputs give the same decision, which is what makes a
+//! rollout resumable after an operator restart (everything it needs is in status) and
+//! what lets the transition table in the tests cover every step, timeout, abort and
+//! supersede.
+
+pub mod smoke;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::{DchatClusterSpec, RolloutStatus, RolloutStep, Slot};
+use crate::quantity::{parse_duration, ParseError};
+
+/// Annotation on the DchatCluster that promotes a rollout waiting in
+/// AwaitingPromotion (any value). The operator removes it once handled.
+pub const PROMOTE_ANNOTATION: &str = "dchat.network/promote";
+/// Annotation on the DchatCluster that aborts the rollout in flight (any value) and
+/// returns traffic to the old slot. The operator removes it once handled.
+pub const ABORT_ANNOTATION: &str = "dchat.network/abort";
+/// Annotation the operator puts on a relay StatefulSet: hash of the pod template it
+/// was given, so a rollout knows whether the slot already runs the target.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "dchat.network/template-hash";
+/// How often an in-flight rollout is looked at: pod restarts are not watched.
+pub const POLL: Duration = Duration::from_secs(10);
+
+/// Reasons recorded in `status.rollout.reason` and used for Events; stable for
+/// alerting and automation.
+pub mod reason {
+    /// A rollout started.
+    pub const STARTED: &str = "RolloutStarted";
+    /// The new slot's relays are ready; the smoke test runs.
+    pub const VALIDATING: &str = "Validating";
+    /// Validated, waiting for promotion.
+    pub const AWAITING_PROMOTION: &str = "AwaitingPromotion";
+    /// Traffic switched to the new slot.
+    pub const PROMOTED: &str = "Promoted";
+    /// The post-promotion window passed without failure.
+    pub const WINDOW_PASSED: &str = "PostPromotionWindowPassed";
+    /// The old slot was scaled to zero; the rollout is complete.
+    pub const COMPLETE: &str = "RolloutComplete";
+    /// The new relays were not all ready within `validation.readyTimeout`.
+    pub const READY_TIMEOUT: &str = "ReadyTimeout";
+    /// A new relay restarted.
+    pub const POD_RESTARTED: &str = "PodRestarted";
+    /// A new relay is crash-looping or cannot start.
+    pub const POD_FAILING: &str = "PodFailing";
+    /// The new slot lost ready relays after the switch.
+    pub const RELAYS_NOT_READY: &str = "RelaysNotReady";
+    /// `dchat smoke` against the preview Service failed.
+    pub const SMOKE_FAILED: &str = "SmokeTestFailed";
+    /// A step took longer than `progressDeadline`.
+    pub const PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
+    /// Aborted with the abort annotation.
+    pub const ABORTED: &str = "Aborted";
+    /// A newer spec replaced the rollout in flight.
+    pub const SUPERSEDED: &str = "Superseded";
+    /// The spec went back to the serving template before the switch.
+    pub const CANCELLED: &str = "Cancelled";
+}
+
+/// The rollout settings of a spec, parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Promote as soon as validated.
+    pub auto_promote: bool,
+    /// Promote by itself after waiting this long for manual promotion.
+    pub auto_promote_after: Option<Duration>,
+    /// Every new relay must be ready this soon after the rollout starts.
+    pub ready_timeout: Duration,
+    /// Run the smoke test Job.
+    pub smoke_test: bool,
+    /// Watch the new slot this long after the switch.
+    pub post_promotion_window: Duration,
+    /// Keep the old slot warm this long after the switch.
+    pub scale_down_delay: Duration,
+    /// Longest a step waiting on the cluster may take.
+    pub progress_deadline: Duration,
+    /// Whether a HorizontalPodAutoscaler owns the serving slot's size.
+    pub autoscaling: bool,
+    /// `spec.replicas`.
+    pub replicas: i32,
+}
+
+/// A rollout setting that is not a valid duration (the operator validates the spec
+/// before it gets here, so this names the field for a clear message if it ever does).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {source}")]
+pub struct SettingsError {
+    /// Path of the field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    #[source]
+    pub source: ParseError,
+}
+
+impl Settings {
+    /// Parses `spec.rollout` (and the scaling fields the plan needs).
+    pub fn from_spec(spec: &DchatClusterSpec) -> Result<Self, SettingsError> {
+        let parse = |field: &'static str, value: &str| {
+            parse_duration(value).map_err(|source| SettingsError { field, source })
+        };
+        let rollout = &spec.rollout;
+        Ok(Self {
+            auto_promote: rollout.auto_promote,
+            auto_promote_after: rollout
+                .auto_promote_after
+                .as_deref()
+                .map(|v| parse("spec.rollout.autoPromoteAfter", v))
+                .transpose()?,
+            ready_timeout: parse(
+                "spec.rollout.validation.readyTimeout",
+                &rollout.validation.ready_timeout,
+            )?,
+            smoke_test: rollout.validation.smoke_test,
+            post_promotion_window: parse(
+                "spec.rollout.postPromotionWindow",
+                &rollout.post_promotion_window,
+            )?,
+            scale_down_delay: parse("spec.rollout.scaleDownDelay", &rollout.scale_down_delay)?,
+            progress_deadline: parse("spec.rollout.progressDeadline", &rollout.progress_deadline)?,
+            autoscaling: spec.autoscaling.enabled,
+            replicas: spec.replicas,
+        })
+    }
+
+    /// Replicas the operator sets on a serving slot: none when the HPA owns the count.
+    fn fixed_replicas(&self) -> Option<i32> {
+        (!self.autoscaling).then_some(self.replicas)
+    }
+}
+
+/// The relay pod template the spec asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `spec.version`.
+    pub version: String,
+    /// Hash of the pod template (slot-independent).
+    pub hash: String,
+}
+
+/// What serves client traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Serving {
+    /// Slot the client Service selects.
+    pub slot: Slot,
+    /// Version it runs; `None` before the cluster first served.
+    pub version: Option<String>,
+    /// Pod template hash it runs; `None` before the cluster first served.
+    pub hash: Option<String>,
+}
+
+/// What the controller saw of one slot's StatefulSet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotState {
+    /// `spec.replicas`.
+    pub replicas: i32,
+    /// `status.readyReplicas`.
+    pub ready: i32,
+    /// The StatefulSet controller saw the latest spec and every pod runs it.
+    pub rolled_out: bool,
+    /// The [`TEMPLATE_HASH_ANNOTATION`] of the StatefulSet.
+    pub template_hash: Option<String>,
+}
+
+/// Problems of the pods running the rollout's target template, one line per pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodHealth {
+    /// Which slot these pods are in; `None` when pods were not looked at.
+    pub slot: Option<Slot>,
+    /// Pods whose containers restarted, e.g. "chat-green-0 restarted 2 times (last exit 1: Error)".
+    pub restarted: Vec<String>,
+    /// Pods crash-looping or unable to start, e.g. "chat-green-1: CrashLoopBackOff".
+    pub failing: Vec<String>,
+}
+
+/// State of the smoke test Job of the rollout in flight.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SmokeState {
+    /// No Job yet (or not looked at).
+    #[default]
+    Absent,
+    /// The Job runs.
+    Running,
+    /// `dchat smoke` passed.
+    Succeeded,
+    /// `dchat smoke` failed; why.
+    Failed(String),
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    /// Name of the DchatCluster (for the smoke Job's name).
+    pub cluster_name: &'a str,
+    /// Rollout settings.
+    pub settings: &'a Settings,
+    /// Template the spec asks for.
+    pub desired: &'a Target,
+    /// What serves, from status.
+    pub serving: &'a Serving,
+    /// Rollout recorded in status.
+    pub rollout: Option<&'a RolloutStatus>,
+    /// The blue StatefulSet, if it exists.
+    pub blue: Option<SlotState>,
+    /// The green StatefulSet, if it exists.
+    pub green: Option<SlotState>,
+    /// Health of the pods of the rollout's slot running the target template.
+    pub pods: PodHealth,
+    /// Smoke test Job of the rollout in flight.
+    pub smoke: SmokeState,
+    /// The promote annotation is set.
+    pub promote: bool,
+    /// The abort annotation is set.
+    pub abort: bool,
+    /// Now.
+    pub now: Timestamp,
+}
+
+impl Input<'_> {
+    fn slot(&self, slot: Slot) -> Option<&SlotState> {
+        match slot {
+            Slot::Blue => self.blue.as_ref(),
+            Slot::Green => self.green.as_ref(),
+        }
+    }
+}
+
+/// Where a StatefulSet's pod template comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Template {
+    /// Rendered from the current spec.
+    Desired,
+    /// Left as the live StatefulSet has it (the old or failed version), only resized.
+    Keep,
+}
+
+/// One relay StatefulSet in the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPlan {
+    /// Which slot.
+    pub slot: Slot,
+    /// Where its template comes from.
+    pub template: Template,
+    /// Replicas to set; `None` leaves the count to the HorizontalPodAutoscaler.
+    pub replicas: Option<i32>,
+}
+
+/// A smoke test Job that must exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmokeRequest {
+    /// Job name (unique per rollout attempt).
+    pub job_name: String,
+    /// Slot under test (behind the preview Service).
+    pub slot: Slot,
+    /// Relay version whose image runs the test.
+    pub version: String,
+}
+
+/// An Event to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// Event reason.
+    pub reason: &'static str,
+    /// Event message.
+    pub message: String,
+}
+
+/// What [`decide`] wants done.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Next `status.rollout`.
+    pub rollout: Option<RolloutStatus>,
+    /// What serves after this reconcile (slot for the client Service and the HPA;
+    /// version and hash for status).
+    pub serving: Serving,
+    /// Whether the serving slot runs the desired template (so status may record
+    /// `spec.version` once it is ready).
+    pub active_is_desired: bool,
+    /// The relay StatefulSets, serving slot first.
+    pub slots: Vec<SlotPlan>,
+    /// Pin the HorizontalPodAutoscaler to this count while a rollout holds scale steady.
+    pub hpa_pin: Option<i32>,
+    /// A smoke test Job that must exist.
+    pub smoke: Option<SmokeRequest>,
+    /// Events to record, in order.
+    pub notes: Vec<Note>,
+    /// Remove the promote annotation (handled or stale).
+    pub consume_promote: bool,
+    /// Remove the abort annotation (handled or stale).
+    pub consume_abort: bool,
+    /// Look again this soon (a rollout is in flight).
+    pub requeue: Option<Duration>,
+}
+
+/// Decides the next rollout step and the plan to apply. Pure: see the module docs.
+pub fn decide(input: &Input<'_>) -> Decision {
+    let mut machine = Machine {
+        input,
+        notes: Vec::new(),
+        consume_promote: false,
+        consume_abort: false,
+    };
+    let mut state = State {
+        serving: input.serving.clone(),
+        rollout: input.rollout.cloned(),
+    };
+    // Each transition may enable the next with the same observations (validated and
+    // auto-promoted in one go); a bound keeps a logic slip from looping forever.
+    for _ in 0..8 {
+        match machine.step(&state) {
+            Some(next) => state = next,
+            None => break,
+        }
+    }
+    machine.finish(state)
+}
+
+/// Serving slot plus rollout record: the whole state.
+#[derive(Clone, Debug, PartialEq)]
+struct State {
+    serving: Serving,
+    rollout: Option<RolloutStatus>,
+}
+
+struct Machine<'i, 'a> {
+    input: &'i Input<'a>,
+    notes: Vec<Note>,
+    consume_promote: bool,
+    consume_abort: bool,
+}
+
+fn elapsed(now: Timestamp, since: &Time) -> Duration {
+    let d = now.duration_since(since.0);
+    if d.is_negative() {
+        Duration::ZERO
+    } else {
+        d.unsigned_abs()
+    }
+}
+
+fn after(at: &Time, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| at.0.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 3600 && secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs >= 60 && secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+/// Name of the smoke Job of a rollout attempt: unique per target and start time, so a
+/// retried template gets a fresh test, and derived from status only, so a restarted
+/// operator finds the Job it created.
+pub fn smoke_job_name(cluster_name: &str, rollout: &RolloutStatus) -> String {
+    use sha2::{Digest, Sha256};
+    let seed = format!(
+        "{}/{}",
+        rollout.target_template_hash,
+        rollout.started_at.0.as_second()
+    );
+    let digest = hex::encode(&Sha256::digest(seed.as_bytes())[..5]);
+    let prefix: String = cluster_name.chars().take(40).collect();
+    format!("{}-smoke-{digest}", prefix.trim_end_matches('-'))
+}
+
+impl Machine<'_, '_> {
+    fn note(&mut self, warning: bool, reason: &'static str, message: String) {
+        self.notes.push(Note {
+            warning,
+            reason,
+            message,
+        });
+    }
+
+    fn now(&self) -> Time {
+        Time(self.input.now)
+    }
+
+    /// One transition, or `None` when the state is settled for these observations.
+    fn step(&mut self, state: &State) -> Option<State> {
+        match &state.rollout {
+            Some(r) if r.step.in_flight() => self.in_flight(state, r),
+            _ => self.idle(state),
+        }
+    }
+
+    /// No rollout moving: start one if the spec asks for a template that does not
+    /// serve and has not just failed.
+    fn idle(&mut self, state: &State) -> Option<State> {
+        let input = self.input;
+        // Annotations outside a rollout have nothing to act on; drop them so they do
+        // not act on a later rollout by surprise.
+        self.consume_promote |= input.promote;
+        self.consume_abort |= input.abort;
+        let serving_hash = state.serving.hash.as_deref()?;
+        if serving_hash == input.desired.hash {
+            return None;
+        }
+        let failed = state
+            .rollout
+            .as_ref()
+            .and_then(|r| r.failed_template_hash.as_deref());
+        if failed == Some(input.desired.hash.as_str()) {
+            return None;
+        }
+        let slot = state.serving.slot.other();
+        let replicas = self.held_replicas(state.serving.slot);
+        Some(State {
+            serving: state.serving.clone(),
+            rollout: Some(self.start(&state.serving, slot, replicas)),
+        })
+    }
+
+    /// The count a new slot starts at: the serving slot's current size (the HPA's
+    /// choice when autoscaling), so the switch does not change capacity.
+    fn held_replicas(&self, serving: Slot) -> i32 {
+        let settings = self.input.settings;
+        let live = self.input.slot(serving).map(|s| s.replicas).unwrap_or(0);
+        if settings.autoscaling && live > 0 {
+            live
+        } else {
+            settings.replicas.max(1)
+        }
+    }
+
+    fn start(&mut self, serving: &Serving, slot: Slot, replicas: i32) -> RolloutStatus {
+        let desired = self.input.desired;
+        let message = format!(
+            "starting {replicas} relay(s) of version {} in slot {slot}",
+            desired.version
+        );
+        self.note(false, reason::STARTED, message.clone());
+        RolloutStatus {
+            target_version: desired.version.clone(),
+            target_template_hash: desired.hash.clone(),
+            slot,
+            from_version: serving.version.clone(),
+            from_template_hash: serving.hash.clone(),
+            replicas,
+            step: RolloutStep::Preparing,
+            reason: Some(reason::STARTED.to_string()),
+            message,
+            started_at: self.now(),
+            step_started_at: self.now(),
+            promoted_at: None,
+            rolled_back_from: None,
+            failed_template_hash: None,
+        }
+    }
+
+    fn in_flight(&mut self, state: &State, r: &RolloutStatus) -> Option<State> {
+        let input = self.input;
+        if input.desired.hash != r.target_template_hash {
+            return Some(self.supersede(state, r));
+        }
+        if input.abort {
+            self.consume_abort = true;
+            return Some(self.abort(state, r));
+        }
+        if r.step.switched() {
+            // Promotion happened; a promote annotation now has nothing to do.
+            self.consume_promote |= input.promote;
+        }
+        let next = match r.step {
+            RolloutStep::Preparing => self.preparing(state, r),
+            RolloutStep::Validating => self.validating(state, r),
+            RolloutStep::AwaitingPromotion => self.awaiting(state, r),
+            RolloutStep::Promoted => self.promoted(state, r),
+            RolloutStep::ScalingDown => self.scaling_down(state, r),
+            _ => None,
+        };
+        // A step that stays put may still refresh its message (progress counts).
+        match next {
+            Some(Progress::Move(next)) => Some(*next),
+            Some(Progress::Message(message)) if message != r.message => {
+                let mut r = r.clone();
+                r.message = message;
+                Some(State {
+                    serving: state.serving.clone(),
+                    rollout: Some(r),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn supersede(&mut self, state: &State, r: &RolloutStatus) -> State {
+        let input = self.input;
+        if !r.step.switched() {
+            if state.serving.hash.as_deref() == Some(input.desired.hash.as_str()) {
+                let mut r = r.clone();
+                let message = format!(
+                    "cancelled: the spec went back to version {} serving from slot {}",
+                    input.desired.version, state.serving.slot
+                );
+                self.note(false, reason::CANCELLED, message.clone());
+                r.step = RolloutStep::Cancelled;
+                r.reason = Some(reason::CANCELLED.to_string());
+                r.message = message;
+                r.step_started_at = self.now();
+                return State {
+                    serving: state.serving.clone(),
+                    rollout: Some(r),
+                };
+            }
+            self.note(
+                false,
+                reason::SUPERSEDED,
+                format!(
+                    "rollout of version {} superseded by version {} before the switch",
+                    r.target_version, input.desired.version
+                ),
+            );
+            return State {
+                serving: state.serving.clone(),
+                rollout: Some(self.start(&state.serving, r.slot, r.replicas)),
+            };
+        }
+        // After the switch the new slot serves: the old slot, still warm, becomes the
+        // next rollout's target.
+        self.note(
+            false,
+            reason::SUPERSEDED,
+            format!(
+                "rollout of version {} superseded by version {} after the switch; version {} keeps serving while slot {} takes the new one",
+                r.target_version, input.desired.version, r.target_version, r.slot.other()
+            ),
+        );
+        let replicas = self.held_replicas(r.slot);
+        State {
+            serving: state.serving.clone(),
+            rollout: Some(self.start(&state.serving, r.slot.other(), replicas)),
+        }
+    }
+
+    fn abort(&mut self, state: &State, r: &RolloutStatus) -> State {
+        let mut next = r.clone();
+        next.step = RolloutStep::Aborted;
+        next.reason = Some(reason::ABORTED.to_string());
+        next.step_started_at = self.now();
+        next.failed_template_hash = Some(r.target_template_hash.clone());
+        let serving = if r.step.switched() {
+            next.rolled_back_from = Some(r.target_version.clone());
+            Serving {
+                slot: r.slot.other(),
+                version: r.from_version.clone(),
+                hash: r.from_template_hash.clone(),
+            }
+        } else {
+            state.serving.clone()
+        };
+        next.message = format!(
+            "aborted at step {}: traffic on slot {} (version {}); version {} is not retried until the spec changes",
+            r.step,
+            serving.slot,
+            serving.version.as_deref().unwrap_or("unknown"),
+            r.target_version
+        );
+        self.note(true, reason::ABORTED, next.message.clone());
+        State {
+            serving,
+            rollout: Some(next),
+        }
+    }
+
+    /// Why the new pods are unhealthy, if they are.
+    fn pod_failure(&self, r: &RolloutStatus) -> Option<(&'static str, String)> {
+        let pods = &self.input.pods;
+        if pods.slot != Some(r.slot) {
+            return None;
+        }
+        if !pods.failing.is_empty() {
+            return Some((reason::POD_FAILING, pods.failing.join("; ")));
+        }
+        if !pods.restarted.is_empty() {
+            return Some((reason::POD_RESTARTED, pods.restarted.join("; ")));
+        }
+        None
+    }
+
+    /// Whether the rollout's slot runs the target with every relay ready; otherwise
+    /// what it waits for.
+    fn slot_ready(&self, r: &RolloutStatus) -> Result<(), String> {
+        let Some(s) = self.input.slot(r.slot) else {
+            return Err(format!("creating StatefulSet of slot {}", r.slot));
+        };
+        if s.template_hash.as_deref() != Some(r.target_template_hash.as_str()) {
+            return Err(format!(
+                "giving slot {} the template of version {}",
+                r.slot, r.target_version
+            ));
+        }
+        if s.replicas != r.replicas {
+            return Err(format!("scaling slot {} to {}", r.slot, r.replicas));
+        }
+        if !s.rolled_out || s.ready < r.replicas {
+            return Err(format!(
+                "{}/{} relays of version {} ready in slot {}",
+                s.ready, r.replicas, r.target_version, r.slot
+            ));
+        }
+        Ok(())
+    }
+
+    fn fail(
+        &mut self,
+        state: &State,
+        r: &RolloutStatus,
+        why: &'static str,
+        detail: String,
+    ) -> State {
+        let mut next = r.clone();
+        next.step = RolloutStep::Failed;
+        next.reason = Some(why.to_string());
+        next.step_started_at = self.now();
+        next.failed_template_hash = Some(r.target_template_hash.clone());
+        next.message = format!(
+            "version {} failed validation ({why}: {detail}); traffic stays on slot {}, slot {} scales to zero; not retried until the spec changes",
+            r.target_version, state.serving.slot, r.slot
+        );
+        self.note(true, why, next.message.clone());
+        State {
+            serving: state.serving.clone(),
+            rollout: Some(next),
+        }
+    }
+
+    fn moved(&mut self, state: &State, r: RolloutStatus) -> Option<Progress> {
+        Some(Progress::Move(Box::new(State {
+            serving: state.serving.clone(),
+            rollout: Some(r),
+        })))
+    }
+
+    fn preparing(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
+        let settings = self.input.settings;
+        if let Some((why, detail)) = self.pod_failure(r) {
+            return Some(Progress::Move(Box::new(self.fail(state, r, why, detail))));
+        }
+        match self.slot_ready(r) {
+            Ok(()) => {
+                if settings.smoke_test {
+                    let mut next = r.clone();
+                    next.step = RolloutStep::Validating;
+                    next.reason = Some(reason::VALIDATING.to_string());
+                    next.step_started_at = self.now();
+                    next.message = format!(
+                        "all {} relays of version {} ready; smoke test against the preview Service",
+                        r.replicas, r.target_version
+                    );
+                    self.note(false, reason::VALIDATING, next.message.clone());
+                    self.moved(state, next)
+                } else {
+                    Some(Progress::Move(Box::new(self.validated(state, r))))
+                }
+            }
+            Err(waiting) => {
+                let now = self.input.now;
+                if elapsed(now, &r.started_at) > settings.ready_timeout {
+                    let detail = format!("{waiting} after {}", human(settings.ready_timeout));
+                    return Some(Progress::Move(Box::new(self.fail(
+                        state,
+                        r,
+                        reason::READY_TIMEOUT,
+                        detail,
+                    ))));
+                }
+                if elapsed(now, &r.step_started_at) > settings.progress_deadline {
+                    let detail = format!(
+                        "{waiting}; no progress for {}",
+                        human(settings.progress_deadline)
+                    );
+                    return Some(Progress::Move(Box::new(self.fail(
+                        state,
+                        r,
+                        reason::PROGRESS_DEADLINE,
+                        detail,
+                    ))));
+                }
+                Some(Progress::Message(waiting))
+            }
+        }
+    }
+
+    fn validating(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
+        if let Some((why, detail)) = self.pod_failure(r) {
+            return Some(Progress::Move(Box::new(self.fail(state, r, why, detail))));
+        }
+        match &self.input.smoke {
+            SmokeState::Succeeded => Some(Progress::Move(Box::new(self.validated(state, r)))),
+            SmokeState::Failed(why) => {
+                let detail = why.clone();
+                Some(Progress::Move(Box::new(self.fail(
+                    state,
+                    r,
+                    reason::SMOKE_FAILED,
+                    detail,
+                ))))
+            }
+            SmokeState::Absent | SmokeState::Running => {
+                let deadline = self.input.settings.progress_deadline;
+                if elapsed(self.input.now, &r.step_started_at) > deadline {
+                    let detail = format!("smoke test did not finish within {}", human(deadline));
+                    return Some(Progress::Move(Box::new(self.fail(
+                        state,
+                        r,
+                        reason::PROGRESS_DEADLINE,
+                        detail,
+                    ))));
+                }
+                None
+            }
+        }
+    }
+
+    /// Validation passed: promote now or wait for a person.
+    fn validated(&mut self, state: &State, r: &RolloutStatus) -> State {
+        if self.input.settings.auto_promote {
+            return self.promote(r, "validated; promoted automatically".into());
+        }
+        if self.input.promote {
+            self.consume_promote = true;
+            return self.promote(
+                r,
+                "validated; promoted by the dchat.network/promote annotation".into(),
+            );
+        }
+        let mut next = r.clone();
+        next.step = RolloutStep::AwaitingPromotion;
+        next.reason = Some(reason::AWAITING_PROMOTION.to_string());
+        next.step_started_at = self.now();
+        let after = self
+            .input
+            .settings
+            .auto_promote_after
+            .map(|d| format!(" (or automatically after {})", human(d)))
+            .unwrap_or_default();
+        next.message = format!(
+            "version {} validated in slot {}; waiting for promotion{after}: kubectl annotate dchatcluster <name> {PROMOTE_ANNOTATION}=true",
+            r.target_version, r.slot
+        );
+        self.note(false, reason::AWAITING_PROMOTION, next.message.clone());
+        State {
+            serving: state.serving.clone(),
+            rollout: Some(next),
+        }
+    }
+
+    fn awaiting(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
+        let input = self.input;
+        if let Some((why, detail)) = self.pod_failure(r) {
+            return Some(Progress::Move(Box::new(self.fail(state, r, why, detail))));
+        }
+        if input.promote {
+            self.consume_promote = true;
+            let how = "promoted by the dchat.network/promote annotation".to_string();
+            return Some(Progress::Move(Box::new(self.promote(r, how))));
+        }
+        if input.settings.auto_promote {
+            let how = "promoted: rollout.autoPromote is now true".to_string();
+            return Some(Progress::Move(Box::new(self.promote(r, how))));
+        }
+        if let Some(after) = input.settings.auto_promote_after {
+            if elapsed(input.now, &r.step_started_at) >= after {
+                let how = format!("promoted automatically after waiting {}", human(after));
+                return Some(Progress::Move(Box::new(self.promote(r, how))));
+            }
+        }
+        None
+    }
+
+    fn promote(&mut self, r: &RolloutStatus, how: String) -> State {
+        let mut next = r.clone();
+        next.step = RolloutStep::Promoted;
+        next.reason = Some(reason::PROMOTED.to_string());
+        next.step_started_at = self.now();
+        next.promoted_at = Some(self.now());
+        next.message = format!(
+            "{how}: version {} serves from slot {}; watching it for {}",
+            r.target_version,
+            r.slot,
+            human(self.input.settings.post_promotion_window)
+        );
+        self.note(false, reason::PROMOTED, next.message.clone());
+        State {
+            serving: Serving {
+                slot: r.slot,
+                version: Some(r.target_version.clone()),
+                hash: Some(r.target_template_hash.clone()),
+            },
+            rollout: Some(next),
+        }
+    }
+
+    fn promoted(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
+        let failure = self.pod_failure(r).or_else(|| {
+            let s = self.input.slot(r.slot)?;
+            (s.ready < s.replicas || s.replicas == 0).then(|| {
+                (
+                    reason::RELAYS_NOT_READY,
+                    format!("{}/{} relays ready in slot {}", s.ready, s.replicas, r.slot),
+                )
+            })
+        });
+        if let Some((why, detail)) = failure {
+            return Some(Progress::Move(Box::new(self.rollback(r, why, detail))));
+        }
+        let promoted_at = r
+            .promoted_at
+            .clone()
+            .unwrap_or_else(|| r.step_started_at.clone());
+        let settings = self.input.settings;
+        if elapsed(self.input.now, &promoted_at) >= settings.post_promotion_window {
+            let mut next = r.clone();
+            next.step = RolloutStep::ScalingDown;
+            next.reason = Some(reason::WINDOW_PASSED.to_string());
+            next.step_started_at = self.now();
+            let due = after(
+                &promoted_at,
+                settings
+                    .post_promotion_window
+                    .max(settings.scale_down_delay),
+            );
+            next.message = format!(
+                "version {} healthy for {}; slot {} scales to zero at {due}",
+                r.target_version,
+                human(settings.post_promotion_window),
+                r.slot.other()
+            );
+            self.note(false, reason::WINDOW_PASSED, next.message.clone());
+            return self.moved(state, next);
+        }
+        None
+    }
+
+    fn rollback(&mut self, r: &RolloutStatus, why: &'static str, detail: String) -> State {
+        let mut next = r.clone();
+        next.step = RolloutStep::RolledBack;
+        next.reason = Some(why.to_string());
+        next.step_started_at = self.now();
+        next.rolled_back_from = Some(r.target_version.clone());
+        next.failed_template_hash = Some(r.target_template_hash.clone());
+        let serving = Serving {
+            slot: r.slot.other(),
+            version: r.from_version.clone(),
+            hash: r.from_template_hash.clone(),
+        };
+        next.message = format!(
+            "version {} failed after the switch ({why}: {detail}); traffic back on slot {} (version {}); not retried until the spec changes",
+            r.target_version,
+            serving.slot,
+            serving.version.as_deref().unwrap_or("unknown")
+        );
+        self.note(true, "RolledBack", next.message.clone());
+        State {
+            serving,
+            rollout: Some(next),
+        }
+    }
+
+    fn scaling_down(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
+        let settings = self.input.settings;
+        let promoted_at = r
+            .promoted_at
+            .clone()
+            .unwrap_or_else(|| r.step_started_at.clone());
+        let wait = settings
+            .post_promotion_window
+            .max(settings.scale_down_delay);
+        if elapsed(self.input.now, &promoted_at) < wait {
+            return None;
+        }
+        let mut next = r.clone();
+        next.step = RolloutStep::Complete;
+        next.reason = Some(reason::COMPLETE.to_string());
+        next.step_started_at = self.now();
+        next.message = format!(
+            "version {} serves from slot {}; slot {} scaled to zero",
+            r.target_version,
+            r.slot,
+            r.slot.other()
+        );
+        self.note(false, reason::COMPLETE, next.message.clone());
+        self.moved(state, next)
+    }
+
+    /// The plan for the settled state.
+    fn finish(self, state: State) -> Decision {
+        let input = self.input;
+        let settings = input.settings;
+        let fixed = settings.fixed_replicas();
+        let active = state.serving.slot;
+        let idle = active.other();
+        let pin = |n: i32| settings.autoscaling.then_some(n);
+        let plan = |active_template, active_replicas, idle_template, idle_replicas| {
+            vec![
+                SlotPlan {
+                    slot: active,
+                    template: active_template,
+                    replicas: active_replicas,
+                },
+                SlotPlan {
+                    slot: idle,
+                    template: idle_template,
+                    replicas: idle_replicas,
+                },
+            ]
+        };
+        let in_flight = state.rollout.as_ref().filter(|r| r.step.in_flight());
+        let (slots, hpa_pin, active_is_desired, smoke) = match in_flight {
+            Some(r) => match r.step {
+                RolloutStep::Promoted => (
+                    plan(Template::Desired, fixed, Template::Keep, Some(r.replicas)),
+                    pin(r.replicas),
+                    true,
+                    None,
+                ),
+                RolloutStep::ScalingDown => (
+                    plan(Template::Desired, fixed, Template::Keep, Some(r.replicas)),
+                    None,
+                    true,
+                    None,
+                ),
+                // Before the switch: the serving slot keeps its template and its size;
+                // the new slot gets the target at the held size.
+                _ => {
+                    let smoke = (r.step == RolloutStep::Validating
+                        && settings.smoke_test
+                        && matches!(input.smoke, SmokeState::Absent | SmokeState::Running))
+                    .then(|| SmokeRequest {
+                        job_name: smoke_job_name(input.cluster_name, r),
+                        slot: r.slot,
+                        version: r.target_version.clone(),
+                    });
+                    (
+                        plan(Template::Keep, fixed, Template::Desired, Some(r.replicas)),
+                        pin(r.replicas),
+                        false,
+                        smoke,
+                    )
+                }
+            },
+            None => {
+                let desired = state.serving.hash.is_none()
+                    || state.serving.hash.as_deref() == Some(input.desired.hash.as_str());
+                let template = if desired {
+                    Template::Desired
+                } else {
+                    Template::Keep
+                };
+                (
+                    plan(template, fixed, Template::Keep, Some(0)),
+                    None,
+                    desired,
+                    None,
+                )
+            }
+        };
+        let requeue = in_flight.map(|_| POLL);
+        Decision {
+            rollout: state.rollout,
+            serving: state.serving,
+            active_is_desired,
+            slots,
+            hpa_pin,
+            smoke,
+            notes: self.notes,
+            consume_promote: self.consume_promote,
+            consume_abort: self.consume_abort,
+            requeue,
+        }
+    }
+}
+
+/// Outcome of a step that did not need the whole state replaced.
+enum Progress {
+    /// A transition.
+    Move(Box<State>),
+    /// Still waiting; this says for what.
+    Message(String),
+}

@@ -1,0 +1,1158 @@
+//! The transition table: (state, observations, time) -> (next step, traffic, plan,
+//! events). Every row is also run a second time from the status the first run produced,
+//! with the same observations, as an operator restart would: it must make no further
+//! transition and record no Event (decisions are resumable and never flap).
+
+use std::time::Duration;
+
+use super::*;
+use crate::api::{RolloutStatus, RolloutStep, Slot};
+use RolloutStep::*;
+use Slot::{Blue, Green};
+use Template::{Desired, Keep};
+
+const T0: i64 = 1_800_000_000;
+const MIN: Duration = Duration::from_secs(60);
+
+fn at(minutes: i64) -> Time {
+    Time(Timestamp::from_second(T0 + minutes * 60).unwrap())
+}
+
+fn hash(version: &str) -> String {
+    format!("hash-{version}")
+}
+
+fn settings() -> Settings {
+    Settings {
+        auto_promote: true,
+        auto_promote_after: None,
+        ready_timeout: 10 * MIN,
+        smoke_test: true,
+        post_promotion_window: 10 * MIN,
+        scale_down_delay: 15 * MIN,
+        progress_deadline: 15 * MIN,
+        autoscaling: false,
+        replicas: 3,
+    }
+}
+
+fn manual() -> Settings {
+    Settings {
+        auto_promote: false,
+        ..settings()
+    }
+}
+
+/// A StatefulSet given `version`'s template with `ready` of `replicas` ready.
+fn sts(version: &str, replicas: i32, ready: i32) -> Option<SlotState> {
+    Some(SlotState {
+        replicas,
+        ready,
+        rolled_out: true,
+        template_hash: Some(hash(version)),
+    })
+}
+
+/// The rollout v1 (blue) -> v2 (green) of 3 relays, started at minute 0, in `step`
+/// since minute `since`; promoted at minute `since` when the step is past the switch.
+fn r(step: RolloutStep, since: i64) -> Option<RolloutStatus> {
+    Some(RolloutStatus {
+        target_version: "v2".into(),
+        target_template_hash: hash("v2"),
+        slot: Green,
+        from_version: Some("v1".into()),
+        from_template_hash: Some(hash("v1")),
+        replicas: 3,
+        step,
+        reason: None,
+        message: format!("{step} (recorded)"),
+        started_at: at(0),
+        step_started_at: at(since),
+        promoted_at: step.switched().then(|| at(since)),
+        rolled_back_from: None,
+        failed_template_hash: matches!(step, Failed | RolledBack | Aborted).then(|| hash("v2")),
+    })
+}
+
+fn crash(slot: Slot) -> PodHealth {
+    PodHealth {
+        slot: Some(slot),
+        restarted: vec![],
+        failing: vec![format!(
+            "chat-{slot}-1: CrashLoopBackOff (last exit 1: Error)"
+        )],
+    }
+}
+
+fn restarted(slot: Slot) -> PodHealth {
+    PodHealth {
+        slot: Some(slot),
+        restarted: vec![format!("chat-{slot}-0 restarted 1 time")],
+        failing: vec![],
+    }
+}
+
+fn healthy(slot: Slot) -> PodHealth {
+    PodHealth {
+        slot: Some(slot),
+        ..PodHealth::default()
+    }
+}
+
+struct Case {
+    name: &'static str,
+    settings: Settings,
+    desired: &'static str,
+    serving: (Slot, Option<&'static str>),
+    rollout: Option<RolloutStatus>,
+    blue: Option<SlotState>,
+    green: Option<SlotState>,
+    pods: PodHealth,
+    smoke: SmokeState,
+    promote: bool,
+    abort: bool,
+    now: i64,
+    // Expected:
+    step: Option<RolloutStep>,
+    reason: Option<&'static str>,
+    target: Option<&'static str>,
+    traffic: (Slot, Option<&'static str>),
+    slots: [(Slot, Template, Option<i32>); 2],
+    hpa_pin: Option<i32>,
+    smoke_job: bool,
+    consume: (bool, bool),
+    notes: &'static [&'static str],
+}
+
+/// Settled on v1 in blue, spec unchanged.
+fn base() -> Case {
+    Case {
+        name: "",
+        settings: settings(),
+        desired: "v1",
+        serving: (Blue, Some("v1")),
+        rollout: None,
+        blue: sts("v1", 3, 3),
+        green: None,
+        pods: PodHealth::default(),
+        smoke: SmokeState::Absent,
+        promote: false,
+        abort: false,
+        now: 0,
+        step: None,
+        reason: None,
+        target: None,
+        traffic: (Blue, Some("v1")),
+        slots: [(Blue, Desired, Some(3)), (Green, Keep, Some(0))],
+        hpa_pin: None,
+        smoke_job: false,
+        consume: (false, false),
+        notes: &[],
+    }
+}
+
+/// A rollout of v2 into green before the switch: blue keeps v1 at 3, green gets v2 at 3.
+const BEFORE_SWITCH: [(Slot, Template, Option<i32>); 2] =
+    [(Blue, Keep, Some(3)), (Green, Desired, Some(3))];
+/// After the switch: green serves v2, blue is held warm at 3.
+const AFTER_SWITCH: [(Slot, Template, Option<i32>); 2] =
+    [(Green, Desired, Some(3)), (Blue, Keep, Some(3))];
+/// Failed or rolled back to blue: blue keeps v1, green (failed v2) goes to zero.
+const BACK_ON_BLUE: [(Slot, Template, Option<i32>); 2] =
+    [(Blue, Keep, Some(3)), (Green, Keep, Some(0))];
+/// Done: green serves v2 from the spec, blue at zero.
+const DONE_ON_GREEN: [(Slot, Template, Option<i32>); 2] =
+    [(Green, Desired, Some(3)), (Blue, Keep, Some(0))];
+
+fn table() -> Vec<Case> {
+    vec![
+        // ---- settled, no rollout
+        Case {
+            name: "settled cluster: nothing to do",
+            ..base()
+        },
+        Case {
+            name: "never served yet: provision in place, no rollout",
+            serving: (Blue, None),
+            desired: "v2",
+            blue: sts("v1", 3, 0),
+            traffic: (Blue, None),
+            ..base()
+        },
+        Case {
+            name: "stale promote and abort annotations without a rollout are removed",
+            promote: true,
+            abort: true,
+            consume: (true, true),
+            ..base()
+        },
+        // ---- start
+        Case {
+            name: "template change starts a rollout into the idle slot",
+            desired: "v2",
+            step: Some(Preparing),
+            reason: Some(reason::STARTED),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            notes: &[reason::STARTED],
+            ..base()
+        },
+        Case {
+            name: "autoscaling: new slot starts at the HPA's current count and the HPA is pinned",
+            settings: Settings {
+                autoscaling: true,
+                ..settings()
+            },
+            desired: "v2",
+            blue: sts("v1", 5, 5),
+            step: Some(Preparing),
+            target: Some("v2"),
+            reason: Some(reason::STARTED),
+            slots: [(Blue, Keep, None), (Green, Desired, Some(5))],
+            hpa_pin: Some(5),
+            notes: &[reason::STARTED],
+            ..base()
+        },
+        // ---- Preparing
+        Case {
+            name: "preparing: waits while new relays start",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 1),
+            now: 5,
+            step: Some(Preparing),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "preparing: a ready slot with the old template is not the target",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v0", 3, 3),
+            now: 1,
+            step: Some(Preparing),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "preparing: all ready, smoke test on -> validating with a smoke Job",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            now: 2,
+            step: Some(Validating),
+            reason: Some(reason::VALIDATING),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            smoke_job: true,
+            notes: &[reason::VALIDATING],
+            ..base()
+        },
+        Case {
+            name: "preparing: all ready, no smoke test, auto-promote -> switch",
+            settings: Settings {
+                smoke_test: false,
+                ..settings()
+            },
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 3),
+            now: 2,
+            step: Some(Promoted),
+            reason: Some(reason::PROMOTED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "preparing: all ready, no smoke test, manual -> awaiting promotion",
+            settings: Settings {
+                smoke_test: false,
+                ..manual()
+            },
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 3),
+            now: 2,
+            step: Some(AwaitingPromotion),
+            reason: Some(reason::AWAITING_PROMOTION),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            notes: &[reason::AWAITING_PROMOTION],
+            ..base()
+        },
+        Case {
+            name: "preparing: a crash-looping relay fails validation even though others are ready",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 3),
+            pods: crash(Green),
+            now: 3,
+            step: Some(Failed),
+            reason: Some(reason::POD_FAILING),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::POD_FAILING],
+            ..base()
+        },
+        Case {
+            name: "preparing: a restarted relay fails validation",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 2),
+            pods: restarted(Green),
+            now: 3,
+            step: Some(Failed),
+            reason: Some(reason::POD_RESTARTED),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::POD_RESTARTED],
+            ..base()
+        },
+        Case {
+            name: "preparing: pod health of another slot is ignored",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 1),
+            pods: crash(Blue),
+            now: 3,
+            step: Some(Preparing),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "preparing: not ready within readyTimeout -> failed, no switch",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 2),
+            now: 11,
+            step: Some(Failed),
+            reason: Some(reason::READY_TIMEOUT),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::READY_TIMEOUT],
+            ..base()
+        },
+        Case {
+            name: "preparing: exactly at readyTimeout still waits",
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 2),
+            now: 10,
+            step: Some(Preparing),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "preparing: progress deadline shorter than readyTimeout fails first",
+            settings: Settings {
+                progress_deadline: 5 * MIN,
+                ..settings()
+            },
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: None,
+            now: 6,
+            step: Some(Failed),
+            reason: Some(reason::PROGRESS_DEADLINE),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::PROGRESS_DEADLINE],
+            ..base()
+        },
+        // ---- Validating
+        Case {
+            name: "validating: smoke Job missing -> it is requested",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            now: 2,
+            step: Some(Validating),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            smoke_job: true,
+            ..base()
+        },
+        Case {
+            name: "validating: smoke Job running -> keep waiting",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            smoke: SmokeState::Running,
+            now: 4,
+            step: Some(Validating),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            smoke_job: true,
+            ..base()
+        },
+        Case {
+            name: "validating: smoke passed, auto-promote -> switch",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            smoke: SmokeState::Succeeded,
+            now: 3,
+            step: Some(Promoted),
+            reason: Some(reason::PROMOTED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "validating: smoke passed, manual -> awaiting promotion",
+            settings: manual(),
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            smoke: SmokeState::Succeeded,
+            now: 3,
+            step: Some(AwaitingPromotion),
+            reason: Some(reason::AWAITING_PROMOTION),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            notes: &[reason::AWAITING_PROMOTION],
+            ..base()
+        },
+        Case {
+            name: "validating: smoke passed, manual, promote set early -> switch and annotation removed",
+            settings: manual(),
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            smoke: SmokeState::Succeeded,
+            promote: true,
+            now: 3,
+            step: Some(Promoted),
+            reason: Some(reason::PROMOTED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            consume: (true, false),
+            notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "validating: promote set while preparing is kept for later",
+            settings: manual(),
+            desired: "v2",
+            rollout: r(Preparing, 0),
+            green: sts("v2", 3, 1),
+            promote: true,
+            now: 1,
+            step: Some(Preparing),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "validating: smoke failed -> failed, no switch",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            smoke: SmokeState::Failed("Job chat-smoke-x failed".into()),
+            now: 3,
+            step: Some(Failed),
+            reason: Some(reason::SMOKE_FAILED),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::SMOKE_FAILED],
+            ..base()
+        },
+        Case {
+            name: "validating: smoke never finishes -> progress deadline",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            smoke: SmokeState::Running,
+            now: 18,
+            step: Some(Failed),
+            reason: Some(reason::PROGRESS_DEADLINE),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::PROGRESS_DEADLINE],
+            ..base()
+        },
+        Case {
+            name: "validating: relay crash during the smoke test fails validation",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            pods: crash(Green),
+            smoke: SmokeState::Running,
+            now: 3,
+            step: Some(Failed),
+            reason: Some(reason::POD_FAILING),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::POD_FAILING],
+            ..base()
+        },
+        // ---- AwaitingPromotion
+        Case {
+            name: "awaiting: waits indefinitely without autoPromoteAfter (no deadline)",
+            settings: manual(),
+            desired: "v2",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 3),
+            now: 3 + 24 * 60,
+            step: Some(AwaitingPromotion),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "awaiting: promote annotation -> switch, annotation removed",
+            settings: manual(),
+            desired: "v2",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 3),
+            promote: true,
+            now: 30,
+            step: Some(Promoted),
+            reason: Some(reason::PROMOTED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            consume: (true, false),
+            notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "awaiting: autoPromoteAfter passed -> switch",
+            settings: Settings {
+                auto_promote_after: Some(60 * MIN),
+                ..manual()
+            },
+            desired: "v2",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 3),
+            now: 63,
+            step: Some(Promoted),
+            reason: Some(reason::PROMOTED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "awaiting: autoPromoteAfter not yet passed -> wait",
+            settings: Settings {
+                auto_promote_after: Some(60 * MIN),
+                ..manual()
+            },
+            desired: "v2",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 3),
+            now: 62,
+            step: Some(AwaitingPromotion),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "awaiting: autoPromote switched on in the spec -> switch",
+            desired: "v2",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 3),
+            now: 5,
+            step: Some(Promoted),
+            reason: Some(reason::PROMOTED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "awaiting: a relay crashes while waiting -> failed, no switch",
+            settings: manual(),
+            desired: "v2",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 2),
+            pods: crash(Green),
+            now: 9,
+            step: Some(Failed),
+            reason: Some(reason::POD_FAILING),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::POD_FAILING],
+            ..base()
+        },
+        // ---- Promoted (post-promotion window)
+        Case {
+            name: "promoted: healthy inside the window -> keep watching, old slot warm",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            now: 8,
+            step: Some(Promoted),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "promoted: crash-loop inside the window -> automatic rollback to warm old slot",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 2),
+            pods: crash(Green),
+            now: 8,
+            step: Some(RolledBack),
+            reason: Some(reason::POD_FAILING),
+            target: Some("v2"),
+            traffic: (Blue, Some("v1")),
+            slots: BACK_ON_BLUE,
+            notes: &["RolledBack"],
+            ..base()
+        },
+        Case {
+            name: "promoted: relays not ready inside the window -> rollback",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 1),
+            now: 4,
+            step: Some(RolledBack),
+            reason: Some(reason::RELAYS_NOT_READY),
+            target: Some("v2"),
+            traffic: (Blue, Some("v1")),
+            slots: BACK_ON_BLUE,
+            notes: &["RolledBack"],
+            ..base()
+        },
+        Case {
+            name: "promoted: window passed healthy -> scaling down later",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            now: 13,
+            step: Some(ScalingDown),
+            reason: Some(reason::WINDOW_PASSED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::WINDOW_PASSED],
+            ..base()
+        },
+        Case {
+            name: "promoted: failure seen after the window end still rolls back (checked first)",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            pods: restarted(Green),
+            now: 14,
+            step: Some(RolledBack),
+            reason: Some(reason::POD_RESTARTED),
+            target: Some("v2"),
+            traffic: (Blue, Some("v1")),
+            slots: BACK_ON_BLUE,
+            notes: &["RolledBack"],
+            ..base()
+        },
+        Case {
+            name: "promoted: window and delay both passed -> scaled down and complete at once",
+            settings: Settings {
+                scale_down_delay: 5 * MIN,
+                ..settings()
+            },
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            now: 13,
+            step: Some(Complete),
+            reason: Some(reason::COMPLETE),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: DONE_ON_GREEN,
+            notes: &[reason::WINDOW_PASSED, reason::COMPLETE],
+            ..base()
+        },
+        Case {
+            name: "promoted: autoscaling keeps the HPA pinned inside the window",
+            settings: Settings {
+                autoscaling: true,
+                ..settings()
+            },
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            now: 5,
+            step: Some(Promoted),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: [(Green, Desired, None), (Blue, Keep, Some(3))],
+            hpa_pin: Some(3),
+            ..base()
+        },
+        // ---- ScalingDown
+        Case {
+            name: "scaling down: before the delay the old slot stays warm, HPA free",
+            settings: Settings {
+                autoscaling: true,
+                ..settings()
+            },
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 4, 4),
+            now: 17,
+            step: Some(ScalingDown),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: [(Green, Desired, None), (Blue, Keep, Some(3))],
+            ..base()
+        },
+        Case {
+            name: "scaling down: delay passed -> old slot to zero, complete",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 3, 3),
+            now: 18,
+            step: Some(Complete),
+            reason: Some(reason::COMPLETE),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: DONE_ON_GREEN,
+            notes: &[reason::COMPLETE],
+            ..base()
+        },
+        Case {
+            name: "complete: settled, no events, no writes wanted",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Complete, 18),
+            green: sts("v2", 3, 3),
+            blue: sts("v1", 0, 0),
+            now: 500,
+            step: Some(Complete),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: DONE_ON_GREEN,
+            ..base()
+        },
+        // ---- final steps never flap
+        Case {
+            name: "failed: the failed template is not retried, however long",
+            desired: "v2",
+            rollout: r(Failed, 11),
+            green: sts("v2", 0, 0),
+            now: 100_000,
+            step: Some(Failed),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            ..base()
+        },
+        Case {
+            name: "rolled back: the failed template is not retried",
+            desired: "v2",
+            rollout: r(RolledBack, 8),
+            green: sts("v2", 0, 0),
+            now: 60,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            ..base()
+        },
+        Case {
+            name: "failed, then the spec changes again -> a new rollout",
+            desired: "v3",
+            rollout: r(Failed, 11),
+            green: sts("v2", 0, 0),
+            now: 60,
+            step: Some(Preparing),
+            reason: Some(reason::STARTED),
+            target: Some("v3"),
+            slots: BEFORE_SWITCH,
+            notes: &[reason::STARTED],
+            ..base()
+        },
+        Case {
+            name: "failed, then the spec goes back to the serving version -> settled",
+            desired: "v1",
+            rollout: r(Failed, 11),
+            green: sts("v2", 0, 0),
+            now: 60,
+            step: Some(Failed),
+            target: Some("v2"),
+            slots: [(Blue, Desired, Some(3)), (Green, Keep, Some(0))],
+            ..base()
+        },
+        // ---- abort
+        Case {
+            name: "abort before the switch -> aborted, traffic stays, not retried",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            abort: true,
+            now: 3,
+            step: Some(Aborted),
+            reason: Some(reason::ABORTED),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            consume: (false, true),
+            notes: &[reason::ABORTED],
+            ..base()
+        },
+        Case {
+            name: "abort inside the window -> traffic back to the old slot",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            abort: true,
+            now: 5,
+            step: Some(Aborted),
+            reason: Some(reason::ABORTED),
+            target: Some("v2"),
+            traffic: (Blue, Some("v1")),
+            slots: BACK_ON_BLUE,
+            consume: (false, true),
+            notes: &[reason::ABORTED],
+            ..base()
+        },
+        Case {
+            name: "abort while scaling down -> traffic back to the still-warm old slot",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 3, 3),
+            abort: true,
+            now: 15,
+            step: Some(Aborted),
+            reason: Some(reason::ABORTED),
+            target: Some("v2"),
+            traffic: (Blue, Some("v1")),
+            slots: BACK_ON_BLUE,
+            consume: (false, true),
+            notes: &[reason::ABORTED],
+            ..base()
+        },
+        Case {
+            name: "abort after completion is stale: removed, nothing moves",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Complete, 18),
+            green: sts("v2", 3, 3),
+            abort: true,
+            now: 30,
+            step: Some(Complete),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: DONE_ON_GREEN,
+            consume: (false, true),
+            ..base()
+        },
+        // ---- supersede
+        Case {
+            name: "supersede before the switch -> restart in the same slot with the new target",
+            desired: "v3",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            now: 3,
+            step: Some(Preparing),
+            reason: Some(reason::STARTED),
+            target: Some("v3"),
+            slots: BEFORE_SWITCH,
+            notes: &[reason::SUPERSEDED, reason::STARTED],
+            ..base()
+        },
+        Case {
+            name: "spec back to the serving version before the switch -> cancelled",
+            desired: "v1",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 3),
+            now: 4,
+            step: Some(Cancelled),
+            reason: Some(reason::CANCELLED),
+            target: Some("v2"),
+            slots: [(Blue, Desired, Some(3)), (Green, Keep, Some(0))],
+            notes: &[reason::CANCELLED],
+            ..base()
+        },
+        Case {
+            name: "supersede after the switch -> new version serves, old slot takes the newer one",
+            desired: "v3",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            now: 5,
+            step: Some(Preparing),
+            reason: Some(reason::STARTED),
+            target: Some("v3"),
+            traffic: (Green, Some("v2")),
+            slots: [(Green, Keep, Some(3)), (Blue, Desired, Some(3))],
+            notes: &[reason::SUPERSEDED, reason::STARTED],
+            ..base()
+        },
+    ]
+}
+
+fn run(case: &Case, rollout: Option<&RolloutStatus>, serving: &Serving) -> Decision {
+    let desired = Target {
+        version: case.desired.into(),
+        hash: hash(case.desired),
+    };
+    decide(&Input {
+        cluster_name: "chat",
+        settings: &case.settings,
+        desired: &desired,
+        serving,
+        rollout,
+        blue: case.blue.clone(),
+        green: case.green.clone(),
+        pods: case.pods.clone(),
+        smoke: case.smoke.clone(),
+        promote: case.promote,
+        abort: case.abort,
+        now: at(case.now).0,
+    })
+}
+
+#[test]
+fn transition_table() {
+    let mut failures = Vec::new();
+    for case in table() {
+        let serving = Serving {
+            slot: case.serving.0,
+            version: case.serving.1.map(Into::into),
+            hash: case.serving.1.map(hash),
+        };
+        let d = run(&case, case.rollout.as_ref(), &serving);
+        let mut check = |what: &str, ok: bool, detail: String| {
+            if !ok {
+                failures.push(format!("[{}] {what}: {detail}", case.name));
+            }
+        };
+        let step = d.rollout.as_ref().map(|r| r.step);
+        check("step", step == case.step, format!("{step:?}"));
+        if let Some(reason) = case.reason {
+            let got = d.rollout.as_ref().and_then(|r| r.reason.clone());
+            check("reason", got.as_deref() == Some(reason), format!("{got:?}"));
+        }
+        let target = d.rollout.as_ref().map(|r| r.target_version.as_str());
+        check("target", target == case.target, format!("{target:?}"));
+        let traffic = (d.serving.slot, d.serving.version.as_deref());
+        check("traffic", traffic == case.traffic, format!("{traffic:?}"));
+        let slots: Vec<(Slot, Template, Option<i32>)> = d
+            .slots
+            .iter()
+            .map(|s| (s.slot, s.template, s.replicas))
+            .collect();
+        check("slots", slots == case.slots, format!("{slots:?}"));
+        check(
+            "hpa pin",
+            d.hpa_pin == case.hpa_pin,
+            format!("{:?}", d.hpa_pin),
+        );
+        check(
+            "smoke job",
+            d.smoke.is_some() == case.smoke_job,
+            format!("{:?}", d.smoke),
+        );
+        let consume = (d.consume_promote, d.consume_abort);
+        check("consume", consume == case.consume, format!("{consume:?}"));
+        let notes: Vec<&str> = d.notes.iter().map(|n| n.reason).collect();
+        check("notes", notes == case.notes, format!("{notes:?}"));
+        let in_flight = d.rollout.as_ref().is_some_and(|r| r.step.in_flight());
+        check(
+            "requeue",
+            d.requeue == in_flight.then_some(POLL),
+            format!("{:?}", d.requeue),
+        );
+        if let Some(r) = &d.rollout {
+            check("message", !r.message.is_empty(), "empty message".into());
+        }
+
+        // Restart: a fresh decision from the stored status with the same observations
+        // changes nothing and records nothing.
+        let again = run(&case, d.rollout.as_ref(), &d.serving);
+        check(
+            "resume: rollout",
+            again.rollout == d.rollout,
+            format!("{:?}", again.rollout.map(|r| (r.step, r.message))),
+        );
+        check(
+            "resume: serving",
+            again.serving == d.serving,
+            format!("{:?}", again.serving),
+        );
+        check(
+            "resume: notes",
+            again.notes.is_empty(),
+            format!("{:?}", again.notes),
+        );
+        check(
+            "resume: plan",
+            again.slots == d.slots && again.smoke == d.smoke,
+            format!("{:?}", again.slots),
+        );
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn failure_messages_say_why_and_where_traffic_is() {
+    let case = Case {
+        desired: "v2",
+        rollout: r(Validating, 2),
+        green: sts("v2", 3, 3),
+        smoke: SmokeState::Failed("Job chat-smoke-x failed: BackoffLimitExceeded".into()),
+        now: 3,
+        ..base()
+    };
+    let serving = Serving {
+        slot: Blue,
+        version: Some("v1".into()),
+        hash: Some(hash("v1")),
+    };
+    let d = run(&case, case.rollout.as_ref(), &serving);
+    let r = d.rollout.unwrap();
+    assert_eq!(r.failed_template_hash.as_deref(), Some("hash-v2"));
+    assert!(r.message.contains("BackoffLimitExceeded"), "{}", r.message);
+    assert!(
+        r.message.contains("traffic stays on slot blue"),
+        "{}",
+        r.message
+    );
+    assert!(d.notes[0].warning);
+}
+
+#[test]
+fn rollback_records_where_it_came_from() {
+    let case = Case {
+        desired: "v2",
+        serving: (Green, Some("v2")),
+        rollout: r(Promoted, 3),
+        green: sts("v2", 3, 3),
+        pods: crash(Green),
+        now: 5,
+        ..base()
+    };
+    let serving = Serving {
+        slot: Green,
+        version: Some("v2".into()),
+        hash: Some(hash("v2")),
+    };
+    let d = run(&case, case.rollout.as_ref(), &serving);
+    let r = d.rollout.unwrap();
+    assert_eq!(r.rolled_back_from.as_deref(), Some("v2"));
+    assert_eq!(r.failed_template_hash.as_deref(), Some("hash-v2"));
+    assert_eq!(d.serving.hash.as_deref(), Some("hash-v1"));
+    assert!(r.message.contains("CrashLoopBackOff"), "{}", r.message);
+    assert!(!d.active_is_desired, "old slot keeps its own template");
+}
+
+#[test]
+fn a_full_rollout_walks_every_step_with_time_passing() {
+    // Drive the machine the way reconciles do, one observation set after another.
+    let settings = settings();
+    let desired = Target {
+        version: "v2".into(),
+        hash: hash("v2"),
+    };
+    let mut serving = Serving {
+        slot: Blue,
+        version: Some("v1".into()),
+        hash: Some(hash("v1")),
+    };
+    let mut rollout: Option<RolloutStatus> = None;
+    let mut steps = Vec::new();
+    let script: Vec<(i64, Option<SlotState>, SmokeState)> = vec![
+        (0, None, SmokeState::Absent),
+        (1, sts("v2", 3, 1), SmokeState::Absent),
+        (2, sts("v2", 3, 3), SmokeState::Absent),
+        (3, sts("v2", 3, 3), SmokeState::Running),
+        (4, sts("v2", 3, 3), SmokeState::Succeeded),
+        (10, sts("v2", 3, 3), SmokeState::Absent),
+        (14, sts("v2", 3, 3), SmokeState::Absent),
+        (18, sts("v2", 3, 3), SmokeState::Absent),
+        (19, sts("v2", 3, 3), SmokeState::Absent),
+    ];
+    for (minute, green, smoke) in script {
+        let d = decide(&Input {
+            cluster_name: "chat",
+            settings: &settings,
+            desired: &desired,
+            serving: &serving,
+            rollout: rollout.as_ref(),
+            blue: sts("v1", 3, 3),
+            green,
+            pods: healthy(Green),
+            smoke,
+            promote: false,
+            abort: false,
+            now: at(minute).0,
+        });
+        serving = d.serving;
+        rollout = d.rollout;
+        steps.push((minute, rollout.as_ref().map(|r| r.step), serving.slot));
+    }
+    assert_eq!(
+        steps,
+        vec![
+            (0, Some(Preparing), Blue),
+            (1, Some(Preparing), Blue),
+            (2, Some(Validating), Blue),
+            (3, Some(Validating), Blue),
+            (4, Some(Promoted), Green),
+            (10, Some(Promoted), Green),
+            (14, Some(ScalingDown), Green),
+            (18, Some(ScalingDown), Green),
+            (19, Some(Complete), Green),
+        ]
+    );
+    let r = rollout.unwrap();
+    assert_eq!(r.promoted_at, Some(at(4)));
+    assert_eq!(r.started_at, at(0));
+}
+
+#[test]
+fn smoke_job_name_is_stable_per_attempt_and_short() {
+    let a = r(Validating, 2).unwrap();
+    let mut b = a.clone();
+    b.started_at = at(7);
+    let name = smoke_job_name("chat", &a);
+    assert_eq!(name, smoke_job_name("chat", &a));
+    assert_ne!(name, smoke_job_name("chat", &b));
+    assert!(name.starts_with("chat-smoke-"));
+    let long = smoke_job_name(&"x".repeat(200), &a);
+    assert!(long.len() <= 63, "{long}");
+}
+
+#[test]
+fn settings_parse_spec_and_name_bad_fields() {
+    let mut spec = crate::testing::spec_from_yaml(
+        "version: '1'\nrollout: {autoPromote: false, autoPromoteAfter: 1h, validation: {readyTimeout: 5m, smokeTest: false}, postPromotionWindow: 2m, scaleDownDelay: 30s, progressDeadline: 20m}",
+    );
+    let s = Settings::from_spec(&spec).unwrap();
+    assert!(!s.auto_promote);
+    assert_eq!(s.auto_promote_after, Some(60 * MIN));
+    assert_eq!(s.ready_timeout, 5 * MIN);
+    assert!(!s.smoke_test);
+    assert_eq!(s.post_promotion_window, 2 * MIN);
+    assert_eq!(s.scale_down_delay, Duration::from_secs(30));
+    assert_eq!(s.progress_deadline, 20 * MIN);
+    spec.rollout.progress_deadline = "soon".into();
+    let err = Settings::from_spec(&spec).unwrap_err();
+    assert_eq!(err.field, "spec.rollout.progressDeadline");
+}
