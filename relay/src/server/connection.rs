@@ -382,12 +382,28 @@ impl Session {
         let shutdown = c.shared.shutdown.clone();
         let kicked = self.handle.kicked.clone();
         let handle = self.handle.clone();
+        // The long-lived futures are created once, not per loop iteration: re-creating
+        // a timer and two cancellation waiters for every frame is measurable at high
+        // message rates. Activity only moves `idle_deadline`; the timer is re-armed when
+        // it fires early.
+        let drained = shutdown.cancelled();
+        let replaced = kicked.cancelled();
+        let idle = sleep_until(c.idle_deadline);
+        let woken = handle.wake.notified();
+        tokio::pin!(drained, replaced, idle, woken);
         loop {
             let step = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Err(End::Close(ErrorCode::Draining, DRAIN_REASON.into())),
-                _ = kicked.cancelled() => Err(End::Close(ErrorCode::Replaced, "another connection authenticated with this key".into())),
-                _ = sleep_until(c.idle_deadline) => Err(End::Close(ErrorCode::IdleTimeout, "idle timeout".into())),
+                _ = &mut drained => Err(End::Close(ErrorCode::Draining, DRAIN_REASON.into())),
+                _ = &mut replaced => Err(End::Close(ErrorCode::Replaced, "another connection authenticated with this key".into())),
+                _ = &mut idle => {
+                    if Instant::now() >= c.idle_deadline {
+                        Err(End::Close(ErrorCode::IdleTimeout, "idle timeout".into()))
+                    } else {
+                        idle.as_mut().reset(c.idle_deadline);
+                        Ok(())
+                    }
+                }
                 m = c.ws.recv() => {
                     c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
                     match m {
@@ -397,7 +413,10 @@ impl Session {
                     }
                 }
                 Some(first) = self.rx.recv() => self.push_batch(c, first).await,
-                _ = handle.wake.notified() => self.pump(c, None).await.map(|_| ()),
+                _ = &mut woken => {
+                    woken.set(handle.wake.notified());
+                    self.pump(c, None).await.map(|_| ())
+                }
             };
             if let Err(end) = step {
                 return end;
