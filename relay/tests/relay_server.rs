@@ -703,3 +703,36 @@ async fn connections_beyond_the_limit_are_refused() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_valid_auth_frame_replayed_on_another_connection_fails() {
+    let r = start(|_| {}).await;
+    let key = generate_key().unwrap();
+    // Connection 1: a genuine, successful authentication, recorded by an eavesdropper.
+    let mut ws1 = connect_raw(&r.url()).await.unwrap();
+    let ServerFrame::Challenge { nonce, .. } = next_frame(&mut ws1).await.unwrap() else {
+        panic!()
+    };
+    let auth = serde_json::to_string(&ClientFrame::Auth {
+        key: public_key(&key),
+        sig: SigHex(key.sign(&auth_message(&nonce.0)).to_bytes()),
+    })
+    .unwrap();
+    ws1.send(Message::Text(auth.clone().into())).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws1).await.unwrap(),
+        ServerFrame::Welcome { .. }
+    ));
+    // Connection 2: the same frame, replayed, does not authenticate.
+    let mut ws2 = connect_raw(&r.url()).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws2).await.unwrap(),
+        ServerFrame::Challenge { .. }
+    ));
+    ws2.send(Message::Text(auth.into())).await.unwrap();
+    assert_eq!(
+        error_code(next_frame(&mut ws2).await.unwrap()),
+        ErrorCode::AuthFailed
+    );
+    assert_eq!(closed(&mut ws2).await.0, 4001);
+}
