@@ -41,7 +41,7 @@ async fn cluster_of_three() -> Vec<RunningRelay> {
     let running: Vec<RunningRelay> = relays.into_iter().map(Relay::spawn).collect();
     // Wait until every relay has its two outgoing links up.
     for r in &running {
-        for _ in 0..500 {
+        for _ in 0..1500 {
             if r.shared.metrics.peer_links.get() == 2 {
                 break;
             }
@@ -133,7 +133,7 @@ async fn peers_are_discovered_through_dns() {
     cfg.storage = storage;
     cfg.peer_dns = Some(format!("localhost:{}", r1.addr.port()));
     let r2 = Relay::bind(cfg).await.unwrap().spawn();
-    for _ in 0..500 {
+    for _ in 0..1500 {
         if r2.shared.metrics.peer_links.get() >= 1 {
             break;
         }

@@ -166,7 +166,7 @@ async fn sigterm_drains_readiness_first_closes_clients_and_keeps_messages() {
     let data = dir.path().join("data");
     let mut cmd = relay_cmd(dir.path());
     cmd.env("DCHAT_DATA_DIR", &data)
-        .env("DCHAT_DRAIN_DELAY", "1s")
+        .env("DCHAT_DRAIN_DELAY", "2s")
         .env("DCHAT_DRAIN_TIMEOUT", "10s");
     let mut p = spawn(cmd);
     assert_eq!(ready_status(p.addr).await, Some(200));
@@ -198,7 +198,7 @@ async fn sigterm_drains_readiness_first_closes_clients_and_keeps_messages() {
         .success());
     // Readiness turns false while the drain delay keeps connections open.
     let mut saw_unready = false;
-    for _ in 0..100 {
+    for _ in 0..500 {
         match ready_status(p.addr).await {
             Some(503) => {
                 saw_unready = true;
