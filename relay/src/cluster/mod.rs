@@ -96,8 +96,14 @@ pub async fn peer_upgrade(
     if !shared.accepting() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
+    // Peer links count against the same connection cap as clients, so the endpoint
+    // cannot be used to exhaust memory.
+    let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    };
     let token = shared.tracker.token();
     crate::server::http::configure_ws(ws, 1 << 20).on_upgrade(move |socket| async move {
+        let _permit = permit;
         let _token = token;
         serve_peer(shared, socket, q.instance).await;
     })
