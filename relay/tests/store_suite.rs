@@ -177,6 +177,16 @@ async fn ack_removes_and_a_retry_after_ack_stays_a_duplicate(h: &Harness) {
     assert_eq!(s.ack(&key(1), &[(key(2), "zz".into())]).await.unwrap(), 0);
     assert_eq!(s.ack(&key(9), &[(key(2), "b".into())]).await.unwrap(), 0);
     assert_eq!(s.ack(&key(1), &[]).await.unwrap(), 0);
+    assert_eq!(
+        s.ack(
+            &key(1),
+            &[(key(2), "nul\0".into()), (key(2), String::new())]
+        )
+        .await
+        .unwrap(),
+        0,
+        "ids that can never be stored match nothing"
+    );
     assert_eq!(ids(&all_pending(&*s, 1).await), ["b"]);
     // The sender retrying an id the recipient already acknowledged must not redeliver it.
     assert_eq!(s.put(msg(1, 2, "a")).await.unwrap(), PutOutcome::Duplicate);

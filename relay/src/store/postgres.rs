@@ -485,6 +485,10 @@ impl Store for PostgresStore {
         recipient: &PublicKey,
         keys: &[(PublicKey, String)],
     ) -> Result<u64, StoreError> {
+        // An id with NUL cannot have been stored (validation refuses it) and PostgreSQL
+        // TEXT cannot even carry it: such keys match nothing, as in the embedded store.
+        let keys: Vec<&(PublicKey, String)> =
+            keys.iter().filter(|(_, id)| !id.contains('\0')).collect();
         if keys.is_empty() {
             return Ok(0);
         }
