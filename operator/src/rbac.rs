@@ -40,6 +40,9 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
         CHILD_VERBS,
     ),
     ("", &["pods"], READ_VERBS),
+    // Rollout smoke tests: the operator reads and creates Jobs; finished ones expire
+    // through ttlSecondsAfterFinished and garbage collection.
+    ("batch", &["jobs"], &["get", "create"]),
     ("events.k8s.io", &["events"], &["create", "patch"]),
     (
         "coordination.k8s.io",

@@ -8,17 +8,18 @@ pub mod diff;
 pub mod status;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -27,13 +28,17 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::api::{validate, DchatCluster, Slot};
+use crate::api::{validate, DchatCluster, RolloutStep, Slot};
 use crate::build::{
-    desired_children, fixed_replicas, managed_kinds, BuildInputs, Child, ErasedChild,
-    SerializeError, SlotDeployment,
+    desired_children, managed_kinds, BuildInputs, Child, ErasedChild, SerializeError,
+    SlotDeployment,
 };
 use crate::labels::{self, FIELD_MANAGER, FINALIZER};
 use crate::metrics::Metrics;
+use crate::rollout::{
+    self, smoke, Decision, PodHealth, Serving, Settings, SlotState, SmokeState, Target, Template,
+    ABORT_ANNOTATION, PROMOTE_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
+};
 use status::{Observation, SlotObservation};
 
 /// Field manager that takes over `spec.replicas` of a StatefulSet for the moment the
@@ -43,6 +48,52 @@ pub const HANDOVER_MANAGER: &str = "dchat-operator-hpa-handover";
 /// How often an unchanged cluster is looked at again; watches trigger everything else.
 const RESYNC: Duration = Duration::from_secs(300);
 
+/// Field manager of the replica-count patches of a slot whose template the operator
+/// leaves alone during a rollout (the old or failed version).
+pub const ROLLOUT_MANAGER: &str = "dchat-operator-rollout";
+
+/// Where a reconcile gets the time from: the system clock in the operator, a
+/// hand-moved one in tests (rollout timeouts are decided on it).
+pub trait Clock: Send + Sync {
+    /// Now.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock that only moves when told to (tests).
+#[derive(Debug)]
+pub struct ManualClock(Mutex<Timestamp>);
+
+impl ManualClock {
+    /// A clock standing at `at`.
+    pub fn new(at: Timestamp) -> Self {
+        Self(Mutex::new(at))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(later) = now.checked_add(by) {
+            *now = later;
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Everything a reconcile needs, shared by all reconciles.
 pub struct Context {
     /// Kubernetes client.
@@ -51,6 +102,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Operator metrics.
     pub metrics: Arc<Metrics>,
+    /// Source of the time rollout steps are measured with.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Context {
@@ -64,7 +117,14 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The same context reading the time from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 }
 
@@ -379,38 +439,66 @@ async fn apply(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Erro
     let namespace = cluster
         .namespace()
         .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
-    let active_slot = cluster
-        .status
-        .as_ref()
-        .map(|s| s.active_slot)
-        .unwrap_or(Slot::Blue);
+    let now = ctx.clock.now();
+    let previous = cluster.status.clone().unwrap_or_default();
+    let active_slot = previous.active_slot;
     let live = observe(&cluster, &ctx.client, &namespace).await?;
     let active_name = labels::statefulset_name(&cluster, active_slot);
     let active_live = live.get("StatefulSet", &active_name);
+    let desired_hash = template_hash(&cluster);
 
-    if let Err(errors) = validate(&cluster.spec) {
-        let message = errors.to_string();
-        let obs = observation(
-            &cluster,
-            active_slot,
-            active_live,
-            Some(message.clone()),
-            None,
-        );
-        write_status(&cluster, ctx, &namespace, obs).await?;
-        return Err(Error::InvalidSpec {
-            cluster: status::display_name(&cluster),
-            message,
-        });
+    let settings = validate(&cluster.spec)
+        .map_err(|e| e.to_string())
+        .and_then(|()| Settings::from_spec(&cluster.spec).map_err(|e| e.to_string()));
+    let settings = match settings {
+        Ok(settings) => settings,
+        Err(message) => {
+            let obs = Observation {
+                invalid_spec: Some(message.clone()),
+                rollout: previous.rollout.clone(),
+                active_is_desired: false,
+                ..observation(&cluster, active_slot, active_live, &desired_hash, now)
+            };
+            write_status(&cluster, ctx, &namespace, obs).await?;
+            return Err(Error::InvalidSpec {
+                cluster: status::display_name(&cluster),
+                message,
+            });
+        }
+    };
+
+    let decision = decide_rollout(
+        &cluster,
+        ctx,
+        &namespace,
+        &live,
+        &settings,
+        &desired_hash,
+        now,
+    )
+    .await?;
+    let serving_slot = decision.serving.slot;
+    let mut deployments = Vec::new();
+    let mut kept = Vec::new();
+    for plan in &decision.slots {
+        let name = labels::statefulset_name(&cluster, plan.slot);
+        let live_sts = live.get("StatefulSet", &name);
+        match (plan.template, live_sts) {
+            (Template::Keep, Some(_)) => kept.push((name, plan.replicas)),
+            // Nothing to keep: an idle slot that never ran stays absent.
+            (Template::Keep, None) if plan.slot != serving_slot => {}
+            // The serving slot must exist; if someone deleted it, recreate it from the
+            // spec rather than serve nothing.
+            (Template::Keep, None) | (Template::Desired, _) => deployments.push(SlotDeployment {
+                slot: plan.slot,
+                replicas: plan.replicas,
+                existing_claims: existing_claims(live_sts),
+            }),
+        }
     }
-
     let inputs = BuildInputs {
-        active_slot,
-        slots: vec![SlotDeployment {
-            slot: active_slot,
-            replicas: fixed_replicas(&cluster),
-            existing_claims: existing_claims(active_live),
-        }],
+        active_slot: serving_slot,
+        slots: deployments,
         monitoring_available: live.monitoring_available,
     };
     if !live.monitoring_available
@@ -420,21 +508,320 @@ async fn apply(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Erro
             "monitoring.coreos.com CRDs not installed; skipping ServiceMonitor and PrometheusRule"
         );
     }
-    let desired = desired_children(&cluster, &inputs);
-    let outcome = apply_children(&cluster, ctx, &namespace, &desired, &live).await;
+    let mut desired = desired_children(&cluster, &inputs);
+    for child in &mut desired {
+        match child {
+            // Records which template a slot was given, so a rollout can tell the new
+            // template from an old one that happens to be ready.
+            Child::StatefulSet(sts) => {
+                sts.metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(TEMPLATE_HASH_ANNOTATION.to_string(), desired_hash.clone());
+            }
+            // Scale is held steady while a rollout compares and switches slots.
+            Child::HorizontalPodAutoscaler(hpa) => {
+                if let (Some(pin), Some(spec)) = (decision.hpa_pin, hpa.spec.as_mut()) {
+                    spec.min_replicas = Some(pin);
+                    spec.max_replicas = pin;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut outcome = apply_children(&cluster, ctx, &namespace, &desired, &kept, &live).await;
+    if outcome.is_ok() {
+        if let Some(request) = &decision.smoke {
+            outcome = ensure_smoke_job(&cluster, ctx, &namespace, request).await;
+        }
+    }
+    for note in &decision.notes {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, &cluster, type_, note.reason, note.message.clone()).await;
+    }
     let reconcile_error = outcome.as_ref().err().map(ToString::to_string);
-    let obs = observation(&cluster, active_slot, active_live, None, reconcile_error);
+    let serving_live = live.get(
+        "StatefulSet",
+        &labels::statefulset_name(&cluster, serving_slot),
+    );
+    let obs = Observation {
+        reconcile_error,
+        rollout: decision.rollout.clone(),
+        active_is_desired: decision.active_is_desired,
+        serving_version: decision.serving.version.clone(),
+        serving_hash: decision.serving.hash.clone(),
+        ..observation(&cluster, serving_slot, serving_live, &desired_hash, now)
+    };
     write_status(&cluster, ctx, &namespace, obs).await?;
     outcome?;
-    Ok(Action::requeue(RESYNC))
+    consume_annotations(&cluster, ctx, &namespace, &decision).await?;
+    Ok(Action::requeue(decision.requeue.unwrap_or(RESYNC)))
+}
+
+/// Observes what the rollout state machine needs and lets it decide.
+async fn decide_rollout(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    live: &LiveChildren,
+    settings: &Settings,
+    desired_hash: &str,
+    now: Timestamp,
+) -> Result<Decision, Error> {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let serving = Serving {
+        slot: previous.active_slot,
+        version: previous.active_version.clone(),
+        hash: previous.active_template_hash.clone(),
+    };
+    let desired = Target {
+        version: cluster.spec.version.clone(),
+        hash: desired_hash.to_string(),
+    };
+    let slot_live = |slot| live.get("StatefulSet", &labels::statefulset_name(cluster, slot));
+    let in_flight = previous.rollout.as_ref().filter(|r| r.step.in_flight());
+    // Pods and the smoke Job are read only while a rollout needs them, so a settled
+    // cluster costs no extra requests.
+    let mut pods = PodHealth::default();
+    let mut smoke_state = SmokeState::Absent;
+    if let Some(r) = in_flight {
+        if r.step != RolloutStep::ScalingDown {
+            pods = observe_pods(
+                cluster,
+                ctx,
+                namespace,
+                r.slot,
+                slot_live(r.slot),
+                &r.target_template_hash,
+            )
+            .await?;
+        }
+        if r.step == RolloutStep::Validating && settings.smoke_test {
+            let name = rollout::smoke_job_name(&cluster.name_any(), r);
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+            let job = jobs
+                .get_opt(&name)
+                .await
+                .map_err(kube_error("reading", "Job", namespace, &name))?;
+            smoke_state = smoke::smoke_state(job.as_ref());
+        }
+    }
+    let annotations = cluster.annotations();
+    let cluster_name = cluster.name_any();
+    let input = rollout::Input {
+        cluster_name: &cluster_name,
+        settings,
+        desired: &desired,
+        serving: &serving,
+        rollout: previous.rollout.as_ref(),
+        blue: slot_state(slot_live(Slot::Blue)),
+        green: slot_state(slot_live(Slot::Green)),
+        pods,
+        smoke: smoke_state,
+        promote: annotations.contains_key(PROMOTE_ANNOTATION),
+        abort: annotations.contains_key(ABORT_ANNOTATION),
+        now,
+    };
+    Ok(rollout::decide(&input))
+}
+
+fn typed_statefulset(live: Option<&DynamicObject>) -> Option<StatefulSet> {
+    serde_json::from_value(serde_json::to_value(live?).ok()?).ok()
+}
+
+/// What the rollout needs to know of a slot's StatefulSet.
+fn slot_state(live: Option<&DynamicObject>) -> Option<SlotState> {
+    let sts = typed_statefulset(live)?;
+    let obs = slot_observation(live)?;
+    Some(SlotState {
+        replicas: obs.desired,
+        ready: obs.ready,
+        rolled_out: obs.rolled_out,
+        template_hash: sts
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TEMPLATE_HASH_ANNOTATION))
+            .cloned(),
+    })
+}
+
+/// Container waiting reasons that mean a relay will not come up by itself.
+const FAILING_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "InvalidImageName",
+    "RunContainerError",
+];
+
+/// Restarts and crash loops of the pods running the rollout's target template in
+/// `slot`. Pods of an older revision of the StatefulSet (being replaced) do not count.
+async fn observe_pods(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    slot: Slot,
+    live: Option<&DynamicObject>,
+    target_hash: &str,
+) -> Result<PodHealth, Error> {
+    let mut health = PodHealth {
+        slot: Some(slot),
+        ..PodHealth::default()
+    };
+    let Some(sts) = typed_statefulset(live) else {
+        return Ok(health);
+    };
+    let given = sts
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TEMPLATE_HASH_ANNOTATION));
+    if given.map(String::as_str) != Some(target_hash) {
+        return Ok(health);
+    }
+    let revision = sts.status.as_ref().and_then(|s| s.update_revision.clone());
+    let selector = labels::slot_selector(cluster, slot)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let pods = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_error("listing", "Pod", namespace, ""))?;
+    for pod in pods.items {
+        let name = pod.name_any();
+        let pod_revision = pod.labels().get("controller-revision-hash");
+        if revision.is_some() && pod_revision != revision.as_ref() {
+            continue;
+        }
+        let statuses = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.clone());
+        for cs in statuses.into_iter().flatten() {
+            if let Some(reason) = cs
+                .state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                .filter(|r| FAILING_REASONS.contains(r))
+            {
+                health.failing.push(format!(
+                    "{name} container {}: {reason}{}",
+                    cs.name,
+                    last_exit(&cs)
+                ));
+            } else if cs.restart_count > 0 {
+                health.restarted.push(format!(
+                    "{name} container {} restarted {} time(s){}",
+                    cs.name,
+                    cs.restart_count,
+                    last_exit(&cs)
+                ));
+            }
+        }
+    }
+    Ok(health)
+}
+
+/// " (last exit 1: Error)" from a container's last termination, kept in status and
+/// Events because the pod and its logs go away when the failed slot scales down.
+fn last_exit(cs: &k8s_openapi::api::core::v1::ContainerStatus) -> String {
+    cs.last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .map(|t| {
+            let mut out = format!(" (last exit {}", t.exit_code);
+            if let Some(reason) = &t.reason {
+                out.push_str(&format!(": {reason}"));
+            }
+            if let Some(message) = t.message.as_deref().filter(|m| !m.is_empty()) {
+                let short: String = message.chars().take(200).collect();
+                out.push_str(&format!(", {short}"));
+            }
+            out.push(')');
+            out
+        })
+        .unwrap_or_default()
+}
+
+/// Creates the smoke test Job unless it exists.
+async fn ensure_smoke_job(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    request: &rollout::SmokeRequest,
+) -> Result<(), Error> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = jobs.get_opt(&request.job_name).await.map_err(kube_error(
+        "reading",
+        "Job",
+        namespace,
+        &request.job_name,
+    ))?;
+    if existing.is_some() {
+        return Ok(());
+    }
+    let job = smoke::smoke_job(cluster, request);
+    info!(job = %request.job_name, slot = %request.slot, "creating smoke test Job");
+    match jobs.create(&PostParams::default(), &job).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(kube_error("creating", "Job", namespace, &request.job_name)(
+            e,
+        )),
+    }
+}
+
+/// Removes the promote/abort annotations the rollout handled (or found stale), after
+/// status recorded what they did, so a lost write only repeats a no-op.
+async fn consume_annotations(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    decision: &Decision,
+) -> Result<(), Error> {
+    let annotations = cluster.annotations();
+    let mut remove = serde_json::Map::new();
+    if decision.consume_promote && annotations.contains_key(PROMOTE_ANNOTATION) {
+        remove.insert(PROMOTE_ANNOTATION.into(), serde_json::Value::Null);
+    }
+    if decision.consume_abort && annotations.contains_key(ABORT_ANNOTATION) {
+        remove.insert(ABORT_ANNOTATION.into(), serde_json::Value::Null);
+    }
+    if remove.is_empty() {
+        return Ok(());
+    }
+    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = json!({"metadata": {"annotations": remove}});
+    api.patch(
+        &cluster.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(kube_error(
+        "removing rollout annotations of",
+        "DchatCluster",
+        namespace,
+        &cluster.name_any(),
+    ))?;
+    Ok(())
 }
 
 fn observation(
     cluster: &DchatCluster,
     active_slot: Slot,
     active_live: Option<&DynamicObject>,
-    invalid_spec: Option<String>,
-    reconcile_error: Option<String>,
+    template_hash: &str,
+    now: Timestamp,
 ) -> Observation {
     let selector = labels::slot_selector(cluster, active_slot)
         .iter()
@@ -442,20 +829,27 @@ fn observation(
         .collect::<Vec<_>>()
         .join(",");
     Observation {
-        invalid_spec,
-        reconcile_error,
+        invalid_spec: None,
+        reconcile_error: None,
         active_slot,
         active: slot_observation(active_live),
-        template_hash: template_hash(cluster, active_slot),
+        template_hash: template_hash.to_string(),
         selector,
-        now: Timestamp::now(),
+        now,
+        rollout: cluster.status.as_ref().and_then(|s| s.rollout.clone()),
+        active_is_desired: true,
+        serving_version: None,
+        serving_hash: None,
     }
 }
 
 /// Hash of the relay pod template the spec asks for, recorded in status when it serves.
-fn template_hash(cluster: &DchatCluster, slot: Slot) -> String {
+/// Computed for the blue slot whatever slot serves: the slot only changes labels and
+/// peer DNS names, and a hash that moved with the slot would look like a new template
+/// after every switch.
+fn template_hash(cluster: &DchatCluster) -> String {
     use sha2::{Digest, Sha256};
-    let inputs = BuildInputs::steady(cluster, slot, false);
+    let inputs = BuildInputs::steady(cluster, Slot::Blue, false);
     let template = desired_children(cluster, &inputs)
         .into_iter()
         .find_map(|c| match c {
@@ -471,9 +865,24 @@ async fn apply_children(
     ctx: &Context,
     namespace: &str,
     desired: &[Child],
+    kept: &[(String, Option<i32>)],
     live: &LiveChildren,
 ) -> Result<(), Error> {
     let mut wanted = HashSet::new();
+    // StatefulSets whose template stays as it is (the old or failed version during and
+    // after a rollout): never re-rendered, only resized.
+    for (name, replicas) in kept {
+        wanted.insert(("StatefulSet".to_string(), name.clone()));
+        let current = live
+            .get("StatefulSet", name)
+            .and_then(|o| o.data.pointer("/spec/replicas"))
+            .and_then(serde_json::Value::as_i64);
+        if let Some(replicas) = replicas {
+            if current != Some(i64::from(*replicas)) {
+                scale_statefulset(ctx, namespace, name, *replicas).await?;
+            }
+        }
+    }
     for child in desired {
         let erased = child.erase()?;
         wanted.insert((erased.resource.kind.clone(), erased.name.clone()));
@@ -518,6 +927,31 @@ async fn apply_children(
         )
         .await;
     }
+    Ok(())
+}
+
+/// Sets only `spec.replicas` of a StatefulSet the operator does not re-render. A merge
+/// patch under its own field manager: an apply by the main manager with just the
+/// replica count would drop every other field it owns.
+async fn scale_statefulset(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    replicas: i32,
+) -> Result<(), Error> {
+    info!(%name, replicas, "scaling relay StatefulSet");
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    let params = PatchParams {
+        field_manager: Some(ROLLOUT_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    api.patch(
+        name,
+        &params,
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .map_err(kube_error("scaling", "StatefulSet", namespace, name))?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{DchatCluster, DchatClusterStatus, Phase, Slot};
+use crate::api::{DchatCluster, DchatClusterStatus, Phase, RolloutStatus, RolloutStep, Slot};
 
 /// Condition type: every relay of the serving slot is ready with the desired template.
 pub const READY: &str = "Ready";
@@ -42,6 +42,12 @@ pub mod reason {
     pub const COMPLETE: &str = "Complete";
     /// Nothing is wrong.
     pub const AS_EXPECTED: &str = "AsExpected";
+    /// A blue-green rollout failed validation; the old version keeps serving.
+    pub const ROLLOUT_FAILED: &str = "RolloutFailed";
+    /// A blue-green rollout failed after the switch; traffic went back.
+    pub const ROLLED_BACK: &str = "RolledBack";
+    /// A blue-green rollout was aborted.
+    pub const ROLLOUT_ABORTED: &str = "RolloutAborted";
 }
 
 /// What a reconcile saw of the serving slot's StatefulSet.
@@ -77,6 +83,15 @@ pub struct Observation {
     pub selector: String,
     /// The time to stamp on conditions that change.
     pub now: Timestamp,
+    /// The rollout to record (from the rollout state machine).
+    pub rollout: Option<RolloutStatus>,
+    /// Whether the serving slot runs the template the spec asks for; only then may a
+    /// ready cluster record `spec.version` as serving.
+    pub active_is_desired: bool,
+    /// Version serving according to the rollout (promotion and rollback change it).
+    pub serving_version: Option<String>,
+    /// Template hash serving according to the rollout.
+    pub serving_hash: Option<String>,
 }
 
 struct Verdict {
@@ -118,6 +133,9 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
             degraded: (true, reason::RECONCILE_ERROR, message.clone()),
             stalled: false,
         };
+    }
+    if let Some(v) = rollout_verdict(obs, all_ready, &counts) {
+        return v;
     }
     let served_before = previous.active_version.is_some();
     match &obs.active {
@@ -174,6 +192,51 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
     }
 }
 
+/// The verdict while a rollout moves or after one failed on the template the spec still
+/// asks for; `None` leaves it to the relay counts.
+fn rollout_verdict(obs: &Observation, all_ready: bool, counts: &str) -> Option<Verdict> {
+    let r = obs.rollout.as_ref()?;
+    let ready_reason = if all_ready {
+        reason::ALL_RELAYS_READY
+    } else {
+        reason::RELAYS_NOT_READY
+    };
+    match r.step {
+        RolloutStep::Preparing
+        | RolloutStep::Validating
+        | RolloutStep::AwaitingPromotion
+        | RolloutStep::Promoted => Some(Verdict {
+            phase: if r.step == RolloutStep::AwaitingPromotion {
+                Phase::AwaitingPromotion
+            } else {
+                Phase::Progressing
+            },
+            ready: (all_ready, ready_reason, counts.to_string()),
+            progressing: (true, r.step.as_str(), r.message.clone()),
+            degraded: (false, reason::AS_EXPECTED, counts.to_string()),
+            stalled: false,
+        }),
+        RolloutStep::Failed | RolloutStep::RolledBack | RolloutStep::Aborted
+            if r.failed_template_hash.as_deref() == Some(obs.template_hash.as_str()) =>
+        {
+            let (phase, why) = match r.step {
+                RolloutStep::Failed => (Phase::Degraded, reason::ROLLOUT_FAILED),
+                RolloutStep::RolledBack => (Phase::RolledBack, reason::ROLLED_BACK),
+                _ => (Phase::RolledBack, reason::ROLLOUT_ABORTED),
+            };
+            Some(Verdict {
+                phase,
+                ready: (all_ready, ready_reason, counts.to_string()),
+                progressing: (false, why, r.message.clone()),
+                degraded: (true, why, r.message.clone()),
+                // Nothing moves until the spec changes: kstatus "Stalled".
+                stalled: true,
+            })
+        }
+        _ => None,
+    }
+}
+
 /// The status the cluster should have. Conditions keep their previous
 /// `lastTransitionTime` unless their status flips, so an unchanged cluster yields an
 /// identical status and no write.
@@ -221,7 +284,9 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
         .as_ref()
         .map(|a| (a.replicas, a.ready, a.desired))
         .unwrap_or((0, 0, 0));
-    let serving_now = v.phase == Phase::Running;
+    // The spec's version serves once the slot running the desired template is ready;
+    // otherwise whatever the rollout says serves (promotion and rollback move it).
+    let serving_now = v.phase == Phase::Running && obs.active_is_desired;
     DchatClusterStatus {
         observed_generation: generation,
         phase: v.phase,
@@ -229,19 +294,23 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
         active_version: if serving_now {
             Some(cluster.spec.version.clone())
         } else {
-            previous.active_version.clone()
+            obs.serving_version
+                .clone()
+                .or_else(|| previous.active_version.clone())
         },
         active_template_hash: if serving_now {
             Some(obs.template_hash.clone())
         } else {
-            previous.active_template_hash.clone()
+            obs.serving_hash
+                .clone()
+                .or_else(|| previous.active_template_hash.clone())
         },
         replicas,
         ready_replicas,
         ready: Some(format!("{ready_replicas}/{desired}")),
         selector: Some(obs.selector.clone()),
         conditions,
-        rollout: previous.rollout.clone(),
+        rollout: obs.rollout.clone(),
     }
 }
 
@@ -274,6 +343,10 @@ mod tests {
             template_hash: "t1".into(),
             selector: "app=x".into(),
             now: Timestamp::from_second(1_000).unwrap(),
+            rollout: None,
+            active_is_desired: true,
+            serving_version: None,
+            serving_hash: None,
         }
     }
 
@@ -422,6 +495,109 @@ mod tests {
         assert_eq!(status.phase, Phase::Degraded);
         assert_eq!(cond(&status, DEGRADED).unwrap().message, "2/3 relays ready");
         assert_eq!(status.ready.as_deref(), Some("2/3"));
+    }
+
+    fn rollout(step: RolloutStep, failed: Option<&str>) -> RolloutStatus {
+        RolloutStatus {
+            target_version: "1.1".into(),
+            target_template_hash: "t2".into(),
+            slot: Slot::Green,
+            from_version: Some("1.0".into()),
+            from_template_hash: Some("t1".into()),
+            replicas: 1,
+            step,
+            reason: None,
+            message: format!("{step} message"),
+            started_at: Time(Timestamp::from_second(900).unwrap()),
+            step_started_at: Time(Timestamp::from_second(900).unwrap()),
+            promoted_at: None,
+            rolled_back_from: None,
+            failed_template_hash: failed.map(Into::into),
+        }
+    }
+
+    /// A cluster serving 1.0 (t1) whose spec asks for 1.1 (t2).
+    fn rolling(step: RolloutStep, failed: Option<&str>) -> DchatClusterStatus {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(1)))));
+        cluster.spec.version = "1.1".into();
+        let mut o = obs(Some(ready(1)));
+        o.template_hash = "t2".into();
+        o.rollout = Some(rollout(step, failed));
+        o.active_is_desired = false;
+        compute(&cluster, &o)
+    }
+
+    #[test]
+    fn rollout_steps_map_to_phases_and_conditions() {
+        for (step, phase) in [
+            (RolloutStep::Preparing, Phase::Progressing),
+            (RolloutStep::Validating, Phase::Progressing),
+            (RolloutStep::AwaitingPromotion, Phase::AwaitingPromotion),
+            (RolloutStep::Promoted, Phase::Progressing),
+        ] {
+            let status = rolling(step, None);
+            assert_eq!(status.phase, phase, "{step}");
+            let progressing = cond(&status, PROGRESSING).unwrap();
+            assert_eq!(progressing.status, "True");
+            assert_eq!(progressing.reason, step.as_str());
+            assert_eq!(progressing.message, format!("{step} message"));
+            assert_eq!(cond(&status, READY).unwrap().status, "True");
+            assert_eq!(cond(&status, RECONCILING).unwrap().status, "True");
+            assert!(cond(&status, STALLED).is_none());
+            assert_eq!(status.active_version.as_deref(), Some("1.0"), "{step}");
+            assert_eq!(status.rollout.as_ref().unwrap().step, step);
+        }
+    }
+
+    #[test]
+    fn failed_rollouts_are_degraded_and_stalled_while_the_spec_asks_for_them() {
+        for (step, phase, why) in [
+            (RolloutStep::Failed, Phase::Degraded, reason::ROLLOUT_FAILED),
+            (
+                RolloutStep::RolledBack,
+                Phase::RolledBack,
+                reason::ROLLED_BACK,
+            ),
+            (
+                RolloutStep::Aborted,
+                Phase::RolledBack,
+                reason::ROLLOUT_ABORTED,
+            ),
+        ] {
+            let status = rolling(step, Some("t2"));
+            assert_eq!(status.phase, phase, "{step}");
+            let degraded = cond(&status, DEGRADED).unwrap();
+            assert_eq!(
+                (degraded.status.as_str(), degraded.reason.clone()),
+                ("True", why.to_string())
+            );
+            assert_eq!(cond(&status, STALLED).unwrap().status, "True");
+            assert_eq!(cond(&status, PROGRESSING).unwrap().status, "False");
+            // The old version serves and is ready.
+            assert_eq!(cond(&status, READY).unwrap().status, "True");
+            assert_eq!(status.active_version.as_deref(), Some("1.0"));
+        }
+        // Once the spec asks for something else, the old failure no longer colours status.
+        let status = rolling(RolloutStep::Failed, Some("t9"));
+        assert_eq!(status.phase, Phase::Running);
+    }
+
+    #[test]
+    fn promotion_records_the_new_version_before_the_window_ends() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(1)))));
+        cluster.spec.version = "1.1".into();
+        let mut o = obs(Some(ready(1)));
+        o.template_hash = "t2".into();
+        o.active_slot = Slot::Green;
+        o.rollout = Some(rollout(RolloutStep::Promoted, None));
+        o.serving_version = Some("1.1".into());
+        o.serving_hash = Some("t2".into());
+        let status = compute(&cluster, &o);
+        assert_eq!(status.active_slot, Slot::Green);
+        assert_eq!(status.active_version.as_deref(), Some("1.1"));
+        assert_eq!(status.active_template_hash.as_deref(), Some("t2"));
     }
 
     #[test]

@@ -1,0 +1,665 @@
+//! Blue-green rollout scenarios on the in-memory Kubernetes API: the test plays the
+//! StatefulSet controller, the kubelet (pod restarts, crash loops) and the Job
+//! controller, moves a manual clock, and checks what the operator did after every
+//! reconcile. Every reconcile runs on a fresh operator context — an operator restart
+//! before each step — so the rollout can only progress from what status recorded.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dchat_operator::api::{DchatCluster, Phase, RolloutStep, Slot};
+use dchat_operator::controller::{Context, ManualClock};
+use dchat_operator::metrics::Metrics;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::Harness;
+
+const MIN: Duration = Duration::from_secs(60);
+
+const V1: &str = r#"
+version: '1.0.0'
+replicas: 3
+database: {secretRef: {name: dchat-db}}
+rollout: {postPromotionWindow: 10m, scaleDownDelay: 15m, progressDeadline: 15m, validation: {readyTimeout: 10m}}
+"#;
+
+fn with_version(spec: &str, version: &str) -> String {
+    spec.replace("version: '1.0.0'", &format!("version: '{version}'"))
+}
+
+struct Scenario {
+    h: Harness,
+    clock: Arc<ManualClock>,
+}
+
+impl Scenario {
+    /// A cluster serving `spec` (version 1.0.0) from blue, all relays ready, settled.
+    async fn serving(spec: &str) -> Self {
+        let h = Harness::new(false).await;
+        let clock = Arc::new(ManualClock::new(
+            Timestamp::from_second(1_800_000_000).unwrap(),
+        ));
+        let s = Self { h, clock };
+        s.h.create_cluster("chat", spec).await;
+        s.reconcile().await;
+        s.sts_ready("chat-blue").await;
+        for _ in 0..3 {
+            s.reconcile().await;
+        }
+        let status = s.status().await;
+        assert_eq!(status.phase, Phase::Running);
+        assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
+        s
+    }
+
+    /// One reconcile by a freshly started operator.
+    async fn reconcile(&self) {
+        let ctx = Context::new(
+            self.h.client.clone(),
+            Arc::new(Metrics::new()),
+            Some("restarted".into()),
+        )
+        .with_clock(self.clock.clone());
+        let cluster = self.h.cluster("chat").await;
+        dchat_operator::controller::reconcile(Arc::new(cluster), Arc::new(ctx))
+            .await
+            .unwrap();
+    }
+
+    async fn status(&self) -> dchat_operator::api::DchatClusterStatus {
+        self.h.cluster("chat").await.status.unwrap()
+    }
+
+    async fn step(&self) -> RolloutStep {
+        self.status().await.rollout.expect("a rollout").step
+    }
+
+    async fn sts(&self, name: &str) -> StatefulSet {
+        self.h.api::<StatefulSet>().get(name).await.unwrap()
+    }
+
+    /// `spec.replicas`, defaulted to 1 as the API server would.
+    async fn replicas(&self, name: &str) -> i32 {
+        self.sts(name).await.spec.unwrap().replicas.unwrap_or(1)
+    }
+
+    async fn image(&self, name: &str) -> String {
+        self.sts(name)
+            .await
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .image
+            .clone()
+            .unwrap()
+    }
+
+    async fn selects(&self, service: &str) -> String {
+        let svc = self.h.api::<Service>().get(service).await.unwrap();
+        svc.spec.unwrap().selector.unwrap()["dchat.network/slot"].clone()
+    }
+
+    /// Plays the StatefulSet controller: all desired pods exist and are ready.
+    async fn sts_ready(&self, name: &str) {
+        let replicas = self.replicas(name).await;
+        self.h.set_statefulset_status(name, replicas).await;
+    }
+
+    /// Plays the kubelet: pod `index` of a slot, on the current revision, with its
+    /// relay container in `state` after `restarts` restarts.
+    async fn pod(&self, slot: Slot, index: i32, restarts: i32, waiting: Option<&str>) {
+        let name = format!("chat-{slot}-{index}");
+        let state = match waiting {
+            Some(reason) => json!({"waiting": {"reason": reason}}),
+            None => json!({"running": {}}),
+        };
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": support::NS,
+                "labels": {
+                    "app.kubernetes.io/name": "dchat-relay",
+                    "app.kubernetes.io/instance": "chat",
+                    "dchat.network/slot": slot.as_str(),
+                    "controller-revision-hash": "rev-1",
+                },
+            },
+            "spec": {"containers": [{"name": "relay", "image": "x"}]},
+            "status": {"containerStatuses": [{
+                "name": "relay", "image": "x", "imageID": "", "ready": waiting.is_none(),
+                "restartCount": restarts, "state": state,
+                "lastState": if restarts > 0 {
+                    json!({"terminated": {"exitCode": 101, "reason": "Error"}})
+                } else { json!({}) },
+            }]},
+        }))
+        .unwrap();
+        let api = self.h.api::<Pod>();
+        if api.get_opt(&name).await.unwrap().is_some() {
+            api.delete(&name, &Default::default()).await.unwrap();
+        }
+        api.create(&PostParams::default(), &pod).await.unwrap();
+    }
+
+    async fn healthy_pods(&self, slot: Slot) {
+        for i in 0..3 {
+            self.pod(slot, i, 0, None).await;
+        }
+    }
+
+    /// The smoke Job the operator created for the rollout in flight.
+    async fn smoke_job(&self) -> Job {
+        let jobs = self.h.api::<Job>().list(&Default::default()).await.unwrap();
+        assert_eq!(jobs.items.len(), 1, "one smoke Job");
+        jobs.items.into_iter().next().unwrap()
+    }
+
+    /// Plays the Job controller.
+    async fn finish_smoke(&self, ok: bool) {
+        let name = self.smoke_job().await.metadata.name.unwrap();
+        let (type_, reason) = if ok {
+            ("Complete", "Completed")
+        } else {
+            ("Failed", "BackoffLimitExceeded")
+        };
+        let status = json!({"status": {
+            "succeeded": if ok { 1 } else { 0 },
+            "failed": if ok { 0 } else { 2 },
+            "conditions": [{"type": type_, "status": "True", "reason": reason}],
+        }});
+        self.h
+            .api::<Job>()
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+
+    async fn annotate(&self, key: &str) {
+        let patch = json!({"metadata": {"annotations": {key: "true"}}});
+        self.h
+            .clusters()
+            .patch("chat", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    async fn annotations(&self) -> Vec<String> {
+        let cluster: DchatCluster = self.h.cluster("chat").await;
+        cluster
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .into_keys()
+            .collect()
+    }
+
+    /// Starts the rollout to 1.1.0 and drives it through validation to the switch.
+    async fn promote_v2(&self) {
+        self.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+        self.reconcile().await;
+        assert_eq!(self.step().await, RolloutStep::Preparing);
+        self.sts_ready("chat-green").await;
+        self.healthy_pods(Slot::Green).await;
+        self.reconcile().await;
+        assert_eq!(self.step().await, RolloutStep::Validating);
+        self.reconcile().await;
+        self.finish_smoke(true).await;
+        self.clock.advance(MIN);
+        self.reconcile().await;
+        assert_eq!(self.step().await, RolloutStep::Promoted);
+    }
+}
+
+#[tokio::test]
+async fn full_rollout_validates_switches_watches_and_scales_down() {
+    let s = Scenario::serving(V1).await;
+    s.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+
+    // Prepare: green gets the new template at blue's size; blue and traffic untouched.
+    s.reconcile().await;
+    let status = s.status().await;
+    let rollout = status.rollout.clone().unwrap();
+    assert_eq!(rollout.step, RolloutStep::Preparing);
+    assert_eq!(rollout.slot, Slot::Green);
+    assert_eq!(rollout.target_version, "1.1.0");
+    assert_eq!(rollout.from_version.as_deref(), Some("1.0.0"));
+    assert_eq!(status.phase, Phase::Progressing);
+    assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
+    assert_eq!(s.image("chat-green").await, "ghcr.io/dchat/relay:1.1.0");
+    assert_eq!(s.replicas("chat-green").await, 3);
+    assert_eq!(s.image("chat-blue").await, "ghcr.io/dchat/relay:1.0.0");
+    assert_eq!(s.selects("chat").await, "blue");
+    assert_eq!(s.selects("chat-preview").await, "green");
+    let progressing = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("True", "Preparing")
+    );
+
+    // Not ready yet: stays preparing.
+    s.clock.advance(MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Preparing);
+
+    // Ready: smoke test Job against the preview Service.
+    s.sts_ready("chat-green").await;
+    s.healthy_pods(Slot::Green).await;
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Validating);
+    s.reconcile().await;
+    let job = s.smoke_job().await;
+    let command = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .command
+        .clone()
+        .unwrap();
+    assert_eq!(command[2], "ws://chat-preview.apps.svc:7070/v1/ws");
+    // A restarted operator finds the same Job and does not create another.
+    s.h.reset_calls();
+    s.reconcile().await;
+    assert!(!s.h.writes().iter().any(|c| c.verb == "create"));
+    assert_eq!(s.selects("chat").await, "blue");
+
+    // Smoke passed: the switch, in one apply.
+    s.finish_smoke(true).await;
+    s.clock.advance(MIN);
+    s.reconcile().await;
+    let status = s.status().await;
+    assert_eq!(status.rollout.as_ref().unwrap().step, RolloutStep::Promoted);
+    assert_eq!(status.active_slot, Slot::Green);
+    assert_eq!(status.active_version.as_deref(), Some("1.1.0"));
+    assert_eq!(s.selects("chat").await, "green");
+    assert_eq!(s.selects("chat-preview").await, "blue");
+    assert_eq!(s.replicas("chat-blue").await, 3, "old slot stays warm");
+    assert_eq!(s.image("chat-blue").await, "ghcr.io/dchat/relay:1.0.0");
+
+    // Window passes, then the scale-down delay: blue goes to zero (kept, not deleted).
+    s.clock.advance(10 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::ScalingDown);
+    assert_eq!(s.replicas("chat-blue").await, 3);
+    assert_eq!(s.status().await.phase, Phase::Running);
+    s.clock.advance(5 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Complete);
+    assert_eq!(s.replicas("chat-blue").await, 0);
+    assert_eq!(s.image("chat-blue").await, "ghcr.io/dchat/relay:1.0.0");
+    let status = s.status().await;
+    assert_eq!(status.phase, Phase::Running);
+    assert_eq!(
+        status.active_template_hash,
+        status
+            .rollout
+            .as_ref()
+            .map(|r| r.target_template_hash.clone())
+    );
+
+    // Settled: a further reconcile, hours later, writes nothing.
+    s.clock.advance(600 * MIN);
+    s.reconcile().await;
+    s.h.reset_calls();
+    s.reconcile().await;
+    assert_eq!(s.h.writes(), vec![], "a settled cluster is not written to");
+
+    // The next version rolls out the other way, into blue.
+    s.h.update_spec("chat", &with_version(V1, "1.2.0")).await;
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(
+        (rollout.slot, rollout.step),
+        (Slot::Blue, RolloutStep::Preparing)
+    );
+    assert_eq!(s.replicas("chat-blue").await, 3);
+    assert_eq!(s.image("chat-blue").await, "ghcr.io/dchat/relay:1.2.0");
+    assert_eq!(s.selects("chat").await, "green");
+}
+
+#[tokio::test]
+async fn crash_looping_relay_fails_validation_without_a_switch_and_is_not_retried() {
+    let s = Scenario::serving(V1).await;
+    s.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+    s.reconcile().await;
+    // One relay became Ready once, then crash-loops.
+    s.sts_ready("chat-green").await;
+    s.healthy_pods(Slot::Green).await;
+    s.pod(Slot::Green, 1, 3, Some("CrashLoopBackOff")).await;
+    s.reconcile().await;
+
+    let status = s.status().await;
+    let rollout = status.rollout.clone().unwrap();
+    assert_eq!(rollout.step, RolloutStep::Failed);
+    assert_eq!(rollout.reason.as_deref(), Some("PodFailing"));
+    assert!(
+        rollout.message.contains("chat-green-1") && rollout.message.contains("CrashLoopBackOff"),
+        "{}",
+        rollout.message
+    );
+    assert!(
+        rollout.message.contains("last exit 101"),
+        "{}",
+        rollout.message
+    );
+    assert_eq!(status.phase, Phase::Degraded);
+    assert_eq!(status.active_slot, Slot::Blue);
+    assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
+    assert_eq!(s.selects("chat").await, "blue");
+    assert_eq!(s.replicas("chat-green").await, 0, "failed slot scaled down");
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "RolloutFailed")
+    );
+    assert!(status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Stalled" && c.status == "True"));
+
+    // No flapping: time passes, nothing is retried and nothing is written.
+    s.clock.advance(120 * MIN);
+    s.reconcile().await;
+    s.h.reset_calls();
+    s.reconcile().await;
+    assert_eq!(s.h.writes(), vec![]);
+    assert_eq!(s.step().await, RolloutStep::Failed);
+    assert_eq!(s.replicas("chat-green").await, 0);
+
+    // A new spec is a new rollout.
+    s.h.update_spec("chat", &with_version(V1, "1.1.1")).await;
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(
+        (rollout.step, rollout.target_version.as_str()),
+        (RolloutStep::Preparing, "1.1.1")
+    );
+    assert_eq!(s.replicas("chat-green").await, 3);
+}
+
+#[tokio::test]
+async fn failed_smoke_test_and_ready_timeout_fail_validation() {
+    // Smoke test fails.
+    let s = Scenario::serving(V1).await;
+    s.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+    s.reconcile().await;
+    s.sts_ready("chat-green").await;
+    s.reconcile().await;
+    s.reconcile().await;
+    s.finish_smoke(false).await;
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(rollout.step, RolloutStep::Failed);
+    assert_eq!(rollout.reason.as_deref(), Some("SmokeTestFailed"));
+    assert!(
+        rollout.message.contains("kubectl logs job/chat-smoke-"),
+        "{}",
+        rollout.message
+    );
+    assert_eq!(s.selects("chat").await, "blue");
+
+    // Relays never ready: readyTimeout.
+    let s = Scenario::serving(V1).await;
+    s.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+    s.reconcile().await;
+    s.h.set_statefulset_status("chat-green", 2).await;
+    s.clock.advance(9 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Preparing);
+    s.clock.advance(2 * MIN);
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(rollout.step, RolloutStep::Failed);
+    assert_eq!(rollout.reason.as_deref(), Some("ReadyTimeout"));
+    assert!(
+        rollout.message.contains("2/3 relays"),
+        "{}",
+        rollout.message
+    );
+}
+
+#[tokio::test]
+async fn smoke_test_that_never_finishes_hits_the_progress_deadline() {
+    let s = Scenario::serving(V1).await;
+    s.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+    s.reconcile().await;
+    s.sts_ready("chat-green").await;
+    s.reconcile().await;
+    s.clock.advance(14 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Validating);
+    s.clock.advance(2 * MIN);
+    s.reconcile().await;
+    let status = s.status().await;
+    let rollout = status.rollout.unwrap();
+    assert_eq!(rollout.step, RolloutStep::Failed);
+    assert_eq!(rollout.reason.as_deref(), Some("ProgressDeadlineExceeded"));
+    assert_ne!(status.phase, Phase::Progressing);
+}
+
+#[tokio::test]
+async fn failure_inside_the_window_rolls_back_to_the_warm_old_slot() {
+    let s = Scenario::serving(V1).await;
+    s.promote_v2().await;
+    assert_eq!(s.selects("chat").await, "green");
+
+    s.clock.advance(3 * MIN);
+    s.pod(Slot::Green, 2, 1, None).await;
+    s.reconcile().await;
+    let status = s.status().await;
+    let rollout = status.rollout.clone().unwrap();
+    assert_eq!(rollout.step, RolloutStep::RolledBack);
+    assert_eq!(rollout.reason.as_deref(), Some("PodRestarted"));
+    assert_eq!(rollout.rolled_back_from.as_deref(), Some("1.1.0"));
+    assert_eq!(status.phase, Phase::RolledBack);
+    assert_eq!(status.active_slot, Slot::Blue);
+    assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
+    assert_eq!(s.selects("chat").await, "blue");
+    assert_eq!(s.image("chat-blue").await, "ghcr.io/dchat/relay:1.0.0");
+    assert_eq!(s.replicas("chat-blue").await, 3);
+    assert_eq!(s.replicas("chat-green").await, 0);
+
+    // The failed template is not tried again.
+    s.clock.advance(60 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::RolledBack);
+    assert_eq!(s.selects("chat").await, "blue");
+    assert_eq!(s.replicas("chat-green").await, 0);
+}
+
+#[tokio::test]
+async fn manual_promotion_waits_for_the_annotation() {
+    let spec = V1.replace("rollout: {", "rollout: {autoPromote: false, ");
+    let s = Scenario::serving(&spec).await;
+    s.h.update_spec("chat", &with_version(&spec, "1.1.0")).await;
+    s.reconcile().await;
+    s.sts_ready("chat-green").await;
+    s.healthy_pods(Slot::Green).await;
+    s.reconcile().await;
+    s.reconcile().await;
+    s.finish_smoke(true).await;
+    s.reconcile().await;
+    let status = s.status().await;
+    assert_eq!(status.phase, Phase::AwaitingPromotion);
+    assert_eq!(status.rollout.unwrap().step, RolloutStep::AwaitingPromotion);
+
+    // Waiting costs no deadline.
+    s.clock.advance(24 * 60 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::AwaitingPromotion);
+    assert_eq!(s.selects("chat").await, "blue");
+
+    s.annotate("dchat.network/promote").await;
+    s.reconcile().await;
+    let status = s.status().await;
+    assert_eq!(status.rollout.unwrap().step, RolloutStep::Promoted);
+    assert_eq!(status.active_slot, Slot::Green);
+    assert_eq!(s.selects("chat").await, "green");
+    assert!(
+        !s.annotations()
+            .await
+            .contains(&"dchat.network/promote".to_string()),
+        "handled annotation is removed"
+    );
+}
+
+#[tokio::test]
+async fn abort_after_the_switch_returns_traffic_and_is_not_retried() {
+    let s = Scenario::serving(V1).await;
+    s.promote_v2().await;
+    s.annotate("dchat.network/abort").await;
+    s.reconcile().await;
+    let status = s.status().await;
+    let rollout = status.rollout.clone().unwrap();
+    assert_eq!(rollout.step, RolloutStep::Aborted);
+    assert_eq!(rollout.rolled_back_from.as_deref(), Some("1.1.0"));
+    assert_eq!(status.phase, Phase::RolledBack);
+    assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
+    assert_eq!(s.selects("chat").await, "blue");
+    assert_eq!(s.replicas("chat-green").await, 0);
+    assert!(!s
+        .annotations()
+        .await
+        .contains(&"dchat.network/abort".to_string()));
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Aborted);
+}
+
+#[tokio::test]
+async fn abort_before_the_switch_keeps_traffic_where_it_is() {
+    let s = Scenario::serving(V1).await;
+    s.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+    s.reconcile().await;
+    s.annotate("dchat.network/abort").await;
+    s.reconcile().await;
+    let status = s.status().await;
+    assert_eq!(status.rollout.unwrap().step, RolloutStep::Aborted);
+    assert_eq!(status.active_slot, Slot::Blue);
+    assert_eq!(s.replicas("chat-green").await, 0);
+    assert_eq!(s.selects("chat").await, "blue");
+}
+
+#[tokio::test]
+async fn new_spec_supersedes_the_rollout_in_flight() {
+    let s = Scenario::serving(V1).await;
+    s.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+    s.reconcile().await;
+    s.sts_ready("chat-green").await;
+    s.reconcile().await;
+    s.reconcile().await;
+    let first_job = s.smoke_job().await.metadata.name.unwrap();
+    assert_eq!(s.step().await, RolloutStep::Validating);
+
+    s.clock.advance(MIN);
+    s.h.update_spec("chat", &with_version(V1, "1.2.0")).await;
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(
+        (rollout.step, rollout.slot, rollout.target_version.as_str()),
+        (RolloutStep::Preparing, Slot::Green, "1.2.0")
+    );
+    assert_eq!(s.image("chat-green").await, "ghcr.io/dchat/relay:1.2.0");
+    assert_eq!(s.selects("chat").await, "blue");
+    // The new attempt gets its own smoke test.
+    s.sts_ready("chat-green").await;
+    s.reconcile().await;
+    s.reconcile().await;
+    let jobs = s.h.api::<Job>().list(&Default::default()).await.unwrap();
+    let names: Vec<String> = jobs
+        .items
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&first_job));
+
+    // Going back to the serving version before the switch cancels the rollout.
+    s.h.update_spec("chat", V1).await;
+    s.reconcile().await;
+    let status = s.status().await;
+    assert_eq!(status.rollout.unwrap().step, RolloutStep::Cancelled);
+    assert_eq!(status.phase, Phase::Running);
+    assert_eq!(s.replicas("chat-green").await, 0);
+}
+
+#[tokio::test]
+async fn autoscaled_cluster_holds_scale_and_retargets_the_hpa() {
+    let spec = r#"
+version: '1.0.0'
+replicas: 3
+database: {secretRef: {name: dchat-db}}
+autoscaling: {enabled: true, minReplicas: 3, maxReplicas: 10}
+rollout: {smokeTest: false}
+"#
+    .replace(
+        "rollout: {smokeTest: false}",
+        "rollout: {validation: {smokeTest: false}}",
+    );
+    let s = Scenario::serving(&spec).await;
+    // The HPA grew blue to 5 relays.
+    s.h.api::<StatefulSet>()
+        .patch(
+            "chat-blue",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    s.h.set_statefulset_status("chat-blue", 5).await;
+    s.h.update_spec("chat", &with_version(&spec, "1.1.0")).await;
+    s.reconcile().await;
+    assert_eq!(
+        s.replicas("chat-green").await,
+        5,
+        "new slot at the HPA's count"
+    );
+    let hpa =
+        s.h.api::<HorizontalPodAutoscaler>()
+            .get("chat")
+            .await
+            .unwrap();
+    let hpa_spec = hpa.spec.unwrap();
+    assert_eq!((hpa_spec.min_replicas, hpa_spec.max_replicas), (Some(5), 5));
+    assert_eq!(hpa_spec.scale_target_ref.name, "chat-blue");
+
+    s.sts_ready("chat-green").await;
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Promoted);
+    let hpa =
+        s.h.api::<HorizontalPodAutoscaler>()
+            .get("chat")
+            .await
+            .unwrap();
+    assert_eq!(hpa.spec.unwrap().scale_target_ref.name, "chat-green");
+    assert_eq!(s.replicas("chat-blue").await, 5);
+
+    // After the window the HPA is free again.
+    s.clock.advance(11 * MIN);
+    s.reconcile().await;
+    let hpa =
+        s.h.api::<HorizontalPodAutoscaler>()
+            .get("chat")
+            .await
+            .unwrap();
+    let hpa_spec = hpa.spec.unwrap();
+    assert_eq!(
+        (hpa_spec.min_replicas, hpa_spec.max_replicas),
+        (Some(3), 10)
+    );
+}
