@@ -739,3 +739,40 @@ async fn a_valid_auth_frame_replayed_on_another_connection_fails() {
     );
     assert_eq!(closed(&mut ws2).await.0, 4001);
 }
+
+#[tokio::test]
+async fn peer_wake_all_is_deferred_not_dropped() {
+    use dchat_relay::store::StoredMessage;
+    let r = start(|_| {}).await;
+    let mut b = r.client().await;
+    let mut peer = connect_raw(&format!("ws://{}/v1/peer?instance=other", r.relay.addr))
+        .await
+        .unwrap();
+    // Messages written to storage behind the relay's back (as another relay would),
+    // announced only by wake_all notices, the second one right after the first.
+    let far_future = i64::MAX / 2;
+    for i in 0..2 {
+        let from = public_key(&generate_key().unwrap());
+        let env = serde_json::json!({"id": format!("w{i}"), "from": from, "to": b.key(), "ts": 1, "kind": "text", "payload": ""});
+        r.relay
+            .shared
+            .store
+            .put(StoredMessage {
+                recipient: b.key().0,
+                sender: from.0,
+                id: format!("w{i}"),
+                channel: None,
+                timestamp_ms: 1,
+                expires_at_ms: far_future,
+                kind: "text".into(),
+                envelope: env.to_string().into_bytes(),
+            })
+            .await
+            .unwrap();
+        peer.send(Message::Text(r#"{"type":"wake_all"}"#.into()))
+            .await
+            .unwrap();
+        let d = b.next_delivery().await.unwrap();
+        assert_eq!(d.envelope.id, format!("w{i}"));
+    }
+}

@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -34,6 +35,8 @@ use crate::server::Shared;
 
 /// How often the peer DNS name is re-resolved.
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
+/// Minimum time between two honoured `wake_all` notices on one link.
+const WAKE_ALL_INTERVAL: Duration = Duration::from_secs(1);
 /// Most keys in one wake frame.
 const WAKE_BATCH: usize = 256;
 
@@ -114,9 +117,20 @@ async fn serve_peer(shared: Arc<Shared>, mut ws: WebSocket, from: String) {
     // Notices sent while no link existed are lost: have every session re-check.
     shared.sessions.wake_all();
     let stop = shared.shutdown.clone();
+    // `wake_all` makes every session re-read storage: it is honoured at most once a
+    // second per link (a later one is deferred, never dropped), so a misbehaving peer
+    // cannot turn it into a read storm.
+    let mut last_wake_all: Option<Instant> = None;
+    let mut deferred: Option<Instant> = None;
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = async { tokio::time::sleep_until(deferred.unwrap_or_else(Instant::now)).await }, if deferred.is_some() => {
+                deferred = None;
+                last_wake_all = Some(Instant::now());
+                shared.sessions.wake_all();
+                continue;
+            }
             m = ws.recv() => m,
         };
         let text = match msg {
@@ -131,7 +145,18 @@ async fn serve_peer(shared: Arc<Shared>, mut ws: WebSocket, from: String) {
                     shared.wake_local(&k);
                 }
             }
-            Ok(PeerFrame::WakeAll) => shared.sessions.wake_all(),
+            Ok(PeerFrame::WakeAll) => {
+                let now = Instant::now();
+                match last_wake_all {
+                    Some(t) if now.duration_since(t) < WAKE_ALL_INTERVAL => {
+                        deferred.get_or_insert(t + WAKE_ALL_INTERVAL);
+                    }
+                    _ => {
+                        last_wake_all = Some(now);
+                        shared.sessions.wake_all();
+                    }
+                }
+            }
             Err(e) => debug!(peer = %from, error = %e, "bad peer frame ignored"),
         }
     }
