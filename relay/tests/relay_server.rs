@@ -776,3 +776,33 @@ async fn peer_wake_all_is_deferred_not_dropped() {
         assert_eq!(d.envelope.id, format!("w{i}"));
     }
 }
+
+#[tokio::test]
+async fn reconnect_gets_unacked_messages_before_newer_ones() {
+    let r = start(|_| {}).await;
+    let bkey = generate_key().unwrap();
+    let mut a = r.client().await;
+    for round in 0..5 {
+        let mut b = r.client_as(&bkey).await;
+        let first = format!("first {round}");
+        assert_eq!(
+            a.send_text(b.key(), &first).await.unwrap().status,
+            SendStatus::Delivered
+        );
+        assert_eq!(
+            b.next_delivery().await.unwrap().envelope.payload.0,
+            first.as_bytes()
+        );
+        // Drop the connection without acknowledging, reconnect at once, and send more.
+        drop(b);
+        let mut b = r.client_as(&bkey).await;
+        let second = format!("second {round}");
+        a.send_text(b.key(), &second).await.unwrap();
+        let d1 = b.next_delivery().await.unwrap();
+        let d2 = b.next_delivery().await.unwrap();
+        assert_eq!(d1.envelope.payload.0, first.as_bytes(), "round {round}");
+        assert_eq!(d2.envelope.payload.0, second.as_bytes(), "round {round}");
+        b.ack(vec![d1.ack_ref(), d2.ack_ref()]).await.unwrap();
+        b.close().await;
+    }
+}

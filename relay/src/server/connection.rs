@@ -32,6 +32,8 @@ const MAX_STRIKES: u32 = 64;
 const PUSH_BATCH: usize = 64;
 /// Page size when reading stored messages.
 const PAGE: usize = 128;
+/// How long a new session of a key waits for the previous one to hand over.
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// Current wall-clock time in ms since the epoch (storage timestamps).
 pub fn now_ms() -> i64 {
@@ -327,9 +329,18 @@ impl Conn {
             wake: Notify::new(),
             live: false.into(),
             kicked: CancellationToken::new(),
+            finished: CancellationToken::new(),
         });
         if let Some(old) = shared.sessions.insert(key, handle.clone()) {
             old.kicked.cancel();
+            // Let the old session store its unacknowledged messages first: delivered from
+            // storage ahead of anything newer, they keep per-sender order.
+            if timeout(HANDOVER_WAIT, old.finished.cancelled())
+                .await
+                .is_err()
+            {
+                warn!(key = %key, "previous session did not finish in time; continuing");
+            }
         }
         shared.metrics.sessions.inc();
         debug!(peer = %self.peer, key = %key, "session started");
@@ -340,9 +351,12 @@ impl Conn {
             inflight: HashMap::new(),
         };
         let end = s.run(self).await;
-        shared.sessions.remove(&key, handle.id);
-        shared.metrics.sessions.dec();
+        // Store unacknowledged messages while still registered, so that a new session
+        // of this key (which waits for `finished`) finds them in storage.
         s.rehome(self).await;
+        shared.sessions.remove(&key, handle.id);
+        handle.finished.cancel();
+        shared.metrics.sessions.dec();
         end
     }
 }

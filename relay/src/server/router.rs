@@ -63,6 +63,9 @@ pub struct SessionHandle {
     pub live: AtomicBool,
     /// Cancelled when another connection takes over this key.
     pub kicked: CancellationToken,
+    /// Cancelled once the session has ended and stored its unacknowledged messages; a
+    /// newer session of the same key waits for it so those come before newer ones.
+    pub finished: CancellationToken,
 }
 
 const SHARDS: usize = 64;
