@@ -806,3 +806,42 @@ async fn reconnect_gets_unacked_messages_before_newer_ones() {
         b.close().await;
     }
 }
+
+#[tokio::test]
+async fn split_client_pipelines_sends_and_answers_come_in_order() {
+    let r = start(|_| {}).await;
+    let a = r.client().await;
+    let mut b = r.client().await;
+    let to = b.key();
+    let (mut w, mut rd) = a.split();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let id = w.fresh_id();
+        ids.push(id.clone());
+        let env = dchat_relay::protocol::Envelope {
+            id,
+            from: None,
+            to: Some(to),
+            channel: None,
+            ts: i,
+            kind: Kind::Text,
+            payload: dchat_relay::protocol::Base64Bytes(vec![i as u8]),
+            media: None,
+        };
+        w.send(env).await.unwrap();
+    }
+    for id in &ids {
+        match rd.next_frame().await.unwrap() {
+            ServerFrame::Sent {
+                id: got, status, ..
+            } => {
+                assert_eq!(&got, id);
+                assert_eq!(status, SendStatus::Delivered);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    for id in &ids {
+        assert_eq!(&b.next_delivery().await.unwrap().envelope.id, id);
+    }
+}

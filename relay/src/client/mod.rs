@@ -475,6 +475,26 @@ impl Client {
         }
     }
 
+    /// Splits into independent halves for pipelined (open-loop) use: the writer sends
+    /// frames without waiting, the reader yields every frame (answers in request order,
+    /// deliveries interleaved). Deliveries already queued are handed to the reader.
+    pub fn split(self) -> (ClientWriter, ClientReader) {
+        let (sink, stream) = self.ws.split();
+        (
+            ClientWriter {
+                sink,
+                url: self.url.clone(),
+                key: self.key,
+                next_id: self.next_id,
+            },
+            ClientReader {
+                stream,
+                url: self.url,
+                queued: self.queued,
+            },
+        )
+    }
+
     /// Closes the connection cleanly.
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
@@ -505,4 +525,91 @@ pub async fn smoke(url: &str, within: Duration) -> Result<Duration, ClientError>
     tokio::time::timeout(within, run)
         .await
         .map_err(|_| ClientError::Timeout("smoke round trip"))?
+}
+
+/// Sending half of a split [`Client`].
+pub struct ClientWriter {
+    sink: futures::stream::SplitSink<Ws, Message>,
+    url: String,
+    key: SigningKey,
+    next_id: u64,
+}
+
+impl ClientWriter {
+    /// This client's public key.
+    pub fn key(&self) -> KeyHex {
+        public_key(&self.key)
+    }
+
+    /// A fresh envelope id (unique per client).
+    pub fn fresh_id(&mut self) -> String {
+        self.next_id += 1;
+        let mut r = [0u8; 8];
+        let _ = getrandom::fill(&mut r);
+        format!("{}-{}", hex::encode(r), self.next_id)
+    }
+
+    /// Sends one frame without waiting for its answer.
+    pub async fn write(&mut self, f: &ClientFrame) -> Result<(), ClientError> {
+        let text = serde_json::to_string(f).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let url = self.url.clone();
+        self.sink
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|e| ClientError::Transport {
+                url,
+                source: Box::new(e),
+            })
+    }
+
+    /// Sends an envelope without waiting for `sent`.
+    pub async fn send(&mut self, envelope: Envelope) -> Result<(), ClientError> {
+        self.write(&ClientFrame::Send { envelope }).await
+    }
+}
+
+/// Receiving half of a split [`Client`].
+pub struct ClientReader {
+    stream: futures::stream::SplitStream<Ws>,
+    url: String,
+    queued: VecDeque<Delivery>,
+}
+
+impl ClientReader {
+    /// The next frame from the relay (queued deliveries first); `Closed` at the end.
+    pub async fn next_frame(&mut self) -> Result<ServerFrame, ClientError> {
+        if let Some(d) = self.queued.pop_front() {
+            return Ok(ServerFrame::Deliver {
+                seq: d.seq,
+                envelope: d.envelope,
+            });
+        }
+        loop {
+            match self.stream.next().await {
+                None => {
+                    return Err(ClientError::Closed {
+                        code: 0,
+                        reason: String::new(),
+                    })
+                }
+                Some(Err(e)) => {
+                    return Err(ClientError::Transport {
+                        url: self.url.clone(),
+                        source: Box::new(e),
+                    })
+                }
+                Some(Ok(Message::Text(t))) => {
+                    return serde_json::from_str(t.as_str())
+                        .map_err(|e| ClientError::Unexpected(format!("{e}: {}", t.as_str())))
+                }
+                Some(Ok(Message::Close(f))) => {
+                    let (code, reason) = f
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((0, String::new()));
+                    return Err(ClientError::Closed { code, reason });
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
 }
