@@ -407,7 +407,8 @@ impl Config {
     }
 
     /// A configuration for tests and embedding: ephemeral ports on 127.0.0.1,
-    /// embedded store in `dir`, defaults elsewhere.
+    /// embedded store in `dir`, defaults elsewhere. Ignores the environment. Panics only
+    /// if the built-in defaults fail validation, which is a bug caught by the unit tests.
     pub fn for_test(dir: impl Into<PathBuf>) -> Config {
         let cli = Cli::parse_without_env([
             "dchat-relay",
