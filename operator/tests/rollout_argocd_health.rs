@@ -194,5 +194,9 @@ async fn operator_statuses_through_a_rollout_map_to_argo_health() {
     assert_eq!(status, "Degraded", "{message}");
     assert!(message.contains("failed after the switch"), "{message}");
     let green: StatefulSet = h.api().get("chat-green").await.unwrap();
-    assert_eq!(green.spec.unwrap().replicas, Some(0));
+    assert_eq!(
+        green.spec.unwrap().replicas,
+        Some(2),
+        "the failed slot is kept for inspection"
+    );
 }

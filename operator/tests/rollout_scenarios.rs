@@ -358,7 +358,14 @@ async fn crash_looping_relay_fails_validation_without_a_switch_and_is_not_retrie
     assert_eq!(status.active_slot, Slot::Blue);
     assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
     assert_eq!(s.selects("chat").await, "blue");
-    assert_eq!(s.replicas("chat-green").await, 0, "failed slot scaled down");
+    assert_eq!(
+        s.replicas("chat-green").await,
+        3,
+        "failed slot kept for inspection"
+    );
+    s.clock.advance(15 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.replicas("chat-green").await, 0, "then scaled down");
     let degraded = status
         .conditions
         .iter()
@@ -473,7 +480,11 @@ async fn failure_inside_the_window_rolls_back_to_the_warm_old_slot() {
     assert_eq!(s.selects("chat").await, "blue");
     assert_eq!(s.image("chat-blue").await, "ghcr.io/dchat/relay:1.0.0");
     assert_eq!(s.replicas("chat-blue").await, 3);
-    assert_eq!(s.replicas("chat-green").await, 0);
+    assert_eq!(
+        s.replicas("chat-green").await,
+        3,
+        "failed slot kept for inspection"
+    );
 
     // The failed template is not tried again.
     s.clock.advance(60 * MIN);
@@ -532,6 +543,13 @@ async fn abort_after_the_switch_returns_traffic_and_is_not_retried() {
     assert_eq!(status.phase, Phase::RolledBack);
     assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
     assert_eq!(s.selects("chat").await, "blue");
+    assert_eq!(
+        s.replicas("chat-green").await,
+        3,
+        "aborted slot kept for inspection"
+    );
+    s.clock.advance(15 * MIN);
+    s.reconcile().await;
     assert_eq!(s.replicas("chat-green").await, 0);
     assert!(!s
         .annotations()
@@ -551,6 +569,9 @@ async fn abort_before_the_switch_keeps_traffic_where_it_is() {
     let status = s.status().await;
     assert_eq!(status.rollout.unwrap().step, RolloutStep::Aborted);
     assert_eq!(status.active_slot, Slot::Blue);
+    assert_eq!(s.replicas("chat-green").await, 3);
+    s.clock.advance(15 * MIN);
+    s.reconcile().await;
     assert_eq!(s.replicas("chat-green").await, 0);
     assert_eq!(s.selects("chat").await, "blue");
 }

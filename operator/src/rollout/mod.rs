@@ -638,8 +638,11 @@ impl Machine<'_, '_> {
         next.step_started_at = self.now();
         next.failed_template_hash = Some(r.target_template_hash.clone());
         next.message = format!(
-            "version {} failed validation ({why}: {detail}); traffic stays on slot {}, slot {} scales to zero; not retried until the spec changes",
-            r.target_version, state.serving.slot, r.slot
+            "version {} failed validation ({why}: {detail}); traffic stays on slot {}; slot {} is kept for inspection for {}, then scaled to zero; not retried until the spec changes",
+            r.target_version,
+            state.serving.slot,
+            r.slot,
+            human(self.input.settings.scale_down_delay)
         );
         self.note(true, why, next.message.clone());
         State {
@@ -869,10 +872,12 @@ impl Machine<'_, '_> {
             hash: r.from_template_hash.clone(),
         };
         next.message = format!(
-            "version {} failed after the switch ({why}: {detail}); traffic back on slot {} (version {}); not retried until the spec changes",
+            "version {} failed after the switch ({why}: {detail}); traffic back on slot {} (version {}); slot {} is kept for inspection for {}, then scaled to zero; not retried until the spec changes",
             r.target_version,
             serving.slot,
-            serving.version.as_deref().unwrap_or("unknown")
+            serving.version.as_deref().unwrap_or("unknown"),
+            r.slot,
+            human(self.input.settings.scale_down_delay)
         );
         self.note(true, "RolledBack", next.message.clone());
         State {
@@ -905,6 +910,22 @@ impl Machine<'_, '_> {
         );
         self.note(false, reason::COMPLETE, next.message.clone());
         self.moved(state, next)
+    }
+
+    /// How much longer a failed, rolled-back or aborted slot stays up for inspection;
+    /// `None` when it should be (or is) at zero.
+    fn failed_slot_kept_for(&self, state: &State) -> Option<Duration> {
+        let r = state.rollout.as_ref()?;
+        if !matches!(
+            r.step,
+            RolloutStep::Failed | RolloutStep::RolledBack | RolloutStep::Aborted
+        ) || r.slot == state.serving.slot
+        {
+            return None;
+        }
+        let delay = self.input.settings.scale_down_delay;
+        let waited = elapsed(self.input.now, &r.step_started_at);
+        (waited < delay).then(|| delay - waited)
     }
 
     /// The plan for the settled state.
@@ -971,15 +992,25 @@ impl Machine<'_, '_> {
                 } else {
                     Template::Keep
                 };
+                // A slot that just failed keeps running, untouched, for the scale-down
+                // delay, so its pods, logs and Events can be inspected; then it goes
+                // to zero.
+                let idle_replicas = match self.failed_slot_kept_for(&state) {
+                    Some(_) => None,
+                    None => Some(0),
+                };
                 (
-                    plan(template, fixed, Template::Keep, Some(0)),
+                    plan(template, fixed, Template::Keep, idle_replicas),
                     None,
                     desired,
                     None,
                 )
             }
         };
-        let requeue = in_flight.map(|_| POLL);
+        let requeue = match in_flight {
+            Some(_) => Some(POLL),
+            None => self.failed_slot_kept_for(&state),
+        };
         Decision {
             rollout: state.rollout,
             serving: state.serving,

@@ -157,9 +157,14 @@ const BEFORE_SWITCH: [(Slot, Template, Option<i32>); 2] =
 /// After the switch: green serves v2, blue is held warm at 3.
 const AFTER_SWITCH: [(Slot, Template, Option<i32>); 2] =
     [(Green, Desired, Some(3)), (Blue, Keep, Some(3))];
-/// Failed or rolled back to blue: blue keeps v1, green (failed v2) goes to zero.
+/// Failed or rolled back to blue, scale-down delay passed: blue keeps v1, green (the
+/// failed v2) is at zero.
 const BACK_ON_BLUE: [(Slot, Template, Option<i32>); 2] =
     [(Blue, Keep, Some(3)), (Green, Keep, Some(0))];
+/// Just failed or rolled back: blue keeps v1, green (the failed v2) is left running as it
+/// is for inspection until the scale-down delay passes.
+const FAILED_KEPT: [(Slot, Template, Option<i32>); 2] =
+    [(Blue, Keep, Some(3)), (Green, Keep, None)];
 /// Done: green serves v2 from the spec, blue at zero.
 const DONE_ON_GREEN: [(Slot, Template, Option<i32>); 2] =
     [(Green, Desired, Some(3)), (Blue, Keep, Some(0))];
@@ -296,7 +301,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::POD_FAILING),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::POD_FAILING],
             ..base()
         },
@@ -310,7 +315,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::POD_RESTARTED),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::POD_RESTARTED],
             ..base()
         },
@@ -335,7 +340,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::READY_TIMEOUT),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::READY_TIMEOUT],
             ..base()
         },
@@ -363,7 +368,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::PROGRESS_DEADLINE),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::PROGRESS_DEADLINE],
             ..base()
         },
@@ -464,7 +469,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::SMOKE_FAILED),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::SMOKE_FAILED],
             ..base()
         },
@@ -478,7 +483,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::PROGRESS_DEADLINE),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::PROGRESS_DEADLINE],
             ..base()
         },
@@ -493,7 +498,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::POD_FAILING),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::POD_FAILING],
             ..base()
         },
@@ -585,7 +590,7 @@ fn table() -> Vec<Case> {
             step: Some(Failed),
             reason: Some(reason::POD_FAILING),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &[reason::POD_FAILING],
             ..base()
         },
@@ -616,7 +621,7 @@ fn table() -> Vec<Case> {
             reason: Some(reason::POD_FAILING),
             target: Some("v2"),
             traffic: (Blue, Some("v1")),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &["RolledBack"],
             ..base()
         },
@@ -631,7 +636,7 @@ fn table() -> Vec<Case> {
             reason: Some(reason::RELAYS_NOT_READY),
             target: Some("v2"),
             traffic: (Blue, Some("v1")),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &["RolledBack"],
             ..base()
         },
@@ -662,7 +667,7 @@ fn table() -> Vec<Case> {
             reason: Some(reason::POD_RESTARTED),
             target: Some("v2"),
             traffic: (Blue, Some("v1")),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             notes: &["RolledBack"],
             ..base()
         },
@@ -808,7 +813,7 @@ fn table() -> Vec<Case> {
             step: Some(Aborted),
             reason: Some(reason::ABORTED),
             target: Some("v2"),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             consume: (false, true),
             notes: &[reason::ABORTED],
             ..base()
@@ -825,7 +830,7 @@ fn table() -> Vec<Case> {
             reason: Some(reason::ABORTED),
             target: Some("v2"),
             traffic: (Blue, Some("v1")),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             consume: (false, true),
             notes: &[reason::ABORTED],
             ..base()
@@ -842,7 +847,7 @@ fn table() -> Vec<Case> {
             reason: Some(reason::ABORTED),
             target: Some("v2"),
             traffic: (Blue, Some("v1")),
-            slots: BACK_ON_BLUE,
+            slots: FAILED_KEPT,
             consume: (false, true),
             notes: &[reason::ABORTED],
             ..base()
@@ -974,9 +979,17 @@ fn transition_table() {
         let notes: Vec<&str> = d.notes.iter().map(|n| n.reason).collect();
         check("notes", notes == case.notes, format!("{notes:?}"));
         let in_flight = d.rollout.as_ref().is_some_and(|r| r.step.in_flight());
+        let failed_slot_kept = case.slots == FAILED_KEPT;
+        let expected_requeue = if in_flight {
+            Some(POLL)
+        } else if failed_slot_kept {
+            Some(case.settings.scale_down_delay)
+        } else {
+            None
+        };
         check(
             "requeue",
-            d.requeue == in_flight.then_some(POLL),
+            d.requeue == expected_requeue,
             format!("{:?}", d.requeue),
         );
         if let Some(r) = &d.rollout {
@@ -1008,6 +1021,38 @@ fn transition_table() {
         );
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn failed_slot_is_kept_for_the_scale_down_delay_then_zeroed() {
+    let serving = Serving {
+        slot: Blue,
+        version: Some("v1".into()),
+        hash: Some(hash("v1")),
+    };
+    let mut plans = Vec::new();
+    for minute in [11, 20, 25, 26, 500] {
+        let case = Case {
+            desired: "v2",
+            rollout: r(Failed, 11),
+            green: sts("v2", 3, 1),
+            now: minute,
+            ..base()
+        };
+        let d = run(&case, case.rollout.as_ref(), &serving);
+        assert!(d.notes.is_empty());
+        plans.push((minute, d.slots[1].replicas, d.requeue));
+    }
+    assert_eq!(
+        plans,
+        vec![
+            (11, None, Some(15 * MIN)),
+            (20, None, Some(6 * MIN)),
+            (25, None, Some(MIN)),
+            (26, Some(0), None),
+            (500, Some(0), None),
+        ]
+    );
 }
 
 #[test]
