@@ -724,6 +724,29 @@ mod store_embedded_snapshot {
     }
 
     #[test]
+    fn a_file_of_another_layout_version_is_refused() {
+        let dir = TempDir::new("old-layout");
+        {
+            let db = redb::Database::create(dir.path().join("dchat.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+                let mut t = txn.open_table(meta).unwrap();
+                t.insert("schema_version", 1).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let err = EmbeddedStore::open(dir.path()).unwrap_err();
+        match &err {
+            StoreError::Corrupt { table, reason } => {
+                assert_eq!(*table, "meta");
+                assert!(reason.contains("schema_version 1"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_corrupt_database_file_is_a_typed_error() {
         let dir = TempDir::new("corrupt-file");
         std::fs::write(dir.path().join("dchat.redb"), vec![0xA5; 64 * 1024]).unwrap();

@@ -160,30 +160,42 @@ pub(crate) fn order_i64(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1u64 << 63)).to_be_bytes()
 }
 
-/// Key of the pending index: recipient ‖ seq.
-pub(crate) fn pending_key(recipient: &PublicKey, seq: u64) -> [u8; 40] {
-    let mut k = [0u8; 40];
+/// Tag byte after the recipient in an inbox key: a pending message.
+pub(crate) const INBOX_MESSAGE: u8 = 0;
+/// Tag byte after the recipient in an inbox key: a dedup entry.
+pub(crate) const INBOX_DEDUP: u8 = 1;
+
+/// Inbox key of a pending message: recipient ‖ 0x00 ‖ seq. A recipient's messages are
+/// contiguous and in seq order, so `pending` is one range scan.
+pub(crate) fn message_key(recipient: &PublicKey, seq: u64) -> [u8; 41] {
+    let mut k = [0u8; 41];
     k[..32].copy_from_slice(recipient);
-    k[32..].copy_from_slice(&seq.to_be_bytes());
+    k[32] = INBOX_MESSAGE;
+    k[33..].copy_from_slice(&seq.to_be_bytes());
     k
 }
 
-/// Key of the dedup table: recipient ‖ sender ‖ id. The id is last, so its variable
-/// length cannot make two distinct triples encode equally.
+/// Inbox key of a dedup entry: recipient ‖ 0x01 ‖ sender ‖ id. It sits next to the
+/// recipient's messages, so a put dirties one neighbourhood of the tree, not two. The
+/// id is last, so its variable length cannot make two distinct triples encode equally.
 pub(crate) fn dedup_key(recipient: &PublicKey, sender: &PublicKey, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(64 + id.len());
+    let mut k = Vec::with_capacity(65 + id.len());
     k.extend_from_slice(recipient);
+    k.push(INBOX_DEDUP);
     k.extend_from_slice(sender);
     k.extend_from_slice(id.as_bytes());
     k
 }
 
-/// Splits a dedup key back into its parts.
+/// Splits a dedup key back into (recipient, sender, id).
 pub(crate) fn split_dedup_key(k: &[u8]) -> Result<(PublicKey, PublicKey, String), String> {
     let mut r = Reader::new(k);
     let recipient = r.key("dedup recipient")?;
+    if r.u8("dedup tag")? != INBOX_DEDUP {
+        return Err("not a dedup key".into());
+    }
     let sender = r.key("dedup sender")?;
-    let id = String::from_utf8(k[64..].to_vec()).map_err(|_| "dedup id is not UTF-8")?;
+    let id = String::from_utf8(k[65..].to_vec()).map_err(|_| "dedup id is not UTF-8")?;
     Ok((recipient, sender, id))
 }
 
@@ -273,6 +285,19 @@ mod tests {
         let mut longer = enc.clone();
         longer.push(0);
         assert!(decode_message(&longer).unwrap_err().contains("trailing"));
+    }
+
+    #[test]
+    fn inbox_keys_group_by_recipient_and_roundtrip() {
+        let (r, s) = ([1; 32], [2; 32]);
+        let d = dedup_key(&r, &s, "x");
+        assert_eq!(split_dedup_key(&d).unwrap(), (r, s, "x".to_string()));
+        // Messages of one recipient sort by seq and before its dedup entries, and
+        // everything of recipient r sorts before anything of the next recipient.
+        assert!(message_key(&r, 1).as_slice() < message_key(&r, 256).as_slice());
+        assert!(message_key(&r, u64::MAX).as_slice() < d.as_slice());
+        assert!(d.as_slice() < message_key(&[3; 32], 0).as_slice());
+        assert!(split_dedup_key(&message_key(&r, 1)).is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
     channel_prefix, decode_message, dedup_key, dedup_value, encode_message, expiry_key, member_key,
-    pending_key, split_dedup_value, split_member_key,
+    message_key, split_dedup_value, split_member_key,
 };
 use super::snapshot::{self, SnapshotSummary};
 use super::{
@@ -27,12 +27,11 @@ use super::{
     StoreStats, StoredMessage,
 };
 
-/// seq → encoded message record.
-pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
-/// recipient ‖ seq → (): pending messages per recipient in seq order.
-pub(crate) const PENDING: TableDefinition<&[u8], ()> = TableDefinition::new("pending");
-/// recipient ‖ sender ‖ id → seq ‖ expires_at_ms. Kept after ack until expiry.
-pub(crate) const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
+/// The per-recipient inbox, two kinds of entries side by side:
+/// `recipient ‖ 0x00 ‖ seq` → message record (pending messages, in seq order) and
+/// `recipient ‖ 0x01 ‖ sender ‖ id` → seq ‖ expires_at_ms (dedup; kept after ack until
+/// expiry). Keeping both under the recipient means a put touches one region of the tree.
+pub(crate) const INBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("inbox");
 /// ordered(expires_at_ms) ‖ seq → dedup key: what `expire` removes, without a full scan.
 pub(crate) const EXPIRY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("expiry");
 /// public key → updated_ms (i64 BE) ‖ profile blob.
@@ -41,11 +40,11 @@ pub(crate) const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new(
 pub(crate) const MEMBERS: TableDefinition<&[u8], ()> = TableDefinition::new("members");
 /// channel → member count, so `stats` can count channels without a scan.
 pub(crate) const CHANNELS: TableDefinition<&str, u64> = TableDefinition::new("channels");
-/// Store metadata: "schema_version", "next_seq".
+/// Store metadata: "schema_version", "next_seq", "pending_count".
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// On-disk layout version written to META at creation.
-pub(crate) const SCHEMA_VERSION: u64 = 1;
+pub(crate) const SCHEMA_VERSION: u64 = 2;
 /// Database file name inside the data directory.
 pub const DB_FILE_NAME: &str = "dchat.redb";
 
@@ -298,9 +297,7 @@ impl Drop for EmbeddedStore {
 fn init_schema(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write().ctx("init: begin")?;
     {
-        txn.open_table(MESSAGES).ctx("init: open messages")?;
-        txn.open_table(PENDING).ctx("init: open pending")?;
-        txn.open_table(DEDUP).ctx("init: open dedup")?;
+        txn.open_table(INBOX).ctx("init: open inbox")?;
         txn.open_table(EXPIRY).ctx("init: open expiry")?;
         txn.open_table(PROFILES).ctx("init: open profiles")?;
         txn.open_table(MEMBERS).ctx("init: open members")?;
@@ -393,15 +390,15 @@ fn apply_all(db: &Database, ops: &[WriteOp]) -> Result<Vec<Answer>, StoreError> 
 
 /// The open tables of one write transaction.
 pub(crate) struct Writer<'t> {
-    pub(crate) messages: redb::Table<'t, u64, &'static [u8]>,
-    pub(crate) pending: redb::Table<'t, &'static [u8], ()>,
-    pub(crate) dedup: redb::Table<'t, &'static [u8], &'static [u8]>,
+    pub(crate) inbox: redb::Table<'t, &'static [u8], &'static [u8]>,
     pub(crate) expiry: redb::Table<'t, &'static [u8], &'static [u8]>,
     pub(crate) profiles: redb::Table<'t, &'static [u8], &'static [u8]>,
     pub(crate) members: redb::Table<'t, &'static [u8], ()>,
     pub(crate) channels: redb::Table<'t, &'static str, u64>,
     pub(crate) meta: redb::Table<'t, &'static str, u64>,
     pub(crate) next_seq: u64,
+    /// Messages stored and not yet acknowledged or expired (for `stats`).
+    pub(crate) pending_count: u64,
 }
 
 impl<'t> Writer<'t> {
@@ -412,24 +409,31 @@ impl<'t> Writer<'t> {
             .ctx("write: read next_seq")?
             .map(|v| v.value())
             .unwrap_or(1);
+        let pending_count = meta
+            .get("pending_count")
+            .ctx("write: read pending_count")?
+            .map(|v| v.value())
+            .unwrap_or(0);
         Ok(Writer {
-            messages: txn.open_table(MESSAGES).ctx("write: open messages")?,
-            pending: txn.open_table(PENDING).ctx("write: open pending")?,
-            dedup: txn.open_table(DEDUP).ctx("write: open dedup")?,
+            inbox: txn.open_table(INBOX).ctx("write: open inbox")?,
             expiry: txn.open_table(EXPIRY).ctx("write: open expiry")?,
             profiles: txn.open_table(PROFILES).ctx("write: open profiles")?,
             members: txn.open_table(MEMBERS).ctx("write: open members")?,
             channels: txn.open_table(CHANNELS).ctx("write: open channels")?,
             meta,
             next_seq,
+            pending_count,
         })
     }
 
-    /// Persists the sequence counter; call once before commit.
+    /// Persists the counters; call once before commit.
     pub(crate) fn finish(&mut self) -> Result<(), StoreError> {
         self.meta
             .insert("next_seq", self.next_seq)
             .ctx("write: store next_seq")?;
+        self.meta
+            .insert("pending_count", self.pending_count)
+            .ctx("write: store pending_count")?;
         Ok(())
     }
 
@@ -479,9 +483,9 @@ impl<'t> Writer<'t> {
     fn put(&mut self, m: &StoredMessage) -> Result<PutOutcome, StoreError> {
         let dk = dedup_key(&m.recipient, &m.sender, &m.id);
         if self
-            .dedup
+            .inbox
             .get(dk.as_slice())
-            .ctx("put: read dedup")?
+            .ctx("put: read inbox dedup entry")?
             .is_some()
         {
             return Ok(PutOutcome::Duplicate);
@@ -492,7 +496,7 @@ impl<'t> Writer<'t> {
         Ok(PutOutcome::Stored { seq })
     }
 
-    /// Writes a message and its three index entries.
+    /// Writes a message, its dedup entry and its expiry index entry.
     pub(crate) fn insert_message(
         &mut self,
         seq: u64,
@@ -500,12 +504,10 @@ impl<'t> Writer<'t> {
         dk: &[u8],
     ) -> Result<(), StoreError> {
         let rec = encode_message(m);
-        self.messages
-            .insert(seq, rec.as_slice())
-            .ctx("put: insert messages")?;
-        self.pending
-            .insert(pending_key(&m.recipient, seq).as_slice(), ())
-            .ctx("put: insert pending")?;
+        self.inbox
+            .insert(message_key(&m.recipient, seq).as_slice(), rec.as_slice())
+            .ctx("put: insert inbox message")?;
+        self.pending_count += 1;
         self.insert_dedup(dk, seq, m.expires_at_ms)
     }
 
@@ -516,9 +518,9 @@ impl<'t> Writer<'t> {
         seq: u64,
         expires_at_ms: i64,
     ) -> Result<(), StoreError> {
-        self.dedup
+        self.inbox
             .insert(dk, dedup_value(seq, expires_at_ms).as_slice())
-            .ctx("put: insert dedup")?;
+            .ctx("put: insert inbox dedup entry")?;
         self.expiry
             .insert(expiry_key(expires_at_ms, seq).as_slice(), dk)
             .ctx("put: insert expiry")?;
@@ -533,11 +535,15 @@ impl<'t> Writer<'t> {
         let mut removed = 0;
         for (sender, id) in keys {
             let dk = dedup_key(recipient, sender, id);
-            let seq = match self.dedup.get(dk.as_slice()).ctx("ack: read dedup")? {
+            let seq = match self
+                .inbox
+                .get(dk.as_slice())
+                .ctx("ack: read inbox dedup entry")?
+            {
                 Some(v) => {
                     split_dedup_value(v.value())
                         .map_err(|reason| StoreError::Corrupt {
-                            table: "dedup",
+                            table: "inbox",
                             reason,
                         })?
                         .0
@@ -547,14 +553,12 @@ impl<'t> Writer<'t> {
             // The dedup entry stays until expiry: a retry of an acknowledged id must
             // still be recognised as a duplicate.
             if self
-                .messages
-                .remove(seq)
-                .ctx("ack: remove messages")?
+                .inbox
+                .remove(message_key(recipient, seq).as_slice())
+                .ctx("ack: remove inbox message")?
                 .is_some()
             {
-                self.pending
-                    .remove(pending_key(recipient, seq).as_slice())
-                    .ctx("ack: remove pending")?;
+                self.pending_count = self.pending_count.saturating_sub(1);
                 removed += 1;
             }
         }
@@ -593,27 +597,25 @@ impl<'t> Writer<'t> {
             let mut recipient = [0u8; 32];
             recipient.copy_from_slice(&dk[..32]);
             if self
-                .messages
-                .remove(seq)
-                .ctx("expire: remove messages")?
+                .inbox
+                .remove(message_key(&recipient, seq).as_slice())
+                .ctx("expire: remove inbox message")?
                 .is_some()
             {
-                self.pending
-                    .remove(pending_key(&recipient, seq).as_slice())
-                    .ctx("expire: remove pending")?;
+                self.pending_count = self.pending_count.saturating_sub(1);
                 removed += 1;
             }
             // Only drop the dedup entry if it still belongs to this seq.
             let current = self
-                .dedup
+                .inbox
                 .get(dk.as_slice())
-                .ctx("expire: read dedup")?
+                .ctx("expire: read inbox dedup entry")?
                 .map(|v| split_dedup_value(v.value()));
             if let Some(Ok((s, _))) = current {
                 if s == seq {
-                    self.dedup
+                    self.inbox
                         .remove(dk.as_slice())
-                        .ctx("expire: remove dedup")?;
+                        .ctx("expire: remove inbox dedup entry")?;
                 }
             }
         }
@@ -694,6 +696,18 @@ impl<'t> Writer<'t> {
     }
 }
 
+/// The seq of an inbox message key (`recipient ‖ 0x00 ‖ seq`).
+pub(crate) fn seq_of_message_key(k: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(k.get(33..41).unwrap_or_default())
+        .ok()
+        .filter(|_| k.len() == 41)
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt {
+            table: "inbox",
+            reason: format!("message key of {} bytes", k.len()),
+        })
+}
+
 /// Splits a PROFILES value into (updated_ms, blob).
 pub(crate) fn split_profile(v: &[u8]) -> Result<(i64, &[u8]), StoreError> {
     if v.len() < 8 {
@@ -746,30 +760,20 @@ impl Store for EmbeddedStore {
         }
         let recipient = *recipient;
         self.read("pending", move |txn| {
-            let pending = txn.open_table(PENDING).ctx("pending: open pending")?;
-            let messages = txn.open_table(MESSAGES).ctx("pending: open messages")?;
-            let lo = pending_key(&recipient, after_seq + 1);
-            let hi = pending_key(&recipient, u64::MAX);
+            let inbox = txn.open_table(INBOX).ctx("pending: open inbox")?;
+            let lo = message_key(&recipient, after_seq + 1);
+            let hi = message_key(&recipient, u64::MAX);
             let mut out = Vec::new();
-            for entry in pending
+            for entry in inbox
                 .range::<&[u8]>(lo.as_slice()..=hi.as_slice())
-                .ctx("pending: scan pending")?
+                .ctx("pending: scan inbox")?
             {
-                let (k, _) = entry.ctx("pending: read pending")?;
-                let k = k.value();
-                let mut s = [0u8; 8];
-                s.copy_from_slice(&k[32..40]);
-                let seq = u64::from_be_bytes(s);
-                let Some(rec) = messages.get(seq).ctx("pending: read messages")? else {
-                    return Err(StoreError::Corrupt {
-                        table: "pending",
-                        reason: format!("index entry for missing message seq {seq}"),
-                    });
-                };
+                let (k, rec) = entry.ctx("pending: read inbox")?;
+                let seq = seq_of_message_key(k.value())?;
                 let message =
                     decode_message(rec.value()).map_err(|reason| StoreError::Corrupt {
-                        table: "messages",
-                        reason: format!("seq {seq}: {reason}"),
+                        table: "inbox",
+                        reason: format!("message seq {seq}: {reason}"),
                     })?;
                 if message.expires_at_ms <= now_ms {
                     continue;
@@ -917,10 +921,12 @@ impl Store for EmbeddedStore {
         self.read("stats", |txn| {
             Ok(StoreStats {
                 pending_messages: txn
-                    .open_table(MESSAGES)
-                    .ctx("stats: open messages")?
-                    .len()
-                    .ctx("stats: count messages")?,
+                    .open_table(META)
+                    .ctx("stats: open meta")?
+                    .get("pending_count")
+                    .ctx("stats: read pending_count")?
+                    .map(|v| v.value())
+                    .unwrap_or(0),
                 profiles: txn
                     .open_table(PROFILES)
                     .ctx("stats: open profiles")?

@@ -13,10 +13,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use sha2::{Digest, Sha256};
 
 use super::codec::{
-    decode_message, dedup_key, member_key, put_bytes, split_dedup_key, split_dedup_value,
-    split_member_key, Reader,
+    decode_message, dedup_key, member_key, message_key, put_bytes, split_dedup_key,
+    split_dedup_value, split_member_key, Reader, INBOX_DEDUP, INBOX_MESSAGE,
 };
-use super::embedded::{split_profile, Ctx, Writer, DEDUP, MEMBERS, MESSAGES, PROFILES};
+use super::embedded::{seq_of_message_key, split_profile, Ctx, Writer, INBOX, MEMBERS, PROFILES};
 use super::{validate_channel, StoreError};
 
 /// Version of the snapshot stream layout this relay writes and reads.
@@ -91,8 +91,7 @@ pub(crate) fn write_snapshot<W: Write>(
     out: &mut W,
 ) -> Result<SnapshotSummary, StoreError> {
     let txn = db.begin_read().ctx("snapshot: begin read")?;
-    let messages = txn.open_table(MESSAGES).ctx("snapshot: open messages")?;
-    let dedup = txn.open_table(DEDUP).ctx("snapshot: open dedup")?;
+    let inbox = txn.open_table(INBOX).ctx("snapshot: open inbox")?;
     let profiles = txn.open_table(PROFILES).ctx("snapshot: open profiles")?;
     let members = txn.open_table(MEMBERS).ctx("snapshot: open members")?;
     let meta = txn
@@ -104,20 +103,21 @@ pub(crate) fn write_snapshot<W: Write>(
         .map(|v| v.value())
         .unwrap_or(1);
 
-    // Tombstones are dedup entries whose message was acknowledged; count them first so
-    // the header can carry exact counts (same read transaction, so the count holds).
-    let mut tombstones = 0u64;
-    for entry in dedup.iter().ctx("snapshot: scan dedup")? {
-        let (_, v) = entry.ctx("snapshot: read dedup")?;
-        let (seq, _) = split_dedup_value(v.value()).map_err(corrupt("dedup"))?;
-        if messages.get(seq).ctx("snapshot: read messages")?.is_none() {
+    // Count first so the header can carry exact counts (same read transaction, so the
+    // counts hold). Tombstones are dedup entries whose message was acknowledged.
+    let (mut messages, mut tombstones) = (0u64, 0u64);
+    for entry in inbox.iter().ctx("snapshot: scan inbox")? {
+        let (k, v) = entry.ctx("snapshot: read inbox")?;
+        if is_tombstone(&inbox, k.value(), v.value())?.is_some() {
             tombstones += 1;
+        } else if k.value().get(32) == Some(&INBOX_MESSAGE) {
+            messages += 1;
         }
     }
     let mut summary = SnapshotSummary {
         format_version: SNAPSHOT_FORMAT_VERSION,
         next_seq,
-        messages: messages.len().ctx("snapshot: count messages")?,
+        messages,
         tombstones,
         profiles: profiles.len().ctx("snapshot: count profiles")?,
         memberships: members.len().ctx("snapshot: count members")?,
@@ -145,29 +145,34 @@ pub(crate) fn write_snapshot<W: Write>(
     w.put(&header)?;
 
     let mut body = Vec::new();
-    for entry in messages.iter().ctx("snapshot: scan messages")? {
-        let (seq, rec) = entry.ctx("snapshot: read messages")?;
+    for entry in inbox.iter().ctx("snapshot: scan inbox")? {
+        let (k, rec) = entry.ctx("snapshot: read inbox")?;
+        if k.value().get(32) != Some(&INBOX_MESSAGE) {
+            continue;
+        }
+        let seq = seq_of_message_key(k.value())?;
         // Decode to validate: a corrupt record must fail the snapshot, not be copied.
-        let seq = seq.value();
         decode_message(rec.value()).map_err(|r| StoreError::Corrupt {
-            table: "messages",
-            reason: format!("seq {seq}: {r}"),
+            table: "inbox",
+            reason: format!("message seq {seq}: {r}"),
         })?;
         body.clear();
         body.extend_from_slice(&seq.to_be_bytes());
         body.extend_from_slice(rec.value());
         w.record(TAG_MESSAGE, &body)?;
     }
-    for entry in dedup.iter().ctx("snapshot: scan dedup")? {
-        let (k, v) = entry.ctx("snapshot: read dedup")?;
-        let (seq, expires) = split_dedup_value(v.value()).map_err(corrupt("dedup"))?;
-        if messages.get(seq).ctx("snapshot: read messages")?.is_some() {
+    for entry in inbox.iter().ctx("snapshot: scan inbox")? {
+        let (k, v) = entry.ctx("snapshot: read inbox")?;
+        let Some((seq, expires)) = is_tombstone(&inbox, k.value(), v.value())? else {
             continue;
-        }
+        };
+        let (recipient, sender, id) = split_dedup_key(k.value()).map_err(corrupt("inbox"))?;
         body.clear();
         body.extend_from_slice(&seq.to_be_bytes());
         body.extend_from_slice(&expires.to_be_bytes());
-        body.extend_from_slice(k.value());
+        body.extend_from_slice(&recipient);
+        body.extend_from_slice(&sender);
+        body.extend_from_slice(id.as_bytes());
         w.record(TAG_TOMBSTONE, &body)?;
     }
     for entry in profiles.iter().ctx("snapshot: scan profiles")? {
@@ -203,6 +208,28 @@ pub(crate) fn write_snapshot<W: Write>(
         "snapshot written"
     );
     Ok(summary)
+}
+
+/// For a dedup entry whose message is gone (acknowledged), its (seq, expires_at_ms);
+/// `None` for a live dedup entry or a message entry.
+fn is_tombstone(
+    inbox: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    k: &[u8],
+    v: &[u8],
+) -> Result<Option<(u64, i64)>, StoreError> {
+    if k.get(32) != Some(&INBOX_DEDUP) {
+        return Ok(None);
+    }
+    let (seq, expires) = split_dedup_value(v).map_err(corrupt("inbox"))?;
+    let recipient: [u8; 32] = k[..32].try_into().map_err(|_| StoreError::Corrupt {
+        table: "inbox",
+        reason: "short dedup key".into(),
+    })?;
+    let live = inbox
+        .get(message_key(&recipient, seq).as_slice())
+        .ctx("snapshot: read inbox message")?
+        .is_some();
+    Ok((!live).then_some((seq, expires)))
 }
 
 /// Hashes everything read through it.
@@ -278,8 +305,10 @@ pub(crate) fn restore_snapshot<R: Read>(
         let mut w = Writer::new(&txn)?;
         let mut found = Vec::new();
         for (name, n) in [
-            ("messages", w.messages.len().ctx("restore: count messages")?),
-            ("dedup entries", w.dedup.len().ctx("restore: count dedup")?),
+            (
+                "inbox entries (messages or dedup)",
+                w.inbox.len().ctx("restore: count inbox")?,
+            ),
             ("profiles", w.profiles.len().ctx("restore: count profiles")?),
             (
                 "channel memberships",
@@ -346,9 +375,12 @@ pub(crate) fn restore_snapshot<R: Read>(
                 TAG_TOMBSTONE => {
                     let seq = b.u64("seq").map_err(rec_err)?;
                     let expires = b.i64("expiry").map_err(rec_err)?;
-                    let dk = b.take(body.len() - 16, "dedup key").map_err(rec_err)?;
-                    split_dedup_key(dk).map_err(rec_err)?;
-                    w.insert_dedup(dk, seq, expires)?;
+                    let recipient = b.key("tombstone recipient").map_err(rec_err)?;
+                    let sender = b.key("tombstone sender").map_err(rec_err)?;
+                    let id = b.take(body.len() - 80, "tombstone id").map_err(rec_err)?;
+                    let id = std::str::from_utf8(id)
+                        .map_err(|_| rec_err("tombstone id is not UTF-8".into()))?;
+                    w.insert_dedup(&dedup_key(&recipient, &sender, id), seq, expires)?;
                     got.tombstones += 1;
                 }
                 TAG_PROFILE => {
