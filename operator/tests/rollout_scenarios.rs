@@ -684,3 +684,41 @@ rollout: {smokeTest: false}
         (Some(3), 10)
     );
 }
+
+#[tokio::test]
+async fn every_step_is_recorded_as_an_event() {
+    use k8s_openapi::api::events::v1::Event;
+    let s = Scenario::serving(V1).await;
+    s.promote_v2().await;
+    s.pod(Slot::Green, 0, 0, Some("CrashLoopBackOff")).await;
+    s.reconcile().await;
+    let events = s.h.api::<Event>().list(&Default::default()).await.unwrap();
+    let seen: Vec<(String, String, String)> = events
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.type_.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect();
+    for (reason, type_) in [
+        ("RolloutStarted", "Normal"),
+        ("Validating", "Normal"),
+        ("Promoted", "Normal"),
+        ("RolledBack", "Warning"),
+    ] {
+        assert!(
+            seen.iter().any(|(r, t, _)| r == reason && t == type_),
+            "no {type_} {reason} Event in {seen:?}"
+        );
+    }
+    let rolled_back = seen.iter().find(|(r, _, _)| r == "RolledBack").unwrap();
+    assert!(
+        rolled_back.2.contains("CrashLoopBackOff"),
+        "{}",
+        rolled_back.2
+    );
+}
