@@ -147,3 +147,14 @@ def test_existing_and_created_secret_conflict_fails_render() -> None:
         with pytest.raises(helm.HelmError, match="not both"):
             chart.render(values={"database": {"existingSecret": "a", "create": True, "host": "h",
                                               "password": "p"}}, name="r", namespace="n")
+
+
+def test_chart_targets_the_operator_release() -> None:
+    import yaml as _yaml
+
+    from delivery_lib import workspace_version
+
+    chart = _yaml.safe_load((CLUSTER_CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == workspace_version()
+    values = _yaml.safe_load((CLUSTER_CHART / "values.yaml").read_text())
+    assert values["version"] == workspace_version(), "default relay version = this release"
