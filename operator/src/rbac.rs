@@ -43,6 +43,9 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     // Rollout smoke tests: the operator reads and creates Jobs; finished ones expire
     // through ttlSecondsAfterFinished and garbage collection.
     ("batch", &["jobs"], &["get", "create"]),
+    // The database Secret a cluster names is hashed into the relay pod template, so
+    // changed credentials roll out blue-green. Read only, one object by name.
+    ("", &["secrets"], &["get"]),
     ("events.k8s.io", &["events"], &["create", "patch"]),
     (
         "coordination.k8s.io",

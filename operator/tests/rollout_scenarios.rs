@@ -15,7 +15,7 @@ use dchat_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -42,11 +42,19 @@ struct Scenario {
 impl Scenario {
     /// A cluster serving `spec` (version 1.0.0) from blue, all relays ready, settled.
     async fn serving(spec: &str) -> Self {
+        Self::serving_with_secret(spec, None).await
+    }
+
+    /// As [`Scenario::serving`], with the database Secret `dchat-db` holding `password`.
+    async fn serving_with_secret(spec: &str, password: Option<&str>) -> Self {
         let h = Harness::new(false).await;
         let clock = Arc::new(ManualClock::new(
             Timestamp::from_second(1_800_000_000).unwrap(),
         ));
         let s = Self { h, clock };
+        if let Some(password) = password {
+            s.set_db_password(password).await;
+        }
         s.h.create_cluster("chat", spec).await;
         s.reconcile().await;
         s.sts_ready("chat-blue").await;
@@ -57,6 +65,37 @@ impl Scenario {
         assert_eq!(status.phase, Phase::Running);
         assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
         s
+    }
+
+    /// Creates or replaces the database Secret `dchat-db`.
+    async fn set_db_password(&self, password: &str) {
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "dchat-db", "namespace": support::NS},
+            "stringData": {},
+            "data": {
+                "host": "ZGI=", "port": "NTQzMg==", "name": "ZGNoYXQ=", "username": "ZGNoYXQ=",
+                "password": k8s_openapi::ByteString(password.as_bytes().to_vec()),
+            },
+        }))
+        .unwrap();
+        let api = self.h.api::<Secret>();
+        if api.get_opt("dchat-db").await.unwrap().is_some() {
+            api.delete("dchat-db", &Default::default()).await.unwrap();
+        }
+        api.create(&PostParams::default(), &secret).await.unwrap();
+    }
+
+    fn pod_annotation(sts: &StatefulSet, key: &str) -> Option<String> {
+        sts.spec
+            .as_ref()?
+            .template
+            .metadata
+            .as_ref()?
+            .annotations
+            .as_ref()?
+            .get(key)
+            .cloned()
     }
 
     /// One reconcile by a freshly started operator.
@@ -721,4 +760,37 @@ async fn every_step_is_recorded_as_an_event() {
         "{}",
         rolled_back.2
     );
+}
+
+#[tokio::test]
+async fn changed_database_credentials_roll_out_blue_green() {
+    let s = Scenario::serving_with_secret(V1, Some("first")).await;
+    let blue = s.sts("chat-blue").await;
+    let first = Scenario::pod_annotation(&blue, "dchat.network/secret-hash").unwrap();
+    assert!(!first.contains("first"), "only a digest is written");
+    s.h.reset_calls();
+    s.reconcile().await;
+    assert_eq!(s.h.writes(), vec![], "an unchanged Secret is no change");
+
+    s.set_db_password("rotated").await;
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(
+        (rollout.step, rollout.slot),
+        (RolloutStep::Preparing, Slot::Green)
+    );
+    assert_eq!(
+        rollout.target_version, "1.0.0",
+        "same version, new credentials"
+    );
+    let green = s.sts("chat-green").await;
+    let second = Scenario::pod_annotation(&green, "dchat.network/secret-hash").unwrap();
+    assert_ne!(first, second);
+    // The serving slot keeps the pods (and credentials) it has until the switch.
+    let blue = s.sts("chat-blue").await;
+    assert_eq!(
+        Scenario::pod_annotation(&blue, "dchat.network/secret-hash"),
+        Some(first)
+    );
+    assert_eq!(s.selects("chat").await, "blue");
 }

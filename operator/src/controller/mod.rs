@@ -15,7 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
@@ -37,7 +37,7 @@ use crate::labels::{self, FIELD_MANAGER, FINALIZER};
 use crate::metrics::Metrics;
 use crate::rollout::{
     self, smoke, Decision, PodHealth, Serving, Settings, SlotState, SmokeState, Target, Template,
-    ABORT_ANNOTATION, PROMOTE_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
+    ABORT_ANNOTATION, PROMOTE_ANNOTATION, SECRET_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
 };
 use status::{Observation, SlotObservation};
 
@@ -445,7 +445,8 @@ async fn apply(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Erro
     let live = observe(&cluster, &ctx.client, &namespace).await?;
     let active_name = labels::statefulset_name(&cluster, active_slot);
     let active_live = live.get("StatefulSet", &active_name);
-    let desired_hash = template_hash(&cluster);
+    let secret_hash = database_secret_hash(&cluster, ctx, &namespace).await?;
+    let desired_hash = rollout::combined_hash(&template_hash(&cluster), secret_hash.as_deref());
 
     let settings = validate(&cluster.spec)
         .map_err(|e| e.to_string())
@@ -518,6 +519,15 @@ async fn apply(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Erro
                     .annotations
                     .get_or_insert_with(Default::default)
                     .insert(TEMPLATE_HASH_ANNOTATION.to_string(), desired_hash.clone());
+                // New database credentials are a new pod template.
+                if let (Some(hash), Some(spec)) = (&secret_hash, sts.spec.as_mut()) {
+                    spec.template
+                        .metadata
+                        .get_or_insert_with(Default::default)
+                        .annotations
+                        .get_or_insert_with(Default::default)
+                        .insert(SECRET_HASH_ANNOTATION.to_string(), hash.clone());
+                }
             }
             // Scale is held steady while a rollout compares and switches slots.
             Child::HorizontalPodAutoscaler(hpa) => {
@@ -560,6 +570,26 @@ async fn apply(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Erro
     outcome?;
     consume_annotations(&cluster, ctx, &namespace, &decision).await?;
     Ok(Action::requeue(decision.requeue.unwrap_or(RESYNC)))
+}
+
+/// Hash of the database Secret the relays read, or `None` without a database or while
+/// the Secret does not exist (the relays cannot start then anyway; its creation is then
+/// a template change like any other).
+async fn database_secret_hash(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Option<String>, Error> {
+    let Some(database) = &cluster.spec.database else {
+        return Ok(None);
+    };
+    let name = &database.secret_ref.name;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(kube_error("reading", "Secret", namespace, name))?;
+    Ok(secret.map(|s| rollout::secret_hash(&s.data.unwrap_or_default())))
 }
 
 /// Observes what the rollout state machine needs and lets it decide.

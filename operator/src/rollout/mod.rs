@@ -33,6 +33,11 @@ pub const ABORT_ANNOTATION: &str = "dchat.network/abort";
 /// Annotation the operator puts on a relay StatefulSet: hash of the pod template it
 /// was given, so a rollout knows whether the slot already runs the target.
 pub const TEMPLATE_HASH_ANNOTATION: &str = "dchat.network/template-hash";
+/// Pod template annotation: hash of the database Secret's connection keys, so a changed
+/// password or host rolls out blue-green like any other template change.
+pub const SECRET_HASH_ANNOTATION: &str = "dchat.network/secret-hash";
+/// Keys of the database Secret the relays read (see `spec.database.secretRef`).
+const DATABASE_SECRET_KEYS: [&str; 5] = ["host", "port", "name", "username", "password"];
 /// How often an in-flight rollout is looked at: pod restarts are not watched.
 pub const POLL: Duration = Duration::from_secs(10);
 
@@ -368,6 +373,38 @@ fn human(d: Duration) -> String {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
+    }
+}
+
+/// Hash of the database Secret keys the relays use (other keys do not matter to them).
+/// The values never leave this function; only a truncated digest does.
+pub fn secret_hash(data: &std::collections::BTreeMap<String, k8s_openapi::ByteString>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for key in DATABASE_SECRET_KEYS {
+        digest.update(key.as_bytes());
+        match data.get(key) {
+            Some(value) => {
+                digest.update([1]);
+                digest.update((value.0.len() as u64).to_be_bytes());
+                digest.update(&value.0);
+            }
+            None => digest.update([0]),
+        }
+    }
+    hex::encode(&digest.finalize()[..8])
+}
+
+/// The template hash a rollout compares: the pod template's, combined with the
+/// database Secret's when the cluster uses one.
+pub fn combined_hash(template_hash: &str, secret_hash: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    match secret_hash {
+        None => template_hash.to_string(),
+        Some(secret) => {
+            let seed = format!("{template_hash}/{secret}");
+            hex::encode(&Sha256::digest(seed.as_bytes())[..8])
+        }
     }
 }
 

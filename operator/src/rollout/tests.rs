@@ -1201,3 +1201,41 @@ fn settings_parse_spec_and_name_bad_fields() {
     let err = Settings::from_spec(&spec).unwrap_err();
     assert_eq!(err.field, "spec.rollout.progressDeadline");
 }
+
+#[test]
+fn secret_hash_covers_the_connection_keys_only() {
+    use k8s_openapi::ByteString;
+    use std::collections::BTreeMap;
+    let data = |password: &str, other: &str| {
+        BTreeMap::from([
+            ("host".to_string(), ByteString(b"db".to_vec())),
+            (
+                "password".to_string(),
+                ByteString(password.as_bytes().to_vec()),
+            ),
+            (
+                "unrelated".to_string(),
+                ByteString(other.as_bytes().to_vec()),
+            ),
+        ])
+    };
+    let a = secret_hash(&data("s3cret", "x"));
+    assert_eq!(
+        a,
+        secret_hash(&data("s3cret", "y")),
+        "unused keys do not matter"
+    );
+    assert_ne!(
+        a,
+        secret_hash(&data("n3w", "x")),
+        "a new password is a new template"
+    );
+    assert!(!a.contains("s3cret"));
+    assert_eq!(a.len(), 16);
+    assert_eq!(combined_hash("t1", None), "t1");
+    assert_ne!(
+        combined_hash("t1", Some(&a)),
+        combined_hash("t1", Some("other"))
+    );
+    assert_ne!(combined_hash("t1", Some(&a)), "t1");
+}
