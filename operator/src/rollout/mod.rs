@@ -990,8 +990,15 @@ impl Machine<'_, '_> {
         let in_flight = state.rollout.as_ref().filter(|r| r.step.in_flight());
         let (slots, hpa_pin, active_is_desired, smoke) = match in_flight {
             Some(r) => match r.step {
+                // Inside the window the new slot stays at the held size (the HPA is
+                // pinned to it), so "every relay ready" is judged on a steady count.
                 RolloutStep::Promoted => (
-                    plan(Template::Desired, fixed, Template::Keep, Some(r.replicas)),
+                    plan(
+                        Template::Desired,
+                        (!settings.autoscaling).then_some(r.replicas),
+                        Template::Keep,
+                        Some(r.replicas),
+                    ),
                     pin(r.replicas),
                     true,
                     None,

@@ -691,6 +691,23 @@ fn table() -> Vec<Case> {
             ..base()
         },
         Case {
+            name: "promoted: a replicas change waits for the window to end",
+            settings: Settings {
+                replicas: 5,
+                ..settings()
+            },
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            now: 5,
+            step: Some(Promoted),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            ..base()
+        },
+        Case {
             name: "promoted: autoscaling keeps the HPA pinned inside the window",
             settings: Settings {
                 autoscaling: true,
