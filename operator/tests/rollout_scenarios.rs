@@ -393,7 +393,7 @@ async fn crash_looping_relay_fails_validation_without_a_switch_and_is_not_retrie
         "{}",
         rollout.message
     );
-    assert_eq!(status.phase, Phase::Degraded);
+    assert_eq!(status.phase, Phase::RolledBack);
     assert_eq!(status.active_slot, Slot::Blue);
     assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
     assert_eq!(s.selects("chat").await, "blue");

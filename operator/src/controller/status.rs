@@ -219,13 +219,16 @@ fn rollout_verdict(obs: &Observation, all_ready: bool, counts: &str) -> Option<V
         RolloutStep::Failed | RolloutStep::RolledBack | RolloutStep::Aborted
             if r.failed_template_hash.as_deref() == Some(obs.template_hash.as_str()) =>
         {
-            let (phase, why) = match r.step {
-                RolloutStep::Failed => (Phase::Degraded, reason::ROLLOUT_FAILED),
-                RolloutStep::RolledBack => (Phase::RolledBack, reason::ROLLED_BACK),
-                _ => (Phase::RolledBack, reason::ROLLOUT_ABORTED),
+            // One phase for "the rollout failed and the previous version serves",
+            // whether traffic never moved, moved back, or a person aborted; the
+            // condition reason and status.rollout.step tell them apart.
+            let why = match r.step {
+                RolloutStep::Failed => reason::ROLLOUT_FAILED,
+                RolloutStep::RolledBack => reason::ROLLED_BACK,
+                _ => reason::ROLLOUT_ABORTED,
             };
             Some(Verdict {
-                phase,
+                phase: Phase::RolledBack,
                 ready: (all_ready, ready_reason, counts.to_string()),
                 progressing: (false, why, r.message.clone()),
                 degraded: (true, why, r.message.clone()),
@@ -553,7 +556,11 @@ mod tests {
     #[test]
     fn failed_rollouts_are_degraded_and_stalled_while_the_spec_asks_for_them() {
         for (step, phase, why) in [
-            (RolloutStep::Failed, Phase::Degraded, reason::ROLLOUT_FAILED),
+            (
+                RolloutStep::Failed,
+                Phase::RolledBack,
+                reason::ROLLOUT_FAILED,
+            ),
             (
                 RolloutStep::RolledBack,
                 Phase::RolledBack,
