@@ -794,3 +794,32 @@ async fn changed_database_credentials_roll_out_blue_green() {
     );
     assert_eq!(s.selects("chat").await, "blue");
 }
+
+#[tokio::test]
+async fn embedded_store_cluster_rolls_out_and_keeps_the_old_volume() {
+    // One relay, no database: the same blue-green steps. The operator does not hand the
+    // old relay's stored messages to the new one (see docs/rollouts.md); what it does
+    // guarantee is that the old slot's volume is retained, not deleted.
+    let spec = "version: '1.0.0'\nrollout: {validation: {smokeTest: false}, postPromotionWindow: 1m, scaleDownDelay: 1m}";
+    let s = Scenario::serving(spec).await;
+    s.h.update_spec("chat", &with_version(spec, "1.1.0")).await;
+    s.reconcile().await;
+    assert_eq!(s.replicas("chat-green").await, 1);
+    s.sts_ready("chat-green").await;
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Promoted);
+    s.clock.advance(2 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Complete);
+    let blue = s.sts("chat-blue").await.spec.unwrap();
+    assert_eq!(blue.replicas, Some(0));
+    let retention = blue.persistent_volume_claim_retention_policy.unwrap();
+    assert_eq!(retention.when_scaled.as_deref(), Some("Retain"));
+    assert_eq!(
+        blue.volume_claim_templates.unwrap()[0]
+            .metadata
+            .name
+            .as_deref(),
+        Some("data")
+    );
+}
