@@ -116,6 +116,10 @@ fn key_from_db(bytes: &[u8], table: &'static str, column: &str) -> Result<Public
 
 impl PostgresStore {
     /// Connects, verifies the server is reachable, and applies pending migrations.
+    ///
+    /// Spawns the put writer tasks on the current tokio runtime: call it from the
+    /// runtime that will use the store (puts fail with `WriterClosed` once that runtime
+    /// is gone).
     pub async fn connect(cfg: &PostgresConfig) -> Result<PostgresStore, StoreError> {
         if cfg.host.is_empty() {
             return Err(StoreError::Config {
