@@ -1,0 +1,475 @@
+//! `dchat-loadgen`: the benchmark load generator of issue 3 (S1, S2, S4). Prints tables.
+//!
+//! Run it pinned to one core and let it start the servers pinned to the other, e.g.
+//! `taskset -c 1 dchat-loadgen s1 --server-cpu 0`. See `docs/performance.md`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use dchat_bench::driver::{median_range, run_step, Pattern, Recorder, Rng, Step, StepResult};
+use dchat_bench::procs::{self, ServerProc};
+use dchat_bench::systems::{connect, Target};
+
+#[derive(Parser)]
+#[command(about = "dchat relay load generator (benchmarks S1, S2, S4)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// S1: 1:1 online messages, rate stepped to saturation, for each system.
+    S1(S1Args),
+    /// S2: channel fan-out on the relay.
+    S2(S2Args),
+    /// S4: idle authenticated connections on the relay: RSS per connection, connects/s.
+    S4(S4Args),
+    /// Runs the bare WebSocket router (used by S1 as the on-box limit).
+    Router {
+        /// Listen address (127.0.0.1 only for benchmarks).
+        #[arg(long, default_value = "127.0.0.1:7171")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// CPU the servers are pinned to (taskset); the generator should be pinned elsewhere.
+    #[arg(long)]
+    server_cpu: Option<usize>,
+    /// Warm-up seconds per step.
+    #[arg(long, default_value = "10")]
+    warmup: f64,
+    /// Measurement seconds per step.
+    #[arg(long, default_value = "60")]
+    measure: f64,
+    /// Repetitions (systems alternated between repetitions).
+    #[arg(long, default_value = "3")]
+    repeat: usize,
+    /// Payload bytes.
+    #[arg(long, default_value = "256")]
+    payload: usize,
+    /// The relay binary (default: `dchat-relay` next to this binary).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Concurrent handshakes while connecting.
+    #[arg(long, default_value = "64")]
+    parallel: usize,
+}
+
+#[derive(Args)]
+struct S1Args {
+    #[command(flatten)]
+    common: Common,
+    /// Systems: relay, bare-router, nats-tcp, nats-ws, redis-pubsub.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "relay,bare-router,nats-tcp,nats-ws,redis-pubsub"
+    )]
+    systems: Vec<String>,
+    /// Connected clients.
+    #[arg(long, default_value = "2000")]
+    clients: usize,
+    /// Offered rates (msgs/s), stepped in order until a step misses p99 ≤ --p99-ms.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "5000,10000,20000,40000,60000,80000,100000,130000,160000,200000"
+    )]
+    rates: Vec<f64>,
+    /// Latency bound for "msgs/s at p99 ≤ X".
+    #[arg(long, default_value = "5")]
+    p99_ms: f64,
+    /// Rate whose p50/p99 are reported separately.
+    #[arg(long, default_value = "20000")]
+    report_rate: f64,
+}
+
+#[derive(Args)]
+struct S2Args {
+    #[command(flatten)]
+    common: Common,
+    /// Channels.
+    #[arg(long, default_value = "10")]
+    channels: usize,
+    /// Members per channel.
+    #[arg(long, default_value = "100")]
+    members: usize,
+    /// Offered channel messages per second (each fans out to members − 1).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "250,500,1000,1500,2000,2500,3000,4000"
+    )]
+    rates: Vec<f64>,
+    /// Latency bound (last member) for the saturation point.
+    #[arg(long, default_value = "5")]
+    p99_ms: f64,
+}
+
+#[derive(Args)]
+struct S4Args {
+    #[command(flatten)]
+    common: Common,
+    /// Idle authenticated connections.
+    #[arg(long, default_value = "10000")]
+    connections: usize,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Router { listen } => {
+            // The router gets the same runtime shape as the relay (multi-thread; one
+            // worker when pinned to one core).
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(dchat_bench::router::serve(listen))?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("router thread panicked"))??;
+            Ok(())
+        }
+        Cmd::S1(a) => s1(a).await,
+        Cmd::S2(a) => s2(a).await,
+        Cmd::S4(a) => s4(a).await,
+    }
+}
+
+fn relay_bin(c: &Common) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &c.relay_bin {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe().context("locating this binary")?;
+    Ok(me.with_file_name("dchat-relay"))
+}
+
+/// Starts one system pinned to `cpu`; returns the process and its target.
+async fn start(system: &str, c: &Common) -> anyhow::Result<(ServerProc, Target)> {
+    let port = procs::free_port()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let dir = procs::scratch_dir(system)?;
+    let (proc_, target, wait) = match system {
+        "relay" => {
+            let mport = procs::free_port()?;
+            let envs: Vec<(String, String)> = [
+                ("DCHAT_LISTEN", format!("127.0.0.1:{port}")),
+                ("DCHAT_METRICS_LISTEN", format!("127.0.0.1:{mport}")),
+                ("DCHAT_DATA_DIR", dir.join("data").display().to_string()),
+                // Load clients send far above a phone's rate; the limiter is not under test.
+                ("DCHAT_RATE_PER_SEC", "1000000".into()),
+                ("DCHAT_RATE_BURST", "1000000".into()),
+                ("RUST_LOG", "warn".into()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let p = procs::spawn("relay", c.server_cpu, &relay_bin(c)?, &[], &envs, dir)?;
+            (p, Target::Relay(format!("ws://{addr}/v1/ws")), addr)
+        }
+        "bare-router" => {
+            let me = std::env::current_exe().context("locating this binary")?;
+            let args = vec!["router".to_string(), "--listen".into(), addr.to_string()];
+            let p = procs::spawn("bare-router", c.server_cpu, &me, &args, &[], dir)?;
+            (p, Target::Router(format!("ws://{addr}/")), addr)
+        }
+        "nats-tcp" | "nats-ws" => {
+            let wport = procs::free_port()?;
+            let conf = dir.join("nats.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listen: 127.0.0.1:{port}\nmax_payload: 1048576\nwebsocket {{\n  host: 127.0.0.1\n  port: {wport}\n  no_tls: true\n}}\n"
+                ),
+            )?;
+            let args = vec!["-c".to_string(), conf.display().to_string()];
+            let p = procs::spawn(
+                system,
+                c.server_cpu,
+                &PathBuf::from("nats-server"),
+                &args,
+                &[],
+                dir,
+            )?;
+            if system == "nats-ws" {
+                let waddr: std::net::SocketAddr = format!("127.0.0.1:{wport}").parse()?;
+                procs::wait_port(system, addr, Duration::from_secs(20)).await?;
+                (p, Target::Nats(format!("ws://{waddr}")), waddr)
+            } else {
+                (p, Target::Nats(format!("nats://{addr}")), addr)
+            }
+        }
+        "redis-pubsub" => {
+            let args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxclients",
+                "20000",
+                "--protected-mode",
+                "yes",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let p = procs::spawn(
+                system,
+                c.server_cpu,
+                &PathBuf::from("redis-server"),
+                &args,
+                &[],
+                dir,
+            )?;
+            (p, Target::Redis(format!("redis://{addr}/")), addr)
+        }
+        other => anyhow::bail!(
+            "unknown system {other:?} (relay, bare-router, nats-tcp, nats-ws, redis-pubsub)"
+        ),
+    };
+    procs::wait_port(system, wait, Duration::from_secs(30)).await?;
+    Ok((proc_, target))
+}
+
+fn step(c: &Common, rate: f64) -> Step {
+    Step {
+        rate,
+        warmup: Duration::from_secs_f64(c.warmup),
+        measure: Duration::from_secs_f64(c.measure),
+        payload: c.payload,
+        drain: Duration::from_secs(3),
+    }
+}
+
+fn fmt_cpu(r: &StepResult) -> String {
+    match r.server_cpu {
+        Some(s) if r.delivered_per_sec > 0.0 => format!(
+            "{:.0}% / {:.0}% / {:.1}",
+            s * 100.0,
+            r.gen_cpu * 100.0,
+            s * 1e6 / r.delivered_per_sec
+        ),
+        _ => format!("- / {:.0}% / -", r.gen_cpu * 100.0),
+    }
+}
+
+async fn s1(a: S1Args) -> anyhow::Result<()> {
+    let c = &a.common;
+    // results[system][rep] = steps
+    let mut all: Vec<(String, Vec<Vec<StepResult>>)> =
+        a.systems.iter().map(|s| (s.clone(), Vec::new())).collect();
+    let mut seq = 0u64;
+    let mut rng = Rng::new(0x5eed);
+    println!(
+        "# S1 1:1 online: {} clients, {} B payload, warm-up {} s, measure {} s, {} repetitions",
+        a.clients, c.payload, c.warmup, c.measure, c.repeat
+    );
+    println!("| system | rep | offered/s | delivered/s | p50 µs | p99 µs | p99.9 µs | max µs | server cpu / gen cpu / server µs per msg | relay sent→stored | errors |");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for rep in 0..c.repeat {
+        // Alternate the order between repetitions.
+        let order: Vec<usize> = if rep % 2 == 0 {
+            (0..all.len()).collect()
+        } else {
+            (0..all.len()).rev().collect()
+        };
+        for si in order {
+            let system = all[si].0.clone();
+            let (proc_, target) = start(&system, c).await?;
+            let rec = Recorder::new();
+            let t0 = Instant::now();
+            let eps = connect(&target, a.clients, c.parallel, 0, &rec).await?;
+            eprintln!(
+                "{system}: {} clients connected in {:.1} s",
+                eps.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            let mut steps = Vec::new();
+            for &rate in &a.rates {
+                let stored0 = rec.stored.load(Ordering::Relaxed);
+                let r = run_step(
+                    &eps,
+                    &rec,
+                    Pattern::Direct,
+                    step(c, rate),
+                    &mut seq,
+                    &mut rng,
+                    Some(proc_.pid),
+                )
+                .await;
+                println!(
+                    "| {system} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+                    rep + 1, r.offered, r.delivered_per_sec, r.p50_us, r.p99_us, r.p999_us, r.max_us, fmt_cpu(&r),
+                    rec.stored.load(Ordering::Relaxed) - stored0,
+                    rec.errors.load(Ordering::Relaxed)
+                );
+                let ok = r.meets(a.p99_ms);
+                steps.push(r);
+                if !ok && rate >= a.report_rate {
+                    break;
+                }
+                // Let queues empty between steps.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            all[si].1.push(steps);
+            drop(eps);
+            drop(proc_);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    println!();
+    println!("# S1 summary (median (min–max) over repetitions)");
+    println!(
+        "| system | max delivered/s with p99 ≤ {} ms | p50 µs at {:.0}/s | p99 µs at {:.0}/s |",
+        a.p99_ms, a.report_rate, a.report_rate
+    );
+    println!("|---|--:|--:|--:|");
+    for (system, reps) in &all {
+        let best: Vec<f64> = reps
+            .iter()
+            .map(|steps| {
+                steps
+                    .iter()
+                    .filter(|r| r.meets(a.p99_ms))
+                    .map(|r| r.delivered_per_sec)
+                    .fold(0.0, f64::max)
+            })
+            .collect();
+        let at = |f: fn(&StepResult) -> f64| -> Vec<f64> {
+            reps.iter()
+                .filter_map(|steps| {
+                    steps
+                        .iter()
+                        .find(|r| (r.offered - a.report_rate).abs() < 1.0)
+                        .map(f)
+                })
+                .collect()
+        };
+        let (b, b0, b1) = median_range(&best);
+        let (p50, p50a, p50b) = median_range(&at(|r| r.p50_us));
+        let (p99, p99a, p99b) = median_range(&at(|r| r.p99_us));
+        println!("| {system} | {b:.0} ({b0:.0}–{b1:.0}) | {p50:.0} ({p50a:.0}–{p50b:.0}) | {p99:.0} ({p99a:.0}–{p99b:.0}) |");
+    }
+    Ok(())
+}
+
+async fn s2(a: S2Args) -> anyhow::Result<()> {
+    let c = &a.common;
+    let n = a.channels * a.members;
+    let mut seq = 0u64;
+    let mut rng = Rng::new(0xfa40);
+    println!(
+        "# S2 fan-out: {} channels × {} members, {} B payload, warm-up {} s, measure {} s",
+        a.channels, a.members, c.payload, c.warmup, c.measure
+    );
+    println!("| rep | channel msgs/s offered | deliveries/s | p50 µs | p99 µs | p99 to last member µs | server cpu / gen cpu / server µs per delivery | errors |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let mut best = Vec::new();
+    for rep in 0..c.repeat {
+        let (proc_, target) = start("relay", c).await?;
+        let rec = Recorder::new();
+        let eps = connect(&target, n, c.parallel, a.members, &rec).await?;
+        let mut b = 0.0f64;
+        for &rate in &a.rates {
+            let r = run_step(
+                &eps,
+                &rec,
+                Pattern::Channel { members: a.members },
+                step(c, rate),
+                &mut seq,
+                &mut rng,
+                Some(proc_.pid),
+            )
+            .await;
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                rep + 1,
+                r.offered,
+                r.delivered_per_sec,
+                r.p50_us,
+                r.p99_us,
+                r.last_p99_us,
+                fmt_cpu(&r),
+                rec.errors.load(Ordering::Relaxed)
+            );
+            let ok = r.received >= r.expected && r.last_p99_us <= a.p99_ms * 1000.0;
+            if ok {
+                b = b.max(r.delivered_per_sec);
+            } else {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        best.push(b);
+        drop(eps);
+        drop(proc_);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (m, lo, hi) = median_range(&best);
+    println!();
+    println!(
+        "S2 max deliveries/s with p99 to last member ≤ {} ms: {m:.0} ({lo:.0}–{hi:.0})",
+        a.p99_ms
+    );
+    Ok(())
+}
+
+async fn s4(a: S4Args) -> anyhow::Result<()> {
+    let c = &a.common;
+    println!(
+        "# S4 idle scale: {} authenticated connections, {} handshakes in parallel",
+        a.connections, c.parallel
+    );
+    println!("| rep | connections | connects/s | relay RSS before MiB | after MiB | KiB per connection |");
+    println!("|--:|--:|--:|--:|--:|--:|");
+    let mut per = Vec::new();
+    let mut rates = Vec::new();
+    for rep in 0..c.repeat {
+        let (proc_, target) = start("relay", c).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = procs::rss_kib(proc_.pid);
+        let rec = Recorder::new();
+        let t0 = Instant::now();
+        let eps = connect(&target, a.connections, c.parallel, 0, &rec).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = procs::rss_kib(proc_.pid);
+        let kib = after.saturating_sub(before) as f64 / eps.len().max(1) as f64;
+        let rate = eps.len() as f64 / secs;
+        println!(
+            "| {} | {} | {rate:.0} | {:.1} | {:.1} | {kib:.1} |",
+            rep + 1,
+            eps.len(),
+            before as f64 / 1024.0,
+            after as f64 / 1024.0
+        );
+        per.push(kib);
+        rates.push(rate);
+        drop(eps);
+        drop(proc_);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (k, k0, k1) = median_range(&per);
+    let (r, r0, r1) = median_range(&rates);
+    println!();
+    println!(
+        "S4: {k:.1} ({k0:.1}–{k1:.1}) KiB per idle connection; {r:.0} ({r0:.0}–{r1:.0}) connects/s"
+    );
+    let _ = Arc::new(());
+    Ok(())
+}

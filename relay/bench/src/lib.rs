@@ -1,0 +1,44 @@
+//! Load generator for the dchat relay benchmarks of issue 3 (see `docs/performance.md`).
+//!
+//! - [`driver`]: open-loop Poisson dispatcher, latency recorder (HDR histogram), step results.
+//! - [`systems`]: one load client per system under test (relay, bare router, NATS, Redis).
+//! - [`router`]: the bare tokio WebSocket key→sender router, the on-box limit.
+//! - [`procs`]: server processes pinned with `taskset`, CPU and memory sampling.
+#![forbid(unsafe_code)]
+
+pub mod driver;
+pub mod procs;
+pub mod router;
+pub mod systems;
+
+/// Errors of the load generator.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A load client could not connect or subscribe.
+    #[error("{system}: connecting client {index}: {reason}")]
+    Connect {
+        /// System under test.
+        system: &'static str,
+        /// Client index.
+        index: usize,
+        /// Cause.
+        reason: String,
+    },
+    /// Starting or talking to a server process failed.
+    #[error("server {what}: {reason}")]
+    Server {
+        /// Which server.
+        what: String,
+        /// Cause.
+        reason: String,
+    },
+    /// Local I/O (temp dirs, /proc).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
