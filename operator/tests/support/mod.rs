@@ -163,13 +163,32 @@ impl Harness {
 
     /// Creates `apps/<name>` with the spec YAML.
     pub async fn create_cluster(&self, name: &str, spec_yaml: &str) -> DchatCluster {
+        self.create_cluster_in(NS, name, spec_yaml).await
+    }
+
+    /// Creates `<namespace>/<name>` with the spec YAML.
+    pub async fn create_cluster_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        spec_yaml: &str,
+    ) -> DchatCluster {
         let mut cluster = DchatCluster::new(name, serde_norway::from_str(spec_yaml).unwrap());
-        cluster.metadata.namespace = Some(NS.into());
+        cluster.metadata.namespace = Some(namespace.into());
         cluster.metadata.generation = Some(1);
-        self.clusters()
+        Api::<DchatCluster>::namespaced(self.client.clone(), namespace)
             .create(&PostParams::default(), &cluster)
             .await
             .unwrap()
+    }
+
+    /// One reconcile of `<namespace>/<name>`.
+    pub async fn reconcile_in(&self, namespace: &str, name: &str) -> Result<Action, Error> {
+        let cluster = Api::<DchatCluster>::namespaced(self.client.clone(), namespace)
+            .get(name)
+            .await
+            .unwrap();
+        controller::reconcile(Arc::new(cluster), self.ctx.clone()).await
     }
 
     /// Replaces the whole spec of a cluster, as `kubectl apply` of a new file would.
@@ -257,7 +276,12 @@ impl Harness {
     /// Plays the StatefulSet controller: every desired pod exists, `ready` of them ready,
     /// all on the current revision.
     pub async fn set_statefulset_status(&self, name: &str, ready: i32) {
-        let api: Api<StatefulSet> = self.api();
+        self.set_statefulset_status_in(NS, name, ready).await
+    }
+
+    /// [`Self::set_statefulset_status`] in another namespace.
+    pub async fn set_statefulset_status_in(&self, namespace: &str, name: &str, ready: i32) {
+        let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), namespace);
         let sts = api.get(name).await.unwrap();
         let desired = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let status = StatefulSetStatus {
