@@ -12,7 +12,9 @@
 
 pub mod api;
 pub mod build;
+pub mod commands;
 pub mod controller;
+pub mod http;
 pub mod labels;
 pub mod leader;
 pub mod metrics;

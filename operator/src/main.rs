@@ -8,13 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use clap::{Parser, Subcommand, ValueEnum};
 use dchat_operator::api::DchatCluster;
+use dchat_operator::commands::{request, RolloutCommand};
 use dchat_operator::controller;
+use dchat_operator::http::{router, HttpState};
 use dchat_operator::leader::LeaderElector;
 use dchat_operator::metrics::Metrics;
 use dchat_operator::render::{render_file, RenderOptions};
@@ -52,6 +50,20 @@ enum Command {
     },
     /// Run the operator against the cluster in KUBECONFIG or the in-cluster config.
     Run(RunArgs),
+    /// Promote a rollout that awaits promotion (sets dchat.network/promote).
+    Promote(TargetArgs),
+    /// Abort the rollout in flight and send traffic back to the old slot (sets
+    /// dchat.network/abort).
+    Abort(TargetArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TargetArgs {
+    /// DchatCluster name.
+    name: String,
+    /// Its namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,6 +136,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Promote(target) => rollout_command(target, RolloutCommand::Promote),
+        Command::Abort(target) => rollout_command(target, RolloutCommand::Abort),
         Command::Run(args) => {
             init_tracing(args.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -144,6 +158,39 @@ fn main() -> ExitCode {
     }
 }
 
+fn rollout_command(target: TargetArgs, command: RolloutCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("loading Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+        request(client, &target.namespace, &target.name, command)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok(()) => {
+            println!(
+                "dchatcluster {}/{} annotated {}",
+                target.namespace,
+                target.name,
+                command.annotation()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn print_yaml<T: serde::Serialize>(value: &T) -> ExitCode {
     match serde_norway::to_string(value) {
         Ok(text) => {
@@ -157,40 +204,14 @@ fn print_yaml<T: serde::Serialize>(value: &T) -> ExitCode {
     }
 }
 
-#[derive(Clone)]
-struct HttpState {
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-}
-
 async fn serve_http(addr: SocketAddr, state: HttpState) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(s): State<HttpState>| async move {
-                match s.metrics.encode() {
-                    Ok(text) => (StatusCode::OK, text),
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<HttpState>| async move {
-                if s.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                }
-            }),
-        )
-        .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics server to {addr}"))?;
     info!(%addr, "serving /metrics, /healthz, /readyz");
-    axum::serve(listener, app).await.context("metrics server")
+    axum::serve(listener, router(state))
+        .await
+        .context("metrics server")
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
