@@ -775,10 +775,14 @@ mod store_embedded_crash {
     const DIR_ENV: &str = "DCHAT_STORE_CRASH_DIR";
 
     /// The child: writes forever from 8 tasks, printing each acknowledged put.
+    /// `cargo test -- --ignored` (the e2e run) also reaches it; without the directory the
+    /// parent hands over it is not the crash child and does nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "run by kill9_loses_no_acknowledged_write as a child process"]
     async fn crash_child_writer() {
-        let dir = std::env::var(DIR_ENV).expect("only run as the crash child");
+        let Ok(dir) = std::env::var(DIR_ENV) else {
+            return;
+        };
         let s = Arc::new(EmbeddedStore::open(std::path::Path::new(&dir)).unwrap());
         let mut tasks = Vec::new();
         for t in 0..8u8 {
