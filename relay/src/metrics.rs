@@ -46,6 +46,14 @@ pub struct OpErrorLabel {
     pub error: &'static str,
 }
 
+/// Per-kind counter handles, indexed by `Kind as usize` (the order of `Kind::ALL`).
+#[derive(Default)]
+struct KindCounters {
+    routed: [Counter; 6],
+    stored: [Counter; 6],
+    delivered: [Counter; 6],
+}
+
 /// All relay metrics; cheap to clone handles are shared by every task.
 pub struct Metrics {
     registry: Registry,
@@ -90,6 +98,10 @@ pub struct Metrics {
     pub closed: Family<CodeLabel, Counter>,
     /// Connected outgoing peer links.
     pub peer_links: Gauge,
+    /// Handles on the per-kind series of `routed`, `stored` and `delivered`, so the
+    /// message path increments a counter directly instead of hashing a label set and
+    /// taking the family's lock for every message.
+    by_kind: KindCounters,
     /// Wake notices sent to peers.
     pub peer_wakes_sent: Counter,
     /// Wake notices received from peers.
@@ -128,6 +140,7 @@ impl Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             rejected: Family::default(),
+            by_kind: KindCounters::default(),
             closed: Family::default(),
             peer_links: Gauge::default(),
             peer_wakes_sent: Counter::default(),
@@ -254,7 +267,34 @@ impl Metrics {
         for c in ErrorCode::ALL {
             let _ = m.rejected.get_or_create(&CodeLabel { code: c.as_str() });
         }
-        Metrics { registry, ..m }
+        let series = |f: &Family<KindLabel, Counter>| {
+            Kind::ALL.map(|k| f.get_or_create(&KindLabel { kind: k.as_str() }).clone())
+        };
+        let by_kind = KindCounters {
+            routed: series(&m.routed),
+            stored: series(&m.stored),
+            delivered: series(&m.delivered),
+        };
+        Metrics {
+            registry,
+            by_kind,
+            ..m
+        }
+    }
+
+    /// The `routed` counter of `kind`.
+    pub fn routed_kind(&self, kind: Kind) -> &Counter {
+        &self.by_kind.routed[kind as usize]
+    }
+
+    /// The `stored` counter of `kind`.
+    pub fn stored_kind(&self, kind: Kind) -> &Counter {
+        &self.by_kind.stored[kind as usize]
+    }
+
+    /// The `delivered` counter of `kind`.
+    pub fn delivered_kind(&self, kind: Kind) -> &Counter {
+        &self.by_kind.delivered[kind as usize]
     }
 
     /// Counts an error frame sent with `code`.
@@ -281,5 +321,38 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_handles_increment_the_exported_series() {
+        let m = Metrics::new();
+        for (i, k) in Kind::ALL.into_iter().enumerate() {
+            assert_eq!(k as usize, i, "Kind::ALL must follow declaration order");
+        }
+        m.routed_kind(Kind::Image).inc();
+        m.delivered_kind(Kind::Sticker).inc_by(2);
+        m.stored_kind(Kind::Text).inc_by(3);
+        let text = m.encode();
+        assert!(
+            text.contains("dchat_messages_routed_total{kind=\"image\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dchat_messages_delivered_total{kind=\"sticker\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dchat_messages_stored_total{kind=\"text\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dchat_messages_routed_total{kind=\"text\"} 0\n"),
+            "{text}"
+        );
     }
 }

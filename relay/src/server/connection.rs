@@ -462,13 +462,7 @@ impl Session {
                     .metrics
                     .delivery_latency
                     .observe(msg.received.elapsed().as_secs_f64());
-                c.shared
-                    .metrics
-                    .delivered
-                    .get_or_create(&KindLabel {
-                        kind: msg.kind.as_str(),
-                    })
-                    .inc();
+                c.shared.metrics.delivered_kind(msg.kind).inc();
                 c.shared.metrics.inflight.inc();
                 self.inflight
                     .insert((msg.sender, msg.id.clone()), Origin::Live(msg));
@@ -486,13 +480,7 @@ impl Session {
         match c.shared.put(msg.to_stored(self.key, expires)).await {
             Ok(o) => {
                 if is_new(&o) {
-                    c.shared
-                        .metrics
-                        .stored
-                        .get_or_create(&KindLabel {
-                            kind: msg.kind.as_str(),
-                        })
-                        .inc();
+                    c.shared.metrics.stored_kind(msg.kind).inc();
                 }
                 self.handle.wake.notify_one();
                 Ok(())
@@ -644,13 +632,7 @@ impl Session {
             _ => env.from = Some(self.key),
         }
         let kind = env.kind;
-        c.shared
-            .metrics
-            .routed
-            .get_or_create(&KindLabel {
-                kind: kind.as_str(),
-            })
-            .inc();
+        c.shared.metrics.routed_kind(kind).inc();
         if !c.shared.recent.insert(self.key, &id) {
             c.shared.metrics.duplicates.inc();
             return c
@@ -663,13 +645,7 @@ impl Session {
                 })
                 .await;
         }
-        let envelope_json = match serde_json::to_string(&env) {
-            Ok(j) => j,
-            Err(e) => {
-                c.shared.recent.remove(self.key, &id);
-                return c.error(ErrorCode::Internal, e.to_string(), Some(id)).await;
-            }
-        };
+        let envelope_json = env.to_json();
         let msg = Arc::new(Message {
             sender: self.key,
             id: id.clone(),
@@ -986,12 +962,7 @@ impl Shared {
         let outcome = self.put(msg.to_stored(to, expires)).await?;
         let (status, seq) = match outcome {
             PutOutcome::Stored { seq } => {
-                self.metrics
-                    .stored
-                    .get_or_create(&KindLabel {
-                        kind: msg.kind.as_str(),
-                    })
-                    .inc();
+                self.metrics.stored_kind(msg.kind).inc();
                 self.wake_local(&to);
                 self.cluster.wake(to);
                 (SendStatus::Stored, Some(seq))
@@ -1049,12 +1020,7 @@ impl Shared {
                     self.cluster.wake(k);
                 }
             }
-            self.metrics
-                .stored
-                .get_or_create(&KindLabel {
-                    kind: msg.kind.as_str(),
-                })
-                .inc_by(u64::from(stored));
+            self.metrics.stored_kind(msg.kind).inc_by(u64::from(stored));
         }
         Ok(ServerFrame::Sent {
             id: msg.id.clone(),
