@@ -7,9 +7,38 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyHex(pub [u8; 32]);
 
+/// The value of one hex digit (either case).
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Exactly 64 hex digits as 32 bytes; `None` for anything else.
+fn parse_64_hex(s: &[u8]) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+    }
+    Some(out)
+}
+
 impl KeyHex {
     /// Parses 64 hex digits (either case).
     pub fn parse(s: &str) -> Result<KeyHex, String> {
+        // Every routed message and every ack parses one or two keys: decode straight
+        // into the array (hex::decode builds a Vec through an iterator, ~4× the work).
+        // Anything that is not exactly 64 hex digits takes the general path below,
+        // which produces the error message.
+        if let Some(k) = parse_64_hex(s.as_bytes()) {
+            return Ok(KeyHex(k));
+        }
         let bytes = hex::decode(s).map_err(|e| format!("key is not hex: {e}"))?;
         let arr: [u8; 32] = bytes
             .try_into()
@@ -99,5 +128,42 @@ impl<'de> Deserialize<'de> for Base64Bytes {
             .decode(s.as_bytes())
             .map(Base64Bytes)
             .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_parse_matches_hex_crate_and_keeps_errors() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 37 + 11) as u8);
+        let lower = hex::encode(bytes);
+        assert_eq!(KeyHex::parse(&lower), Ok(KeyHex(bytes)));
+        assert_eq!(KeyHex::parse(&lower.to_uppercase()), Ok(KeyHex(bytes)));
+        let mut mixed = lower.clone();
+        mixed.replace_range(0..2, &lower[0..2].to_uppercase());
+        assert_eq!(KeyHex::parse(&mixed), Ok(KeyHex(bytes)));
+        // Errors come from the general path, with the same wording as before.
+        let bad = format!("{}zz", &lower[..62]);
+        assert!(KeyHex::parse(&bad)
+            .unwrap_err()
+            .starts_with("key is not hex"));
+        assert_eq!(
+            KeyHex::parse(&lower[..62]).unwrap_err(),
+            "key must be 32 bytes, got 31"
+        );
+        assert!(KeyHex::parse(&lower[..63])
+            .unwrap_err()
+            .starts_with("key is not hex"));
+        assert!(KeyHex::parse("").is_err());
+        // Non-ASCII of the right byte length is refused, not mis-decoded.
+        let non_ascii = format!("{}é", &lower[..62]);
+        assert_eq!(non_ascii.len(), 64);
+        assert!(KeyHex::parse(&non_ascii).is_err());
+        for b in 0..=255u8 {
+            let s = format!("{}{:02x}", &lower[..62], b);
+            assert_eq!(KeyHex::parse(&s).map(|k| k.0[31]), Ok(b));
+        }
     }
 }
