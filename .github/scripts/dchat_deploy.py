@@ -106,18 +106,30 @@ def evaluate_rollout(cluster: dict[str, Any], version: str, generation: int) -> 
                                  f"ready {ready_ok}: {rollout.get('message', '')}")
 
 
-def find_backup_cronjob(cronjobs: list[dict[str, Any]], cluster: str) -> str:
+def find_backup_cronjob(cronjobs: list[dict[str, Any]], cluster: str) -> str | None:
     """The name of the backup CronJob the operator created for `cluster`: the CronJob owned
-    (ownerReferences) by that DchatCluster. Exactly one must exist."""
+    (ownerReferences) by that DchatCluster, or None when there is none. More than one is
+    an error."""
     owned = [
         cj["metadata"]["name"] for cj in cronjobs
         if any(ref.get("kind") == "DchatCluster" and ref.get("name") == cluster
                for ref in cj.get("metadata", {}).get("ownerReferences") or [])
     ]
-    if len(owned) != 1:
-        raise DeployError(f"expected one backup CronJob owned by DchatCluster {cluster}, "
-                          f"found {owned or 'none'}; is spec.backup configured?")
-    return owned[0]
+    if len(owned) > 1:
+        raise DeployError(f"expected at most one backup CronJob owned by DchatCluster "
+                          f"{cluster}, found {owned}")
+    return owned[0] if owned else None
+
+
+def backup_skip_reason(cluster: dict[str, Any]) -> str:
+    """Why no operator backup runs for a cluster without a backup CronJob, or a DeployError
+    when the cluster asks for backups (spec.backup) and the CronJob is missing."""
+    name = cluster.get("metadata", {}).get("name", "?")
+    if (cluster.get("spec") or {}).get("backup"):
+        raise DeployError(f"DchatCluster {name} sets spec.backup but the operator has not "
+                          "created its backup CronJob; check the operator's logs and Events")
+    return (f"DchatCluster {name} has no operator backup (no spec.backup): the RDS snapshot "
+            "taken before this step is the pre-deploy backup of the relay data")
 
 
 def evaluate_job(job: dict[str, Any]) -> Verdict:
@@ -181,6 +193,11 @@ def cmd_rollout(args: argparse.Namespace) -> Verdict:
 def cmd_backup(args: argparse.Namespace) -> Verdict:
     cronjobs = kubectl("-n", args.namespace, "get", "cronjobs")["items"]
     source = find_backup_cronjob(cronjobs, args.name)
+    if source is None:
+        reason = backup_skip_reason(
+            kubectl("-n", args.namespace, "get", "dchatcluster", args.name))
+        print(reason, flush=True)
+        return Verdict(True, False, reason)
     job = f"{args.name}-predeploy-{int(time.time())}"[:63]
     proc = subprocess.run(["kubectl", "-n", args.namespace, "create", "job", job,
                            f"--from=cronjob/{source}"], capture_output=True, text=True,

@@ -124,8 +124,17 @@ def test_backup_cronjob_is_found_by_owner_reference() -> None:
     jobs = [_cronjob("other-backup", "other"), _cronjob("relays-backup", "relays"),
             _cronjob("unrelated", None)]
     assert deploy.find_backup_cronjob(jobs, "relays") == "relays-backup"
+    assert deploy.find_backup_cronjob(jobs, "missing") is None
+    with pytest.raises(deploy.DeployError, match="at most one"):
+        deploy.find_backup_cronjob(jobs + [_cronjob("relays-backup-2", "relays")], "relays")
+
+
+def test_cluster_without_backups_relies_on_the_rds_snapshot() -> None:
+    reason = deploy.backup_skip_reason({"metadata": {"name": "relays"}, "spec": {}})
+    assert "RDS snapshot" in reason and "relays" in reason
     with pytest.raises(deploy.DeployError, match="spec.backup"):
-        deploy.find_backup_cronjob(jobs, "missing")
+        deploy.backup_skip_reason({"metadata": {"name": "relays"},
+                                   "spec": {"backup": {"schedule": "0 * * * *"}}})
 
 
 def test_backup_job_outcome() -> None:
