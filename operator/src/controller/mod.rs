@@ -879,13 +879,17 @@ fn observation(
 /// after every switch.
 fn template_hash(cluster: &DchatCluster) -> String {
     use sha2::{Digest, Sha256};
-    let inputs = BuildInputs::steady(cluster, Slot::Blue, false);
-    let template = desired_children(cluster, &inputs)
-        .into_iter()
-        .find_map(|c| match c {
-            Child::StatefulSet(sts) => sts.spec.map(|s| s.template),
-            _ => None,
-        });
+    // Only the StatefulSet (and the config hash its template carries) is needed, not
+    // every child.
+    let config_hash = crate::build::config_hash(&crate::build::configmap(cluster));
+    let deployment = SlotDeployment {
+        slot: Slot::Blue,
+        replicas: None,
+        existing_claims: None,
+    };
+    let template = crate::build::statefulset(cluster, &deployment, &config_hash)
+        .spec
+        .map(|s| s.template);
     let bytes = serde_json::to_vec(&template).unwrap_or_default();
     hex::encode(&Sha256::digest(&bytes)[..8])
 }
