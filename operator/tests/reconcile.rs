@@ -50,12 +50,7 @@ async fn create_builds_every_child_and_writes_status() {
         container.image.as_deref(),
         Some("ghcr.io/dchat/relay:1.0.0")
     );
-    assert!(h
-        .api::<StatefulSet>()
-        .get_opt("chat-green")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!h.exists::<StatefulSet>("chat-green").await);
 
     let services = h.api::<Service>();
     let client = services.get("chat").await.unwrap();
@@ -71,48 +66,18 @@ async fn create_builds_every_child_and_writes_status() {
     for name in ["chat-blue-headless", "chat-green-headless"] {
         assert!(services.get_opt(name).await.unwrap().is_some(), "{name}");
     }
-    assert!(h
-        .api::<ConfigMap>()
-        .get_opt("chat-config")
-        .await
-        .unwrap()
-        .is_some());
-    assert!(h
-        .api::<ServiceAccount>()
-        .get_opt("chat-relay")
-        .await
-        .unwrap()
-        .is_some());
-    assert!(h
-        .api::<NetworkPolicy>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(h.exists::<ConfigMap>("chat-config").await);
+    assert!(h.exists::<ServiceAccount>("chat-relay").await);
+    assert!(h.exists::<NetworkPolicy>("chat").await);
     let pdb = h.api::<PodDisruptionBudget>().get("chat").await.unwrap();
     assert_eq!(
         pdb.spec.unwrap().min_available,
         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2))
     );
-    assert!(h
-        .api::<HorizontalPodAutoscaler>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_none());
-    assert!(h.api::<Ingress>().get_opt("chat").await.unwrap().is_none());
-    assert!(h
-        .api::<ServiceMonitor>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_some());
-    assert!(h
-        .api::<PrometheusRule>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(!h.exists::<HorizontalPodAutoscaler>("chat").await);
+    assert!(!h.exists::<Ingress>("chat").await);
+    assert!(h.exists::<ServiceMonitor>("chat").await);
+    assert!(h.exists::<PrometheusRule>("chat").await);
 
     let owner = &sts.metadata.owner_references.unwrap()[0];
     assert_eq!(owner.kind, "DchatCluster");
@@ -308,12 +273,7 @@ async fn autoscaling_toggle_creates_hpa_and_hands_over_replicas() {
     // Autoscaling off: the HPA goes and the operator sets the count again.
     h.update_spec("chat", PROD).await;
     h.reconcile("chat").await.unwrap();
-    assert!(h
-        .api::<HorizontalPodAutoscaler>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!h.exists::<HorizontalPodAutoscaler>("chat").await);
     assert_eq!(
         api.get("chat-blue").await.unwrap().spec.unwrap().replicas,
         Some(3)
@@ -329,13 +289,8 @@ async fn disabled_features_are_deleted() {
     )
     .await;
     h.reconcile("chat").await.unwrap();
-    assert!(h.api::<Ingress>().get_opt("chat").await.unwrap().is_some());
-    assert!(h
-        .api::<NetworkPolicy>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(h.exists::<Ingress>("chat").await);
+    assert!(h.exists::<NetworkPolicy>("chat").await);
 
     h.update_spec(
         "chat",
@@ -344,25 +299,10 @@ async fn disabled_features_are_deleted() {
     .await;
     h.reset_calls();
     h.reconcile("chat").await.unwrap();
-    assert!(h.api::<Ingress>().get_opt("chat").await.unwrap().is_none());
-    assert!(h
-        .api::<NetworkPolicy>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_none());
-    assert!(h
-        .api::<ServiceMonitor>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_none());
-    assert!(h
-        .api::<PrometheusRule>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!h.exists::<Ingress>("chat").await);
+    assert!(!h.exists::<NetworkPolicy>("chat").await);
+    assert!(!h.exists::<ServiceMonitor>("chat").await);
+    assert!(!h.exists::<PrometheusRule>("chat").await);
     let deletes = h
         .writes()
         .into_iter()
@@ -370,12 +310,7 @@ async fn disabled_features_are_deleted() {
         .count();
     assert_eq!(deletes, 4);
     // What stays desired stays.
-    assert!(h
-        .api::<StatefulSet>()
-        .get_opt("chat-blue")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(h.exists::<StatefulSet>("chat-blue").await);
 }
 
 #[tokio::test]
@@ -383,12 +318,7 @@ async fn without_prometheus_operator_monitoring_is_skipped() {
     let h = Harness::new(false).await;
     h.create_cluster("chat", DEV).await;
     h.reconcile("chat").await.unwrap();
-    assert!(h
-        .api::<StatefulSet>()
-        .get_opt("chat-blue")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(h.exists::<StatefulSet>("chat-blue").await);
     let cluster = h.cluster("chat").await;
     assert_eq!(condition(&cluster, "Degraded").0, "False");
 }
@@ -403,18 +333,8 @@ async fn objects_of_other_owners_are_left_alone() {
     h.update_spec("chat", "version: '1.0.0'\nnetworkPolicy: {enabled: false}")
         .await;
     h.reconcile("chat").await.unwrap();
-    assert!(h
-        .api::<NetworkPolicy>()
-        .get_opt("chat")
-        .await
-        .unwrap()
-        .is_none());
-    assert!(h
-        .api::<NetworkPolicy>()
-        .get_opt("other")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(!h.exists::<NetworkPolicy>("chat").await);
+    assert!(h.exists::<NetworkPolicy>("other").await);
 }
 
 #[tokio::test]
@@ -423,12 +343,7 @@ async fn delete_runs_the_finalizer() {
     let h = Harness::new(false).await;
     h.create_cluster("chat", DEV).await;
     h.reconcile("chat").await.unwrap();
-    assert!(h
-        .api::<StatefulSet>()
-        .get_opt("chat-blue")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(h.exists::<StatefulSet>("chat-blue").await);
 
     // What the API server does on `kubectl delete` of an object with finalizers: it
     // sets deletionTimestamp and keeps the object until the finalizers are gone.
@@ -445,12 +360,7 @@ async fn delete_runs_the_finalizer() {
             .any(|c| c.verb == "delete" && c.target == "chat-blue"),
         "{writes:?}"
     );
-    assert!(h
-        .api::<StatefulSet>()
-        .get_opt("chat-blue")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!h.exists::<StatefulSet>("chat-blue").await);
     let after = h.cluster("chat").await;
     assert!(
         after.metadata.finalizers.unwrap_or_default().is_empty(),
@@ -568,12 +478,7 @@ async fn invalid_spec_is_stalled_with_a_message_and_waits() {
         "{message}"
     );
     assert_eq!(condition(&cluster, "Stalled").0, "True");
-    assert!(h
-        .api::<StatefulSet>()
-        .get_opt("chat-blue")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!h.exists::<StatefulSet>("chat-blue").await);
     assert_eq!(
         error_policy(Arc::new(cluster), &err, h.ctx.clone()),
         Action::await_change()
@@ -587,12 +492,7 @@ async fn invalid_spec_is_stalled_with_a_message_and_waits() {
     // Fixing the spec recovers.
     h.update_spec("chat", "version: '1.0.0'").await;
     h.reconcile("chat").await.unwrap();
-    assert!(h
-        .api::<StatefulSet>()
-        .get_opt("chat-blue")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(h.exists::<StatefulSet>("chat-blue").await);
     let cluster = h.cluster("chat").await;
     assert_eq!(condition(&cluster, "Degraded").0, "False");
     assert!(cluster

@@ -273,6 +273,17 @@ impl Harness {
         Api::namespaced(self.client.clone(), NS)
     }
 
+    /// Whether `apps/<name>` of kind `K` exists.
+    pub async fn exists<K>(&self, name: &str) -> bool
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        self.api::<K>().get_opt(name).await.unwrap().is_some()
+    }
+
     /// Plays the StatefulSet controller: every desired pod exists, `ready` of them ready,
     /// all on the current revision.
     pub async fn set_statefulset_status(&self, name: &str, ready: i32) {
