@@ -245,6 +245,17 @@ impl EmbeddedStore {
         snapshot::restore_snapshot(&self.db, input)
     }
 
+    /// Merges a snapshot into this store, which may hold data: what a blue-green slot
+    /// handover does on the receiving relay. Messages it already has are skipped, so
+    /// repeating a merge is harmless; nothing is committed unless the whole stream
+    /// verified.
+    pub fn merge(
+        &self,
+        input: &mut (impl std::io::Read + Send),
+    ) -> Result<snapshot::MergeSummary, StoreError> {
+        snapshot::merge_snapshot(&self.db, input)
+    }
+
     async fn submit<T>(
         &self,
         op_name: &'static str,

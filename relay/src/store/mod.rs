@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub use embedded::EmbeddedStore;
 pub use error::StoreError;
 pub use postgres::{PostgresConfig, PostgresStore};
-pub use snapshot::{SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
+pub use snapshot::{MergeSummary, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
 
 /// An Ed25519 public key (raw 32 bytes): identities and routing keys.
 pub type PublicKey = [u8; 32];

@@ -266,11 +266,56 @@ fn invalid(reason: impl Into<String>) -> StoreError {
     }
 }
 
+/// How a snapshot is applied to a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Apply {
+    /// Into an empty store, keeping the snapshot's sequence numbers.
+    Restore,
+    /// Into a store that may hold data (a slot handover): messages already present
+    /// (same recipient, sender and id, pending or acknowledged) are skipped, the others
+    /// get fresh sequence numbers in stream order, so each recipient's order among the
+    /// imported messages is kept.
+    Merge,
+}
+
+/// What a merge did, in addition to what the stream held.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MergeSummary {
+    /// What the stream contained.
+    pub snapshot: SnapshotSummary,
+    /// Messages added to this store.
+    pub imported: u64,
+    /// Messages skipped because this store already had (or had delivered) them.
+    pub duplicates: u64,
+    /// Profiles replaced because the stream's copy was newer.
+    pub profiles_updated: u64,
+}
+
 /// Loads a snapshot into an empty store (see module docs).
 pub(crate) fn restore_snapshot<R: Read>(
     db: &Database,
     input: &mut R,
 ) -> Result<SnapshotSummary, StoreError> {
+    apply_snapshot(db, input, Apply::Restore).map(|m| m.snapshot)
+}
+
+/// Merges a snapshot into a store that may already hold messages: the receiving side
+/// of a blue-green slot handover. Idempotent: merging the same stream twice imports
+/// nothing the second time. All or nothing: one transaction, committed only after
+/// the checksum and counts were verified.
+pub(crate) fn merge_snapshot<R: Read>(
+    db: &Database,
+    input: &mut R,
+) -> Result<MergeSummary, StoreError> {
+    apply_snapshot(db, input, Apply::Merge)
+}
+
+fn apply_snapshot<R: Read>(
+    db: &Database,
+    input: &mut R,
+    mode: Apply,
+) -> Result<MergeSummary, StoreError> {
+    let mut merge = MergeSummary::default();
     let mut buffered = std::io::BufReader::with_capacity(256 << 10, input);
     let mut r = HashingReader {
         inner: &mut buffered,
@@ -319,7 +364,7 @@ pub(crate) fn restore_snapshot<R: Read>(
                 found.push(format!("{n} {name}"));
             }
         }
-        if !found.is_empty() {
+        if mode == Apply::Restore && !found.is_empty() {
             return Err(StoreError::NotEmpty {
                 what: found.join(", "),
             });
@@ -369,7 +414,19 @@ pub(crate) fn restore_snapshot<R: Read>(
                         )));
                     }
                     let dk = dedup_key(&m.recipient, &m.sender, &m.id);
-                    w.insert_message(seq, &m, &dk)?;
+                    match mode {
+                        Apply::Restore => w.insert_message(seq, &m, &dk)?,
+                        Apply::Merge => {
+                            if has_entry(&w, &dk)? {
+                                merge.duplicates += 1;
+                            } else {
+                                let fresh = w.next_seq;
+                                w.next_seq += 1;
+                                w.insert_message(fresh, &m, &dk)?;
+                                merge.imported += 1;
+                            }
+                        }
+                    }
                     got.messages += 1;
                 }
                 TAG_TOMBSTONE => {
@@ -380,7 +437,19 @@ pub(crate) fn restore_snapshot<R: Read>(
                     let id = b.take(body.len() - 80, "tombstone id").map_err(rec_err)?;
                     let id = std::str::from_utf8(id)
                         .map_err(|_| rec_err("tombstone id is not UTF-8".into()))?;
-                    w.insert_dedup(&dedup_key(&recipient, &sender, id), seq, expires)?;
+                    let dk = dedup_key(&recipient, &sender, id);
+                    match mode {
+                        Apply::Restore => w.insert_dedup(&dk, seq, expires)?,
+                        // A tombstone is a dedup entry whose seq names no message. The
+                        // stream's seq may name a live message here, so take a fresh one.
+                        Apply::Merge => {
+                            if !has_entry(&w, &dk)? {
+                                let fresh = w.next_seq;
+                                w.next_seq += 1;
+                                w.insert_dedup(&dk, fresh, expires)?;
+                            }
+                        }
+                    }
                     got.tombstones += 1;
                 }
                 TAG_PROFILE => {
@@ -388,7 +457,9 @@ pub(crate) fn restore_snapshot<R: Read>(
                     let updated = b.i64("profile updated").map_err(rec_err)?;
                     let blob = b.bytes("profile blob").map_err(rec_err)?;
                     b.finish("profile record").map_err(rec_err)?;
-                    w.put_profile(&key, blob, updated)?;
+                    if w.put_profile(&key, blob, updated)? {
+                        merge.profiles_updated += 1;
+                    }
                     got.profiles += 1;
                 }
                 _ => {
@@ -427,7 +498,9 @@ pub(crate) fn restore_snapshot<R: Read>(
                 )));
             }
         }
-        w.next_seq = w.next_seq.max(expected.next_seq);
+        if mode == Apply::Restore {
+            w.next_seq = w.next_seq.max(expected.next_seq);
+        }
         w.finish()?;
         expected.bytes = r.bytes;
         expected.sha256 = hex::encode(actual);
@@ -435,11 +508,21 @@ pub(crate) fn restore_snapshot<R: Read>(
     // Nothing above committed: any error returned earlier dropped (aborted) the txn.
     txn.commit().ctx("restore: commit")?;
     tracing::info!(
+        ?mode,
         messages = expected.messages,
         tombstones = expected.tombstones,
         profiles = expected.profiles,
         memberships = expected.memberships,
-        "snapshot restored"
+        imported = merge.imported,
+        duplicates = merge.duplicates,
+        "snapshot applied"
     );
-    Ok(expected)
+    merge.snapshot = expected;
+    Ok(merge)
+}
+
+/// Whether the inbox has a dedup entry for this key (the message is pending or was
+/// acknowledged recently).
+fn has_entry(w: &Writer<'_>, dk: &[u8]) -> Result<bool, StoreError> {
+    Ok(w.inbox.get(dk).ctx("merge: read inbox dedup entry")?.is_some())
 }
