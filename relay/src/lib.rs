@@ -6,12 +6,14 @@
 //! - [`store`]: the storage trait with the embedded and PostgreSQL backends.
 //! - [`cluster`]: peer links that make several relays act as one service.
 //! - [`client`]: the Rust client library used by the `dchat` CLI, tests and benchmarks.
+//! - [`handover`]: moves a relay's stored messages to another relay (blue-green slot handover).
 //! - [`config`], [`metrics`], [`shutdown`].
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod handover;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

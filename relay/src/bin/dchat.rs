@@ -1,4 +1,5 @@
-//! `dchat`: command-line client of the relay (keygen, send, listen, fetch, profile, smoke).
+//! `dchat`: command-line client of the relay (keygen, send, listen, fetch, profile, smoke,
+//! handover).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -80,6 +81,21 @@ enum Cmd {
         url: String,
         /// Time allowed for the round trip.
         #[arg(long, default_value = "10s")]
+        timeout: String,
+    },
+    /// Moves the stored messages of one relay (embedded store) into another before the
+    /// first is scaled down: quiesces the old relay, then streams its snapshot into the
+    /// new one's merge import. The admin token comes from DCHAT_ADMIN_TOKEN.
+    Handover {
+        /// Admin (metrics port) URL of the relay giving its messages away,
+        /// e.g. http://chat-blue-0.chat-blue-headless:9090
+        #[arg(long)]
+        from: String,
+        /// Admin URL of the relay receiving them.
+        #[arg(long)]
+        to: String,
+        /// Time allowed for each step (quiesce, snapshot, import).
+        #[arg(long, default_value = "5m")]
         timeout: String,
     },
 }
@@ -215,6 +231,22 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("smoke test against {url} failed"))?;
             println!("smoke ok: round trip in {} ms", took.as_millis());
+        }
+        Cmd::Handover { from, to, timeout } => {
+            let within = parse_duration(&timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+            let token = std::env::var("DCHAT_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("DCHAT_ADMIN_TOKEN is not set (the relays' admin token)")
+                })?;
+            let report = dchat_relay::handover::handover(&from, &to, &token, within)
+                .await
+                .with_context(|| format!("handover from {from} to {to} failed"))?;
+            println!(
+                "{}",
+                serde_json::json!({"handover": "ok", "from": from, "to": to, "imported": report.imported})
+            );
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! constant time); disabled (404) when no token is configured.
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -169,6 +170,15 @@ impl Read for ChannelReader {
     }
 }
 
+/// How a posted snapshot is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Load {
+    /// `POST /admin/restore`: into an empty store.
+    Restore,
+    /// `POST /admin/import`: merged into a store that may hold data.
+    Merge,
+}
+
 /// `POST /admin/restore`: loads a snapshot (the request body) into the embedded
 /// store, which must be empty. 409 when not empty, 400 for a corrupt stream.
 pub async fn restore(
@@ -176,13 +186,26 @@ pub async fn restore(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    load(shared, headers, body, Load::Restore).await
+}
+
+/// `POST /admin/import`: merges a snapshot (the request body) into the embedded store,
+/// which may hold data — the receiving side of a blue-green slot handover. Messages the
+/// store already has are skipped, so a repeated import is harmless; nothing is applied
+/// unless the whole stream verified (400 otherwise). Local sessions are woken so
+/// connected recipients get imported messages at once.
+pub async fn import(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    load(shared, headers, body, Load::Merge).await
+}
+
+async fn load(shared: Arc<Shared>, headers: HeaderMap, body: Body, how: Load) -> Response {
     if let Err(r) = authorize(&shared, &headers) {
         return *r;
     }
     let Some(store) = shared.embedded.clone() else {
         return json_response(
             StatusCode::CONFLICT,
-            json!({"error": "not_embedded", "message": "restore targets the embedded store"}),
+            json!({"error": "not_embedded", "message": "restore and import target the embedded store; relays on PostgreSQL share their messages already"}),
         );
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, String>>(4);
@@ -201,14 +224,20 @@ pub async fn restore(
             rx,
             cur: Bytes::new(),
         };
-        store.restore(&mut r)
+        match how {
+            Load::Restore => store.restore(&mut r).map(|s| json!({ "restored": s })),
+            Load::Merge => store.merge(&mut r).map(|s| json!({ "imported": s })),
+        }
     })
     .await;
     forward.abort();
     match result {
         Ok(Ok(summary)) => {
-            info!(messages = summary.messages, "snapshot restored");
-            json_response(StatusCode::OK, json!({ "restored": summary }))
+            info!(?how, %summary, "snapshot applied");
+            if how == Load::Merge {
+                shared.sessions.wake_all();
+            }
+            json_response(StatusCode::OK, summary)
         }
         Ok(Err(e)) => {
             let status = match e {
@@ -226,6 +255,43 @@ pub async fn restore(
         Err(e) => json_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"error": "task", "message": e.to_string()}),
+        ),
+    }
+}
+
+/// `POST /admin/quiesce`: the sending side of a slot handover. Readiness turns false,
+/// new client connections are refused, every client is closed with the drain reason
+/// (so it reconnects through the Service to the serving slot), their unacknowledged
+/// live messages are stored and the store is flushed — but the process keeps running,
+/// so the admin API can still stream a snapshot that no client can change any more.
+/// Idempotent; a restart of the process ends it.
+pub async fn quiesce(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&shared, &headers) {
+        return *r;
+    }
+    let already = shared.draining.swap(true, Ordering::AcqRel);
+    if !already {
+        info!("quiescing for a handover: readiness false, closing clients");
+    }
+    shared.shutdown.cancel();
+    shared.tracker.close();
+    let grace = shared.cfg.drain_grace;
+    let closed = tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_ok();
+    let open = shared.tracker.len();
+    match shared.timed("flush", shared.store.flush()).await {
+        Ok(()) if closed => json_response(
+            StatusCode::OK,
+            json!({"quiesced": true, "already": already, "open_connections": open}),
+        ),
+        Ok(()) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "connections_open", "message": format!("{open} connection(s) still open after {}s; retry", grace.as_secs())}),
+        ),
+        Err(e) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": e.metric_label(), "message": e.to_string()}),
         ),
     }
 }

@@ -40,6 +40,8 @@ pub fn metrics_router(shared: Arc<Shared>) -> Router {
         .route("/admin/stats", get(admin::stats))
         .route("/admin/snapshot", get(admin::snapshot))
         .route("/admin/restore", post(admin::restore))
+        .route("/admin/import", post(admin::import))
+        .route("/admin/quiesce", post(admin::quiesce))
         .with_state(shared)
 }
 

@@ -524,5 +524,8 @@ fn apply_snapshot<R: Read>(
 /// Whether the inbox has a dedup entry for this key (the message is pending or was
 /// acknowledged recently).
 fn has_entry(w: &Writer<'_>, dk: &[u8]) -> Result<bool, StoreError> {
-    Ok(w.inbox.get(dk).ctx("merge: read inbox dedup entry")?.is_some())
+    Ok(w.inbox
+        .get(dk)
+        .ctx("merge: read inbox dedup entry")?
+        .is_some())
 }
