@@ -9,7 +9,8 @@
 --   Running + Ready=True                     -> Healthy
 --   Pending, Provisioning, Progressing       -> Progressing (rollout step message)
 --   AwaitingPromotion                        -> Suspended   (waiting for dchat.network/promote)
---   RolledBack, Degraded, Failed             -> Degraded    (why, from the Degraded condition)
+--   RolledBack, Degraded, Failed             -> Degraded    (why, from the Degraded condition;
+--                                               includes a failed embedded-store handover)
 --   status older than the spec (generation)  -> Progressing
 local hs = {}
 

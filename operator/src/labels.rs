@@ -76,6 +76,12 @@ pub fn configmap_name(cluster: &DchatCluster) -> String {
     format!("{}-config", cluster.name_any())
 }
 
+/// Name of the Secret holding the relays' admin API token (embedded store only), which
+/// the handover Job uses to move stored messages between slots.
+pub fn admin_token_secret_name(cluster: &DchatCluster) -> String {
+    format!("{}-admin-token", cluster.name_any())
+}
+
 /// Name of the relays' ServiceAccount.
 pub fn service_account_name(cluster: &DchatCluster) -> String {
     format!("{}-relay", cluster.name_any())

@@ -40,12 +40,13 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
         CHILD_VERBS,
     ),
     ("", &["pods"], READ_VERBS),
-    // Rollout smoke tests: the operator reads and creates Jobs; finished ones expire
-    // through ttlSecondsAfterFinished and garbage collection.
+    // Rollout smoke test and handover Jobs: the operator reads and creates Jobs;
+    // finished ones expire through ttlSecondsAfterFinished and garbage collection.
     ("batch", &["jobs"], &["get", "create"]),
     // The database Secret a cluster names is hashed into the relay pod template, so
-    // changed credentials roll out blue-green. Read only, one object by name.
-    ("", &["secrets"], &["get"]),
+    // changed credentials roll out blue-green (read, one object by name); an
+    // embedded-store cluster's admin token Secret is created once, never updated.
+    ("", &["secrets"], &["get", "create"]),
     ("events.k8s.io", &["events"], &["create", "patch"]),
     (
         "coordination.k8s.io",

@@ -123,6 +123,14 @@ fn hand_written_statuses_map_to_argo_health() {
             "failed validation",
         ),
         (
+            "handover of the old slot's messages failed",
+            cluster(json!({"observedGeneration": 2, "phase": "Degraded",
+                           "conditions": [cond("Ready", "True", "1/1"), cond("Degraded", "True", "slot blue's stored messages could not be handed over")],
+                           "rollout": {"step": "HandoverFailed", "message": "m"}})),
+            "Degraded",
+            "could not be handed over",
+        ),
+        (
             "invalid spec",
             cluster(json!({"observedGeneration": 2, "phase": "Failed",
                            "conditions": [cond("Degraded", "True", "spec.rollout.progressDeadline: bad")]})),

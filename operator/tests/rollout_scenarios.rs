@@ -205,9 +205,25 @@ impl Scenario {
         jobs.items.into_iter().next().unwrap()
     }
 
-    /// Plays the Job controller.
+    /// The handover Job, if the operator created one.
+    async fn handover_job(&self) -> Option<Job> {
+        let jobs = self.h.api::<Job>().list(&Default::default()).await.unwrap();
+        jobs.items.into_iter().find(|j| {
+            j.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.contains("-handover-"))
+        })
+    }
+
+    /// Plays the Job controller for the smoke Job.
     async fn finish_smoke(&self, ok: bool) {
         let name = self.smoke_job().await.metadata.name.unwrap();
+        self.finish_job(&name, ok).await;
+    }
+
+    /// Plays the Job controller.
+    async fn finish_job(&self, name: &str, ok: bool) {
         let (type_, reason) = if ok {
             ("Complete", "Completed")
         } else {
@@ -220,7 +236,7 @@ impl Scenario {
         }});
         self.h
             .api::<Job>()
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .patch(name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .unwrap();
     }
@@ -796,30 +812,146 @@ async fn changed_database_credentials_roll_out_blue_green() {
 }
 
 #[tokio::test]
-async fn embedded_store_cluster_rolls_out_and_keeps_the_old_volume() {
-    // One relay, no database: the same blue-green steps. The operator does not hand the
-    // old relay's stored messages to the new one (see docs/rollouts.md); what it does
-    // guarantee is that the old slot's volume is retained, not deleted.
+async fn embedded_store_rollout_hands_stored_messages_over_before_scale_down() {
+    // One relay, no database: the old relay's stored messages live on its own volume,
+    // so before blue goes to zero a Job runs `dchat handover` from blue to green.
     let spec = "version: '1.0.0'\nrollout: {validation: {smokeTest: false}, postPromotionWindow: 1m, scaleDownDelay: 1m}";
     let s = Scenario::serving(spec).await;
+
+    // The relays' admin token: created once, random, referenced by the relay pods.
+    let token_of = || async {
+        let secret = s.h.api::<Secret>().get("chat-admin-token").await.unwrap();
+        let data = secret.data.or(None);
+        let from_string = secret.string_data.unwrap_or_default().get("token").cloned();
+        data.and_then(|d| {
+            d.get("token")
+                .map(|v| String::from_utf8(v.0.clone()).unwrap())
+        })
+        .or(from_string)
+        .expect("token key")
+    };
+    let token = token_of().await;
+    assert_eq!(token.len(), 64, "256-bit hex token");
+    let env = s
+        .sts("chat-blue")
+        .await
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let admin = env.iter().find(|e| e.name == "DCHAT_ADMIN_TOKEN").unwrap();
+    let key_ref = admin.value_from.clone().unwrap().secret_key_ref.unwrap();
+    assert_eq!(
+        (key_ref.name.as_str(), key_ref.key.as_str()),
+        ("chat-admin-token", "token")
+    );
+    s.reconcile().await;
+    assert_eq!(token_of().await, token, "the token is never rewritten");
+
     s.h.update_spec("chat", &with_version(spec, "1.1.0")).await;
     s.reconcile().await;
     assert_eq!(s.replicas("chat-green").await, 1);
     s.sts_ready("chat-green").await;
     s.reconcile().await;
     assert_eq!(s.step().await, RolloutStep::Promoted);
+    assert!(
+        s.handover_job().await.is_none(),
+        "no handover inside the window"
+    );
+
+    // Window and delay passed: the handover runs first; blue stays up meanwhile.
     s.clock.advance(2 * MIN);
     s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::ScalingDown);
+    assert_eq!(s.replicas("chat-blue").await, 1);
+    let job = s.handover_job().await.expect("handover Job created");
+    let command = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .command
+        .clone()
+        .unwrap();
+    assert_eq!(
+        command[1..6],
+        [
+            "handover",
+            "--from",
+            "http://chat-blue-0.chat-blue-headless.apps.svc:9090",
+            "--to",
+            "http://chat-green-0.chat-green-headless.apps.svc:9090"
+        ]
+    );
+    let job_name = job.metadata.name.unwrap();
+    assert!(s
+        .status()
+        .await
+        .rollout
+        .unwrap()
+        .message
+        .contains(&job_name));
+
+    // A failed handover keeps blue (and its messages) up and says how to retry.
+    s.finish_job(&job_name, false).await;
+    s.clock.advance(MIN);
+    s.reconcile().await;
+    let status = s.status().await;
+    assert_eq!(status.phase, Phase::Degraded);
+    let rollout = status.rollout.unwrap();
+    assert_eq!(rollout.step, RolloutStep::HandoverFailed);
+    assert!(
+        rollout
+            .message
+            .contains(&format!("kubectl delete job {job_name}")),
+        "{}",
+        rollout.message
+    );
+    assert_eq!(status.active_version.as_deref(), Some("1.1.0"));
+    assert_eq!(s.selects("chat").await, "green");
+    assert_eq!(s.replicas("chat-blue").await, 1);
+    s.reconcile().await;
+    assert_eq!(
+        s.replicas("chat-blue").await,
+        1,
+        "kept while the failed Job exists"
+    );
+
+    // Deleting the failed Job retries; success scales blue to zero.
+    s.h.api::<Job>()
+        .delete(&job_name, &Default::default())
+        .await
+        .unwrap();
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::ScalingDown);
+    assert!(s.handover_job().await.is_some(), "Job created again");
+    assert_eq!(s.replicas("chat-blue").await, 1);
+    s.finish_job(&job_name, true).await;
+    s.reconcile().await;
     assert_eq!(s.step().await, RolloutStep::Complete);
+    assert_eq!(s.status().await.phase, Phase::Running);
     let blue = s.sts("chat-blue").await.spec.unwrap();
     assert_eq!(blue.replicas, Some(0));
+    // The volume stays (retained on scale-down) though its messages moved on.
     let retention = blue.persistent_volume_claim_retention_policy.unwrap();
     assert_eq!(retention.when_scaled.as_deref(), Some("Retain"));
-    assert_eq!(
-        blue.volume_claim_templates.unwrap()[0]
-            .metadata
-            .name
-            .as_deref(),
-        Some("data")
-    );
+}
+
+#[tokio::test]
+async fn shared_database_rollout_needs_no_handover_or_admin_token() {
+    let s = Scenario::serving(V1).await;
+    s.promote_v2().await;
+    s.clock.advance(30 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Complete);
+    assert!(s.handover_job().await.is_none());
+    assert!(s
+        .h
+        .api::<Secret>()
+        .get_opt("chat-admin-token")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(s.replicas("chat-blue").await, 0);
 }

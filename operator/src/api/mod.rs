@@ -898,6 +898,10 @@ pub enum RolloutStep {
     ScalingDown,
     /// Done: the new version serves and the old slot is at zero.
     Complete,
+    /// The new version serves, but the old slot's stored messages (embedded store)
+    /// could not be handed over; the old slot keeps running so none is lost. Deleting
+    /// the failed handover Job retries.
+    HandoverFailed,
     /// Validation failed or the progress deadline passed; traffic never left the old slot.
     Failed,
     /// The new version failed after the switch; traffic went back to the old slot.
@@ -918,6 +922,7 @@ impl RolloutStep {
             Self::Promoted => "Promoted",
             Self::ScalingDown => "ScalingDown",
             Self::Complete => "Complete",
+            Self::HandoverFailed => "HandoverFailed",
             Self::Failed => "Failed",
             Self::RolledBack => "RolledBack",
             Self::Aborted => "Aborted",
@@ -939,7 +944,10 @@ impl RolloutStep {
 
     /// Whether traffic has moved to the new slot.
     pub fn switched(self) -> bool {
-        matches!(self, Self::Promoted | Self::ScalingDown | Self::Complete)
+        matches!(
+            self,
+            Self::Promoted | Self::ScalingDown | Self::Complete | Self::HandoverFailed
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! Desired state: pure functions from a `DchatCluster` (and what the controller observed)
 //! to the objects the operator applies. No I/O; one file per kind.
 
-mod configmap;
+pub(crate) mod configmap;
 mod hpa;
 mod ingress;
 pub mod monitoring;
@@ -9,7 +9,7 @@ mod network_policy;
 mod pdb;
 mod service;
 mod service_account;
-mod statefulset;
+pub(crate) mod statefulset;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;

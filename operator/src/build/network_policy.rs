@@ -8,9 +8,14 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use std::collections::BTreeMap;
+
+use kube::ResourceExt;
+
 use super::configmap::{METRICS_PORT, RELAY_PORT};
 use crate::api::DchatCluster;
 use crate::labels::{self, Component};
+use crate::rollout::handover::HANDOVER_APP_NAME;
 
 fn tcp(port: i32) -> NetworkPolicyPort {
     NetworkPolicyPort {
@@ -65,6 +70,23 @@ pub fn network_policy(cluster: &DchatCluster) -> Option<NetworkPolicy> {
         NetworkPolicyIngressRule {
             from: Some(vec![relays.clone()]),
             ports: Some(vec![tcp(RELAY_PORT), tcp(METRICS_PORT)]),
+        },
+        // The rollout's handover Job calls the relays' admin API (embedded store).
+        NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([
+                        (
+                            "app.kubernetes.io/name".to_string(),
+                            HANDOVER_APP_NAME.to_string(),
+                        ),
+                        ("app.kubernetes.io/instance".to_string(), cluster.name_any()),
+                    ])),
+                    ..LabelSelector::default()
+                }),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(vec![tcp(METRICS_PORT)]),
         },
     ];
     let mut egress = vec![
@@ -166,6 +188,16 @@ mod tests {
             .match_labels
             .unwrap();
         assert_eq!(peers["app.kubernetes.io/instance"], "chat");
+        // The handover Job of this cluster reaches the admin port, and only that.
+        assert_eq!(ports(&ingress[3].ports), vec![(9090, "TCP".into())]);
+        let handover = ingress[3].from.as_ref().unwrap()[0]
+            .pod_selector
+            .clone()
+            .unwrap()
+            .match_labels
+            .unwrap();
+        assert_eq!(handover["app.kubernetes.io/name"], "dchat-handover");
+        assert_eq!(handover["app.kubernetes.io/instance"], "chat");
     }
 
     #[test]

@@ -216,6 +216,26 @@ fn relay_container(cluster: &DchatCluster, slot: Slot) -> Container {
     }
 }
 
+/// Key of the admin token in the Secret named by [`labels::admin_token_secret_name`].
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
+/// `DCHAT_ADMIN_TOKEN` from the cluster's admin token Secret: the relays' admin API
+/// (snapshot, import, quiesce) and the handover Job that calls it.
+pub fn admin_token_env(cluster: &DchatCluster) -> EnvVar {
+    EnvVar {
+        name: "DCHAT_ADMIN_TOKEN".to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: labels::admin_token_secret_name(cluster),
+                key: ADMIN_TOKEN_KEY.to_string(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn env(cluster: &DchatCluster, slot: Slot) -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.to_string(),
@@ -259,6 +279,10 @@ fn env(cluster: &DchatCluster, slot: Slot) -> Vec<EnvVar> {
             value: Some(peer_dns(cluster, slot)),
             ..EnvVar::default()
         });
+    } else {
+        // Each relay keeps its own messages: a rollout hands them from the old slot to
+        // the new one through the admin API.
+        env.push(admin_token_env(cluster));
     }
     env
 }

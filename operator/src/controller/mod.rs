@@ -36,8 +36,9 @@ use crate::build::{
 use crate::labels::{self, FIELD_MANAGER, FINALIZER};
 use crate::metrics::Metrics;
 use crate::rollout::{
-    self, smoke, Decision, PodHealth, Serving, Settings, SlotState, SmokeState, Target, Template,
-    ABORT_ANNOTATION, PROMOTE_ANNOTATION, SECRET_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
+    self, handover, smoke, Decision, JobState, PodHealth, Serving, Settings, SlotState, Target,
+    Template, ABORT_ANNOTATION, PROMOTE_ANNOTATION, SECRET_HASH_ANNOTATION,
+    TEMPLATE_HASH_ANNOTATION,
 };
 use status::{Observation, SlotObservation};
 
@@ -160,6 +161,9 @@ pub enum Error {
     /// The object lacks a namespace (the CRD is namespaced, so this is a bug).
     #[error("DchatCluster {0} has no namespace")]
     NoNamespace(String),
+    /// The operating system could not provide randomness for the admin token.
+    #[error("generating the relays' admin token: {0}")]
+    Random(String),
 }
 
 impl Error {
@@ -175,6 +179,7 @@ impl Error {
             },
             Error::Serialize(_) => "serialize",
             Error::NoNamespace(_) => "internal",
+            Error::Random(_) => "random",
         }
     }
 
@@ -539,10 +544,22 @@ async fn apply(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Erro
             _ => {}
         }
     }
-    let mut outcome = apply_children(&cluster, ctx, &namespace, &desired, &kept, &live).await;
+    let mut outcome = ensure_admin_token(&cluster, ctx, &namespace).await;
+    if outcome.is_ok() {
+        outcome = apply_children(&cluster, ctx, &namespace, &desired, &kept, &live).await;
+    }
     if outcome.is_ok() {
         if let Some(request) = &decision.smoke {
-            outcome = ensure_smoke_job(&cluster, ctx, &namespace, request).await;
+            info!(job = %request.job_name, slot = %request.slot, "creating smoke test Job");
+            let job = smoke::smoke_job(&cluster, request);
+            outcome = ensure_job(ctx, &namespace, &request.job_name, &job).await;
+        }
+    }
+    if outcome.is_ok() {
+        if let Some(request) = &decision.handover {
+            info!(job = %request.job_name, from = %request.from, to = %request.to, "creating handover Job");
+            let job = handover::handover_job(&cluster, request);
+            outcome = ensure_job(ctx, &namespace, &request.job_name, &job).await;
         }
     }
     for note in &decision.notes {
@@ -617,7 +634,23 @@ async fn decide_rollout(
     // Pods and the smoke Job are read only while a rollout needs them, so a settled
     // cluster costs no extra requests.
     let mut pods = PodHealth::default();
-    let mut smoke_state = SmokeState::Absent;
+    let mut smoke_state = JobState::Absent;
+    let mut handover_state = JobState::Absent;
+    if let Some(r) = previous.rollout.as_ref().filter(|r| {
+        settings.handover
+            && matches!(
+                r.step,
+                RolloutStep::ScalingDown | RolloutStep::HandoverFailed
+            )
+    }) {
+        let name = rollout::handover_job_name(&cluster.name_any(), r);
+        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+        let job = jobs
+            .get_opt(&name)
+            .await
+            .map_err(kube_error("reading", "Job", namespace, &name))?;
+        handover_state = smoke::job_state(job.as_ref());
+    }
     if let Some(r) = in_flight {
         if r.step != RolloutStep::ScalingDown {
             pods = observe_pods(
@@ -637,7 +670,7 @@ async fn decide_rollout(
                 .get_opt(&name)
                 .await
                 .map_err(kube_error("reading", "Job", namespace, &name))?;
-            smoke_state = smoke::smoke_state(job.as_ref());
+            smoke_state = smoke::job_state(job.as_ref());
         }
     }
     let annotations = cluster.annotations();
@@ -652,6 +685,7 @@ async fn decide_rollout(
         green: slot_state(slot_live(Slot::Green)),
         pods,
         smoke: smoke_state,
+        handover: handover_state,
         promote: annotations.contains_key(PROMOTE_ANNOTATION),
         abort: annotations.contains_key(ABORT_ANNOTATION),
         now,
@@ -782,31 +816,64 @@ fn last_exit(cs: &k8s_openapi::api::core::v1::ContainerStatus) -> String {
         .unwrap_or_default()
 }
 
-/// Creates the smoke test Job unless it exists.
-async fn ensure_smoke_job(
-    cluster: &DchatCluster,
-    ctx: &Context,
-    namespace: &str,
-    request: &rollout::SmokeRequest,
-) -> Result<(), Error> {
+/// Creates a rollout Job unless it exists. Jobs are created once and never updated:
+/// a Job's pod template is immutable, and each attempt has its own name.
+async fn ensure_job(ctx: &Context, namespace: &str, name: &str, job: &Job) -> Result<(), Error> {
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
-    let existing = jobs.get_opt(&request.job_name).await.map_err(kube_error(
-        "reading",
-        "Job",
-        namespace,
-        &request.job_name,
-    ))?;
+    let existing = jobs
+        .get_opt(name)
+        .await
+        .map_err(kube_error("reading", "Job", namespace, name))?;
     if existing.is_some() {
         return Ok(());
     }
-    let job = smoke::smoke_job(cluster, request);
-    info!(job = %request.job_name, slot = %request.slot, "creating smoke test Job");
-    match jobs.create(&PostParams::default(), &job).await {
+    match jobs.create(&PostParams::default(), job).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
-        Err(e) => Err(kube_error("creating", "Job", namespace, &request.job_name)(
-            e,
-        )),
+        Err(e) => Err(kube_error("creating", "Job", namespace, name)(e)),
+    }
+}
+
+/// Creates the admin token Secret of an embedded-store cluster unless it exists. The
+/// token is random and never rewritten (the relays read it at start); the Secret is
+/// owned by the DchatCluster, so it goes with it.
+async fn ensure_admin_token(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(), Error> {
+    if cluster.spec.database.is_some() {
+        return Ok(());
+    }
+    let name = labels::admin_token_secret_name(cluster);
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = api
+        .get_opt(&name)
+        .await
+        .map_err(kube_error("reading", "Secret", namespace, &name))?;
+    if existing.is_some() {
+        return Ok(());
+    }
+    let mut token = [0u8; 32];
+    getrandom::fill(&mut token).map_err(|e| Error::Random(e.to_string()))?;
+    let secret = Secret {
+        metadata: labels::child_meta(
+            cluster,
+            name.clone(),
+            labels::labels(cluster, labels::Component::Relay),
+        ),
+        type_: Some("Opaque".into()),
+        string_data: Some(std::collections::BTreeMap::from([(
+            crate::build::statefulset::ADMIN_TOKEN_KEY.to_string(),
+            hex::encode(token),
+        )])),
+        ..Secret::default()
+    };
+    info!(secret = %name, "creating the relays' admin token Secret");
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(kube_error("creating", "Secret", namespace, &name)(e)),
     }
 }
 

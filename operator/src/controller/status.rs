@@ -48,6 +48,8 @@ pub mod reason {
     pub const ROLLED_BACK: &str = "RolledBack";
     /// A blue-green rollout was aborted.
     pub const ROLLOUT_ABORTED: &str = "RolloutAborted";
+    /// The old slot's stored messages could not be handed over (embedded store).
+    pub const HANDOVER_FAILED: &str = "HandoverFailed";
 }
 
 /// What a reconcile saw of the serving slot's StatefulSet.
@@ -233,6 +235,17 @@ fn rollout_verdict(obs: &Observation, all_ready: bool, counts: &str) -> Option<V
                 progressing: (false, why, r.message.clone()),
                 degraded: (true, why, r.message.clone()),
                 // Nothing moves until the spec changes: kstatus "Stalled".
+                stalled: true,
+            })
+        }
+        RolloutStep::HandoverFailed if r.target_template_hash == obs.template_hash => {
+            // The new version serves, but the old slot still holds stored messages and
+            // stays up until a person retries the handover.
+            Some(Verdict {
+                phase: Phase::Degraded,
+                ready: (all_ready, ready_reason, counts.to_string()),
+                progressing: (false, reason::HANDOVER_FAILED, r.message.clone()),
+                degraded: (true, reason::HANDOVER_FAILED, r.message.clone()),
                 stalled: true,
             })
         }
@@ -588,6 +601,27 @@ mod tests {
         // Once the spec asks for something else, the old failure no longer colours status.
         let status = rolling(RolloutStep::Failed, Some("t9"));
         assert_eq!(status.phase, Phase::Running);
+    }
+
+    #[test]
+    fn failed_handover_is_degraded_and_stalled_while_the_new_version_serves() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(1)))));
+        let mut o = obs(Some(ready(1)));
+        let mut r = rollout(RolloutStep::HandoverFailed, None);
+        r.target_template_hash = o.template_hash.clone();
+        o.rollout = Some(r);
+        let status = compute(&cluster, &o);
+        assert_eq!(status.phase, Phase::Degraded);
+        let degraded = cond(&status, DEGRADED).unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", reason::HANDOVER_FAILED)
+        );
+        assert_eq!(degraded.message, "HandoverFailed message");
+        assert_eq!(cond(&status, STALLED).unwrap().status, "True");
+        assert_eq!(cond(&status, PROGRESSING).unwrap().status, "False");
+        assert_eq!(cond(&status, READY).unwrap().status, "True");
     }
 
     #[test]

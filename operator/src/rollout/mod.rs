@@ -12,6 +12,7 @@
 //! what lets the transition table in the tests cover every step, timeout, abort and
 //! supersede.
 
+pub mod handover;
 pub mod smoke;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,8 @@ pub const SECRET_HASH_ANNOTATION: &str = "dchat.network/secret-hash";
 const DATABASE_SECRET_KEYS: [&str; 5] = ["host", "port", "name", "username", "password"];
 /// How often an in-flight rollout is looked at: pod restarts are not watched.
 pub const POLL: Duration = Duration::from_secs(10);
+/// How often a failed handover is looked at for its retry (the Job deleted).
+pub const HANDOVER_RETRY_POLL: Duration = Duration::from_secs(30);
 
 /// Reasons recorded in `status.rollout.reason` and used for Events; stable for
 /// alerting and automation.
@@ -56,6 +59,10 @@ pub mod reason {
     pub const WINDOW_PASSED: &str = "PostPromotionWindowPassed";
     /// The old slot was scaled to zero; the rollout is complete.
     pub const COMPLETE: &str = "RolloutComplete";
+    /// The old slot's stored messages (embedded store) are being handed over.
+    pub const HANDING_OVER: &str = "HandingOver";
+    /// The handover Job failed; the old slot keeps running with its messages.
+    pub const HANDOVER_FAILED: &str = "HandoverFailed";
     /// The new relays were not all ready within `validation.readyTimeout`.
     pub const READY_TIMEOUT: &str = "ReadyTimeout";
     /// A new relay restarted.
@@ -97,6 +104,9 @@ pub struct Settings {
     pub autoscaling: bool,
     /// `spec.replicas`.
     pub replicas: i32,
+    /// The relays keep messages on their own volumes (embedded store): before the old
+    /// slot goes to zero, its stored messages are handed over to the new slot.
+    pub handover: bool,
 }
 
 /// A rollout setting that is not a valid duration (the operator validates the spec
@@ -138,6 +148,7 @@ impl Settings {
             progress_deadline: parse("spec.rollout.progressDeadline", &rollout.progress_deadline)?,
             autoscaling: spec.autoscaling.enabled,
             replicas: spec.replicas,
+            handover: spec.database.is_none(),
         })
     }
 
@@ -191,17 +202,17 @@ pub struct PodHealth {
     pub failing: Vec<String>,
 }
 
-/// State of the smoke test Job of the rollout in flight.
+/// State of a Job the rollout runs (the smoke test, the handover).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum SmokeState {
+pub enum JobState {
     /// No Job yet (or not looked at).
     #[default]
     Absent,
     /// The Job runs.
     Running,
-    /// `dchat smoke` passed.
+    /// The Job's command succeeded.
     Succeeded,
-    /// `dchat smoke` failed; why.
+    /// The Job failed; why.
     Failed(String),
 }
 
@@ -225,7 +236,9 @@ pub struct Input<'a> {
     /// Health of the pods of the rollout's slot running the target template.
     pub pods: PodHealth,
     /// Smoke test Job of the rollout in flight.
-    pub smoke: SmokeState,
+    pub smoke: JobState,
+    /// Handover Job of the rollout (embedded store, at scale-down).
+    pub handover: JobState,
     /// The promote annotation is set.
     pub promote: bool,
     /// The abort annotation is set.
@@ -274,6 +287,19 @@ pub struct SmokeRequest {
     pub version: String,
 }
 
+/// A handover Job that must exist: the old slot's stored messages go to the new slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandoverRequest {
+    /// Job name (unique per rollout attempt).
+    pub job_name: String,
+    /// Slot giving its messages away (about to scale to zero).
+    pub from: Slot,
+    /// Slot receiving them (serving).
+    pub to: Slot,
+    /// Relay version whose image runs `dchat handover`.
+    pub version: String,
+}
+
 /// An Event to record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Note {
@@ -302,6 +328,8 @@ pub struct Decision {
     pub hpa_pin: Option<i32>,
     /// A smoke test Job that must exist.
     pub smoke: Option<SmokeRequest>,
+    /// A handover Job that must exist.
+    pub handover: Option<HandoverRequest>,
     /// Events to record, in order.
     pub notes: Vec<Note>,
     /// Remove the promote annotation (handled or stale).
@@ -423,6 +451,30 @@ pub fn smoke_job_name(cluster_name: &str, rollout: &RolloutStatus) -> String {
     format!("{}-smoke-{digest}", prefix.trim_end_matches('-'))
 }
 
+/// Name of the handover Job of a rollout attempt, derived from status like
+/// [`smoke_job_name`]. Deleting a failed handover Job lets the operator create it again.
+pub fn handover_job_name(cluster_name: &str, rollout: &RolloutStatus) -> String {
+    use sha2::{Digest, Sha256};
+    let seed = format!(
+        "handover/{}/{}",
+        rollout.target_template_hash,
+        rollout.started_at.0.as_second()
+    );
+    let digest = hex::encode(&Sha256::digest(seed.as_bytes())[..5]);
+    let prefix: String = cluster_name.chars().take(37).collect();
+    format!("{}-handover-{digest}", prefix.trim_end_matches('-'))
+}
+
+fn handing_over_message(cluster_name: &str, r: &RolloutStatus) -> String {
+    format!(
+        "handing slot {}'s stored messages over to slot {} (Job {}); then slot {} scales to zero",
+        r.slot.other(),
+        r.slot,
+        handover_job_name(cluster_name, r),
+        r.slot.other()
+    )
+}
+
 impl Machine<'_, '_> {
     fn note(&mut self, warning: bool, reason: &'static str, message: String) {
         self.notes.push(Note {
@@ -452,6 +504,27 @@ impl Machine<'_, '_> {
         // not act on a later rollout by surprise.
         self.consume_promote |= input.promote;
         self.consume_abort |= input.abort;
+        if let Some(r) = state.rollout.as_ref().filter(|r| {
+            r.step == RolloutStep::HandoverFailed
+                && r.target_template_hash == input.desired.hash
+                && input.handover == JobState::Absent
+        }) {
+            // The failed Job was deleted: that is the request to try again.
+            let mut next = r.clone();
+            next.step = RolloutStep::ScalingDown;
+            next.reason = Some(reason::HANDING_OVER.to_string());
+            next.step_started_at = self.now();
+            next.message = handing_over_message(input.cluster_name, r);
+            self.note(
+                false,
+                reason::HANDING_OVER,
+                format!("retrying: {}", next.message),
+            );
+            return Some(State {
+                serving: state.serving.clone(),
+                rollout: Some(next),
+            });
+        }
         let serving_hash = state.serving.hash.as_deref()?;
         if serving_hash == input.desired.hash {
             return None;
@@ -750,8 +823,8 @@ impl Machine<'_, '_> {
             return Some(Progress::Move(Box::new(self.fail(state, r, why, detail))));
         }
         match &self.input.smoke {
-            SmokeState::Succeeded => Some(Progress::Move(Box::new(self.validated(state, r)))),
-            SmokeState::Failed(why) => {
+            JobState::Succeeded => Some(Progress::Move(Box::new(self.validated(state, r)))),
+            JobState::Failed(why) => {
                 let detail = why.clone();
                 Some(Progress::Move(Box::new(self.fail(
                     state,
@@ -760,7 +833,7 @@ impl Machine<'_, '_> {
                     detail,
                 ))))
             }
-            SmokeState::Absent | SmokeState::Running => {
+            JobState::Absent | JobState::Running => {
                 let deadline = self.input.settings.progress_deadline;
                 if elapsed(self.input.now, &r.step_started_at) > deadline {
                     let detail = format!("smoke test did not finish within {}", human(deadline));
@@ -935,18 +1008,61 @@ impl Machine<'_, '_> {
         if elapsed(self.input.now, &promoted_at) < wait {
             return None;
         }
+        let mut handed_over = "";
+        if settings.handover {
+            let job = handover_job_name(self.input.cluster_name, r);
+            match &self.input.handover {
+                JobState::Succeeded => {
+                    handed_over = "; its stored messages were handed over first";
+                }
+                JobState::Failed(why) => {
+                    let mut next = r.clone();
+                    next.step = RolloutStep::HandoverFailed;
+                    next.reason = Some(reason::HANDOVER_FAILED.to_string());
+                    next.step_started_at = self.now();
+                    next.message = format!(
+                        "version {} serves from slot {}, but slot {}'s stored messages could not be handed over ({why}); slot {} keeps running so none is lost; fix the cause, then `kubectl delete job {job}` to retry",
+                        r.target_version,
+                        r.slot,
+                        r.slot.other(),
+                        r.slot.other()
+                    );
+                    self.note(true, reason::HANDOVER_FAILED, next.message.clone());
+                    return self.moved(state, next);
+                }
+                JobState::Absent | JobState::Running => {
+                    return Some(Progress::Message(handing_over_message(
+                        self.input.cluster_name,
+                        r,
+                    )));
+                }
+            }
+        }
         let mut next = r.clone();
         next.step = RolloutStep::Complete;
         next.reason = Some(reason::COMPLETE.to_string());
         next.step_started_at = self.now();
         next.message = format!(
-            "version {} serves from slot {}; slot {} scaled to zero",
+            "version {} serves from slot {}; slot {} scaled to zero{handed_over}",
             r.target_version,
             r.slot,
             r.slot.other()
         );
         self.note(false, reason::COMPLETE, next.message.clone());
         self.moved(state, next)
+    }
+
+    /// Whether the old slot's scale-down is due (window and delay passed).
+    fn scale_down_due(&self, r: &RolloutStatus) -> bool {
+        let settings = self.input.settings;
+        let promoted_at = r
+            .promoted_at
+            .clone()
+            .unwrap_or_else(|| r.step_started_at.clone());
+        elapsed(self.input.now, &promoted_at)
+            >= settings
+                .post_promotion_window
+                .max(settings.scale_down_delay)
     }
 
     /// How much longer a failed, rolled-back or aborted slot stays up for inspection;
@@ -963,6 +1079,15 @@ impl Machine<'_, '_> {
         let delay = self.input.settings.scale_down_delay;
         let waited = elapsed(self.input.now, &r.step_started_at);
         (waited < delay).then(|| delay - waited)
+    }
+
+    /// Whether the serving slot's rollout ended with a failed handover (the other slot
+    /// still holds stored messages).
+    fn handover_failed(&self, state: &State) -> bool {
+        state
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.step == RolloutStep::HandoverFailed && r.slot == state.serving.slot)
     }
 
     /// The plan for the settled state.
@@ -988,6 +1113,7 @@ impl Machine<'_, '_> {
             ]
         };
         let in_flight = state.rollout.as_ref().filter(|r| r.step.in_flight());
+        let mut handover = None;
         let (slots, hpa_pin, active_is_desired, smoke) = match in_flight {
             Some(r) => match r.step {
                 // Inside the window the new slot stays at the held size (the HPA is
@@ -1003,18 +1129,31 @@ impl Machine<'_, '_> {
                     true,
                     None,
                 ),
-                RolloutStep::ScalingDown => (
-                    plan(Template::Desired, fixed, Template::Keep, Some(r.replicas)),
-                    None,
-                    true,
-                    None,
-                ),
+                RolloutStep::ScalingDown => {
+                    if settings.handover
+                        && self.scale_down_due(r)
+                        && matches!(input.handover, JobState::Absent | JobState::Running)
+                    {
+                        handover = Some(HandoverRequest {
+                            job_name: handover_job_name(input.cluster_name, r),
+                            from: r.slot.other(),
+                            to: r.slot,
+                            version: r.target_version.clone(),
+                        });
+                    }
+                    (
+                        plan(Template::Desired, fixed, Template::Keep, Some(r.replicas)),
+                        None,
+                        true,
+                        None,
+                    )
+                }
                 // Before the switch: the serving slot keeps its template and its size;
                 // the new slot gets the target at the held size.
                 _ => {
                     let smoke = (r.step == RolloutStep::Validating
                         && settings.smoke_test
-                        && matches!(input.smoke, SmokeState::Absent | SmokeState::Running))
+                        && matches!(input.smoke, JobState::Absent | JobState::Running))
                     .then(|| SmokeRequest {
                         job_name: smoke_job_name(input.cluster_name, r),
                         slot: r.slot,
@@ -1041,6 +1180,10 @@ impl Machine<'_, '_> {
                 // to zero.
                 let idle_replicas = match self.failed_slot_kept_for(&state) {
                     Some(_) => None,
+                    // The old slot still holds messages nobody else has.
+                    None if self.handover_failed(&state) => {
+                        state.rollout.as_ref().map(|r| r.replicas)
+                    }
                     None => Some(0),
                 };
                 (
@@ -1053,6 +1196,8 @@ impl Machine<'_, '_> {
         };
         let requeue = match in_flight {
             Some(_) => Some(POLL),
+            // Job deletions are not watched: look for the retry request now and then.
+            None if self.handover_failed(&state) => Some(HANDOVER_RETRY_POLL),
             None => self.failed_slot_kept_for(&state),
         };
         Decision {
@@ -1062,6 +1207,7 @@ impl Machine<'_, '_> {
             slots,
             hpa_pin,
             smoke,
+            handover,
             notes: self.notes,
             consume_promote: self.consume_promote,
             consume_abort: self.consume_abort,

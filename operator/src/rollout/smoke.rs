@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
-use super::{SmokeRequest, SmokeState};
+use super::{JobState, SmokeRequest};
 use crate::api::DchatCluster;
 use crate::labels;
 
@@ -41,44 +41,92 @@ pub fn preview_url(cluster: &DchatCluster) -> String {
     )
 }
 
-fn smoke_labels(cluster: &DchatCluster) -> BTreeMap<String, String> {
+/// Labels of a Job the rollout runs from the relay image (and of its pod).
+pub(crate) fn tool_labels(
+    cluster: &DchatCluster,
+    app_name: &str,
+    component: &str,
+    version: &str,
+    slot: crate::api::Slot,
+) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            SMOKE_APP_NAME.to_string(),
-        ),
+        ("app.kubernetes.io/name".to_string(), app_name.to_string()),
         ("app.kubernetes.io/instance".to_string(), cluster.name_any()),
         (
             "app.kubernetes.io/component".to_string(),
-            "smoke-test".to_string(),
+            component.to_string(),
         ),
         (
             "app.kubernetes.io/managed-by".to_string(),
             labels::MANAGED_BY.to_string(),
         ),
+        ("app.kubernetes.io/version".to_string(), version.to_string()),
+        (labels::SLOT_LABEL.to_string(), slot.as_str().to_string()),
     ])
+}
+
+/// What differs between the Jobs a rollout runs from the relay image.
+pub(crate) struct ToolJob<'a> {
+    /// Job name.
+    pub name: String,
+    /// Job and pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// Container name.
+    pub container: &'a str,
+    /// Relay version whose image runs the command.
+    pub version: &'a str,
+    /// Command line.
+    pub command: Vec<String>,
+    /// Environment.
+    pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
+    /// Pod attempts beyond the first.
+    pub backoff_limit: i32,
+    /// The Job fails after this long.
+    pub active_deadline_seconds: i64,
 }
 
 /// The smoke Job for a rollout attempt.
 pub fn smoke_job(cluster: &DchatCluster, request: &SmokeRequest) -> Job {
-    let mut job_labels = smoke_labels(cluster);
-    job_labels.insert(
-        "app.kubernetes.io/version".to_string(),
-        request.version.clone(),
-    );
-    job_labels.insert(
-        labels::SLOT_LABEL.to_string(),
-        request.slot.as_str().to_string(),
-    );
+    tool_job(
+        cluster,
+        ToolJob {
+            name: request.job_name.clone(),
+            labels: tool_labels(
+                cluster,
+                SMOKE_APP_NAME,
+                "smoke-test",
+                &request.version,
+                request.slot,
+            ),
+            container: "smoke",
+            version: &request.version,
+            command: vec![
+                "/usr/local/bin/dchat".into(),
+                "smoke".into(),
+                preview_url(cluster),
+                "--timeout".into(),
+                ROUND_TRIP_TIMEOUT.into(),
+            ],
+            env: Vec::new(),
+            backoff_limit: BACKOFF_LIMIT,
+            active_deadline_seconds: ACTIVE_DEADLINE_SECONDS,
+        },
+    )
+}
+
+/// A Job running one `dchat` command from the relay image, as the relay's non-root
+/// user with a read-only root filesystem, on the relays' nodes and pull secrets.
+pub(crate) fn tool_job(cluster: &DchatCluster, tool: ToolJob<'_>) -> Job {
+    let job_labels = tool.labels;
     let limits = BTreeMap::from([
         ("cpu".to_string(), Quantity("200m".into())),
         ("memory".to_string(), Quantity("64Mi".into())),
     ]);
     Job {
-        metadata: labels::child_meta(cluster, request.job_name.clone(), job_labels.clone()),
+        metadata: labels::child_meta(cluster, tool.name, job_labels.clone()),
         spec: Some(JobSpec {
-            backoff_limit: Some(BACKOFF_LIMIT),
-            active_deadline_seconds: Some(ACTIVE_DEADLINE_SECONDS),
+            backoff_limit: Some(tool.backoff_limit),
+            active_deadline_seconds: Some(tool.active_deadline_seconds),
             ttl_seconds_after_finished: Some(TTL_SECONDS_AFTER_FINISHED),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -116,18 +164,13 @@ pub fn smoke_job(cluster: &DchatCluster, request: &SmokeRequest) -> Job {
                     tolerations: (!cluster.spec.pod.tolerations.is_empty())
                         .then(|| cluster.spec.pod.tolerations.clone()),
                     containers: vec![Container {
-                        name: "smoke".into(),
-                        image: Some(format!("{}:{}", cluster.spec.image, request.version)),
+                        name: tool.container.into(),
+                        image: Some(format!("{}:{}", cluster.spec.image, tool.version)),
                         image_pull_policy: Some(
                             cluster.spec.image_pull_policy.as_str().to_string(),
                         ),
-                        command: Some(vec![
-                            "/usr/local/bin/dchat".into(),
-                            "smoke".into(),
-                            preview_url(cluster),
-                            "--timeout".into(),
-                            ROUND_TRIP_TIMEOUT.into(),
-                        ]),
+                        command: Some(tool.command),
+                        env: (!tool.env.is_empty()).then_some(tool.env),
                         resources: Some(ResourceRequirements {
                             requests: Some(BTreeMap::from([
                                 ("cpu".to_string(), Quantity("50m".into())),
@@ -158,9 +201,9 @@ pub fn smoke_job(cluster: &DchatCluster, request: &SmokeRequest) -> Job {
 }
 
 /// Reads a Job's outcome from its status conditions (`Complete` / `Failed`).
-pub fn smoke_state(job: Option<&Job>) -> SmokeState {
+pub fn job_state(job: Option<&Job>) -> JobState {
     let Some(job) = job else {
-        return SmokeState::Absent;
+        return JobState::Absent;
     };
     let status = job.status.clone().unwrap_or_else(JobStatus::default);
     for condition in status.conditions.iter().flatten() {
@@ -168,14 +211,14 @@ pub fn smoke_state(job: Option<&Job>) -> SmokeState {
             continue;
         }
         match condition.type_.as_str() {
-            "Complete" | "SuccessCriteriaMet" => return SmokeState::Succeeded,
+            "Complete" | "SuccessCriteriaMet" => return JobState::Succeeded,
             "Failed" | "FailureTarget" => {
                 let why = [condition.reason.as_deref(), condition.message.as_deref()]
                     .into_iter()
                     .flatten()
                     .collect::<Vec<_>>()
                     .join(": ");
-                return SmokeState::Failed(format!(
+                return JobState::Failed(format!(
                     "Job {} failed{}{} (see `kubectl logs job/{}`)",
                     job.name_any(),
                     if why.is_empty() { "" } else { ": " },
@@ -187,9 +230,9 @@ pub fn smoke_state(job: Option<&Job>) -> SmokeState {
         }
     }
     if status.succeeded.unwrap_or(0) > 0 {
-        return SmokeState::Succeeded;
+        return JobState::Succeeded;
     }
-    SmokeState::Running
+    JobState::Running
 }
 
 #[cfg(test)]
@@ -263,21 +306,18 @@ mod tests {
 
     #[test]
     fn state_follows_job_conditions() {
-        assert_eq!(smoke_state(None), SmokeState::Absent);
+        assert_eq!(job_state(None), JobState::Absent);
+        assert_eq!(job_state(Some(&job_with(vec![], None))), JobState::Running);
         assert_eq!(
-            smoke_state(Some(&job_with(vec![], None))),
-            SmokeState::Running
+            job_state(Some(&job_with(vec![("Complete", "True")], Some(1)))),
+            JobState::Succeeded
         );
         assert_eq!(
-            smoke_state(Some(&job_with(vec![("Complete", "True")], Some(1)))),
-            SmokeState::Succeeded
+            job_state(Some(&job_with(vec![("Failed", "False")], None))),
+            JobState::Running
         );
-        assert_eq!(
-            smoke_state(Some(&job_with(vec![("Failed", "False")], None))),
-            SmokeState::Running
-        );
-        match smoke_state(Some(&job_with(vec![("Failed", "True")], None))) {
-            SmokeState::Failed(why) => {
+        match job_state(Some(&job_with(vec![("Failed", "True")], None))) {
+            JobState::Failed(why) => {
                 assert!(why.contains("BackoffLimitExceeded"), "{why}");
                 assert!(
                     why.contains("kubectl logs job/chat-smoke-0123456789"),

@@ -33,7 +33,23 @@ fn settings() -> Settings {
         progress_deadline: 15 * MIN,
         autoscaling: false,
         replicas: 3,
+        handover: false,
     }
+}
+
+/// A cluster on the embedded store: the old slot hands its messages over first.
+fn embedded() -> Settings {
+    Settings {
+        handover: true,
+        ..settings()
+    }
+}
+
+fn handover_failed() -> JobState {
+    JobState::Failed(
+        "Job chat-handover-0 failed: BackoffLimitExceeded (see `kubectl logs job/chat-handover-0`)"
+            .into(),
+    )
 }
 
 fn manual() -> Settings {
@@ -108,7 +124,8 @@ struct Case {
     blue: Option<SlotState>,
     green: Option<SlotState>,
     pods: PodHealth,
-    smoke: SmokeState,
+    smoke: JobState,
+    handover: JobState,
     promote: bool,
     abort: bool,
     now: i64,
@@ -120,6 +137,7 @@ struct Case {
     slots: [(Slot, Template, Option<i32>); 2],
     hpa_pin: Option<i32>,
     smoke_job: bool,
+    handover_job: bool,
     consume: (bool, bool),
     notes: &'static [&'static str],
 }
@@ -135,7 +153,8 @@ fn base() -> Case {
         blue: sts("v1", 3, 3),
         green: None,
         pods: PodHealth::default(),
-        smoke: SmokeState::Absent,
+        smoke: JobState::Absent,
+        handover: JobState::Absent,
         promote: false,
         abort: false,
         now: 0,
@@ -146,6 +165,7 @@ fn base() -> Case {
         slots: [(Blue, Desired, Some(3)), (Green, Keep, Some(0))],
         hpa_pin: None,
         smoke_job: false,
+        handover_job: false,
         consume: (false, false),
         notes: &[],
     }
@@ -390,7 +410,7 @@ fn table() -> Vec<Case> {
             desired: "v2",
             rollout: r(Validating, 2),
             green: sts("v2", 3, 3),
-            smoke: SmokeState::Running,
+            smoke: JobState::Running,
             now: 4,
             step: Some(Validating),
             target: Some("v2"),
@@ -403,7 +423,7 @@ fn table() -> Vec<Case> {
             desired: "v2",
             rollout: r(Validating, 2),
             green: sts("v2", 3, 3),
-            smoke: SmokeState::Succeeded,
+            smoke: JobState::Succeeded,
             now: 3,
             step: Some(Promoted),
             reason: Some(reason::PROMOTED),
@@ -419,7 +439,7 @@ fn table() -> Vec<Case> {
             desired: "v2",
             rollout: r(Validating, 2),
             green: sts("v2", 3, 3),
-            smoke: SmokeState::Succeeded,
+            smoke: JobState::Succeeded,
             now: 3,
             step: Some(AwaitingPromotion),
             reason: Some(reason::AWAITING_PROMOTION),
@@ -434,7 +454,7 @@ fn table() -> Vec<Case> {
             desired: "v2",
             rollout: r(Validating, 2),
             green: sts("v2", 3, 3),
-            smoke: SmokeState::Succeeded,
+            smoke: JobState::Succeeded,
             promote: true,
             now: 3,
             step: Some(Promoted),
@@ -464,7 +484,7 @@ fn table() -> Vec<Case> {
             desired: "v2",
             rollout: r(Validating, 2),
             green: sts("v2", 3, 3),
-            smoke: SmokeState::Failed("Job chat-smoke-x failed".into()),
+            smoke: JobState::Failed("Job chat-smoke-x failed".into()),
             now: 3,
             step: Some(Failed),
             reason: Some(reason::SMOKE_FAILED),
@@ -478,7 +498,7 @@ fn table() -> Vec<Case> {
             desired: "v2",
             rollout: r(Validating, 2),
             green: sts("v2", 3, 3),
-            smoke: SmokeState::Running,
+            smoke: JobState::Running,
             now: 18,
             step: Some(Failed),
             reason: Some(reason::PROGRESS_DEADLINE),
@@ -493,7 +513,7 @@ fn table() -> Vec<Case> {
             rollout: r(Validating, 2),
             green: sts("v2", 3, 3),
             pods: crash(Green),
-            smoke: SmokeState::Running,
+            smoke: JobState::Running,
             now: 3,
             step: Some(Failed),
             reason: Some(reason::POD_FAILING),
@@ -758,6 +778,141 @@ fn table() -> Vec<Case> {
             notes: &[reason::COMPLETE],
             ..base()
         },
+        // ---- embedded store: hand the old slot's messages over before it goes to zero
+        Case {
+            name: "embedded: before the delay no handover yet",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 3, 3),
+            now: 17,
+            step: Some(ScalingDown),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "embedded: delay passed -> handover Job, old slot kept warm",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 3, 3),
+            now: 18,
+            step: Some(ScalingDown),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            handover_job: true,
+            ..base()
+        },
+        Case {
+            name: "embedded: handover running -> keep waiting, Job stays wanted",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 3, 3),
+            handover: JobState::Running,
+            now: 40,
+            step: Some(ScalingDown),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            handover_job: true,
+            ..base()
+        },
+        Case {
+            name: "embedded: handover succeeded -> old slot to zero, complete",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 3, 3),
+            handover: JobState::Succeeded,
+            now: 19,
+            step: Some(Complete),
+            reason: Some(reason::COMPLETE),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: DONE_ON_GREEN,
+            notes: &[reason::COMPLETE],
+            ..base()
+        },
+        Case {
+            name: "embedded: handover failed -> HandoverFailed, old slot kept with its messages",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(ScalingDown, 3),
+            green: sts("v2", 3, 3),
+            handover: handover_failed(),
+            now: 30,
+            step: Some(HandoverFailed),
+            reason: Some(reason::HANDOVER_FAILED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::HANDOVER_FAILED],
+            ..base()
+        },
+        Case {
+            name: "handover failed: nothing moves while the failed Job exists",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(HandoverFailed, 30),
+            green: sts("v2", 3, 3),
+            blue: sts("v1", 3, 3),
+            handover: handover_failed(),
+            promote: true,
+            now: 500,
+            step: Some(HandoverFailed),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            consume: (true, false),
+            ..base()
+        },
+        Case {
+            name: "handover failed, Job deleted -> retried",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(HandoverFailed, 30),
+            green: sts("v2", 3, 3),
+            blue: sts("v1", 3, 3),
+            now: 60,
+            step: Some(ScalingDown),
+            reason: Some(reason::HANDING_OVER),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            handover_job: true,
+            notes: &[reason::HANDING_OVER],
+            ..base()
+        },
+        Case {
+            name: "handover failed, then a new version: rolls into the old slot, which keeps its volume",
+            settings: embedded(),
+            desired: "v3",
+            serving: (Green, Some("v2")),
+            rollout: r(HandoverFailed, 30),
+            green: sts("v2", 3, 3),
+            blue: sts("v1", 3, 3),
+            handover: handover_failed(),
+            now: 60,
+            step: Some(Preparing),
+            reason: Some(reason::STARTED),
+            target: Some("v3"),
+            traffic: (Green, Some("v2")),
+            slots: [(Green, Keep, Some(3)), (Blue, Desired, Some(3))],
+            hpa_pin: None,
+            notes: &[reason::STARTED],
+            ..base()
+        },
         Case {
             name: "complete: settled, no events, no writes wanted",
             desired: "v2",
@@ -944,6 +1099,7 @@ fn run(case: &Case, rollout: Option<&RolloutStatus>, serving: &Serving) -> Decis
         green: case.green.clone(),
         pods: case.pods.clone(),
         smoke: case.smoke.clone(),
+        handover: case.handover.clone(),
         promote: case.promote,
         abort: case.abort,
         now: at(case.now).0,
@@ -991,14 +1147,30 @@ fn transition_table() {
             d.smoke.is_some() == case.smoke_job,
             format!("{:?}", d.smoke),
         );
+        check(
+            "handover job",
+            d.handover.is_some() == case.handover_job,
+            format!("{:?}", d.handover),
+        );
+        if let Some(h) = &d.handover {
+            let r = d.rollout.as_ref().unwrap();
+            check(
+                "handover direction",
+                (h.from, h.to) == (r.slot.other(), r.slot) && h.version == r.target_version,
+                format!("{h:?}"),
+            );
+        }
         let consume = (d.consume_promote, d.consume_abort);
         check("consume", consume == case.consume, format!("{consume:?}"));
         let notes: Vec<&str> = d.notes.iter().map(|n| n.reason).collect();
         check("notes", notes == case.notes, format!("{notes:?}"));
         let in_flight = d.rollout.as_ref().is_some_and(|r| r.step.in_flight());
         let failed_slot_kept = case.slots == FAILED_KEPT;
+        let handover_stuck = d.rollout.as_ref().is_some_and(|r| r.step == HandoverFailed);
         let expected_requeue = if in_flight {
             Some(POLL)
+        } else if handover_stuck {
+            Some(HANDOVER_RETRY_POLL)
         } else if failed_slot_kept {
             Some(case.settings.scale_down_delay)
         } else {
@@ -1033,7 +1205,7 @@ fn transition_table() {
         );
         check(
             "resume: plan",
-            again.slots == d.slots && again.smoke == d.smoke,
+            again.slots == d.slots && again.smoke == d.smoke && again.handover == d.handover,
             format!("{:?}", again.slots),
         );
     }
@@ -1078,7 +1250,7 @@ fn failure_messages_say_why_and_where_traffic_is() {
         desired: "v2",
         rollout: r(Validating, 2),
         green: sts("v2", 3, 3),
-        smoke: SmokeState::Failed("Job chat-smoke-x failed: BackoffLimitExceeded".into()),
+        smoke: JobState::Failed("Job chat-smoke-x failed: BackoffLimitExceeded".into()),
         now: 3,
         ..base()
     };
@@ -1139,16 +1311,16 @@ fn a_full_rollout_walks_every_step_with_time_passing() {
     };
     let mut rollout: Option<RolloutStatus> = None;
     let mut steps = Vec::new();
-    let script: Vec<(i64, Option<SlotState>, SmokeState)> = vec![
-        (0, None, SmokeState::Absent),
-        (1, sts("v2", 3, 1), SmokeState::Absent),
-        (2, sts("v2", 3, 3), SmokeState::Absent),
-        (3, sts("v2", 3, 3), SmokeState::Running),
-        (4, sts("v2", 3, 3), SmokeState::Succeeded),
-        (10, sts("v2", 3, 3), SmokeState::Absent),
-        (14, sts("v2", 3, 3), SmokeState::Absent),
-        (18, sts("v2", 3, 3), SmokeState::Absent),
-        (19, sts("v2", 3, 3), SmokeState::Absent),
+    let script: Vec<(i64, Option<SlotState>, JobState)> = vec![
+        (0, None, JobState::Absent),
+        (1, sts("v2", 3, 1), JobState::Absent),
+        (2, sts("v2", 3, 3), JobState::Absent),
+        (3, sts("v2", 3, 3), JobState::Running),
+        (4, sts("v2", 3, 3), JobState::Succeeded),
+        (10, sts("v2", 3, 3), JobState::Absent),
+        (14, sts("v2", 3, 3), JobState::Absent),
+        (18, sts("v2", 3, 3), JobState::Absent),
+        (19, sts("v2", 3, 3), JobState::Absent),
     ];
     for (minute, green, smoke) in script {
         let d = decide(&Input {
@@ -1161,6 +1333,7 @@ fn a_full_rollout_walks_every_step_with_time_passing() {
             green,
             pods: healthy(Green),
             smoke,
+            handover: JobState::Absent,
             promote: false,
             abort: false,
             now: at(minute).0,
