@@ -4,11 +4,14 @@
 //! - [`systems`]: one load client per system under test (relay, bare router, NATS, Redis).
 //! - [`router`]: the bare tokio WebSocket key→sender router, the on-box limit.
 //! - [`procs`]: server processes pinned with `taskset`, CPU and memory sampling.
+//! - [`s3`]: S3 durable offline: pipelined durable sends to offline recipients, drain,
+//!   optional kill -9 of the server with a check that no acknowledged message is lost.
 #![forbid(unsafe_code)]
 
 pub mod driver;
 pub mod procs;
 pub mod router;
+pub mod s3;
 pub mod systems;
 
 /// Errors of the load generator.
@@ -28,6 +31,14 @@ pub enum BenchError {
     #[error("server {what}: {reason}")]
     Server {
         /// Which server.
+        what: String,
+        /// Cause.
+        reason: String,
+    },
+    /// A benchmark phase failed or did not finish in time.
+    #[error("{what}: {reason}")]
+    Run {
+        /// What was running.
         what: String,
         /// Cause.
         reason: String,

@@ -1,4 +1,4 @@
-//! `dchat-loadgen`: the benchmark load generator of issue 3 (S1, S2, S4). Prints tables.
+//! `dchat-loadgen`: the benchmark load generator of issue 3 (S1–S4). Prints tables.
 //!
 //! Run it pinned to one core and let it start the servers pinned to the other, e.g.
 //! `taskset -c 1 dchat-loadgen s1 --server-cpu 0`. See `docs/performance.md`.
@@ -16,7 +16,7 @@ use dchat_bench::procs::{self, ServerProc};
 use dchat_bench::systems::{connect, Target};
 
 #[derive(Parser)]
-#[command(about = "dchat relay load generator (benchmarks S1, S2, S4)")]
+#[command(about = "dchat relay load generator (benchmarks S1, S2, S3, S4)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -28,6 +28,8 @@ enum Cmd {
     S1(S1Args),
     /// S2: channel fan-out on the relay.
     S2(S2Args),
+    /// S3: durable offline messages (embedded, PostgreSQL, Redis), drain, kill -9 check.
+    S3(S3Args),
     /// S4: idle authenticated connections on the relay: RSS per connection, connects/s.
     S4(S4Args),
     /// Runs the bare WebSocket router (used by S1 as the on-box limit).
@@ -115,6 +117,80 @@ struct S2Args {
 }
 
 #[derive(Args)]
+struct S3Args {
+    /// CPU the servers are pinned to (taskset); the generator should be pinned elsewhere.
+    #[arg(long)]
+    server_cpu: Option<usize>,
+    /// The relay binary (default: `dchat-relay` next to this binary).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Systems: embedded, postgres (needs --pg-host), redis.
+    #[arg(long, value_delimiter = ',', default_value = "embedded,redis")]
+    systems: Vec<String>,
+    /// Repetitions (systems alternated between repetitions).
+    #[arg(long, default_value = "3")]
+    repeat: usize,
+    /// Offline recipients.
+    #[arg(long, default_value = "10000")]
+    recipients: usize,
+    /// Sending clients.
+    #[arg(long, default_value = "100")]
+    senders: usize,
+    /// Messages put in total.
+    #[arg(long, default_value = "200000")]
+    messages: usize,
+    /// Sends in flight per sender (pipelined).
+    #[arg(long, default_value = "64")]
+    window: usize,
+    /// Payload bytes.
+    #[arg(long, default_value = "256")]
+    payload: usize,
+    /// Recipients that reconnect and drain (timed).
+    #[arg(long, default_value = "1000")]
+    drain_recipients: usize,
+    /// Messages each drain recipient receives.
+    #[arg(long, default_value = "100")]
+    drain_per_recipient: usize,
+    /// Recipients draining at the same time.
+    #[arg(long, default_value = "64")]
+    drain_parallel: usize,
+    /// Kill the relay with SIGKILL this many seconds into the put phase, restart it on
+    /// the same data, and check that no acknowledged message is lost.
+    #[arg(long, conflicts_with = "kill_after_acked")]
+    kill_after: Option<f64>,
+    /// Like --kill-after, once this many messages were acknowledged.
+    #[arg(long)]
+    kill_after_acked: Option<u64>,
+    /// Also drain and check every other recipient after the timed drain (always with a kill).
+    #[arg(long)]
+    verify_all: bool,
+    /// Upper bound per phase, seconds.
+    #[arg(long, default_value = "900")]
+    phase_timeout: u64,
+    /// Parent directory of the embedded store's data directory (a disk, not tmpfs).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// PostgreSQL host (a server with fsync=on that you started).
+    #[arg(long)]
+    pg_host: Option<String>,
+    /// PostgreSQL port.
+    #[arg(long, default_value = "5432")]
+    pg_port: u16,
+    /// PostgreSQL database.
+    #[arg(long, default_value = "dchat")]
+    pg_db: String,
+    /// PostgreSQL user.
+    #[arg(long, default_value = "dchat")]
+    pg_user: String,
+    /// PostgreSQL password.
+    #[arg(long, env = "PGPASSWORD", default_value = "", hide_env_values = true)]
+    pg_password: String,
+    /// `TRUNCATE messages` (psql) before each PostgreSQL run.
+    #[arg(long)]
+    pg_truncate: bool,
+}
+
+#[derive(Args)]
 struct S4Args {
     #[command(flatten)]
     common: Common,
@@ -143,12 +219,17 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::S1(a) => s1(a).await,
         Cmd::S2(a) => s2(a).await,
+        Cmd::S3(a) => s3(a).await,
         Cmd::S4(a) => s4(a).await,
     }
 }
 
 fn relay_bin(c: &Common) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &c.relay_bin {
+    default_relay_bin(c.relay_bin.as_ref())
+}
+
+fn default_relay_bin(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
         return Ok(p.clone());
     }
     let me = std::env::current_exe().context("locating this binary")?;
@@ -426,6 +507,158 @@ async fn s2(a: S2Args) -> anyhow::Result<()> {
         "S2 max deliveries/s with p99 to last member ≤ {} ms: {m:.0} ({lo:.0}–{hi:.0})",
         a.p99_ms
     );
+    Ok(())
+}
+
+async fn s3(a: S3Args) -> anyhow::Result<()> {
+    use dchat_bench::s3::{self, Backend, KillAt, Params, PgTarget, RelayLaunch, Report};
+    let kill = match (a.kill_after, a.kill_after_acked) {
+        (Some(s), _) => Some(KillAt::Secs(s)),
+        (None, Some(n)) => Some(KillAt::Acked(n)),
+        (None, None) => None,
+    };
+    let p = Params {
+        recipients: a.recipients,
+        senders: a.senders,
+        messages: a.messages,
+        window: a.window,
+        payload: a.payload,
+        drain_recipients: a.drain_recipients,
+        drain_per_recipient: a.drain_per_recipient,
+        drain_parallel: a.drain_parallel,
+        kill,
+        verify_all: a.verify_all,
+        phase_timeout: Duration::from_secs(a.phase_timeout),
+        seed: 0x53,
+    };
+    p.validate()?;
+    let launch = RelayLaunch {
+        program: default_relay_bin(a.relay_bin.as_ref())?,
+        args: Vec::new(),
+        env: Vec::new(),
+        cpu: a.server_cpu,
+    };
+    let root = match &a.data_root {
+        Some(r) => r.clone(),
+        None => std::env::temp_dir(),
+    };
+    for s in &a.systems {
+        match s.as_str() {
+            "embedded" | "redis" => {}
+            "postgres" if a.pg_host.is_some() => {}
+            "postgres" => anyhow::bail!("system postgres needs --pg-host"),
+            other => anyhow::bail!("unknown system {other:?} (embedded, postgres, redis)"),
+        }
+    }
+    println!(
+        "# S3 durable offline: {} recipients, {} senders × window {}, {} messages of {} B; drain {} × {} ({} at a time){}",
+        p.recipients,
+        p.senders,
+        p.window,
+        p.messages,
+        p.payload,
+        p.drain_recipients,
+        p.drain_per_recipient,
+        p.drain_parallel,
+        match kill {
+            Some(KillAt::Secs(s)) => format!("; relay kill -9 after {s} s"),
+            Some(KillAt::Acked(n)) => format!("; relay kill -9 after {n} acked"),
+            None => String::new(),
+        }
+    );
+    println!(
+        "embedded data under {} on {}",
+        root.display(),
+        s3::fs_type(&root)
+    );
+    println!("| system | rep | acked | put s | acked msgs/s | ack p50 ms | ack p99 ms | server cpu | server µs/msg | drained | drain s | drained msgs/s | kill: acked before / restart s / reconnects | checked recipients / acked msgs | lost | dup | unexpected |");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let mut all: Vec<(String, Vec<Report>)> =
+        a.systems.iter().map(|s| (s.clone(), Vec::new())).collect();
+    let mut inconsistent = 0u64;
+    for rep in 0..a.repeat {
+        let order: Vec<usize> = if rep % 2 == 0 {
+            (0..all.len()).collect()
+        } else {
+            (0..all.len()).rev().collect()
+        };
+        for si in order {
+            let system = all[si].0.clone();
+            let r = match system.as_str() {
+                "redis" => s3::run_redis(a.server_cpu, &p).await?,
+                "postgres" => {
+                    let pg = PgTarget {
+                        host: a.pg_host.clone().unwrap_or_default(),
+                        port: a.pg_port,
+                        dbname: a.pg_db.clone(),
+                        user: a.pg_user.clone(),
+                        password: a.pg_password.clone(),
+                        truncate: a.pg_truncate,
+                    };
+                    s3::run_relay(&launch, &Backend::Postgres(pg), &p).await?
+                }
+                _ => {
+                    let b = Backend::Embedded { root: root.clone() };
+                    s3::run_relay(&launch, &b, &p).await?
+                }
+            };
+            let kill_col = match (r.acked_at_kill, r.restart_secs) {
+                (Some(k), Some(s)) => format!("{k} / {s:.2} / {}", r.reconnects),
+                _ => "-".into(),
+            };
+            let (cpu, per) = match r.server_cpu {
+                Some(c) if r.acked_per_sec > 0.0 => (
+                    format!("{:.0}%", c * 100.0),
+                    format!("{:.1}", c * 1e6 / r.acked_per_sec),
+                ),
+                _ => ("-".into(), "-".into()),
+            };
+            println!(
+                "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {cpu} | {per} | {} | {:.2} | {:.0} | {kill_col} | {} / {} | {} | {} | {} |",
+                r.system,
+                rep + 1,
+                r.acked,
+                r.put_secs,
+                r.acked_per_sec,
+                r.ack_p50_us / 1000.0,
+                r.ack_p99_us / 1000.0,
+                r.drained,
+                r.drain_secs,
+                r.drained_per_sec,
+                r.verified_recipients,
+                r.verified_acked,
+                r.lost,
+                r.duplicates,
+                r.unexpected
+            );
+            if !r.consistent() {
+                inconsistent += 1;
+            }
+            all[si].1.push(r);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    println!();
+    println!("# S3 summary (median (min–max) over repetitions)");
+    println!("| system | acked msgs/s | ack p99 ms | drained msgs/s | lost (all runs) |");
+    println!("|---|--:|--:|--:|--:|");
+    for (_, reps) in &all {
+        let Some(first) = reps.first() else { continue };
+        let col = |f: fn(&Report) -> f64| median_range(&reps.iter().map(f).collect::<Vec<_>>());
+        let (ap, ap0, ap1) = col(|r| r.acked_per_sec);
+        let (l, l0, l1) = col(|r| r.ack_p99_us / 1000.0);
+        let (dp, dp0, dp1) = col(|r| r.drained_per_sec);
+        let lost: u64 = reps.iter().map(|r| r.lost).sum();
+        println!(
+            "| {} | {ap:.0} ({ap0:.0}–{ap1:.0}) | {l:.1} ({l0:.1}–{l1:.1}) | {dp:.0} ({dp0:.0}–{dp1:.0}) | {lost} |",
+            first.system
+        );
+    }
+    if inconsistent > 0 {
+        anyhow::bail!(
+            "{inconsistent} run(s) lost, duplicated or invented acknowledged messages (see the lost/dup/unexpected columns)"
+        );
+    }
     Ok(())
 }
 
