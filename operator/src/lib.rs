@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod analysis;
 pub mod api;
 pub mod build;
 pub mod commands;

@@ -262,7 +262,13 @@ impl Scenario {
 
     /// Starts the rollout to 1.1.0 and drives it through validation to the switch.
     async fn promote_v2(&self) {
-        self.h.update_spec("chat", &with_version(V1, "1.1.0")).await;
+        self.promote_to(&with_version(V1, "1.1.0")).await;
+    }
+
+    /// Applies `spec` (a new version of the serving one) and drives the rollout to the
+    /// switch.
+    async fn promote_to(&self, spec: &str) {
+        self.h.update_spec("chat", spec).await;
         self.reconcile().await;
         assert_eq!(self.step().await, RolloutStep::Preparing);
         self.sts_ready("chat-green").await;
@@ -547,6 +553,123 @@ async fn failure_inside_the_window_rolls_back_to_the_warm_old_slot() {
     assert_eq!(s.step().await, RolloutStep::RolledBack);
     assert_eq!(s.selects("chat").await, "blue");
     assert_eq!(s.replicas("chat-green").await, 0);
+}
+
+/// A stand-in for Prometheus' `/api/v1/query`: answers every query with the current
+/// value and remembers the queries it got.
+struct FakePrometheus {
+    url: String,
+    value: Arc<std::sync::Mutex<String>>,
+    queries: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakePrometheus {
+    async fn start() -> Self {
+        use axum::extract::{Query, State};
+        type Shared = (
+            Arc<std::sync::Mutex<String>>,
+            Arc<std::sync::Mutex<Vec<String>>>,
+        );
+        let value = Arc::new(std::sync::Mutex::new("0".to_string()));
+        let queries = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/query",
+                axum::routing::get(
+                    |State((value, queries)): State<Shared>,
+                     Query(params): Query<std::collections::HashMap<String, String>>| async move {
+                        queries.lock().unwrap().push(params["query"].clone());
+                        let v = value.lock().unwrap().clone();
+                        axum::Json(json!({"status": "success", "data": {"resultType": "vector",
+                            "result": [{"metric": {}, "value": [1_800_000_000, v]}]}}))
+                    },
+                ),
+            )
+            .with_state((value.clone(), queries.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url,
+            value,
+            queries,
+        }
+    }
+
+    fn set(&self, value: &str) {
+        *self.value.lock().unwrap() = value.to_string();
+    }
+}
+
+#[tokio::test]
+async fn analysis_query_above_its_threshold_rolls_back_inside_the_window() {
+    let prometheus = FakePrometheus::start().await;
+    let spec = V1.replace(
+        "progressDeadline: 15m,",
+        &format!(
+            "progressDeadline: 15m, analysis: {{prometheusUrl: '{}', failAbove: 1, query: 'sum(rate(dchat_rejected_frames_total{{namespace=\"{{{{namespace}}}}\",pod=~\"{{{{cluster}}}}-{{{{slot}}}}-.*\"}}[1m]))'}},",
+            prometheus.url
+        ),
+    );
+    let s = Scenario::serving(&spec).await;
+    assert!(
+        prometheus.queries.lock().unwrap().is_empty(),
+        "no queries outside a window"
+    );
+    s.promote_to(&with_version(&spec, "1.1.0")).await;
+    assert!(
+        prometheus.queries.lock().unwrap().is_empty(),
+        "no queries before the switch"
+    );
+
+    // Inside the window, at the threshold: keeps watching, with the query filled in.
+    prometheus.set("1");
+    s.clock.advance(MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Promoted);
+    let last = prometheus.queries.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        last,
+        r#"sum(rate(dchat_rejected_frames_total{namespace="apps",pod=~"chat-green-.*"}[1m]))"#
+    );
+
+    // Above it: automatic rollback to the warm old slot.
+    prometheus.set("3.5");
+    s.clock.advance(MIN);
+    s.reconcile().await;
+    let status = s.status().await;
+    let rollout = status.rollout.unwrap();
+    assert_eq!(rollout.step, RolloutStep::RolledBack);
+    assert_eq!(rollout.reason.as_deref(), Some("AnalysisFailed"));
+    assert!(
+        rollout.message.contains("returned 3.5, above 1"),
+        "{}",
+        rollout.message
+    );
+    assert_eq!(status.active_slot, Slot::Blue);
+    assert_eq!(s.selects("chat").await, "blue");
+}
+
+#[tokio::test]
+async fn unreachable_prometheus_does_not_roll_back_on_its_own() {
+    let spec = V1.replace(
+        "progressDeadline: 15m,",
+        "progressDeadline: 15m, analysis: {prometheusUrl: 'http://127.0.0.1:1', failAbove: 1, query: 'up'},",
+    );
+    let s = Scenario::serving(&spec).await;
+    s.promote_to(&with_version(&spec, "1.1.0")).await;
+    s.clock.advance(MIN);
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(rollout.step, RolloutStep::Promoted);
+    assert!(
+        rollout.message.contains("analysis inconclusive: "),
+        "{}",
+        rollout.message
+    );
+    s.clock.advance(10 * MIN);
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::ScalingDown);
 }
 
 #[tokio::test]

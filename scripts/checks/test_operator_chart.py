@@ -280,6 +280,20 @@ def test_everything_values_reach_the_objects(rendered) -> None:
     assert netpol["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
 
 
+def test_operator_may_query_prometheus_for_rollout_analysis() -> None:
+    egress = one(render(OPERATOR_CHART, {}), "NetworkPolicy")["spec"]["egress"]
+    assert egress[-1] == {"to": [{"namespaceSelector": {}}],
+                          "ports": [{"port": 9090, "protocol": "TCP"}]}
+    custom = render(OPERATOR_CHART, {"networkPolicy": {"prometheus": {
+        "port": 9091, "namespaceSelector": {"matchLabels": {"team": "obs"}}}}})
+    rule = one(custom, "NetworkPolicy")["spec"]["egress"][-1]
+    assert rule["ports"] == [{"port": 9091, "protocol": "TCP"}]
+    assert rule["to"] == [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}]
+    off = render(OPERATOR_CHART, {"networkPolicy": {"prometheus": {"enabled": False}}})
+    ports = [p["port"] for r in one(off, "NetworkPolicy")["spec"]["egress"] for p in r["ports"]]
+    assert 9090 not in ports
+
+
 def test_service_monitor_targets_metrics_port(rendered) -> None:
     objects = rendered["everything"]
     sm = one(objects, "ServiceMonitor")

@@ -224,6 +224,33 @@ mod tests {
     }
 
     #[test]
+    fn analysis_needs_a_plain_http_prometheus_url_a_query_and_a_threshold() {
+        let p = paths(admit(&doc(json!({
+            "version": "1",
+            "rollout": {"analysis": {"prometheusUrl": "https://prometheus:9090", "query": ""}},
+        }))));
+        assert!(
+            p.contains(&"spec.rollout.analysis.prometheusUrl".to_string()),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"spec.rollout.analysis.query".to_string()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|x| x.starts_with("spec.rollout.analysis")),
+            "{p:?}"
+        );
+        let ok = admit(&doc(json!({
+            "version": "1",
+            "rollout": {"analysis": {"prometheusUrl": "http://prometheus-operated.monitoring.svc:9090",
+                                     "query": "up", "failAbove": 0.5}},
+        })))
+        .unwrap();
+        assert_eq!(ok.spec.rollout.analysis.unwrap().fail_above, 0.5);
+    }
+
+    #[test]
     fn embedded_storage_allows_one_relay_only() {
         let err = admit(&doc(json!({"version": "1", "replicas": 3}))).unwrap_err();
         let text = err.to_string();

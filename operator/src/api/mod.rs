@@ -830,6 +830,30 @@ pub struct RolloutSpec {
     #[serde(default = "default_progress_deadline")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
     pub progress_deadline: String,
+    /// A Prometheus query the new version must keep at or below a threshold during the
+    /// post-promotion window; above it, traffic goes back to the old slot like for a
+    /// crashing relay. Absent: only relay readiness and restarts are watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<RolloutAnalysis>,
+}
+
+/// A metric check of the new version after the switch (`spec.rollout.analysis`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutAnalysis {
+    /// Base URL of the Prometheus HTTP API the operator queries (plain HTTP, reachable
+    /// from the operator), e.g. "http://prometheus-operated.monitoring.svc:9090".
+    #[schemars(regex(pattern = r"^http://[^/\s?#]+(/[^\s?#]*)?$"))]
+    pub prometheus_url: String,
+    /// PromQL instant query, evaluated about every 10 s during the window. The
+    /// placeholders `{{namespace}}`, `{{cluster}}`, `{{slot}}` (the new slot) and
+    /// `{{version}}` are replaced first, e.g.
+    /// `sum(rate(dchat_rejected_frames_total{namespace="{{namespace}}",pod=~"{{cluster}}-{{slot}}-.*"}[1m]))`.
+    /// The largest value of the result counts; an empty result counts as 0.
+    #[schemars(length(min = 1, max = 4096))]
+    pub query: String,
+    /// The new version fails when the query's value is above this.
+    pub fail_above: f64,
 }
 
 impl Default for RolloutSpec {
@@ -841,6 +865,7 @@ impl Default for RolloutSpec {
             post_promotion_window: default_post_promotion_window(),
             scale_down_delay: default_scale_down_delay(),
             progress_deadline: default_progress_deadline(),
+            analysis: None,
         }
     }
 }

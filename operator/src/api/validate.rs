@@ -139,6 +139,34 @@ pub fn validate(spec: &DchatClusterSpec) -> Result<(), ValidationErrors> {
         }
     }
 
+    if let Some(analysis) = &rollout.analysis {
+        // `.nan` or `.inf` in YAML would make every comparison false: a check that can
+        // never fail.
+        if !analysis.fail_above.is_finite() {
+            fail(
+                "spec.rollout.analysis.failAbove",
+                format!("must be a finite number, got {}", analysis.fail_above),
+            );
+        }
+        for placeholder in analysis
+            .query
+            .match_indices("{{")
+            .map(|(i, _)| &analysis.query[i..])
+        {
+            let known = ["{{namespace}}", "{{cluster}}", "{{slot}}", "{{version}}"]
+                .iter()
+                .any(|p| placeholder.starts_with(p));
+            if !known {
+                let shown: String = placeholder.chars().take(24).collect();
+                fail(
+                    "spec.rollout.analysis.query",
+                    format!("unknown placeholder at {shown:?}: use {{{{namespace}}}}, {{{{cluster}}}}, {{{{slot}}}} or {{{{version}}}}"),
+                );
+                break;
+            }
+        }
+    }
+
     if errors.is_empty() {
         Ok(())
     } else {
@@ -166,6 +194,30 @@ mod tests {
             Ok(()) => Vec::new(),
             Err(e) => e.0,
         }
+    }
+
+    #[test]
+    fn analysis_threshold_must_be_finite_and_placeholders_known() {
+        let errors = errors_of(
+            "version: '1'\nrollout: {analysis: {prometheusUrl: 'http://p:9090', query: 'x{a=\"{{slots}}\"}', failAbove: .nan}}",
+        );
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "spec.rollout.analysis.failAbove",
+                "spec.rollout.analysis.query"
+            ]
+        );
+        assert!(
+            errors[1].message.contains("{{slots}}"),
+            "{}",
+            errors[1].message
+        );
+        assert_eq!(
+            errors_of("version: '1'\nrollout: {analysis: {prometheusUrl: 'http://p:9090', query: 'x{s=\"{{slot}}\",n=\"{{namespace}}\"}', failAbove: 0.5}}"),
+            vec![]
+        );
     }
 
     #[test]

@@ -42,6 +42,9 @@ use crate::rollout::{
 };
 use status::{Observation, SlotObservation};
 
+/// Longest wait for Prometheus to answer the rollout's analysis query.
+const ANALYSIS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Field manager that takes over `spec.replicas` of a StatefulSet for the moment the
 /// operator hands the count to a HorizontalPodAutoscaler (see [`hand_replicas_to_hpa`]).
 pub const HANDOVER_MANAGER: &str = "dchat-operator-hpa-handover";
@@ -651,6 +654,30 @@ async fn decide_rollout(
             .map_err(kube_error("reading", "Job", namespace, &name))?;
         handover_state = smoke::job_state(job.as_ref());
     }
+    let mut analysis = None;
+    if let (Some(r), Some(check)) = (in_flight, settings.analysis.as_ref()) {
+        if r.step == RolloutStep::Promoted {
+            let query = crate::analysis::render_query(
+                &check.query,
+                namespace,
+                &cluster.name_any(),
+                r.slot.as_str(),
+                &r.target_version,
+            );
+            let reading =
+                crate::analysis::instant_query(&check.prometheus_url, &query, ANALYSIS_TIMEOUT)
+                    .await;
+            match &reading {
+                crate::analysis::Reading::Value(value) => {
+                    debug!(value, fail_above = check.fail_above, "analysis query")
+                }
+                crate::analysis::Reading::Inconclusive(why) => {
+                    warn!(why = %why, "analysis query inconclusive")
+                }
+            }
+            analysis = Some(reading);
+        }
+    }
     if let Some(r) = in_flight {
         if r.step != RolloutStep::ScalingDown {
             pods = observe_pods(
@@ -686,6 +713,7 @@ async fn decide_rollout(
         pods,
         smoke: smoke_state,
         handover: handover_state,
+        analysis,
         promote: annotations.contains_key(PROMOTE_ANNOTATION),
         abort: annotations.contains_key(ABORT_ANNOTATION),
         now,

@@ -22,7 +22,8 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use crate::api::{DchatClusterSpec, RolloutStatus, RolloutStep, Slot};
+use crate::analysis::Reading;
+use crate::api::{DchatClusterSpec, RolloutAnalysis, RolloutStatus, RolloutStep, Slot};
 use crate::quantity::{parse_duration, ParseError};
 
 /// Annotation on the DchatCluster that promotes a rollout waiting in
@@ -41,6 +42,8 @@ pub const SECRET_HASH_ANNOTATION: &str = "dchat.network/secret-hash";
 const DATABASE_SECRET_KEYS: [&str; 5] = ["host", "port", "name", "username", "password"];
 /// How often an in-flight rollout is looked at: pod restarts are not watched.
 pub const POLL: Duration = Duration::from_secs(10);
+/// Separates the window's message from why the last analysis query had no answer.
+const INCONCLUSIVE: &str = "; analysis inconclusive: ";
 /// How often a failed handover is looked at for its retry (the Job deleted).
 pub const HANDOVER_RETRY_POLL: Duration = Duration::from_secs(30);
 
@@ -63,6 +66,8 @@ pub mod reason {
     pub const HANDING_OVER: &str = "HandingOver";
     /// The handover Job failed; the old slot keeps running with its messages.
     pub const HANDOVER_FAILED: &str = "HandoverFailed";
+    /// The analysis query went above its threshold after the switch.
+    pub const ANALYSIS_FAILED: &str = "AnalysisFailed";
     /// The new relays were not all ready within `validation.readyTimeout`.
     pub const READY_TIMEOUT: &str = "ReadyTimeout";
     /// A new relay restarted.
@@ -107,6 +112,8 @@ pub struct Settings {
     /// The relays keep messages on their own volumes (embedded store): before the old
     /// slot goes to zero, its stored messages are handed over to the new slot.
     pub handover: bool,
+    /// The metric check of the post-promotion window, if any.
+    pub analysis: Option<RolloutAnalysis>,
 }
 
 /// A rollout setting that is not a valid duration (the operator validates the spec
@@ -149,6 +156,7 @@ impl Settings {
             autoscaling: spec.autoscaling.enabled,
             replicas: spec.replicas,
             handover: spec.database.is_none(),
+            analysis: rollout.analysis.clone(),
         })
     }
 
@@ -239,6 +247,8 @@ pub struct Input<'a> {
     pub smoke: JobState,
     /// Handover Job of the rollout (embedded store, at scale-down).
     pub handover: JobState,
+    /// The analysis query's reading, taken while `Promoted` (`None`: not taken).
+    pub analysis: Option<Reading>,
     /// The promote annotation is set.
     pub promote: bool,
     /// The abort annotation is set.
@@ -941,11 +951,26 @@ impl Machine<'_, '_> {
         if let Some((why, detail)) = failure {
             return Some(Progress::Move(Box::new(self.rollback(r, why, detail))));
         }
+        let settings = self.input.settings;
+        if let (Some(analysis), Some(Reading::Value(value))) =
+            (&settings.analysis, &self.input.analysis)
+        {
+            if *value > analysis.fail_above {
+                let detail = format!(
+                    "analysis query returned {value}, above {} (query: {})",
+                    analysis.fail_above, analysis.query
+                );
+                return Some(Progress::Move(Box::new(self.rollback(
+                    r,
+                    reason::ANALYSIS_FAILED,
+                    detail,
+                ))));
+            }
+        }
         let promoted_at = r
             .promoted_at
             .clone()
             .unwrap_or_else(|| r.step_started_at.clone());
-        let settings = self.input.settings;
         if elapsed(self.input.now, &promoted_at) >= settings.post_promotion_window {
             let mut next = r.clone();
             next.step = RolloutStep::ScalingDown;
@@ -966,7 +991,14 @@ impl Machine<'_, '_> {
             self.note(false, reason::WINDOW_PASSED, next.message.clone());
             return self.moved(state, next);
         }
-        None
+        // An unanswered query does not roll back by itself, but status says so.
+        let base = r.message.split(INCONCLUSIVE).next().unwrap_or_default();
+        match &self.input.analysis {
+            Some(Reading::Inconclusive(why)) if settings.analysis.is_some() => {
+                Some(Progress::Message(format!("{base}{INCONCLUSIVE}{why}")))
+            }
+            _ => Some(Progress::Message(base.to_string())),
+        }
     }
 
     fn rollback(&mut self, r: &RolloutStatus, why: &'static str, detail: String) -> State {

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::analysis::Reading;
 use crate::api::{RolloutStatus, RolloutStep, Slot};
 use RolloutStep::*;
 use Slot::{Blue, Green};
@@ -34,6 +35,7 @@ fn settings() -> Settings {
         autoscaling: false,
         replicas: 3,
         handover: false,
+        analysis: None,
     }
 }
 
@@ -41,6 +43,18 @@ fn settings() -> Settings {
 fn embedded() -> Settings {
     Settings {
         handover: true,
+        ..settings()
+    }
+}
+
+/// Watching `rate of rejected frames` after the switch, failing above 1.
+fn analysed() -> Settings {
+    Settings {
+        analysis: Some(crate::api::RolloutAnalysis {
+            prometheus_url: "http://prometheus:9090".into(),
+            query: "rejected".into(),
+            fail_above: 1.0,
+        }),
         ..settings()
     }
 }
@@ -126,6 +140,7 @@ struct Case {
     pods: PodHealth,
     smoke: JobState,
     handover: JobState,
+    analysis: Option<Reading>,
     promote: bool,
     abort: bool,
     now: i64,
@@ -155,6 +170,7 @@ fn base() -> Case {
         pods: PodHealth::default(),
         smoke: JobState::Absent,
         handover: JobState::Absent,
+        analysis: None,
         promote: false,
         abort: false,
         now: 0,
@@ -646,6 +662,73 @@ fn table() -> Vec<Case> {
             ..base()
         },
         Case {
+            name: "promoted: analysis query above its threshold -> automatic rollback",
+            settings: analysed(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            analysis: Some(Reading::Value(2.5)),
+            now: 8,
+            step: Some(RolledBack),
+            reason: Some(reason::ANALYSIS_FAILED),
+            target: Some("v2"),
+            traffic: (Blue, Some("v1")),
+            slots: FAILED_KEPT,
+            notes: &["RolledBack"],
+            ..base()
+        },
+        Case {
+            name: "promoted: analysis query at its threshold -> keep watching",
+            settings: analysed(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            analysis: Some(Reading::Value(1.0)),
+            now: 8,
+            step: Some(Promoted),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "promoted: analysis inconclusive -> no rollback on its own",
+            settings: analysed(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            analysis: Some(Reading::Inconclusive("prometheus:9090 did not answer".into())),
+            now: 8,
+            step: Some(Promoted),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            ..base()
+        },
+        Case {
+            name: "promoted: analysis inconclusive at the window end -> the window still passes",
+            settings: analysed(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 3, 3),
+            analysis: Some(Reading::Inconclusive("prometheus:9090 did not answer".into())),
+            now: 13,
+            step: Some(ScalingDown),
+            reason: Some(reason::WINDOW_PASSED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::WINDOW_PASSED],
+            ..base()
+        },
+        Case {
             name: "promoted: relays not ready inside the window -> rollback",
             desired: "v2",
             serving: (Green, Some("v2")),
@@ -1100,6 +1183,7 @@ fn run(case: &Case, rollout: Option<&RolloutStatus>, serving: &Serving) -> Decis
         pods: case.pods.clone(),
         smoke: case.smoke.clone(),
         handover: case.handover.clone(),
+        analysis: case.analysis.clone(),
         promote: case.promote,
         abort: case.abort,
         now: at(case.now).0,
@@ -1272,6 +1356,63 @@ fn failure_messages_say_why_and_where_traffic_is() {
 }
 
 #[test]
+fn analysis_messages_say_what_was_measured_and_what_was_not() {
+    let desired = Target {
+        version: "v2".into(),
+        hash: hash("v2"),
+    };
+    let serving = Serving {
+        slot: Green,
+        version: Some("v2".into()),
+        hash: Some(hash("v2")),
+    };
+    let settings = analysed();
+    let decide_with = |rollout: Option<&RolloutStatus>, reading: Reading| {
+        decide(&Input {
+            cluster_name: "chat",
+            settings: &settings,
+            desired: &desired,
+            serving: &serving,
+            rollout,
+            blue: sts("v1", 3, 3),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            smoke: JobState::Absent,
+            handover: JobState::Absent,
+            analysis: Some(reading),
+            promote: false,
+            abort: false,
+            now: at(5).0,
+        })
+    };
+    let promoted = r(Promoted, 3);
+    let d = decide_with(promoted.as_ref(), Reading::Value(4.0));
+    let rolled = d.rollout.unwrap();
+    assert!(
+        rolled
+            .message
+            .contains("AnalysisFailed: analysis query returned 4, above 1 (query: rejected)"),
+        "{}",
+        rolled.message
+    );
+    let d = decide_with(promoted.as_ref(), Reading::Inconclusive("timeout".into()));
+    let waiting = d.rollout.unwrap();
+    assert_eq!(
+        waiting.message,
+        "Promoted (recorded); analysis inconclusive: timeout"
+    );
+    assert!(d.notes.is_empty());
+    // Answered again: the note goes away; it never piles up.
+    let d = decide_with(Some(&waiting), Reading::Inconclusive("refused".into()));
+    assert_eq!(
+        d.rollout.as_ref().unwrap().message,
+        "Promoted (recorded); analysis inconclusive: refused"
+    );
+    let d = decide_with(Some(&waiting), Reading::Value(0.5));
+    assert_eq!(d.rollout.unwrap().message, "Promoted (recorded)");
+}
+
+#[test]
 fn rollback_records_where_it_came_from() {
     let case = Case {
         desired: "v2",
@@ -1334,6 +1475,7 @@ fn a_full_rollout_walks_every_step_with_time_passing() {
             pods: healthy(Green),
             smoke,
             handover: JobState::Absent,
+            analysis: None,
             promote: false,
             abort: false,
             now: at(minute).0,
