@@ -2,6 +2,8 @@
 //! relay, its snapshot merged into the new one (`POST /admin/import`), driven by
 //! `dchat_relay::handover` exactly as `dchat handover` runs it in the operator's Job.
 
+#[path = "support/postgres.rs"]
+mod pg_support;
 #[path = "support/relay.rs"]
 mod relay_support;
 #[path = "support/tempdir.rs"]
@@ -216,4 +218,60 @@ async fn handover_errors_name_the_step_and_leave_the_data_in_place() {
         ),
         "{e}"
     );
+}
+
+/// Old and new slot on one PostgreSQL database, as a blue-green switch runs them: the old
+/// relay drains at scale-down and the new one delivers everything the old one accepted —
+/// stored messages for offline users and unacknowledged live ones alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_postgres_slot_switch_loses_nothing_without_a_handover() {
+    use dchat_relay::config::{Config, StorageSettings};
+    use dchat_relay::server::Relay;
+
+    let pg = pg_support::fresh_database(4).await;
+    let relay_on_db = || {
+        let mut cfg = Config::for_test(std::env::temp_dir());
+        cfg.storage = StorageSettings::Postgres {
+            host: pg.host.clone(),
+            port: pg.port,
+            dbname: pg.dbname.clone(),
+            user: pg.user.clone(),
+            password: pg.password.clone(),
+            max_connections: pg.max_connections,
+        };
+        cfg
+    };
+    let old = Relay::bind(relay_on_db()).await.unwrap().spawn();
+    let offline = generate_key().unwrap();
+    let live = generate_key().unwrap();
+    let mut sender = Client::connect(&old.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    let mut reader = Client::connect(&old.ws_url(), live.clone()).await.unwrap();
+    for i in 0..3 {
+        sender
+            .send_text(public_key(&offline), &format!("stored-{i}"))
+            .await
+            .unwrap();
+    }
+    sender
+        .send_text(public_key(&live), "pushed, never acked")
+        .await
+        .unwrap();
+    let pushed = reader.next_delivery().await.unwrap();
+
+    // The switch: the new slot starts on the same database, the old one drains.
+    let new = Relay::bind(relay_on_db()).await.unwrap().spawn();
+    let report = old.drain().await.unwrap();
+    assert!(report.flushed);
+
+    let mut rcpt = Client::connect(&new.ws_url(), offline.clone())
+        .await
+        .unwrap();
+    let got = texts(&mut rcpt, 3).await;
+    assert_eq!(got, ["stored-0", "stored-1", "stored-2"]);
+    let mut reader = Client::connect(&new.ws_url(), live).await.unwrap();
+    let again = reader.next_delivery().await.unwrap();
+    assert_eq!(again.envelope.id, pushed.envelope.id);
+    new.drain().await.unwrap();
 }
