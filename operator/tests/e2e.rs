@@ -10,7 +10,7 @@ use dchat_operator::api::{DchatCluster, Phase};
 use dchat_operator::controller;
 use dchat_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
@@ -99,11 +99,47 @@ async fn dev_example_comes_up_on_a_real_cluster() {
         statefulsets.get_opt("dchat-dev-blue").await.ok().flatten()
     })
     .await;
-    let spec = sts.spec.unwrap();
+    let spec = sts.spec.clone().unwrap();
     assert_eq!(spec.replicas, Some(1));
     assert_eq!(
         spec.template.spec.unwrap().containers[0].image.as_deref(),
         Some("ghcr.io/dchat/relay:0.1.0")
+    );
+    // Embedded store: the relays' admin token Secret, owned by the cluster, referenced
+    // by the relay container (the rollout's handover Job uses it).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let token = wait_for("Secret dchat-dev-admin-token", || async {
+        secrets
+            .get_opt("dchat-dev-admin-token")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert_eq!(
+        token.data.unwrap_or_default()["token"].0.len(),
+        64,
+        "a 256-bit hex token"
+    );
+    assert_eq!(
+        token.metadata.owner_references.unwrap_or_default()[0].kind,
+        "DchatCluster"
+    );
+    let env = sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        env.iter().any(|e| e.name == "DCHAT_ADMIN_TOKEN"),
+        "relay reads the admin token"
     );
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
     for name in [
