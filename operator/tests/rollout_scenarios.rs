@@ -1062,6 +1062,73 @@ async fn embedded_store_rollout_hands_stored_messages_over_before_scale_down() {
 }
 
 #[tokio::test]
+async fn embedded_store_rollback_hands_the_failed_slots_messages_back() {
+    let spec = "version: '1.0.0'\nrollout: {validation: {smokeTest: false}, postPromotionWindow: 10m, scaleDownDelay: 5m}";
+    let s = Scenario::serving(spec).await;
+    s.h.update_spec("chat", &with_version(spec, "1.1.0")).await;
+    s.reconcile().await;
+    s.sts_ready("chat-green").await;
+    s.pod(Slot::Green, 0, 0, None).await;
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::Promoted);
+
+    // Users wrote to green for a few minutes; then its relay restarts: rollback.
+    s.clock.advance(3 * MIN);
+    s.pod(Slot::Green, 0, 1, None).await;
+    s.reconcile().await;
+    assert_eq!(s.step().await, RolloutStep::RolledBack);
+    assert_eq!(s.selects("chat").await, "blue");
+    assert!(
+        s.handover_job().await.is_none(),
+        "kept for inspection first"
+    );
+
+    // After the inspection delay green hands its messages back to blue, then goes.
+    s.clock.advance(6 * MIN);
+    s.reconcile().await;
+    let job = s.handover_job().await.expect("handback Job");
+    let command = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .command
+        .clone()
+        .unwrap();
+    assert_eq!(
+        command[3],
+        "http://chat-green-0.chat-green-headless.apps.svc:9090"
+    );
+    assert_eq!(
+        command[5],
+        "http://chat-blue-0.chat-blue-headless.apps.svc:9090"
+    );
+    assert_eq!(s.replicas("chat-green").await, 1, "kept until handed back");
+    s.finish_job(&job.metadata.name.unwrap(), true).await;
+    s.reconcile().await;
+    let rollout = s.status().await.rollout.unwrap();
+    assert_eq!(rollout.step, RolloutStep::RolledBack);
+    assert_eq!(
+        rollout.handback,
+        Some(dchat_operator::api::HandoverOutcome::Succeeded)
+    );
+    assert!(
+        rollout.message.contains("handed back to slot blue"),
+        "{}",
+        rollout.message
+    );
+    assert_eq!(s.replicas("chat-green").await, 0);
+    // Settled: the finished Job is not looked at again, nothing is re-run.
+    s.h.api::<Job>()
+        .delete(
+            &s.handover_job().await.unwrap().metadata.name.unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    s.clock.advance(60 * MIN);
+    s.reconcile().await;
+    assert!(s.handover_job().await.is_none());
+    assert_eq!(s.replicas("chat-green").await, 0);
+}
+
+#[tokio::test]
 async fn shared_database_rollout_needs_no_handover_or_admin_token() {
     let s = Scenario::serving(V1).await;
     s.promote_v2().await;

@@ -1024,4 +1024,19 @@ pub struct RolloutStatus {
     /// changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_template_hash: Option<String>,
+    /// Embedded store, after a rollback or an abort after the switch: how handing the
+    /// failed slot's stored messages back to the serving slot ended (absent until it
+    /// ran). The failed slot scales to zero either way; after a failure its messages
+    /// stay on its retained volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handback: Option<HandoverOutcome>,
+}
+
+/// How a handover Job ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum HandoverOutcome {
+    /// Every stored message was moved.
+    Succeeded,
+    /// The Job failed; see `status.rollout.message` and the Job's logs.
+    Failed,
 }

@@ -641,10 +641,12 @@ async fn decide_rollout(
     let mut handover_state = JobState::Absent;
     if let Some(r) = previous.rollout.as_ref().filter(|r| {
         settings.handover
-            && matches!(
+            && (matches!(
                 r.step,
                 RolloutStep::ScalingDown | RolloutStep::HandoverFailed
-            )
+            ) || (matches!(r.step, RolloutStep::RolledBack | RolloutStep::Aborted)
+                && r.rolled_back_from.is_some()
+                && r.handback.is_none()))
     }) {
         let name = rollout::handover_job_name(&cluster.name_any(), r);
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);

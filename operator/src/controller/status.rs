@@ -529,6 +529,7 @@ mod tests {
             promoted_at: None,
             rolled_back_from: None,
             failed_template_hash: failed.map(Into::into),
+            handback: None,
         }
     }
 

@@ -23,7 +23,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::analysis::Reading;
-use crate::api::{DchatClusterSpec, RolloutAnalysis, RolloutStatus, RolloutStep, Slot};
+use crate::api::{
+    DchatClusterSpec, HandoverOutcome, RolloutAnalysis, RolloutStatus, RolloutStep, Slot,
+};
 use crate::quantity::{parse_duration, ParseError};
 
 /// Annotation on the DchatCluster that promotes a rollout waiting in
@@ -66,6 +68,10 @@ pub mod reason {
     pub const HANDING_OVER: &str = "HandingOver";
     /// The handover Job failed; the old slot keeps running with its messages.
     pub const HANDOVER_FAILED: &str = "HandoverFailed";
+    /// After a rollback, the failed slot's stored messages went back to the serving slot.
+    pub const HANDED_BACK: &str = "HandedBack";
+    /// After a rollback, handing the failed slot's messages back failed.
+    pub const HANDBACK_FAILED: &str = "HandbackFailed";
     /// The analysis query went above its threshold after the switch.
     pub const ANALYSIS_FAILED: &str = "AnalysisFailed";
     /// The new relays were not all ready within `validation.readyTimeout`.
@@ -514,6 +520,39 @@ impl Machine<'_, '_> {
         // not act on a later rollout by surprise.
         self.consume_promote |= input.promote;
         self.consume_abort |= input.abort;
+        if let Some(r) = self.handback_pending(state) {
+            let outcome = match &input.handover {
+                JobState::Succeeded => Some((
+                    HandoverOutcome::Succeeded,
+                    false,
+                    reason::HANDED_BACK,
+                    format!(
+                        "; slot {}'s stored messages were handed back to slot {}",
+                        r.slot, state.serving.slot
+                    ),
+                )),
+                JobState::Failed(why) => Some((
+                    HandoverOutcome::Failed,
+                    true,
+                    reason::HANDBACK_FAILED,
+                    format!(
+                        "; handing slot {}'s stored messages back to slot {} failed ({why}): they stay on its retained volume and are delivered when it serves again",
+                        r.slot, state.serving.slot
+                    ),
+                )),
+                JobState::Absent | JobState::Running => None,
+            };
+            if let Some((outcome, warning, why, detail)) = outcome {
+                let mut next = r.clone();
+                next.handback = Some(outcome);
+                next.message.push_str(&detail);
+                self.note(warning, why, detail.trim_start_matches("; ").to_string());
+                return Some(State {
+                    serving: state.serving.clone(),
+                    rollout: Some(next),
+                });
+            }
+        }
         if let Some(r) = state.rollout.as_ref().filter(|r| {
             r.step == RolloutStep::HandoverFailed
                 && r.target_template_hash == input.desired.hash
@@ -588,6 +627,7 @@ impl Machine<'_, '_> {
             promoted_at: None,
             rolled_back_from: None,
             failed_template_hash: None,
+            handback: None,
         }
     }
 
@@ -1113,6 +1153,20 @@ impl Machine<'_, '_> {
         (waited < delay).then(|| delay - waited)
     }
 
+    /// Embedded store: a slot that served traffic and was rolled back from (or aborted
+    /// after the switch), past its inspection delay, whose stored messages have not been
+    /// handed back to the serving slot yet.
+    fn handback_pending<'s>(&self, state: &'s State) -> Option<&'s RolloutStatus> {
+        let r = state.rollout.as_ref()?;
+        (self.input.settings.handover
+            && matches!(r.step, RolloutStep::RolledBack | RolloutStep::Aborted)
+            && r.rolled_back_from.is_some()
+            && r.handback.is_none()
+            && r.slot != state.serving.slot
+            && self.failed_slot_kept_for(state).is_none())
+        .then_some(r)
+    }
+
     /// Whether the serving slot's rollout ended with a failed handover (the other slot
     /// still holds stored messages).
     fn handover_failed(&self, state: &State) -> bool {
@@ -1216,7 +1270,20 @@ impl Machine<'_, '_> {
                     None if self.handover_failed(&state) => {
                         state.rollout.as_ref().map(|r| r.replicas)
                     }
-                    None => Some(0),
+                    // The failed slot hands its messages back before it goes to zero;
+                    // it stays as it is meanwhile.
+                    None => match self.handback_pending(&state) {
+                        Some(r) => {
+                            handover = Some(HandoverRequest {
+                                job_name: handover_job_name(input.cluster_name, r),
+                                from: r.slot,
+                                to: state.serving.slot,
+                                version: r.target_version.clone(),
+                            });
+                            None
+                        }
+                        None => Some(0),
+                    },
                 };
                 (
                     plan(template, fixed, Template::Keep, idle_replicas),
@@ -1230,6 +1297,7 @@ impl Machine<'_, '_> {
             Some(_) => Some(POLL),
             // Job deletions are not watched: look for the retry request now and then.
             None if self.handover_failed(&state) => Some(HANDOVER_RETRY_POLL),
+            None if self.handback_pending(&state).is_some() => Some(POLL),
             None => self.failed_slot_kept_for(&state),
         };
         Decision {

@@ -101,6 +101,15 @@ fn r(step: RolloutStep, since: i64) -> Option<RolloutStatus> {
         promoted_at: step.switched().then(|| at(since)),
         rolled_back_from: None,
         failed_template_hash: matches!(step, Failed | RolledBack | Aborted).then(|| hash("v2")),
+        handback: None,
+    })
+}
+
+/// v2 in green failed after the switch at minute `since`; traffic back on blue.
+fn rolled_back(since: i64) -> Option<RolloutStatus> {
+    r(RolledBack, since).map(|r| RolloutStatus {
+        rolled_back_from: Some("v2".into()),
+        ..r
     })
 }
 
@@ -996,6 +1005,98 @@ fn table() -> Vec<Case> {
             notes: &[reason::STARTED],
             ..base()
         },
+        // ---- embedded store after a rollback: the failed slot hands its messages back
+        Case {
+            name: "embedded rollback: inspection delay running -> no handback yet",
+            settings: embedded(),
+            desired: "v2",
+            rollout: rolled_back(5),
+            green: sts("v2", 3, 3),
+            now: 5,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: FAILED_KEPT,
+            ..base()
+        },
+        Case {
+            name: "embedded rollback: delay passed -> handback Job, failed slot kept as is",
+            settings: embedded(),
+            desired: "v2",
+            rollout: rolled_back(5),
+            green: sts("v2", 3, 3),
+            now: 21,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: FAILED_KEPT,
+            handover_job: true,
+            ..base()
+        },
+        Case {
+            name: "embedded rollback: handback succeeded -> recorded once, failed slot to zero",
+            settings: embedded(),
+            desired: "v2",
+            rollout: rolled_back(5),
+            green: sts("v2", 3, 3),
+            handover: JobState::Succeeded,
+            now: 22,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::HANDED_BACK],
+            ..base()
+        },
+        Case {
+            name: "embedded rollback: handback failed -> recorded once with a warning, failed slot to zero",
+            settings: embedded(),
+            desired: "v2",
+            rollout: rolled_back(5),
+            green: sts("v2", 3, 0),
+            handover: handover_failed(),
+            now: 25,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            notes: &[reason::HANDBACK_FAILED],
+            ..base()
+        },
+        Case {
+            name: "embedded rollback: handback recorded -> Job gone later, nothing runs again",
+            settings: embedded(),
+            desired: "v2",
+            rollout: rolled_back(5).map(|r| RolloutStatus {
+                handback: Some(crate::api::HandoverOutcome::Succeeded),
+                ..r
+            }),
+            green: sts("v2", 0, 0),
+            now: 3000,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            ..base()
+        },
+        Case {
+            name: "postgres rollback: delay passed -> straight to zero, no handback",
+            desired: "v2",
+            rollout: rolled_back(5),
+            green: sts("v2", 3, 3),
+            now: 21,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            ..base()
+        },
+        Case {
+            name: "embedded failure before the switch: nothing to hand back",
+            settings: embedded(),
+            desired: "v2",
+            rollout: r(Failed, 5),
+            green: sts("v2", 3, 1),
+            now: 21,
+            step: Some(Failed),
+            target: Some("v2"),
+            slots: BACK_ON_BLUE,
+            ..base()
+        },
         Case {
             name: "complete: settled, no events, no writes wanted",
             desired: "v2",
@@ -1238,9 +1339,15 @@ fn transition_table() {
         );
         if let Some(h) = &d.handover {
             let r = d.rollout.as_ref().unwrap();
+            // Forward: old slot to the new one; after a rollback: the failed slot back.
+            let direction = if matches!(r.step, RolledBack | Aborted) {
+                (r.slot, r.slot.other())
+            } else {
+                (r.slot.other(), r.slot)
+            };
             check(
                 "handover direction",
-                (h.from, h.to) == (r.slot.other(), r.slot) && h.version == r.target_version,
+                (h.from, h.to) == direction && h.version == r.target_version,
                 format!("{h:?}"),
             );
         }
@@ -1251,7 +1358,7 @@ fn transition_table() {
         let in_flight = d.rollout.as_ref().is_some_and(|r| r.step.in_flight());
         let failed_slot_kept = case.slots == FAILED_KEPT;
         let handover_stuck = d.rollout.as_ref().is_some_and(|r| r.step == HandoverFailed);
-        let expected_requeue = if in_flight {
+        let expected_requeue = if in_flight || d.handover.is_some() {
             Some(POLL)
         } else if handover_stuck {
             Some(HANDOVER_RETRY_POLL)
