@@ -571,8 +571,8 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
         root.display(),
         s3::fs_type(&root)
     );
-    println!("| system | rep | acked | put s | acked msgs/s | ack p50 ms | ack p99 ms | server cpu | server µs/msg | drained | drain s | drained msgs/s | kill: acked before / restart s / reconnects | checked recipients / acked msgs | lost | dup | unexpected |");
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("| system | rep | acked | put s | acked msgs/s | ack p50 ms | ack p99 ms | server cpu | server µs/msg | gen cpu | drained | drain s | drained msgs/s | kill: acked before / restart s / reconnects | checked recipients / acked msgs | lost | dup | unexpected |");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     let mut all: Vec<(String, Vec<Report>)> =
         a.systems.iter().map(|s| (s.clone(), Vec::new())).collect();
     let mut inconsistent = 0u64;
@@ -614,7 +614,7 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
                 _ => ("-".into(), "-".into()),
             };
             println!(
-                "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {cpu} | {per} | {} | {:.2} | {:.0} | {kill_col} | {} / {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {cpu} | {per} | {:.0}% | {} | {:.2} | {:.0} | {kill_col} | {} / {} | {} | {} | {} |",
                 r.system,
                 rep + 1,
                 r.acked,
@@ -622,6 +622,7 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
                 r.acked_per_sec,
                 r.ack_p50_us / 1000.0,
                 r.ack_p99_us / 1000.0,
+                r.gen_cpu * 100.0,
                 r.drained,
                 r.drain_secs,
                 r.drained_per_sec,
