@@ -15,7 +15,7 @@ use dchat_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -129,18 +129,14 @@ impl Scenario {
         self.sts(name).await.spec.unwrap().replicas.unwrap_or(1)
     }
 
+    /// The relay container of a StatefulSet's pod template.
+    async fn relay_container(&self, name: &str) -> Container {
+        let pod = self.sts(name).await.spec.unwrap().template.spec.unwrap();
+        pod.containers.into_iter().next().unwrap()
+    }
+
     async fn image(&self, name: &str) -> String {
-        self.sts(name)
-            .await
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap()
-            .containers[0]
-            .image
-            .clone()
-            .unwrap()
+        self.relay_container(name).await.image.unwrap()
     }
 
     async fn selects(&self, service: &str) -> String {
@@ -955,18 +951,7 @@ async fn embedded_store_rollout_hands_stored_messages_over_before_scale_down() {
     };
     let token = token_of().await;
     assert_eq!(token.len(), 64, "256-bit hex token");
-    let env = s
-        .sts("chat-blue")
-        .await
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers[0]
-        .env
-        .clone()
-        .unwrap();
+    let env = s.relay_container("chat-blue").await.env.unwrap();
     let admin = env.iter().find(|e| e.name == "DCHAT_ADMIN_TOKEN").unwrap();
     let key_ref = admin.value_from.clone().unwrap().secret_key_ref.unwrap();
     assert_eq!(

@@ -8,7 +8,7 @@ mod pg_support;
 use std::time::Duration;
 
 use dchat_relay::client::{generate_key, public_key, Client};
-use dchat_relay::config::{Config, StorageSettings};
+use dchat_relay::config::Config;
 use dchat_relay::protocol::{Kind, SendStatus};
 use dchat_relay::server::{Relay, RunningRelay};
 
@@ -17,14 +17,7 @@ async fn cluster_of_three() -> Vec<RunningRelay> {
     let mut relays = Vec::new();
     for _ in 0..3 {
         let mut cfg = Config::for_test(std::env::temp_dir());
-        cfg.storage = StorageSettings::Postgres {
-            host: pg.host.clone(),
-            port: pg.port,
-            dbname: pg.dbname.clone(),
-            user: pg.user.clone(),
-            password: pg.password.clone(),
-            max_connections: pg.max_connections,
-        };
+        cfg.storage = pg_support::relay_storage(&pg);
         relays.push(Relay::bind(cfg).await.unwrap());
     }
     let urls: Vec<String> = relays
@@ -117,14 +110,7 @@ async fn three_relays_act_as_one_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_are_discovered_through_dns() {
     let pg = pg_support::fresh_database(4).await;
-    let storage = StorageSettings::Postgres {
-        host: pg.host.clone(),
-        port: pg.port,
-        dbname: pg.dbname.clone(),
-        user: pg.user.clone(),
-        password: pg.password.clone(),
-        max_connections: pg.max_connections,
-    };
+    let storage = pg_support::relay_storage(&pg);
     let mut cfg = Config::for_test(std::env::temp_dir());
     cfg.storage = storage.clone();
     let r1 = Relay::bind(cfg).await.unwrap().spawn();

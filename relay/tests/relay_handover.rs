@@ -225,20 +225,13 @@ async fn handover_errors_name_the_step_and_leave_the_data_in_place() {
 /// stored messages for offline users and unacknowledged live ones alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_postgres_slot_switch_loses_nothing_without_a_handover() {
-    use dchat_relay::config::{Config, StorageSettings};
+    use dchat_relay::config::Config;
     use dchat_relay::server::Relay;
 
     let pg = pg_support::fresh_database(4).await;
     let relay_on_db = || {
         let mut cfg = Config::for_test(std::env::temp_dir());
-        cfg.storage = StorageSettings::Postgres {
-            host: pg.host.clone(),
-            port: pg.port,
-            dbname: pg.dbname.clone(),
-            user: pg.user.clone(),
-            password: pg.password.clone(),
-            max_connections: pg.max_connections,
-        };
+        cfg.storage = pg_support::relay_storage(&pg);
         cfg
     };
     let old = Relay::bind(relay_on_db()).await.unwrap().spawn();

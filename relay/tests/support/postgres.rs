@@ -272,3 +272,15 @@ pub async fn admin_client(dbname: &str) -> tokio_postgres::Client {
     });
     client
 }
+
+/// Relay storage settings pointing at a test database.
+pub fn relay_storage(pg: &PostgresConfig) -> dchat_relay::config::StorageSettings {
+    dchat_relay::config::StorageSettings::Postgres {
+        host: pg.host.clone(),
+        port: pg.port,
+        dbname: pg.dbname.clone(),
+        user: pg.user.clone(),
+        password: pg.password.clone(),
+        max_connections: pg.max_connections,
+    }
+}
