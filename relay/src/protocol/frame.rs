@@ -133,30 +133,42 @@ impl Envelope {
     /// strings one character at a time, and the payload (base64) and keys (hex) are
     /// most of an envelope yet can never contain a character that needs escaping.
     pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(self.json_len_hint());
+        self.write_json(&mut out);
+        out
+    }
+
+    /// A capacity that holds the JSON of this envelope without reallocation in the
+    /// common case (no escapes, no media).
+    pub fn json_len_hint(&self) -> usize {
+        160 + self.id.len() + self.payload.0.len().div_ceil(3) * 4
+    }
+
+    /// Appends the JSON text of this envelope (see [`Envelope::to_json`]) to `out`.
+    pub fn write_json(&self, out: &mut String) {
         use base64::Engine as _;
-        let mut out = String::with_capacity(160 + self.id.len() + self.payload.0.len() * 4 / 3);
         out.push_str(r#"{"id":"#);
-        push_json_str(&mut out, &self.id);
+        push_json_str(out, &self.id);
         if let Some(k) = &self.from {
             out.push_str(r#","from":""#);
-            push_hex(&mut out, &k.0);
+            push_hex(out, &k.0);
             out.push('"');
         }
         if let Some(k) = &self.to {
             out.push_str(r#","to":""#);
-            push_hex(&mut out, &k.0);
+            push_hex(out, &k.0);
             out.push('"');
         }
         if let Some(c) = &self.channel {
             out.push_str(r#","channel":"#);
-            push_json_str(&mut out, c);
+            push_json_str(out, c);
         }
         out.push_str(r#","ts":"#);
-        out.push_str(&self.ts.to_string());
+        push_int(out, self.ts);
         out.push_str(r#","kind":""#);
         out.push_str(self.kind.as_str());
         out.push_str(r#"","payload":""#);
-        base64::engine::general_purpose::STANDARD.encode_string(&self.payload.0, &mut out);
+        base64::engine::general_purpose::STANDARD.encode_string(&self.payload.0, out);
         out.push('"');
         if let Some(m) = &self.media {
             out.push_str(r#","media":"#);
@@ -164,7 +176,6 @@ impl Envelope {
             out.push_str(&serde_json::to_string(m).unwrap_or_else(|_| "null".into()));
         }
         out.push('}');
-        out
     }
 
     /// Validates the rules that JSON decoding cannot express.
@@ -211,12 +222,27 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
 }
 
+/// Appends the decimal form of `n` (as serde_json writes integers) without allocating.
+fn push_int(out: &mut String, n: impl std::fmt::Display) {
+    use std::fmt::Write as _;
+    // Writing into a String cannot fail.
+    let _ = write!(out, "{n}");
+}
+
 /// Appends lowercase hex of `bytes`.
 fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
+    // Into a stack buffer first, then one append: pushing char by char re-checks the
+    // capacity and UTF-8-encodes every digit (a key is 64 of them, two per message).
+    let mut buf = [0u8; 128];
+    for chunk in bytes.chunks(64) {
+        for (i, b) in chunk.iter().enumerate() {
+            buf[2 * i] = DIGITS[usize::from(b >> 4)];
+            buf[2 * i + 1] = DIGITS[usize::from(b & 15)];
+        }
+        let digits = &buf[..2 * chunk.len()];
+        // Hex digits are ASCII, so this never fails.
+        out.push_str(std::str::from_utf8(digits).unwrap_or_default());
     }
 }
 
@@ -449,19 +475,90 @@ pub enum ServerFrame {
 impl ServerFrame {
     /// Encodes to the JSON text of a WebSocket frame.
     pub fn to_json(&self) -> String {
-        // Serializing these types cannot fail: no maps with non-string keys, no I/O.
-        serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"error","code":"internal","message":"encode failed"}"#.to_string()
-        })
+        // The two answers of the message hot path (`sent` for every send, `acked` for
+        // every ack) are written by hand, byte for byte what serde_json gives (a property
+        // test checks this); serde's derived encoder goes through the generic tagged-enum
+        // machinery and formats numbers into temporary buffers.
+        match self {
+            ServerFrame::Sent {
+                id,
+                status,
+                seq,
+                delivered,
+                stored,
+            } => {
+                let mut out = String::with_capacity(48 + id.len());
+                out.push_str(r#"{"type":"sent","id":"#);
+                push_json_str(&mut out, id);
+                out.push_str(r#","status":""#);
+                out.push_str(match status {
+                    SendStatus::Delivered => "delivered",
+                    SendStatus::Stored => "stored",
+                    SendStatus::Duplicate => "duplicate",
+                    SendStatus::Fanout => "fanout",
+                });
+                out.push('"');
+                if let Some(s) = seq {
+                    out.push_str(r#","seq":"#);
+                    push_int(&mut out, *s);
+                }
+                if let Some(d) = delivered {
+                    out.push_str(r#","delivered":"#);
+                    push_int(&mut out, *d);
+                }
+                if let Some(s) = stored {
+                    out.push_str(r#","stored":"#);
+                    push_int(&mut out, *s);
+                }
+                out.push('}');
+                out
+            }
+            ServerFrame::Acked { removed } => {
+                let mut out = String::with_capacity(40);
+                out.push_str(r#"{"type":"acked","removed":"#);
+                push_int(&mut out, *removed);
+                out.push('}');
+                out
+            }
+            // Serializing these types cannot fail: no maps with non-string keys, no I/O.
+            _ => serde_json::to_string(self).unwrap_or_else(|_| {
+                r#"{"type":"error","code":"internal","message":"encode failed"}"#.to_string()
+            }),
+        }
     }
 }
 
+/// Start of a live `deliver` frame (no `seq`); the envelope JSON and [`DELIVER_SUFFIX`]
+/// follow. One such frame is built per routed message and shared by every recipient.
+pub const LIVE_DELIVER_PREFIX: &str = r#"{"type":"deliver","envelope":"#;
+/// End of a `deliver` frame.
+pub const DELIVER_SUFFIX: &str = "}";
+
 /// Builds a `deliver` frame around an already-serialized envelope without re-encoding it.
 pub fn encode_deliver(seq: Option<u64>, envelope_json: &str) -> String {
+    let mut out = String::with_capacity(48 + envelope_json.len());
     match seq {
-        Some(s) => format!(r#"{{"type":"deliver","seq":{s},"envelope":{envelope_json}}}"#),
-        None => format!(r#"{{"type":"deliver","envelope":{envelope_json}}}"#),
+        Some(s) => {
+            out.push_str(r#"{"type":"deliver","seq":"#);
+            push_int(&mut out, s);
+            out.push_str(r#","envelope":"#);
+        }
+        None => out.push_str(LIVE_DELIVER_PREFIX),
     }
+    out.push_str(envelope_json);
+    out.push_str(DELIVER_SUFFIX);
+    out
+}
+
+/// The live `deliver` frame of `envelope` (as [`encode_deliver`] with no `seq` gives
+/// for its JSON), built in one buffer; the envelope JSON is
+/// `frame[LIVE_DELIVER_PREFIX.len()..frame.len() - DELIVER_SUFFIX.len()]`.
+pub fn encode_live_deliver(envelope: &Envelope) -> String {
+    let mut out = String::with_capacity(LIVE_DELIVER_PREFIX.len() + 1 + envelope.json_len_hint());
+    out.push_str(LIVE_DELIVER_PREFIX);
+    envelope.write_json(&mut out);
+    out.push_str(DELIVER_SUFFIX);
+    out
 }
 
 /// Why a client frame could not be decoded.
@@ -856,6 +953,34 @@ mod fuzz {
                 });
             }
             prop_assert_eq!(env.to_json(), serde_json::to_string(&env).unwrap());
+        }
+
+        /// The hand-written `sent`/`acked` encoders match serde_json byte for byte.
+        #[test]
+        fn hot_answers_match_serde(id in "\\PC{1,20}", escapes in any::<bool>(), st in 0u8..4,
+                                   seq in proptest::option::of(any::<u64>()),
+                                   delivered in proptest::option::of(any::<u32>()),
+                                   stored in proptest::option::of(any::<u32>()),
+                                   removed in any::<u64>()) {
+            let id = if escapes { format!("{id}\"\\\u{1f}\n") } else { id };
+            let status = [SendStatus::Delivered, SendStatus::Stored, SendStatus::Duplicate, SendStatus::Fanout][usize::from(st)];
+            let f = ServerFrame::Sent { id, status, seq, delivered, stored };
+            prop_assert_eq!(f.to_json(), serde_json::to_string(&f).unwrap());
+            let a = ServerFrame::Acked { removed };
+            prop_assert_eq!(a.to_json(), serde_json::to_string(&a).unwrap());
+        }
+
+        /// The shared live `deliver` frame equals the general encoder's output, and the
+        /// envelope JSON sits where the constants say.
+        #[test]
+        fn live_deliver_frame_matches(env in envelope(), seq in any::<u64>()) {
+            let json = env.to_json();
+            let frame = encode_live_deliver(&env);
+            prop_assert_eq!(&frame, &encode_deliver(None, &json));
+            prop_assert_eq!(&frame[LIVE_DELIVER_PREFIX.len()..frame.len() - DELIVER_SUFFIX.len()], json.as_str());
+            let stored = encode_deliver(Some(seq), &json);
+            let decoded: ServerFrame = serde_json::from_str(&stored).unwrap();
+            prop_assert_eq!(decoded, ServerFrame::Deliver { seq: Some(seq), envelope: env });
         }
 
         /// The send/ack fast path accepts nothing the general (tagged enum) decoder
