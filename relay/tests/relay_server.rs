@@ -845,3 +845,162 @@ async fn split_client_pipelines_sends_and_answers_come_in_order() {
         assert_eq!(&b.next_delivery().await.unwrap().envelope.id, id);
     }
 }
+
+// ---- channel membership cache (S2 fan-out without a store read per message) ----
+
+/// The `sent` counts of one channel message from `from`.
+async fn fan_out(from: &mut Client, channel: &str, text: &str) -> (Option<u32>, Option<u32>) {
+    let env = from.envelope_channel(channel, Kind::Text, text.as_bytes().to_vec());
+    let s = from.send(env).await.unwrap();
+    assert_eq!(s.status, SendStatus::Fanout);
+    (s.delivered, s.stored)
+}
+
+#[tokio::test]
+async fn member_cache_follows_joins_and_leaves_on_a_single_relay() {
+    let r = start(|_| {}).await;
+    let shared = r.relay.shared.clone();
+    assert!(
+        shared.channels.enabled(),
+        "single embedded relay caches members"
+    );
+    let mut a = r.client().await;
+    let mut b = r.client().await;
+    let mut c = r.client().await;
+    a.join("cached").await.unwrap();
+    b.join("cached").await.unwrap();
+    // The first message loads the list into the cache.
+    assert_eq!(fan_out(&mut a, "cached", "1").await, (Some(1), Some(0)));
+    assert_eq!(shared.channels.len(), 1);
+    assert_eq!(b.next_delivery().await.unwrap().envelope.payload.0, b"1");
+    // A join after the list was cached is seen by the very next message.
+    c.join("cached").await.unwrap();
+    assert_eq!(fan_out(&mut a, "cached", "2").await, (Some(2), Some(0)));
+    assert_eq!(b.next_delivery().await.unwrap().envelope.payload.0, b"2");
+    assert_eq!(c.next_delivery().await.unwrap().envelope.payload.0, b"2");
+    // So is a leave: B gets nothing more and can no longer post.
+    b.leave("cached").await.unwrap();
+    assert_eq!(fan_out(&mut a, "cached", "3").await, (Some(1), Some(0)));
+    assert_eq!(c.next_delivery().await.unwrap().envelope.payload.0, b"3");
+    let env = b.envelope_channel("cached", Kind::Text, b"x".to_vec());
+    match b.send(env).await {
+        Err(ClientError::Relay { code, .. }) => assert_eq!(code, ErrorCode::NotMember),
+        other => panic!("{other:?}"),
+    }
+    // Rejoining (and a member going offline) is seen too: C offline gets a stored copy.
+    b.join("cached").await.unwrap();
+    c.close().await;
+    for _ in 0..200 {
+        if r.metric("dchat_sessions ") == 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fan_out(&mut a, "cached", "4").await, (Some(1), Some(1)));
+    assert_eq!(b.next_delivery().await.unwrap().envelope.payload.0, b"4");
+}
+
+#[tokio::test]
+async fn channel_memberships_survive_a_restart_with_an_empty_cache() {
+    let dir = tempdir::TempDir::new("relay-restart");
+    let (ka, kb) = (generate_key().unwrap(), generate_key().unwrap());
+    let cfg = dchat_relay::config::Config::for_test(dir.path());
+    let relay = dchat_relay::server::Relay::bind(cfg.clone())
+        .await
+        .unwrap()
+        .spawn();
+    let url = relay.ws_url();
+    let mut a = Client::connect(&url, ka.clone()).await.unwrap();
+    let mut b = Client::connect(&url, kb.clone()).await.unwrap();
+    a.join("kept").await.unwrap();
+    b.join("kept").await.unwrap();
+    assert_eq!(fan_out(&mut a, "kept", "before").await, (Some(1), Some(0)));
+    let d = b.next_delivery().await.unwrap();
+    b.ack(vec![d.ack_ref()]).await.unwrap();
+    drop((a, b));
+    relay.drain().await.unwrap();
+
+    let relay = dchat_relay::server::Relay::bind(cfg).await.unwrap().spawn();
+    assert!(relay.shared.channels.is_empty());
+    let url = relay.ws_url();
+    let mut a = Client::connect(&url, ka).await.unwrap();
+    let mut b = Client::connect(&url, kb).await.unwrap();
+    // Memberships come from the store; nobody joined again.
+    assert_eq!(fan_out(&mut a, "kept", "after").await, (Some(1), Some(0)));
+    assert_eq!(
+        b.next_delivery().await.unwrap().envelope.payload.0,
+        b"after"
+    );
+    assert_eq!(relay.shared.channels.len(), 1);
+    drop((a, b));
+    relay.drain().await.unwrap();
+}
+
+#[tokio::test]
+async fn member_cache_is_off_when_other_relays_may_change_memberships() {
+    // A relay with peers shares its store with other relays: their joins would not
+    // reach this relay's cache, so it reads the store for every channel message.
+    let r = start(|cfg| cfg.peers = vec!["ws://127.0.0.1:9".into()]).await;
+    assert!(!r.relay.shared.channels.enabled());
+    let mut a = r.client().await;
+    let mut b = r.client().await;
+    a.join("shared").await.unwrap();
+    b.join("shared").await.unwrap();
+    assert_eq!(fan_out(&mut a, "shared", "1").await, (Some(1), Some(0)));
+    assert!(r.relay.shared.channels.is_empty());
+    assert_eq!(b.next_delivery().await.unwrap().envelope.payload.0, b"1");
+}
+
+#[tokio::test]
+async fn coalesced_answers_and_pushes_keep_their_order() {
+    // A pipelining client: its sends' answers and the pushes addressed to it are
+    // written together when they are due together; each stream keeps its order.
+    let r = start(|_| {}).await;
+    let a = r.client().await;
+    let b = r.client().await;
+    let (ka, kb) = (a.key(), b.key());
+    let (mut wa, mut ra) = a.split();
+    let (mut wb, mut rb) = b.split();
+    let n = 200;
+    for i in 0..n {
+        for (w, to) in [(&mut wa, kb), (&mut wb, ka)] {
+            let env = dchat_relay::protocol::Envelope {
+                id: format!("m{i}"),
+                from: None,
+                to: Some(to),
+                channel: None,
+                ts: i,
+                kind: Kind::Text,
+                payload: dchat_relay::protocol::Base64Bytes(i.to_le_bytes().to_vec()),
+                media: None,
+            };
+            w.send(env).await.unwrap();
+        }
+    }
+    for (rd, w) in [(&mut ra, &mut wa), (&mut rb, &mut wb)] {
+        let (mut sent, mut delivered) = (0i64, 0i64);
+        while sent < n || delivered < n {
+            match rd.next_frame().await.unwrap() {
+                ServerFrame::Sent { id, status, .. } => {
+                    assert_eq!(id, format!("m{sent}"));
+                    assert_ne!(status, SendStatus::Duplicate);
+                    sent += 1;
+                }
+                ServerFrame::Deliver { envelope, .. } => {
+                    assert_eq!(envelope.id, format!("m{delivered}"));
+                    w.write(&ClientFrame::Ack {
+                        messages: vec![dchat_relay::protocol::AckRef {
+                            from: envelope.from.unwrap(),
+                            id: envelope.id,
+                        }],
+                    })
+                    .await
+                    .unwrap();
+                    delivered += 1;
+                }
+                ServerFrame::Acked { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

@@ -142,7 +142,17 @@ pub struct Shared {
     pub instance_id: String,
     /// Session id allocator.
     pub next_session: AtomicU64,
+    /// Channel member lists (enabled only on a single relay with the embedded store;
+    /// see [`router::MemberCache`]).
+    pub channels: router::MemberCache,
 }
+
+/// How long a cached channel member list is served before it is read again. Joins and
+/// leaves through this relay invalidate at once; the TTL only bounds how long a change
+/// made behind the relay's back (admin restore or merge) goes unseen.
+pub const MEMBER_CACHE_TTL: Duration = Duration::from_millis(250);
+/// Most channels whose member lists are cached.
+pub const MEMBER_CACHE_CHANNELS: usize = 4096;
 
 impl Shared {
     /// Times a storage call and counts its errors.
@@ -167,6 +177,28 @@ impl Shared {
                 .inc();
         }
         r
+    }
+
+    /// Members of `channel` in ascending key order, from the cache when it is enabled.
+    pub async fn members(
+        &self,
+        channel: &str,
+    ) -> Result<Arc<[crate::protocol::KeyHex]>, StoreError> {
+        let ticket = match self.channels.get(channel) {
+            router::CachedMembers::Hit(m) => return Ok(m),
+            router::CachedMembers::Miss(t) => t,
+        };
+        let list = self
+            .timed("channel_members", self.store.channel_members(channel))
+            .await?;
+        let mut list: Vec<crate::protocol::KeyHex> =
+            list.into_iter().map(crate::protocol::KeyHex).collect();
+        // Routing looks the sender up by binary search; the store already returns
+        // ascending order, so this is a linear check in practice.
+        list.sort_unstable();
+        let list: Arc<[crate::protocol::KeyHex]> = list.into();
+        self.channels.insert(channel, list.clone(), ticket);
+        Ok(list)
     }
 
     /// Durable put.
@@ -224,7 +256,8 @@ impl Relay {
         Relay::bind_with_storage(cfg, storage).await
     }
 
-    /// Binds with an already opened storage.
+    /// Binds with an already opened storage. An embedded store must not be shared by
+    /// two running relays (each caches channel memberships as the store's only writer).
     pub async fn bind_with_storage(cfg: Config, storage: Storage) -> Result<Relay, ServerError> {
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -262,7 +295,16 @@ impl Relay {
             cluster,
             instance_id,
             next_session: AtomicU64::new(1),
+            channels: router::MemberCache::new(MEMBER_CACHE_TTL, MEMBER_CACHE_CHANNELS),
         });
+        // Member lists may be cached only where this process is the sole writer of
+        // memberships: the embedded store, no other relay ([`Relay::add_peer`] turns
+        // it off again).
+        shared.channels.set_enabled(
+            shared.embedded.is_some()
+                && shared.cfg.peers.is_empty()
+                && shared.cfg.peer_dns.is_none(),
+        );
         Ok(Relay {
             shared,
             listener,
@@ -287,6 +329,7 @@ impl Relay {
     /// peer addresses are only known after binding (tests, embedding).
     pub fn add_peer(&mut self, url: impl Into<String>) {
         self.extra_peers.push(url.into());
+        self.shared.channels.set_enabled(false);
     }
 
     /// The shared state (tests, embedding).

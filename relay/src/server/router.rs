@@ -5,12 +5,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{KeyHex, Kind};
+use crate::protocol::frame::{DELIVER_SUFFIX, LIVE_DELIVER_PREFIX};
+use crate::protocol::{encode_live_deliver, Envelope, KeyHex, Kind};
 use crate::store::{PutOutcome, StoredMessage};
 
 /// A routed message, shared (one allocation) by every recipient it is pushed to.
@@ -26,13 +28,35 @@ pub struct Message {
     pub ts: i64,
     /// Kind, for metrics.
     pub kind: Kind,
-    /// Serialized envelope (with `from` set).
-    pub envelope: Arc<str>,
+    /// The complete live `deliver` frame (envelope with `from` set, no `seq`), built
+    /// once and shared by reference count with every recipient's socket (a channel
+    /// message is pushed to many members without copying it per member).
+    pub frame: Utf8Bytes,
     /// When the relay received it.
     pub received: Instant,
 }
 
 impl Message {
+    /// Builds the routed form of a validated envelope whose `from` is set.
+    pub fn new(envelope: &Envelope, sender: KeyHex) -> Message {
+        Message {
+            sender,
+            id: envelope.id.clone(),
+            channel: envelope.channel.clone(),
+            ts: envelope.ts,
+            kind: envelope.kind,
+            frame: Utf8Bytes::from(encode_live_deliver(envelope)),
+            received: Instant::now(),
+        }
+    }
+
+    /// The serialized envelope inside [`Message::frame`].
+    pub fn envelope_json(&self) -> &str {
+        let f = self.frame.as_str();
+        f.get(LIVE_DELIVER_PREFIX.len()..f.len().saturating_sub(DELIVER_SUFFIX.len()))
+            .unwrap_or("")
+    }
+
     /// The storage form of this message for `recipient`.
     pub fn to_stored(&self, recipient: KeyHex, expires_at_ms: i64) -> StoredMessage {
         StoredMessage {
@@ -43,7 +67,7 @@ impl Message {
             timestamp_ms: self.ts,
             expires_at_ms,
             kind: self.kind.as_str().to_string(),
-            envelope: self.envelope.as_bytes().to_vec(),
+            envelope: self.envelope_json().as_bytes().to_vec(),
         }
     }
 }
@@ -222,6 +246,126 @@ impl Sessions {
     }
 }
 
+/// In-memory channel membership, so a channel message does not read its member list
+/// from storage every time (the S2 fan-out hot path).
+///
+/// Correctness: the cache is only *enabled* when this process is the only writer of
+/// memberships — the embedded store (one process owns its file) and no peer relays —
+/// see [`MemberCache::set_enabled`]. Every join and leave goes through this process and
+/// invalidates its channel *after* the store write returned, and a list read from the
+/// store is only cached if no invalidation happened while it was being read (an epoch
+/// check), so a cached list never misses a completed join or shows a completed leave.
+/// Entries also expire after the TTL: the admin API can load memberships into the
+/// store behind the relay's back (restore, merge), and the TTL bounds how long such a
+/// change can go unseen. Relays sharing PostgreSQL read the store as before: a
+/// membership change on one relay is invisible to the others' caches until a notice
+/// arrives, and a message routed in that window would miss a new member for good.
+pub struct MemberCache {
+    inner: Mutex<MemberInner>,
+    enabled: AtomicBool,
+    ttl: Duration,
+    max_channels: usize,
+}
+
+#[derive(Default)]
+struct MemberInner {
+    map: HashMap<String, (Arc<[KeyHex]>, Instant)>,
+    /// Bumped by every invalidation; a load that started in an older epoch is not cached.
+    epoch: u64,
+}
+
+/// Answer of [`MemberCache::get`].
+pub enum CachedMembers {
+    /// The member list, ascending key order.
+    Hit(Arc<[KeyHex]>),
+    /// Not cached: read the store, then [`MemberCache::insert`] with this ticket.
+    Miss(u64),
+}
+
+impl MemberCache {
+    /// A cache (initially disabled) whose entries live `ttl`, holding at most
+    /// `max_channels` channels.
+    pub fn new(ttl: Duration, max_channels: usize) -> MemberCache {
+        MemberCache {
+            inner: Mutex::new(MemberInner::default()),
+            enabled: AtomicBool::new(false),
+            ttl,
+            max_channels,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemberInner> {
+        // A poisoned lock means a panic elsewhere mid-update; the map is still valid.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Turns caching on or off (off also empties it).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Release);
+        if !on {
+            self.clear();
+        }
+    }
+
+    /// Whether lists are cached.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// The cached, unexpired member list of `channel`, or a ticket for inserting one.
+    pub fn get(&self, channel: &str) -> CachedMembers {
+        let g = self.lock();
+        match g.map.get(channel) {
+            Some((m, at)) if at.elapsed() < self.ttl => CachedMembers::Hit(m.clone()),
+            _ => CachedMembers::Miss(g.epoch),
+        }
+    }
+
+    /// Caches `members` (ascending order) read from the store after `get` returned
+    /// `Miss(ticket)`; ignored if anything was invalidated since, or when disabled.
+    pub fn insert(&self, channel: &str, members: Arc<[KeyHex]>, ticket: u64) {
+        if !self.enabled() {
+            return;
+        }
+        let mut g = self.lock();
+        if g.epoch != ticket {
+            return;
+        }
+        if g.map.len() >= self.max_channels && !g.map.contains_key(channel) {
+            let ttl = self.ttl;
+            g.map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if g.map.len() >= self.max_channels {
+                return;
+            }
+        }
+        g.map.insert(channel.to_string(), (members, Instant::now()));
+    }
+
+    /// Forgets `channel` (call after its membership changed in the store).
+    pub fn invalidate(&self, channel: &str) {
+        let mut g = self.lock();
+        g.map.remove(channel);
+        g.epoch = g.epoch.wrapping_add(1);
+    }
+
+    /// Forgets every channel (after memberships changed in bulk, e.g. a restore).
+    pub fn clear(&self) {
+        let mut g = self.lock();
+        g.map.clear();
+        g.epoch = g.epoch.wrapping_add(1);
+    }
+
+    /// Number of cached channels.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// True when a store outcome created a new pending message.
 pub fn is_new(o: &PutOutcome) -> bool {
     matches!(o, PutOutcome::Stored { .. })
@@ -246,5 +390,90 @@ mod tests {
         // Bounded: old entries are forgotten.
         let total: usize = r.shards.iter().map(|s| s.lock().unwrap().set.len()).sum();
         assert!(total <= 16, "{total}");
+    }
+
+    fn list(keys: &[u8]) -> Arc<[KeyHex]> {
+        keys.iter().map(|b| KeyHex([*b; 32])).collect()
+    }
+
+    fn hit(c: &MemberCache, ch: &str) -> Option<Arc<[KeyHex]>> {
+        match c.get(ch) {
+            CachedMembers::Hit(m) => Some(m),
+            CachedMembers::Miss(_) => None,
+        }
+    }
+
+    fn ticket(c: &MemberCache, ch: &str) -> u64 {
+        match c.get(ch) {
+            CachedMembers::Miss(t) => t,
+            CachedMembers::Hit(_) => panic!("expected a miss for {ch}"),
+        }
+    }
+
+    #[test]
+    fn member_cache_disabled_caches_nothing() {
+        let c = MemberCache::new(Duration::from_secs(60), 8);
+        let t = ticket(&c, "a");
+        c.insert("a", list(&[1, 2]), t);
+        assert!(hit(&c, "a").is_none());
+        c.set_enabled(true);
+        let t = ticket(&c, "a");
+        c.insert("a", list(&[1, 2]), t);
+        assert_eq!(&*hit(&c, "a").unwrap(), &*list(&[1, 2]));
+        // Turning it off empties it.
+        c.set_enabled(false);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn member_cache_invalidation_wins_over_a_concurrent_load() {
+        let c = MemberCache::new(Duration::from_secs(60), 8);
+        c.set_enabled(true);
+        // A load starts (miss), a join on another channel or this one completes and
+        // invalidates, then the load finishes: its (possibly stale) list is not cached.
+        let t = ticket(&c, "a");
+        c.invalidate("a");
+        c.insert("a", list(&[1]), t);
+        assert!(hit(&c, "a").is_none());
+        let t = ticket(&c, "a");
+        c.clear();
+        c.insert("a", list(&[1]), t);
+        assert!(hit(&c, "a").is_none());
+        // A load that started after the invalidation is cached.
+        let t = ticket(&c, "a");
+        c.insert("a", list(&[1, 3]), t);
+        assert_eq!(&*hit(&c, "a").unwrap(), &*list(&[1, 3]));
+        // Invalidation removes exactly that channel.
+        let t = ticket(&c, "b");
+        c.insert("b", list(&[2]), t);
+        c.invalidate("a");
+        assert!(hit(&c, "a").is_none());
+        assert!(hit(&c, "b").is_some());
+    }
+
+    #[test]
+    fn member_cache_entries_expire_and_size_is_bounded() {
+        let c = MemberCache::new(Duration::ZERO, 8);
+        c.set_enabled(true);
+        let t = ticket(&c, "a");
+        c.insert("a", list(&[1]), t);
+        // TTL zero: never served.
+        assert!(hit(&c, "a").is_none());
+
+        let c = MemberCache::new(Duration::from_secs(60), 2);
+        c.set_enabled(true);
+        for ch in ["a", "b", "c"] {
+            let t = ticket(&c, ch);
+            c.insert(ch, list(&[1]), t);
+        }
+        assert_eq!(c.len(), 2);
+        assert!(hit(&c, "c").is_none());
+        // Replacing a cached channel is always possible.
+        let t = match c.get("a") {
+            CachedMembers::Hit(_) => c.lock().epoch,
+            CachedMembers::Miss(t) => t,
+        };
+        c.insert("a", list(&[1, 2]), t);
+        assert_eq!(hit(&c, "a").unwrap().len(), 2);
     }
 }
