@@ -856,6 +856,150 @@ mod store_embedded_crash {
             PutOutcome::Stored { .. }
         ));
     }
+
+    const LOG_DIR_ENV: &str = "DCHAT_STORE_LOG_CRASH_DIR";
+
+    /// The child of `kill9_replays_every_kind_of_change_from_the_commit_log`: one of each
+    /// write, all acknowledged well within one checkpoint interval of opening, so they
+    /// are durable only through the commit log when the parent kills it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "run by kill9_replays_every_kind_of_change_from_the_commit_log as a child process"]
+    async fn log_crash_child() {
+        let Ok(dir) = std::env::var(LOG_DIR_ENV) else {
+            return;
+        };
+        let s = EmbeddedStore::open(std::path::Path::new(&dir)).unwrap();
+        let started = std::time::Instant::now();
+        let mut many: Vec<StoredMessage> = (0..20).map(|i| msg(1, 2, &format!("m{i}"))).collect();
+        many.push(msg(3, 2, "other"));
+        s.put_many(many).await.unwrap();
+        let keys: Vec<_> = (0..10).map(|i| (key(2), format!("m{i}"))).collect();
+        assert_eq!(s.ack(&key(1), &keys).await.unwrap(), 10);
+        assert!(s.put_profile(&key(4), b"p".to_vec(), 7).await.unwrap());
+        s.join_channel("room", &key(4)).await.unwrap();
+        s.join_channel("room", &key(5)).await.unwrap();
+        s.leave_channel("room", &key(5)).await.unwrap();
+        let mut late = msg(6, 2, "expired");
+        late.expires_at_ms = 10;
+        s.put(late).await.unwrap();
+        assert_eq!(s.expire(100).await.unwrap(), 1);
+        // Tells the parent whether everything happened before the first checkpoint.
+        println!("DONE {}", started.elapsed().as_millis());
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill9_replays_every_kind_of_change_from_the_commit_log() {
+        let dir = TempDir::new("log-crash");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "store_embedded_crash::log_crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(LOG_DIR_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        // libtest prints the test name before it on the same line.
+        let done = BufReader::new(stdout)
+            .lines()
+            .map(|l| l.unwrap())
+            .find_map(|l| l.split_once("DONE ").map(|(_, ms)| ms.trim().to_string()));
+        child.kill().unwrap(); // SIGKILL: no final checkpoint
+        child.wait().unwrap();
+        let ms: u128 = done.expect("child finished its writes").parse().unwrap();
+        // The log holds the writes unless a checkpoint came first (a slow machine).
+        let log_len = std::fs::metadata(dir.path().join("dchat.wal"))
+            .unwrap()
+            .len();
+        if ms < 200 {
+            assert!(
+                log_len > 0,
+                "writes within the first interval went to the log"
+            );
+        }
+
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let p = all_pending(&s, 1).await;
+        assert_eq!(
+            ids(&p),
+            (10..20).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+            "puts and acks replayed"
+        );
+        // Seqs as first assigned: m0..m19 got 1..=20, "other" 21, "expired" 22.
+        assert_eq!(
+            p.iter().map(|p| p.seq).collect::<Vec<_>>(),
+            (11..=20).collect::<Vec<_>>()
+        );
+        assert_eq!(ids(&all_pending(&s, 3).await), ["other"]);
+        assert!(all_pending(&s, 6).await.is_empty(), "expire replayed");
+        assert_eq!(s.get_profile(&key(4)).await.unwrap(), Some(b"p".to_vec()));
+        assert_eq!(s.channel_members("room").await.unwrap(), vec![key(4)]);
+        // Dedup survived too: an acknowledged id is still a duplicate.
+        assert_eq!(s.put(msg(1, 2, "m0")).await.unwrap(), PutOutcome::Duplicate);
+        assert_eq!(seq_of(s.put(msg(1, 2, "new")).await.unwrap()), 23);
+        let st = s.stats().await.unwrap();
+        assert_eq!((st.pending_messages, st.profiles, st.channels), (12, 1, 1));
+    }
+
+    /// A damaged or stale tail of the commit log is where replay stops, not an error,
+    /// and a clean close leaves nothing to replay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_after_the_commit_log_is_ignored() {
+        let dir = TempDir::new("log-garbage");
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.put(msg(1, 2, "kept")).await.unwrap();
+        }
+        let wal = dir.path().join("dchat.wal");
+        let mut bytes = std::fs::read(&wal).unwrap();
+        bytes.extend_from_slice(&[0xDC, 0x5A, 0x10, 0x61, 0, 0, 0, 9, 1, 2, 3]);
+        bytes.extend(std::iter::repeat_n(0xA5, 300));
+        std::fs::write(&wal, &bytes).unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(ids(&all_pending(&s, 1).await), ["kept"]);
+        assert_eq!(seq_of(s.put(msg(1, 2, "next")).await.unwrap()), 2);
+    }
+
+    /// Layout 2 (no commit log) is upgraded in place at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_layout_2_file_is_upgraded() {
+        let dir = TempDir::new("layout-2");
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.put(msg(1, 2, "old")).await.unwrap();
+        }
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        {
+            let db = redb::Database::create(dir.path().join("dchat.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(meta)
+                .unwrap()
+                .insert("schema_version", 2)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        std::fs::remove_file(dir.path().join("dchat.wal")).unwrap();
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            assert_eq!(ids(&all_pending(&s, 1).await), ["old"]);
+        }
+        let db = redb::Database::create(dir.path().join("dchat.redb")).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let v = txn
+            .open_table(meta)
+            .unwrap()
+            .get("schema_version")
+            .unwrap()
+            .unwrap()
+            .value();
+        assert_eq!(v, 3);
+    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -1,25 +1,41 @@
-//! The embedded store: one redb database file, fsync'd on every commit.
+//! The embedded store: one redb database file plus a sequential commit log.
 //!
 //! Writes go through a single writer thread fed by a bounded channel. The thread takes
-//! whatever has queued up while the previous commit was being fsync'd, applies all of it
-//! in one write transaction, commits (one fsync for the whole batch) and only then answers
-//! each caller. That is group commit: throughput grows with concurrency while every
-//! acknowledged write is durable. Reads run on the blocking pool against MVCC read
-//! transactions and never wait for the writer.
+//! whatever has queued up while the previous batch was being made durable, applies all
+//! of it in one write transaction and only then answers each caller. That is group
+//! commit: throughput grows with concurrency while every acknowledged write is durable.
+//!
+//! A batch is made durable in one of two ways (see docs/storage.md, "Commit log"):
+//! - usually by appending its changes as records to the commit log `dchat.wal` and
+//!   fsyncing that (one sequential write), then committing the redb transaction without
+//!   its own fsync (`Durability::None`, visible to readers at once);
+//! - at least every [`CHECKPOINT_INTERVAL`] (and for `flush`/`check`) by a redb commit
+//!   with `Durability::Immediate` — a checkpoint: everything before it is in the redb
+//!   file, and the log's records become dead (a new log epoch starts).
+//!
+//! A redb commit rewrites every B-tree page it touched; with recipients spread over a
+//! large tree that is one random page per message. The log replaces that per-batch
+//! random I/O with one sequential append; the page writes happen once per checkpoint
+//! for many batches. Opening the store replays the log records newer than the last
+//! checkpoint. Reads run on the blocking pool against MVCC read transactions and never
+//! wait for the writer.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    channel_prefix, decode_message, dedup_key, dedup_value, encode_message, expiry_key, member_key,
-    message_key, split_dedup_value, split_member_key,
+    channel_prefix, decode_log_op, decode_message, dedup_key, dedup_value, encode_log_ack,
+    encode_log_op, encode_log_put, encode_message, expiry_key, fnv1a64, member_key, message_key,
+    split_dedup_value, split_member_key, LogOp,
 };
 use super::snapshot::{self, SnapshotSummary};
 use super::{
@@ -40,13 +56,33 @@ pub(crate) const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new(
 pub(crate) const MEMBERS: TableDefinition<&[u8], ()> = TableDefinition::new("members");
 /// channel → member count, so `stats` can count channels without a scan.
 pub(crate) const CHANNELS: TableDefinition<&str, u64> = TableDefinition::new("channels");
-/// Store metadata: "schema_version", "next_seq", "pending_count".
+/// Store metadata: "schema_version", "next_seq", "pending_count", and the commit log
+/// position "wal_epoch" (current log epoch) and "wal_lsn" (last log record applied).
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// On-disk layout version written to META at creation.
-pub(crate) const SCHEMA_VERSION: u64 = 2;
+/// On-disk layout version written to META at creation. Version 3 added the commit log
+/// (the tables are those of version 2, which is upgraded in place at open).
+pub(crate) const SCHEMA_VERSION: u64 = 3;
 /// Database file name inside the data directory.
 pub const DB_FILE_NAME: &str = "dchat.redb";
+/// Commit log file name inside the data directory.
+pub const WAL_FILE_NAME: &str = "dchat.wal";
+
+/// Longest time between checkpoints (durable redb commits) while writes arrive; bounds
+/// the log to replay after a crash and the memory redb holds for uncheckpointed commits.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// Log bytes after which the next batch checkpoints regardless of time.
+const CHECKPOINT_BYTES: u64 = 8 << 20;
+/// First bytes of every log record.
+const WAL_MAGIC: u32 = 0xDC5A_1061;
+/// magic(4) ‖ body length(4) ‖ epoch(8) ‖ lsn(8), then the body, then FNV-1a(8).
+const WAL_HEAD: usize = 24;
+/// Largest record body accepted when reading the log (bounds a corrupt length).
+const WAL_MAX_BODY: usize = 64 << 20;
+/// The log file is extended by writing zeros at least this much at a time: an fsync
+/// after overwriting allocated blocks only flushes data, while one after extending the
+/// file also commits filesystem metadata (measurably slower on ext4).
+const WAL_GROW_MIN: u64 = 256 << 10;
 
 /// Queued write operations before callers wait (backpressure beyond this).
 const QUEUE_CAPACITY: usize = 4096;
@@ -199,12 +235,13 @@ impl EmbeddedStore {
             source,
         })?;
         init_schema(&db)?;
+        let wal = Wal::recover(&db, &dir.join(WAL_FILE_NAME))?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer_db = db.clone();
         let writer = std::thread::Builder::new()
             .name("dchat-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx))
+            .spawn(move || writer_loop(&writer_db, rx, wal))
             .map_err(|source| StoreError::Io {
                 op: "spawning writer thread for",
                 path: path.clone(),
@@ -324,6 +361,12 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
                     .ctx("init: write schema_version")?;
             }
             Some(SCHEMA_VERSION) => {}
+            // Layout 2 has the same tables and no commit log: nothing to convert.
+            Some(2) => {
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .ctx("init: upgrade schema_version")?;
+                tracing::info!("embedded store upgraded from layout 2 to {SCHEMA_VERSION}");
+            }
             Some(other) => {
                 return Err(StoreError::Corrupt {
                     table: "meta",
@@ -338,8 +381,9 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The writer thread: batch everything queued, commit once, answer everyone.
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>) {
+/// The writer thread: batch everything queued, make it durable once, answer everyone.
+/// When the channel closes it checkpoints, so a clean shutdown leaves nothing to replay.
+fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>, mut wal: Wal) {
     while let Some(first) = rx.blocking_recv() {
         let mut messages = first.message_count();
         let mut batch = vec![first];
@@ -352,16 +396,21 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>) {
                 Err(_) => break,
             }
         }
-        run_batch(db, batch);
+        run_batch(db, &mut wal, batch);
+    }
+    if wal.poisoned.is_none() {
+        if let Err(e) = wal.checkpoint(db) {
+            tracing::warn!(error = %e, "final checkpoint failed; the commit log will be replayed at the next open");
+        }
     }
     tracing::debug!("embedded store writer stopped");
 }
 
 /// Applies `batch` in one transaction. If the batch fails as a whole, each op is retried
 /// in a transaction of its own so one bad op cannot fail its neighbours.
-fn run_batch(db: &Database, batch: Vec<WriteOp>) {
+fn run_batch(db: &Database, wal: &mut Wal, batch: Vec<WriteOp>) {
     let size = batch.len();
-    match apply_all(db, &batch) {
+    match commit_ops(db, wal, &batch) {
         Ok(answers) => {
             tracing::trace!(ops = size, "group commit");
             for (op, ans) in batch.into_iter().zip(answers) {
@@ -377,26 +426,358 @@ fn run_batch(db: &Database, batch: Vec<WriteOp>) {
             tracing::warn!(ops = size, error = %e, "batch commit failed; retrying ops one by one");
             for op in batch {
                 let single = std::slice::from_ref(&op);
-                let res = apply_all(db, single).map(|mut a| a.remove(0));
+                let res = commit_ops(db, wal, single).map(|mut a| a.remove(0));
                 op.answer(res);
             }
         }
     }
 }
 
-/// One write transaction over `ops`, committed durably; answers in op order.
-fn apply_all(db: &Database, ops: &[WriteOp]) -> Result<Vec<Answer>, StoreError> {
-    let txn = db.begin_write().ctx("write: begin")?;
+/// Applies `ops` in one write transaction and makes it durable — through the commit log
+/// or as a checkpoint — before returning the answers in op order.
+fn commit_ops(db: &Database, wal: &mut Wal, ops: &[WriteOp]) -> Result<Vec<Answer>, StoreError> {
+    if let Some(reason) = &wal.poisoned {
+        return Err(StoreError::Io {
+            op: "writing (commit log unusable since an earlier failure)",
+            path: wal.path.clone(),
+            source: std::io::Error::other(reason.clone()),
+        });
+    }
+    let checkpoint = ops.iter().any(|op| matches!(op, WriteOp::Barrier { .. }))
+        || wal.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+        || wal.off >= CHECKPOINT_BYTES;
+    let first_lsn = wal.log.next_lsn;
+    let (txn, answers) = match apply_all(db, ops, &mut wal.log, checkpoint) {
+        Ok(x) => x,
+        Err(e) => {
+            wal.log.discard(first_lsn);
+            return Err(e);
+        }
+    };
+    if checkpoint {
+        // A durable redb commit: the batch's log records are not needed. If it fails
+        // nothing happened, and the numbers are reused so the log has no gap.
+        if let Err(e) = txn.commit() {
+            wal.log.discard(first_lsn);
+            return Err(e).ctx("write: commit");
+        }
+        wal.log.discard(wal.log.next_lsn);
+        wal.checkpointed();
+        return Ok(answers);
+    }
+    // Durable first (log fsync), then visible (redb commit without fsync).
+    if let Err(e) = wal.append() {
+        drop(txn);
+        wal.log.discard(first_lsn);
+        wal.recover_after_failure(db);
+        return Err(e);
+    }
+    if let Err(e) = txn.commit() {
+        // The appended records describe a transaction that did not happen: a checkpoint
+        // (new epoch) makes them dead before anything else is logged.
+        wal.recover_after_failure(db);
+        return Err(e).ctx("write: commit");
+    }
+    Ok(answers)
+}
+
+/// One write transaction over `ops`, not yet committed; answers in op order. Its
+/// changes are appended to `log`. A `checkpoint` transaction commits durably and starts
+/// a new log epoch; any other commits without fsync (the log makes it durable).
+fn apply_all(
+    db: &Database,
+    ops: &[WriteOp],
+    log: &mut LogBuf,
+    checkpoint: bool,
+) -> Result<(WriteTransaction, Vec<Answer>), StoreError> {
+    let mut txn = db.begin_write().ctx("write: begin")?;
+    if !checkpoint {
+        txn.set_durability(Durability::None)
+            .ctx("write: set durability")?;
+    }
     let mut answers = Vec::with_capacity(ops.len());
     {
+        let first_lsn = log.next_lsn;
         let mut w = Writer::new(&txn)?;
         for op in ops {
-            answers.push(w.apply(op)?);
+            answers.push(w.apply(op, log)?);
+        }
+        if log.next_lsn != first_lsn {
+            w.meta
+                .insert("wal_lsn", log.next_lsn - 1)
+                .ctx("write: store wal_lsn")?;
+        }
+        if checkpoint {
+            w.meta
+                .insert("wal_epoch", log.epoch + 1)
+                .ctx("write: store wal_epoch")?;
         }
         w.finish()?;
     }
-    txn.commit().ctx("write: commit")?;
-    Ok(answers)
+    Ok((txn, answers))
+}
+
+/// Log records of the batch being applied (not yet written to the file).
+struct LogBuf {
+    buf: Vec<u8>,
+    /// Epoch written into every record; records of other epochs are dead.
+    epoch: u64,
+    /// Sequence number of the next record.
+    next_lsn: u64,
+}
+
+impl LogBuf {
+    /// Appends one record whose body `body` writes.
+    fn push(&mut self, body: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&WAL_MAGIC.to_be_bytes());
+        self.buf.extend_from_slice(&[0; 4]);
+        self.buf.extend_from_slice(&self.epoch.to_be_bytes());
+        self.buf.extend_from_slice(&self.next_lsn.to_be_bytes());
+        body(&mut self.buf);
+        // Bodies are bounded by the relay's frame limit, far below u32::MAX.
+        let len = (self.buf.len() - start - WAL_HEAD) as u32;
+        self.buf[start + 4..start + 8].copy_from_slice(&len.to_be_bytes());
+        let sum = fnv1a64(&self.buf[start..]);
+        self.buf.extend_from_slice(&sum.to_be_bytes());
+        self.next_lsn += 1;
+    }
+
+    /// Drops the buffered records; the next record gets `next_lsn`.
+    fn discard(&mut self, next_lsn: u64) {
+        self.buf.clear();
+        self.next_lsn = next_lsn;
+    }
+}
+
+/// The commit log file and the writer's position in it.
+struct Wal {
+    file: std::fs::File,
+    path: PathBuf,
+    /// Where the next records are written (0 after every checkpoint: the file is
+    /// overwritten in place, so an fsync rarely has to extend it).
+    off: u64,
+    /// Bytes of the file already written (zeros or old records).
+    allocated: u64,
+    log: LogBuf,
+    last_checkpoint: Instant,
+    /// Set when a failed write could not be repaired by a checkpoint: every later write
+    /// fails rather than risk logging after records of an unknown state.
+    poisoned: Option<String>,
+}
+
+impl Wal {
+    /// Opens the log next to the database and replays its live records (those of the
+    /// current epoch newer than the last checkpoint) in one durable transaction that
+    /// also starts a new epoch.
+    fn recover(db: &Database, path: &Path) -> Result<Wal, StoreError> {
+        let io = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { op, path, source }
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io("opening commit log"))?;
+        let data = std::fs::read(path).map_err(io("reading commit log"))?;
+        let allocated = data.len() as u64;
+        let txn = db.begin_write().ctx("recover: begin")?;
+        let (epoch, next_lsn, replayed) = {
+            let mut w = Writer::new(&txn)?;
+            let meta_u64 = |w: &Writer<'_>, k: &str| -> Result<u64, StoreError> {
+                Ok(w.meta
+                    .get(k)
+                    .ctx("recover: read meta")?
+                    .map(|v| v.value())
+                    .unwrap_or(0))
+            };
+            let epoch = meta_u64(&w, "wal_epoch")?;
+            let applied = meta_u64(&w, "wal_lsn")?;
+            let mut last = applied;
+            let mut replayed = 0u64;
+            for (lsn, op) in scan_log(&data, epoch)? {
+                if lsn <= applied {
+                    continue;
+                }
+                replay(&mut w, &op)?;
+                last = lsn;
+                replayed += 1;
+            }
+            w.meta
+                .insert("wal_lsn", last)
+                .ctx("recover: store wal_lsn")?;
+            w.meta
+                .insert("wal_epoch", epoch + 1)
+                .ctx("recover: store wal_epoch")?;
+            w.finish()?;
+            (epoch + 1, last + 1, replayed)
+        };
+        txn.commit().ctx("recover: commit")?;
+        if replayed > 0 {
+            tracing::info!(
+                records = replayed,
+                "embedded store: replayed the commit log"
+            );
+        }
+        Ok(Wal {
+            file,
+            path: path.to_path_buf(),
+            off: 0,
+            allocated,
+            log: LogBuf {
+                buf: Vec::new(),
+                epoch,
+                next_lsn,
+            },
+            last_checkpoint: Instant::now(),
+            poisoned: None,
+        })
+    }
+
+    /// Writes the buffered records at the current position and fsyncs them.
+    fn append(&mut self) -> Result<(), StoreError> {
+        if self.log.buf.is_empty() {
+            return Ok(());
+        }
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { op, path, source }
+        };
+        let end = self.off + self.log.buf.len() as u64;
+        if end > self.allocated {
+            // Grow by at least doubling, so extensions (and their metadata commits) are rare.
+            let target = end.max(self.allocated * 2).max(WAL_GROW_MIN);
+            let zeros = vec![0u8; (target - self.allocated) as usize];
+            self.file
+                .write_all_at(&zeros, self.allocated)
+                .map_err(io("extending commit log", &self.path))?;
+            self.allocated = target;
+        }
+        self.file
+            .write_all_at(&self.log.buf, self.off)
+            .map_err(io("writing commit log", &self.path))?;
+        self.file
+            .sync_data()
+            .map_err(io("syncing commit log", &self.path))?;
+        self.off += self.log.buf.len() as u64;
+        self.log.buf.clear();
+        Ok(())
+    }
+
+    /// A durable redb commit that starts a new epoch: every record logged so far is in
+    /// the database file now, and the log is rewritten from its start.
+    fn checkpoint(&mut self, db: &Database) -> Result<(), StoreError> {
+        let txn = db.begin_write().ctx("checkpoint: begin")?;
+        {
+            let mut meta = txn.open_table(META).ctx("checkpoint: open meta")?;
+            meta.insert("wal_epoch", self.log.epoch + 1)
+                .ctx("checkpoint: store wal_epoch")?;
+        }
+        txn.commit().ctx("checkpoint: commit")?;
+        self.checkpointed();
+        Ok(())
+    }
+
+    /// Bookkeeping after a durable commit that stored `wal_epoch = epoch + 1`.
+    fn checkpointed(&mut self) {
+        self.log.epoch += 1;
+        self.log.buf.clear();
+        self.off = 0;
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// After a failed log write or commit: checkpoint so that whatever reached the log
+    /// is dead; if even that fails, refuse further writes.
+    fn recover_after_failure(&mut self, db: &Database) {
+        if let Err(e) = self.checkpoint(db) {
+            tracing::error!(error = %e, "embedded store: checkpoint after a failed write failed; refusing further writes");
+            self.poisoned = Some(e.to_string());
+        }
+    }
+}
+
+/// The valid records of `epoch` at the start of `data`, in order: a record ends the scan
+/// when its magic, length or checksum is wrong (a torn or never-written tail), when it
+/// belongs to another epoch (left over from before a checkpoint), or when its lsn does
+/// not follow the previous one. A record that passes the checksum but does not decode is
+/// corruption, an error.
+fn scan_log(data: &[u8], epoch: u64) -> Result<Vec<(u64, LogOp)>, StoreError> {
+    let u32_at = |p: usize| u32::from_be_bytes([data[p], data[p + 1], data[p + 2], data[p + 3]]);
+    let u64_at = |p: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&data[p..p + 8]);
+        u64::from_be_bytes(a)
+    };
+    let mut out: Vec<(u64, LogOp)> = Vec::new();
+    let mut pos = 0usize;
+    while pos + WAL_HEAD <= data.len() {
+        if u32_at(pos) != WAL_MAGIC {
+            break;
+        }
+        let len = u32_at(pos + 4) as usize;
+        if len > WAL_MAX_BODY {
+            break;
+        }
+        let end = pos + WAL_HEAD + len;
+        if end + 8 > data.len() || u64_at(end) != fnv1a64(&data[pos..end]) {
+            break;
+        }
+        let lsn = u64_at(pos + 16);
+        if u64_at(pos + 8) != epoch || out.last().is_some_and(|(prev, _)| lsn != prev + 1) {
+            break;
+        }
+        let op =
+            decode_log_op(&data[pos + WAL_HEAD..end]).map_err(|reason| StoreError::Corrupt {
+                table: "commit log",
+                reason: format!("record lsn {lsn} at byte {pos}: {reason}"),
+            })?;
+        out.push((lsn, op));
+        pos = end + 8;
+    }
+    Ok(out)
+}
+
+/// Applies one logged change again, exactly as the writer had applied it.
+fn replay(w: &mut Writer<'_>, op: &LogOp) -> Result<(), StoreError> {
+    match op {
+        LogOp::Put { seq, msg } => {
+            let dk = dedup_key(&msg.recipient, &msg.sender, &msg.id);
+            w.insert_message(*seq, msg, &dk)?;
+            w.next_seq = w.next_seq.max(seq + 1);
+        }
+        LogOp::Ack { recipient, keys } => {
+            w.ack(recipient, keys)?;
+        }
+        LogOp::Expire {
+            now_ms,
+            max_entries,
+        } => {
+            let max = usize::try_from(*max_entries).unwrap_or(usize::MAX);
+            w.expire(*now_ms, max)?;
+        }
+        LogOp::Profile {
+            key,
+            updated_ms,
+            blob,
+        } => {
+            w.put_profile(key, blob, *updated_ms)?;
+        }
+        LogOp::Membership {
+            channel,
+            member,
+            join,
+        } => {
+            if *join {
+                w.join(channel, member)?;
+            } else {
+                w.leave(channel, member)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The open tables of one write transaction.
@@ -448,24 +829,41 @@ impl<'t> Writer<'t> {
         Ok(())
     }
 
-    fn apply(&mut self, op: &WriteOp) -> Result<Answer, StoreError> {
+    /// Applies one queued op and logs every change it made (nothing for a duplicate
+    /// put, an ack that removed nothing or a profile that was not newer).
+    fn apply(&mut self, op: &WriteOp, log: &mut LogBuf) -> Result<Answer, StoreError> {
         Ok(match op {
             WriteOp::Put { msgs, .. } => {
                 let mut out = Vec::with_capacity(msgs.len());
                 for m in msgs {
-                    out.push(self.put(m)?);
+                    let outcome = self.put(m)?;
+                    if let PutOutcome::Stored { seq } = outcome {
+                        log.push(|b| encode_log_put(b, seq, m));
+                    }
+                    out.push(outcome);
                 }
                 Answer::Outcomes(out)
             }
             WriteOp::Ack {
                 recipient, keys, ..
-            } => Answer::Count(self.ack(recipient, keys)?),
+            } => {
+                let removed = self.ack(recipient, keys)?;
+                if removed > 0 {
+                    log.push(|b| encode_log_ack(b, recipient, keys));
+                }
+                Answer::Count(removed)
+            }
             WriteOp::Expire {
                 now_ms,
                 max_entries,
                 ..
             } => {
                 let (removed, more) = self.expire(*now_ms, *max_entries)?;
+                let op = LogOp::Expire {
+                    now_ms: *now_ms,
+                    max_entries: *max_entries as u64,
+                };
+                log.push(|b| encode_log_op(b, &op));
                 Answer::Expired(removed, more)
             }
             WriteOp::PutProfile {
@@ -473,7 +871,18 @@ impl<'t> Writer<'t> {
                 profile,
                 updated_ms,
                 ..
-            } => Answer::Flag(self.put_profile(key, profile, *updated_ms)?),
+            } => {
+                let stored = self.put_profile(key, profile, *updated_ms)?;
+                if stored {
+                    let op = LogOp::Profile {
+                        key: *key,
+                        updated_ms: *updated_ms,
+                        blob: profile.clone(),
+                    };
+                    log.push(|b| encode_log_op(b, &op));
+                }
+                Answer::Flag(stored)
+            }
             WriteOp::Membership {
                 channel,
                 member,
@@ -485,6 +894,12 @@ impl<'t> Writer<'t> {
                 } else {
                     self.leave(channel, member)?;
                 }
+                let op = LogOp::Membership {
+                    channel: channel.clone(),
+                    member: *member,
+                    join: *join,
+                };
+                log.push(|b| encode_log_op(b, &op));
                 Answer::Unit
             }
             WriteOp::Barrier { .. } => Answer::Unit,

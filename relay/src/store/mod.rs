@@ -2,8 +2,9 @@
 //! profiles and persistent channel membership.
 //!
 //! One [`Store`] trait, two implementations:
-//! - [`EmbeddedStore`] (default, one relay): a redb database under the data directory,
-//!   every write fsync'd, concurrent writes group-committed by a single writer thread.
+//! - [`EmbeddedStore`] (default, one relay): a redb database and a commit log under the
+//!   data directory, every write fsync'd before it returns, concurrent writes
+//!   group-committed by a single writer thread.
 //! - [`PostgresStore`] (clusters): a PostgreSQL database shared by all relays, schema
 //!   migrations embedded in the binary and applied at connect.
 //!
@@ -147,7 +148,8 @@ pub trait Store: Send + Sync + 'static {
 pub enum StoreConfig {
     /// The embedded store in this directory (created if missing).
     Embedded {
-        /// Data directory; the database file is `dchat.redb` inside it.
+        /// Data directory; the database file `dchat.redb` and the commit log
+        /// `dchat.wal` are inside it.
         dir: PathBuf,
     },
     /// A shared PostgreSQL database.
