@@ -57,7 +57,8 @@ pub struct Recorder {
     received_in_window: AtomicU64,
     /// Error frames or failed sends seen by clients.
     pub errors: AtomicU64,
-    /// Relay `sent` answers with status `stored` (recipient behind or offline).
+    /// Copies the relay stored instead of pushing live: `sent` answers with status
+    /// `stored` (recipient behind or offline), plus the `stored` count of fan-outs.
     pub stored: AtomicU64,
     /// Relay `sent` answers (any status).
     pub acked_sends: AtomicU64,
@@ -155,6 +156,7 @@ impl Recorder {
 }
 
 /// Small deterministic PRNG (xorshift64*), so runs are repeatable and cheap.
+#[derive(Clone, Debug)]
 pub struct Rng(u64);
 
 impl Rng {
@@ -248,9 +250,134 @@ impl StepResult {
     }
 }
 
+/// Timer slack asked for the dispatcher (Linux default: 50 µs), so its sleeps end
+/// close to when they were asked to.
+const TIMER_SLACK_NS: u64 = 1_000;
+/// The dispatcher sleeps until this long before a send is due, then yields the CPU
+/// until it is (sleeps overshoot by the timer slack plus the wake-up latency).
+const SPIN_NS: u64 = 60_000;
+
+/// Waits until `sched` on the recorder's clock without keeping the CPU: a thread sleep
+/// while the send is far, then `sched_yield` (which lets the runtime thread on the same
+/// core run) for the last [`SPIN_NS`]. The async runtime's timer has 1 ms resolution,
+/// and yielding inside the runtime instead made it poll epoll about a million times a
+/// second, which took the generator's core from the clients.
+fn wait_until(rec: &Recorder, sched: u64) {
+    loop {
+        let now = rec.now_ns();
+        if now >= sched {
+            return;
+        }
+        let left = sched - now;
+        if left > SPIN_NS {
+            std::thread::sleep(Duration::from_nanos(left - SPIN_NS));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// What the dispatcher thread needs for one step.
+struct Dispatch {
+    rec: Arc<Recorder>,
+    txs: Vec<mpsc::UnboundedSender<Out>>,
+    pattern: Pattern,
+    rate: f64,
+    payload: usize,
+    start: u64,
+    m_start: u64,
+    m_end: u64,
+    seq: u64,
+    rng: Rng,
+    server_pid: Option<u32>,
+}
+
+/// What the dispatcher thread hands back.
+struct Dispatched {
+    seq: u64,
+    rng: Rng,
+    sent_in_window: u64,
+    cpu0: Option<(Duration, Option<Duration>)>,
+    cpu1: (Duration, Option<Duration>),
+}
+
+impl Dispatch {
+    /// Draws the Poisson schedule and hands each message to its client's writer task
+    /// at its scheduled time (never earlier; later shows up as latency).
+    fn run(mut self) -> Dispatched {
+        let n = self.txs.len();
+        let mut t = self.start as f64;
+        let mut sent_in_window = 0u64;
+        let mut cpu0 = None;
+        loop {
+            t += -self.rng.unit().ln() / self.rate * 1e9;
+            let sched = t as u64;
+            if sched >= self.m_end {
+                break;
+            }
+            wait_until(&self.rec, sched);
+            if cpu0.is_none() && sched >= self.m_start {
+                cpu0 = Some((
+                    crate::procs::cpu_time(None),
+                    self.server_pid.map(|p| crate::procs::cpu_time(Some(p))),
+                ));
+            }
+            self.seq += 1;
+            let s = self.seq;
+            let (from, out) = match self.pattern {
+                Pattern::Direct => {
+                    let from = self.rng.below(n);
+                    let mut to = self.rng.below(n.saturating_sub(1).max(1));
+                    if to >= from && n > 1 {
+                        to += 1;
+                    }
+                    (
+                        from,
+                        Out::Direct {
+                            to,
+                            payload: Recorder::payload(self.payload, sched, s),
+                            seq: s,
+                        },
+                    )
+                }
+                Pattern::Channel { members } => {
+                    let from = self.rng.below(n);
+                    (
+                        from,
+                        Out::Channel {
+                            channel: from / members.max(1),
+                            payload: Recorder::payload(self.payload, sched, s),
+                            seq: s,
+                        },
+                    )
+                }
+            };
+            if sched >= self.m_start {
+                sent_in_window += 1;
+            }
+            if self.txs[from].send(out).is_err() {
+                self.rec.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let cpu1 = (
+            crate::procs::cpu_time(None),
+            self.server_pid.map(|p| crate::procs::cpu_time(Some(p))),
+        );
+        Dispatched {
+            seq: self.seq,
+            rng: self.rng,
+            sent_in_window,
+            cpu0,
+            cpu1,
+        }
+    }
+}
+
 /// Runs one open-loop step over `eps` and returns what was measured.
 ///
-/// `server_pid` is sampled for CPU time during the measurement window.
+/// The schedule is dispatched from its own OS thread (see [`wait_until`]); the
+/// clients' tasks stay on the caller's runtime. `server_pid` is sampled for CPU time
+/// during the measurement window.
 pub async fn run_step(
     eps: &[Endpoint],
     rec: &Arc<Recorder>,
@@ -260,7 +387,6 @@ pub async fn run_step(
     rng: &mut Rng,
     server_pid: Option<u32>,
 ) -> StepResult {
-    let n = eps.len();
     let rate = step.rate.max(1.0);
     let fan = match pattern {
         Pattern::Direct => 1u64,
@@ -270,75 +396,46 @@ pub async fn run_step(
     let m_start = start + step.warmup.as_nanos() as u64;
     let m_end = m_start + step.measure.as_nanos() as u64;
     rec.reset(m_start, m_end, fan as u32);
-    let mut t = start as f64;
-    let mut sent_in_window = 0u64;
-    let mut cpu0 = None;
-    loop {
-        t += -rng.unit().ln() / rate * 1e9;
-        let sched = t as u64;
-        if sched >= m_end {
-            break;
-        }
-        // Wait for the scheduled time: sleep while far away (the timer has ms
-        // resolution), then yield to the other tasks until it is due.
-        loop {
-            let now = rec.now_ns();
-            if now >= sched {
-                break;
-            }
-            if sched - now > 2_000_000 {
-                tokio::time::sleep(Duration::from_nanos(sched - now - 1_500_000)).await;
-            } else {
-                tokio::task::yield_now().await;
-            }
-        }
-        if cpu0.is_none() && sched >= m_start {
-            cpu0 = Some((
-                crate::procs::cpu_time(None),
-                server_pid.map(|p| crate::procs::cpu_time(Some(p))),
-            ));
-        }
-        *seq += 1;
-        let s = *seq;
-        let (from, out) = match pattern {
-            Pattern::Direct => {
-                let from = rng.below(n);
-                let mut to = rng.below(n.saturating_sub(1).max(1));
-                if to >= from && n > 1 {
-                    to += 1;
-                }
-                (
-                    from,
-                    Out::Direct {
-                        to,
-                        payload: Recorder::payload(step.payload, sched, s),
-                        seq: s,
-                    },
-                )
-            }
-            Pattern::Channel { members } => {
-                let from = rng.below(n);
-                (
-                    from,
-                    Out::Channel {
-                        channel: from / members.max(1),
-                        payload: Recorder::payload(step.payload, sched, s),
-                        seq: s,
-                    },
-                )
-            }
+    // Best effort: this sets the slack of the process's main thread (where
+    // `dchat-loadgen` runs its current-thread runtime), which a thread it creates
+    // inherits. Without it sleeps overshoot by ~50 µs more and the dispatcher yields
+    // longer; the schedule, and so the measurement, is the same either way.
+    let _ = std::fs::write("/proc/self/timerslack_ns", TIMER_SLACK_NS.to_string());
+    let plan = Dispatch {
+        rec: rec.clone(),
+        txs: eps.iter().map(|e| e.tx.clone()).collect(),
+        pattern,
+        rate,
+        payload: step.payload,
+        start,
+        m_start,
+        m_end,
+        seq: *seq,
+        rng: rng.clone(),
+        server_pid,
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("loadgen-dispatch".into())
+        .spawn(move || {
+            let _ = done_tx.send(plan.run());
+        });
+    let done = match spawned {
+        Ok(_) => done_rx.await.ok(),
+        Err(_) => None,
+    };
+    let Some(done) = done else {
+        // The dispatcher could not run: nothing was sent; report an empty step.
+        rec.errors.fetch_add(1, Ordering::Relaxed);
+        return StepResult {
+            offered: rate,
+            ..StepResult::default()
         };
-        if sched >= m_start {
-            sent_in_window += 1;
-        }
-        if eps[from].tx.send(out).is_err() {
-            rec.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    let cpu1 = Some((
-        crate::procs::cpu_time(None),
-        server_pid.map(|p| crate::procs::cpu_time(Some(p))),
-    ));
+    };
+    *seq = done.seq;
+    *rng = done.rng;
+    let sent_in_window = done.sent_in_window;
+    let (cpu0, cpu1) = (done.cpu0, Some(done.cpu1));
     let expected = sent_in_window * fan;
     let deadline = Instant::now() + step.drain;
     while rec.received_in_window.load(Ordering::Relaxed) < expected && Instant::now() < deadline {

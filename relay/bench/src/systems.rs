@@ -344,10 +344,18 @@ fn relay_frame(f: ServerFrame, acks: &mut Vec<AckRef>, rec: &Recorder) {
                 });
             }
         }
-        ServerFrame::Sent { status, .. } => {
+        ServerFrame::Sent { status, stored, .. } => {
             rec.acked_sends.fetch_add(1, Ordering::Relaxed);
-            if status == dchat_relay::protocol::SendStatus::Stored {
-                rec.stored.fetch_add(1, Ordering::Relaxed);
+            match status {
+                dchat_relay::protocol::SendStatus::Stored => {
+                    rec.stored.fetch_add(1, Ordering::Relaxed);
+                }
+                // A channel message: copies stored for members that were behind.
+                dchat_relay::protocol::SendStatus::Fanout => {
+                    rec.stored
+                        .fetch_add(u64::from(stored.unwrap_or(0)), Ordering::Relaxed);
+                }
+                _ => {}
             }
         }
         ServerFrame::Error { .. } => {
