@@ -71,6 +71,9 @@ pub const WAL_FILE_NAME: &str = "dchat.wal";
 /// Longest time between checkpoints (durable redb commits) while writes arrive; bounds
 /// the log to replay after a crash and the memory redb holds for uncheckpointed commits.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the flusher thread writes back the redb file's dirty pages (see
+/// [`flusher_loop`]).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 /// Log bytes after which the next batch checkpoints regardless of time.
 const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// First bytes of every log record.
@@ -112,6 +115,9 @@ pub struct EmbeddedStore {
     path: PathBuf,
     tx: Option<mpsc::Sender<WriteOp>>,
     writer: Option<JoinHandle<()>>,
+    /// Dropping it stops the flusher thread.
+    flusher_stop: Option<std::sync::mpsc::Sender<()>>,
+    flusher: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -247,12 +253,29 @@ impl EmbeddedStore {
                 path: path.clone(),
                 source,
             })?;
+        // A second handle on the file, only for fdatasync (works on a read-only handle).
+        let flush_file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+            op: "opening for the flusher",
+            path: path.clone(),
+            source,
+        })?;
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let flusher = std::thread::Builder::new()
+            .name("dchat-store-flusher".into())
+            .spawn(move || flusher_loop(&flush_file, &stop_rx))
+            .map_err(|source| StoreError::Io {
+                op: "spawning flusher thread for",
+                path: path.clone(),
+                source,
+            })?;
         tracing::info!(path = %path.display(), "embedded store opened");
         Ok(EmbeddedStore {
             db,
             path,
             tx: Some(tx),
             writer: Some(writer),
+            flusher_stop: Some(stop_tx),
+            flusher: Some(flusher),
         })
     }
 
@@ -338,6 +361,12 @@ impl Drop for EmbeddedStore {
                 tracing::error!(path = %self.path.display(), "embedded store writer panicked");
             }
         }
+        self.flusher_stop.take();
+        if let Some(flusher) = self.flusher.take() {
+            if flusher.join().is_err() {
+                tracing::error!(path = %self.path.display(), "embedded store flusher panicked");
+            }
+        }
     }
 }
 
@@ -404,6 +433,21 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>, mut wal: Wal) {
         }
     }
     tracing::debug!("embedded store writer stopped");
+}
+
+/// Every [`FLUSH_INTERVAL`] until stopped: fdatasync the redb file. Batches committed
+/// through the commit log leave their B-tree pages dirty in the page cache; writing them
+/// back continuously, off the writer thread, leaves little for the next checkpoint's
+/// fsync, which otherwise stalls every writer behind it. Flushing pages early never
+/// changes what a crash recovers: only a durable commit writes the header that makes
+/// pages reachable (the kernel's own writeback may flush them at any time as well).
+fn flusher_loop(file: &std::fs::File, stop: &std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(FLUSH_INTERVAL) {
+        if let Err(e) = file.sync_data() {
+            // Not a durability problem (checkpoints fsync themselves), only a lost optimisation.
+            tracing::debug!(error = %e, "embedded store flusher: fdatasync failed");
+        }
+    }
 }
 
 /// Applies `batch` in one transaction. If the batch fails as a whole, each op is retried
