@@ -214,6 +214,10 @@ pub struct Report {
     pub drain_secs: f64,
     /// Drained messages per second.
     pub drained_per_sec: f64,
+    /// Server CPU (one core = 1.0) during the timed drain, when measured.
+    pub drain_server_cpu: Option<f64>,
+    /// This generator's CPU during the timed drain.
+    pub drain_gen_cpu: f64,
     /// Recipients whose inbox was checked against the plan.
     pub verified_recipients: u64,
     /// Acknowledged messages to those recipients.
@@ -839,9 +843,16 @@ async fn run_relay_phases(
 
     // Drain phase: the first drain_recipients reconnect and drain, timed.
     let deadline = Instant::now() + p.phase_timeout;
+    let dcpu0 = relay.pid().map(|pid| (pid, procs::cpu_time(Some(pid))));
+    let dgen0 = procs::cpu_time(None);
     let t1 = Instant::now();
     let timed = drain_relay(url, &keys[..p.drain_recipients], p.drain_parallel, deadline).await?;
     report.drain_secs = t1.elapsed().as_secs_f64();
+    report.drain_gen_cpu =
+        procs::cpu_time(None).saturating_sub(dgen0).as_secs_f64() / report.drain_secs.max(1e-9);
+    report.drain_server_cpu = dcpu0.map(|(pid, c0)| {
+        procs::cpu_time(Some(pid)).saturating_sub(c0).as_secs_f64() / report.drain_secs.max(1e-9)
+    });
     report.drained = timed.iter().map(|d| d.len() as u64).sum();
     report.drained_per_sec = report.drained as f64 / report.drain_secs.max(1e-9);
     let mut inboxes: Vec<Vec<(KeyHex, String)>> = timed;
@@ -1073,9 +1084,19 @@ pub async fn run_redis(cpu: Option<usize>, p: &Params) -> Result<Report, BenchEr
     report.server_cpu = Some(used.as_secs_f64() / report.put_secs.max(1e-9));
 
     let deadline = Instant::now() + p.phase_timeout;
+    let dcpu0 = procs::cpu_time(Some(proc_.pid));
+    let dgen0 = procs::cpu_time(None);
     let t1 = Instant::now();
     let timed = redis_drain(&client, 0..p.drain_recipients, p.drain_parallel, deadline).await?;
     report.drain_secs = t1.elapsed().as_secs_f64();
+    report.drain_gen_cpu =
+        procs::cpu_time(None).saturating_sub(dgen0).as_secs_f64() / report.drain_secs.max(1e-9);
+    report.drain_server_cpu = Some(
+        procs::cpu_time(Some(proc_.pid))
+            .saturating_sub(dcpu0)
+            .as_secs_f64()
+            / report.drain_secs.max(1e-9),
+    );
     report.drained = timed.iter().map(|d| d.len() as u64).sum();
     report.drained_per_sec = report.drained as f64 / report.drain_secs.max(1e-9);
     let mut inboxes = timed;

@@ -571,8 +571,8 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
         root.display(),
         s3::fs_type(&root)
     );
-    println!("| system | rep | acked | put s | acked msgs/s | ack p50 ms | ack p99 ms | server cpu | server µs/msg | gen cpu | drained | drain s | drained msgs/s | kill: acked before / restart s / reconnects | checked recipients / acked msgs | lost | dup | unexpected |");
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("| system | rep | acked | put s | acked msgs/s | ack p50 ms | ack p99 ms | server cpu | server µs/msg | gen cpu | drained | drain s | drained msgs/s | drain server cpu / gen cpu | kill: acked before / restart s / reconnects | checked recipients / acked msgs | lost | dup | unexpected |");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     let mut all: Vec<(String, Vec<Report>)> =
         a.systems.iter().map(|s| (s.clone(), Vec::new())).collect();
     let mut inconsistent = 0u64;
@@ -602,6 +602,10 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
                     s3::run_relay(&launch, &b, &p).await?
                 }
             };
+            let dcpu = r
+                .drain_server_cpu
+                .map(|c| format!("{:.0}%", c * 100.0))
+                .unwrap_or_else(|| "-".into());
             let kill_col = match (r.acked_at_kill, r.restart_secs) {
                 (Some(k), Some(s)) => format!("{k} / {s:.2} / {}", r.reconnects),
                 _ => "-".into(),
@@ -614,7 +618,7 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
                 _ => ("-".into(), "-".into()),
             };
             println!(
-                "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {cpu} | {per} | {:.0}% | {} | {:.2} | {:.0} | {kill_col} | {} / {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {cpu} | {per} | {:.0}% | {} | {:.2} | {:.0} | {dcpu} / {:.0}% | {kill_col} | {} / {} | {} | {} | {} |",
                 r.system,
                 rep + 1,
                 r.acked,
@@ -626,6 +630,7 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
                 r.drained,
                 r.drain_secs,
                 r.drained_per_sec,
+                r.drain_gen_cpu * 100.0,
                 r.verified_recipients,
                 r.verified_acked,
                 r.lost,
