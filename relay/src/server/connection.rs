@@ -1190,8 +1190,14 @@ mod tests {
 
     /// Every idle connection keeps this future (plus its buffers) in memory, so S4's
     /// RSS per connection depends on it: the per-event handlers are boxed to keep it
-    /// small (it was 4,600 bytes with them inline).
+    /// small (it was 4,600 bytes with them inline). Checked on optimized builds only
+    /// (`cargo test --release`): unoptimized futures do not share slots between
+    /// suspension points, so their size says nothing about the shipped binary.
     #[test]
+    #[cfg_attr(
+        debug_assertions,
+        ignore = "future layout is representative only when optimized"
+    )]
     fn idle_connection_future_stays_small() {
         let n = future_size(run);
         assert!(n <= 2560, "connection future is {n} bytes");
