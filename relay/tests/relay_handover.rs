@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use dchat_relay::client::{generate_key, public_key, Client, ClientError};
 use dchat_relay::handover::{handover, HandoverError};
+use dchat_relay::protocol::Kind;
 use relay_support::{http, start, TestRelay};
 
 const TOKEN: &str = "handover-admin-token-0123456789";
@@ -66,10 +67,18 @@ async fn handover_moves_undelivered_messages_to_the_new_slot_once() {
         .await
         .unwrap();
     // `online` is not connected to the old relay, so that message was stored there.
+    // A channel on the new relay whose member list is cached before the handover.
+    late.join("ops").await.unwrap();
+    let post = late.envelope_channel("ops", Kind::Text, b"before".to_vec());
+    assert_eq!(late.send(post).await.unwrap().stored.unwrap_or(0), 0);
 
     let report = handover(&admin(&old), &admin(&new), TOKEN, STEP)
         .await
         .unwrap();
+    // The imported membership counts at once: the old relay's member, offline here,
+    // gets a stored copy of the next post.
+    let post = late.envelope_channel("ops", Kind::Text, b"after".to_vec());
+    assert_eq!(late.send(post).await.unwrap().stored, Some(1));
     assert_eq!(report.imported_messages(), 4, "{:?}", report.imported);
     assert_eq!(report.imported["duplicates"], 0);
     assert_eq!(report.imported["profiles_updated"], 1);

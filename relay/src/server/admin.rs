@@ -234,6 +234,8 @@ async fn load(shared: Arc<Shared>, headers: HeaderMap, body: Body, how: Load) ->
     match result {
         Ok(Ok(summary)) => {
             info!(?how, %summary, "snapshot applied");
+            // Memberships came in behind the member cache's back.
+            shared.channels.clear();
             if how == Load::Merge {
                 shared.sessions.wake_all();
             }
