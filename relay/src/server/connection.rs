@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::limits::TokenBucket;
-use super::router::{is_new, Message, Offer, SessionHandle};
+use super::router::{is_new, Message, Offer, Seen, SessionHandle};
 use super::Shared;
 use crate::metrics::{KindLabel, ReasonLabel};
 use crate::protocol::frame::{valid_channel, MAX_ACK_BATCH, MAX_FETCH_LIMIT, MAX_PROFILE_BYTES};
@@ -708,18 +708,38 @@ impl Session {
         }
         let kind = env.kind;
         c.shared.metrics.routed_kind(kind).inc();
-        if !c.shared.recent.insert(self.key, &id) {
-            c.shared.metrics.duplicates.inc();
-            return c
-                .send_frame(ServerFrame::Sent {
-                    id,
-                    status: SendStatus::Duplicate,
-                    seq: None,
-                    delivered: None,
-                    stored: None,
-                })
-                .await;
+        match c.shared.recent.begin(self.key, &id) {
+            Seen::New => {}
+            Seen::Settled => {
+                c.shared.metrics.duplicates.inc();
+                return c
+                    .send_frame(ServerFrame::Sent {
+                        id,
+                        status: SendStatus::Duplicate,
+                        seq: None,
+                        delivered: None,
+                        stored: None,
+                    })
+                    .await;
+            }
+            // Acknowledging now could acknowledge a message whose first attempt then
+            // fails to store; routing it again could deliver it twice.
+            Seen::InFlight => return c
+                .error(
+                    ErrorCode::StorageUnavailable,
+                    "an earlier send with this id is still being stored; retry with the same id",
+                    Some(id),
+                )
+                .await,
         }
+        // Forgets the id unless the send succeeds — also when this task is cancelled
+        // mid-store (the connection was replaced), so a retry is never stuck in flight.
+        let mut in_flight = InFlight {
+            recent: c.shared.clone(),
+            key: self.key,
+            id: id.clone(),
+            settled: false,
+        };
         let msg = Arc::new(Message::new(&env, self.key));
         let result = match (env.to, env.channel.as_deref()) {
             (Some(to), _) => match c.shared.sessions.offer(&to, &msg) {
@@ -750,6 +770,7 @@ impl Session {
         };
         match result {
             Ok(frame) => {
+                in_flight.settle();
                 if matches!(
                     frame,
                     ServerFrame::Sent {
@@ -762,7 +783,7 @@ impl Session {
                 c.send_frame(frame).await
             }
             Err(RouteError::NotMember) => {
-                c.shared.recent.remove(self.key, &id);
+                drop(in_flight);
                 c.error(
                     ErrorCode::NotMember,
                     "join the channel before sending to it",
@@ -771,7 +792,7 @@ impl Session {
                 .await
             }
             Err(RouteError::Store(e)) => {
-                c.shared.recent.remove(self.key, &id);
+                drop(in_flight);
                 warn!(error = %e, "storing a message failed");
                 c.error(
                     ErrorCode::StorageUnavailable,
@@ -1175,6 +1196,30 @@ impl Shared {
     pub fn wake_local(&self, key: &KeyHex) {
         if let Some(h) = self.sessions.get(key) {
             h.wake.notify_one();
+        }
+    }
+}
+
+/// A send's (sender, id) recorded in flight in [`Shared::recent`]: settled when the send
+/// succeeded, forgotten otherwise (on drop).
+struct InFlight {
+    recent: Arc<Shared>,
+    key: KeyHex,
+    id: String,
+    settled: bool,
+}
+
+impl InFlight {
+    fn settle(&mut self) {
+        self.recent.recent.settle(self.key, &self.id);
+        self.settled = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.recent.recent.remove(self.key, &self.id);
         }
     }
 }

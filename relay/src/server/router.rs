@@ -1,7 +1,7 @@
 //! Routing state shared by all connections: live sessions by key, the recent-id
 //! dedup cache, and the routing of one message to a key or a channel.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -160,8 +160,22 @@ impl Sessions {
     }
 }
 
+/// What [`RecentIds::begin`] found for a (sender, id) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// First time: recorded as in flight; settle or forget it when the send ends.
+    New,
+    /// An earlier send with this id succeeded: a duplicate.
+    Settled,
+    /// An earlier send with this id is still being stored; its outcome is not known,
+    /// so this one can be neither acknowledged nor routed again yet.
+    InFlight,
+}
+
 /// Bounded memory of recently seen (sender, id) pairs, so a retried send of a
-/// message that was pushed live (never stored) is not delivered twice.
+/// message that was pushed live (never stored) is not delivered twice. A pair is
+/// "in flight" until its send succeeded: a retry then must not be told "duplicate",
+/// because the first attempt may still fail.
 pub struct RecentIds {
     shards: Vec<Mutex<RecentShard>>,
     per_shard: usize,
@@ -170,7 +184,8 @@ pub struct RecentIds {
 
 #[derive(Default)]
 struct RecentShard {
-    set: HashSet<(KeyHex, String)>,
+    /// Pair -> settled.
+    set: HashMap<(KeyHex, String), bool>,
     order: VecDeque<(KeyHex, String)>,
 }
 
@@ -190,28 +205,46 @@ impl RecentIds {
         &self.shards[(h as usize) % self.shards.len()]
     }
 
-    /// Records the pair; false if it was already recorded (a duplicate).
-    pub fn insert(&self, sender: KeyHex, id: &str) -> bool {
+    /// Records the pair as in flight unless it is known already.
+    pub fn begin(&self, sender: KeyHex, id: &str) -> Seen {
         let k = (sender, id.to_string());
         let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-        if s.set.contains(&k) {
-            return false;
+        match s.set.get(&k) {
+            Some(true) => return Seen::Settled,
+            Some(false) => return Seen::InFlight,
+            None => {}
         }
         if s.order.len() >= self.per_shard {
             if let Some(old) = s.order.pop_front() {
                 s.set.remove(&old);
             }
         }
-        s.set.insert(k.clone());
+        s.set.insert(k.clone(), false);
         s.order.push_back(k);
-        true
+        Seen::New
+    }
+
+    /// Marks the pair's send as succeeded: later sends with it are duplicates.
+    pub fn settle(&self, sender: KeyHex, id: &str) {
+        let k = (sender, id.to_string());
+        let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(settled) = s.set.get_mut(&k) {
+            *settled = true;
+        }
+    }
+
+    /// Records the pair as settled right away (tests, and callers without a store step).
+    pub fn insert(&self, sender: KeyHex, id: &str) -> bool {
+        let new = self.begin(sender, id) == Seen::New;
+        self.settle(sender, id);
+        new
     }
 
     /// Forgets the pair (the send failed, so a retry must not count as a duplicate).
     pub fn remove(&self, sender: KeyHex, id: &str) {
         let k = (sender, id.to_string());
         let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-        if s.set.remove(&k) {
+        if s.set.remove(&k).is_some() {
             s.order.retain(|x| x != &k);
         }
     }
@@ -374,6 +407,21 @@ pub fn is_new(o: &PutOutcome) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_is_a_duplicate_only_once_the_first_send_succeeded() {
+        let r = RecentIds::new(16);
+        let k = KeyHex([3; 32]);
+        assert_eq!(r.begin(k, "m"), Seen::New);
+        // The first attempt is still being stored: not a duplicate yet.
+        assert_eq!(r.begin(k, "m"), Seen::InFlight);
+        // It failed and was forgotten: the retry is a new send.
+        r.remove(k, "m");
+        assert_eq!(r.begin(k, "m"), Seen::New);
+        r.settle(k, "m");
+        assert_eq!(r.begin(k, "m"), Seen::Settled);
+        assert_eq!(r.begin(KeyHex([4; 32]), "m"), Seen::New);
+    }
 
     #[test]
     fn recent_ids_dedup_and_forget_oldest() {
