@@ -310,6 +310,36 @@ struct PutShared {
     deadline: Instant,
 }
 
+/// Folds the senders' bookkeeping into the put-phase figures of `report`: acked count,
+/// answers, the acknowledgement latency histogram, the put time (first send to last
+/// acknowledgement) and the generator's CPU share over it.
+fn put_figures(
+    states: &[Arc<Mutex<SenderState>>],
+    t0: Instant,
+    gen0: std::time::Duration,
+    report: &mut Report,
+) {
+    let mut hist = new_hist();
+    let mut last = t0;
+    for st in states {
+        let s = st.lock().unwrap_or_else(|e| e.into_inner());
+        report.acked += s.acked as u64;
+        report.duplicate_answers += s.duplicates;
+        report.errors += s.errors;
+        let _ = hist.add(&s.hist);
+        if let Some(t) = s.last_ack {
+            last = last.max(t);
+        }
+    }
+    report.put_secs = last.duration_since(t0).as_secs_f64();
+    report.gen_cpu =
+        procs::cpu_time(None).saturating_sub(gen0).as_secs_f64() / report.put_secs.max(1e-9);
+    report.acked_per_sec = report.acked as f64 / report.put_secs.max(1e-9);
+    report.ack_p50_us = hist.value_at_quantile(0.5) as f64;
+    report.ack_p99_us = hist.value_at_quantile(0.99) as f64;
+    report.ack_max_us = hist.max() as f64;
+}
+
 fn new_hist() -> Histogram<u64> {
     // 1 µs .. 10 min, 3 significant digits; the bounds are constants, so this cannot fail.
     Histogram::new_with_bounds(1, 600_000_000, 3)
@@ -813,25 +843,7 @@ async fn run_relay_phases(
     let (sent_res, kill_res) = tokio::join!(senders, killer);
     let killed = kill_res?;
     sent_res?;
-    let mut hist = new_hist();
-    let mut last = t0;
-    for st in &states {
-        let s = st.lock().unwrap_or_else(|e| e.into_inner());
-        report.acked += s.acked as u64;
-        report.duplicate_answers += s.duplicates;
-        report.errors += s.errors;
-        let _ = hist.add(&s.hist);
-        if let Some(t) = s.last_ack {
-            last = last.max(t);
-        }
-    }
-    report.put_secs = last.duration_since(t0).as_secs_f64();
-    report.gen_cpu =
-        procs::cpu_time(None).saturating_sub(gen0).as_secs_f64() / report.put_secs.max(1e-9);
-    report.acked_per_sec = report.acked as f64 / report.put_secs.max(1e-9);
-    report.ack_p50_us = hist.value_at_quantile(0.5) as f64;
-    report.ack_p99_us = hist.value_at_quantile(0.99) as f64;
-    report.ack_max_us = hist.max() as f64;
+    put_figures(&states, t0, gen0, &mut report);
     report.reconnects = shared.reconnects.load(Ordering::Relaxed);
     if let Some((a, r)) = killed {
         report.acked_at_kill = Some(a);
@@ -1062,24 +1074,7 @@ pub async fn run_redis(cpu: Option<usize>, p: &Params) -> Result<Report, BenchEr
             reason: e.to_string(),
         })??;
     }
-    let mut hist = new_hist();
-    let mut last = t0;
-    for st in &states {
-        let s = st.lock().unwrap_or_else(|e| e.into_inner());
-        report.acked += s.acked as u64;
-        report.errors += s.errors;
-        let _ = hist.add(&s.hist);
-        if let Some(t) = s.last_ack {
-            last = last.max(t);
-        }
-    }
-    report.put_secs = last.duration_since(t0).as_secs_f64();
-    report.gen_cpu =
-        procs::cpu_time(None).saturating_sub(gen0).as_secs_f64() / report.put_secs.max(1e-9);
-    report.acked_per_sec = report.acked as f64 / report.put_secs.max(1e-9);
-    report.ack_p50_us = hist.value_at_quantile(0.5) as f64;
-    report.ack_p99_us = hist.value_at_quantile(0.99) as f64;
-    report.ack_max_us = hist.max() as f64;
+    put_figures(&states, t0, gen0, &mut report);
     let used = procs::cpu_time(Some(proc_.pid)).saturating_sub(cpu0);
     report.server_cpu = Some(used.as_secs_f64() / report.put_secs.max(1e-9));
 
