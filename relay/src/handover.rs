@@ -102,6 +102,14 @@ pub async fn handover(
 ) -> Result<HandoverReport, HandoverError> {
     let from = base_url("--from", from)?;
     let to = base_url("--to", to)?;
+    if from == to {
+        // Quiescing a relay and importing into itself would only take it out of service.
+        return Err(HandoverError::BadUrl {
+            flag: "--to",
+            url: to,
+            reason: "must name a different relay than --from".into(),
+        });
+    }
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(timeout));
     let client: Client<HttpConnector, ReqBody> =

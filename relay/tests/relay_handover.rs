@@ -210,6 +210,17 @@ async fn handover_errors_name_the_step_and_leave_the_data_in_place() {
         .unwrap();
     assert_eq!(ok.imported_messages(), 1);
 
+    let e = handover(&admin(&new), &format!("{}/", admin(&new)), TOKEN, STEP)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().starts_with("--to: "), "{e}");
+    assert_eq!(
+        http(new.relay.addr, "GET", "/ready", None, b"")
+            .await
+            .status,
+        200,
+        "a handover onto itself does not quiesce the relay"
+    );
     let e = handover("https://x:9090", &admin(&new), TOKEN, STEP)
         .await
         .unwrap_err();
