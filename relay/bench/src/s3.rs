@@ -310,6 +310,24 @@ struct PutShared {
     deadline: Instant,
 }
 
+/// Fresh bookkeeping for each sender of `plan`, nothing sent yet.
+fn sender_states(plan: &Plan) -> Vec<Arc<Mutex<SenderState>>> {
+    plan.to
+        .iter()
+        .map(|to| {
+            Arc::new(Mutex::new(SenderState {
+                state: vec![NOT_SENT; to.len()],
+                sent_at: vec![None; to.len()],
+                acked: 0,
+                hist: new_hist(),
+                duplicates: 0,
+                errors: 0,
+                last_ack: None,
+            }))
+        })
+        .collect()
+}
+
 /// Folds the senders' bookkeeping into the put-phase figures of `report`: acked count,
 /// answers, the acknowledgement latency histogram, the put time (first send to last
 /// acknowledgement) and the generator's CPU share over it.
@@ -761,21 +779,7 @@ async fn run_relay_phases(
         reconnects: AtomicU64::new(0),
         deadline: Instant::now() + p.phase_timeout,
     });
-    let states: Vec<Arc<Mutex<SenderState>>> = plan
-        .to
-        .iter()
-        .map(|to| {
-            Arc::new(Mutex::new(SenderState {
-                state: vec![NOT_SENT; to.len()],
-                sent_at: vec![None; to.len()],
-                acked: 0,
-                hist: new_hist(),
-                duplicates: 0,
-                errors: 0,
-                last_ack: None,
-            }))
-        })
-        .collect();
+    let states: Vec<Arc<Mutex<SenderState>>> = sender_states(&plan);
     let mut report = Report {
         system: system.to_string(),
         messages: p.messages as u64,
@@ -1029,21 +1033,7 @@ pub async fn run_redis(cpu: Option<usize>, p: &Params) -> Result<Report, BenchEr
             reason: e.to_string(),
         })?;
     let plan = Plan::new(p);
-    let states: Vec<Arc<Mutex<SenderState>>> = plan
-        .to
-        .iter()
-        .map(|to| {
-            Arc::new(Mutex::new(SenderState {
-                state: vec![NOT_SENT; to.len()],
-                sent_at: vec![None; to.len()],
-                acked: 0,
-                hist: new_hist(),
-                duplicates: 0,
-                errors: 0,
-                last_ack: None,
-            }))
-        })
-        .collect();
+    let states: Vec<Arc<Mutex<SenderState>>> = sender_states(&plan);
     let mut report = Report {
         system: "redis-rpush".into(),
         messages: p.messages as u64,
