@@ -237,10 +237,13 @@ mod tests {
             p.contains(&"spec.rollout.analysis.query".to_string()),
             "{p:?}"
         );
-        assert!(
-            p.iter().any(|x| x.starts_with("spec.rollout.analysis")),
-            "{p:?}"
-        );
+        let missing = admit(&doc(json!({
+            "version": "1",
+            "rollout": {"analysis": {"prometheusUrl": "http://p:9090", "query": "up"}},
+        })))
+        .unwrap_err()
+        .to_string();
+        assert!(missing.contains("failAbove"), "{missing}");
         let ok = admit(&doc(json!({
             "version": "1",
             "rollout": {"analysis": {"prometheusUrl": "http://prometheus-operated.monitoring.svc:9090",
