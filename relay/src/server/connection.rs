@@ -33,6 +33,9 @@ const PUSH_BATCH: usize = 64;
 /// Further ready events (inbound frames, batches of pushes) handled after the one that
 /// woke the session, before the single flush of everything they wrote.
 const READY_BURST: usize = 32;
+/// Direct sends to offline recipients stored in one durable batch at most (see
+/// [`Session::store_batch`]).
+const STORE_BATCH: usize = 64;
 /// Page size when reading stored messages.
 const PAGE: usize = 128;
 /// How long a new session of a key waits for the previous one to hand over.
@@ -198,10 +201,24 @@ impl Conn {
 
     /// Applies the rate limit; Err ends the connection after too many refusals.
     async fn admit(&mut self, frame_type: Option<&str>) -> Result<bool, End> {
-        if self.bucket.take() {
-            self.strikes = 0;
+        if self.take_token() {
             return Ok(true);
         }
+        self.refuse(frame_type).await?;
+        Ok(false)
+    }
+
+    /// Takes one token of the rate limit; false when the client is over it.
+    fn take_token(&mut self) -> bool {
+        let ok = self.bucket.take();
+        if ok {
+            self.strikes = 0;
+        }
+        ok
+    }
+
+    /// Answers a frame refused by the rate limit; Err ends a flooding connection.
+    async fn refuse(&mut self, frame_type: Option<&str>) -> Result<(), End> {
         self.strikes += 1;
         if self.strikes >= MAX_STRIKES {
             return Err(End::Close(
@@ -214,8 +231,7 @@ impl Conn {
             "rate limit exceeded; slow down",
             frame_type.map(str::to_string),
         )
-        .await?;
-        Ok(false)
+        .await
     }
 
     /// Challenge/response. Returns the proven key.
@@ -371,6 +387,7 @@ impl Conn {
             handle: handle.clone(),
             rx,
             inflight: HashMap::new(),
+            batch: Vec::new(),
         };
         let end = s.run(self).await;
         // Store unacknowledged messages while still registered, so that a new session
@@ -391,6 +408,16 @@ struct Session {
     handle: Arc<SessionHandle>,
     rx: mpsc::Receiver<Arc<Message>>,
     inflight: HashMap<(KeyHex, String), Origin>,
+    /// Direct sends read in this wake-up that must be stored, not answered yet: stored
+    /// together (one durable write instead of one per message) before the next answer.
+    batch: Vec<Deferred>,
+}
+
+/// A direct send waiting in [`Session::batch`] to be stored.
+struct Deferred {
+    msg: Arc<Message>,
+    to: KeyHex,
+    in_flight: InFlight,
 }
 
 impl Session {
@@ -471,6 +498,11 @@ impl Session {
             // Handle what else is ready without waiting, then write it all at once.
             if let Err(end) = self.handle_ready(c, read_frame).await {
                 return end;
+            }
+            if !self.batch.is_empty() {
+                if let Err(end) = Box::pin(self.store_batch(c)).await {
+                    return end;
+                }
             }
             if let Err(end) = c.flush_pending().await {
                 return end;
@@ -641,6 +673,7 @@ impl Session {
             WsMessage::Text(t) => t,
             WsMessage::Binary(b) => {
                 c.m().bytes_in.inc_by(b.len() as u64);
+                self.store_batch(c).await?;
                 if c.admit(None).await? {
                     c.error(ErrorCode::BinaryFrame, "protocol v1 uses text frames", None)
                         .await?;
@@ -654,14 +687,20 @@ impl Session {
         let frame = match decode_client_frame(text.as_str()) {
             Ok(f) => f,
             Err(e) => {
+                self.store_batch(c).await?;
                 if c.admit(None).await? {
                     c.error(e.code(), e.to_string(), None).await?;
                 }
                 return Ok(());
             }
         };
-        if !c.admit(Some(frame.type_name())).await? {
-            return Ok(());
+        // Answers go out in request order: whatever is batched is answered first.
+        if !matches!(frame, ClientFrame::Send { .. }) {
+            self.store_batch(c).await?;
+        }
+        if !c.take_token() {
+            self.store_batch(c).await?;
+            return c.refuse(Some(frame.type_name())).await;
         }
         match frame {
             ClientFrame::Auth { .. } => {
@@ -687,28 +726,42 @@ impl Session {
         }
     }
 
+    /// Routes one `send`. A direct message for a recipient that is not connected here
+    /// joins [`Session::batch`] and is answered when the batch is stored; every other
+    /// outcome first stores and answers the batch, so answers keep request order.
     async fn send(&mut self, c: &mut Conn, mut env: Envelope) -> Result<(), End> {
         let id = env.id.clone();
         if let Err(e) = env.validate() {
+            self.store_batch(c).await?;
             return c
                 .error(ErrorCode::InvalidEnvelope, e.to_string(), Some(id))
                 .await;
         }
         match env.from {
             Some(f) if f != self.key => {
+                self.store_batch(c).await?;
                 return c
                     .error(
                         ErrorCode::SenderMismatch,
                         "envelope.from must be the authenticated key",
                         Some(id),
                     )
-                    .await
+                    .await;
             }
             _ => env.from = Some(self.key),
         }
         let kind = env.kind;
         c.shared.metrics.routed_kind(kind).inc();
-        match c.shared.recent.begin(self.key, &id) {
+        let mut seen = c.shared.recent.begin(self.key, &id);
+        if matches!(seen, Seen::InFlight) && !self.batch.is_empty() {
+            // The earlier attempt may be waiting in this connection's own batch.
+            self.store_batch(c).await?;
+            seen = c.shared.recent.begin(self.key, &id);
+        }
+        if !matches!(seen, Seen::New) {
+            self.store_batch(c).await?;
+        }
+        match seen {
             Seen::New => {}
             Seen::Settled => {
                 c.shared.metrics.duplicates.inc();
@@ -734,17 +787,23 @@ impl Session {
         }
         // Forgets the id unless the send succeeds — also when this task is cancelled
         // mid-store (the connection was replaced), so a retry is never stuck in flight.
-        let mut in_flight = InFlight {
+        let in_flight = InFlight {
             recent: c.shared.clone(),
             key: self.key,
             id: id.clone(),
             settled: false,
         };
         let msg = Arc::new(Message::new(&env, self.key));
+        if !self.batch.is_empty() && env.to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
+            // A channel message, or a recipient connected here that could get this one
+            // pushed ahead of an earlier message still in the batch.
+            self.store_batch(c).await?;
+        }
         let result = match (env.to, env.channel.as_deref()) {
             (Some(to), _) => match c.shared.sessions.offer(&to, &msg) {
                 Offer::Pushed => {
                     c.shared.metrics.outbound_queue_depth.inc();
+                    self.store_batch(c).await?;
                     Ok(ServerFrame::Sent {
                         id: id.clone(),
                         status: SendStatus::Delivered,
@@ -754,8 +813,11 @@ impl Session {
                     })
                 }
                 Offer::Store => {
-                    c.flush_pending().await?;
-                    c.shared.store_direct(&msg, to).await
+                    self.batch.push(Deferred { msg, to, in_flight });
+                    if self.batch.len() >= STORE_BATCH {
+                        self.store_batch(c).await?;
+                    }
+                    return Ok(());
                 }
             },
             (None, Some(ch)) => match c.shared.channel_fan_out(&msg, ch).await {
@@ -768,40 +830,42 @@ impl Session {
             },
             (None, None) => Err(RouteError::NotMember),
         };
-        match result {
-            Ok(frame) => {
-                in_flight.settle();
-                if matches!(
-                    frame,
-                    ServerFrame::Sent {
-                        status: SendStatus::Duplicate,
-                        ..
-                    }
-                ) {
-                    c.shared.metrics.duplicates.inc();
+        answer_send(c, in_flight, result).await
+    }
+
+    /// Stores the batched direct sends with one durable write, then answers each of
+    /// them in order. If the batch fails, each message is stored on its own, so one
+    /// that cannot be stored does not fail the others and each gets its own answer.
+    async fn store_batch(&mut self, c: &mut Conn) -> Result<(), End> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        // Answers already written must not wait for this storage round trip.
+        c.flush_pending().await?;
+        let expires = now_ms().saturating_add(c.shared.cfg.message_ttl.as_millis() as i64);
+        let stored = batch
+            .iter()
+            .map(|d| d.msg.to_stored(d.to, expires))
+            .collect();
+        match c.shared.put_many(stored).await {
+            Ok(outcomes) if outcomes.len() == batch.len() => {
+                for (d, outcome) in batch.into_iter().zip(outcomes) {
+                    let frame = c.shared.stored_direct(&d.msg, d.to, outcome);
+                    answer_send(c, d.in_flight, Ok(frame)).await?;
                 }
-                c.send_frame(frame).await
             }
-            Err(RouteError::NotMember) => {
-                drop(in_flight);
-                c.error(
-                    ErrorCode::NotMember,
-                    "join the channel before sending to it",
-                    Some(id),
-                )
-                .await
-            }
-            Err(RouteError::Store(e)) => {
-                drop(in_flight);
-                warn!(error = %e, "storing a message failed");
-                c.error(
-                    ErrorCode::StorageUnavailable,
-                    "message not stored; retry with the same id",
-                    Some(id),
-                )
-                .await
+            failed => {
+                if let Err(e) = failed {
+                    warn!(error = %e, count = batch.len(), "storing a batch of messages failed; storing them one by one");
+                }
+                for d in batch {
+                    let result = c.shared.store_direct(&d.msg, d.to).await;
+                    answer_send(c, d.in_flight, result).await?;
+                }
             }
         }
+        Ok(())
     }
 
     async fn membership(&mut self, c: &mut Conn, channel: String, join: bool) -> Result<(), End> {
@@ -1046,6 +1110,51 @@ impl Session {
     }
 }
 
+/// Answers a routed `send`: settles its id on success (a retry is then `duplicate`),
+/// forgets it otherwise (a retry is routed again).
+async fn answer_send(
+    c: &mut Conn,
+    mut in_flight: InFlight,
+    result: Result<ServerFrame, RouteError>,
+) -> Result<(), End> {
+    match result {
+        Ok(frame) => {
+            in_flight.settle();
+            if matches!(
+                frame,
+                ServerFrame::Sent {
+                    status: SendStatus::Duplicate,
+                    ..
+                }
+            ) {
+                c.shared.metrics.duplicates.inc();
+            }
+            c.send_frame(frame).await
+        }
+        Err(RouteError::NotMember) => {
+            let id = in_flight.id.clone();
+            drop(in_flight);
+            c.error(
+                ErrorCode::NotMember,
+                "join the channel before sending to it",
+                Some(id),
+            )
+            .await
+        }
+        Err(RouteError::Store(e)) => {
+            let id = in_flight.id.clone();
+            drop(in_flight);
+            warn!(error = %e, "storing a message failed");
+            c.error(
+                ErrorCode::StorageUnavailable,
+                "message not stored; retry with the same id",
+                Some(id),
+            )
+            .await
+        }
+    }
+}
+
 /// Result of pushing a channel message to the members connected here.
 #[derive(Debug)]
 pub struct FanOut {
@@ -1108,6 +1217,12 @@ impl Shared {
     ) -> Result<ServerFrame, RouteError> {
         let expires = now_ms().saturating_add(self.cfg.message_ttl.as_millis() as i64);
         let outcome = self.put(msg.to_stored(to, expires)).await?;
+        Ok(self.stored_direct(msg, to, outcome))
+    }
+
+    /// After a direct message for `to` was stored: counts it, wakes `to` wherever it
+    /// is, and returns the sender's `sent` answer.
+    fn stored_direct(&self, msg: &Message, to: KeyHex, outcome: PutOutcome) -> ServerFrame {
         let (status, seq) = match outcome {
             PutOutcome::Stored { seq } => {
                 self.metrics.stored_kind(msg.kind).inc();
@@ -1117,13 +1232,13 @@ impl Shared {
             }
             PutOutcome::Duplicate => (SendStatus::Duplicate, None),
         };
-        Ok(ServerFrame::Sent {
+        ServerFrame::Sent {
             id: msg.id.clone(),
             status,
             seq,
             delivered: None,
             stored: None,
-        })
+        }
     }
 
     /// Fans a channel message out to every member except the sender.
