@@ -1,7 +1,6 @@
 //! One client connection: challenge/response authentication, then the session loop
 //! that handles requests, pushes live messages and drains stored ones.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::limits::TokenBucket;
-use super::router::{is_new, Message, Offer, Seen, SessionHandle};
+use super::router::{is_new, FastMap, Message, Offer, Seen, SessionHandle};
 use super::Shared;
 use crate::metrics::{KindLabel, ReasonLabel};
 use crate::protocol::frame::{valid_channel, MAX_ACK_BATCH, MAX_FETCH_LIMIT, MAX_PROFILE_BYTES};
@@ -386,7 +385,7 @@ impl Conn {
             key,
             handle: handle.clone(),
             rx,
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
             batch: Vec::new(),
         };
         let end = s.run(self).await;
@@ -407,7 +406,7 @@ struct Session {
     key: KeyHex,
     handle: Arc<SessionHandle>,
     rx: mpsc::Receiver<Arc<Message>>,
-    inflight: HashMap<(KeyHex, String), Origin>,
+    inflight: FastMap<(KeyHex, String), Origin>,
     /// Direct sends read in this wake-up that must be stored, not answered yet: stored
     /// together (one durable write instead of one per message) before the next answer.
     batch: Vec<Deferred>,
