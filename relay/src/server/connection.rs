@@ -849,9 +849,27 @@ impl Session {
             .collect();
         match c.shared.put_many(stored).await {
             Ok(outcomes) if outcomes.len() == batch.len() => {
-                for (d, outcome) in batch.into_iter().zip(outcomes) {
-                    let frame = c.shared.stored_direct(&d.msg, d.to, outcome);
-                    answer_send(c, d.in_flight, Ok(frame)).await?;
+                // Every id is settled before the first answer is written: if writing
+                // fails part-way, a retry of a stored message must still be a duplicate.
+                let answers: Vec<_> = batch
+                    .into_iter()
+                    .zip(outcomes)
+                    .map(|(mut d, outcome)| {
+                        d.in_flight.settle();
+                        c.shared.stored_direct(&d.msg, d.to, outcome)
+                    })
+                    .collect();
+                for frame in answers {
+                    if matches!(
+                        frame,
+                        ServerFrame::Sent {
+                            status: SendStatus::Duplicate,
+                            ..
+                        }
+                    ) {
+                        c.shared.metrics.duplicates.inc();
+                    }
+                    c.send_frame(frame).await?;
                 }
             }
             failed => {
