@@ -860,15 +860,7 @@ impl Session {
                     })
                     .collect();
                 for frame in answers {
-                    if matches!(
-                        frame,
-                        ServerFrame::Sent {
-                            status: SendStatus::Duplicate,
-                            ..
-                        }
-                    ) {
-                        c.shared.metrics.duplicates.inc();
-                    }
+                    count_duplicate(c, &frame);
                     c.send_frame(frame).await?;
                 }
             }
@@ -1127,6 +1119,17 @@ impl Session {
     }
 }
 
+/// Counts a `sent` answer that reports a duplicate.
+fn count_duplicate(c: &Conn, frame: &ServerFrame) {
+    if let ServerFrame::Sent {
+        status: SendStatus::Duplicate,
+        ..
+    } = frame
+    {
+        c.shared.metrics.duplicates.inc();
+    }
+}
+
 /// Answers a routed `send`: settles its id on success (a retry is then `duplicate`),
 /// forgets it otherwise (a retry is routed again).
 async fn answer_send(
@@ -1137,15 +1140,7 @@ async fn answer_send(
     match result {
         Ok(frame) => {
             in_flight.settle();
-            if matches!(
-                frame,
-                ServerFrame::Sent {
-                    status: SendStatus::Duplicate,
-                    ..
-                }
-            ) {
-                c.shared.metrics.duplicates.inc();
-            }
+            count_duplicate(c, &frame);
             c.send_frame(frame).await
         }
         Err(RouteError::NotMember) => {
