@@ -1110,3 +1110,177 @@ async fn pipelined_sends_to_offline_recipients_are_stored_together_and_answered_
     let (rest, more) = rcpt.fetch(100).await.unwrap();
     assert!(rest.is_empty() && !more, "left over: {rest:?}");
 }
+
+/// Delegates to an embedded store but fails, as a storage error would, every write that
+/// contains a message whose id starts with "poison" — a batch with one such message fails
+/// as a whole.
+struct PoisonStore(std::sync::Arc<dyn dchat_relay::store::Store>);
+
+fn poisoned(m: &dchat_relay::store::StoredMessage) -> bool {
+    m.id.starts_with("poison")
+}
+
+fn injected() -> dchat_relay::store::StoreError {
+    dchat_relay::store::StoreError::Task {
+        op: "put",
+        reason: "injected failure".into(),
+    }
+}
+
+#[async_trait::async_trait]
+impl dchat_relay::store::Store for PoisonStore {
+    async fn put(
+        &self,
+        msg: dchat_relay::store::StoredMessage,
+    ) -> Result<dchat_relay::store::PutOutcome, dchat_relay::store::StoreError> {
+        if poisoned(&msg) {
+            return Err(injected());
+        }
+        self.0.put(msg).await
+    }
+    async fn put_many(
+        &self,
+        msgs: Vec<dchat_relay::store::StoredMessage>,
+    ) -> Result<Vec<dchat_relay::store::PutOutcome>, dchat_relay::store::StoreError> {
+        if msgs.iter().any(poisoned) {
+            return Err(injected());
+        }
+        self.0.put_many(msgs).await
+    }
+    async fn pending(
+        &self,
+        recipient: &dchat_relay::store::PublicKey,
+        after_seq: u64,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<dchat_relay::store::Pending>, dchat_relay::store::StoreError> {
+        self.0.pending(recipient, after_seq, limit, now_ms).await
+    }
+    async fn ack(
+        &self,
+        recipient: &dchat_relay::store::PublicKey,
+        keys: &[(dchat_relay::store::PublicKey, String)],
+    ) -> Result<u64, dchat_relay::store::StoreError> {
+        self.0.ack(recipient, keys).await
+    }
+    async fn expire(&self, now_ms: i64) -> Result<u64, dchat_relay::store::StoreError> {
+        self.0.expire(now_ms).await
+    }
+    async fn put_profile(
+        &self,
+        key: &dchat_relay::store::PublicKey,
+        profile: Vec<u8>,
+        updated_ms: i64,
+    ) -> Result<bool, dchat_relay::store::StoreError> {
+        self.0.put_profile(key, profile, updated_ms).await
+    }
+    async fn get_profile(
+        &self,
+        key: &dchat_relay::store::PublicKey,
+    ) -> Result<Option<Vec<u8>>, dchat_relay::store::StoreError> {
+        self.0.get_profile(key).await
+    }
+    async fn join_channel(
+        &self,
+        channel: &str,
+        member: &dchat_relay::store::PublicKey,
+    ) -> Result<(), dchat_relay::store::StoreError> {
+        self.0.join_channel(channel, member).await
+    }
+    async fn leave_channel(
+        &self,
+        channel: &str,
+        member: &dchat_relay::store::PublicKey,
+    ) -> Result<(), dchat_relay::store::StoreError> {
+        self.0.leave_channel(channel, member).await
+    }
+    async fn channel_members(
+        &self,
+        channel: &str,
+    ) -> Result<Vec<dchat_relay::store::PublicKey>, dchat_relay::store::StoreError> {
+        self.0.channel_members(channel).await
+    }
+    async fn check(&self) -> Result<(), dchat_relay::store::StoreError> {
+        self.0.check().await
+    }
+    async fn flush(&self) -> Result<(), dchat_relay::store::StoreError> {
+        self.0.flush().await
+    }
+    async fn stats(
+        &self,
+    ) -> Result<dchat_relay::store::StoreStats, dchat_relay::store::StoreError> {
+        self.0.stats().await
+    }
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_is_stored_message_by_message_with_an_answer_each() {
+    // One message of a pipelined burst cannot be stored: the batch write fails, the
+    // relay stores the others one by one, and every send gets its own answer in order
+    // (the failed one `storage_unavailable`, the others `stored`).
+    let dir = tempdir::TempDir::new("poison");
+    let inner = std::sync::Arc::new(dchat_relay::store::EmbeddedStore::open(dir.path()).unwrap());
+    let storage = dchat_relay::server::Storage {
+        store: std::sync::Arc::new(PoisonStore(inner.clone())),
+        embedded: Some(inner),
+    };
+    let relay = dchat_relay::server::Relay::bind_with_storage(
+        dchat_relay::config::Config::for_test(dir.path()),
+        storage,
+    )
+    .await
+    .unwrap()
+    .spawn();
+    let r = relay_support::TestRelay { relay, dir };
+    let (mut ws, _) = raw_authed(&r.url()).await;
+    let rcpt_key = generate_key().unwrap();
+    let rcpt = public_key(&rcpt_key);
+    let ids = ["m0", "poison", "m2"];
+    for id in ids {
+        let f = ClientFrame::Send {
+            envelope: dchat_relay::protocol::Envelope {
+                id: id.into(),
+                from: None,
+                to: Some(rcpt),
+                channel: None,
+                ts: 1,
+                kind: Kind::Text,
+                payload: dchat_relay::protocol::Base64Bytes(id.as_bytes().to_vec()),
+                media: None,
+            },
+        };
+        ws.feed(Message::Text(serde_json::to_string(&f).unwrap().into()))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+    let mut got = Vec::new();
+    for _ in ids {
+        got.push(match next_frame(&mut ws).await.unwrap() {
+            ServerFrame::Sent { id, status, .. } => format!("{id} {status:?}"),
+            ServerFrame::Error {
+                code, reference, ..
+            } => format!("{} {}", reference.unwrap_or_default(), code.as_str()),
+            other => panic!("unexpected {other:?}"),
+        });
+    }
+    assert_eq!(
+        got,
+        [
+            "m0 Stored".to_string(),
+            "poison storage_unavailable".into(),
+            "m2 Stored".into()
+        ]
+    );
+    // The batch write was tried (and failed) before the one-by-one puts.
+    assert!(r.metric("dchat_store_operation_seconds_count{op=\"put_many\"}") >= 1.0);
+    assert_eq!(
+        r.metric("dchat_store_operation_seconds_count{op=\"put\"}"),
+        3.0
+    );
+    let mut c = r.client_as(&rcpt_key).await;
+    let (ds, more) = c.fetch(10).await.unwrap();
+    let delivered: Vec<_> = ds.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(delivered, ["m0", "m2"]);
+    assert!(!more);
+}
