@@ -1113,8 +1113,33 @@ async fn pipelined_sends_to_offline_recipients_are_stored_together_and_answered_
 
 /// Delegates to an embedded store but fails, as a storage error would, every write that
 /// contains a message whose id starts with "poison" — a batch with one such message fails
-/// as a whole.
-struct PoisonStore(std::sync::Arc<dyn dchat_relay::store::Store>);
+/// as a whole — and counts the stored messages `pending` returns.
+struct TestStore {
+    inner: std::sync::Arc<dyn dchat_relay::store::Store>,
+    rows_read: std::sync::atomic::AtomicUsize,
+}
+
+/// An in-process relay on a [`TestStore`] over an embedded store.
+async fn start_on_test_store() -> (relay_support::TestRelay, std::sync::Arc<TestStore>) {
+    let dir = tempdir::TempDir::new("teststore");
+    let inner = std::sync::Arc::new(dchat_relay::store::EmbeddedStore::open(dir.path()).unwrap());
+    let store = std::sync::Arc::new(TestStore {
+        inner: inner.clone(),
+        rows_read: Default::default(),
+    });
+    let storage = dchat_relay::server::Storage {
+        store: store.clone(),
+        embedded: Some(inner),
+    };
+    let relay = dchat_relay::server::Relay::bind_with_storage(
+        dchat_relay::config::Config::for_test(dir.path()),
+        storage,
+    )
+    .await
+    .unwrap()
+    .spawn();
+    (relay_support::TestRelay { relay, dir }, store)
+}
 
 fn poisoned(m: &dchat_relay::store::StoredMessage) -> bool {
     m.id.starts_with("poison")
@@ -1128,7 +1153,7 @@ fn injected() -> dchat_relay::store::StoreError {
 }
 
 #[async_trait::async_trait]
-impl dchat_relay::store::Store for PoisonStore {
+impl dchat_relay::store::Store for TestStore {
     async fn put(
         &self,
         msg: dchat_relay::store::StoredMessage,
@@ -1136,7 +1161,7 @@ impl dchat_relay::store::Store for PoisonStore {
         if poisoned(&msg) {
             return Err(injected());
         }
-        self.0.put(msg).await
+        self.inner.put(msg).await
     }
     async fn put_many(
         &self,
@@ -1145,7 +1170,7 @@ impl dchat_relay::store::Store for PoisonStore {
         if msgs.iter().any(poisoned) {
             return Err(injected());
         }
-        self.0.put_many(msgs).await
+        self.inner.put_many(msgs).await
     }
     async fn pending(
         &self,
@@ -1154,17 +1179,23 @@ impl dchat_relay::store::Store for PoisonStore {
         limit: usize,
         now_ms: i64,
     ) -> Result<Vec<dchat_relay::store::Pending>, dchat_relay::store::StoreError> {
-        self.0.pending(recipient, after_seq, limit, now_ms).await
+        let rows = self
+            .inner
+            .pending(recipient, after_seq, limit, now_ms)
+            .await?;
+        self.rows_read
+            .fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(rows)
     }
     async fn ack(
         &self,
         recipient: &dchat_relay::store::PublicKey,
         keys: &[(dchat_relay::store::PublicKey, String)],
     ) -> Result<u64, dchat_relay::store::StoreError> {
-        self.0.ack(recipient, keys).await
+        self.inner.ack(recipient, keys).await
     }
     async fn expire(&self, now_ms: i64) -> Result<u64, dchat_relay::store::StoreError> {
-        self.0.expire(now_ms).await
+        self.inner.expire(now_ms).await
     }
     async fn put_profile(
         &self,
@@ -1172,44 +1203,44 @@ impl dchat_relay::store::Store for PoisonStore {
         profile: Vec<u8>,
         updated_ms: i64,
     ) -> Result<bool, dchat_relay::store::StoreError> {
-        self.0.put_profile(key, profile, updated_ms).await
+        self.inner.put_profile(key, profile, updated_ms).await
     }
     async fn get_profile(
         &self,
         key: &dchat_relay::store::PublicKey,
     ) -> Result<Option<Vec<u8>>, dchat_relay::store::StoreError> {
-        self.0.get_profile(key).await
+        self.inner.get_profile(key).await
     }
     async fn join_channel(
         &self,
         channel: &str,
         member: &dchat_relay::store::PublicKey,
     ) -> Result<(), dchat_relay::store::StoreError> {
-        self.0.join_channel(channel, member).await
+        self.inner.join_channel(channel, member).await
     }
     async fn leave_channel(
         &self,
         channel: &str,
         member: &dchat_relay::store::PublicKey,
     ) -> Result<(), dchat_relay::store::StoreError> {
-        self.0.leave_channel(channel, member).await
+        self.inner.leave_channel(channel, member).await
     }
     async fn channel_members(
         &self,
         channel: &str,
     ) -> Result<Vec<dchat_relay::store::PublicKey>, dchat_relay::store::StoreError> {
-        self.0.channel_members(channel).await
+        self.inner.channel_members(channel).await
     }
     async fn check(&self) -> Result<(), dchat_relay::store::StoreError> {
-        self.0.check().await
+        self.inner.check().await
     }
     async fn flush(&self) -> Result<(), dchat_relay::store::StoreError> {
-        self.0.flush().await
+        self.inner.flush().await
     }
     async fn stats(
         &self,
     ) -> Result<dchat_relay::store::StoreStats, dchat_relay::store::StoreError> {
-        self.0.stats().await
+        self.inner.stats().await
     }
 }
 
@@ -1218,20 +1249,7 @@ async fn a_batch_that_fails_is_stored_message_by_message_with_an_answer_each() {
     // One message of a pipelined burst cannot be stored: the batch write fails, the
     // relay stores the others one by one, and every send gets its own answer in order
     // (the failed one `storage_unavailable`, the others `stored`).
-    let dir = tempdir::TempDir::new("poison");
-    let inner = std::sync::Arc::new(dchat_relay::store::EmbeddedStore::open(dir.path()).unwrap());
-    let storage = dchat_relay::server::Storage {
-        store: std::sync::Arc::new(PoisonStore(inner.clone())),
-        embedded: Some(inner),
-    };
-    let relay = dchat_relay::server::Relay::bind_with_storage(
-        dchat_relay::config::Config::for_test(dir.path()),
-        storage,
-    )
-    .await
-    .unwrap()
-    .spawn();
-    let r = relay_support::TestRelay { relay, dir };
+    let (r, _) = start_on_test_store().await;
     let (mut ws, _) = raw_authed(&r.url()).await;
     let rcpt_key = generate_key().unwrap();
     let rcpt = public_key(&rcpt_key);
@@ -1283,4 +1301,45 @@ async fn a_batch_that_fails_is_stored_message_by_message_with_an_answer_each() {
     let delivered: Vec<_> = ds.iter().map(|d| d.envelope.id.as_str()).collect();
     assert_eq!(delivered, ["m0", "m2"]);
     assert!(!more);
+}
+
+#[tokio::test]
+async fn stored_messages_in_flight_are_not_read_again() {
+    // A recipient with a backlog gets it pushed at connect; a `fetch` (and the pumps
+    // after each ack) must not read the messages already in flight again. Everything
+    // is still delivered once, in order, and the backlog beyond the in-flight window
+    // follows the acks.
+    let (r, store) = start_on_test_store().await;
+    let mut sender = r.client().await;
+    let rcpt_key = generate_key().unwrap();
+    let rcpt = public_key(&rcpt_key);
+    let n = 300; // more than the in-flight window (256)
+    for i in 0..n {
+        let s = sender.send_text(rcpt, &format!("{i}")).await.unwrap();
+        assert_eq!(s.status, SendStatus::Stored);
+    }
+    let reads_before = store.rows_read.load(std::sync::atomic::Ordering::Relaxed);
+    let mut c = r.client_as(&rcpt_key).await;
+    let mut texts = Vec::new();
+    loop {
+        let (ds, more) = c.fetch(1000).await.unwrap();
+        if ds.is_empty() && !more {
+            break;
+        }
+        let refs: Vec<_> = ds.iter().map(|d| d.ack_ref()).collect();
+        texts.extend(
+            ds.into_iter()
+                .map(|d| String::from_utf8(d.envelope.payload.0).unwrap()),
+        );
+        for chunk in refs.chunks(64) {
+            c.ack(chunk.to_vec()).await.unwrap();
+        }
+    }
+    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(texts, want);
+    // Each stored message is read once, plus the pages a pump reads before it stops at
+    // the full window (at most one page of 128 per pump); before, every fetch and every
+    // pump re-read all 256 in flight.
+    let read = store.rows_read.load(std::sync::atomic::Ordering::Relaxed) - reads_before;
+    assert!(read < n + 2 * 128, "{read} rows read for {n} messages");
 }

@@ -234,8 +234,12 @@ async fn load(shared: Arc<Shared>, headers: HeaderMap, body: Body, how: Load) ->
     match result {
         Ok(Ok(summary)) => {
             info!(?how, %summary, "snapshot applied");
-            // Memberships came in behind the member cache's back.
+            // Memberships came in behind the member cache's back, and messages behind
+            // the sessions' read positions.
             shared.channels.clear();
+            shared
+                .store_generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             if how == Load::Merge {
                 shared.sessions.wake_all();
             }

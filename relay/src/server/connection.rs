@@ -387,6 +387,8 @@ impl Conn {
             rx,
             inflight: FastMap::default(),
             batch: Vec::new(),
+            stored_floor: 0,
+            floor_generation: 0,
         };
         let end = s.run(self).await;
         // Store unacknowledged messages while still registered, so that a new session
@@ -410,6 +412,12 @@ struct Session {
     /// Direct sends read in this wake-up that must be stored, not answered yet: stored
     /// together (one durable write instead of one per message) before the next answer.
     batch: Vec<Deferred>,
+    /// Every stored message up to this seq is in flight on this session or gone
+    /// (acknowledged, expired), so the pump reads after it instead of from the start
+    /// (only where [`Shared::seqs_in_commit_order`]; 0 otherwise).
+    stored_floor: u64,
+    /// The [`Shared::store_generation`] that `stored_floor` belongs to.
+    floor_generation: u64,
 }
 
 /// A direct send waiting in [`Session::batch`] to be stored.
@@ -606,7 +614,16 @@ impl Session {
     /// window (and `limit`). Returns (delivered, more pending).
     async fn pump(&mut self, c: &mut Conn, limit: Option<u32>) -> Result<(u32, bool), End> {
         let max = c.shared.cfg.max_inflight;
-        let mut after = 0u64;
+        let generation = c.shared.store_generation.load(Ordering::Acquire);
+        if !c.shared.seqs_in_commit_order || generation != self.floor_generation {
+            self.stored_floor = 0;
+            self.floor_generation = generation;
+        }
+        let mut after = self.stored_floor;
+        // The floor moves up over messages that are in flight as stored copies or
+        // delivered now, and stops at the first one that stays behind (a stored copy of
+        // a live push still unacknowledged here, delivered once that is acknowledged).
+        let mut raise_floor = c.shared.seqs_in_commit_order;
         let mut count = 0u32;
         let mut more = false;
         'pages: loop {
@@ -624,7 +641,12 @@ impl Session {
             for p in page {
                 after = p.seq;
                 let k = (KeyHex(p.message.sender), p.message.id.clone());
-                if self.inflight.contains_key(&k) {
+                if let Some(origin) = self.inflight.get(&k) {
+                    match origin {
+                        Origin::Stored if raise_floor => self.stored_floor = p.seq,
+                        Origin::Stored => {}
+                        Origin::Live(_) => raise_floor = false,
+                    }
                     continue;
                 }
                 if self.inflight.len() >= max || limit.is_some_and(|l| count >= l) {
@@ -653,6 +675,9 @@ impl Session {
                     .inc();
                 c.shared.metrics.inflight.inc();
                 self.inflight.insert(k, Origin::Stored);
+                if raise_floor {
+                    self.stored_floor = p.seq;
+                }
                 count += 1;
             }
             if !full {
@@ -959,6 +984,9 @@ impl Session {
                 Ok(n) => removed += n,
                 Err(e) => {
                     warn!(error = %e, "ack failed");
+                    // These are out of the in-flight window but still stored: the next
+                    // pump must find them again.
+                    self.stored_floor = 0;
                     return c
                         .error(
                             ErrorCode::StorageUnavailable,

@@ -145,6 +145,14 @@ pub struct Shared {
     /// Channel member lists (enabled only on a single relay with the embedded store;
     /// see [`router::MemberCache`]).
     pub channels: router::MemberCache,
+    /// Stored messages become visible in seq order: the embedded store's one writer
+    /// assigns seqs as it commits. A session then never has to read again the stored
+    /// messages it has already passed (PostgreSQL commits concurrent inserts in any
+    /// order, so a lower seq can appear after a higher one was read).
+    pub seqs_in_commit_order: bool,
+    /// Bumped when the admin API loads a snapshot into the store (restore, merge):
+    /// sessions then read their stored messages from the start again.
+    pub store_generation: AtomicU64,
 }
 
 /// How long a cached channel member list is served before it is read again. Joins and
@@ -281,6 +289,7 @@ impl Relay {
         }
         let instance_id = hex::encode(id);
         let cluster = Cluster::new(instance_id.clone(), metrics.clone());
+        let storage_is_embedded = storage.embedded.is_some();
         let shared = Arc::new(Shared {
             conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
@@ -296,6 +305,8 @@ impl Relay {
             instance_id,
             next_session: AtomicU64::new(1),
             channels: router::MemberCache::new(MEMBER_CACHE_TTL, MEMBER_CACHE_CHANNELS),
+            seqs_in_commit_order: storage_is_embedded,
+            store_generation: AtomicU64::new(0),
         });
         // Member lists may be cached only where this process is the sole writer of
         // memberships: the embedded store, no other relay ([`Relay::add_peer`] turns
