@@ -615,7 +615,7 @@ impl Session {
     async fn pump(&mut self, c: &mut Conn, limit: Option<u32>) -> Result<(u32, bool), End> {
         let max = c.shared.cfg.max_inflight;
         let generation = c.shared.store_generation.load(Ordering::Acquire);
-        if !c.shared.seqs_in_commit_order || generation != self.floor_generation {
+        if !c.shared.seqs_in_commit_order() || generation != self.floor_generation {
             self.stored_floor = 0;
             self.floor_generation = generation;
         }
@@ -623,7 +623,7 @@ impl Session {
         // The floor moves up over messages that are in flight as stored copies or
         // delivered now, and stops at the first one that stays behind (a stored copy of
         // a live push still unacknowledged here, delivered once that is acknowledged).
-        let mut raise_floor = c.shared.seqs_in_commit_order;
+        let mut raise_floor = c.shared.seqs_in_commit_order();
         let mut count = 0u32;
         let mut more = false;
         'pages: loop {

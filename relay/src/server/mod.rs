@@ -145,11 +145,6 @@ pub struct Shared {
     /// Channel member lists (enabled only on a single relay with the embedded store;
     /// see [`router::MemberCache`]).
     pub channels: router::MemberCache,
-    /// Stored messages become visible in seq order: the embedded store's one writer
-    /// assigns seqs as it commits. A session then never has to read again the stored
-    /// messages it has already passed (PostgreSQL commits concurrent inserts in any
-    /// order, so a lower seq can appear after a higher one was read).
-    pub seqs_in_commit_order: bool,
     /// Bumped when the admin API loads a snapshot into the store (restore, merge):
     /// sessions then read their stored messages from the start again.
     pub store_generation: AtomicU64,
@@ -234,6 +229,14 @@ impl Shared {
         .await
     }
 
+    /// Stored messages become visible in seq order: the embedded store's one writer
+    /// assigns seqs as it commits. A session then never has to read again the stored
+    /// messages it has already passed (PostgreSQL commits concurrent inserts in any
+    /// order, so a lower seq can appear after a higher one was read).
+    pub fn seqs_in_commit_order(&self) -> bool {
+        self.embedded.is_some()
+    }
+
     /// True while serving normally (not draining).
     pub fn accepting(&self) -> bool {
         !self.draining.load(Ordering::Acquire)
@@ -289,7 +292,6 @@ impl Relay {
         }
         let instance_id = hex::encode(id);
         let cluster = Cluster::new(instance_id.clone(), metrics.clone());
-        let storage_is_embedded = storage.embedded.is_some();
         let shared = Arc::new(Shared {
             conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
@@ -305,7 +307,6 @@ impl Relay {
             instance_id,
             next_session: AtomicU64::new(1),
             channels: router::MemberCache::new(MEMBER_CACHE_TTL, MEMBER_CACHE_CHANNELS),
-            seqs_in_commit_order: storage_is_embedded,
             store_generation: AtomicU64::new(0),
         });
         // Member lists may be cached only where this process is the sole writer of
