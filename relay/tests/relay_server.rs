@@ -993,6 +993,7 @@ async fn coalesced_answers_and_pushes_keep_their_order() {
                             from: envelope.from.unwrap(),
                             id: envelope.id,
                         }],
+                        quiet: false,
                     })
                     .await
                     .unwrap();
@@ -1192,6 +1193,9 @@ impl dchat_relay::store::Store for TestStore {
         recipient: &dchat_relay::store::PublicKey,
         keys: &[(dchat_relay::store::PublicKey, String)],
     ) -> Result<u64, dchat_relay::store::StoreError> {
+        if keys.iter().any(|(_, id)| id.starts_with("unackable")) {
+            return Err(injected());
+        }
         self.inner.ack(recipient, keys).await
     }
     async fn expire(&self, now_ms: i64) -> Result<u64, dchat_relay::store::StoreError> {
@@ -1342,4 +1346,74 @@ async fn stored_messages_in_flight_are_not_read_again() {
     // pump re-read all 256 in flight.
     let read = store.rows_read.load(std::sync::atomic::Ordering::Relaxed) - reads_before;
     assert!(read < n + 2 * 128, "{read} rows read for {n} messages");
+}
+
+#[tokio::test]
+async fn quiet_ack_removes_messages_without_an_answer_and_reports_only_failures() {
+    let (r, _) = start_on_test_store().await;
+    let bkey = generate_key().unwrap();
+    let bpub = public_key(&bkey);
+    let mut a = r.client().await;
+    for id in ["m0", "m1", "unackable"] {
+        let mut env = a.envelope_to(bpub, Kind::Text, id.as_bytes().to_vec());
+        env.id = id.into();
+        assert_eq!(a.send(env).await.unwrap().status, SendStatus::Stored);
+    }
+    let mut b = r.client_as(&bkey).await;
+    assert!(
+        b.features()
+            .iter()
+            .any(|f| f == dchat_relay::protocol::FEATURE_QUIET_ACK),
+        "welcome announces quiet acks: {:?}",
+        b.features()
+    );
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(b.next_delivery().await.unwrap());
+    }
+    let ids: Vec<_> = got.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(ids, ["m0", "m1", "unackable"]);
+
+    // A quiet ack gets no answer: the next frame is the pong (an `acked` first would
+    // make `ping` fail with an unexpected frame).
+    b.ack_quiet(got[..2].iter().map(|d| d.ack_ref()).collect())
+        .await
+        .unwrap();
+    b.ping().await.unwrap();
+    assert_eq!(b.failed_quiet_acks(), 0);
+    assert_eq!(r.metric("dchat_messages_acked_total"), 2.0);
+
+    // A quiet ack that fails is still reported, with an error frame about `ack`.
+    b.ack_quiet(vec![got[2].ack_ref()]).await.unwrap();
+    b.ping().await.unwrap();
+    assert_eq!(b.failed_quiet_acks(), 1);
+
+    // Too many references is refused whether or not the ack is quiet.
+    let (mut ws, _) = raw_authed(&r.url()).await;
+    let refs = vec![got[0].ack_ref(); dchat_relay::protocol::frame::MAX_ACK_BATCH + 1];
+    let f = ClientFrame::Ack {
+        messages: refs,
+        quiet: true,
+    };
+    ws.send(Message::Text(serde_json::to_string(&f).unwrap().into()))
+        .await
+        .unwrap();
+    let ServerFrame::Error {
+        code, reference, ..
+    } = next_frame(&mut ws).await.unwrap()
+    else {
+        panic!("no error for an oversized quiet ack")
+    };
+    assert_eq!(
+        (code, reference.as_deref()),
+        (ErrorCode::BadFrame, Some("ack"))
+    );
+
+    // The quietly acknowledged messages are gone; the one whose ack failed is not.
+    b.close().await;
+    let mut b = r.client_as(&bkey).await;
+    let (rest, more) = b.fetch(100).await.unwrap();
+    let ids: Vec<_> = rest.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(ids, ["unackable"]);
+    assert!(!more);
 }

@@ -289,7 +289,11 @@ async fn relay_writer(
             } => ClientFrame::Send {
                 envelope: envelope(seq, None, Some(format!("ch{channel}")), payload),
             },
-            Out::Ack(messages) => ClientFrame::Ack { messages },
+            // Quiet: the generator never waits for the answer, so it does not ask for one.
+            Out::Ack(messages) => ClientFrame::Ack {
+                messages,
+                quiet: true,
+            },
         };
         if w.write(&frame).await.is_err() {
             rec.errors.fetch_add(1, Ordering::Relaxed);

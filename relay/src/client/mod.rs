@@ -17,7 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::protocol::{
     auth_message, profile_message, AckRef, Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex,
-    Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, SigHex,
+    Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, SigHex, FEATURE_QUIET_ACK,
 };
 
 /// Client errors.
@@ -162,6 +162,10 @@ pub struct Client {
     queued: VecDeque<Delivery>,
     timeout: Duration,
     next_id: u64,
+    /// `error` frames about a quiet `ack` seen while waiting for another answer.
+    failed_quiet_acks: u64,
+    /// Optional protocol features the relay announced in `welcome`.
+    features: Vec<String>,
 }
 
 /// Current time in ms since the epoch.
@@ -204,6 +208,8 @@ impl Client {
             queued: VecDeque::new(),
             timeout: Duration::from_secs(10),
             next_id: 0,
+            failed_quiet_acks: 0,
+            features: Vec::new(),
         };
         let nonce = match c.read_frame("challenge").await? {
             ServerFrame::Challenge { nonce, .. } => nonce,
@@ -216,7 +222,12 @@ impl Client {
         })
         .await?;
         match c.response("welcome").await? {
-            ServerFrame::Welcome { limits, .. } => c.limits = limits,
+            ServerFrame::Welcome {
+                limits, features, ..
+            } => {
+                c.limits = limits;
+                c.features = features;
+            }
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         }
         Ok(c)
@@ -285,6 +296,11 @@ impl Client {
                 ServerFrame::Deliver { seq, envelope } => {
                     self.queued.push_back(Delivery { seq, envelope })
                 }
+                // A quiet ack has no answer of its own; its failure is not the answer
+                // to whatever is being waited for now.
+                ServerFrame::Error {
+                    reference: Some(r), ..
+                } if r == "ack" && what != "acked" => self.failed_quiet_acks += 1,
                 ServerFrame::Error { code, message, .. } => {
                     return Err(ClientError::Relay { code, message })
                 }
@@ -381,11 +397,41 @@ impl Client {
 
     /// Acknowledges deliveries; returns how many the relay removed.
     pub async fn ack(&mut self, refs: Vec<AckRef>) -> Result<u64, ClientError> {
-        self.write(&ClientFrame::Ack { messages: refs }).await?;
+        self.write(&ClientFrame::Ack {
+            messages: refs,
+            quiet: false,
+        })
+        .await?;
         match self.response("acked").await? {
             ServerFrame::Acked { removed } => Ok(removed),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Acknowledges deliveries without waiting: the relay sends no answer unless the
+    /// ack fails. A failed ack only means the messages stay stored and are delivered
+    /// again; [`Client::failed_quiet_acks`] counts the failures seen so far.
+    /// A relay that does not announce [`FEATURE_QUIET_ACK`] gets an ordinary `ack`,
+    /// whose answer is awaited.
+    pub async fn ack_quiet(&mut self, refs: Vec<AckRef>) -> Result<(), ClientError> {
+        if !self.features.iter().any(|f| f == FEATURE_QUIET_ACK) {
+            return self.ack(refs).await.map(|_| ());
+        }
+        self.write(&ClientFrame::Ack {
+            messages: refs,
+            quiet: true,
+        })
+        .await
+    }
+
+    /// Optional protocol features the relay announced (`welcome.features`).
+    pub fn features(&self) -> &[String] {
+        &self.features
+    }
+
+    /// Quiet acks the relay reported as failed (seen while waiting for other answers).
+    pub fn failed_quiet_acks(&self) -> u64 {
+        self.failed_quiet_acks
     }
 
     /// Asks for pending messages; returns every delivery received up to the `fetched`

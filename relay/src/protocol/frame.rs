@@ -286,6 +286,11 @@ pub enum ClientFrame {
     Ack {
         /// Messages being acknowledged.
         messages: Vec<AckRef>,
+        /// When true the relay sends no `acked` answer (a failure is still reported
+        /// with an `error` frame whose `ref` is `"ack"`): a client acknowledging every
+        /// delivery saves a frame each way.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet: bool,
     },
     /// Asks for pending (stored) messages not yet delivered on this connection.
     Fetch {
@@ -372,6 +377,9 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
 }
 
+/// `welcome.features` entry: the relay accepts `ack` with `quiet: true`.
+pub const FEATURE_QUIET_ACK: &str = "quiet_ack";
+
 /// Frames the relay sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -393,6 +401,10 @@ pub enum ServerFrame {
         session: String,
         /// Enforced limits.
         limits: Limits,
+        /// Optional protocol features this relay supports (see [`FEATURE_QUIET_ACK`]);
+        /// a client uses one only when it is listed here.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// Result of a `send`.
     Sent {
@@ -601,6 +613,8 @@ struct FastFrame {
     envelope: Option<Envelope>,
     #[serde(default)]
     messages: Option<Vec<AckRef>>,
+    #[serde(default)]
+    quiet: Option<bool>,
 }
 
 /// Decodes one client text frame. Never panics, whatever the input.
@@ -609,7 +623,7 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
     // is decoded by first buffering the whole object into serde's generic `Content`
     // tree (an allocation per key and value), then decoding that; this plain struct
     // is decoded in one pass. Only the exact shapes `{type: send, envelope}` and
-    // `{type: ack, messages}` (no duplicate or other keys) are taken from it, a subset of
+    // `{type: ack, messages, quiet?}` (no duplicate or other keys) are taken from it, a subset of
     // what `ClientFrame` accepts; anything else goes to the general path, which decides
     // and reports the error.
     match serde_json::from_str::<FastFrame>(text) {
@@ -617,12 +631,19 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
             tag: FastTag::Send,
             envelope: Some(envelope),
             messages: None,
+            quiet: None,
         }) => return Ok(ClientFrame::Send { envelope }),
         Ok(FastFrame {
             tag: FastTag::Ack,
             envelope: None,
             messages: Some(messages),
-        }) => return Ok(ClientFrame::Ack { messages }),
+            quiet,
+        }) => {
+            return Ok(ClientFrame::Ack {
+                messages,
+                quiet: quiet.unwrap_or(false),
+            })
+        }
         _ => {}
     }
     match serde_json::from_str::<ClientFrame>(text) {
@@ -903,14 +924,17 @@ mod fuzz {
             }),
             envelope().prop_map(|envelope| ClientFrame::Send { envelope }),
             "[a-z]{1,10}".prop_map(|channel| ClientFrame::Join { channel }),
-            proptest::collection::vec((key(), "[ -~]{1,10}"), 0..4).prop_map(|v| {
-                ClientFrame::Ack {
+            (
+                proptest::collection::vec((key(), "[ -~]{1,10}"), 0..4),
+                any::<bool>()
+            )
+                .prop_map(|(v, quiet)| ClientFrame::Ack {
                     messages: v
                         .into_iter()
                         .map(|(from, id)| AckRef { from, id })
                         .collect(),
-                }
-            }),
+                    quiet,
+                }),
             proptest::option::of(any::<u32>()).prop_map(|limit| ClientFrame::Fetch { limit }),
             proptest::option::of("\\PC{0,10}").prop_map(|nonce| ClientFrame::Ping { nonce }),
         ]
@@ -990,7 +1014,7 @@ mod fuzz {
             plausible_frame(),
             client_frame().prop_map(|f| serde_json::to_string(&f).unwrap()),
             // Valid frames with a duplicated or extra key appended.
-            (client_frame(), prop_oneof![Just(r#","type":"send""#), Just(r#","x":1"#), Just(r#","messages":[]"#)])
+            (client_frame(), prop_oneof![Just(r#","type":"send""#), Just(r#","x":1"#), Just(r#","messages":[]"#), Just(r#","quiet":true"#), Just(r#","quiet":"yes""#)])
                 .prop_map(|(f, extra)| {
                     let t = serde_json::to_string(&f).unwrap();
                     format!("{}{extra}}}", &t[..t.len() - 1])

@@ -17,7 +17,9 @@ use super::limits::TokenBucket;
 use super::router::{is_new, FastMap, Message, Offer, Seen, SessionHandle};
 use super::Shared;
 use crate::metrics::{KindLabel, ReasonLabel};
-use crate::protocol::frame::{valid_channel, MAX_ACK_BATCH, MAX_FETCH_LIMIT, MAX_PROFILE_BYTES};
+use crate::protocol::frame::{
+    valid_channel, FEATURE_QUIET_ACK, MAX_ACK_BATCH, MAX_FETCH_LIMIT, MAX_PROFILE_BYTES,
+};
 use crate::protocol::{
     auth_message, decode_client_frame, encode_deliver, profile_message, verify_signature, AckRef,
     Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex, Limits, ProfileDoc, SendStatus,
@@ -439,6 +441,7 @@ impl Session {
                 max_inflight: c.shared.cfg.max_inflight,
                 idle_timeout_secs: c.shared.cfg.idle_timeout.as_secs(),
             },
+            features: vec![FEATURE_QUIET_ACK.to_string()],
         };
         // Welcome is only buffered here and flushed together with the stored backlog
         // after the pump. So when the client sees `welcome` with nothing pending, this
@@ -739,7 +742,7 @@ impl Session {
             ClientFrame::Send { envelope } => self.send(c, envelope).await,
             ClientFrame::Join { channel } => self.membership(c, channel, true).await,
             ClientFrame::Leave { channel } => self.membership(c, channel, false).await,
-            ClientFrame::Ack { messages } => self.ack(c, messages).await,
+            ClientFrame::Ack { messages, quiet } => self.ack(c, messages, quiet).await,
             ClientFrame::Fetch { limit } => {
                 let limit = limit.unwrap_or(100).clamp(1, MAX_FETCH_LIMIT);
                 let (count, more) = self.pump(c, Some(limit)).await?;
@@ -946,7 +949,10 @@ impl Session {
         }
     }
 
-    async fn ack(&mut self, c: &mut Conn, refs: Vec<AckRef>) -> Result<(), End> {
+    /// Forgets acknowledged messages (live ones from the in-flight window, stored ones
+    /// from the store) and answers `acked`, unless the client asked for a `quiet` ack:
+    /// then only a failure is answered (with an `error` frame).
+    async fn ack(&mut self, c: &mut Conn, refs: Vec<AckRef>, quiet: bool) -> Result<(), End> {
         if refs.len() > MAX_ACK_BATCH {
             return c
                 .error(
@@ -998,7 +1004,9 @@ impl Session {
             }
         }
         c.shared.metrics.acked.inc_by(removed);
-        c.send_frame(ServerFrame::Acked { removed }).await?;
+        if !quiet {
+            c.send_frame(ServerFrame::Acked { removed }).await?;
+        }
         if !self.handle.live.load(Ordering::Acquire)
             && self.inflight.len() <= c.shared.cfg.max_inflight / 2
         {
