@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dchat_relay::client::{connect_raw, generate_key, public_key, Client, ClientError};
 use dchat_relay::protocol::{
-    auth_message, ClientFrame, ErrorCode, KeyHex, Kind, SendStatus, ServerFrame, SigHex,
+    auth_message, AckRef, ClientFrame, ErrorCode, KeyHex, Kind, SendStatus, ServerFrame, SigHex,
 };
 use ed25519_dalek::Signer;
 use futures::{SinkExt, StreamExt};
@@ -1416,4 +1416,55 @@ async fn quiet_ack_removes_messages_without_an_answer_and_reports_only_failures(
     let ids: Vec<_> = rest.iter().map(|d| d.envelope.id.as_str()).collect();
     assert_eq!(ids, ["unackable"]);
     assert!(!more);
+}
+
+#[tokio::test]
+async fn deferred_acks_travel_with_the_next_frame_and_remove_live_messages() {
+    let r = start(|_| {}).await;
+    let bkey = generate_key().unwrap();
+    let bpub = public_key(&bkey);
+    let (mut bw, mut br) = r.client_as(&bkey).await.split();
+    let mut a = r.client().await;
+    for i in 0..3 {
+        let env = a.envelope_to(bpub, Kind::Text, format!("live {i}").into_bytes());
+        assert_eq!(a.send(env).await.unwrap().status, SendStatus::Delivered);
+    }
+    let mut refs = Vec::new();
+    for _ in 0..3 {
+        match br.next_frame().await.unwrap() {
+            ServerFrame::Deliver { envelope, .. } => refs.push(AckRef {
+                from: envelope.from.unwrap(),
+                id: envelope.id,
+            }),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    assert_eq!(r.metric("dchat_inflight_deliveries"), 3.0);
+
+    // Deferred acks stay with the client until it writes its next frame.
+    bw.defer_ack(refs[..2].to_vec());
+    assert_eq!(bw.deferred_acks(), 2);
+    bw.write(&ClientFrame::Ping { nonce: None }).await.unwrap();
+    assert_eq!(bw.deferred_acks(), 0);
+    // Quiet: the next frame is the pong, with no `acked` in front of it.
+    let pong = br.next_frame().await.unwrap();
+    assert!(matches!(pong, ServerFrame::Pong { .. }), "{pong:?}");
+    assert_eq!(r.metric("dchat_messages_acked_total"), 2.0);
+    assert_eq!(r.metric("dchat_inflight_deliveries"), 1.0);
+
+    // Or when the caller's delay is up, on their own.
+    bw.defer_ack(vec![refs[2].clone()]);
+    bw.flush_acks().await.unwrap();
+    bw.flush_acks().await.unwrap(); // nothing queued: writes nothing
+    bw.write(&ClientFrame::Ping { nonce: None }).await.unwrap();
+    let pong = br.next_frame().await.unwrap();
+    assert!(matches!(pong, ServerFrame::Pong { .. }), "{pong:?}");
+    assert_eq!(r.metric("dchat_messages_acked_total"), 3.0);
+    assert_eq!(r.metric("dchat_inflight_deliveries"), 0.0);
+
+    // Nothing was stored again when the connection ended: every message was acked.
+    drop((bw, br));
+    let mut b = r.client_as(&bkey).await;
+    let (rest, more) = b.fetch(100).await.unwrap();
+    assert!(rest.is_empty() && !more, "{rest:?}");
 }

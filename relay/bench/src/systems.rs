@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dchat_relay::client::{generate_key, public_key, Client, ClientReader, ClientWriter};
 use dchat_relay::protocol::{
@@ -44,12 +45,15 @@ impl Target {
 }
 
 /// Connects `n` clients to `target` (at most `parallel` handshakes at a time). For the
-/// relay with `members > 0`, client `i` joins channel `ch{i / members}` first.
+/// relay with `members > 0`, client `i` joins channel `ch{i / members}` first. Relay
+/// clients hold acknowledgements back for up to `ack_delay` so that they travel with
+/// the client's next frame (see [`ClientWriter::defer_ack`]).
 pub async fn connect(
     target: &Target,
     n: usize,
     parallel: usize,
     members: usize,
+    ack_delay: Duration,
     rec: &Arc<Recorder>,
 ) -> Result<Vec<Endpoint>, BenchError> {
     let name = target.name();
@@ -92,7 +96,7 @@ pub async fn connect(
             for c in clients {
                 let (w, r) = c?.split();
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(relay_writer(w, rx, pubs.clone(), rec.clone()));
+                tokio::spawn(relay_writer(w, rx, pubs.clone(), ack_delay, rec.clone()));
                 tokio::spawn(relay_reader(r, tx.clone(), rec.clone()));
                 eps.push(Endpoint { tx });
             }
@@ -271,13 +275,32 @@ pub async fn connect(
     }
 }
 
+/// Writes a relay client's frames. Acknowledgements wait up to `ack_delay` (or until
+/// 64 are queued) for the next `send` to carry them; then they go out on their own.
 async fn relay_writer(
     mut w: ClientWriter,
     mut rx: mpsc::UnboundedReceiver<Out>,
     keys: Arc<Vec<KeyHex>>,
+    ack_delay: Duration,
     rec: Arc<Recorder>,
 ) {
-    while let Some(o) = rx.recv().await {
+    let ack_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(ack_timer);
+    loop {
+        let waiting = w.deferred_acks() > 0;
+        let o = tokio::select! {
+            o = rx.recv() => match o {
+                Some(o) => o,
+                None => return,
+            },
+            () = &mut ack_timer, if waiting => {
+                if w.flush_acks().await.is_err() {
+                    rec.errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                continue;
+            }
+        };
         let frame = match o {
             Out::Direct { to, payload, seq } => ClientFrame::Send {
                 envelope: envelope(seq, Some(keys[to]), None, payload),
@@ -289,11 +312,20 @@ async fn relay_writer(
             } => ClientFrame::Send {
                 envelope: envelope(seq, None, Some(format!("ch{channel}")), payload),
             },
-            // Quiet: the generator never waits for the answer, so it does not ask for one.
-            Out::Ack(messages) => ClientFrame::Ack {
-                messages,
-                quiet: true,
-            },
+            Out::Ack(messages) => {
+                if !waiting {
+                    ack_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + ack_delay);
+                }
+                w.defer_ack(messages);
+                let due = ack_delay.is_zero() || w.deferred_acks() >= MAX_DEFERRED_ACKS;
+                if due && w.flush_acks().await.is_err() {
+                    rec.errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                continue;
+            }
         };
         if w.write(&frame).await.is_err() {
             rec.errors.fetch_add(1, Ordering::Relaxed);
@@ -301,6 +333,9 @@ async fn relay_writer(
         }
     }
 }
+
+/// Deferred acknowledgements after which a relay client sends them without waiting.
+const MAX_DEFERRED_ACKS: usize = 64;
 
 fn envelope(seq: u64, to: Option<KeyHex>, channel: Option<String>, payload: Vec<u8>) -> Envelope {
     Envelope {

@@ -27,7 +27,9 @@ async fn one_second_direct_and_fanout_against_relay() {
     let target = Target::Relay(relay.ws_url());
 
     let rec = Recorder::new();
-    let eps = connect(&target, 10, 4, 0, &rec).await.unwrap();
+    let eps = connect(&target, 10, 4, 0, Duration::from_millis(50), &rec)
+        .await
+        .unwrap();
     let (mut seq, mut rng) = (0, Rng::new(7));
     let r = run_step(
         &eps,
@@ -46,7 +48,9 @@ async fn one_second_direct_and_fanout_against_relay() {
 
     // Two channels of 3 members: each message reaches the 2 other members.
     let rec = Recorder::new();
-    let eps = connect(&target, 6, 4, 3, &rec).await.unwrap();
+    let eps = connect(&target, 6, 4, 3, Duration::ZERO, &rec)
+        .await
+        .unwrap();
     let r = run_step(
         &eps,
         &rec,
@@ -72,9 +76,16 @@ async fn one_second_against_bare_router() {
         .await
         .unwrap();
     let rec = Recorder::new();
-    let eps = connect(&Target::Router(format!("ws://{addr}/")), 10, 4, 0, &rec)
-        .await
-        .unwrap();
+    let eps = connect(
+        &Target::Router(format!("ws://{addr}/")),
+        10,
+        4,
+        0,
+        Duration::ZERO,
+        &rec,
+    )
+    .await
+    .unwrap();
     let (mut seq, mut rng) = (0, Rng::new(9));
     let r = run_step(
         &eps,

@@ -18,6 +18,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::protocol::{
     auth_message, profile_message, AckRef, Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex,
     Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, SigHex, FEATURE_QUIET_ACK,
+    MAX_ACK_BATCH,
 };
 
 /// Client errors.
@@ -176,11 +177,16 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Bytes of queued frames after which tungstenite writes without waiting for a flush.
+const WRITE_BUFFER_BYTES: usize = 64 << 10;
+
 /// Opens a WebSocket to `url` without authenticating (tests of raw protocol use this).
 pub async fn connect_raw(url: &str) -> Result<Ws, ClientError> {
     let mut cfg = WebSocketConfig::default();
     cfg.read_buffer_size = 8192;
-    cfg.write_buffer_size = 0;
+    // Frames are written out when flushed (every `send` flushes), so a writer can queue
+    // several frames with `feed` and put them on the wire in one TCP write.
+    cfg.write_buffer_size = WRITE_BUFFER_BYTES;
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
         .await
         .map_err(|e| ClientError::Transport {
@@ -532,6 +538,8 @@ impl Client {
                 url: self.url.clone(),
                 key: self.key,
                 next_id: self.next_id,
+                quiet_ack: self.features.iter().any(|f| f == FEATURE_QUIET_ACK),
+                deferred_acks: Vec::new(),
             },
             ClientReader {
                 stream,
@@ -574,11 +582,25 @@ pub async fn smoke(url: &str, within: Duration) -> Result<Duration, ClientError>
 }
 
 /// Sending half of a split [`Client`].
+///
+/// It can also delay acknowledgements the way TCP delays its ACKs: [`defer_ack`]
+/// queues them, and they go out in front of the next frame this writer sends, in the
+/// same TCP write, or when the caller calls [`flush_acks`] (at the latest after the
+/// caller's ack delay). The relay then reads one segment where it would have read two.
+/// Until an ack arrives the relay keeps the message in flight (and stores it again if
+/// the connection ends), so the delay must stay well below the relay's in-flight limit
+/// divided by the delivery rate.
+///
+/// [`defer_ack`]: ClientWriter::defer_ack
+/// [`flush_acks`]: ClientWriter::flush_acks
 pub struct ClientWriter {
     sink: futures::stream::SplitSink<Ws, Message>,
     url: String,
     key: SigningKey,
     next_id: u64,
+    /// The relay announced [`FEATURE_QUIET_ACK`]: deferred acks are sent quietly.
+    quiet_ack: bool,
+    deferred_acks: Vec<AckRef>,
 }
 
 impl ClientWriter {
@@ -595,22 +617,70 @@ impl ClientWriter {
         format!("{}-{}", hex::encode(r), self.next_id)
     }
 
-    /// Sends one frame without waiting for its answer.
+    fn transport(&self, e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+        ClientError::Transport {
+            url: self.url.clone(),
+            source: Box::new(e),
+        }
+    }
+
+    /// Queues `frame` behind the frames already queued, without writing.
+    async fn feed(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let text =
+            serde_json::to_string(frame).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let fed = self.sink.feed(Message::Text(text.into())).await;
+        fed.map_err(|e| self.transport(e))
+    }
+
+    /// Queues the deferred acknowledgements as `ack` frames (at most
+    /// [`MAX_ACK_BATCH`] references each), quiet when the relay supports it.
+    async fn feed_deferred_acks(&mut self) -> Result<(), ClientError> {
+        let refs = std::mem::take(&mut self.deferred_acks);
+        for chunk in refs.chunks(MAX_ACK_BATCH) {
+            let frame = ClientFrame::Ack {
+                messages: chunk.to_vec(),
+                quiet: self.quiet_ack,
+            };
+            self.feed(&frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one frame without waiting for its answer; deferred acknowledgements go
+    /// out in front of it, in the same write.
     pub async fn write(&mut self, f: &ClientFrame) -> Result<(), ClientError> {
-        let text = serde_json::to_string(f).map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        let url = self.url.clone();
-        self.sink
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|e| ClientError::Transport {
-                url,
-                source: Box::new(e),
-            })
+        self.feed_deferred_acks().await?;
+        self.feed(f).await?;
+        let flushed = self.sink.flush().await;
+        flushed.map_err(|e| self.transport(e))
     }
 
     /// Sends an envelope without waiting for `sent`.
     pub async fn send(&mut self, envelope: Envelope) -> Result<(), ClientError> {
         self.write(&ClientFrame::Send { envelope }).await
+    }
+
+    /// Queues acknowledgements to go out with the next frame this writer sends or at
+    /// the next [`ClientWriter::flush_acks`], whichever comes first. On a relay that
+    /// does not announce [`FEATURE_QUIET_ACK`] they are sent as ordinary acks, whose
+    /// `acked` answers the reader then sees.
+    pub fn defer_ack(&mut self, refs: impl IntoIterator<Item = AckRef>) {
+        self.deferred_acks.extend(refs);
+    }
+
+    /// Acknowledgements queued by [`ClientWriter::defer_ack`] and not yet sent.
+    pub fn deferred_acks(&self) -> usize {
+        self.deferred_acks.len()
+    }
+
+    /// Sends the deferred acknowledgements now (nothing when none are queued).
+    pub async fn flush_acks(&mut self) -> Result<(), ClientError> {
+        if self.deferred_acks.is_empty() {
+            return Ok(());
+        }
+        self.feed_deferred_acks().await?;
+        let flushed = self.sink.flush().await;
+        flushed.map_err(|e| self.transport(e))
     }
 }
 

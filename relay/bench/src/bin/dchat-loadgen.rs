@@ -63,6 +63,16 @@ struct Common {
     /// Concurrent handshakes while connecting.
     #[arg(long, default_value = "64")]
     parallel: usize,
+    /// Longest time a relay client holds an acknowledgement back so that it can travel
+    /// with the client's next frame (0: acknowledge each burst of deliveries at once).
+    #[arg(long, default_value = "200")]
+    ack_delay_ms: u64,
+}
+
+impl Common {
+    fn ack_delay(&self) -> Duration {
+        Duration::from_millis(self.ack_delay_ms)
+    }
 }
 
 #[derive(Args)]
@@ -357,8 +367,8 @@ async fn s1(a: S1Args) -> anyhow::Result<()> {
     let mut seq = 0u64;
     let mut rng = Rng::new(0x5eed);
     println!(
-        "# S1 1:1 online: {} clients, {} B payload, warm-up {} s, measure {} s, {} repetitions",
-        a.clients, c.payload, c.warmup, c.measure, c.repeat
+        "# S1 1:1 online: {} clients, {} B payload, warm-up {} s, measure {} s, {} repetitions, relay ack delay {} ms",
+        a.clients, c.payload, c.warmup, c.measure, c.repeat, c.ack_delay_ms
     );
     println!("| system | rep | offered/s | delivered/s | p50 µs | p99 µs | p99.9 µs | max µs | server cpu / gen cpu / server µs per msg | relay sent→stored | errors |");
     println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
@@ -374,7 +384,7 @@ async fn s1(a: S1Args) -> anyhow::Result<()> {
             let (proc_, target) = start(&system, c).await?;
             let rec = Recorder::new();
             let t0 = Instant::now();
-            let eps = connect(&target, a.clients, c.parallel, 0, &rec).await?;
+            let eps = connect(&target, a.clients, c.parallel, 0, c.ack_delay(), &rec).await?;
             eprintln!(
                 "{system}: {} clients connected in {:.1} s",
                 eps.len(),
@@ -455,8 +465,8 @@ async fn s2(a: S2Args) -> anyhow::Result<()> {
     let mut seq = 0u64;
     let mut rng = Rng::new(0xfa40);
     println!(
-        "# S2 fan-out: {} channels × {} members, {} B payload, warm-up {} s, measure {} s",
-        a.channels, a.members, c.payload, c.warmup, c.measure
+        "# S2 fan-out: {} channels × {} members, {} B payload, warm-up {} s, measure {} s, relay ack delay {} ms",
+        a.channels, a.members, c.payload, c.warmup, c.measure, c.ack_delay_ms
     );
     println!("| rep | channel msgs/s offered | deliveries/s | p50 µs | p99 µs | p99 to last member µs | server cpu / gen cpu / server µs per delivery | errors |");
     println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
@@ -464,7 +474,7 @@ async fn s2(a: S2Args) -> anyhow::Result<()> {
     for rep in 0..c.repeat {
         let (proc_, target) = start("relay", c).await?;
         let rec = Recorder::new();
-        let eps = connect(&target, n, c.parallel, a.members, &rec).await?;
+        let eps = connect(&target, n, c.parallel, a.members, c.ack_delay(), &rec).await?;
         let mut b = 0.0f64;
         for &rate in &a.rates {
             let r = run_step(
@@ -684,7 +694,7 @@ async fn s4(a: S4Args) -> anyhow::Result<()> {
         let before = procs::rss_kib(proc_.pid);
         let rec = Recorder::new();
         let t0 = Instant::now();
-        let eps = connect(&target, a.connections, c.parallel, 0, &rec).await?;
+        let eps = connect(&target, a.connections, c.parallel, 0, c.ack_delay(), &rec).await?;
         let secs = t0.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = procs::rss_kib(proc_.pid);
