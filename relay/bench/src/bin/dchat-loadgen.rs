@@ -121,7 +121,8 @@ struct S2Args {
         default_value = "250,500,1000,1500,2000,2500,3000,4000"
     )]
     rates: Vec<f64>,
-    /// Latency bound (last member) for the saturation point.
+    /// Latency bound (p99 to the last member) a step must meet to count. Steps go on
+    /// past a miss until one whose deliveries do not all arrive.
     #[arg(long, default_value = "5")]
     p99_ms: f64,
 }
@@ -470,12 +471,14 @@ async fn s2(a: S2Args) -> anyhow::Result<()> {
     );
     println!("| rep | channel msgs/s offered | deliveries/s | p50 µs | p99 µs | p99 to last member µs | server cpu / gen cpu / server µs per delivery | errors |");
     println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
+    // Per repetition: (largest step meeting the latency bound, largest step sustained).
     let mut best = Vec::new();
+    let mut sustained = Vec::new();
     for rep in 0..c.repeat {
         let (proc_, target) = start("relay", c).await?;
         let rec = Recorder::new();
         let eps = connect(&target, n, c.parallel, a.members, c.ack_delay(), &rec).await?;
-        let mut b = 0.0f64;
+        let (mut b, mut kept_up) = (0.0f64, 0.0f64);
         for &rate in &a.rates {
             let r = run_step(
                 &eps,
@@ -498,25 +501,32 @@ async fn s2(a: S2Args) -> anyhow::Result<()> {
                 fmt_cpu(&r),
                 rec.errors.load(Ordering::Relaxed)
             );
-            let ok = r.received >= r.expected && r.last_p99_us <= a.p99_ms * 1000.0;
-            if ok {
-                b = b.max(r.delivered_per_sec);
-            } else {
+            // Stepping goes on past a latency miss (a stall in the window decides those
+            // at low load) and stops at the first step whose deliveries did not all
+            // arrive: the relay no longer keeps up.
+            if r.received < r.expected {
                 break;
+            }
+            kept_up = kept_up.max(r.delivered_per_sec);
+            if r.last_p99_us <= a.p99_ms * 1000.0 {
+                b = b.max(r.delivered_per_sec);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         best.push(b);
+        sustained.push(kept_up);
         drop(eps);
         drop(proc_);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (m, lo, hi) = median_range(&best);
+    let (sm, slo, shi) = median_range(&sustained);
     println!();
     println!(
         "S2 max deliveries/s with p99 to last member ≤ {} ms: {m:.0} ({lo:.0}–{hi:.0})",
         a.p99_ms
     );
+    println!("S2 max deliveries/s sustained (every delivery arrived): {sm:.0} ({slo:.0}–{shi:.0})");
     Ok(())
 }
 
