@@ -177,6 +177,14 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A failed WebSocket operation on the connection to `url`.
+fn transport_error(url: &str, e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+    ClientError::Transport {
+        url: url.to_string(),
+        source: Box::new(e),
+    }
+}
+
 /// Bytes of queued frames after which tungstenite writes without waiting for a flush.
 const WRITE_BUFFER_BYTES: usize = 64 << 10;
 
@@ -189,10 +197,7 @@ pub async fn connect_raw(url: &str) -> Result<Ws, ClientError> {
     cfg.write_buffer_size = WRITE_BUFFER_BYTES;
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
         .await
-        .map_err(|e| ClientError::Transport {
-            url: url.to_string(),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| transport_error(url, e))?;
     Ok(ws)
 }
 
@@ -250,10 +255,7 @@ impl Client {
     }
 
     fn transport(&self, e: tokio_tungstenite::tungstenite::Error) -> ClientError {
-        ClientError::Transport {
-            url: self.url.clone(),
-            source: Box::new(e),
-        }
+        transport_error(&self.url, e)
     }
 
     /// Sends one frame.
@@ -618,10 +620,7 @@ impl ClientWriter {
     }
 
     fn transport(&self, e: tokio_tungstenite::tungstenite::Error) -> ClientError {
-        ClientError::Transport {
-            url: self.url.clone(),
-            source: Box::new(e),
-        }
+        transport_error(&self.url, e)
     }
 
     /// Queues `frame` behind the frames already queued, without writing.
@@ -708,12 +707,7 @@ impl ClientReader {
                         reason: String::new(),
                     })
                 }
-                Some(Err(e)) => {
-                    return Err(ClientError::Transport {
-                        url: self.url.clone(),
-                        source: Box::new(e),
-                    })
-                }
+                Some(Err(e)) => return Err(transport_error(&self.url, e)),
                 Some(Ok(Message::Text(t))) => {
                     return serde_json::from_str(t.as_str())
                         .map_err(|e| ClientError::Unexpected(format!("{e}: {}", t.as_str())))
