@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::store::EmbeddedOptions;
+
 /// Flags and environment variables of `dchat-relay` (see `docs/relay.md`).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "dchat-relay", version, about = "dchat WebSocket chat relay")]
@@ -22,6 +24,10 @@ pub struct Cli {
     /// Directory of the embedded store (used when DB_HOST is unset).
     #[arg(long, env = "DCHAT_DATA_DIR", default_value = "./dchat-data")]
     pub data_dir: PathBuf,
+    /// Embedded store: MiB of memory for recently stored messages before they are
+    /// written to sorted files (8..=65536; peak use about twice this).
+    #[arg(long, env = "DCHAT_STORE_WRITE_BUFFER_MB", default_value = "128")]
+    pub store_write_buffer_mb: String,
     /// PostgreSQL host; setting it selects the PostgreSQL store.
     #[arg(long, env = "DB_HOST")]
     pub db_host: Option<String>,
@@ -136,6 +142,8 @@ pub enum StorageSettings {
     Embedded {
         /// Data directory.
         dir: PathBuf,
+        /// Engine tuning (`DCHAT_STORE_WRITE_BUFFER_MB`).
+        options: EmbeddedOptions,
     },
     /// Shared PostgreSQL database (cluster).
     Postgres {
@@ -280,8 +288,17 @@ impl Config {
                 if cli.data_dir.as_os_str().is_empty() {
                     return Err(bad("DCHAT_DATA_DIR", "", "must not be empty"));
                 }
+                let mb: u64 = number(
+                    "DCHAT_STORE_WRITE_BUFFER_MB",
+                    &cli.store_write_buffer_mb,
+                    8,
+                    65_536,
+                )?;
                 StorageSettings::Embedded {
                     dir: cli.data_dir.clone(),
+                    options: EmbeddedOptions {
+                        write_buffer_bytes: mb << 20,
+                    },
                 }
             }
         };
@@ -419,7 +436,10 @@ impl Config {
         ])
         .unwrap_or_else(|e| panic!("default flags: {e}"));
         let mut cfg = Config::from_cli(&cli).unwrap_or_else(|e| panic!("default config: {e}"));
-        cfg.storage = StorageSettings::Embedded { dir: dir.into() };
+        cfg.storage = StorageSettings::Embedded {
+            dir: dir.into(),
+            options: EmbeddedOptions::default(),
+        };
         cfg.log = "info".into();
         cfg
     }
@@ -464,9 +484,23 @@ mod tests {
         assert_eq!(e.setting, "DCHAT_PEERS");
         let e = parse(&["--db-host", "pg", "--db-port", "0"]).unwrap_err();
         assert_eq!(e.setting, "DB_PORT");
+        let e = parse(&["--store-write-buffer-mb", "4"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_STORE_WRITE_BUFFER_MB");
+        assert!(e.to_string().contains("between 8 and 65536"), "{e}");
+        let e = parse(&["--store-write-buffer-mb", "lots"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_STORE_WRITE_BUFFER_MB");
         let e = parse(&["--admin-token", "short"]).unwrap_err();
         assert_eq!(e.setting, "DCHAT_ADMIN_TOKEN");
         assert!(!e.to_string().contains("short"), "secret echoed: {e}");
+    }
+
+    #[test]
+    fn write_buffer_is_given_in_mib() {
+        let c = parse(&["--store-write-buffer-mb", "64"]).unwrap();
+        let StorageSettings::Embedded { options, .. } = c.storage else {
+            panic!("embedded store expected");
+        };
+        assert_eq!(options.write_buffer_bytes, 64 << 20);
     }
 
     #[test]
@@ -475,7 +509,8 @@ mod tests {
         assert_eq!(
             c.storage,
             StorageSettings::Embedded {
-                dir: PathBuf::from("./dchat-data")
+                dir: PathBuf::from("./dchat-data"),
+                options: EmbeddedOptions::default(),
             }
         );
         assert_eq!(c.listen.port(), 7070);

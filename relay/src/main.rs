@@ -51,7 +51,11 @@ fn init_logging(cfg: &Config) {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let backend = match &cfg.storage {
-        StorageSettings::Embedded { dir } => format!("embedded ({})", dir.display()),
+        StorageSettings::Embedded { dir, options } => format!(
+            "embedded ({}, write buffer {} MiB)",
+            dir.display(),
+            options.write_buffer_bytes >> 20
+        ),
         StorageSettings::Postgres {
             host, port, dbname, ..
         } => {

@@ -75,14 +75,8 @@ impl Storage {
     /// Opens the configured backend.
     pub async fn open(settings: &StorageSettings) -> Result<Storage, StoreError> {
         match settings {
-            StorageSettings::Embedded { dir } => {
-                let dir = dir.clone();
-                let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir))
-                    .await
-                    .map_err(|e| StoreError::Task {
-                        op: "open embedded store",
-                        reason: e.to_string(),
-                    })??;
+            StorageSettings::Embedded { dir, options } => {
+                let store = crate::store::open_embedded(dir, options).await?;
                 let store = Arc::new(store);
                 Ok(Storage {
                     store: store.clone(),

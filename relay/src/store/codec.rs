@@ -291,6 +291,7 @@ const LOG_EXPIRE: u8 = 3;
 const LOG_PROFILE: u8 = 4;
 const LOG_MEMBERSHIP: u8 = 5;
 
+#[cfg(test)] // written only by the old engine's test writer and the codec tests
 /// Appends the body of a log record for `op` to `out`.
 pub(crate) fn encode_log_op(out: &mut Vec<u8>, op: &LogOp) {
     match op {
@@ -327,6 +328,7 @@ pub(crate) fn encode_log_op(out: &mut Vec<u8>, op: &LogOp) {
     }
 }
 
+#[cfg(test)] // written only by the old engine's test writer and the codec tests
 /// The body of a [`LogOp::Put`], without building the op (the writer's hot path).
 pub(crate) fn encode_log_put(out: &mut Vec<u8>, seq: u64, msg: &StoredMessage) {
     out.push(LOG_PUT);
@@ -334,6 +336,7 @@ pub(crate) fn encode_log_put(out: &mut Vec<u8>, seq: u64, msg: &StoredMessage) {
     out.extend_from_slice(&encode_message(msg));
 }
 
+#[cfg(test)] // written only by the old engine's test writer and the codec tests
 /// The body of a [`LogOp::Ack`], without building the op.
 pub(crate) fn encode_log_ack(
     out: &mut Vec<u8>,

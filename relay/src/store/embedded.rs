@@ -1,123 +1,273 @@
-//! The embedded store: one redb database file plus a sequential commit log.
+//! The embedded store: an LSM-tree database (fjall) in the data directory.
 //!
 //! Writes go through a single writer thread fed by a bounded channel. The thread takes
 //! whatever has queued up while the previous batch was being made durable, applies all
-//! of it in one write transaction and only then answers each caller. That is group
-//! commit: throughput grows with concurrency while every acknowledged write is durable.
+//! of it as one atomic fjall write batch whose commit fsyncs the journal, and only then
+//! answers each caller. That is group commit: throughput grows with concurrency while
+//! every acknowledged write is durable. The batch becomes visible to readers only after
+//! the fsync, so nothing a reader sees can be lost by a crash.
 //!
-//! A batch is made durable in one of two ways (see docs/storage.md, "Commit log"):
-//! - usually by appending its changes as records to the commit log `dchat.wal` and
-//!   fsyncing that (one sequential write), then committing the redb transaction without
-//!   its own fsync (`Durability::None`, visible to readers at once);
-//! - at least every [`CHECKPOINT_INTERVAL`] (and for `flush`/`check`) by a redb commit
-//!   with `Durability::Immediate` — a checkpoint: everything before it is in the redb
-//!   file, and the log's records become dead (a new log epoch starts).
+//! Why an LSM tree (see docs/storage.md, "Engine"): every stored message lands in the
+//! inbox of one of many recipients. A B-tree pays one random leaf rewrite per message;
+//! an LSM tree appends to its journal and memtable and sorts in the background.
 //!
-//! A redb commit rewrites every B-tree page it touched; with recipients spread over a
-//! large tree that is one random page per message. The log replaces that per-batch
-//! random I/O with one sequential append; the page writes happen once per checkpoint
-//! for many batches. Opening the store replays the log records newer than the last
-//! checkpoint. Reads run on the blocking pool against MVCC read transactions and never
-//! wait for the writer.
+//! While a batch is being built its writes are staged in memory next to the fjall
+//! batch, so later operations of the same batch (a duplicate id, an ack of a message
+//! stored a moment ago) see them. Reads run on the blocking pool and never wait for
+//! the writer. A data directory written by the previous engine (redb, `dchat.redb`) is
+//! migrated at open through the snapshot format ([`super::legacy`]).
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
-use redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, WriteTransaction,
-};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    channel_prefix, decode_log_op, decode_message, dedup_key, dedup_value, encode_log_ack,
-    encode_log_op, encode_log_put, encode_message, expiry_key, fnv1a64, member_key, message_key,
-    split_dedup_value, split_member_key, LogOp,
+    channel_prefix, decode_message, dedup_key, dedup_value, encode_message, expiry_key, member_key,
+    message_key, split_dedup_value, split_member_key,
 };
-use super::snapshot::{self, SnapshotSummary};
+use super::snapshot::{
+    self, is_message_key, seq_of_message_key, split_profile, Apply, MergeSummary, SnapshotCounts,
+    SnapshotSummary, SnapshotWriter,
+};
 use super::{
-    validate_channel, validate_message, Pending, PublicKey, PutOutcome, Store, StoreError,
+    legacy, validate_channel, validate_message, Pending, PublicKey, PutOutcome, Store, StoreError,
     StoreStats, StoredMessage,
 };
 
-/// The per-recipient inbox, two kinds of entries side by side:
-/// `recipient ‖ 0x00 ‖ seq` → message record (pending messages, in seq order) and
-/// `recipient ‖ 0x01 ‖ sender ‖ id` → seq ‖ expires_at_ms (dedup; kept after ack until
-/// expiry). Keeping both under the recipient means a put touches one region of the tree.
-pub(crate) const INBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("inbox");
-/// ordered(expires_at_ms) ‖ seq → dedup key: what `expire` removes, without a full scan.
-pub(crate) const EXPIRY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("expiry");
-/// public key → updated_ms (i64 BE) ‖ profile blob.
-pub(crate) const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles");
-/// u16 len ‖ channel ‖ member → (): persistent memberships.
-pub(crate) const MEMBERS: TableDefinition<&[u8], ()> = TableDefinition::new("members");
-/// channel → member count, so `stats` can count channels without a scan.
-pub(crate) const CHANNELS: TableDefinition<&str, u64> = TableDefinition::new("channels");
-/// Store metadata: "schema_version", "next_seq", "pending_count", and the commit log
-/// position "wal_epoch" (current log epoch) and "wal_lsn" (last log record applied).
-pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Directory of the database inside the data directory.
+pub const STORE_DIR_NAME: &str = "dchat.store";
 
-/// On-disk layout version written to META at creation. Version 3 added the commit log
-/// (the tables are those of version 2, which is upgraded in place at open).
-pub(crate) const SCHEMA_VERSION: u64 = 3;
-/// Database file name inside the data directory.
-pub const DB_FILE_NAME: &str = "dchat.redb";
-/// Commit log file name inside the data directory.
-pub const WAL_FILE_NAME: &str = "dchat.wal";
-
-/// Longest time between checkpoints (durable redb commits) while writes arrive; bounds
-/// the log to replay after a crash and the memory redb holds for uncheckpointed commits.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-/// How often the flusher thread writes back the redb file's dirty pages (see
-/// [`flusher_loop`]).
-const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
-/// Log bytes after which the next batch checkpoints regardless of time.
-const CHECKPOINT_BYTES: u64 = 8 << 20;
-/// First bytes of every log record.
-const WAL_MAGIC: u32 = 0xDC5A_1061;
-/// magic(4) ‖ body length(4) ‖ epoch(8) ‖ lsn(8), then the body, then FNV-1a(8).
-const WAL_HEAD: usize = 24;
-/// Largest record body accepted when reading the log (bounds a corrupt length).
-const WAL_MAX_BODY: usize = 64 << 20;
-/// The log file is extended by writing zeros at least this much at a time: an fsync
-/// after overwriting allocated blocks only flushes data, while one after extending the
-/// file also commits filesystem metadata (measurably slower on ext4).
-const WAL_GROW_MIN: u64 = 256 << 10;
-
+/// Layout version stored in META at creation. Version 4 is the first LSM layout
+/// (1–3 were redb files, migrated at open).
+const SCHEMA_VERSION: u64 = 4;
 /// Queued write operations before callers wait (backpressure beyond this).
 const QUEUE_CAPACITY: usize = 4096;
-/// Upper bound on messages applied in one transaction, to bound commit latency.
+/// Upper bound on messages applied in one batch, to bound commit latency.
 const MAX_BATCH_MESSAGES: usize = 8192;
-/// Expiry-index entries removed per transaction by `expire`.
+/// Expiry-index entries removed per batch by `expire`.
 const EXPIRE_CHUNK: usize = 5000;
+/// Smallest journal budget: journals beyond it make fjall flush memtables early so old
+/// journals can be dropped (it is twice the write buffer otherwise); bounds what a
+/// restart replays.
+const MIN_JOURNAL_BYTES: u64 = 64 << 20;
+/// Memtable size of the small keyspaces (profiles, memberships, counters), and the
+/// smallest of any.
+const MIN_MEMTABLE_BYTES: u64 = 4 << 20;
 
-/// Maps any redb error into a [`StoreError::Embedded`] naming the operation.
-pub(crate) trait Ctx<T> {
+/// Tuning of the embedded store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// Memory for recently stored messages (the inbox's memtable) before they are
+    /// written out to sorted files in the background; the expiry index gets a quarter
+    /// of it besides. Messages acknowledged while still in memory cost no disk reads
+    /// and little compaction, so this is what keeps a reconnect drain fast. While a full
+    /// buffer is written out a new one fills, so peak use is about twice this.
+    pub write_buffer_bytes: u64,
+}
+
+impl EmbeddedOptions {
+    /// Default write buffer: 128 MiB.
+    pub const DEFAULT_WRITE_BUFFER_BYTES: u64 = 128 << 20;
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            write_buffer_bytes: Self::DEFAULT_WRITE_BUFFER_BYTES,
+        }
+    }
+}
+/// Block cache for reads.
+const CACHE_BYTES: u64 = 32 << 20;
+
+/// The keyspaces (fjall's column families) and what their keys and values are.
+/// Key layouts are shared with the snapshot format (see `codec`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Table {
+    /// Per recipient, side by side: `recipient ‖ 0x00 ‖ seq` → message record (pending
+    /// messages, in seq order) and `recipient ‖ 0x01 ‖ sender ‖ id` → seq ‖
+    /// expires_at_ms ‖ state (dedup; kept after ack until expiry). The state byte says
+    /// whether the message is still pending, so neither an ack nor a snapshot has to
+    /// look the message up.
+    Inbox,
+    /// ordered(expires_at_ms) ‖ seq → dedup key: what `expire` removes, without a scan.
+    Expiry,
+    /// public key → updated_ms (i64 BE) ‖ profile blob.
+    Profiles,
+    /// u16 len ‖ channel ‖ member → empty: persistent memberships.
+    Members,
+    /// channel → member count (u64 BE).
+    Channels,
+    /// "schema_version", "next_seq", "pending_count", "profile_count",
+    /// "channel_count" → u64 BE.
+    Meta,
+}
+
+/// Keyspace names, in the order of [`Table`]'s discriminants (`Tables::ks` indexes by them).
+const TABLES: [(Table, &str); 6] = [
+    (Table::Inbox, "inbox"),
+    (Table::Expiry, "expiry"),
+    (Table::Profiles, "profiles"),
+    (Table::Members, "members"),
+    (Table::Channels, "channels"),
+    (Table::Meta, "meta"),
+];
+
+/// Maps a fjall error into [`StoreError::Embedded`] naming the operation.
+trait Ctx<T> {
     fn ctx(self, op: &'static str) -> Result<T, StoreError>;
 }
 
-impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
+impl<T> Ctx<T> for Result<T, fjall::Error> {
     fn ctx(self, op: &'static str) -> Result<T, StoreError> {
-        self.map_err(|e| StoreError::Embedded {
-            op,
-            source: e.into(),
+        self.map_err(|source| StoreError::Embedded { op, source })
+    }
+}
+
+/// The open database and its keyspaces; cheap to clone (handles).
+#[derive(Clone)]
+pub(crate) struct Tables {
+    db: Database,
+    keyspaces: Vec<Keyspace>,
+}
+
+impl Tables {
+    /// Opens (creating if needed) the database in `path`.
+    fn open(path: &Path, options: &EmbeddedOptions) -> Result<Tables, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = Database::builder(path)
+            .cache_size(CACHE_BYTES)
+            .max_journaling_size((2 * options.write_buffer_bytes).max(MIN_JOURNAL_BYTES))
+            .open()
+            .map_err(open_err)?;
+        let mut keyspaces = Vec::with_capacity(TABLES.len());
+        for (table, name) in TABLES {
+            let memtable = match table {
+                Table::Inbox => options.write_buffer_bytes,
+                Table::Expiry => (options.write_buffer_bytes / 4).max(MIN_MEMTABLE_BYTES),
+                _ => MIN_MEMTABLE_BYTES,
+            };
+            let ks = db
+                .keyspace(name, || {
+                    KeyspaceCreateOptions::default().max_memtable_size(memtable)
+                })
+                .map_err(open_err)?;
+            keyspaces.push(ks);
+        }
+        Ok(Tables { db, keyspaces })
+    }
+
+    fn ks(&self, table: Table) -> &Keyspace {
+        &self.keyspaces[table as usize]
+    }
+
+    fn meta_u64(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self.ks(Table::Meta).get(key).ctx("read meta")? {
+            None => Ok(None),
+            Some(v) => decode_u64(&v, "meta").map(Some),
+        }
+    }
+
+    /// Checks the layout version (writing it into a new store) and loads the counters.
+    fn init(&self) -> Result<Counters, StoreError> {
+        match self.meta_u64("schema_version")? {
+            None => {
+                let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+                b.insert(
+                    self.ks(Table::Meta),
+                    "schema_version",
+                    SCHEMA_VERSION.to_be_bytes(),
+                );
+                b.commit().ctx("init: write schema_version")?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(StoreError::Corrupt {
+                    table: "meta",
+                    reason: format!(
+                        "schema_version {other}, this relay understands {SCHEMA_VERSION}"
+                    ),
+                })
+            }
+        }
+        Ok(Counters {
+            next_seq: self.meta_u64("next_seq")?.unwrap_or(1),
+            pending: self.meta_u64("pending_count")?.unwrap_or(0),
+            profiles: self.meta_u64("profile_count")?.unwrap_or(0),
+            channels: self.meta_u64("channel_count")?.unwrap_or(0),
         })
     }
 }
 
+fn decode_u64(v: &[u8], table: &'static str) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(v)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            table,
+            reason: format!("counter of {} bytes, expected 8", v.len()),
+        })
+}
+
+/// Dedup entry state: the message is stored and not yet acknowledged.
+const DEDUP_PENDING: u8 = 0;
+/// Dedup entry state: the message was acknowledged (or arrived as a snapshot tombstone);
+/// the entry only guards against a retry of the same id until it expires.
+const DEDUP_ACKED: u8 = 1;
+
+/// A dedup entry's value: seq ‖ expires_at_ms ‖ state.
+fn dedup_record(seq: u64, expires_at_ms: i64, state: u8) -> [u8; 17] {
+    let mut v = [0u8; 17];
+    v[..16].copy_from_slice(&dedup_value(seq, expires_at_ms));
+    v[16] = state;
+    v
+}
+
+/// Splits a dedup entry's value into (seq, expires_at_ms, pending).
+fn split_dedup_record(v: &[u8]) -> Result<(u64, i64, bool), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        table: "inbox",
+        reason,
+    };
+    match v {
+        [head @ .., state @ (DEDUP_PENDING | DEDUP_ACKED)] => {
+            let (seq, expires) = split_dedup_value(head).map_err(corrupt)?;
+            Ok((seq, expires, *state == DEDUP_PENDING))
+        }
+        _ => Err(corrupt(format!("dedup value of {} bytes", v.len()))),
+    }
+}
+
+/// Counts the writer keeps in memory and persists in META with every batch, so that
+/// `stats` and new sequence numbers need no scan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub(crate) next_seq: u64,
+    pending: u64,
+    profiles: u64,
+    channels: u64,
+}
+
+/// What the writer thread and restore/merge share: the tables and the committed
+/// counters. Holding the lock is holding the (single) write path.
+struct Engine {
+    tables: Tables,
+    counters: Counters,
+}
+
 /// The embedded store. Cheap to share behind an `Arc`; dropping the last handle stops
-/// the writer thread after it has committed everything queued, and closes the file.
+/// the writer thread after it has committed everything queued, and closes the database.
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    tables: Tables,
+    engine: Arc<Mutex<Engine>>,
     path: PathBuf,
     tx: Option<mpsc::Sender<WriteOp>>,
     writer: Option<JoinHandle<()>>,
-    /// Dropping it stops the flusher thread.
-    flusher_stop: Option<std::sync::mpsc::Sender<()>>,
-    flusher: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -140,7 +290,8 @@ enum WriteOp {
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     /// Removes at most `max_entries` due expiry-index entries; answers (pending
-    /// messages removed, whether due entries remain).
+    /// messages removed, whether due entries remain). Always applied in a batch of its
+    /// own: it scans the committed expiry index.
     Expire {
         now_ms: i64,
         max_entries: usize,
@@ -158,14 +309,14 @@ enum WriteOp {
         join: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
-    /// Commits (possibly empty) and answers: proves the queue drained and the disk
-    /// accepts commits. Used by `flush` and `check`.
+    /// Answers once everything queued before it is durable and the journal accepted an
+    /// fsync: proves the disk takes writes. Used by `flush` and `check`.
     Barrier {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
-/// What an applied op will answer once its transaction is durable.
+/// What an applied op will answer once its batch is durable.
 enum Answer {
     Outcomes(Vec<PutOutcome>),
     Count(u64),
@@ -226,94 +377,87 @@ impl WriteOp {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store in `dir`, whose file is `dir/dchat.redb`.
-    /// After a crash redb recovers the last committed state. A corrupt or foreign file
-    /// is a typed error ([`StoreError::Open`]), never a panic.
+    /// Opens (creating if needed) the store in `dir`: the database is the directory
+    /// `dir/dchat.store`. After a crash fjall replays its journal up to the last
+    /// complete batch. A data directory of the previous engine (`dchat.redb`) is
+    /// migrated first. A corrupt or foreign database is a typed error, never a panic.
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        Self::open_with(dir, &EmbeddedOptions::default())
+    }
+
+    /// [`EmbeddedStore::open`] with explicit tuning.
+    pub fn open_with(dir: &Path, options: &EmbeddedOptions) -> Result<EmbeddedStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             op: "creating data directory",
             path: dir.to_path_buf(),
             source,
         })?;
-        let path = dir.join(DB_FILE_NAME);
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        init_schema(&db)?;
-        let wal = Wal::recover(&db, &dir.join(WAL_FILE_NAME))?;
-        let db = Arc::new(db);
+        legacy::migrate_if_present(dir, options)?;
+        let path = dir.join(STORE_DIR_NAME);
+        let tables = Tables::open(&path, options)?;
+        let counters = tables.init()?;
+        let engine = Arc::new(Mutex::new(Engine {
+            tables: tables.clone(),
+            counters,
+        }));
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let writer_db = db.clone();
+        let writer_engine = engine.clone();
         let writer = std::thread::Builder::new()
             .name("dchat-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx, wal))
+            .spawn(move || writer_loop(&writer_engine, rx))
             .map_err(|source| StoreError::Io {
                 op: "spawning writer thread for",
                 path: path.clone(),
                 source,
             })?;
-        // A second handle on the file, only for fdatasync (works on a read-only handle).
-        let flush_file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
-            op: "opening for the flusher",
-            path: path.clone(),
-            source,
-        })?;
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-        let flusher = std::thread::Builder::new()
-            .name("dchat-store-flusher".into())
-            .spawn(move || flusher_loop(&flush_file, &stop_rx))
-            .map_err(|source| StoreError::Io {
-                op: "spawning flusher thread for",
-                path: path.clone(),
-                source,
-            })?;
-        tracing::info!(path = %path.display(), "embedded store opened");
+        tracing::info!(path = %path.display(), pending = counters.pending, "embedded store opened");
         Ok(EmbeddedStore {
-            db,
+            tables,
+            engine,
             path,
             tx: Some(tx),
             writer: Some(writer),
-            flusher_stop: Some(stop_tx),
-            flusher: Some(flusher),
         })
     }
 
-    /// The database file.
+    /// The database directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Writes a consistent snapshot (one read transaction) of everything the store holds
-    /// to `out`: header, records, SHA-256 trailer (format in docs/storage.md). Blocking;
+    /// Writes a consistent snapshot (one read view) of everything the store holds to
+    /// `out`: header, records, SHA-256 trailer (format in docs/storage.md). Blocking;
     /// call from a blocking thread. Concurrent writes continue and are not included.
     pub fn snapshot(
         &self,
         out: &mut (impl std::io::Write + Send),
     ) -> Result<SnapshotSummary, StoreError> {
-        snapshot::write_snapshot(&self.db, out)
+        write_snapshot(&self.tables, out)
     }
 
     /// Loads a snapshot into this store, which must be empty ([`StoreError::NotEmpty`]
-    /// otherwise). Everything is applied in one write transaction that is committed only
+    /// otherwise). Everything is applied as one atomic batch that is committed only
     /// after the trailer's checksum and the header's counts have been verified, so a
-    /// corrupt or truncated stream leaves the store unchanged. Blocking.
+    /// corrupt or truncated stream leaves the store unchanged. The batch is held in
+    /// memory until then (about twice the snapshot's size). Blocking; writes wait.
     pub fn restore(
         &self,
         input: &mut (impl std::io::Read + Send),
     ) -> Result<SnapshotSummary, StoreError> {
-        snapshot::restore_snapshot(&self.db, input)
+        let mut engine = lock(&self.engine, "restore")?;
+        apply_snapshot_locked(&mut engine, input, Apply::Restore).map(|m| m.snapshot)
     }
 
     /// Merges a snapshot into this store, which may hold data: what a blue-green slot
     /// handover does on the receiving relay. Messages it already has are skipped, so
     /// repeating a merge is harmless; nothing is committed unless the whole stream
-    /// verified.
+    /// verified. Blocking; writes wait.
     pub fn merge(
         &self,
         input: &mut (impl std::io::Read + Send),
-    ) -> Result<snapshot::MergeSummary, StoreError> {
-        snapshot::merge_snapshot(&self.db, input)
+    ) -> Result<MergeSummary, StoreError> {
+        let mut engine = lock(&self.engine, "merge")?;
+        apply_snapshot_locked(&mut engine, input, Apply::Merge)
     }
 
     async fn submit<T>(
@@ -336,88 +480,155 @@ impl EmbeddedStore {
     async fn read<T: Send + 'static>(
         &self,
         op: &'static str,
-        f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Tables) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().ctx(op)?;
-            f(&txn)
-        })
-        .await
-        .map_err(|e| StoreError::Task {
-            op,
-            reason: e.to_string(),
-        })?
+        let tables = self.tables.clone();
+        tokio::task::spawn_blocking(move || f(&tables))
+            .await
+            .map_err(|e| StoreError::Task {
+                op,
+                reason: e.to_string(),
+            })?
     }
 }
 
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
         // Closing the channel lets the writer finish the queued batches and exit; joining
-        // it releases its handle on the file so the directory can be reopened at once.
+        // it releases its handles so the directory can be reopened at once.
         self.tx.take();
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
                 tracing::error!(path = %self.path.display(), "embedded store writer panicked");
             }
         }
-        self.flusher_stop.take();
-        if let Some(flusher) = self.flusher.take() {
-            if flusher.join().is_err() {
-                tracing::error!(path = %self.path.display(), "embedded store flusher panicked");
-            }
-        }
     }
 }
 
-/// Creates the tables and checks the layout version.
-fn init_schema(db: &Database) -> Result<(), StoreError> {
-    let txn = db.begin_write().ctx("init: begin")?;
+/// The engine lock. A panic while it was held (a bug) leaves the committed state
+/// intact, but the in-memory counters may be off: refuse rather than guess.
+fn lock<'a>(
+    engine: &'a Mutex<Engine>,
+    op: &'static str,
+) -> Result<MutexGuard<'a, Engine>, StoreError> {
+    engine.lock().map_err(|_| StoreError::Task {
+        op,
+        reason: "the embedded store writer panicked earlier".into(),
+    })
+}
+
+/// Restore or merge under the engine lock: one batch, committed durably at the end.
+fn apply_snapshot_locked(
+    engine: &mut Engine,
+    input: &mut impl std::io::Read,
+    mode: Apply,
+) -> Result<MergeSummary, StoreError> {
+    let mut w = Writer::new(&engine.tables, engine.counters);
+    let summary = snapshot::apply_snapshot(&mut w, input, mode)?;
+    engine.counters = w.commit()?;
+    tracing::info!(
+        ?mode,
+        messages = summary.snapshot.messages,
+        tombstones = summary.snapshot.tombstones,
+        profiles = summary.snapshot.profiles,
+        memberships = summary.snapshot.memberships,
+        imported = summary.imported,
+        duplicates = summary.duplicates,
+        "snapshot applied"
+    );
+    Ok(summary)
+}
+
+/// Writes a snapshot of `tables` from one consistent read view.
+pub(crate) fn write_snapshot(
+    tables: &Tables,
+    out: &mut impl std::io::Write,
+) -> Result<SnapshotSummary, StoreError> {
+    use fjall::Readable;
+    let view = tables.db.snapshot();
+    let inbox = tables.ks(Table::Inbox);
+    // A tombstone is the dedup entry of an acknowledged message.
+    let tombstone = |k: &[u8], v: &[u8]| -> Result<Option<(u64, i64)>, StoreError> {
+        if is_message_key(k) {
+            return Ok(None);
+        }
+        let (seq, expires, pending) = split_dedup_record(v)?;
+        Ok((!pending).then_some((seq, expires)))
+    };
+    let next_seq = match view
+        .get(tables.ks(Table::Meta), "next_seq")
+        .ctx("snapshot: read next_seq")?
     {
-        txn.open_table(INBOX).ctx("init: open inbox")?;
-        txn.open_table(EXPIRY).ctx("init: open expiry")?;
-        txn.open_table(PROFILES).ctx("init: open profiles")?;
-        txn.open_table(MEMBERS).ctx("init: open members")?;
-        txn.open_table(CHANNELS).ctx("init: open channels")?;
-        let mut meta = txn.open_table(META).ctx("init: open meta")?;
-        let version = meta
-            .get("schema_version")
-            .ctx("init: read schema_version")?
-            .map(|v| v.value());
-        match version {
-            None => {
-                meta.insert("schema_version", SCHEMA_VERSION)
-                    .ctx("init: write schema_version")?;
-            }
-            Some(SCHEMA_VERSION) => {}
-            // Layout 2 has the same tables and no commit log: nothing to convert.
-            Some(2) => {
-                meta.insert("schema_version", SCHEMA_VERSION)
-                    .ctx("init: upgrade schema_version")?;
-                tracing::info!("embedded store upgraded from layout 2 to {SCHEMA_VERSION}");
-            }
-            Some(other) => {
-                return Err(StoreError::Corrupt {
-                    table: "meta",
-                    reason: format!(
-                        "schema_version {other}, this relay understands {SCHEMA_VERSION}"
-                    ),
-                })
-            }
+        Some(v) => decode_u64(&v, "meta")?,
+        None => 1,
+    };
+    // Count first, in the same view, so the header carries exact counts.
+    let mut counts = SnapshotCounts {
+        next_seq,
+        ..SnapshotCounts::default()
+    };
+    for entry in view.iter(inbox) {
+        let (k, v) = entry.into_inner().ctx("snapshot: scan inbox")?;
+        if is_message_key(&k) {
+            counts.messages += 1;
+        } else if tombstone(&k, &v)?.is_some() {
+            counts.tombstones += 1;
         }
     }
-    txn.commit().ctx("init: commit")?;
-    Ok(())
+    for entry in view.iter(tables.ks(Table::Profiles)) {
+        entry.key().ctx("snapshot: scan profiles")?;
+        counts.profiles += 1;
+    }
+    for entry in view.iter(tables.ks(Table::Members)) {
+        entry.key().ctx("snapshot: scan members")?;
+        counts.memberships += 1;
+    }
+
+    let mut w = SnapshotWriter::start(out, counts)?;
+    for entry in view.iter(inbox) {
+        let (k, v) = entry.into_inner().ctx("snapshot: scan inbox")?;
+        if is_message_key(&k) {
+            w.message(seq_of_message_key(&k)?, &v)?;
+        }
+    }
+    for entry in view.iter(inbox) {
+        let (k, v) = entry.into_inner().ctx("snapshot: scan inbox")?;
+        if let Some((seq, expires)) = tombstone(&k, &v)? {
+            w.tombstone(&k, seq, expires)?;
+        }
+    }
+    for entry in view.iter(tables.ks(Table::Profiles)) {
+        let (k, v) = entry.into_inner().ctx("snapshot: scan profiles")?;
+        w.profile(&k, &v)?;
+    }
+    for entry in view.iter(tables.ks(Table::Members)) {
+        let k = entry.key().ctx("snapshot: scan members")?;
+        w.membership(&k)?;
+    }
+    w.finish()
 }
 
 /// The writer thread: batch everything queued, make it durable once, answer everyone.
-/// When the channel closes it checkpoints, so a clean shutdown leaves nothing to replay.
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>, mut wal: Wal) {
-    while let Some(first) = rx.blocking_recv() {
+fn writer_loop(engine: &Mutex<Engine>, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut carried: Option<WriteOp> = None;
+    loop {
+        let first = match carried.take() {
+            Some(op) => op,
+            None => match rx.blocking_recv() {
+                Some(op) => op,
+                None => break,
+            },
+        };
+        let alone = matches!(first, WriteOp::Expire { .. });
         let mut messages = first.message_count();
         let mut batch = vec![first];
-        while messages < MAX_BATCH_MESSAGES {
+        while !alone && messages < MAX_BATCH_MESSAGES {
             match rx.try_recv() {
+                // An expiry scan reads the committed index: it starts the next batch.
+                Ok(op @ WriteOp::Expire { .. }) => {
+                    carried = Some(op);
+                    break;
+                }
                 Ok(op) => {
                     messages += op.message_count();
                     batch.push(op);
@@ -425,36 +636,36 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>, mut wal: Wal) {
                 Err(_) => break,
             }
         }
-        run_batch(db, &mut wal, batch);
+        run_batch(engine, batch);
     }
-    if wal.poisoned.is_none() {
-        if let Err(e) = wal.checkpoint(db) {
-            tracing::warn!(error = %e, "final checkpoint failed; the commit log will be replayed at the next open");
+    match lock(engine, "close") {
+        Ok(e) => {
+            if let Err(e) = e.tables.db.persist(PersistMode::SyncAll) {
+                tracing::warn!(error = %e, "embedded store: final journal sync failed");
+            }
         }
+        Err(e) => tracing::warn!(error = %e, "embedded store: closing"),
     }
     tracing::debug!("embedded store writer stopped");
 }
 
-/// Every [`FLUSH_INTERVAL`] until stopped: fdatasync the redb file. Batches committed
-/// through the commit log leave their B-tree pages dirty in the page cache; writing them
-/// back continuously, off the writer thread, leaves little for the next checkpoint's
-/// fsync, which otherwise stalls every writer behind it. Flushing pages early never
-/// changes what a crash recovers: only a durable commit writes the header that makes
-/// pages reachable (the kernel's own writeback may flush them at any time as well).
-fn flusher_loop(file: &std::fs::File, stop: &std::sync::mpsc::Receiver<()>) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(FLUSH_INTERVAL) {
-        if let Err(e) = file.sync_data() {
-            // Not a durability problem (checkpoints fsync themselves), only a lost optimisation.
-            tracing::debug!(error = %e, "embedded store flusher: fdatasync failed");
+/// Applies `batch` as one atomic write. If the batch fails as a whole, each op is
+/// retried in a batch of its own so one bad op cannot fail its neighbours.
+fn run_batch(engine: &Mutex<Engine>, batch: Vec<WriteOp>) {
+    let mut engine = match lock(engine, "write") {
+        Ok(e) => e,
+        Err(e) => {
+            for op in batch {
+                op.answer(Err(StoreError::Task {
+                    op: "write",
+                    reason: e.to_string(),
+                }));
+            }
+            return;
         }
-    }
-}
-
-/// Applies `batch` in one transaction. If the batch fails as a whole, each op is retried
-/// in a transaction of its own so one bad op cannot fail its neighbours.
-fn run_batch(db: &Database, wal: &mut Wal, batch: Vec<WriteOp>) {
+    };
     let size = batch.len();
-    match commit_ops(db, wal, &batch) {
+    match commit_ops(&mut engine, &batch) {
         Ok(answers) => {
             tracing::trace!(ops = size, "group commit");
             for (op, ans) in batch.into_iter().zip(answers) {
@@ -470,444 +681,153 @@ fn run_batch(db: &Database, wal: &mut Wal, batch: Vec<WriteOp>) {
             tracing::warn!(ops = size, error = %e, "batch commit failed; retrying ops one by one");
             for op in batch {
                 let single = std::slice::from_ref(&op);
-                let res = commit_ops(db, wal, single).map(|mut a| a.remove(0));
+                let res = commit_ops(&mut engine, single).map(|mut a| a.remove(0));
                 op.answer(res);
             }
         }
     }
 }
 
-/// Applies `ops` in one write transaction and makes it durable — through the commit log
-/// or as a checkpoint — before returning the answers in op order.
-fn commit_ops(db: &Database, wal: &mut Wal, ops: &[WriteOp]) -> Result<Vec<Answer>, StoreError> {
-    if let Some(reason) = &wal.poisoned {
-        return Err(StoreError::Io {
-            op: "writing (commit log unusable since an earlier failure)",
-            path: wal.path.clone(),
-            source: std::io::Error::other(reason.clone()),
-        });
+/// Applies `ops` in one batch and makes it durable before returning the answers in op
+/// order. On error nothing of `ops` was written and the counters are unchanged.
+fn commit_ops(engine: &mut Engine, ops: &[WriteOp]) -> Result<Vec<Answer>, StoreError> {
+    let mut w = Writer::new(&engine.tables, engine.counters);
+    let mut answers = Vec::with_capacity(ops.len());
+    for op in ops {
+        answers.push(w.apply(op)?);
     }
-    let checkpoint = ops.iter().any(|op| matches!(op, WriteOp::Barrier { .. }))
-        || wal.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
-        || wal.off >= CHECKPOINT_BYTES;
-    let first_lsn = wal.log.next_lsn;
-    let (txn, answers) = match apply_all(db, ops, &mut wal.log, checkpoint) {
-        Ok(x) => x,
-        Err(e) => {
-            wal.log.discard(first_lsn);
-            return Err(e);
-        }
-    };
-    if checkpoint {
-        // A durable redb commit: the batch's log records are not needed. If it fails
-        // nothing happened, and the numbers are reused so the log has no gap.
-        if let Err(e) = txn.commit() {
-            wal.log.discard(first_lsn);
-            return Err(e).ctx("write: commit");
-        }
-        wal.log.discard(wal.log.next_lsn);
-        wal.checkpointed();
-        return Ok(answers);
-    }
-    // Durable first (log fsync), then visible (redb commit without fsync).
-    if let Err(e) = wal.append() {
-        drop(txn);
-        wal.log.discard(first_lsn);
-        wal.recover_after_failure(db);
-        return Err(e);
-    }
-    if let Err(e) = txn.commit() {
-        // The appended records describe a transaction that did not happen: a checkpoint
-        // (new epoch) makes them dead before anything else is logged.
-        wal.recover_after_failure(db);
-        return Err(e).ctx("write: commit");
+    let barrier = ops.iter().any(|op| matches!(op, WriteOp::Barrier { .. }));
+    engine.counters = w.commit()?;
+    if barrier {
+        engine
+            .tables
+            .db
+            .persist(PersistMode::SyncAll)
+            .ctx("barrier: sync journal")?;
     }
     Ok(answers)
 }
 
-/// One write transaction over `ops`, not yet committed; answers in op order. Its
-/// changes are appended to `log`. A `checkpoint` transaction commits durably and starts
-/// a new log epoch; any other commits without fsync (the log makes it durable).
-fn apply_all(
-    db: &Database,
-    ops: &[WriteOp],
-    log: &mut LogBuf,
-    checkpoint: bool,
-) -> Result<(WriteTransaction, Vec<Answer>), StoreError> {
-    let mut txn = db.begin_write().ctx("write: begin")?;
-    if !checkpoint {
-        txn.set_durability(Durability::None)
-            .ctx("write: set durability")?;
-    }
-    let mut answers = Vec::with_capacity(ops.len());
-    {
-        let first_lsn = log.next_lsn;
-        let mut w = Writer::new(&txn)?;
-        for op in ops {
-            answers.push(w.apply(op, log)?);
-        }
-        if log.next_lsn != first_lsn {
-            w.meta
-                .insert("wal_lsn", log.next_lsn - 1)
-                .ctx("write: store wal_lsn")?;
-        }
-        if checkpoint {
-            w.meta
-                .insert("wal_epoch", log.epoch + 1)
-                .ctx("write: store wal_epoch")?;
-        }
-        w.finish()?;
-    }
-    Ok((txn, answers))
-}
-
-/// Log records of the batch being applied (not yet written to the file).
-struct LogBuf {
-    buf: Vec<u8>,
-    /// Epoch written into every record; records of other epochs are dead.
-    epoch: u64,
-    /// Sequence number of the next record.
-    next_lsn: u64,
-}
-
-impl LogBuf {
-    /// Appends one record whose body `body` writes.
-    fn push(&mut self, body: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&WAL_MAGIC.to_be_bytes());
-        self.buf.extend_from_slice(&[0; 4]);
-        self.buf.extend_from_slice(&self.epoch.to_be_bytes());
-        self.buf.extend_from_slice(&self.next_lsn.to_be_bytes());
-        body(&mut self.buf);
-        // Bodies are bounded by the relay's frame limit, far below u32::MAX.
-        let len = (self.buf.len() - start - WAL_HEAD) as u32;
-        self.buf[start + 4..start + 8].copy_from_slice(&len.to_be_bytes());
-        let sum = fnv1a64(&self.buf[start..]);
-        self.buf.extend_from_slice(&sum.to_be_bytes());
-        self.next_lsn += 1;
-    }
-
-    /// Drops the buffered records; the next record gets `next_lsn`.
-    fn discard(&mut self, next_lsn: u64) {
-        self.buf.clear();
-        self.next_lsn = next_lsn;
-    }
-}
-
-/// The commit log file and the writer's position in it.
-struct Wal {
-    file: std::fs::File,
-    path: PathBuf,
-    /// Where the next records are written (0 after every checkpoint: the file is
-    /// overwritten in place, so an fsync rarely has to extend it).
-    off: u64,
-    /// Bytes of the file already written (zeros or old records).
-    allocated: u64,
-    log: LogBuf,
-    last_checkpoint: Instant,
-    /// Set when a failed write could not be repaired by a checkpoint: every later write
-    /// fails rather than risk logging after records of an unknown state.
-    poisoned: Option<String>,
-}
-
-impl Wal {
-    /// Opens the log next to the database and replays its live records (those of the
-    /// current epoch newer than the last checkpoint) in one durable transaction that
-    /// also starts a new epoch.
-    fn recover(db: &Database, path: &Path) -> Result<Wal, StoreError> {
-        let io = |op: &'static str| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { op, path, source }
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io("opening commit log"))?;
-        let data = std::fs::read(path).map_err(io("reading commit log"))?;
-        let allocated = data.len() as u64;
-        let txn = db.begin_write().ctx("recover: begin")?;
-        let (epoch, next_lsn, replayed) = {
-            let mut w = Writer::new(&txn)?;
-            let meta_u64 = |w: &Writer<'_>, k: &str| -> Result<u64, StoreError> {
-                Ok(w.meta
-                    .get(k)
-                    .ctx("recover: read meta")?
-                    .map(|v| v.value())
-                    .unwrap_or(0))
-            };
-            let epoch = meta_u64(&w, "wal_epoch")?;
-            let applied = meta_u64(&w, "wal_lsn")?;
-            let mut last = applied;
-            let mut replayed = 0u64;
-            for (lsn, op) in scan_log(&data, epoch)? {
-                if lsn <= applied {
-                    continue;
-                }
-                replay(&mut w, &op)?;
-                last = lsn;
-                replayed += 1;
-            }
-            w.meta
-                .insert("wal_lsn", last)
-                .ctx("recover: store wal_lsn")?;
-            w.meta
-                .insert("wal_epoch", epoch + 1)
-                .ctx("recover: store wal_epoch")?;
-            w.finish()?;
-            (epoch + 1, last + 1, replayed)
-        };
-        txn.commit().ctx("recover: commit")?;
-        if replayed > 0 {
-            tracing::info!(
-                records = replayed,
-                "embedded store: replayed the commit log"
-            );
-        }
-        Ok(Wal {
-            file,
-            path: path.to_path_buf(),
-            off: 0,
-            allocated,
-            log: LogBuf {
-                buf: Vec::new(),
-                epoch,
-                next_lsn,
-            },
-            last_checkpoint: Instant::now(),
-            poisoned: None,
-        })
-    }
-
-    /// Writes the buffered records at the current position and fsyncs them.
-    fn append(&mut self) -> Result<(), StoreError> {
-        if self.log.buf.is_empty() {
-            return Ok(());
-        }
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { op, path, source }
-        };
-        let end = self.off + self.log.buf.len() as u64;
-        if end > self.allocated {
-            // Grow by at least doubling, so extensions (and their metadata commits) are rare.
-            let target = end.max(self.allocated * 2).max(WAL_GROW_MIN);
-            let zeros = vec![0u8; (target - self.allocated) as usize];
-            self.file
-                .write_all_at(&zeros, self.allocated)
-                .map_err(io("extending commit log", &self.path))?;
-            self.allocated = target;
-        }
-        self.file
-            .write_all_at(&self.log.buf, self.off)
-            .map_err(io("writing commit log", &self.path))?;
-        self.file
-            .sync_data()
-            .map_err(io("syncing commit log", &self.path))?;
-        self.off += self.log.buf.len() as u64;
-        self.log.buf.clear();
-        Ok(())
-    }
-
-    /// A durable redb commit that starts a new epoch: every record logged so far is in
-    /// the database file now, and the log is rewritten from its start.
-    fn checkpoint(&mut self, db: &Database) -> Result<(), StoreError> {
-        let txn = db.begin_write().ctx("checkpoint: begin")?;
-        {
-            let mut meta = txn.open_table(META).ctx("checkpoint: open meta")?;
-            meta.insert("wal_epoch", self.log.epoch + 1)
-                .ctx("checkpoint: store wal_epoch")?;
-        }
-        txn.commit().ctx("checkpoint: commit")?;
-        self.checkpointed();
-        Ok(())
-    }
-
-    /// Bookkeeping after a durable commit that stored `wal_epoch = epoch + 1`.
-    fn checkpointed(&mut self) {
-        self.log.epoch += 1;
-        self.log.buf.clear();
-        self.off = 0;
-        self.last_checkpoint = Instant::now();
-    }
-
-    /// After a failed log write or commit: checkpoint so that whatever reached the log
-    /// is dead; if even that fails, refuse further writes.
-    fn recover_after_failure(&mut self, db: &Database) {
-        if let Err(e) = self.checkpoint(db) {
-            tracing::error!(error = %e, "embedded store: checkpoint after a failed write failed; refusing further writes");
-            self.poisoned = Some(e.to_string());
-        }
-    }
-}
-
-/// The valid records of `epoch` at the start of `data`, in order: a record ends the scan
-/// when its magic, length or checksum is wrong (a torn or never-written tail), when it
-/// belongs to another epoch (left over from before a checkpoint), or when its lsn does
-/// not follow the previous one. A record that passes the checksum but does not decode is
-/// corruption, an error.
-fn scan_log(data: &[u8], epoch: u64) -> Result<Vec<(u64, LogOp)>, StoreError> {
-    let u32_at = |p: usize| u32::from_be_bytes([data[p], data[p + 1], data[p + 2], data[p + 3]]);
-    let u64_at = |p: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&data[p..p + 8]);
-        u64::from_be_bytes(a)
-    };
-    let mut out: Vec<(u64, LogOp)> = Vec::new();
-    let mut pos = 0usize;
-    while pos + WAL_HEAD <= data.len() {
-        if u32_at(pos) != WAL_MAGIC {
-            break;
-        }
-        let len = u32_at(pos + 4) as usize;
-        if len > WAL_MAX_BODY {
-            break;
-        }
-        let end = pos + WAL_HEAD + len;
-        if end + 8 > data.len() || u64_at(end) != fnv1a64(&data[pos..end]) {
-            break;
-        }
-        let lsn = u64_at(pos + 16);
-        if u64_at(pos + 8) != epoch || out.last().is_some_and(|(prev, _)| lsn != prev + 1) {
-            break;
-        }
-        let op =
-            decode_log_op(&data[pos + WAL_HEAD..end]).map_err(|reason| StoreError::Corrupt {
-                table: "commit log",
-                reason: format!("record lsn {lsn} at byte {pos}: {reason}"),
-            })?;
-        out.push((lsn, op));
-        pos = end + 8;
-    }
-    Ok(out)
-}
-
-/// Applies one logged change again, exactly as the writer had applied it.
-fn replay(w: &mut Writer<'_>, op: &LogOp) -> Result<(), StoreError> {
-    match op {
-        LogOp::Put { seq, msg } => {
-            let dk = dedup_key(&msg.recipient, &msg.sender, &msg.id);
-            w.insert_message(*seq, msg, &dk)?;
-            w.next_seq = w.next_seq.max(seq + 1);
-        }
-        LogOp::Ack { recipient, keys } => {
-            w.ack(recipient, keys)?;
-        }
-        LogOp::Expire {
-            now_ms,
-            max_entries,
-        } => {
-            let max = usize::try_from(*max_entries).unwrap_or(usize::MAX);
-            w.expire(*now_ms, max)?;
-        }
-        LogOp::Profile {
-            key,
-            updated_ms,
-            blob,
-        } => {
-            w.put_profile(key, blob, *updated_ms)?;
-        }
-        LogOp::Membership {
-            channel,
-            member,
-            join,
-        } => {
-            if *join {
-                w.join(channel, member)?;
-            } else {
-                w.leave(channel, member)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The open tables of one write transaction.
+/// One batch being built: the fjall write batch plus the same writes staged in maps,
+/// so that reads by later operations of the batch see them (`None` = removed).
 pub(crate) struct Writer<'t> {
-    pub(crate) inbox: redb::Table<'t, &'static [u8], &'static [u8]>,
-    pub(crate) expiry: redb::Table<'t, &'static [u8], &'static [u8]>,
-    pub(crate) profiles: redb::Table<'t, &'static [u8], &'static [u8]>,
-    pub(crate) members: redb::Table<'t, &'static [u8], ()>,
-    pub(crate) channels: redb::Table<'t, &'static str, u64>,
-    pub(crate) meta: redb::Table<'t, &'static str, u64>,
-    pub(crate) next_seq: u64,
-    /// Messages stored and not yet acknowledged or expired (for `stats`).
-    pub(crate) pending_count: u64,
+    tables: &'t Tables,
+    batch: fjall::OwnedWriteBatch,
+    staged: [foldhash::HashMap<Slice, Option<Slice>>; 6],
+    dirty: bool,
+    /// Counters as of the end of this batch.
+    pub(crate) counters: Counters,
 }
 
 impl<'t> Writer<'t> {
-    pub(crate) fn new(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
-        let meta = txn.open_table(META).ctx("write: open meta")?;
-        let next_seq = meta
-            .get("next_seq")
-            .ctx("write: read next_seq")?
-            .map(|v| v.value())
-            .unwrap_or(1);
-        let pending_count = meta
-            .get("pending_count")
-            .ctx("write: read pending_count")?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        Ok(Writer {
-            inbox: txn.open_table(INBOX).ctx("write: open inbox")?,
-            expiry: txn.open_table(EXPIRY).ctx("write: open expiry")?,
-            profiles: txn.open_table(PROFILES).ctx("write: open profiles")?,
-            members: txn.open_table(MEMBERS).ctx("write: open members")?,
-            channels: txn.open_table(CHANNELS).ctx("write: open channels")?,
-            meta,
-            next_seq,
-            pending_count,
-        })
+    fn new(tables: &'t Tables, counters: Counters) -> Self {
+        Writer {
+            tables,
+            batch: tables.db.batch(),
+            staged: Default::default(),
+            dirty: false,
+            counters,
+        }
     }
 
-    /// Persists the counters; call once before commit.
-    pub(crate) fn finish(&mut self) -> Result<(), StoreError> {
-        self.meta
-            .insert("next_seq", self.next_seq)
-            .ctx("write: store next_seq")?;
-        self.meta
-            .insert("pending_count", self.pending_count)
-            .ctx("write: store pending_count")?;
-        Ok(())
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Slice>, StoreError> {
+        if let Some(v) = self.staged[table as usize].get(key) {
+            return Ok(v.clone());
+        }
+        self.tables.ks(table).get(key).ctx("write: read")
     }
 
-    /// Applies one queued op and logs every change it made (nothing for a duplicate
-    /// put, an ack that removed nothing or a profile that was not newer).
-    fn apply(&mut self, op: &WriteOp, log: &mut LogBuf) -> Result<Answer, StoreError> {
+    fn contains(&self, table: Table, key: &[u8]) -> Result<bool, StoreError> {
+        if let Some(v) = self.staged[table as usize].get(key) {
+            return Ok(v.is_some());
+        }
+        self.tables.ks(table).contains_key(key).ctx("write: read")
+    }
+
+    fn insert(&mut self, table: Table, key: &[u8], value: &[u8]) {
+        // One copy each; the batch and the staging map share it (reference counted).
+        let (key, value) = (Slice::from(key), Slice::from(value));
+        self.batch
+            .insert(self.tables.ks(table), key.clone(), value.clone());
+        self.staged[table as usize].insert(key, Some(value));
+        self.dirty = true;
+    }
+
+    fn remove(&mut self, table: Table, key: &[u8]) {
+        let key = Slice::from(key);
+        self.batch.remove(self.tables.ks(table), key.clone());
+        self.staged[table as usize].insert(key, None);
+        self.dirty = true;
+    }
+
+    /// Commits the batch (with the counters) durably: the journal is fsync'd before the
+    /// batch becomes visible. Returns the new counters.
+    fn commit(self) -> Result<Counters, StoreError> {
+        if !self.dirty {
+            return Ok(self.counters);
+        }
+        let Writer {
+            tables,
+            mut batch,
+            counters,
+            ..
+        } = self;
+        let meta = tables.ks(Table::Meta);
+        for (k, v) in [
+            ("next_seq", counters.next_seq),
+            ("pending_count", counters.pending),
+            ("profile_count", counters.profiles),
+            ("channel_count", counters.channels),
+        ] {
+            batch.insert(meta, k, v.to_be_bytes());
+        }
+        batch
+            .durability(Some(PersistMode::SyncData))
+            .commit()
+            .ctx("write: commit")?;
+        Ok(counters)
+    }
+
+    /// What the store already holds, for a restore's emptiness check.
+    pub(crate) fn contents(&self) -> Result<Option<String>, StoreError> {
+        let mut found = Vec::new();
+        for (table, what) in [
+            (Table::Inbox, "inbox entries (messages or dedup)"),
+            (Table::Profiles, "profiles"),
+            (Table::Members, "channel memberships"),
+        ] {
+            let non_empty = !self.staged[table as usize].is_empty()
+                || !self
+                    .tables
+                    .ks(table)
+                    .is_empty()
+                    .ctx("restore: check empty")?;
+            if non_empty {
+                found.push(what);
+            }
+        }
+        Ok((!found.is_empty()).then(|| found.join(", ")))
+    }
+
+    /// Applies one queued op.
+    fn apply(&mut self, op: &WriteOp) -> Result<Answer, StoreError> {
         Ok(match op {
             WriteOp::Put { msgs, .. } => {
                 let mut out = Vec::with_capacity(msgs.len());
                 for m in msgs {
-                    let outcome = self.put(m)?;
-                    if let PutOutcome::Stored { seq } = outcome {
-                        log.push(|b| encode_log_put(b, seq, m));
-                    }
-                    out.push(outcome);
+                    out.push(self.put(m)?);
                 }
                 Answer::Outcomes(out)
             }
             WriteOp::Ack {
                 recipient, keys, ..
-            } => {
-                let removed = self.ack(recipient, keys)?;
-                if removed > 0 {
-                    log.push(|b| encode_log_ack(b, recipient, keys));
-                }
-                Answer::Count(removed)
-            }
+            } => Answer::Count(self.ack(recipient, keys)?),
             WriteOp::Expire {
                 now_ms,
                 max_entries,
                 ..
             } => {
                 let (removed, more) = self.expire(*now_ms, *max_entries)?;
-                let op = LogOp::Expire {
-                    now_ms: *now_ms,
-                    max_entries: *max_entries as u64,
-                };
-                log.push(|b| encode_log_op(b, &op));
                 Answer::Expired(removed, more)
             }
             WriteOp::PutProfile {
@@ -915,18 +835,7 @@ impl<'t> Writer<'t> {
                 profile,
                 updated_ms,
                 ..
-            } => {
-                let stored = self.put_profile(key, profile, *updated_ms)?;
-                if stored {
-                    let op = LogOp::Profile {
-                        key: *key,
-                        updated_ms: *updated_ms,
-                        blob: profile.clone(),
-                    };
-                    log.push(|b| encode_log_op(b, &op));
-                }
-                Answer::Flag(stored)
-            }
+            } => Answer::Flag(self.put_profile(key, profile, *updated_ms)?),
             WriteOp::Membership {
                 channel,
                 member,
@@ -938,12 +847,6 @@ impl<'t> Writer<'t> {
                 } else {
                     self.leave(channel, member)?;
                 }
-                let op = LogOp::Membership {
-                    channel: channel.clone(),
-                    member: *member,
-                    join: *join,
-                };
-                log.push(|b| encode_log_op(b, &op));
                 Answer::Unit
             }
             WriteOp::Barrier { .. } => Answer::Unit,
@@ -952,49 +855,48 @@ impl<'t> Writer<'t> {
 
     fn put(&mut self, m: &StoredMessage) -> Result<PutOutcome, StoreError> {
         let dk = dedup_key(&m.recipient, &m.sender, &m.id);
-        if self
-            .inbox
-            .get(dk.as_slice())
-            .ctx("put: read inbox dedup entry")?
-            .is_some()
-        {
+        if self.has_dedup(&dk)? {
             return Ok(PutOutcome::Duplicate);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.insert_message(seq, m, &dk)?;
+        let seq = self.counters.next_seq;
+        self.counters.next_seq += 1;
+        self.insert_message(seq, m, &dk);
         Ok(PutOutcome::Stored { seq })
     }
 
-    /// Writes a message, its dedup entry and its expiry index entry.
-    pub(crate) fn insert_message(
-        &mut self,
-        seq: u64,
-        m: &StoredMessage,
-        dk: &[u8],
-    ) -> Result<(), StoreError> {
-        let rec = encode_message(m);
-        self.inbox
-            .insert(message_key(&m.recipient, seq).as_slice(), rec.as_slice())
-            .ctx("put: insert inbox message")?;
-        self.pending_count += 1;
-        self.insert_dedup(dk, seq, m.expires_at_ms)
+    /// Whether the inbox has a dedup entry for this key (the message is pending or was
+    /// acknowledged and has not expired).
+    pub(crate) fn has_dedup(&self, dk: &[u8]) -> Result<bool, StoreError> {
+        self.contains(Table::Inbox, dk)
     }
 
-    /// Writes a dedup entry and its expiry index entry.
-    pub(crate) fn insert_dedup(
-        &mut self,
-        dk: &[u8],
-        seq: u64,
-        expires_at_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.inbox
-            .insert(dk, dedup_value(seq, expires_at_ms).as_slice())
-            .ctx("put: insert inbox dedup entry")?;
-        self.expiry
-            .insert(expiry_key(expires_at_ms, seq).as_slice(), dk)
-            .ctx("put: insert expiry")?;
-        Ok(())
+    /// Writes a message, its (pending) dedup entry and its expiry index entry.
+    pub(crate) fn insert_message(&mut self, seq: u64, m: &StoredMessage, dk: &[u8]) {
+        self.insert(
+            Table::Inbox,
+            &message_key(&m.recipient, seq),
+            &encode_message(m),
+        );
+        self.counters.pending += 1;
+        self.insert_dedup_entry(dk, seq, m.expires_at_ms, DEDUP_PENDING);
+    }
+
+    /// Writes the dedup entry of an acknowledged message (a snapshot tombstone) and its
+    /// expiry index entry.
+    pub(crate) fn insert_dedup(&mut self, dk: &[u8], seq: u64, expires_at_ms: i64) {
+        self.insert_dedup_entry(dk, seq, expires_at_ms, DEDUP_ACKED);
+    }
+
+    fn insert_dedup_entry(&mut self, dk: &[u8], seq: u64, expires_at_ms: i64, state: u8) {
+        self.insert(Table::Inbox, dk, &dedup_record(seq, expires_at_ms, state));
+        self.insert(Table::Expiry, &expiry_key(expires_at_ms, seq), dk);
+    }
+
+    /// Takes the next sequence number (merge assigns fresh ones).
+    pub(crate) fn take_seq(&mut self) -> u64 {
+        let seq = self.counters.next_seq;
+        self.counters.next_seq += 1;
+        seq
     }
 
     fn ack(
@@ -1005,190 +907,135 @@ impl<'t> Writer<'t> {
         let mut removed = 0;
         for (sender, id) in keys {
             let dk = dedup_key(recipient, sender, id);
-            let seq = match self
-                .inbox
-                .get(dk.as_slice())
-                .ctx("ack: read inbox dedup entry")?
-            {
-                Some(v) => {
-                    split_dedup_value(v.value())
-                        .map_err(|reason| StoreError::Corrupt {
-                            table: "inbox",
-                            reason,
-                        })?
-                        .0
-                }
-                None => continue,
+            let Some(v) = self.get(Table::Inbox, &dk)? else {
+                continue;
             };
+            let (seq, expires, pending) = split_dedup_record(&v)?;
+            if !pending {
+                continue;
+            }
             // The dedup entry stays until expiry: a retry of an acknowledged id must
             // still be recognised as a duplicate.
-            if self
-                .inbox
-                .remove(message_key(recipient, seq).as_slice())
-                .ctx("ack: remove inbox message")?
-                .is_some()
-            {
-                self.pending_count = self.pending_count.saturating_sub(1);
-                removed += 1;
-            }
+            self.remove(Table::Inbox, &message_key(recipient, seq));
+            self.insert(Table::Inbox, &dk, &dedup_record(seq, expires, DEDUP_ACKED));
+            self.counters.pending = self.counters.pending.saturating_sub(1);
+            removed += 1;
         }
         Ok(removed)
     }
 
+    /// Removes up to `max_entries` due expiry entries. Reads the committed expiry
+    /// index, so it runs first in its batch (the writer loop sees to that).
     fn expire(&mut self, now_ms: i64, max_entries: usize) -> Result<(u64, bool), StoreError> {
         let upper = expiry_key(now_ms, u64::MAX);
         // One more than the chunk tells whether another round is needed.
-        let mut due: Vec<(Vec<u8>, Vec<u8>)> = self
-            .expiry
-            .range::<&[u8]>(..=upper.as_slice())
-            .ctx("expire: scan expiry")?
+        let mut due = Vec::new();
+        for entry in self
+            .tables
+            .ks(Table::Expiry)
+            .range(..=upper.as_slice())
             .take(max_entries + 1)
-            .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
-            .collect::<Result<_, _>>()
-            .ctx("expire: read expiry")?;
+        {
+            let (k, v) = entry.into_inner().ctx("expire: scan expiry")?;
+            due.push((k, v));
+        }
         let more = due.len() > max_entries;
         due.truncate(max_entries);
         let mut removed = 0;
         for (ek, dk) in due {
-            self.expiry
-                .remove(ek.as_slice())
-                .ctx("expire: remove expiry")?;
-            let seq =
-                u64::from_be_bytes(ek[8..16].try_into().map_err(|_| StoreError::Corrupt {
+            self.remove(Table::Expiry, &ek);
+            let seq = ek
+                .get(8..16)
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
                     table: "expiry",
                     reason: format!("key of {} bytes", ek.len()),
-                })?);
-            if dk.len() < 32 {
-                return Err(StoreError::Corrupt {
-                    table: "expiry",
-                    reason: format!("dedup key of {} bytes", dk.len()),
-                });
-            }
-            let mut recipient = [0u8; 32];
-            recipient.copy_from_slice(&dk[..32]);
-            if self
-                .inbox
-                .remove(message_key(&recipient, seq).as_slice())
-                .ctx("expire: remove inbox message")?
-                .is_some()
-            {
-                self.pending_count = self.pending_count.saturating_sub(1);
-                removed += 1;
-            }
-            // Only drop the dedup entry if it still belongs to this seq.
-            let current = self
-                .inbox
-                .get(dk.as_slice())
-                .ctx("expire: read inbox dedup entry")?
-                .map(|v| split_dedup_value(v.value()));
-            if let Some(Ok((s, _))) = current {
-                if s == seq {
-                    self.inbox
-                        .remove(dk.as_slice())
-                        .ctx("expire: remove inbox dedup entry")?;
+                })?;
+            let recipient: PublicKey =
+                dk.get(..32)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        table: "expiry",
+                        reason: format!("dedup key of {} bytes", dk.len()),
+                    })?;
+            // Only an entry that still belongs to this seq is removed (with its
+            // message, if that was not acknowledged yet).
+            if let Some(v) = self.get(Table::Inbox, &dk)? {
+                let (current, _, pending) = split_dedup_record(&v)?;
+                if current == seq {
+                    self.remove(Table::Inbox, &dk);
+                    if pending {
+                        self.remove(Table::Inbox, &message_key(&recipient, seq));
+                        self.counters.pending = self.counters.pending.saturating_sub(1);
+                        removed += 1;
+                    }
                 }
             }
         }
         Ok((removed, more))
     }
 
+    /// Stores a profile if it is newer than the stored one; whether it was stored.
     pub(crate) fn put_profile(
         &mut self,
         key: &PublicKey,
         profile: &[u8],
         updated_ms: i64,
     ) -> Result<bool, StoreError> {
-        if let Some(old) = self
-            .profiles
-            .get(key.as_slice())
-            .ctx("put_profile: read profiles")?
-        {
-            let (old_updated, _) = split_profile(old.value())?;
-            if old_updated >= updated_ms {
-                return Ok(false);
+        match self.get(Table::Profiles, key)? {
+            Some(old) => {
+                let (old_updated, _) = split_profile(&old)?;
+                if old_updated >= updated_ms {
+                    return Ok(false);
+                }
             }
+            None => self.counters.profiles += 1,
         }
         let mut v = Vec::with_capacity(8 + profile.len());
         v.extend_from_slice(&updated_ms.to_be_bytes());
         v.extend_from_slice(profile);
-        self.profiles
-            .insert(key.as_slice(), v.as_slice())
-            .ctx("put_profile: insert profiles")?;
+        self.insert(Table::Profiles, key, &v);
         Ok(true)
     }
 
+    fn channel_count(&self, channel: &str) -> Result<u64, StoreError> {
+        match self.get(Table::Channels, channel.as_bytes())? {
+            Some(v) => decode_u64(&v, "channels"),
+            None => Ok(0),
+        }
+    }
+
+    /// Adds a persistent membership (joining twice is one membership).
     pub(crate) fn join(&mut self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
         let k = member_key(channel, member);
-        let was = self
-            .members
-            .insert(k.as_slice(), ())
-            .ctx("join: insert members")?
-            .is_some();
-        if !was {
-            let n = self
-                .channels
-                .get(channel)
-                .ctx("join: read channels")?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            self.channels
-                .insert(channel, n + 1)
-                .ctx("join: update channels")?;
+        if self.contains(Table::Members, &k)? {
+            return Ok(());
         }
+        self.insert(Table::Members, &k, &[]);
+        let n = self.channel_count(channel)?;
+        if n == 0 {
+            self.counters.channels += 1;
+        }
+        self.insert(Table::Channels, channel.as_bytes(), &(n + 1).to_be_bytes());
         Ok(())
     }
 
     fn leave(&mut self, channel: &str, member: &PublicKey) -> Result<(), StoreError> {
         let k = member_key(channel, member);
-        let was = self
-            .members
-            .remove(k.as_slice())
-            .ctx("leave: remove members")?
-            .is_some();
-        if was {
-            let n = self
-                .channels
-                .get(channel)
-                .ctx("leave: read channels")?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            if n <= 1 {
-                self.channels
-                    .remove(channel)
-                    .ctx("leave: remove channels")?;
-            } else {
-                self.channels
-                    .insert(channel, n - 1)
-                    .ctx("leave: update channels")?;
-            }
+        if !self.contains(Table::Members, &k)? {
+            return Ok(());
+        }
+        self.remove(Table::Members, &k);
+        let n = self.channel_count(channel)?;
+        if n <= 1 {
+            self.remove(Table::Channels, channel.as_bytes());
+            self.counters.channels = self.counters.channels.saturating_sub(1);
+        } else {
+            self.insert(Table::Channels, channel.as_bytes(), &(n - 1).to_be_bytes());
         }
         Ok(())
     }
-}
-
-/// The seq of an inbox message key (`recipient ‖ 0x00 ‖ seq`).
-pub(crate) fn seq_of_message_key(k: &[u8]) -> Result<u64, StoreError> {
-    <[u8; 8]>::try_from(k.get(33..41).unwrap_or_default())
-        .ok()
-        .filter(|_| k.len() == 41)
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| StoreError::Corrupt {
-            table: "inbox",
-            reason: format!("message key of {} bytes", k.len()),
-        })
-}
-
-/// Splits a PROFILES value into (updated_ms, blob).
-pub(crate) fn split_profile(v: &[u8]) -> Result<(i64, &[u8]), StoreError> {
-    if v.len() < 8 {
-        return Err(StoreError::Corrupt {
-            table: "profiles",
-            reason: format!("value of {} bytes, need at least 8", v.len()),
-        });
-    }
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&v[..8]);
-    Ok((i64::from_be_bytes(a), &v[8..]))
 }
 
 #[async_trait::async_trait]
@@ -1229,22 +1076,17 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         let recipient = *recipient;
-        self.read("pending", move |txn| {
-            let inbox = txn.open_table(INBOX).ctx("pending: open inbox")?;
+        self.read("pending", move |tables| {
             let lo = message_key(&recipient, after_seq + 1);
             let hi = message_key(&recipient, u64::MAX);
             let mut out = Vec::new();
-            for entry in inbox
-                .range::<&[u8]>(lo.as_slice()..=hi.as_slice())
-                .ctx("pending: scan inbox")?
-            {
-                let (k, rec) = entry.ctx("pending: read inbox")?;
-                let seq = seq_of_message_key(k.value())?;
-                let message =
-                    decode_message(rec.value()).map_err(|reason| StoreError::Corrupt {
-                        table: "inbox",
-                        reason: format!("message seq {seq}: {reason}"),
-                    })?;
+            for entry in tables.ks(Table::Inbox).range(lo..=hi) {
+                let (k, rec) = entry.into_inner().ctx("pending: scan inbox")?;
+                let seq = seq_of_message_key(&k)?;
+                let message = decode_message(&rec).map_err(|reason| StoreError::Corrupt {
+                    table: "inbox",
+                    reason: format!("message seq {seq}: {reason}"),
+                })?;
                 if message.expires_at_ms <= now_ms {
                     continue;
                 }
@@ -1278,7 +1120,7 @@ impl Store for EmbeddedStore {
 
     async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
         // In chunks, so a large backlog never holds the writer (and every put queued
-        // behind it) for one huge transaction.
+        // behind it) for one huge batch.
         let mut total = 0;
         loop {
             let (removed, more) = self
@@ -1313,10 +1155,13 @@ impl Store for EmbeddedStore {
 
     async fn get_profile(&self, key: &PublicKey) -> Result<Option<Vec<u8>>, StoreError> {
         let key = *key;
-        self.read("get_profile", move |txn| {
-            let t = txn.open_table(PROFILES).ctx("get_profile: open profiles")?;
-            match t.get(key.as_slice()).ctx("get_profile: read profiles")? {
-                Some(v) => Ok(Some(split_profile(v.value())?.1.to_vec())),
+        self.read("get_profile", move |tables| {
+            match tables
+                .ks(Table::Profiles)
+                .get(key)
+                .ctx("get_profile: read profiles")?
+            {
+                Some(v) => Ok(Some(split_profile(&v)?.1.to_vec())),
                 None => Ok(None),
             }
         })
@@ -1350,21 +1195,11 @@ impl Store for EmbeddedStore {
     async fn channel_members(&self, channel: &str) -> Result<Vec<PublicKey>, StoreError> {
         validate_channel(channel)?;
         let prefix = channel_prefix(channel);
-        self.read("channel_members", move |txn| {
-            let t = txn
-                .open_table(MEMBERS)
-                .ctx("channel_members: open members")?;
+        self.read("channel_members", move |tables| {
             let mut out = Vec::new();
-            for entry in t
-                .range::<&[u8]>(prefix.as_slice()..)
-                .ctx("channel_members: scan members")?
-            {
-                let (k, _) = entry.ctx("channel_members: read members")?;
-                let k = k.value();
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let (_, member) = split_member_key(k).map_err(|reason| StoreError::Corrupt {
+            for entry in tables.ks(Table::Members).prefix(&prefix) {
+                let k = entry.key().ctx("channel_members: scan members")?;
+                let (_, member) = split_member_key(&k).map_err(|reason| StoreError::Corrupt {
                     table: "members",
                     reason,
                 })?;
@@ -1388,27 +1223,32 @@ impl Store for EmbeddedStore {
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.read("stats", |txn| {
+        self.read("stats", |tables| {
             Ok(StoreStats {
-                pending_messages: txn
-                    .open_table(META)
-                    .ctx("stats: open meta")?
-                    .get("pending_count")
-                    .ctx("stats: read pending_count")?
-                    .map(|v| v.value())
-                    .unwrap_or(0),
-                profiles: txn
-                    .open_table(PROFILES)
-                    .ctx("stats: open profiles")?
-                    .len()
-                    .ctx("stats: count profiles")?,
-                channels: txn
-                    .open_table(CHANNELS)
-                    .ctx("stats: open channels")?
-                    .len()
-                    .ctx("stats: count channels")?,
+                pending_messages: tables.meta_u64("pending_count")?.unwrap_or(0),
+                profiles: tables.meta_u64("profile_count")?.unwrap_or(0),
+                channels: tables.meta_u64("channel_count")?.unwrap_or(0),
             })
         })
         .await
     }
+}
+
+/// Opens a fresh database in `path` and loads a snapshot into it (the migration from
+/// the previous engine). Durable when it returns.
+pub(crate) fn restore_into_new(
+    path: &Path,
+    options: &EmbeddedOptions,
+    input: &mut impl std::io::Read,
+) -> Result<SnapshotSummary, StoreError> {
+    let tables = Tables::open(path, options)?;
+    let counters = tables.init()?;
+    let mut engine = Engine { tables, counters };
+    let summary = apply_snapshot_locked(&mut engine, input, Apply::Restore)?;
+    engine
+        .tables
+        .db
+        .persist(PersistMode::SyncAll)
+        .ctx("migrate: sync journal")?;
+    Ok(summary.snapshot)
 }

@@ -6,16 +6,25 @@ use std::path::PathBuf;
 /// object that failed; [`StoreError::metric_label`] gives a stable, low-cardinality label.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The embedded database file could not be created or opened.
+    /// The embedded database could not be created or opened.
     #[error("opening embedded store {path}: {source}")]
     Open {
+        /// The database directory.
+        path: PathBuf,
+        /// Why the engine refused it (I/O, corruption, version, locked by another process).
+        #[source]
+        source: fjall::Error,
+    },
+    /// A database file of the previous embedded engine (being migrated) could not be opened.
+    #[error("opening embedded store {path} (previous engine, for migration): {source}")]
+    LegacyOpen {
         /// The database file.
         path: PathBuf,
         /// Why redb refused it (I/O, corruption, version).
         #[source]
         source: redb::DatabaseError,
     },
-    /// A filesystem operation outside redb failed (e.g. creating the data directory).
+    /// A filesystem operation outside the engine failed (e.g. creating the data directory).
     #[error("{op} {path}: {source}")]
     Io {
         /// What was being done.
@@ -26,10 +35,19 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    /// An embedded-store transaction failed.
+    /// An embedded-store operation failed.
     #[error("embedded store {op}: {source}")]
     Embedded {
-        /// The operation and table, e.g. "put: insert messages".
+        /// The operation, e.g. "write: commit".
+        op: &'static str,
+        /// The engine error.
+        #[source]
+        source: fjall::Error,
+    },
+    /// Reading the previous engine's database (during migration) failed.
+    #[error("embedded store (previous engine) {op}: {source}")]
+    Legacy {
+        /// The operation and table, e.g. "snapshot: scan inbox".
         op: &'static str,
         /// The redb error.
         #[source]
@@ -149,7 +167,9 @@ impl StoreError {
         match self {
             StoreError::Open { .. } => "open",
             StoreError::Io { .. } => "io",
+            StoreError::LegacyOpen { .. } => "legacy_open",
             StoreError::Embedded { .. } => "embedded",
+            StoreError::Legacy { .. } => "legacy",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::Postgres { .. } => "postgres",
             StoreError::Pool { .. } => "pool",

@@ -2,9 +2,9 @@
 //! profiles and persistent channel membership.
 //!
 //! One [`Store`] trait, two implementations:
-//! - [`EmbeddedStore`] (default, one relay): a redb database and a commit log under the
-//!   data directory, every write fsync'd before it returns, concurrent writes
-//!   group-committed by a single writer thread.
+//! - [`EmbeddedStore`] (default, one relay): an LSM-tree database (fjall) in the data
+//!   directory, every write fsync'd before it returns, concurrent writes group-committed
+//!   by a single writer thread.
 //! - [`PostgresStore`] (clusters): a PostgreSQL database shared by all relays, schema
 //!   migrations embedded in the binary and applied at connect.
 //!
@@ -15,13 +15,14 @@
 mod codec;
 mod embedded;
 mod error;
+mod legacy;
 mod postgres;
 mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use embedded::EmbeddedStore;
+pub use embedded::{EmbeddedOptions, EmbeddedStore, STORE_DIR_NAME};
 pub use error::StoreError;
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use snapshot::{MergeSummary, SnapshotSummary, SNAPSHOT_FORMAT_VERSION};
@@ -148,9 +149,10 @@ pub trait Store: Send + Sync + 'static {
 pub enum StoreConfig {
     /// The embedded store in this directory (created if missing).
     Embedded {
-        /// Data directory; the database file `dchat.redb` and the commit log
-        /// `dchat.wal` are inside it.
+        /// Data directory; the database is the directory `dchat.store` inside it.
         dir: PathBuf,
+        /// Engine tuning.
+        options: EmbeddedOptions,
     },
     /// A shared PostgreSQL database.
     Postgres(PostgresConfig),
@@ -161,19 +163,24 @@ pub enum StoreConfig {
 /// unreachable.
 pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     match cfg {
-        StoreConfig::Embedded { dir } => {
-            let dir = dir.clone();
-            // Opening may replay/repair the file after a crash: keep it off the runtime.
-            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir))
-                .await
-                .map_err(|e| StoreError::Task {
-                    op: "open embedded store",
-                    reason: e.to_string(),
-                })??;
-            Ok(Arc::new(store))
-        }
+        StoreConfig::Embedded { dir, options } => Ok(Arc::new(open_embedded(dir, options).await?)),
         StoreConfig::Postgres(pg) => Ok(Arc::new(PostgresStore::connect(pg).await?)),
     }
+}
+
+/// Opens the embedded store on the blocking pool: opening may replay the journal or
+/// migrate an old data directory, which must not stall the runtime.
+pub async fn open_embedded(
+    dir: &std::path::Path,
+    options: &EmbeddedOptions,
+) -> Result<EmbeddedStore, StoreError> {
+    let (dir, options) = (dir.to_path_buf(), *options);
+    tokio::task::spawn_blocking(move || EmbeddedStore::open_with(&dir, &options))
+        .await
+        .map_err(|e| StoreError::Task {
+            op: "open embedded store",
+            reason: e.to_string(),
+        })?
 }
 
 /// Checks the field limits shared by both backends before anything is written, so an

@@ -1,23 +1,24 @@
 //! Snapshot and restore of the embedded store (the admin API's `snapshot`/`restore`).
 //!
 //! A snapshot is one stream: a header with the format version and record counts, the
-//! records, an end tag and a SHA-256 of everything before it. It is written from a single
-//! read transaction, so it is consistent while writes continue, and streamed without
-//! buffering the store in memory. Restore applies the stream inside one write transaction
-//! and commits only after the counts and the checksum were verified. The byte layout is
-//! documented in docs/storage.md ("Snapshot format").
+//! records, an end tag and a SHA-256 of everything before it. This module owns the
+//! format: [`SnapshotWriter`] streams one from a consistent read view of an engine
+//! without buffering the store in memory, [`SnapshotReader`] parses and verifies one,
+//! and [`apply_snapshot`] loads one into the embedded store in a single atomic batch
+//! that is committed only after the counts and the checksum were verified. The byte
+//! layout is documented in docs/storage.md ("Snapshot format"); it does not depend on
+//! the storage engine, which is how a data directory of the previous engine is migrated.
 
 use std::io::{Read, Write};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use sha2::{Digest, Sha256};
 
 use super::codec::{
-    decode_message, dedup_key, member_key, message_key, put_bytes, split_dedup_key,
-    split_dedup_value, split_member_key, Reader, INBOX_DEDUP, INBOX_MESSAGE,
+    decode_message, dedup_key, message_key, put_bytes, split_dedup_key, split_dedup_value,
+    split_member_key, Reader, INBOX_DEDUP, INBOX_MESSAGE,
 };
-use super::embedded::{seq_of_message_key, split_profile, Ctx, Writer, INBOX, MEMBERS, PROFILES};
-use super::{validate_channel, StoreError};
+use super::embedded::Writer;
+use super::{validate_channel, PublicKey, StoreError, StoredMessage};
 
 /// Version of the snapshot stream layout this relay writes and reads.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
@@ -53,18 +54,70 @@ pub struct SnapshotSummary {
     pub sha256: String,
 }
 
-/// Hashes and counts everything written through it.
-struct HashingWriter<'a, W: Write> {
-    inner: &'a mut W,
-    hasher: Sha256,
-    bytes: u64,
+fn corrupt(table: &'static str) -> impl Fn(String) -> StoreError {
+    move |reason| StoreError::Corrupt { table, reason }
 }
 
-impl<W: Write> HashingWriter<'_, W> {
+/// Streams a snapshot: the header on creation, then records in tag order (messages,
+/// tombstones, profiles, memberships), then [`SnapshotWriter::finish`] writes the end
+/// tag and the SHA-256 trailer. The counts are announced in the header, so the engine
+/// counts under the same consistent read view before it starts.
+pub(crate) struct SnapshotWriter<W: Write> {
+    out: std::io::BufWriter<W>,
+    hasher: Sha256,
+    bytes: u64,
+    summary: SnapshotSummary,
+    body: Vec<u8>,
+}
+
+/// What a snapshot announces in its header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SnapshotCounts {
+    pub(crate) next_seq: u64,
+    pub(crate) messages: u64,
+    pub(crate) tombstones: u64,
+    pub(crate) profiles: u64,
+    pub(crate) memberships: u64,
+}
+
+impl<W: Write> SnapshotWriter<W> {
+    /// Writes the header announcing `counts`.
+    pub(crate) fn start(out: W, counts: SnapshotCounts) -> Result<Self, StoreError> {
+        let mut w = SnapshotWriter {
+            out: std::io::BufWriter::with_capacity(256 << 10, out),
+            hasher: Sha256::new(),
+            bytes: 0,
+            summary: SnapshotSummary {
+                format_version: SNAPSHOT_FORMAT_VERSION,
+                next_seq: counts.next_seq,
+                messages: counts.messages,
+                tombstones: counts.tombstones,
+                profiles: counts.profiles,
+                memberships: counts.memberships,
+                ..SnapshotSummary::default()
+            },
+            body: Vec::new(),
+        };
+        let mut header = Vec::with_capacity(52);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_be_bytes());
+        for n in [
+            counts.next_seq,
+            counts.messages,
+            counts.tombstones,
+            counts.profiles,
+            counts.memberships,
+        ] {
+            header.extend_from_slice(&n.to_be_bytes());
+        }
+        w.put(&header)?;
+        Ok(w)
+    }
+
     fn put(&mut self, buf: &[u8]) -> Result<(), StoreError> {
         self.hasher.update(buf);
         self.bytes += buf.len() as u64;
-        self.inner
+        self.out
             .write_all(buf)
             .map_err(|source| StoreError::SnapshotIo {
                 op: "write",
@@ -72,150 +125,116 @@ impl<W: Write> HashingWriter<'_, W> {
             })
     }
 
-    fn record(&mut self, tag: u8, body: &[u8]) -> Result<(), StoreError> {
+    fn record(&mut self, tag: u8) -> Result<(), StoreError> {
+        let body = std::mem::take(&mut self.body);
         let mut head = [0u8; 5];
         head[0] = tag;
         head[1..].copy_from_slice(&(body.len() as u32).to_be_bytes());
-        self.put(&head)?;
-        self.put(body)
+        let res = self.put(&head).and_then(|()| self.put(&body));
+        self.body = body;
+        self.body.clear();
+        res
     }
-}
 
-fn corrupt(table: &'static str) -> impl Fn(String) -> StoreError {
-    move |reason| StoreError::Corrupt { table, reason }
-}
-
-/// Writes a snapshot of `db` to `out` (see module docs).
-pub(crate) fn write_snapshot<W: Write>(
-    db: &Database,
-    out: &mut W,
-) -> Result<SnapshotSummary, StoreError> {
-    let txn = db.begin_read().ctx("snapshot: begin read")?;
-    let inbox = txn.open_table(INBOX).ctx("snapshot: open inbox")?;
-    let profiles = txn.open_table(PROFILES).ctx("snapshot: open profiles")?;
-    let members = txn.open_table(MEMBERS).ctx("snapshot: open members")?;
-    let meta = txn
-        .open_table(super::embedded::META)
-        .ctx("snapshot: open meta")?;
-    let next_seq = meta
-        .get("next_seq")
-        .ctx("snapshot: read next_seq")?
-        .map(|v| v.value())
-        .unwrap_or(1);
-
-    // Count first so the header can carry exact counts (same read transaction, so the
-    // counts hold). Tombstones are dedup entries whose message was acknowledged.
-    let (mut messages, mut tombstones) = (0u64, 0u64);
-    for entry in inbox.iter().ctx("snapshot: scan inbox")? {
-        let (k, v) = entry.ctx("snapshot: read inbox")?;
-        if is_tombstone(&inbox, k.value(), v.value())?.is_some() {
-            tombstones += 1;
-        } else if k.value().get(32) == Some(&INBOX_MESSAGE) {
-            messages += 1;
-        }
-    }
-    let mut summary = SnapshotSummary {
-        format_version: SNAPSHOT_FORMAT_VERSION,
-        next_seq,
-        messages,
-        tombstones,
-        profiles: profiles.len().ctx("snapshot: count profiles")?,
-        memberships: members.len().ctx("snapshot: count members")?,
-        ..SnapshotSummary::default()
-    };
-
-    let mut buffered = std::io::BufWriter::with_capacity(256 << 10, out);
-    let mut w = HashingWriter {
-        inner: &mut buffered,
-        hasher: Sha256::new(),
-        bytes: 0,
-    };
-    let mut header = Vec::with_capacity(52);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_be_bytes());
-    for n in [
-        summary.next_seq,
-        summary.messages,
-        summary.tombstones,
-        summary.profiles,
-        summary.memberships,
-    ] {
-        header.extend_from_slice(&n.to_be_bytes());
-    }
-    w.put(&header)?;
-
-    let mut body = Vec::new();
-    for entry in inbox.iter().ctx("snapshot: scan inbox")? {
-        let (k, rec) = entry.ctx("snapshot: read inbox")?;
-        if k.value().get(32) != Some(&INBOX_MESSAGE) {
-            continue;
-        }
-        let seq = seq_of_message_key(k.value())?;
-        // Decode to validate: a corrupt record must fail the snapshot, not be copied.
-        decode_message(rec.value()).map_err(|r| StoreError::Corrupt {
+    /// A pending message: its seq and its stored record (validated first: a corrupt
+    /// record fails the snapshot instead of being copied).
+    pub(crate) fn message(&mut self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        decode_message(record).map_err(|r| StoreError::Corrupt {
             table: "inbox",
             reason: format!("message seq {seq}: {r}"),
         })?;
-        body.clear();
-        body.extend_from_slice(&seq.to_be_bytes());
-        body.extend_from_slice(rec.value());
-        w.record(TAG_MESSAGE, &body)?;
+        self.body.extend_from_slice(&seq.to_be_bytes());
+        self.body.extend_from_slice(record);
+        self.record(TAG_MESSAGE)
     }
-    for entry in inbox.iter().ctx("snapshot: scan inbox")? {
-        let (k, v) = entry.ctx("snapshot: read inbox")?;
-        let Some((seq, expires)) = is_tombstone(&inbox, k.value(), v.value())? else {
-            continue;
-        };
-        let (recipient, sender, id) = split_dedup_key(k.value()).map_err(corrupt("inbox"))?;
-        body.clear();
-        body.extend_from_slice(&seq.to_be_bytes());
-        body.extend_from_slice(&expires.to_be_bytes());
-        body.extend_from_slice(&recipient);
-        body.extend_from_slice(&sender);
-        body.extend_from_slice(id.as_bytes());
-        w.record(TAG_TOMBSTONE, &body)?;
+
+    /// The dedup entry `dedup_key` → (seq, expires) of an acknowledged message.
+    pub(crate) fn tombstone(
+        &mut self,
+        dedup_key: &[u8],
+        seq: u64,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (recipient, sender, id) = split_dedup_key(dedup_key).map_err(corrupt("inbox"))?;
+        self.body.extend_from_slice(&seq.to_be_bytes());
+        self.body.extend_from_slice(&expires_at_ms.to_be_bytes());
+        self.body.extend_from_slice(&recipient);
+        self.body.extend_from_slice(&sender);
+        self.body.extend_from_slice(id.as_bytes());
+        self.record(TAG_TOMBSTONE)
     }
-    for entry in profiles.iter().ctx("snapshot: scan profiles")? {
-        let (k, v) = entry.ctx("snapshot: read profiles")?;
-        let (updated, blob) = split_profile(v.value())?;
-        body.clear();
-        body.extend_from_slice(k.value());
-        body.extend_from_slice(&updated.to_be_bytes());
-        put_bytes(&mut body, blob);
-        w.record(TAG_PROFILE, &body)?;
+
+    /// A profile as stored: key and `updated_ms ‖ blob`.
+    pub(crate) fn profile(&mut self, key: &[u8], stored: &[u8]) -> Result<(), StoreError> {
+        let (updated, blob) = split_profile(stored)?;
+        self.body.extend_from_slice(key);
+        self.body.extend_from_slice(&updated.to_be_bytes());
+        put_bytes(&mut self.body, blob);
+        self.record(TAG_PROFILE)
     }
-    for entry in members.iter().ctx("snapshot: scan members")? {
-        let (k, _) = entry.ctx("snapshot: read members")?;
-        w.record(TAG_MEMBERSHIP, k.value())?;
+
+    /// A membership, as its stored key.
+    pub(crate) fn membership(&mut self, member_key: &[u8]) -> Result<(), StoreError> {
+        self.body.extend_from_slice(member_key);
+        self.record(TAG_MEMBERSHIP)
     }
-    w.put(&[TAG_END])?;
-    let digest = w.hasher.finalize_reset();
-    summary.bytes = w.bytes + 32;
-    buffered
-        .write_all(&digest)
-        .and_then(|_| buffered.flush())
-        .map_err(|source| StoreError::SnapshotIo {
-            op: "write",
-            source,
-        })?;
-    summary.sha256 = hex::encode(digest);
-    tracing::info!(
-        messages = summary.messages,
-        tombstones = summary.tombstones,
-        profiles = summary.profiles,
-        memberships = summary.memberships,
-        bytes = summary.bytes,
-        "snapshot written"
-    );
-    Ok(summary)
+
+    /// Writes the end tag and the trailer, flushes, and returns the summary.
+    pub(crate) fn finish(mut self) -> Result<SnapshotSummary, StoreError> {
+        self.put(&[TAG_END])?;
+        let digest = self.hasher.finalize_reset();
+        self.summary.bytes = self.bytes + 32;
+        self.out
+            .write_all(&digest)
+            .and_then(|_| self.out.flush())
+            .map_err(|source| StoreError::SnapshotIo {
+                op: "write",
+                source,
+            })?;
+        self.summary.sha256 = hex::encode(digest);
+        tracing::info!(
+            messages = self.summary.messages,
+            tombstones = self.summary.tombstones,
+            profiles = self.summary.profiles,
+            memberships = self.summary.memberships,
+            bytes = self.summary.bytes,
+            "snapshot written"
+        );
+        Ok(self.summary)
+    }
 }
 
-/// For a dedup entry whose message is gone (acknowledged), its (seq, expires_at_ms);
-/// `None` for a live dedup entry or a message entry.
-fn is_tombstone(
-    inbox: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+/// Splits a stored profile value into (updated_ms, blob).
+pub(crate) fn split_profile(v: &[u8]) -> Result<(i64, &[u8]), StoreError> {
+    if v.len() < 8 {
+        return Err(StoreError::Corrupt {
+            table: "profiles",
+            reason: format!("value of {} bytes, need at least 8", v.len()),
+        });
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&v[..8]);
+    Ok((i64::from_be_bytes(a), &v[8..]))
+}
+
+/// The seq of an inbox message key (`recipient ‖ 0x00 ‖ seq`).
+pub(crate) fn seq_of_message_key(k: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(k.get(33..41).unwrap_or_default())
+        .ok()
+        .filter(|_| k.len() == 41)
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt {
+            table: "inbox",
+            reason: format!("message key of {} bytes", k.len()),
+        })
+}
+
+/// For an inbox entry: `Some((seq, expires))` if it is a dedup entry whose message is
+/// gone (acknowledged) according to `live`; `None` for a live dedup entry or a message.
+pub(crate) fn tombstone_of(
     k: &[u8],
     v: &[u8],
+    live: impl FnOnce(&[u8; 41]) -> Result<bool, StoreError>,
 ) -> Result<Option<(u64, i64)>, StoreError> {
     if k.get(32) != Some(&INBOX_DEDUP) {
         return Ok(None);
@@ -225,41 +244,13 @@ fn is_tombstone(
         table: "inbox",
         reason: "short dedup key".into(),
     })?;
-    let live = inbox
-        .get(message_key(&recipient, seq).as_slice())
-        .ctx("snapshot: read inbox message")?
-        .is_some();
-    Ok((!live).then_some((seq, expires)))
+    Ok((!live(&message_key(&recipient, seq))?).then_some((seq, expires)))
 }
 
-/// Hashes everything read through it.
-struct HashingReader<'a, R: Read> {
-    inner: &'a mut R,
-    hasher: Sha256,
-    bytes: u64,
+/// Whether an inbox key is a message entry (as opposed to a dedup entry).
+pub(crate) fn is_message_key(k: &[u8]) -> bool {
+    k.get(32) == Some(&INBOX_MESSAGE)
 }
-
-impl<R: Read> HashingReader<'_, R> {
-    /// Reads exactly `buf.len()` bytes, hashing them unless `hash` is false.
-    fn fill(&mut self, buf: &mut [u8], what: &str, hash: bool) -> Result<(), StoreError> {
-        match self.inner.read_exact(buf) {
-            Ok(()) => {
-                if hash {
-                    self.hasher.update(&*buf);
-                }
-                self.bytes += buf.len() as u64;
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(StoreError::SnapshotInvalid {
-                    reason: format!("truncated while reading {what} at byte {}", self.bytes),
-                })
-            }
-            Err(source) => Err(StoreError::SnapshotIo { op: "read", source }),
-        }
-    }
-}
-
 fn invalid(reason: impl Into<String>) -> StoreError {
     StoreError::SnapshotInvalid {
         reason: reason.into(),
@@ -268,7 +259,7 @@ fn invalid(reason: impl Into<String>) -> StoreError {
 
 /// How a snapshot is applied to a store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Apply {
+pub(crate) enum Apply {
     /// Into an empty store, keeping the snapshot's sequence numbers.
     Restore,
     /// Into a store that may hold data (a slot handover): messages already present
@@ -291,189 +282,195 @@ pub struct MergeSummary {
     pub profiles_updated: u64,
 }
 
-/// Loads a snapshot into an empty store (see module docs).
-pub(crate) fn restore_snapshot<R: Read>(
-    db: &Database,
-    input: &mut R,
-) -> Result<SnapshotSummary, StoreError> {
-    apply_snapshot(db, input, Apply::Restore).map(|m| m.snapshot)
+/// One record of a snapshot stream.
+pub(crate) enum Record {
+    /// A pending message under the source store's seq.
+    Message { seq: u64, message: StoredMessage },
+    /// The dedup entry of an acknowledged message.
+    Tombstone {
+        seq: u64,
+        expires_at_ms: i64,
+        recipient: PublicKey,
+        sender: PublicKey,
+        id: String,
+    },
+    /// A profile blob and when it was signed.
+    Profile {
+        key: PublicKey,
+        updated_ms: i64,
+        blob: Vec<u8>,
+    },
+    /// A persistent channel membership.
+    Membership { channel: String, member: PublicKey },
 }
 
-/// Merges a snapshot into a store that may already hold messages: the receiving side
-/// of a blue-green slot handover. Idempotent: merging the same stream twice imports
-/// nothing the second time. All or nothing: one transaction, committed only after
-/// the checksum and counts were verified.
-pub(crate) fn merge_snapshot<R: Read>(
-    db: &Database,
-    input: &mut R,
-) -> Result<MergeSummary, StoreError> {
-    apply_snapshot(db, input, Apply::Merge)
+/// Reads a snapshot stream: the header on [`SnapshotReader::open`], records until
+/// [`SnapshotReader::next_record`] returns `None`, then [`SnapshotReader::finish`]
+/// checks the trailer and the announced counts. Nothing a caller applied may be made
+/// durable before `finish` succeeded.
+pub(crate) struct SnapshotReader<R: Read> {
+    input: std::io::BufReader<R>,
+    hasher: Sha256,
+    bytes: u64,
+    expected: SnapshotSummary,
+    got: SnapshotCounts,
+    last_tag: u8,
+    body: Vec<u8>,
 }
 
-fn apply_snapshot<R: Read>(
-    db: &Database,
-    input: &mut R,
-    mode: Apply,
-) -> Result<MergeSummary, StoreError> {
-    let mut merge = MergeSummary::default();
-    let mut buffered = std::io::BufReader::with_capacity(256 << 10, input);
-    let mut r = HashingReader {
-        inner: &mut buffered,
-        hasher: Sha256::new(),
-        bytes: 0,
-    };
-    let mut header = [0u8; 52];
-    r.fill(&mut header, "header", true)?;
-    let mut h = Reader::new(&header);
-    let header_err = |e: String| invalid(format!("header: {e}"));
-    if h.take(8, "magic").map_err(header_err)? != MAGIC {
-        return Err(invalid("not a dchat snapshot (bad magic bytes)"));
+impl<R: Read> SnapshotReader<R> {
+    /// Reads and checks the header.
+    pub(crate) fn open(input: R) -> Result<Self, StoreError> {
+        let mut r = SnapshotReader {
+            input: std::io::BufReader::with_capacity(256 << 10, input),
+            hasher: Sha256::new(),
+            bytes: 0,
+            expected: SnapshotSummary::default(),
+            got: SnapshotCounts::default(),
+            last_tag: 0,
+            body: Vec::new(),
+        };
+        let mut header = [0u8; 52];
+        r.fill(&mut header, "header", true)?;
+        let mut h = Reader::new(&header);
+        let header_err = |e: String| invalid(format!("header: {e}"));
+        if h.take(8, "magic").map_err(header_err)? != MAGIC {
+            return Err(invalid("not a dchat snapshot (bad magic bytes)"));
+        }
+        let version = h.u32("format version").map_err(header_err)?;
+        if version != SNAPSHOT_FORMAT_VERSION {
+            return Err(invalid(format!(
+                "format version {version}, this relay reads {SNAPSHOT_FORMAT_VERSION}"
+            )));
+        }
+        r.expected = SnapshotSummary {
+            format_version: version,
+            next_seq: h.u64("next_seq").map_err(header_err)?,
+            messages: h.u64("message count").map_err(header_err)?,
+            tombstones: h.u64("tombstone count").map_err(header_err)?,
+            profiles: h.u64("profile count").map_err(header_err)?,
+            memberships: h.u64("membership count").map_err(header_err)?,
+            ..SnapshotSummary::default()
+        };
+        Ok(r)
     }
-    let version = h.u32("format version").map_err(header_err)?;
-    if version != SNAPSHOT_FORMAT_VERSION {
-        return Err(invalid(format!(
-            "format version {version}, this relay reads {SNAPSHOT_FORMAT_VERSION}"
-        )));
+
+    /// Reads exactly `buf.len()` bytes, hashing them unless `hash` is false.
+    fn fill(&mut self, buf: &mut [u8], what: &str, hash: bool) -> Result<(), StoreError> {
+        match self.input.read_exact(buf) {
+            Ok(()) => {
+                if hash {
+                    self.hasher.update(&*buf);
+                }
+                self.bytes += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(StoreError::SnapshotInvalid {
+                    reason: format!("truncated while reading {what} at byte {}", self.bytes),
+                })
+            }
+            Err(source) => Err(StoreError::SnapshotIo { op: "read", source }),
+        }
     }
-    let mut expected = SnapshotSummary {
-        format_version: version,
-        next_seq: h.u64("next_seq").map_err(header_err)?,
-        messages: h.u64("message count").map_err(header_err)?,
-        tombstones: h.u64("tombstone count").map_err(header_err)?,
-        profiles: h.u64("profile count").map_err(header_err)?,
-        memberships: h.u64("membership count").map_err(header_err)?,
-        ..SnapshotSummary::default()
-    };
 
-    let txn = db.begin_write().ctx("restore: begin")?;
-    {
-        let mut w = Writer::new(&txn)?;
-        let mut found = Vec::new();
-        for (name, n) in [
-            (
-                "inbox entries (messages or dedup)",
-                w.inbox.len().ctx("restore: count inbox")?,
-            ),
-            ("profiles", w.profiles.len().ctx("restore: count profiles")?),
-            (
-                "channel memberships",
-                w.members.len().ctx("restore: count members")?,
-            ),
-        ] {
-            if n > 0 {
-                found.push(format!("{n} {name}"));
-            }
+    /// The next record, or `None` at the end tag. Records are validated as far as the
+    /// stream alone allows (field limits, seq range, UTF-8).
+    pub(crate) fn next_record(&mut self) -> Result<Option<Record>, StoreError> {
+        let mut tag = [0u8; 1];
+        self.fill(&mut tag, "record tag", true)?;
+        let tag = tag[0];
+        if tag == TAG_END {
+            return Ok(None);
         }
-        if mode == Apply::Restore && !found.is_empty() {
-            return Err(StoreError::NotEmpty {
-                what: found.join(", "),
-            });
+        if tag < self.last_tag || !(TAG_MESSAGE..=TAG_MEMBERSHIP).contains(&tag) {
+            return Err(invalid(format!(
+                "unexpected record tag {tag} at byte {}",
+                self.bytes - 1
+            )));
         }
+        self.last_tag = tag;
+        let mut len = [0u8; 4];
+        self.fill(&mut len, "record length", true)?;
+        let len = u32::from_be_bytes(len);
+        if len > MAX_RECORD_BYTES {
+            return Err(invalid(format!(
+                "record of {len} bytes at byte {} exceeds the {MAX_RECORD_BYTES} limit",
+                self.bytes - 5
+            )));
+        }
+        let mut body = std::mem::take(&mut self.body);
+        body.resize(len as usize, 0);
+        let read = self.fill(&mut body, "record body", true);
+        let record = read.and_then(|()| self.parse(tag, &body));
+        self.body = body;
+        record.map(Some)
+    }
 
-        let mut got = SnapshotSummary::default();
-        let mut body = Vec::new();
-        let mut last_tag = 0u8;
-        loop {
-            let mut tag = [0u8; 1];
-            r.fill(&mut tag, "record tag", true)?;
-            let tag = tag[0];
-            if tag == TAG_END {
-                break;
-            }
-            if tag < last_tag || !(TAG_MESSAGE..=TAG_MEMBERSHIP).contains(&tag) {
-                return Err(invalid(format!(
-                    "unexpected record tag {tag} at byte {}",
-                    r.bytes - 1
-                )));
-            }
-            last_tag = tag;
-            let mut len = [0u8; 4];
-            r.fill(&mut len, "record length", true)?;
-            let len = u32::from_be_bytes(len);
-            if len > MAX_RECORD_BYTES {
-                return Err(invalid(format!(
-                    "record of {len} bytes at byte {} exceeds the {MAX_RECORD_BYTES} limit",
-                    r.bytes - 5
-                )));
-            }
-            body.resize(len as usize, 0);
-            r.fill(&mut body, "record body", true)?;
-            let at = r.bytes;
-            let rec_err = |e: String| invalid(format!("record ending at byte {at}: {e}"));
-            let mut b = Reader::new(&body);
-            match tag {
-                TAG_MESSAGE => {
-                    let seq = b.u64("seq").map_err(rec_err)?;
-                    let rest = b.take(body.len() - 8, "message").map_err(rec_err)?;
-                    let m = decode_message(rest).map_err(rec_err)?;
-                    super::validate_message(&m)?;
-                    if seq == 0 || seq >= expected.next_seq {
-                        return Err(rec_err(format!(
-                            "seq {seq} outside 1..{}",
-                            expected.next_seq
-                        )));
-                    }
-                    let dk = dedup_key(&m.recipient, &m.sender, &m.id);
-                    match mode {
-                        Apply::Restore => w.insert_message(seq, &m, &dk)?,
-                        Apply::Merge => {
-                            if has_entry(&w, &dk)? {
-                                merge.duplicates += 1;
-                            } else {
-                                let fresh = w.next_seq;
-                                w.next_seq += 1;
-                                w.insert_message(fresh, &m, &dk)?;
-                                merge.imported += 1;
-                            }
-                        }
-                    }
-                    got.messages += 1;
+    fn parse(&mut self, tag: u8, body: &[u8]) -> Result<Record, StoreError> {
+        let at = self.bytes;
+        let rec_err = |e: String| invalid(format!("record ending at byte {at}: {e}"));
+        let mut b = Reader::new(body);
+        Ok(match tag {
+            TAG_MESSAGE => {
+                let seq = b.u64("seq").map_err(rec_err)?;
+                let rest = b.take(body.len() - 8, "message").map_err(rec_err)?;
+                let message = decode_message(rest).map_err(rec_err)?;
+                super::validate_message(&message)?;
+                if seq == 0 || seq >= self.expected.next_seq {
+                    return Err(rec_err(format!(
+                        "seq {seq} outside 1..{}",
+                        self.expected.next_seq
+                    )));
                 }
-                TAG_TOMBSTONE => {
-                    let seq = b.u64("seq").map_err(rec_err)?;
-                    let expires = b.i64("expiry").map_err(rec_err)?;
-                    let recipient = b.key("tombstone recipient").map_err(rec_err)?;
-                    let sender = b.key("tombstone sender").map_err(rec_err)?;
-                    let id = b.take(body.len() - 80, "tombstone id").map_err(rec_err)?;
-                    let id = std::str::from_utf8(id)
-                        .map_err(|_| rec_err("tombstone id is not UTF-8".into()))?;
-                    let dk = dedup_key(&recipient, &sender, id);
-                    match mode {
-                        Apply::Restore => w.insert_dedup(&dk, seq, expires)?,
-                        // A tombstone is a dedup entry whose seq names no message. The
-                        // stream's seq may name a live message here, so take a fresh one.
-                        Apply::Merge => {
-                            if !has_entry(&w, &dk)? {
-                                let fresh = w.next_seq;
-                                w.next_seq += 1;
-                                w.insert_dedup(&dk, fresh, expires)?;
-                            }
-                        }
-                    }
-                    got.tombstones += 1;
-                }
-                TAG_PROFILE => {
-                    let key = b.key("profile key").map_err(rec_err)?;
-                    let updated = b.i64("profile updated").map_err(rec_err)?;
-                    let blob = b.bytes("profile blob").map_err(rec_err)?;
-                    b.finish("profile record").map_err(rec_err)?;
-                    if w.put_profile(&key, blob, updated)? {
-                        merge.profiles_updated += 1;
-                    }
-                    got.profiles += 1;
-                }
-                _ => {
-                    let (channel, member) = split_member_key(&body).map_err(rec_err)?;
-                    validate_channel(&channel)?;
-                    debug_assert_eq!(member_key(&channel, &member), body);
-                    w.join(&channel, &member)?;
-                    got.memberships += 1;
+                self.got.messages += 1;
+                Record::Message { seq, message }
+            }
+            TAG_TOMBSTONE => {
+                let seq = b.u64("seq").map_err(rec_err)?;
+                let expires_at_ms = b.i64("expiry").map_err(rec_err)?;
+                let recipient = b.key("tombstone recipient").map_err(rec_err)?;
+                let sender = b.key("tombstone sender").map_err(rec_err)?;
+                let id = b.take(body.len() - 80, "tombstone id").map_err(rec_err)?;
+                let id = std::str::from_utf8(id)
+                    .map_err(|_| rec_err("tombstone id is not UTF-8".into()))?
+                    .to_owned();
+                self.got.tombstones += 1;
+                Record::Tombstone {
+                    seq,
+                    expires_at_ms,
+                    recipient,
+                    sender,
+                    id,
                 }
             }
-        }
-        let actual = r.hasher.finalize_reset();
+            TAG_PROFILE => {
+                let key = b.key("profile key").map_err(rec_err)?;
+                let updated_ms = b.i64("profile updated").map_err(rec_err)?;
+                let blob = b.bytes("profile blob").map_err(rec_err)?.to_vec();
+                b.finish("profile record").map_err(rec_err)?;
+                self.got.profiles += 1;
+                Record::Profile {
+                    key,
+                    updated_ms,
+                    blob,
+                }
+            }
+            _ => {
+                let (channel, member) = split_member_key(body).map_err(rec_err)?;
+                validate_channel(&channel)?;
+                self.got.memberships += 1;
+                Record::Membership { channel, member }
+            }
+        })
+    }
+
+    /// After the end tag: checks the SHA-256 trailer, that nothing follows it, and that
+    /// the records match the header's counts. Returns what the stream held.
+    pub(crate) fn finish(mut self) -> Result<SnapshotSummary, StoreError> {
+        let actual = self.hasher.finalize_reset();
         let mut trailer = [0u8; 32];
-        r.fill(&mut trailer, "SHA-256 trailer", false)?;
+        self.fill(&mut trailer, "SHA-256 trailer", false)?;
         if trailer[..] != actual[..] {
             return Err(StoreError::SnapshotChecksum {
                 expected: hex::encode(trailer),
@@ -481,16 +478,17 @@ fn apply_snapshot<R: Read>(
             });
         }
         let mut extra = [0u8; 1];
-        match r.inner.read(&mut extra) {
+        match self.input.read(&mut extra) {
             Ok(0) => {}
             Ok(_) => return Err(invalid("data after the SHA-256 trailer")),
             Err(source) => return Err(StoreError::SnapshotIo { op: "read", source }),
         }
+        let e = &self.expected;
         for (what, want, have) in [
-            ("messages", expected.messages, got.messages),
-            ("tombstones", expected.tombstones, got.tombstones),
-            ("profiles", expected.profiles, got.profiles),
-            ("memberships", expected.memberships, got.memberships),
+            ("messages", e.messages, self.got.messages),
+            ("tombstones", e.tombstones, self.got.tombstones),
+            ("profiles", e.profiles, self.got.profiles),
+            ("memberships", e.memberships, self.got.memberships),
         ] {
             if want != have {
                 return Err(invalid(format!(
@@ -498,34 +496,76 @@ fn apply_snapshot<R: Read>(
                 )));
             }
         }
-        if mode == Apply::Restore {
-            w.next_seq = w.next_seq.max(expected.next_seq);
-        }
-        w.finish()?;
-        expected.bytes = r.bytes;
-        expected.sha256 = hex::encode(actual);
+        self.expected.bytes = self.bytes;
+        self.expected.sha256 = hex::encode(actual);
+        Ok(self.expected)
     }
-    // Nothing above committed: any error returned earlier dropped (aborted) the txn.
-    txn.commit().ctx("restore: commit")?;
-    tracing::info!(
-        ?mode,
-        messages = expected.messages,
-        tombstones = expected.tombstones,
-        profiles = expected.profiles,
-        memberships = expected.memberships,
-        imported = merge.imported,
-        duplicates = merge.duplicates,
-        "snapshot applied"
-    );
-    merge.snapshot = expected;
-    Ok(merge)
 }
 
-/// Whether the inbox has a dedup entry for this key (the message is pending or was
-/// acknowledged recently).
-fn has_entry(w: &Writer<'_>, dk: &[u8]) -> Result<bool, StoreError> {
-    Ok(w.inbox
-        .get(dk)
-        .ctx("merge: read inbox dedup entry")?
-        .is_some())
+/// Applies a snapshot stream through `w`, one batch of the embedded store that the
+/// caller commits only if this returns `Ok` (so a bad stream changes nothing).
+pub(crate) fn apply_snapshot(
+    w: &mut Writer<'_>,
+    input: impl Read,
+    mode: Apply,
+) -> Result<MergeSummary, StoreError> {
+    if mode == Apply::Restore {
+        if let Some(what) = w.contents()? {
+            return Err(StoreError::NotEmpty { what });
+        }
+    }
+    let mut merge = MergeSummary::default();
+    let mut r = SnapshotReader::open(input)?;
+    while let Some(record) = r.next_record()? {
+        match record {
+            Record::Message { seq, message } => {
+                let dk = dedup_key(&message.recipient, &message.sender, &message.id);
+                match mode {
+                    Apply::Restore => w.insert_message(seq, &message, &dk),
+                    Apply::Merge if w.has_dedup(&dk)? => merge.duplicates += 1,
+                    Apply::Merge => {
+                        let fresh = w.take_seq();
+                        w.insert_message(fresh, &message, &dk);
+                        merge.imported += 1;
+                    }
+                }
+            }
+            Record::Tombstone {
+                seq,
+                expires_at_ms,
+                recipient,
+                sender,
+                id,
+            } => {
+                let dk = dedup_key(&recipient, &sender, &id);
+                match mode {
+                    Apply::Restore => w.insert_dedup(&dk, seq, expires_at_ms),
+                    // A tombstone is a dedup entry whose seq names no message. The
+                    // stream's seq may name a live message here, so take a fresh one.
+                    Apply::Merge => {
+                        if !w.has_dedup(&dk)? {
+                            let fresh = w.take_seq();
+                            w.insert_dedup(&dk, fresh, expires_at_ms);
+                        }
+                    }
+                }
+            }
+            Record::Profile {
+                key,
+                updated_ms,
+                blob,
+            } => {
+                if w.put_profile(&key, &blob, updated_ms)? {
+                    merge.profiles_updated += 1;
+                }
+            }
+            Record::Membership { channel, member } => w.join(&channel, &member)?,
+        }
+    }
+    let summary = r.finish()?;
+    if mode == Apply::Restore {
+        w.counters.next_seq = w.counters.next_seq.max(summary.next_seq);
+    }
+    merge.snapshot = summary;
+    Ok(merge)
 }
