@@ -49,6 +49,14 @@ const QUEUE_CAPACITY: usize = 4096;
 const MAX_BATCH_MESSAGES: usize = 8192;
 /// Expiry-index entries removed per batch by `expire`.
 const EXPIRE_CHUNK: usize = 5000;
+/// Records a restore applies per committed chunk (bounds its memory to a few tens of MB).
+#[cfg(not(test))]
+const RESTORE_CHUNK_RECORDS: usize = 50_000;
+/// Small in unit tests, so that a test restore spans several chunks.
+#[cfg(test)]
+const RESTORE_CHUNK_RECORDS: usize = 7;
+/// META key present while a restore is being applied (see [`apply_snapshot_locked`]).
+const RESTORE_MARKER: &str = "restore_incomplete";
 /// Smallest journal budget: journals beyond it make fjall flush memtables early so old
 /// journals can be dropped (it is twice the write buffer otherwise); bounds what a
 /// restart replays.
@@ -174,8 +182,42 @@ impl Tables {
         }
     }
 
-    /// Checks the layout version (writing it into a new store) and loads the counters.
+    /// Empties every data keyspace and puts back the counters the store had before a
+    /// restore began (it was empty then), clearing the restore marker; durable.
+    fn undo_restore(&self, before: Counters) -> Result<(), StoreError> {
+        for (table, _) in TABLES {
+            if table != Table::Meta {
+                self.ks(table).clear().ctx("restore: roll back")?;
+            }
+        }
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        let meta = self.ks(Table::Meta);
+        for (k, v) in [
+            ("next_seq", before.next_seq),
+            ("pending_count", 0),
+            ("profile_count", 0),
+            ("channel_count", 0),
+        ] {
+            b.insert(meta, k, v.to_be_bytes());
+        }
+        b.remove(meta, RESTORE_MARKER);
+        b.commit().ctx("restore: roll back")?;
+        self.db
+            .persist(PersistMode::SyncAll)
+            .ctx("restore: roll back")
+    }
+
+    /// Checks the layout version (writing it into a new store), rolls back a restore
+    /// that a crash interrupted, and loads the counters.
     fn init(&self) -> Result<Counters, StoreError> {
+        if self.meta_u64(RESTORE_MARKER)?.is_some() {
+            tracing::warn!("embedded store: a restore was interrupted; emptying the store again");
+            let next_seq = self.meta_u64("next_seq")?.unwrap_or(1);
+            self.undo_restore(Counters {
+                next_seq,
+                ..Counters::default()
+            })?;
+        }
         match self.meta_u64("schema_version")? {
             None => {
                 let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
@@ -436,10 +478,10 @@ impl EmbeddedStore {
     }
 
     /// Loads a snapshot into this store, which must be empty ([`StoreError::NotEmpty`]
-    /// otherwise). Everything is applied as one atomic batch that is committed only
-    /// after the trailer's checksum and the header's counts have been verified, so a
-    /// corrupt or truncated stream leaves the store unchanged. The batch is held in
-    /// memory until then (about twice the snapshot's size). Blocking; writes wait.
+    /// otherwise). All or nothing: if the trailer's checksum or the header's counts do
+    /// not verify, or the process dies on the way, the store is empty again afterwards
+    /// (at the latest at the next open). Applied in chunks, so memory stays bounded
+    /// whatever the snapshot's size. Blocking; writes wait.
     pub fn restore(
         &self,
         input: &mut (impl std::io::Read + Send),
@@ -451,7 +493,8 @@ impl EmbeddedStore {
     /// Merges a snapshot into this store, which may hold data: what a blue-green slot
     /// handover does on the receiving relay. Messages it already has are skipped, so
     /// repeating a merge is harmless; nothing is committed unless the whole stream
-    /// verified. Blocking; writes wait.
+    /// verified, so the merge is held in memory until then (about twice the stream's
+    /// size). Blocking; writes wait.
     pub fn merge(
         &self,
         input: &mut (impl std::io::Read + Send),
@@ -517,14 +560,46 @@ fn lock<'a>(
     })
 }
 
-/// Restore or merge under the engine lock: one batch, committed durably at the end.
+/// Restore or merge under the engine lock.
+///
+/// A merge is one batch, committed durably at the end (the store may hold data, so
+/// nothing may land unless the whole stream verified); it is held in memory until then.
+///
+/// A restore goes into an empty store and may be far larger, so it commits every
+/// [`RESTORE_CHUNK_RECORDS`] records and stays all-or-nothing another way: its first
+/// chunk sets the marker `meta.restore_incomplete`, the last one clears it. If the stream
+/// fails verification the store is emptied again at once; if the process dies in the
+/// middle, the next open finds the marker and does the same ([`Tables::init`]).
 fn apply_snapshot_locked(
     engine: &mut Engine,
     input: &mut impl std::io::Read,
     mode: Apply,
 ) -> Result<MergeSummary, StoreError> {
     let mut w = Writer::new(&engine.tables, engine.counters);
-    let summary = snapshot::apply_snapshot(&mut w, input, mode)?;
+    let chunk = match mode {
+        Apply::Restore => {
+            // Checked before the marker: a refused restore must not roll anything back.
+            if let Some(what) = w.contents()? {
+                return Err(StoreError::NotEmpty { what });
+            }
+            w.insert(Table::Meta, RESTORE_MARKER.as_bytes(), &1u64.to_be_bytes());
+            Some(RESTORE_CHUNK_RECORDS)
+        }
+        Apply::Merge => None,
+    };
+    let summary = match snapshot::apply_snapshot(&mut w, input, mode, chunk) {
+        Ok(summary) => summary,
+        Err(e) => {
+            drop(w);
+            if mode == Apply::Restore {
+                engine.tables.undo_restore(engine.counters)?;
+            }
+            return Err(e);
+        }
+    };
+    if mode == Apply::Restore {
+        w.remove(Table::Meta, RESTORE_MARKER.as_bytes());
+    }
     engine.counters = w.commit()?;
     tracing::info!(
         ?mode,
@@ -762,30 +837,38 @@ impl<'t> Writer<'t> {
 
     /// Commits the batch (with the counters) durably: the journal is fsync'd before the
     /// batch becomes visible. Returns the new counters.
-    fn commit(self) -> Result<Counters, StoreError> {
+    fn commit(mut self) -> Result<Counters, StoreError> {
+        self.commit_batch(PersistMode::SyncData)?;
+        Ok(self.counters)
+    }
+
+    /// Commits what is batched so far (with the counters) and starts a new batch; a
+    /// restore does this every [`RESTORE_CHUNK_RECORDS`] records so that its memory
+    /// stays bounded (see [`apply_snapshot_locked`] for how it stays all-or-nothing).
+    pub(crate) fn commit_batch(&mut self, durability: PersistMode) -> Result<(), StoreError> {
         if !self.dirty {
-            return Ok(self.counters);
+            return Ok(());
         }
-        let Writer {
-            tables,
-            mut batch,
-            counters,
-            ..
-        } = self;
-        let meta = tables.ks(Table::Meta);
+        let mut batch = std::mem::replace(&mut self.batch, self.tables.db.batch());
+        let meta = self.tables.ks(Table::Meta);
+        let c = self.counters;
         for (k, v) in [
-            ("next_seq", counters.next_seq),
-            ("pending_count", counters.pending),
-            ("profile_count", counters.profiles),
-            ("channel_count", counters.channels),
+            ("next_seq", c.next_seq),
+            ("pending_count", c.pending),
+            ("profile_count", c.profiles),
+            ("channel_count", c.channels),
         ] {
             batch.insert(meta, k, v.to_be_bytes());
         }
         batch
-            .durability(Some(PersistMode::SyncData))
+            .durability(Some(durability))
             .commit()
             .ctx("write: commit")?;
-        Ok(counters)
+        for staged in &mut self.staged {
+            staged.clear();
+        }
+        self.dirty = false;
+        Ok(())
     }
 
     /// What the store already holds, for a restore's emptiness check.
@@ -1251,4 +1334,143 @@ pub(crate) fn restore_into_new(
         .persist(PersistMode::SyncAll)
         .ctx("migrate: sync journal")?;
     Ok(summary.snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(label: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("dchat-emb-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        p
+    }
+
+    fn msg(recipient: u8, id: &str) -> StoredMessage {
+        StoredMessage {
+            recipient: [recipient; 32],
+            sender: [9; 32],
+            id: id.into(),
+            channel: None,
+            timestamp_ms: 1,
+            expires_at_ms: 4_000_000_000_000,
+            kind: "text".into(),
+            envelope: id.as_bytes().to_vec(),
+        }
+    }
+
+    fn read_pending(tables: &Tables, recipient: u8) -> Vec<u64> {
+        tables
+            .ks(Table::Inbox)
+            .prefix([recipient; 32])
+            .map(|g| g.into_inner().unwrap())
+            .filter(|(k, _)| is_message_key(k))
+            .map(|(k, _)| seq_of_message_key(&k).unwrap())
+            .collect()
+    }
+
+    /// Writes to one key twice in one batch (a put and the ack of the same message,
+    /// a restore marker set and cleared) share the batch's seqno in fjall: the later
+    /// write must win, in memory and after the journal is replayed.
+    #[test]
+    fn the_last_write_to_a_key_in_one_batch_wins() {
+        let dir = temp_dir("last-write");
+        {
+            let tables = Tables::open(&dir, &EmbeddedOptions::default()).unwrap();
+            let counters = tables.init().unwrap();
+            let mut w = Writer::new(&tables, counters);
+            assert_eq!(w.put(&msg(1, "a")).unwrap(), PutOutcome::Stored { seq: 1 });
+            assert_eq!(w.put(&msg(1, "b")).unwrap(), PutOutcome::Stored { seq: 2 });
+            assert_eq!(w.ack(&[1; 32], &[([9; 32], "a".into())]).unwrap(), 1);
+            assert_eq!(w.put(&msg(1, "a")).unwrap(), PutOutcome::Duplicate);
+            w.insert(Table::Meta, RESTORE_MARKER.as_bytes(), &1u64.to_be_bytes());
+            w.remove(Table::Meta, RESTORE_MARKER.as_bytes());
+            let counters = w.commit().unwrap();
+            assert_eq!(counters.pending, 1);
+            assert_eq!(read_pending(&tables, 1), vec![2]);
+            assert_eq!(tables.meta_u64(RESTORE_MARKER).unwrap(), None);
+        }
+        // Reopened: the journal replays the batch the same way.
+        let tables = Tables::open(&dir, &EmbeddedOptions::default()).unwrap();
+        let counters = tables.init().unwrap();
+        assert_eq!((counters.next_seq, counters.pending), (3, 1));
+        assert_eq!(read_pending(&tables, 1), vec![2]);
+        let dk = dedup_key(&[1; 32], &[9; 32], "a");
+        let v = tables.ks(Table::Inbox).get(&dk).unwrap().unwrap();
+        assert_eq!(
+            split_dedup_record(&v).unwrap(),
+            (1, 4_000_000_000_000, false)
+        );
+        drop(tables);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn snapshot_of(n: usize) -> Vec<u8> {
+        let dir = temp_dir("snap-src");
+        let store = EmbeddedStore::open(&dir).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let msgs = (0..n)
+            .map(|i| msg((i % 5) as u8, &format!("m{i}")))
+            .collect();
+        rt.block_on(store.put_many(msgs)).unwrap();
+        let mut out = Vec::new();
+        store.snapshot(&mut out).unwrap();
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    /// A restore larger than one chunk that fails verification at the end leaves the
+    /// store empty, although chunks were committed on the way.
+    #[test]
+    fn a_failed_chunked_restore_leaves_the_store_empty() {
+        let mut snap = snapshot_of(40);
+        let last = snap.len() - 1;
+        snap[last] ^= 0xFF; // the checksum trailer: detected only after every record
+        let dir = temp_dir("restore-fail");
+        let store = EmbeddedStore::open(&dir).unwrap();
+        let err = store.restore(&mut snap.as_slice()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SnapshotChecksum { .. }),
+            "{err:?}"
+        );
+        assert_eq!(read_pending(&store.tables, 0), Vec::<u64>::new());
+        assert!(store.tables.ks(Table::Inbox).is_empty().unwrap());
+        assert!(store.tables.ks(Table::Expiry).is_empty().unwrap());
+        assert_eq!(store.tables.meta_u64("pending_count").unwrap(), Some(0));
+        assert_eq!(store.tables.meta_u64(RESTORE_MARKER).unwrap(), None);
+        // And a good stream restores afterwards.
+        snap[last] ^= 0xFF;
+        let summary = store.restore(&mut snap.as_slice()).unwrap();
+        assert_eq!(summary.messages, 40);
+        assert_eq!(read_pending(&store.tables, 0).len(), 8);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A restore interrupted by a crash (its marker still set) is rolled back at open.
+    #[test]
+    fn an_interrupted_restore_is_rolled_back_at_open() {
+        let dir = temp_dir("restore-crash");
+        {
+            let path = dir.join(STORE_DIR_NAME);
+            let tables = Tables::open(&path, &EmbeddedOptions::default()).unwrap();
+            let counters = tables.init().unwrap();
+            let mut w = Writer::new(&tables, counters);
+            w.insert(Table::Meta, RESTORE_MARKER.as_bytes(), &1u64.to_be_bytes());
+            w.insert_message(5, &msg(1, "half"), &dedup_key(&[1; 32], &[9; 32], "half"));
+            w.counters.next_seq = 6;
+            w.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(&dir).unwrap();
+        assert!(store.tables.ks(Table::Inbox).is_empty().unwrap());
+        assert!(store.tables.ks(Table::Expiry).is_empty().unwrap());
+        assert_eq!(store.tables.meta_u64(RESTORE_MARKER).unwrap(), None);
+        let c = lock(&store.engine, "test").unwrap().counters;
+        assert_eq!((c.next_seq, c.pending), (6, 0), "seqs never go back");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -504,19 +504,23 @@ impl<R: Read> SnapshotReader<R> {
 
 /// Applies a snapshot stream through `w`, one batch of the embedded store that the
 /// caller commits only if this returns `Ok` (so a bad stream changes nothing).
+/// With `chunk` set, what is batched is committed (not yet fsync'd) every `chunk`
+/// records; the caller makes that safe (a restore marker, or a staging directory). The
+/// caller also checks that a restore's target is empty.
 pub(crate) fn apply_snapshot(
     w: &mut Writer<'_>,
     input: impl Read,
     mode: Apply,
+    chunk: Option<usize>,
 ) -> Result<MergeSummary, StoreError> {
-    if mode == Apply::Restore {
-        if let Some(what) = w.contents()? {
-            return Err(StoreError::NotEmpty { what });
-        }
-    }
     let mut merge = MergeSummary::default();
     let mut r = SnapshotReader::open(input)?;
+    let mut applied = 0usize;
     while let Some(record) = r.next_record()? {
+        applied += 1;
+        if chunk.is_some_and(|n| applied % n == 0) {
+            w.commit_batch(fjall::PersistMode::Buffer)?;
+        }
         match record {
             Record::Message { seq, message } => {
                 let dk = dedup_key(&message.recipient, &message.sender, &message.id);
