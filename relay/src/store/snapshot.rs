@@ -518,7 +518,7 @@ pub(crate) fn apply_snapshot(
     let mut applied = 0usize;
     while let Some(record) = r.next_record()? {
         applied += 1;
-        if chunk.is_some_and(|n| applied % n == 0) {
+        if chunk.is_some_and(|n| applied.is_multiple_of(n)) {
             w.commit_batch(fjall::PersistMode::Buffer)?;
         }
         match record {
