@@ -1684,3 +1684,58 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[cfg(test)]
+mod migration_bench {
+    //! How long the migration takes for a large old store (run by hand, release build;
+    //! prints a table, asserts only that everything arrived):
+    //! `DCHAT_MIGRATION_MESSAGES=500000 cargo test --release -p dchat-relay --lib
+    //! migration_throughput -- --ignored --nocapture`
+    use super::old_writer::RedbStore;
+    use super::*;
+    use crate::store::{EmbeddedStore, Store};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, run by hand (docs/performance.md)"]
+    async fn migration_throughput() {
+        let n: usize = std::env::var("DCHAT_MIGRATION_MESSAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let dir = std::env::temp_dir().join(format!("dchat-migrate-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let s = RedbStore::open(&dir).unwrap();
+            for chunk in 0..n.div_ceil(1000) {
+                let msgs = (chunk * 1000..((chunk + 1) * 1000).min(n))
+                    .map(|i| StoredMessage {
+                        recipient: [(i % 251) as u8; 32],
+                        sender: [(i % 241) as u8; 32],
+                        id: format!("m{i}"),
+                        channel: None,
+                        timestamp_ms: 1,
+                        expires_at_ms: 4_000_000_000_000,
+                        kind: "text".into(),
+                        envelope: vec![0x5A; 350],
+                    })
+                    .collect();
+                s.put_many(msgs).await.unwrap();
+            }
+        }
+        let old_bytes = std::fs::metadata(dir.join(DB_FILE_NAME)).unwrap().len();
+        let started = Instant::now();
+        let s = EmbeddedStore::open(&dir).unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(s.stats().await.unwrap().pending_messages, n as u64);
+        drop(s);
+        println!("| messages | redb file MB | migration s | msgs/s |");
+        println!("|--:|--:|--:|--:|");
+        println!(
+            "| {n} | {:.0} | {secs:.1} | {:.0} |",
+            old_bytes as f64 / 1e6,
+            n as f64 / secs
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
