@@ -45,6 +45,11 @@ pub fn configmap(cluster: &DchatCluster) -> ConfigMap {
     if let Some(url) = &spec.relay.chain_rpc_url {
         data.insert("DCHAT_CHAIN_RPC".to_string(), url.clone());
     }
+    if spec.database.is_none() {
+        if let Some(mb) = store_write_buffer_mb(cluster) {
+            data.insert("DCHAT_STORE_WRITE_BUFFER_MB".to_string(), mb.to_string());
+        }
+    }
     ConfigMap {
         metadata: labels::child_meta(
             cluster,
@@ -54,6 +59,27 @@ pub fn configmap(cluster: &DchatCluster) -> ConfigMap {
         data: Some(data),
         ..ConfigMap::default()
     }
+}
+
+/// Largest embedded-store write buffer the operator sets (the relay's own default).
+const MAX_WRITE_BUFFER_MB: u128 = 128;
+/// Smallest write buffer the relay accepts.
+const MIN_WRITE_BUFFER_MB: u128 = 8;
+
+/// The embedded store's write buffer for a relay with this memory: a quarter of the
+/// memory limit (or, without one, of the request), at most the relay's default of
+/// 128 MiB. The relay's peak use is about twice the buffer, so this keeps it to half the
+/// container's memory. `None` (the relay's default) when no memory is given.
+fn store_write_buffer_mb(cluster: &DchatCluster) -> Option<u128> {
+    let resources = &cluster.spec.resources;
+    let memory = resources
+        .limits
+        .memory
+        .as_ref()
+        .or(resources.requests.memory.as_ref())?;
+    // Validated at admission; an unparsable value leaves the relay's default.
+    let bytes = crate::quantity::parse_quantity(memory).ok()? / 1000;
+    Some((bytes / 4 >> 20).clamp(MIN_WRITE_BUFFER_MB, MAX_WRITE_BUFFER_MB))
 }
 
 /// A stable hash of the ConfigMap's data, put on the pod template so that a settings
@@ -90,6 +116,39 @@ mod tests {
         assert_eq!(data["DCHAT_DRAIN_TIMEOUT"], "60s");
         assert_eq!(data["RUST_LOG"], "debug");
         assert_eq!(data["DCHAT_CHAIN_RPC"], "https://rpc.example");
+    }
+
+    #[test]
+    fn write_buffer_follows_the_memory_limit_for_embedded_storage() {
+        let buffer = |yaml: &str| {
+            configmap(&cluster_from_yaml(yaml))
+                .data
+                .unwrap()
+                .get("DCHAT_STORE_WRITE_BUFFER_MB")
+                .cloned()
+        };
+        // The default limit (512Mi) gives the relay's own default.
+        assert_eq!(buffer("version: '1'").as_deref(), Some("128"));
+        assert_eq!(
+            buffer("version: '1'\nresources: {requests: {memory: 128Mi}, limits: {memory: 256Mi}}")
+                .as_deref(),
+            Some("64")
+        );
+        assert_eq!(
+            buffer("version: '1'\nresources: {requests: {memory: 16Mi}, limits: {memory: 32Mi}}")
+                .as_deref(),
+            Some("8")
+        );
+        assert_eq!(
+            buffer("version: '1'\nresources: {requests: {memory: 4Gi}, limits: {memory: 8Gi}}")
+                .as_deref(),
+            Some("128")
+        );
+        // PostgreSQL relays have no embedded store.
+        assert_eq!(
+            buffer("version: '1'\ndatabase: {secretRef: {name: db}}"),
+            None
+        );
     }
 
     #[test]
