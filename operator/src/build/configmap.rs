@@ -79,7 +79,7 @@ fn store_write_buffer_mb(cluster: &DchatCluster) -> Option<u128> {
         .or(resources.requests.memory.as_ref())?;
     // Validated at admission; an unparsable value leaves the relay's default.
     let bytes = crate::quantity::parse_quantity(memory).ok()? / 1000;
-    Some((bytes / 4 >> 20).clamp(MIN_WRITE_BUFFER_MB, MAX_WRITE_BUFFER_MB))
+    Some(((bytes / 4) >> 20).clamp(MIN_WRITE_BUFFER_MB, MAX_WRITE_BUFFER_MB))
 }
 
 /// A stable hash of the ConfigMap's data, put on the pod template so that a settings
