@@ -435,6 +435,11 @@ impl EmbeddedStore {
             source,
         })?;
         legacy::migrate_if_present(dir, options)?;
+        let backup = dir.join(legacy::MIGRATED_FILE_NAME);
+        if let Ok(meta) = std::fs::metadata(&backup) {
+            // Every start, so that a forgotten backup does not hold the volume's space unseen.
+            tracing::info!(path = %backup.display(), bytes = meta.len(), "the database from before the migration is still kept; delete it once the relay runs well");
+        }
         let path = dir.join(STORE_DIR_NAME);
         let tables = Tables::open(&path, options)?;
         let counters = tables.init()?;
