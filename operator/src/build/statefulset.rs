@@ -145,6 +145,10 @@ fn pod_spec(cluster: &DchatCluster, slot: Slot) -> PodSpec {
     }
 }
 
+/// Startup probe failures allowed (every 2 s): 15 minutes for the relay to open its
+/// storage.
+const STARTUP_PROBE_FAILURES: i32 = 450;
+
 fn relay_container(cluster: &DchatCluster, slot: Slot) -> Container {
     let spec = &cluster.spec;
     let http_probe = |path: &str, period: i32, failures: i32| Probe {
@@ -188,7 +192,11 @@ fn relay_container(cluster: &DchatCluster, slot: Slot) -> Container {
         // reachable and it is not draining.
         liveness_probe: Some(http_probe("/health", 10, 3)),
         readiness_probe: Some(http_probe("/ready", 5, 2)),
-        startup_probe: Some(http_probe("/health", 2, 60)),
+        // The relay answers only once its storage is open, which can mean replaying the
+        // embedded store's journal or migrating a store of an older engine (minutes for
+        // millions of messages, docs/storage.md): allow 15 minutes, still checked
+        // every 2 s so that a normal start is seen at once.
+        startup_probe: Some(http_probe("/health", 2, STARTUP_PROBE_FAILURES)),
         resources: Some(resources(&spec.resources.requests, &spec.resources.limits)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -445,6 +453,10 @@ mod tests {
         assert_eq!(path(&c.liveness_probe).as_deref(), Some("/health"));
         assert_eq!(path(&c.readiness_probe).as_deref(), Some("/ready"));
         assert_eq!(path(&c.startup_probe).as_deref(), Some("/health"));
+        // Long enough for a journal replay or a store migration before liveness applies.
+        let startup = c.startup_probe.as_ref().unwrap();
+        let allowed = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
+        assert!(allowed >= 600, "startup probe allows only {allowed} s");
     }
 
     #[test]
