@@ -81,7 +81,11 @@ async fn kill9_mid_load_loses_no_acknowledged_message() {
         .unwrap();
     let at_kill = r.acked_at_kill.expect("the relay was killed");
     assert!((200..2000).contains(&at_kill), "killed mid-load: {r:?}");
-    assert!(r.reconnects >= 4, "every sender reconnected: {r:?}");
+    // Senders lost their connections and reconnected. Not necessarily all four: with
+    // the LSM store the 200 acknowledgements can arrive before every sender finished
+    // its first handshake, and a sender whose first connection reaches the restarted
+    // relay has nothing to reconnect (CI run on 2026-11-27 09:18: 3 reconnects).
+    assert!(r.reconnects >= 1, "senders reconnected after the kill: {r:?}");
     // Retries after the restart complete every message (dedup answers `duplicate` for
     // those that were stored before the kill but not yet answered).
     assert_eq!(r.acked, 2000, "{r:?}");
