@@ -85,7 +85,10 @@ async fn kill9_mid_load_loses_no_acknowledged_message() {
     // the LSM store the 200 acknowledgements can arrive before every sender finished
     // its first handshake, and a sender whose first connection reaches the restarted
     // relay has nothing to reconnect (CI run on 2026-11-27 09:18: 3 reconnects).
-    assert!(r.reconnects >= 1, "senders reconnected after the kill: {r:?}");
+    assert!(
+        r.reconnects >= 1,
+        "senders reconnected after the kill: {r:?}"
+    );
     // Retries after the restart complete every message (dedup answers `duplicate` for
     // those that were stored before the kill but not yet answered).
     assert_eq!(r.acked, 2000, "{r:?}");
