@@ -87,6 +87,10 @@ pub struct Cli {
     /// Close a client whose socket accepts no data for this long (slow reader).
     #[arg(long, env = "DCHAT_WRITE_TIMEOUT", default_value = "10s")]
     pub write_timeout: String,
+    /// How long a sender waits for room in the full queue of a connected recipient
+    /// before storing the message for it instead (backpressure; 0s stores at once).
+    #[arg(long, env = "DCHAT_PUSH_WAIT", default_value = "250ms")]
+    pub push_wait: String,
     /// Total time allowed for a drain after SIGTERM (keep below the pod's grace period).
     #[arg(long, env = "DCHAT_DRAIN_TIMEOUT", default_value = "25s")]
     pub drain_timeout: String,
@@ -205,8 +209,11 @@ pub struct Config {
     pub log_json: bool,
     /// Deliveries in flight per connection.
     pub max_inflight: usize,
-    /// Queued outbound pushes per connection before falling back to storage.
+    /// Queued outbound pushes per connection; a sender waits up to `push_wait` for
+    /// room in a full queue, then falls back to storage.
     pub outbound_queue: usize,
+    /// Longest wait of a sender for room in a recipient's full queue.
+    pub push_wait: Duration,
 }
 
 /// Parses durations like `90s`, `15m`, `720h`, `30d`, `250ms`; a bare number is seconds.
@@ -229,6 +236,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map(Duration::from_millis)
         .ok_or_else(|| "duration too large".to_string())
 }
+
+/// Upper bound of `DCHAT_PUSH_WAIT`: a sender that waits reads nothing from its own
+/// client meanwhile, so longer waits would look like a stalled relay to it.
+const MAX_PUSH_WAIT: Duration = Duration::from_secs(10);
 
 fn duration(setting: &'static str, v: &str, min: Duration) -> Result<Duration, ConfigError> {
     let d = parse_duration(v).map_err(|e| bad(setting, v, e))?;
@@ -420,6 +431,17 @@ impl Config {
             log_json,
             max_inflight: 256,
             outbound_queue: 128,
+            push_wait: {
+                let d = duration("DCHAT_PUSH_WAIT", &cli.push_wait, Duration::ZERO)?;
+                if d > MAX_PUSH_WAIT {
+                    return Err(bad(
+                        "DCHAT_PUSH_WAIT",
+                        &cli.push_wait,
+                        format!("must be at most {MAX_PUSH_WAIT:?}"),
+                    ));
+                }
+                d
+            },
         })
     }
 
@@ -470,6 +492,23 @@ mod tests {
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("5 weeks").is_err());
+    }
+
+    #[test]
+    fn push_wait_is_bounded() {
+        assert_eq!(
+            parse(&["--push-wait", "0s"]).unwrap().push_wait,
+            Duration::ZERO
+        );
+        assert_eq!(parse(&[]).unwrap().push_wait, Duration::from_millis(250));
+        assert_eq!(
+            parse(&["--push-wait", "11s"]).unwrap_err().setting,
+            "DCHAT_PUSH_WAIT"
+        );
+        assert_eq!(
+            parse(&["--push-wait", "soon"]).unwrap_err().setting,
+            "DCHAT_PUSH_WAIT"
+        );
     }
 
     #[test]

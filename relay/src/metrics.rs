@@ -88,6 +88,11 @@ pub struct Metrics {
     pub outbound_queue_depth: Gauge,
     /// Deliveries written but not yet acknowledged (sum over connections).
     pub inflight: Gauge,
+    /// Recipients whose full queue a sender waited for (backpressure).
+    pub push_waits: Counter,
+    /// Of those, recipients whose queue stayed full for the whole push wait, so the
+    /// message was stored for them.
+    pub push_wait_timeouts: Counter,
     /// Bytes of client frames received.
     pub bytes_in: Counter,
     /// Bytes of frames sent to clients.
@@ -127,6 +132,8 @@ impl Metrics {
             stored: Family::default(),
             delivered: Family::default(),
             duplicates: Counter::default(),
+            push_waits: Counter::default(),
+            push_wait_timeouts: Counter::default(),
             expired: Counter::default(),
             acked: Counter::default(),
             // 50 µs .. ~3.3 s
@@ -183,6 +190,16 @@ impl Metrics {
             "messages_duplicate",
             "Duplicate sends suppressed",
             m.duplicates.clone(),
+        );
+        r.register(
+            "push_waits",
+            "Full recipient queues a sender waited for (backpressure)",
+            m.push_waits.clone(),
+        );
+        r.register(
+            "push_wait_timeouts",
+            "Full recipient queues waited for in vain; the message was stored instead",
+            m.push_wait_timeouts.clone(),
         );
         r.register(
             "messages_expired",

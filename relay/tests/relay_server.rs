@@ -470,6 +470,211 @@ async fn slow_reader_backpressure_goes_to_storage_and_order_is_kept() {
     assert_eq!(got, want);
 }
 
+// ---- backpressure: a full recipient queue makes the sender wait, not store ----
+
+/// A text envelope from the writer's client to a key or a channel.
+fn pipelined_envelope(
+    w: &mut dchat_relay::client::ClientWriter,
+    to: Option<KeyHex>,
+    channel: Option<&str>,
+    i: i64,
+) -> dchat_relay::protocol::Envelope {
+    dchat_relay::protocol::Envelope {
+        id: w.fresh_id(),
+        from: None,
+        to,
+        channel: channel.map(str::to_string),
+        ts: i,
+        kind: Kind::Text,
+        payload: dchat_relay::protocol::Base64Bytes(i.to_le_bytes().to_vec()),
+        media: None,
+    }
+}
+
+/// Reads the `sent` answers of `ids` in order and returns their frames.
+async fn sent_answers(
+    rd: &mut dchat_relay::client::ClientReader,
+    ids: &[String],
+) -> Vec<ServerFrame> {
+    let mut answers = Vec::new();
+    for id in ids {
+        let f = rd.next_frame().await.unwrap();
+        match &f {
+            ServerFrame::Sent { id: got, .. } => assert_eq!(got, id),
+            other => panic!("{other:?}"),
+        }
+        answers.push(f);
+    }
+    answers
+}
+
+fn status(f: &ServerFrame) -> SendStatus {
+    match f {
+        ServerFrame::Sent { status, .. } => *status,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_makes_the_sender_wait_and_the_message_is_pushed_live() {
+    // A one-slot queue fills at once under a pipelined burst (the recipient's task
+    // cannot run between two sends of the burst on this single-threaded runtime).
+    let r = start(|c| {
+        c.outbound_queue = 1;
+        c.push_wait = Duration::from_secs(10);
+    })
+    .await;
+    let mut b = r.client().await;
+    let (mut w, mut rd) = r.client().await.split();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let env = pipelined_envelope(&mut w, Some(b.key()), None, i);
+        ids.push(env.id.clone());
+        w.send(env).await.unwrap();
+    }
+    for f in sent_answers(&mut rd, &ids).await {
+        assert_eq!(status(&f), SendStatus::Delivered, "{f:?}");
+    }
+    for id in &ids {
+        assert_eq!(&b.next_delivery().await.unwrap().envelope.id, id);
+    }
+    assert!(
+        r.metric("dchat_push_waits_total") >= 1.0,
+        "the burst never found the queue full"
+    );
+    assert_eq!(r.metric("dchat_push_wait_timeouts_total"), 0.0);
+    assert_eq!(r.metric("dchat_messages_stored_total{kind=\"text\"}"), 0.0);
+}
+
+#[tokio::test]
+async fn a_queue_still_full_after_the_push_wait_falls_back_to_storage_in_order() {
+    let r = start(|c| {
+        c.outbound_queue = 1;
+        c.push_wait = Duration::ZERO;
+    })
+    .await;
+    let mut b = r.client().await;
+    let (mut w, mut rd) = r.client().await.split();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let env = pipelined_envelope(&mut w, Some(b.key()), None, i);
+        ids.push(env.id.clone());
+        w.send(env).await.unwrap();
+    }
+    let statuses: Vec<_> = sent_answers(&mut rd, &ids)
+        .await
+        .iter()
+        .map(status)
+        .collect();
+    assert!(statuses.contains(&SendStatus::Stored), "{statuses:?}");
+    assert!(r.metric("dchat_push_wait_timeouts_total") >= 1.0);
+    // Live and stored copies arrive in the order they were sent, each once.
+    for id in &ids {
+        let d = b.next_delivery().await.unwrap();
+        assert_eq!(&d.envelope.id, id);
+        b.ack(vec![d.ack_ref()]).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_waiting_on_each_others_full_queue_do_not_deadlock() {
+    // Each session waits for room in the other's one-slot queue. A waiting session
+    // keeps writing its own queue to its client, so both make progress; were they to
+    // wait on each other, every wait would run into the 10 s push wait and store.
+    let r = start(|c| {
+        c.outbound_queue = 1;
+        c.push_wait = Duration::from_secs(10);
+    })
+    .await;
+    let a = r.client().await;
+    let b = r.client().await;
+    let (ka, kb) = (a.key(), b.key());
+    let (mut wa, ra) = a.split();
+    let (mut wb, rb) = b.split();
+    // Below the in-flight window (256): nobody acknowledges here.
+    let n = 200;
+    let mut ids = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let env = pipelined_envelope(&mut wa, Some(kb), None, i);
+        ids.0.push(env.id.clone());
+        wa.send(env).await.unwrap();
+        let env = pipelined_envelope(&mut wb, Some(ka), None, i);
+        ids.1.push(env.id.clone());
+        wb.send(env).await.unwrap();
+    }
+    // Both readers run at once: each client reads its answers and its deliveries.
+    let read = |mut rd: dchat_relay::client::ClientReader,
+                mine: Vec<String>,
+                theirs: Vec<String>| async move {
+        let (mut sent, mut delivered) = (0, 0);
+        while sent < mine.len() || delivered < theirs.len() {
+            match rd.next_frame().await.unwrap() {
+                ServerFrame::Sent { id, status, .. } => {
+                    assert_eq!(id, mine[sent]);
+                    assert_eq!(status, SendStatus::Delivered);
+                    sent += 1;
+                }
+                ServerFrame::Deliver { envelope, .. } => {
+                    assert_eq!(envelope.id, theirs[delivered]);
+                    delivered += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let ta = tokio::spawn(read(ra, ids.0.clone(), ids.1.clone()));
+    let tb = tokio::spawn(read(rb, ids.1, ids.0));
+    ta.await.unwrap();
+    tb.await.unwrap();
+    assert_eq!(r.metric("dchat_push_wait_timeouts_total"), 0.0);
+    assert_eq!(r.metric("dchat_messages_stored_total{kind=\"text\"}"), 0.0);
+}
+
+#[tokio::test]
+async fn a_channel_burst_waits_for_every_members_queue() {
+    let r = start(|c| {
+        c.outbound_queue = 1;
+        c.push_wait = Duration::from_secs(10);
+    })
+    .await;
+    let mut members = Vec::new();
+    for _ in 0..4 {
+        let mut m = r.client().await;
+        m.join("busy").await.unwrap();
+        members.push(m);
+    }
+    let mut a = r.client().await;
+    a.join("busy").await.unwrap();
+    let (mut w, mut rd) = a.split();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let env = pipelined_envelope(&mut w, None, Some("busy"), i);
+        ids.push(env.id.clone());
+        w.send(env).await.unwrap();
+    }
+    for f in sent_answers(&mut rd, &ids).await {
+        match f {
+            ServerFrame::Sent {
+                status,
+                delivered,
+                stored,
+                ..
+            } => {
+                assert_eq!(status, SendStatus::Fanout);
+                assert_eq!((delivered, stored), (Some(4), Some(0)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    for m in &mut members {
+        for id in &ids {
+            assert_eq!(&m.next_delivery().await.unwrap().envelope.id, id);
+        }
+    }
+    assert!(r.metric("dchat_push_waits_total") >= 1.0);
+    assert_eq!(r.metric("dchat_push_wait_timeouts_total"), 0.0);
+}
+
 #[tokio::test]
 async fn reader_that_stops_reading_is_disconnected() {
     let r = start(|c| {

@@ -8,13 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures::{FutureExt, SinkExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::limits::TokenBucket;
-use super::router::{is_new, FastMap, Message, Offer, Seen, SessionHandle};
+use super::router::{is_new, FastMap, Message, Offer, Seen, SessionHandle, StoreTicket};
 use super::Shared;
 use crate::metrics::{KindLabel, ReasonLabel};
 use crate::protocol::frame::{
@@ -362,14 +361,10 @@ impl Conn {
     async fn session(&mut self, key: KeyHex) -> End {
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(shared.cfg.outbound_queue);
-        let handle = Arc::new(SessionHandle {
-            id: shared.next_session.fetch_add(1, Ordering::Relaxed),
+        let handle = Arc::new(SessionHandle::new(
+            shared.next_session.fetch_add(1, Ordering::Relaxed),
             tx,
-            wake: Notify::new(),
-            live: false.into(),
-            kicked: CancellationToken::new(),
-            finished: CancellationToken::new(),
-        });
+        ));
         if let Some(old) = shared.sessions.insert(key, handle.clone()) {
             old.kicked.cancel();
             // Let the old session store its unacknowledged messages first: delivered from
@@ -422,11 +417,23 @@ struct Session {
     floor_generation: u64,
 }
 
+/// What [`Session::push_when_room`] woke up for.
+enum Room<'a> {
+    /// Room in the recipient's queue (`None`: its session has closed the queue).
+    Permit(Option<mpsc::Permit<'a, Arc<Message>>>),
+    /// The push wait is over.
+    Late,
+    /// A push for this session itself (`None`: its queue was closed).
+    Own(Option<Arc<Message>>),
+}
+
 /// A direct send waiting in [`Session::batch`] to be stored.
 struct Deferred {
     msg: Arc<Message>,
     to: KeyHex,
     in_flight: InFlight,
+    /// Keeps a recipient connected here off live pushes until this is stored.
+    _ticket: Option<StoreTicket>,
 }
 
 impl Session {
@@ -496,7 +503,9 @@ impl Session {
                         Some(Ok(msg)) => Box::pin(self.inbound(c, msg)).await,
                     }
                 }
-                Some(first) = self.rx.recv() => Box::pin(self.push_batch(c, first)).await,
+                // A full in-flight window leaves live pushes in the queue (in order,
+                // ahead of anything stored meanwhile) until acknowledgements make room.
+                Some(first) = self.rx.recv(), if self.window_open(c) => Box::pin(self.push_batch(c, first)).await,
                 _ = &mut woken => {
                     woken.set(handle.wake.notified());
                     Box::pin(self.pump(c, None)).await.map(|_| ())
@@ -547,6 +556,9 @@ impl Session {
                 }
                 continue;
             }
+            if !self.window_open(c) {
+                break;
+            }
             match self.rx.try_recv() {
                 Ok(first) => Box::pin(self.push_batch(c, first)).await?,
                 Err(_) => break,
@@ -555,62 +567,56 @@ impl Session {
         Ok(())
     }
 
-    /// Writes a batch of live pushes, then flushes once.
+    /// Whether the in-flight window has room for another delivery.
+    fn window_open(&self, c: &Conn) -> bool {
+        self.inflight.len() < c.shared.cfg.max_inflight
+    }
+
+    /// Writes a batch of live pushes (as many as are queued, up to [`PUSH_BATCH`], while
+    /// the in-flight window has room) for the caller to flush once.
     async fn push_batch(&mut self, c: &mut Conn, first: Arc<Message>) -> Result<(), End> {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(msg) = next.take() {
-            c.shared.metrics.outbound_queue_depth.dec();
-            let key = (msg.sender, msg.id.clone());
-            if self.inflight.contains_key(&key) {
-                // Already delivered and awaiting its ack on this connection: a second
-                // copy (in memory or in storage) would only be a duplicate.
-                c.shared.metrics.duplicates.inc();
-            } else if !self.handle.live.load(Ordering::Acquire)
-                || self.inflight.len() >= c.shared.cfg.max_inflight
-            {
-                // Too many unacknowledged: keep it in storage instead of memory. And once
-                // anything went to storage, later pushes follow it there until the pump
-                // has caught up, so a live message never overtakes a stored one.
-                self.handle.live.store(false, Ordering::Release);
-                self.store_for_later(c, &msg).await?;
-            } else {
-                c.feed(msg.frame.clone()).await?;
-                c.shared
-                    .metrics
-                    .delivery_latency
-                    .observe(msg.received.elapsed().as_secs_f64());
-                c.shared.metrics.delivered_kind(msg.kind).inc();
-                c.shared.metrics.inflight.inc();
-                self.inflight.insert(key, Origin::Live(msg));
+        self.push_one(c, first).await?;
+        for _ in 1..PUSH_BATCH {
+            if !self.window_open(c) {
+                break;
             }
-            n += 1;
-            if n < PUSH_BATCH {
-                next = self.rx.try_recv().ok();
+            match self.rx.try_recv() {
+                Ok(msg) => self.push_one(c, msg).await?,
+                Err(_) => break,
             }
         }
         Ok(())
     }
 
-    async fn store_for_later(&mut self, c: &mut Conn, msg: &Arc<Message>) -> Result<(), End> {
-        c.flush_pending().await?;
-        let expires = now_ms().saturating_add(c.shared.cfg.message_ttl.as_millis() as i64);
-        match c.shared.put(msg.to_stored(self.key, expires)).await {
-            Ok(o) => {
-                if is_new(&o) {
-                    c.shared.metrics.stored_kind(msg.kind).inc();
-                }
-                self.handle.wake.notify_one();
-                Ok(())
-            }
-            Err(e) => {
-                warn!(error = %e, "could not store a message for a lagging reader");
-                Err(End::Close(
-                    ErrorCode::StorageUnavailable,
-                    "storage unavailable".into(),
-                ))
-            }
+    /// Writes one live push taken from the queue.
+    ///
+    /// A queued push is always delivered live, also when this session has fallen
+    /// behind since it was queued: it was accepted before anything stored for this
+    /// session afterwards, and storing it now would give it a later seq than those —
+    /// a later message of the same sender would overtake it. When the push fills the
+    /// in-flight window the session falls behind, so senders store what comes next
+    /// instead of queueing it; the pump delivers that once the queue is empty.
+    async fn push_one(&mut self, c: &mut Conn, msg: Arc<Message>) -> Result<(), End> {
+        c.shared.metrics.outbound_queue_depth.dec();
+        let key = (msg.sender, msg.id.clone());
+        if self.inflight.contains_key(&key) {
+            // Already delivered and awaiting its ack on this connection: a second
+            // copy (in memory or in storage) would only be a duplicate.
+            c.shared.metrics.duplicates.inc();
+            return Ok(());
         }
+        c.feed(msg.frame.clone()).await?;
+        c.shared
+            .metrics
+            .delivery_latency
+            .observe(msg.received.elapsed().as_secs_f64());
+        c.shared.metrics.delivered_kind(msg.kind).inc();
+        c.shared.metrics.inflight.inc();
+        self.inflight.insert(key, Origin::Live(msg));
+        if !self.window_open(c) {
+            self.handle.fall_behind();
+        }
+        Ok(())
     }
 
     /// Delivers stored messages not already in flight, oldest first, up to the in-flight
@@ -622,6 +628,18 @@ impl Session {
             self.stored_floor = 0;
             self.floor_generation = generation;
         }
+        // Pushes still queued were accepted before anything stored since this session
+        // fell behind: they go first, and nothing stored goes out while any is left.
+        while self.window_open(c) {
+            match self.rx.try_recv() {
+                Ok(msg) => self.push_one(c, msg).await?,
+                Err(_) => break,
+            }
+        }
+        if !self.rx.is_empty() {
+            return Ok((0, true));
+        }
+        let mark = self.handle.catch_up_mark();
         let mut after = self.stored_floor;
         // The floor moves up over messages that are in flight as stored copies or
         // delivered now, and stops at the first one that stays behind (a stored copy of
@@ -690,7 +708,7 @@ impl Session {
         // Go live before flushing: once the client has read these frames (or the
         // welcome buffered ahead of them), new messages must be pushed, not stored.
         if !more && limit.is_none() {
-            self.handle.live.store(true, Ordering::Release);
+            self.handle.go_live(mark);
         }
         Ok((count, more))
     }
@@ -828,6 +846,21 @@ impl Session {
         }
         let result = match (env.to, env.channel.as_deref()) {
             (Some(to), _) => match c.shared.sessions.offer(&to, &msg) {
+                Offer::Full(h) => {
+                    let (pushed, _, _ticket) = self.push_when_room(c, &msg, vec![(to, h)]).await?;
+                    if pushed == 1 {
+                        Ok(ServerFrame::Sent {
+                            id: id.clone(),
+                            status: SendStatus::Delivered,
+                            seq: None,
+                            delivered: None,
+                            stored: None,
+                        })
+                    } else {
+                        c.flush_pending().await?;
+                        c.shared.store_direct(&msg, to).await
+                    }
+                }
                 Offer::Pushed => {
                     c.shared.metrics.outbound_queue_depth.inc();
                     self.store_batch(c).await?;
@@ -839,8 +872,13 @@ impl Session {
                         stored: None,
                     })
                 }
-                Offer::Store => {
-                    self.batch.push(Deferred { msg, to, in_flight });
+                Offer::Store(ticket) => {
+                    self.batch.push(Deferred {
+                        msg,
+                        to,
+                        in_flight,
+                        _ticket: ticket,
+                    });
                     if self.batch.len() >= STORE_BATCH {
                         self.store_batch(c).await?;
                     }
@@ -848,16 +886,100 @@ impl Session {
                 }
             },
             (None, Some(ch)) => match c.shared.channel_fan_out(&msg, ch).await {
-                Ok(fan) if fan.rest.is_empty() => Ok(fan.sent_frame(&msg, 0)),
-                Ok(fan) => {
-                    c.flush_pending().await?;
-                    c.shared.store_fan_out(&msg, fan).await
+                Ok(mut fan) => {
+                    if !fan.full.is_empty() {
+                        let full = std::mem::take(&mut fan.full);
+                        let (pushed, behind, tickets) = self.push_when_room(c, &msg, full).await?;
+                        fan.delivered += pushed;
+                        fan.rest.extend(behind);
+                        fan.tickets.extend(tickets);
+                    }
+                    if fan.rest.is_empty() {
+                        Ok(fan.sent_frame(&msg, 0))
+                    } else {
+                        c.flush_pending().await?;
+                        c.shared.store_fan_out(&msg, fan).await
+                    }
                 }
                 Err(e) => Err(e),
             },
             (None, None) => Err(RouteError::NotMember),
         };
         answer_send(c, in_flight, result).await
+    }
+
+    /// Backpressure for recipients connected here whose queue is full: waits (up to
+    /// [`Config::push_wait`](crate::config::Config::push_wait) in all) for room in each
+    /// queue and pushes `msg` there. This connection reads no new frame meanwhile, so a
+    /// client sending faster than its recipients read is slowed down instead of the
+    /// relay storing every copy — storing costs far more than a push, and under
+    /// overload that turned saturation into collapse. Returns how many were pushed,
+    /// the recipients whose queue stayed full — those fall behind (their later
+    /// messages go through storage until they caught up) and get this one from storage
+    /// too — and the tickets to hold until it is stored for them.
+    ///
+    /// While waiting, this session keeps writing its own queue to its client: two
+    /// sessions sending to each other would otherwise each wait for the other's room.
+    async fn push_when_room(
+        &mut self,
+        c: &mut Conn,
+        msg: &Arc<Message>,
+        full: Vec<(KeyHex, Arc<SessionHandle>)>,
+    ) -> Result<(u32, Vec<KeyHex>, Vec<StoreTicket>), End> {
+        // Answers already buffered must not wait for other clients to catch up.
+        c.flush_pending().await?;
+        let deadline = Instant::now() + c.shared.cfg.push_wait;
+        let mut pushed = 0u32;
+        let mut behind = Vec::new();
+        let mut tickets = Vec::new();
+        let mut own_open = true;
+        for (key, h) in full {
+            c.shared.metrics.push_waits.inc();
+            loop {
+                // Past the deadline (or with no wait configured) only room that is
+                // there now counts; a timer would first yield to the recipient.
+                let room = if Instant::now() >= deadline {
+                    match h.tx.try_reserve() {
+                        Ok(permit) => Room::Permit(Some(permit)),
+                        Err(mpsc::error::TrySendError::Full(())) => Room::Late,
+                        Err(mpsc::error::TrySendError::Closed(())) => Room::Permit(None),
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        permit = h.tx.reserve() => Room::Permit(permit.ok()),
+                        _ = sleep_until(deadline) => Room::Late,
+                        own = self.rx.recv(), if own_open && self.window_open(c) => Room::Own(own),
+                    }
+                };
+                match room {
+                    Room::Permit(Some(permit)) => {
+                        permit.send(msg.clone());
+                        c.shared.metrics.outbound_queue_depth.inc();
+                        pushed += 1;
+                    }
+                    // The recipient's session is ending: it stores what is queued,
+                    // and this copy is stored like any other for an absent key.
+                    Room::Permit(None) => behind.push(key),
+                    Room::Late => {
+                        c.shared.metrics.push_wait_timeouts.inc();
+                        tickets.push(h.fall_behind_for_store());
+                        behind.push(key);
+                    }
+                    Room::Own(Some(first)) => {
+                        Box::pin(self.push_batch(c, first)).await?;
+                        c.flush_pending().await?;
+                        continue;
+                    }
+                    Room::Own(None) => {
+                        own_open = false;
+                        continue;
+                    }
+                }
+                break;
+            }
+        }
+        Ok((pushed, behind, tickets))
     }
 
     /// Stores the batched direct sends with one durable write, then answers each of
@@ -1007,9 +1129,7 @@ impl Session {
         if !quiet {
             c.send_frame(ServerFrame::Acked { removed }).await?;
         }
-        if !self.handle.live.load(Ordering::Acquire)
-            && self.inflight.len() <= c.shared.cfg.max_inflight / 2
-        {
+        if !self.handle.is_live() && self.inflight.len() <= c.shared.cfg.max_inflight / 2 {
             self.pump(c, None).await?;
         }
         Ok(())
@@ -1210,6 +1330,12 @@ pub struct FanOut {
     pub delivered: u32,
     /// Members it must be stored for (offline, elsewhere, or behind).
     pub rest: Vec<KeyHex>,
+    /// Members connected here whose queue was full: the sender waits for room
+    /// (backpressure) or lets them fall behind and stores it for them.
+    pub full: Vec<(KeyHex, Arc<SessionHandle>)>,
+    /// Held until the copies in `rest` are stored (members connected here that are
+    /// behind).
+    pub tickets: Vec<StoreTicket>,
 }
 
 impl FanOut {
@@ -1237,26 +1363,6 @@ pub enum RouteError {
 }
 
 impl Shared {
-    /// Routes a message to one key: live push if the recipient is connected here and
-    /// keeping up, otherwise durable storage (and a wake-up for it wherever it is).
-    pub async fn route_direct(
-        &self,
-        msg: &Arc<Message>,
-        to: KeyHex,
-    ) -> Result<ServerFrame, RouteError> {
-        if let Offer::Pushed = self.sessions.offer(&to, msg) {
-            self.metrics.outbound_queue_depth.inc();
-            return Ok(ServerFrame::Sent {
-                id: msg.id.clone(),
-                status: SendStatus::Delivered,
-                seq: None,
-                delivered: None,
-                stored: None,
-            });
-        }
-        self.store_direct(msg, to).await
-    }
-
     /// Stores a message for `to` (not pushed live) and wakes it wherever it is.
     pub async fn store_direct(
         &self,
@@ -1289,18 +1395,9 @@ impl Shared {
         }
     }
 
-    /// Fans a channel message out to every member except the sender.
-    pub async fn route_channel(
-        &self,
-        msg: &Arc<Message>,
-        channel: &str,
-    ) -> Result<ServerFrame, RouteError> {
-        let fan = self.channel_fan_out(msg, channel).await?;
-        self.store_fan_out(msg, fan).await
-    }
-
-    /// First half of [`Shared::route_channel`]: pushes to every member connected here
-    /// and keeping up; the others are returned for storage.
+    /// Fans a channel message out: pushes it to every member (except the sender)
+    /// connected here and keeping up; the others are returned for the sender to wait
+    /// for ([`FanOut::full`]) or to store ([`Shared::store_fan_out`]).
     pub async fn channel_fan_out(
         &self,
         msg: &Arc<Message>,
@@ -1312,23 +1409,34 @@ impl Shared {
         }
         let mut delivered = 0u32;
         let mut rest = Vec::new();
+        let mut full = Vec::new();
+        let mut tickets = Vec::new();
         for k in members.iter() {
             if *k == msg.sender {
                 continue;
             }
             match self.sessions.offer(k, msg) {
                 Offer::Pushed => delivered += 1,
-                Offer::Store => rest.push(*k),
+                Offer::Full(h) => full.push((*k, h)),
+                Offer::Store(ticket) => {
+                    rest.push(*k);
+                    tickets.extend(ticket);
+                }
             }
         }
         self.metrics
             .outbound_queue_depth
             .inc_by(i64::from(delivered));
-        Ok(FanOut { delivered, rest })
+        Ok(FanOut {
+            delivered,
+            rest,
+            full,
+            tickets,
+        })
     }
 
-    /// Second half of [`Shared::route_channel`]: stores the copies for members that
-    /// were not pushed live, in one durable batch, and wakes them.
+    /// After [`Shared::channel_fan_out`]: stores the copies for members that were not
+    /// pushed live, in one durable batch, and wakes them.
     pub async fn store_fan_out(
         &self,
         msg: &Arc<Message>,

@@ -81,15 +81,101 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<Arc<Message>>,
     /// Tells the connection that stored messages may be waiting for it.
     pub wake: Notify,
-    /// True once the connection has delivered its stored backlog; until then (and
-    /// whenever it falls behind) new messages go through storage so per-sender
-    /// order is kept.
-    pub live: AtomicBool,
+    /// Whether new messages are pushed live or stored, and the stores for this
+    /// session in progress (see [`SessionHandle::go_live`]).
+    push: Mutex<PushState>,
     /// Cancelled when another connection takes over this key.
     pub kicked: CancellationToken,
     /// Cancelled once the session has ended and stored its unacknowledged messages; a
     /// newer session of the same key waits for it so those come before newer ones.
     pub finished: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct PushState {
+    /// True once the connection has delivered its stored backlog; until then (and
+    /// whenever it falls behind) new messages go through storage so per-sender order
+    /// is kept.
+    live: bool,
+    /// Messages for this session being stored right now ([`StoreTicket`]s alive).
+    storing: u32,
+    /// Stores for this session finished so far.
+    stores_done: u64,
+}
+
+impl SessionHandle {
+    /// A handle (not live: the session first delivers what is stored) for the
+    /// session `id` whose live pushes go to `tx`.
+    pub fn new(id: u64, tx: mpsc::Sender<Arc<Message>>) -> SessionHandle {
+        SessionHandle {
+            id,
+            tx,
+            wake: Notify::new(),
+            push: Mutex::new(PushState::default()),
+            kicked: CancellationToken::new(),
+            finished: CancellationToken::new(),
+        }
+    }
+
+    fn push_state(&self) -> std::sync::MutexGuard<'_, PushState> {
+        self.push.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether new messages for this session are pushed live.
+    pub fn is_live(&self) -> bool {
+        self.push_state().live
+    }
+
+    /// Switches this session to storage until it has caught up, so that later
+    /// messages cannot overtake one that is queued or being stored for it.
+    pub fn fall_behind(&self) {
+        self.push_state().live = false;
+    }
+
+    /// [`SessionHandle::fall_behind`] for a sender about to store a message for this
+    /// session: the session does not go live again before that store has finished.
+    pub fn fall_behind_for_store(self: &Arc<Self>) -> StoreTicket {
+        let mut st = self.push_state();
+        st.live = false;
+        st.storing += 1;
+        drop(st);
+        StoreTicket(self.clone())
+    }
+
+    /// Taken by the session before it reads its stored messages; see
+    /// [`SessionHandle::go_live`].
+    pub fn catch_up_mark(&self) -> u64 {
+        self.push_state().stores_done
+    }
+
+    /// Makes the session live after it has delivered everything it read from storage
+    /// since `mark` — unless a store for it is still running or finished after the
+    /// mark: that message may have been missed by the read, and a later live push of
+    /// the same sender would overtake it. Such a store wakes the session when it is
+    /// done, and its next catch-up tries again. Returns whether it is live now.
+    pub fn go_live(&self, mark: u64) -> bool {
+        let mut st = self.push_state();
+        if st.storing == 0 && st.stores_done == mark {
+            st.live = true;
+        }
+        st.live
+    }
+}
+
+/// Held by a sender while it stores a message for a session on this relay that is
+/// behind: the session stays off live pushes until the store is done, and is woken
+/// when the ticket is dropped (after the store).
+#[derive(Debug)]
+pub struct StoreTicket(Arc<SessionHandle>);
+
+impl Drop for StoreTicket {
+    fn drop(&mut self) {
+        let mut st = self.0.push_state();
+        st.storing = st.storing.saturating_sub(1);
+        st.stores_done += 1;
+        drop(st);
+        self.0.wake.notify_one();
+    }
 }
 
 /// Hash map for the lookups made for every message (sessions by key, recent ids,
@@ -260,30 +346,39 @@ impl RecentIds {
 }
 
 /// Result of offering a message to a live session.
+#[derive(Debug)]
 pub enum Offer {
     /// Queued on the recipient's connection.
     Pushed,
-    /// Not pushed (offline, catching up, or queue full): store it.
-    Store,
+    /// The recipient is live but its queue is full right now. The sender either waits
+    /// for room ([`SessionHandle::tx`]`.reserve()`, backpressure) or stores the message
+    /// with the ticket of [`SessionHandle::fall_behind_for_store`].
+    Full(Arc<SessionHandle>),
+    /// Not pushed (offline, catching up, or closing): store it, holding the ticket
+    /// (if the recipient is connected here) until the store is done.
+    Store(Option<StoreTicket>),
 }
 
 impl Sessions {
-    /// Offers a live push to `to`'s session on this relay.
+    /// Offers a live push to `to`'s session on this relay without waiting.
     pub fn offer(&self, to: &KeyHex, msg: &Arc<Message>) -> Offer {
         let Some(h) = self.get(to) else {
-            return Offer::Store;
+            return Offer::Store(None);
         };
-        if !h.live.load(Ordering::Acquire) {
-            return Offer::Store;
+        {
+            let mut st = h.push_state();
+            if !st.live {
+                st.storing += 1;
+                drop(st);
+                return Offer::Store(Some(StoreTicket(h)));
+            }
         }
         match h.tx.try_send(msg.clone()) {
             Ok(()) => Offer::Pushed,
-            Err(_) => {
-                // Behind: switch this session to storage until it has caught up, so later
-                // messages cannot overtake this one.
-                h.live.store(false, Ordering::Release);
-                Offer::Store
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full(h),
+            // The session is ending (its queue was closed before it stored what was
+            // left in it): this message goes to storage too.
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Store(None),
         }
     }
 }
