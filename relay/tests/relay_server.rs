@@ -631,6 +631,80 @@ async fn two_sessions_waiting_on_each_others_full_queue_do_not_deadlock() {
 }
 
 #[tokio::test]
+async fn quiet_acks_behind_a_waiting_send_are_applied_while_it_waits() {
+    // A's send waits for room in B's queue; A's quiet ack, written after that send,
+    // must not wait behind it: it frees A's own window, and a client whose acks sit
+    // behind waiting sends would stall every session that waits on it in turn.
+    let r = start(|c| {
+        c.outbound_queue = 1;
+        c.push_wait = Duration::from_secs(10);
+        c.write_timeout = Duration::from_secs(60);
+        c.max_message_bytes = 1 << 20;
+    })
+    .await;
+    let mut sender = r.client().await;
+    let (mut wa, mut ra) = r.client().await.split();
+    // A holds one unacknowledged delivery.
+    sender.send_text(wa.key(), "for a").await.unwrap();
+    let for_a = match ra.next_frame().await.unwrap() {
+        ServerFrame::Deliver { envelope, .. } => AckRef {
+            from: envelope.from.unwrap(),
+            id: envelope.id,
+        },
+        other => panic!("{other:?}"),
+    };
+    // B never reads its socket: once the socket buffers are full, B's session is stuck
+    // writing and its one-slot queue stays full. A filler sends large messages to B
+    // from its own task (it ends up waiting too, and its writes block).
+    let (_b_ws, b) = raw_authed(&r.url()).await;
+    let (mut wf, _rf) = r.client().await.split();
+    let filler = tokio::spawn(async move {
+        for i in 0..24 {
+            let mut env = pipelined_envelope(&mut wf, Some(b), None, i);
+            env.kind = Kind::File;
+            env.payload = dchat_relay::protocol::Base64Bytes(vec![7u8; 700 * 1024]);
+            if wf.send(env).await.is_err() {
+                break;
+            }
+        }
+        wf
+    });
+    let mut stuck = false;
+    for _ in 0..1000 {
+        if r.metric("dchat_push_waits_total") >= 1.0 {
+            stuck = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stuck, "B's queue never filled");
+    // A's send finds B's queue full and waits; A's quiet ack follows it.
+    let env = pipelined_envelope(&mut wa, Some(b), None, 1);
+    wa.send(env).await.unwrap();
+    wa.write(&ClientFrame::Ack {
+        messages: vec![for_a],
+        quiet: true,
+    })
+    .await
+    .unwrap();
+    let mut applied = false;
+    for _ in 0..500 {
+        if r.metric("dchat_messages_acked_total") >= 1.0 {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(applied, "the quiet ack waited behind the send");
+    assert!(
+        r.metric("dchat_push_waits_total") >= 2.0,
+        "A's send did not wait"
+    );
+    assert_eq!(r.metric("dchat_push_wait_timeouts_total"), 0.0);
+    filler.abort();
+}
+
+#[tokio::test]
 async fn a_channel_burst_waits_for_every_members_queue() {
     let r = start(|c| {
         c.outbound_queue = 1;

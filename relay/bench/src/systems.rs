@@ -96,8 +96,16 @@ pub async fn connect(
             for c in clients {
                 let (w, r) = c?.split();
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(relay_writer(w, rx, pubs.clone(), ack_delay, rec.clone()));
-                tokio::spawn(relay_reader(r, tx.clone(), rec.clone()));
+                let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+                tokio::spawn(relay_writer(
+                    w,
+                    rx,
+                    ack_rx,
+                    pubs.clone(),
+                    ack_delay,
+                    rec.clone(),
+                ));
+                tokio::spawn(relay_reader(r, ack_tx, rec.clone()));
                 eps.push(Endpoint { tx });
             }
             Ok(eps)
@@ -277,9 +285,14 @@ pub async fn connect(
 
 /// Writes a relay client's frames. Acknowledgements wait up to `ack_delay` (or until
 /// 64 are queued) for the next `send` to carry them; then they go out on their own.
+/// They come on their own queue and are taken first: behind a backlog of sends (the
+/// open-loop schedule runs ahead when the relay pushes back) they would hold the
+/// client's in-flight window full, as a real client that queued acks behind its
+/// outbox would.
 async fn relay_writer(
     mut w: ClientWriter,
     mut rx: mpsc::UnboundedReceiver<Out>,
+    mut acks: mpsc::UnboundedReceiver<Vec<AckRef>>,
     keys: Arc<Vec<KeyHex>>,
     ack_delay: Duration,
     rec: Arc<Recorder>,
@@ -289,6 +302,11 @@ async fn relay_writer(
     loop {
         let waiting = w.deferred_acks() > 0;
         let o = tokio::select! {
+            biased;
+            a = acks.recv() => match a {
+                Some(a) => Out::Ack(a),
+                None => return,
+            },
             o = rx.recv() => match o {
                 Some(o) => o,
                 None => return,
@@ -352,7 +370,11 @@ fn envelope(seq: u64, to: Option<KeyHex>, channel: Option<String>, payload: Vec<
 
 /// Reads relay frames, records deliveries and acknowledges them in batches (one `ack`
 /// per burst of frames already received, at most 64 refs).
-async fn relay_reader(mut r: ClientReader, tx: mpsc::UnboundedSender<Out>, rec: Arc<Recorder>) {
+async fn relay_reader(
+    mut r: ClientReader,
+    acks_tx: mpsc::UnboundedSender<Vec<AckRef>>,
+    rec: Arc<Recorder>,
+) {
     loop {
         let Ok(first) = r.next_frame().await else {
             return;
@@ -366,7 +388,7 @@ async fn relay_reader(mut r: ClientReader, tx: mpsc::UnboundedSender<Out>, rec: 
                 None => break,
             }
         }
-        if !acks.is_empty() && tx.send(Out::Ack(acks)).is_err() {
+        if !acks.is_empty() && acks_tx.send(acks).is_err() {
             return;
         }
     }

@@ -1,6 +1,7 @@
 //! One client connection: challenge/response authentication, then the session loop
 //! that handles requests, pushes live messages and drains stored ones.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -40,6 +41,13 @@ const STORE_BATCH: usize = 64;
 const PAGE: usize = 128;
 /// How long a new session of a key waits for the previous one to hand over.
 const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+/// Catch-up reads per pump before a session that could not go live waits for the
+/// wake-up of the store that overlapped its read.
+const GO_LIVE_ATTEMPTS: usize = 4;
+/// Frames (bytes of text) a session reads ahead and holds while a send waits for room
+/// in a recipient's queue, so quiet acks queued behind them still get through; at this
+/// much it stops reading until the send is done.
+const HELD_BYTES: usize = 64 * 1024;
 
 /// Current wall-clock time in ms since the epoch (storage timestamps).
 pub fn now_ms() -> i64 {
@@ -386,6 +394,8 @@ impl Conn {
             batch: Vec::new(),
             stored_floor: 0,
             floor_generation: 0,
+            held: VecDeque::new(),
+            held_bytes: 0,
         };
         let end = s.run(self).await;
         // Store unacknowledged messages while still registered, so that a new session
@@ -415,10 +425,17 @@ struct Session {
     stored_floor: u64,
     /// The [`Shared::store_generation`] that `stored_floor` belongs to.
     floor_generation: u64,
+    /// Frames read from the client while a send waited for room in a recipient's
+    /// queue, handled before anything else is read (see [`Session::push_when_room`]).
+    held: VecDeque<WsMessage>,
+    /// Bytes of text in `held`.
+    held_bytes: usize,
 }
 
 /// What [`Session::push_when_room`] woke up for.
 enum Room<'a> {
+    /// A frame from this session's own client.
+    Frame(Option<Result<WsMessage, axum::Error>>),
     /// Room in the recipient's queue (`None`: its session has closed the queue).
     Permit(Option<mpsc::Permit<'a, Arc<Message>>>),
     /// The push wait is over.
@@ -482,33 +499,38 @@ impl Session {
         tokio::pin!(drained, replaced, idle, woken);
         loop {
             let mut read_frame = false;
-            let step = tokio::select! {
-                biased;
-                _ = &mut drained => Err(End::Close(ErrorCode::Draining, DRAIN_REASON.into())),
-                _ = &mut replaced => Err(End::Close(ErrorCode::Replaced, "another connection authenticated with this key".into())),
-                _ = &mut idle => {
-                    if Instant::now() >= c.idle_deadline {
-                        Err(End::Close(ErrorCode::IdleTimeout, "idle timeout".into()))
-                    } else {
-                        idle.as_mut().reset(c.idle_deadline);
-                        Ok(())
+            let step = if let Some(msg) = self.take_held() {
+                read_frame = true;
+                Box::pin(self.inbound(c, msg)).await
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = &mut drained => Err(End::Close(ErrorCode::Draining, DRAIN_REASON.into())),
+                    _ = &mut replaced => Err(End::Close(ErrorCode::Replaced, "another connection authenticated with this key".into())),
+                    _ = &mut idle => {
+                        if Instant::now() >= c.idle_deadline {
+                            Err(End::Close(ErrorCode::IdleTimeout, "idle timeout".into()))
+                        } else {
+                            idle.as_mut().reset(c.idle_deadline);
+                            Ok(())
+                        }
                     }
-                }
-                m = c.ws.recv() => {
-                    c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
-                    read_frame = true;
-                    match m {
-                        None => Err(End::Gone),
-                        Some(Err(e)) => Err(c.classify(e)),
-                        Some(Ok(msg)) => Box::pin(self.inbound(c, msg)).await,
+                    m = c.ws.recv() => {
+                        c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
+                        read_frame = true;
+                        match m {
+                            None => Err(End::Gone),
+                            Some(Err(e)) => Err(c.classify(e)),
+                            Some(Ok(msg)) => Box::pin(self.inbound(c, msg)).await,
+                        }
                     }
-                }
-                // A full in-flight window leaves live pushes in the queue (in order,
-                // ahead of anything stored meanwhile) until acknowledgements make room.
-                Some(first) = self.rx.recv(), if self.window_open(c) => Box::pin(self.push_batch(c, first)).await,
-                _ = &mut woken => {
-                    woken.set(handle.wake.notified());
-                    Box::pin(self.pump(c, None)).await.map(|_| ())
+                    // A full in-flight window leaves live pushes in the queue (in order,
+                    // ahead of anything stored meanwhile) until acknowledgements make room.
+                    Some(first) = self.rx.recv(), if self.window_open(c) => Box::pin(self.push_batch(c, first)).await,
+                    _ = &mut woken => {
+                        woken.set(handle.wake.notified());
+                        Box::pin(self.pump(c, None)).await.map(|_| ())
+                    }
                 }
             };
             if let Err(end) = step {
@@ -541,7 +563,9 @@ impl Session {
             // Polling once is cancel-safe: a stream's `next` keeps partial frames in the
             // socket's buffer. Pending here costs no system call when the last read
             // drained the socket (tokio then knows it is not readable).
-            let polled = if reading {
+            let polled = if let Some(msg) = self.take_held() {
+                Some(Some(Ok(msg)))
+            } else if reading {
                 c.ws.recv().now_or_never()
             } else {
                 None
@@ -565,6 +589,15 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The oldest frame held back while a send waited, if any.
+    fn take_held(&mut self) -> Option<WsMessage> {
+        let msg = self.held.pop_front()?;
+        if let WsMessage::Text(t) = &msg {
+            self.held_bytes -= t.len();
+        }
+        Some(msg)
     }
 
     /// Whether the in-flight window has room for another delivery.
@@ -594,8 +627,9 @@ impl Session {
     /// behind since it was queued: it was accepted before anything stored for this
     /// session afterwards, and storing it now would give it a later seq than those —
     /// a later message of the same sender would overtake it. When the push fills the
-    /// in-flight window the session falls behind, so senders store what comes next
-    /// instead of queueing it; the pump delivers that once the queue is empty.
+    /// in-flight window the session falls behind: a client that stopped acknowledging
+    /// is behind, and its senders store what comes next instead of waiting for it;
+    /// what is already queued stays there until acknowledgements make room.
     async fn push_one(&mut self, c: &mut Conn, msg: Arc<Message>) -> Result<(), End> {
         c.shared.metrics.outbound_queue_depth.dec();
         let key = (msg.sender, msg.id.clone());
@@ -639,76 +673,82 @@ impl Session {
         if !self.rx.is_empty() {
             return Ok((0, true));
         }
-        let mark = self.handle.catch_up_mark();
-        let mut after = self.stored_floor;
-        // The floor moves up over messages that are in flight as stored copies or
-        // delivered now, and stops at the first one that stays behind (a stored copy of
-        // a live push still unacknowledged here, delivered once that is acknowledged).
-        let mut raise_floor = c.shared.seqs_in_commit_order();
         let mut count = 0u32;
         let mut more = false;
-        'pages: loop {
-            let page = match c.shared.pending(&self.key, after, PAGE).await {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(error = %e, "reading pending messages failed");
-                    return Err(End::Close(
-                        ErrorCode::StorageUnavailable,
-                        "storage unavailable".into(),
-                    ));
-                }
-            };
-            let full = page.len() == PAGE;
-            for p in page {
-                after = p.seq;
-                let k = (KeyHex(p.message.sender), p.message.id.clone());
-                if let Some(origin) = self.inflight.get(&k) {
-                    match origin {
-                        Origin::Stored if raise_floor => self.stored_floor = p.seq,
-                        Origin::Stored => {}
-                        Origin::Live(_) => raise_floor = false,
+        // Going live needs a read that no store for this session overlapped (see
+        // `SessionHandle::go_live`); under load one often does, so read again (only
+        // what is new, on the embedded store) a few times before waiting for a wake-up.
+        for _ in 0..GO_LIVE_ATTEMPTS {
+            let mark = self.handle.catch_up_mark();
+            let mut after = self.stored_floor;
+            // The floor moves up over messages that are in flight as stored copies or
+            // delivered now, and stops at the first one that stays behind (a stored copy
+            // of a live push still unacknowledged here, delivered once that is
+            // acknowledged).
+            let mut raise_floor = c.shared.seqs_in_commit_order();
+            'pages: loop {
+                let page = match c.shared.pending(&self.key, after, PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(error = %e, "reading pending messages failed");
+                        return Err(End::Close(
+                            ErrorCode::StorageUnavailable,
+                            "storage unavailable".into(),
+                        ));
                     }
-                    continue;
-                }
-                if self.inflight.len() >= max || limit.is_some_and(|l| count >= l) {
-                    more = true;
-                    break 'pages;
-                }
-                let Ok(env) = std::str::from_utf8(&p.message.envelope) else {
-                    warn!(seq = p.seq, "stored envelope is not UTF-8; skipping");
-                    continue;
                 };
-                c.feed(encode_deliver(Some(p.seq), env)).await?;
-                let age_ms = now_ms().saturating_sub(p.message.timestamp_ms).max(0);
-                c.shared
-                    .metrics
-                    .delivery_latency
-                    .observe(age_ms as f64 / 1000.0);
-                let kind = crate::protocol::Kind::ALL
-                    .into_iter()
-                    .find(|k| k.as_str() == p.message.kind)
-                    .map(|k| k.as_str())
-                    .unwrap_or("text");
-                c.shared
-                    .metrics
-                    .delivered
-                    .get_or_create(&KindLabel { kind })
-                    .inc();
-                c.shared.metrics.inflight.inc();
-                self.inflight.insert(k, Origin::Stored);
-                if raise_floor {
-                    self.stored_floor = p.seq;
+                let full = page.len() == PAGE;
+                for p in page {
+                    after = p.seq;
+                    let k = (KeyHex(p.message.sender), p.message.id.clone());
+                    if let Some(origin) = self.inflight.get(&k) {
+                        match origin {
+                            Origin::Stored if raise_floor => self.stored_floor = p.seq,
+                            Origin::Stored => {}
+                            Origin::Live(_) => raise_floor = false,
+                        }
+                        continue;
+                    }
+                    if self.inflight.len() >= max || limit.is_some_and(|l| count >= l) {
+                        more = true;
+                        break 'pages;
+                    }
+                    let Ok(env) = std::str::from_utf8(&p.message.envelope) else {
+                        warn!(seq = p.seq, "stored envelope is not UTF-8; skipping");
+                        continue;
+                    };
+                    c.feed(encode_deliver(Some(p.seq), env)).await?;
+                    let age_ms = now_ms().saturating_sub(p.message.timestamp_ms).max(0);
+                    c.shared
+                        .metrics
+                        .delivery_latency
+                        .observe(age_ms as f64 / 1000.0);
+                    let kind = crate::protocol::Kind::ALL
+                        .into_iter()
+                        .find(|k| k.as_str() == p.message.kind)
+                        .map(|k| k.as_str())
+                        .unwrap_or("text");
+                    c.shared
+                        .metrics
+                        .delivered
+                        .get_or_create(&KindLabel { kind })
+                        .inc();
+                    c.shared.metrics.inflight.inc();
+                    self.inflight.insert(k, Origin::Stored);
+                    if raise_floor {
+                        self.stored_floor = p.seq;
+                    }
+                    count += 1;
                 }
-                count += 1;
+                if !full {
+                    break;
+                }
             }
-            if !full {
+            // Go live before flushing: once the client has read these frames (or the
+            // welcome buffered ahead of them), new messages must be pushed, not stored.
+            if more || limit.is_some() || self.handle.go_live(mark) {
                 break;
             }
-        }
-        // Go live before flushing: once the client has read these frames (or the
-        // welcome buffered ahead of them), new messages must be pushed, not stored.
-        if !more && limit.is_none() {
-            self.handle.go_live(mark);
         }
         Ok((count, more))
     }
@@ -945,11 +985,13 @@ impl Session {
                         Err(mpsc::error::TrySendError::Closed(())) => Room::Permit(None),
                     }
                 } else {
+                    let reading = self.held_bytes < HELD_BYTES;
                     tokio::select! {
                         biased;
                         permit = h.tx.reserve() => Room::Permit(permit.ok()),
                         _ = sleep_until(deadline) => Room::Late,
                         own = self.rx.recv(), if own_open && self.window_open(c) => Room::Own(own),
+                        m = c.ws.recv(), if reading => Room::Frame(m),
                     }
                 };
                 match room {
@@ -975,11 +1017,47 @@ impl Session {
                         own_open = false;
                         continue;
                     }
+                    Room::Frame(m) => {
+                        c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
+                        match m {
+                            None => return Err(End::Gone),
+                            Some(Err(e)) => return Err(c.classify(e)),
+                            Some(Ok(msg)) => Box::pin(self.while_waiting(c, msg)).await?,
+                        }
+                        continue;
+                    }
                 }
                 break;
             }
         }
         Ok((pushed, behind, tickets))
+    }
+
+    /// A frame read while a send waits for room: a quiet acknowledgement (no answer,
+    /// so handling it early keeps answers in order) is handled at once — it frees this
+    /// session's in-flight window, and the client may have queued it behind sends
+    /// that wait here, so holding it could stall this session's own deliveries. Any
+    /// other frame is held and handled, in order, once the send is done.
+    async fn while_waiting(&mut self, c: &mut Conn, msg: WsMessage) -> Result<(), End> {
+        if let WsMessage::Text(t) = &msg {
+            // Also ahead of held frames sent before it: an acknowledgement only
+            // removes messages its sender has already received, which no earlier
+            // frame of the same client can depend on.
+            if let Ok(ClientFrame::Ack {
+                messages,
+                quiet: true,
+            }) = decode_client_frame(t.as_str())
+            {
+                c.m().bytes_in.inc_by(t.len() as u64);
+                if !c.take_token() {
+                    return c.refuse(Some("ack")).await;
+                }
+                return self.ack(c, messages, true).await;
+            }
+            self.held_bytes += t.len();
+        }
+        self.held.push_back(msg);
+        Ok(())
     }
 
     /// Stores the batched direct sends with one durable write, then answers each of
