@@ -426,8 +426,7 @@ struct Session {
     /// The [`Shared::store_generation`] that `stored_floor` belongs to.
     floor_generation: u64,
     /// Frames read from the client while a send waited for room in a recipient's
-    /// queue or for its copies to be stored, handled before anything else is read
-    /// (see [`Session::while_waiting`]).
+    /// queue, handled before anything else is read (see [`Session::push_when_room`]).
     held: VecDeque<WsMessage>,
     /// Bytes of text in `held`.
     held_bytes: usize,
@@ -899,8 +898,7 @@ impl Session {
                         })
                     } else {
                         c.flush_pending().await?;
-                        let shared = c.shared.clone();
-                        self.reading_while(c, shared.store_direct(&msg, to)).await?
+                        c.shared.store_direct(&msg, to).await
                     }
                 }
                 Offer::Pushed => {
@@ -940,9 +938,7 @@ impl Session {
                         Ok(fan.sent_frame(&msg, 0))
                     } else {
                         c.flush_pending().await?;
-                        let shared = c.shared.clone();
-                        self.reading_while(c, shared.store_fan_out(&msg, fan))
-                            .await?
+                        c.shared.store_fan_out(&msg, fan).await
                     }
                 }
                 Err(e) => Err(e),
@@ -1037,39 +1033,11 @@ impl Session {
         Ok((pushed, behind, tickets))
     }
 
-    /// Awaits `work` — a send's store of copies for members that are behind — reading
-    /// ahead of this client meanwhile as [`Session::push_when_room`] does. Under
-    /// overload most sends store copies, and a session that read nothing while storing
-    /// left its client's acknowledgements unread behind its sends: in-flight windows
-    /// stayed full, more members fell behind, and more copies had to be stored.
-    async fn reading_while<T>(
-        &mut self,
-        c: &mut Conn,
-        work: impl std::future::Future<Output = T>,
-    ) -> Result<T, End> {
-        tokio::pin!(work);
-        loop {
-            let reading = self.held_bytes < HELD_BYTES;
-            let m = tokio::select! {
-                biased;
-                done = &mut work => return Ok(done),
-                m = c.ws.recv(), if reading => m,
-            };
-            c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
-            match m {
-                None => return Err(End::Gone),
-                Some(Err(e)) => return Err(c.classify(e)),
-                Some(Ok(msg)) => Box::pin(self.while_waiting(c, msg)).await?,
-            }
-        }
-    }
-
-    /// A frame read while a send waits (for room, or for its copies to be stored for
-    /// members that are behind): a quiet acknowledgement (no answer, so handling it
-    /// early keeps answers in order) is handled at once — it frees this session's
-    /// in-flight window, and the client may have queued it behind sends that wait
-    /// here, so holding it could stall this session's own deliveries. Any other frame
-    /// is held and handled, in order, once the send is done.
+    /// A frame read while a send waits for room: a quiet acknowledgement (no answer,
+    /// so handling it early keeps answers in order) is handled at once — it frees this
+    /// session's in-flight window, and the client may have queued it behind sends
+    /// that wait here, so holding it could stall this session's own deliveries. Any
+    /// other frame is held and handled, in order, once the send is done.
     async fn while_waiting(&mut self, c: &mut Conn, msg: WsMessage) -> Result<(), End> {
         if let WsMessage::Text(t) = &msg {
             // Also ahead of held frames sent before it: an acknowledgement only
