@@ -508,6 +508,13 @@ async fn sent_answers(
     answers
 }
 
+/// Push queues of one message and a push wait far longer than any test: a wait that
+/// runs out shows up as a push wait timeout, not as a slow test.
+fn one_slot_queues(c: &mut dchat_relay::config::Config) {
+    c.outbound_queue = 1;
+    c.push_wait = Duration::from_secs(10);
+}
+
 fn status(f: &ServerFrame) -> SendStatus {
     match f {
         ServerFrame::Sent { status, .. } => *status,
@@ -519,11 +526,7 @@ fn status(f: &ServerFrame) -> SendStatus {
 async fn a_full_queue_makes_the_sender_wait_and_the_message_is_pushed_live() {
     // A one-slot queue fills at once under a pipelined burst (the recipient's task
     // cannot run between two sends of the burst on this single-threaded runtime).
-    let r = start(|c| {
-        c.outbound_queue = 1;
-        c.push_wait = Duration::from_secs(10);
-    })
-    .await;
+    let r = start(one_slot_queues).await;
     let mut b = r.client().await;
     let (mut w, mut rd) = r.client().await.split();
     let mut ids = Vec::new();
@@ -581,11 +584,7 @@ async fn two_sessions_waiting_on_each_others_full_queue_do_not_deadlock() {
     // Each session waits for room in the other's one-slot queue. A waiting session
     // keeps writing its own queue to its client, so both make progress; were they to
     // wait on each other, every wait would run into the 10 s push wait and store.
-    let r = start(|c| {
-        c.outbound_queue = 1;
-        c.push_wait = Duration::from_secs(10);
-    })
-    .await;
+    let r = start(one_slot_queues).await;
     let a = r.client().await;
     let b = r.client().await;
     let (ka, kb) = (a.key(), b.key());
@@ -706,11 +705,7 @@ async fn quiet_acks_behind_a_waiting_send_are_applied_while_it_waits() {
 
 #[tokio::test]
 async fn a_channel_burst_waits_for_every_members_queue() {
-    let r = start(|c| {
-        c.outbound_queue = 1;
-        c.push_wait = Duration::from_secs(10);
-    })
-    .await;
+    let r = start(one_slot_queues).await;
     let mut members = Vec::new();
     for _ in 0..4 {
         let mut m = r.client().await;

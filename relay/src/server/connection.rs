@@ -188,6 +188,17 @@ impl Conn {
         .await
     }
 
+    /// What a read from the client's socket gave: a frame (the connection is not idle
+    /// then), or how the connection ended.
+    fn received(&mut self, m: Option<Result<WsMessage, axum::Error>>) -> Result<WsMessage, End> {
+        self.idle_deadline = Instant::now() + self.shared.cfg.idle_timeout;
+        match m {
+            None => Err(End::Gone),
+            Some(Err(e)) => Err(self.classify(e)),
+            Some(Ok(msg)) => Ok(msg),
+        }
+    }
+
     /// Maps a transport error from the socket to the way the connection ends.
     fn classify(&self, err: axum::Error) -> End {
         let inner = err.into_inner();
@@ -516,12 +527,10 @@ impl Session {
                         }
                     }
                     m = c.ws.recv() => {
-                        c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
                         read_frame = true;
-                        match m {
-                            None => Err(End::Gone),
-                            Some(Err(e)) => Err(c.classify(e)),
-                            Some(Ok(msg)) => Box::pin(self.inbound(c, msg)).await,
+                        match c.received(m) {
+                            Ok(msg) => Box::pin(self.inbound(c, msg)).await,
+                            Err(end) => Err(end),
                         }
                     }
                     // A full in-flight window leaves live pushes in the queue (in order,
@@ -572,12 +581,8 @@ impl Session {
             };
             reading = polled.is_some();
             if let Some(m) = polled {
-                c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
-                match m {
-                    None => return Err(End::Gone),
-                    Some(Err(e)) => return Err(c.classify(e)),
-                    Some(Ok(msg)) => Box::pin(self.inbound(c, msg)).await?,
-                }
+                let msg = c.received(m)?;
+                Box::pin(self.inbound(c, msg)).await?;
                 continue;
             }
             if !self.window_open(c) {
@@ -1018,12 +1023,8 @@ impl Session {
                         continue;
                     }
                     Room::Frame(m) => {
-                        c.idle_deadline = Instant::now() + c.shared.cfg.idle_timeout;
-                        match m {
-                            None => return Err(End::Gone),
-                            Some(Err(e)) => return Err(c.classify(e)),
-                            Some(Ok(msg)) => Box::pin(self.while_waiting(c, msg)).await?,
-                        }
+                        let msg = c.received(m)?;
+                        Box::pin(self.while_waiting(c, msg)).await?;
                         continue;
                     }
                 }
