@@ -668,15 +668,11 @@ async fn quiet_acks_behind_a_waiting_send_are_applied_while_it_waits() {
         }
         wf
     });
-    let mut stuck = false;
-    for _ in 0..1000 {
-        if r.metric("dchat_push_waits_total") >= 1.0 {
-            stuck = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(stuck, "B's queue never filled");
+    assert!(
+        r.metric_reaches("dchat_push_waits_total", 1.0, Duration::from_secs(10))
+            .await,
+        "B's queue never filled"
+    );
     // A's send finds B's queue full and waits; A's quiet ack follows it.
     let env = pipelined_envelope(&mut wa, Some(b), None, 1);
     wa.send(env).await.unwrap();
@@ -686,15 +682,11 @@ async fn quiet_acks_behind_a_waiting_send_are_applied_while_it_waits() {
     })
     .await
     .unwrap();
-    let mut applied = false;
-    for _ in 0..500 {
-        if r.metric("dchat_messages_acked_total") >= 1.0 {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(applied, "the quiet ack waited behind the send");
+    assert!(
+        r.metric_reaches("dchat_messages_acked_total", 1.0, Duration::from_secs(5))
+            .await,
+        "the quiet ack waited behind the send"
+    );
     assert!(
         r.metric("dchat_push_waits_total") >= 2.0,
         "A's send did not wait"

@@ -894,13 +894,7 @@ impl Session {
                 Offer::Full(h) => {
                     let (pushed, _, _ticket) = self.push_when_room(c, &msg, vec![(to, h)]).await?;
                     if pushed == 1 {
-                        Ok(ServerFrame::Sent {
-                            id: id.clone(),
-                            status: SendStatus::Delivered,
-                            seq: None,
-                            delivered: None,
-                            stored: None,
-                        })
+                        Ok(delivered_frame(&id))
                     } else {
                         c.flush_pending().await?;
                         c.shared.store_direct(&msg, to).await
@@ -909,13 +903,7 @@ impl Session {
                 Offer::Pushed => {
                     c.shared.metrics.outbound_queue_depth.inc();
                     self.store_batch(c).await?;
-                    Ok(ServerFrame::Sent {
-                        id: id.clone(),
-                        status: SendStatus::Delivered,
-                        seq: None,
-                        delivered: None,
-                        stored: None,
-                    })
+                    Ok(delivered_frame(&id))
                 }
                 Offer::Store(ticket) => {
                     self.batch.push(Deferred {
@@ -1351,6 +1339,17 @@ impl Session {
             }
             Err(e) => warn!(error = %e, count = n, "could not store unacknowledged live messages"),
         }
+    }
+}
+
+/// The `sent` answer for a direct message pushed live to its recipient.
+fn delivered_frame(id: &str) -> ServerFrame {
+    ServerFrame::Sent {
+        id: id.to_string(),
+        status: SendStatus::Delivered,
+        seq: None,
+        delivered: None,
+        stored: None,
     }
 }
 

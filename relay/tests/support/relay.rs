@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use dchat_relay::client::{generate_key, Client};
 use dchat_relay::config::Config;
@@ -40,6 +41,20 @@ impl TestRelay {
     /// Current value of a metric line starting with `prefix` (0 if absent).
     pub fn metric(&self, prefix: &str) -> f64 {
         metric_value(&self.relay.shared.metrics.encode(), prefix)
+    }
+
+    /// Polls the metric until it reaches `at_least` (true) or `within` has passed.
+    pub async fn metric_reaches(&self, prefix: &str, at_least: f64, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.metric(prefix) >= at_least {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
