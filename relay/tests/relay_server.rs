@@ -491,6 +491,29 @@ fn pipelined_envelope(
     }
 }
 
+/// Writes `n` text messages to a key or a channel without waiting for answers; returns
+/// their ids in order.
+async fn send_burst(
+    w: &mut dchat_relay::client::ClientWriter,
+    to: Option<KeyHex>,
+    channel: Option<&str>,
+    n: i64,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let env = pipelined_envelope(w, to, channel, i);
+        ids.push(env.id.clone());
+        w.send(env).await.unwrap();
+    }
+    ids
+}
+
+/// Every message went out live: no push wait ran out and no copy was stored.
+fn assert_nothing_stored(r: &relay_support::TestRelay) {
+    assert_eq!(r.metric("dchat_push_wait_timeouts_total"), 0.0);
+    assert_eq!(r.metric("dchat_messages_stored_total{kind=\"text\"}"), 0.0);
+}
+
 /// Reads the `sent` answers of `ids` in order and returns their frames.
 async fn sent_answers(
     rd: &mut dchat_relay::client::ClientReader,
@@ -529,12 +552,7 @@ async fn a_full_queue_makes_the_sender_wait_and_the_message_is_pushed_live() {
     let r = start(one_slot_queues).await;
     let mut b = r.client().await;
     let (mut w, mut rd) = r.client().await.split();
-    let mut ids = Vec::new();
-    for i in 0..100 {
-        let env = pipelined_envelope(&mut w, Some(b.key()), None, i);
-        ids.push(env.id.clone());
-        w.send(env).await.unwrap();
-    }
+    let ids = send_burst(&mut w, Some(b.key()), None, 100).await;
     for f in sent_answers(&mut rd, &ids).await {
         assert_eq!(status(&f), SendStatus::Delivered, "{f:?}");
     }
@@ -545,8 +563,7 @@ async fn a_full_queue_makes_the_sender_wait_and_the_message_is_pushed_live() {
         r.metric("dchat_push_waits_total") >= 1.0,
         "the burst never found the queue full"
     );
-    assert_eq!(r.metric("dchat_push_wait_timeouts_total"), 0.0);
-    assert_eq!(r.metric("dchat_messages_stored_total{kind=\"text\"}"), 0.0);
+    assert_nothing_stored(&r);
 }
 
 #[tokio::test]
@@ -558,12 +575,7 @@ async fn a_queue_still_full_after_the_push_wait_falls_back_to_storage_in_order()
     .await;
     let mut b = r.client().await;
     let (mut w, mut rd) = r.client().await.split();
-    let mut ids = Vec::new();
-    for i in 0..100 {
-        let env = pipelined_envelope(&mut w, Some(b.key()), None, i);
-        ids.push(env.id.clone());
-        w.send(env).await.unwrap();
-    }
+    let ids = send_burst(&mut w, Some(b.key()), None, 100).await;
     let statuses: Vec<_> = sent_answers(&mut rd, &ids)
         .await
         .iter()
@@ -625,8 +637,7 @@ async fn two_sessions_waiting_on_each_others_full_queue_do_not_deadlock() {
     let tb = tokio::spawn(read(rb, ids.1, ids.0));
     ta.await.unwrap();
     tb.await.unwrap();
-    assert_eq!(r.metric("dchat_push_wait_timeouts_total"), 0.0);
-    assert_eq!(r.metric("dchat_messages_stored_total{kind=\"text\"}"), 0.0);
+    assert_nothing_stored(&r);
 }
 
 #[tokio::test]
@@ -707,12 +718,7 @@ async fn a_channel_burst_waits_for_every_members_queue() {
     let mut a = r.client().await;
     a.join("busy").await.unwrap();
     let (mut w, mut rd) = a.split();
-    let mut ids = Vec::new();
-    for i in 0..50 {
-        let env = pipelined_envelope(&mut w, None, Some("busy"), i);
-        ids.push(env.id.clone());
-        w.send(env).await.unwrap();
-    }
+    let ids = send_burst(&mut w, None, Some("busy"), 50).await;
     for f in sent_answers(&mut rd, &ids).await {
         match f {
             ServerFrame::Sent {
