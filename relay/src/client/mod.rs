@@ -16,9 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::protocol::{
-    auth_message, profile_message, AckRef, Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex,
-    Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, SigHex, FEATURE_QUIET_ACK,
-    MAX_ACK_BATCH,
+    auth_message, decode_server_frame, profile_message, AckRef, Base64Bytes, ClientFrame, Envelope,
+    ErrorCode, KeyHex, Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, SigHex,
+    FEATURE_QUIET_ACK, MAX_ACK_BATCH,
 };
 
 /// Client errors.
@@ -260,7 +260,9 @@ impl Client {
 
     /// Sends one frame.
     pub async fn write(&mut self, f: &ClientFrame) -> Result<(), ClientError> {
-        let text = serde_json::to_string(f).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let text = f
+            .to_json()
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
         self.ws
             .send(Message::Text(text.into()))
             .await
@@ -283,7 +285,7 @@ impl Client {
                 }
                 Some(Err(e)) => return Err(self.transport(e)),
                 Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str())
+                    return decode_server_frame(t.as_str())
                         .map_err(|e| ClientError::Unexpected(format!("{e}: {}", t.as_str())))
                 }
                 Some(Ok(Message::Close(f))) => {
@@ -625,8 +627,9 @@ impl ClientWriter {
 
     /// Queues `frame` behind the frames already queued, without writing.
     async fn feed(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
-        let text =
-            serde_json::to_string(frame).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let text = frame
+            .to_json()
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
         let fed = self.sink.feed(Message::Text(text.into())).await;
         fed.map_err(|e| self.transport(e))
     }
@@ -709,7 +712,7 @@ impl ClientReader {
                 }
                 Some(Err(e)) => return Err(transport_error(&self.url, e)),
                 Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str())
+                    return decode_server_frame(t.as_str())
                         .map_err(|e| ClientError::Unexpected(format!("{e}: {}", t.as_str())))
                 }
                 Some(Ok(Message::Close(f))) => {

@@ -48,7 +48,29 @@ impl KeyHex {
 
     /// Lowercase hex form.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        String::from(self.hex_digits().as_str())
+    }
+
+    /// The 64 lowercase hex digits in a stack buffer (no allocation; `hex::encode`
+    /// builds its string one `char` at a time through an iterator).
+    fn hex_digits(&self) -> HexDigits {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 64];
+        for (pair, b) in buf.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 15)];
+        }
+        HexDigits(buf)
+    }
+}
+
+/// The hex form of a [`KeyHex`], ASCII by construction.
+struct HexDigits([u8; 64]);
+
+impl HexDigits {
+    fn as_str(&self) -> &str {
+        // Only hex digits are ever written into the buffer, so this never fails.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
@@ -60,13 +82,13 @@ impl std::fmt::Debug for KeyHex {
 
 impl std::fmt::Display for KeyHex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.to_hex())
+        f.write_str(self.hex_digits().as_str())
     }
 }
 
 impl Serialize for KeyHex {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        s.serialize_str(self.hex_digits().as_str())
     }
 }
 
@@ -164,6 +186,23 @@ mod tests {
         for b in 0..=255u8 {
             let s = format!("{}{:02x}", &lower[..62], b);
             assert_eq!(KeyHex::parse(&s).map(|k| k.0[31]), Ok(b));
+        }
+    }
+
+    #[test]
+    fn key_hex_forms_match_hex_crate() {
+        for seed in 0..64u8 {
+            let bytes: [u8; 32] =
+                std::array::from_fn(|i| (i as u8).wrapping_mul(73) ^ seed.wrapping_mul(29));
+            let key = KeyHex(bytes);
+            let expected = hex::encode(bytes);
+            assert_eq!(key.to_hex(), expected);
+            assert_eq!(key.to_string(), expected);
+            assert_eq!(
+                serde_json::to_string(&key).unwrap(),
+                format!("\"{expected}\"")
+            );
+            assert_eq!(KeyHex::parse(&key.to_hex()), Ok(key));
         }
     }
 }
