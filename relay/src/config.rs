@@ -91,6 +91,10 @@ pub struct Cli {
     /// before storing the message for it instead (backpressure; 0s stores at once).
     #[arg(long, env = "DCHAT_PUSH_WAIT", default_value = "250ms")]
     pub push_wait: String,
+    /// Refuse new sends (error `overloaded`, retryable) while tasks wait this long to
+    /// be scheduled: load shedding past saturation (0s never sheds).
+    #[arg(long, env = "DCHAT_SHED_DELAY", default_value = "100ms")]
+    pub shed_delay: String,
     /// Total time allowed for a drain after SIGTERM (keep below the pod's grace period).
     #[arg(long, env = "DCHAT_DRAIN_TIMEOUT", default_value = "25s")]
     pub drain_timeout: String,
@@ -214,6 +218,9 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Longest wait of a sender for room in a recipient's full queue.
     pub push_wait: Duration,
+    /// Scheduling delay at which new sends are refused (zero: never); see
+    /// `server::overload`.
+    pub shed_delay: Duration,
 }
 
 /// Parses durations like `90s`, `15m`, `720h`, `30d`, `250ms`; a bare number is seconds.
@@ -240,6 +247,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Upper bound of `DCHAT_PUSH_WAIT`: a sender that waits reads nothing from its own
 /// client meanwhile, so longer waits would look like a stalled relay to it.
 const MAX_PUSH_WAIT: Duration = Duration::from_secs(10);
+/// Upper bound of `DCHAT_SHED_DELAY`: a relay whose tasks wait longer than this is not
+/// serving anyone.
+const MAX_SHED_DELAY: Duration = Duration::from_secs(10);
 
 fn duration(setting: &'static str, v: &str, min: Duration) -> Result<Duration, ConfigError> {
     let d = parse_duration(v).map_err(|e| bad(setting, v, e))?;
@@ -442,6 +452,17 @@ impl Config {
                 }
                 d
             },
+            shed_delay: {
+                let d = duration("DCHAT_SHED_DELAY", &cli.shed_delay, Duration::ZERO)?;
+                if d > MAX_SHED_DELAY {
+                    return Err(bad(
+                        "DCHAT_SHED_DELAY",
+                        &cli.shed_delay,
+                        format!("must be at most {MAX_SHED_DELAY:?}"),
+                    ));
+                }
+                d
+            },
         })
     }
 
@@ -463,6 +484,9 @@ impl Config {
             options: EmbeddedOptions::default(),
         };
         cfg.log = "info".into();
+        // Many test relays share one loaded machine (debug builds, parallel tests), where
+        // a scheduling delay says nothing about the relay; the shedding tests turn it on.
+        cfg.shed_delay = Duration::ZERO;
         cfg
     }
 }
@@ -492,6 +516,23 @@ mod tests {
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("5 weeks").is_err());
+    }
+
+    #[test]
+    fn shed_delay_is_bounded() {
+        assert_eq!(parse(&[]).unwrap().shed_delay, Duration::from_millis(100));
+        assert_eq!(
+            parse(&["--shed-delay", "0s"]).unwrap().shed_delay,
+            Duration::ZERO
+        );
+        assert_eq!(
+            parse(&["--shed-delay", "11s"]).unwrap_err().setting,
+            "DCHAT_SHED_DELAY"
+        );
+        assert_eq!(
+            parse(&["--shed-delay", "busy"]).unwrap_err().setting,
+            "DCHAT_SHED_DELAY"
+        );
     }
 
     #[test]

@@ -90,6 +90,12 @@ pub struct Metrics {
     pub inflight: Gauge,
     /// Recipients whose full queue a sender waited for (backpressure).
     pub push_waits: Counter,
+    /// Latest sample of the runtime's scheduling delay, seconds (load shedding signal).
+    pub scheduling_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Longest store of copies for behind recipients in the last sample period, seconds.
+    pub storage_wait: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// 1 while new sends are refused with `overloaded`.
+    pub shedding: Gauge,
     /// Of those, recipients whose queue stayed full for the whole push wait, so the
     /// message was stored for them.
     pub push_wait_timeouts: Counter,
@@ -133,6 +139,9 @@ impl Metrics {
             delivered: Family::default(),
             duplicates: Counter::default(),
             push_waits: Counter::default(),
+            scheduling_delay: Gauge::default(),
+            storage_wait: Gauge::default(),
+            shedding: Gauge::default(),
             push_wait_timeouts: Counter::default(),
             expired: Counter::default(),
             acked: Counter::default(),
@@ -195,6 +204,21 @@ impl Metrics {
             "push_waits",
             "Full recipient queues a sender waited for (backpressure)",
             m.push_waits.clone(),
+        );
+        r.register(
+            "scheduling_delay_seconds",
+            "Latest sample of how late a task of the relay runs (load shedding signal)",
+            m.scheduling_delay.clone(),
+        );
+        r.register(
+            "behind_store_wait_seconds",
+            "Longest store of copies for connected recipients that fell behind, in the last load sample (load shedding signal)",
+            m.storage_wait.clone(),
+        );
+        r.register(
+            "overload_shedding",
+            "1 while new sends are refused with overloaded",
+            m.shedding.clone(),
         );
         r.register(
             "push_wait_timeouts",

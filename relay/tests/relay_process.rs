@@ -114,6 +114,7 @@ fn invalid_configuration_exits_2_naming_the_setting() {
         ("DCHAT_MESSAGE_TTL", "forever"),
         ("DCHAT_MAX_MESSAGE_BYTES", "-1"),
         ("DCHAT_PEERS", "not-a-url"),
+        ("DCHAT_SHED_DELAY", "11s"),
         ("DB_PORT", "99999"),
     ] {
         let mut cmd = relay_cmd(dir.path());

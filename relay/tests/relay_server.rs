@@ -1740,3 +1740,137 @@ async fn deferred_acks_travel_with_the_next_frame_and_remove_live_messages() {
     let (rest, more) = b.fetch(100).await.unwrap();
     assert!(rest.is_empty() && !more, "{rest:?}");
 }
+
+/// Blocks the (single-threaded) test runtime for `block` at a time, yielding in
+/// between, until `stop` is set: every task of the in-process relay runs that late,
+/// as on a relay whose core cannot keep up.
+fn saturate_runtime(
+    block: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(block);
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
+/// Waits until the relay's shedding gauge shows `on`.
+async fn shedding_becomes(r: &relay_support::TestRelay, on: bool, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if (r.metric("dchat_overload_shedding ") == 1.0) == on {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_overloaded_relay_refuses_sends_and_takes_the_retry_once_it_recovered() {
+    let r = start(|c| c.shed_delay = Duration::from_millis(100)).await;
+    let mut a = r.client().await;
+    let mut b = r.client().await;
+    let env = a.envelope_to(b.key(), Kind::Text, b"under load".to_vec());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocker = saturate_runtime(Duration::from_millis(150), stop.clone());
+    assert!(shedding_becomes(&r, true, Duration::from_secs(10)).await);
+    match a.send(env.clone()).await {
+        Err(ClientError::Relay { code, .. }) => assert_eq!(code, ErrorCode::Overloaded),
+        other => panic!("expected overloaded, got {other:?}"),
+    }
+    assert!(r.metric(r#"dchat_rejected_frames_total{code="overloaded"}"#) >= 1.0);
+    // Acknowledgements and other requests are still served while sends are refused.
+    a.ping().await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    blocker.await.unwrap();
+    assert!(shedding_becomes(&r, false, Duration::from_secs(10)).await);
+    // The retry with the same id goes through, and is delivered once.
+    let s = a.send(env.clone()).await.unwrap();
+    assert_eq!(s.status, SendStatus::Delivered);
+    let d = b.next_delivery().await.unwrap();
+    assert_eq!(d.envelope.id, env.id);
+    b.ack(vec![d.ack_ref()]).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.next_delivery())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn send_retrying_gets_through_once_the_relay_stops_shedding() {
+    let r = start(|c| c.shed_delay = Duration::from_millis(100)).await;
+    let mut a = r.client().await;
+    let mut b = r.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocker = saturate_runtime(Duration::from_millis(150), stop.clone());
+    assert!(shedding_becomes(&r, true, Duration::from_secs(10)).await);
+    let stopper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let env = a.envelope_to(b.key(), Kind::Text, b"eventually".to_vec());
+    let s = a.send_retrying(env.clone(), 30).await.unwrap();
+    assert_eq!(s.status, SendStatus::Delivered);
+    assert!(r.metric(r#"dchat_rejected_frames_total{code="overloaded"}"#) >= 1.0);
+    stopper.await.unwrap();
+    blocker.await.unwrap();
+    let d = b.next_delivery().await.unwrap();
+    assert_eq!(d.envelope.id, env.id);
+    b.ack(vec![d.ack_ref()]).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.next_delivery())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn slow_stores_for_recipients_that_fell_behind_also_shed_sends() {
+    let r = start(|c| c.shed_delay = Duration::from_millis(100)).await;
+    let mut a = r.client().await;
+    let b = r.client().await;
+    // What a store for recipients connected here that fell behind reports when it took
+    // longer than the shed delay (the runtime itself is not late here).
+    r.relay
+        .shared
+        .overload
+        .note_behind_store(Duration::from_millis(400));
+    assert!(shedding_becomes(&r, true, Duration::from_secs(10)).await);
+    let env = a.envelope_to(b.key(), Kind::Text, b"x".to_vec());
+    match a.send(env.clone()).await {
+        Err(ClientError::Relay { code, .. }) => assert_eq!(code, ErrorCode::Overloaded),
+        other => panic!("expected overloaded, got {other:?}"),
+    }
+    // One slow store sheds for a while, not for good.
+    assert!(shedding_becomes(&r, false, Duration::from_secs(10)).await);
+    assert_eq!(a.send(env).await.unwrap().status, SendStatus::Delivered);
+}
+
+#[tokio::test]
+async fn shedding_is_off_with_a_zero_shed_delay() {
+    let r = start(|c| c.shed_delay = Duration::ZERO).await;
+    let mut a = r.client().await;
+    let b = r.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocker = saturate_runtime(Duration::from_millis(150), stop.clone());
+    r.relay
+        .shared
+        .overload
+        .note_behind_store(Duration::from_secs(1));
+    for i in 0..3 {
+        let env = a.envelope_to(b.key(), Kind::Text, vec![i]);
+        assert_eq!(a.send(env).await.unwrap().status, SendStatus::Delivered);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    blocker.await.unwrap();
+    assert_eq!(r.metric("dchat_overload_shedding "), 0.0);
+}

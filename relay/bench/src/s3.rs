@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use dchat_relay::client::{connect_raw, generate_key, public_key, Client};
 use dchat_relay::protocol::{
-    auth_message, Base64Bytes, ClientFrame, Envelope, KeyHex, Kind, SendStatus, ServerFrame, SigHex,
+    auth_message, decode_server_frame, Base64Bytes, ClientFrame, Envelope, KeyHex, Kind,
+    SendStatus, ServerFrame, SigHex,
 };
 use ed25519_dalek::{Signer, SigningKey};
 use futures::{SinkExt, StreamExt};
@@ -503,7 +504,7 @@ async fn read_loop(
 ) -> ReadEnd {
     loop {
         let frame: ServerFrame = match r.next().await {
-            Some(Ok(Message::Text(t))) => match serde_json::from_str(t.as_str()) {
+            Some(Ok(Message::Text(t))) => match decode_server_frame(t.as_str()) {
                 Ok(f) => f,
                 Err(_) => {
                     st.lock().unwrap_or_else(|e| e.into_inner()).errors += 1;

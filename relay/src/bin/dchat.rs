@@ -9,7 +9,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use dchat_relay::client::{self, Client};
 use dchat_relay::config::parse_duration;
-use dchat_relay::protocol::KeyHex;
+use dchat_relay::protocol::{KeyHex, Kind};
+
+/// Attempts of `dchat send` while the relay refuses the message as busy (backoff
+/// 100 ms doubling: about 3 s in all).
+const SEND_ATTEMPTS: u32 = 6;
 
 #[derive(Parser)]
 #[command(name = "dchat", version, about = "dchat relay client")]
@@ -160,7 +164,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Send { conn, to, text } => {
             let to = key_arg(&to)?;
             let mut c = connect(&conn).await?;
-            let r = c.send_text(to, &text).await?;
+            let env = c.envelope_to(to, Kind::Text, text.into_bytes());
+            // A busy relay (`overloaded`, `storage_unavailable`) gets the same envelope
+            // again after a backoff: about 3 s in all before giving up.
+            let r = c.send_retrying(env, SEND_ATTEMPTS).await?;
             println!("{}", serde_json::json!({"status": r.status, "seq": r.seq}));
             c.close().await;
         }

@@ -21,6 +21,19 @@ use crate::protocol::{
     FEATURE_QUIET_ACK, MAX_ACK_BATCH,
 };
 
+/// Wait before the first resend of a refused send ([`Client::send_retrying`]).
+const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between resends.
+const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// `d` plus up to a quarter of it, at random.
+fn with_jitter(d: Duration) -> Duration {
+    let mut r = [0u8; 1];
+    // Without randomness the plain backoff still works; jitter only spreads clients.
+    let _ = getrandom::fill(&mut r);
+    d + d.mul_f64(f64::from(r[0]) / 255.0 / 4.0)
+}
+
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -372,6 +385,33 @@ impl Client {
                 stored,
             }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `envelope`, and sends the same envelope again while the relay refuses it
+    /// with a retryable error (`overloaded`, `storage_unavailable`), at most `attempts`
+    /// times in all, waiting 100 ms before the first retry and twice as long before each
+    /// next one (at most 5 s, with up to 25 % random jitter so that clients refused
+    /// together do not come back together). Resending the same id is safe: the relay
+    /// keeps at most one copy.
+    pub async fn send_retrying(
+        &mut self,
+        envelope: Envelope,
+        attempts: u32,
+    ) -> Result<SendResult, ClientError> {
+        let mut backoff = RETRY_FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match self.send(envelope.clone()).await {
+                Err(ClientError::Relay { code, .. })
+                    if code.is_retryable() && attempt < attempts =>
+                {
+                    tokio::time::sleep(with_jitter(backoff)).await;
+                    backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
+                    attempt += 1;
+                }
+                other => return other,
+            }
         }
     }
 

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     InvalidProfile,
     /// The relay could not read or write its storage; retry later.
     StorageUnavailable,
+    /// The relay is overloaded and refused this send; retry it (same id) after a backoff.
+    Overloaded,
     /// The client did not read its frames fast enough and is disconnected.
     SlowConsumer,
     /// The connection was idle (or unauthenticated) for too long.
@@ -57,7 +59,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes the server emits, for documentation and metric pre-registration.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
         ErrorCode::NotAuthenticated,
@@ -74,6 +76,7 @@ impl ErrorCode {
         ErrorCode::NotMember,
         ErrorCode::InvalidProfile,
         ErrorCode::StorageUnavailable,
+        ErrorCode::Overloaded,
         ErrorCode::SlowConsumer,
         ErrorCode::IdleTimeout,
         ErrorCode::Draining,
@@ -100,6 +103,7 @@ impl ErrorCode {
             ErrorCode::NotMember => "not_member",
             ErrorCode::InvalidProfile => "invalid_profile",
             ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::Draining => "draining",
@@ -107,6 +111,12 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
+    }
+
+    /// Whether a request refused with this code may succeed if sent again unchanged
+    /// after a backoff (the relay was busy, not the request wrong).
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorCode::Overloaded | ErrorCode::StorageUnavailable)
     }
 
     /// The WebSocket close code used when this error ends the connection.
@@ -150,6 +160,18 @@ mod tests {
         }
         let unknown: ErrorCode = serde_json::from_str("\"from_the_future\"").unwrap();
         assert_eq!(unknown, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn only_busy_relays_ask_for_a_retry() {
+        let retryable: Vec<_> = ErrorCode::ALL
+            .into_iter()
+            .filter(|c| c.is_retryable())
+            .collect();
+        assert_eq!(
+            retryable,
+            [ErrorCode::StorageUnavailable, ErrorCode::Overloaded]
+        );
     }
 
     #[test]

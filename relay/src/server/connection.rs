@@ -460,8 +460,9 @@ struct Deferred {
     msg: Arc<Message>,
     to: KeyHex,
     in_flight: InFlight,
-    /// Keeps a recipient connected here off live pushes until this is stored.
-    _ticket: Option<StoreTicket>,
+    /// Keeps a recipient connected here off live pushes until this is stored (its
+    /// presence also marks the store as one for a recipient that fell behind).
+    ticket: Option<StoreTicket>,
 }
 
 impl Session {
@@ -840,6 +841,19 @@ impl Session {
             }
             _ => env.from = Some(self.key),
         }
+        if c.shared.overload.shedding() {
+            // Past saturation every accepted send makes the overload worse (see
+            // `overload`); a refused one costs this answer, and the client retries
+            // the same id later, which dedup makes safe.
+            self.store_batch(c).await?;
+            return c
+                .error(
+                    ErrorCode::Overloaded,
+                    "relay overloaded; retry this send (same id) after a backoff",
+                    Some(id),
+                )
+                .await;
+        }
         let kind = env.kind;
         c.shared.metrics.routed_kind(kind).inc();
         let mut seen = c.shared.recent.begin(self.key, &id);
@@ -897,7 +911,10 @@ impl Session {
                         Ok(delivered_frame(&id))
                     } else {
                         c.flush_pending().await?;
-                        c.shared.store_direct(&msg, to).await
+                        let started = Instant::now();
+                        let stored = c.shared.store_direct(&msg, to).await;
+                        c.shared.overload.note_behind_store(started.elapsed());
+                        stored
                     }
                 }
                 Offer::Pushed => {
@@ -910,7 +927,7 @@ impl Session {
                         msg,
                         to,
                         in_flight,
-                        _ticket: ticket,
+                        ticket,
                     });
                     if self.batch.len() >= STORE_BATCH {
                         self.store_batch(c).await?;
@@ -1064,7 +1081,12 @@ impl Session {
             .iter()
             .map(|d| d.msg.to_stored(d.to, expires))
             .collect();
-        match c.shared.put_many(stored).await {
+        let started = Instant::now();
+        let put = c.shared.put_many(stored).await;
+        if batch.iter().any(|d| d.ticket.is_some()) {
+            c.shared.overload.note_behind_store(started.elapsed());
+        }
+        match put {
             Ok(outcomes) if outcomes.len() == batch.len() => {
                 // Every id is settled before the first answer is written: if writing
                 // fails part-way, a retry of a stored message must still be a duplicate.
@@ -1528,7 +1550,11 @@ impl Shared {
                 .iter()
                 .map(|k| msg.to_stored(*k, expires))
                 .collect();
+            let started = Instant::now();
             let outcomes = self.put_many(to_store).await?;
+            if !fan.tickets.is_empty() {
+                self.overload.note_behind_store(started.elapsed());
+            }
             for (o, k) in outcomes.iter().zip(&fan.rest) {
                 if is_new(o) {
                     stored += 1;

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod connection;
 pub mod http;
 pub mod limits;
+pub mod overload;
 pub mod router;
 
 use std::future::Future;
@@ -142,6 +143,8 @@ pub struct Shared {
     /// Bumped when the admin API loads a snapshot into the store (restore, merge):
     /// sessions then read their stored messages from the start again.
     pub store_generation: AtomicU64,
+    /// Load shedding state (see [`overload`]).
+    pub overload: overload::Overload,
 }
 
 /// How long a cached channel member list is served before it is read again. Joins and
@@ -160,10 +163,11 @@ impl Shared {
     ) -> Result<T, StoreError> {
         let start = Instant::now();
         let r = fut.await;
+        let took = start.elapsed();
         self.metrics
             .store_latency
             .get_or_create(&OpLabel { op })
-            .observe(start.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
         if let Err(e) = &r {
             self.metrics
                 .store_errors
@@ -302,6 +306,7 @@ impl Relay {
             next_session: AtomicU64::new(1),
             channels: router::MemberCache::new(MEMBER_CACHE_TTL, MEMBER_CACHE_CHANNELS),
             store_generation: AtomicU64::new(0),
+            overload: overload::Overload::default(),
         });
         // Member lists may be cached only where this process is the sole writer of
         // memberships: the embedded store, no other relay ([`Relay::add_peer`] turns
@@ -382,6 +387,7 @@ impl Relay {
                 .await
         });
         let expiry = tokio::spawn(expiry_loop(shared.clone(), background.clone()));
+        let load = tokio::spawn(overload::monitor(shared.clone(), background.clone()));
         let cluster = crate::cluster::start(shared.clone(), extra_peers, background.clone());
 
         tokio::select! {
@@ -416,6 +422,7 @@ impl Relay {
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve_task).await;
         serve_task.abort();
         expiry.abort();
+        load.abort();
         cluster.abort();
         let flushed = match tokio::time::timeout(
             grace

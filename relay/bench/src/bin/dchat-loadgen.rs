@@ -591,8 +591,8 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
         root.display(),
         s3::fs_type(&root)
     );
-    println!("| system | rep | acked | put s | acked msgs/s | ack p50 ms | ack p99 ms | server cpu | server µs/msg | gen cpu | drained | drain s | drained msgs/s | drain server cpu / gen cpu | kill: acked before / restart s / reconnects | checked recipients / acked msgs | lost | dup | unexpected |");
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("| system | rep | acked | put s | acked msgs/s | ack p50 ms | ack p99 ms | server cpu | server µs/msg | gen cpu | drained | drain s | drained msgs/s | drain server cpu / gen cpu | kill: acked before / restart s / reconnects | checked recipients / acked msgs | lost | dup | unexpected | send errors |");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     let mut all: Vec<(String, Vec<Report>)> =
         a.systems.iter().map(|s| (s.clone(), Vec::new())).collect();
     let mut inconsistent = 0u64;
@@ -638,7 +638,7 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
                 _ => ("-".into(), "-".into()),
             };
             println!(
-                "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {cpu} | {per} | {:.0}% | {} | {:.2} | {:.0} | {dcpu} / {:.0}% | {kill_col} | {} / {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {cpu} | {per} | {:.0}% | {} | {:.2} | {:.0} | {dcpu} / {:.0}% | {kill_col} | {} / {} | {} | {} | {} | {} |",
                 r.system,
                 rep + 1,
                 r.acked,
@@ -655,7 +655,8 @@ async fn s3(a: S3Args) -> anyhow::Result<()> {
                 r.verified_acked,
                 r.lost,
                 r.duplicates,
-                r.unexpected
+                r.unexpected,
+                r.errors
             );
             if !r.consistent() {
                 inconsistent += 1;
