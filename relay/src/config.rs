@@ -93,7 +93,7 @@ pub struct Cli {
     pub push_wait: String,
     /// Refuse new sends (error `overloaded`, retryable) while tasks wait this long to
     /// be scheduled: load shedding past saturation (0s never sheds).
-    #[arg(long, env = "DCHAT_SHED_DELAY", default_value = "100ms")]
+    #[arg(long, env = "DCHAT_SHED_DELAY", default_value = "250ms")]
     pub shed_delay: String,
     /// Total time allowed for a drain after SIGTERM (keep below the pod's grace period).
     #[arg(long, env = "DCHAT_DRAIN_TIMEOUT", default_value = "25s")]
@@ -520,7 +520,7 @@ mod tests {
 
     #[test]
     fn shed_delay_is_bounded() {
-        assert_eq!(parse(&[]).unwrap().shed_delay, Duration::from_millis(100));
+        assert_eq!(parse(&[]).unwrap().shed_delay, Duration::from_millis(250));
         assert_eq!(
             parse(&["--shed-delay", "0s"]).unwrap().shed_delay,
             Duration::ZERO
