@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::limits::TokenBucket;
 use super::router::{is_new, FastMap, Message, Offer, Seen, SessionHandle, StoreTicket};
 use super::Shared;
-use crate::metrics::{KindLabel, ReasonLabel};
+use crate::metrics::ReasonLabel;
 use crate::protocol::frame::{
     valid_channel, FEATURE_QUIET_ACK, MAX_ACK_BATCH, MAX_FETCH_LIMIT, MAX_PROFILE_BYTES,
 };
@@ -732,13 +732,8 @@ impl Session {
                     let kind = crate::protocol::Kind::ALL
                         .into_iter()
                         .find(|k| k.as_str() == p.message.kind)
-                        .map(|k| k.as_str())
-                        .unwrap_or("text");
-                    c.shared
-                        .metrics
-                        .delivered
-                        .get_or_create(&KindLabel { kind })
-                        .inc();
+                        .unwrap_or(crate::protocol::Kind::Text);
+                    c.shared.metrics.delivered_kind(kind).inc();
                     c.shared.metrics.inflight.inc();
                     self.inflight.insert(k, Origin::Stored);
                     if raise_floor {
