@@ -93,7 +93,7 @@ pub struct Metrics {
     /// Latest sample of the runtime's scheduling delay, seconds (load shedding signal).
     pub scheduling_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Longest store of copies for behind recipients in the last sample period, seconds.
-    pub storage_wait: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub behind_store_wait: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// 1 while new sends are refused with `overloaded`.
     pub shedding: Gauge,
     /// Of those, recipients whose queue stayed full for the whole push wait, so the
@@ -140,7 +140,7 @@ impl Metrics {
             duplicates: Counter::default(),
             push_waits: Counter::default(),
             scheduling_delay: Gauge::default(),
-            storage_wait: Gauge::default(),
+            behind_store_wait: Gauge::default(),
             shedding: Gauge::default(),
             push_wait_timeouts: Counter::default(),
             expired: Counter::default(),
@@ -213,7 +213,7 @@ impl Metrics {
         r.register(
             "behind_store_wait_seconds",
             "Longest store of copies for connected recipients that fell behind, in the last load sample (load shedding signal)",
-            m.storage_wait.clone(),
+            m.behind_store_wait.clone(),
         );
         r.register(
             "overload_shedding",

@@ -906,10 +906,8 @@ impl Session {
                         Ok(delivered_frame(&id))
                     } else {
                         c.flush_pending().await?;
-                        let started = Instant::now();
-                        let stored = c.shared.store_direct(&msg, to).await;
-                        c.shared.overload.note_behind_store(started.elapsed());
-                        stored
+                        let store = c.shared.store_direct(&msg, to);
+                        c.shared.overload.measure_store(true, store).await
                     }
                 }
                 Offer::Pushed => {
@@ -1076,12 +1074,9 @@ impl Session {
             .iter()
             .map(|d| d.msg.to_stored(d.to, expires))
             .collect();
-        let started = Instant::now();
-        let put = c.shared.put_many(stored).await;
-        if batch.iter().any(|d| d.ticket.is_some()) {
-            c.shared.overload.note_behind_store(started.elapsed());
-        }
-        match put {
+        let behind = batch.iter().any(|d| d.ticket.is_some());
+        let put = c.shared.put_many(stored);
+        match c.shared.overload.measure_store(behind, put).await {
             Ok(outcomes) if outcomes.len() == batch.len() => {
                 // Every id is settled before the first answer is written: if writing
                 // fails part-way, a retry of a stored message must still be a duplicate.
@@ -1545,11 +1540,9 @@ impl Shared {
                 .iter()
                 .map(|k| msg.to_stored(*k, expires))
                 .collect();
-            let started = Instant::now();
-            let outcomes = self.put_many(to_store).await?;
-            if !fan.tickets.is_empty() {
-                self.overload.note_behind_store(started.elapsed());
-            }
+            let behind = !fan.tickets.is_empty();
+            let put = self.put_many(to_store);
+            let outcomes = self.overload.measure_store(behind, put).await?;
             for (o, k) in outcomes.iter().zip(&fan.rest) {
                 if is_new(o) {
                     stored += 1;

@@ -163,11 +163,10 @@ impl Shared {
     ) -> Result<T, StoreError> {
         let start = Instant::now();
         let r = fut.await;
-        let took = start.elapsed();
         self.metrics
             .store_latency
             .get_or_create(&OpLabel { op })
-            .observe(took.as_secs_f64());
+            .observe(start.elapsed().as_secs_f64());
         if let Err(e) = &r {
             self.metrics
                 .store_errors

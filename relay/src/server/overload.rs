@@ -27,6 +27,7 @@
 //!
 //! [`ShedPolicy`] is the pure decision; [`monitor`] is the sampling task.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,17 @@ impl Overload {
     /// True while new sends are refused with `overloaded`.
     pub fn shedding(&self) -> bool {
         self.shedding.load(Ordering::Relaxed)
+    }
+
+    /// Runs `store`; when it stores copies for recipients connected here that fell
+    /// `behind`, records how long it took.
+    pub async fn measure_store<T>(&self, behind: bool, store: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = store.await;
+        if behind {
+            self.note_behind_store(started.elapsed());
+        }
+        out
     }
 
     /// Records how long storing copies for recipients connected here that fell behind
@@ -128,13 +140,16 @@ pub async fn monitor(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let now = Instant::now();
         let scheduling = now.saturating_duration_since(due);
-        let storage = shared.overload.take_store_wait();
+        let behind_store = shared.overload.take_store_wait();
         shared
             .metrics
             .scheduling_delay
             .set(scheduling.as_secs_f64());
-        shared.metrics.storage_wait.set(storage.as_secs_f64());
-        let shed = policy.observe(now, scheduling.max(storage));
+        shared
+            .metrics
+            .behind_store_wait
+            .set(behind_store.as_secs_f64());
+        let shed = policy.observe(now, scheduling.max(behind_store));
         if shed == shared.overload.shedding() {
             continue;
         }
@@ -146,7 +161,7 @@ pub async fn monitor(shared: Arc<Shared>, stop: CancellationToken) {
                 last_log = Some(now);
                 tracing::warn!(
                     scheduling_delay_ms = scheduling.as_millis() as u64,
-                    storage_wait_ms = storage.as_millis() as u64,
+                    behind_store_wait_ms = behind_store.as_millis() as u64,
                     shed_periods = periods,
                     "overloaded: refusing new sends with `overloaded` for a while"
                 );
