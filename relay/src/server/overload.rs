@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 
-/// How often the scheduling delay is sampled.
+/// How often the two delays are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
 /// Whether sends are refused right now; set by [`monitor`], read by every send.
@@ -72,7 +72,7 @@ impl Overload {
         self.store_wait_us.fetch_max(us, Ordering::Relaxed);
     }
 
-    /// The longest storage wait since the last call.
+    /// The longest behind-store wait since the last call.
     fn take_store_wait(&self) -> Duration {
         Duration::from_micros(self.store_wait_us.swap(0, Ordering::Relaxed))
     }
@@ -82,7 +82,7 @@ impl Overload {
     }
 }
 
-/// When to shed, from scheduling-delay samples.
+/// When to shed, from delay samples (the larger of the two delays at each sample).
 #[derive(Debug, Clone)]
 pub struct ShedPolicy {
     /// A sample at or above this starts (or extends) shedding; zero never sheds.
@@ -93,7 +93,7 @@ pub struct ShedPolicy {
 }
 
 impl ShedPolicy {
-    /// A policy that sheds when the scheduling delay reaches `threshold` (zero: never).
+    /// A policy that sheds when a sampled delay reaches `threshold` (zero: never).
     pub fn new(threshold: Duration) -> ShedPolicy {
         ShedPolicy {
             threshold,
