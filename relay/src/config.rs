@@ -259,6 +259,19 @@ fn duration(setting: &'static str, v: &str, min: Duration) -> Result<Duration, C
     Ok(d)
 }
 
+/// A duration from zero up to `max`.
+fn duration_at_most(
+    setting: &'static str,
+    v: &str,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration(setting, v, Duration::ZERO)?;
+    if d > max {
+        return Err(bad(setting, v, format!("must be at most {max:?}")));
+    }
+    Ok(d)
+}
+
 fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
     setting: &'static str,
     v: &str,
@@ -441,28 +454,8 @@ impl Config {
             log_json,
             max_inflight: 256,
             outbound_queue: 128,
-            push_wait: {
-                let d = duration("DCHAT_PUSH_WAIT", &cli.push_wait, Duration::ZERO)?;
-                if d > MAX_PUSH_WAIT {
-                    return Err(bad(
-                        "DCHAT_PUSH_WAIT",
-                        &cli.push_wait,
-                        format!("must be at most {MAX_PUSH_WAIT:?}"),
-                    ));
-                }
-                d
-            },
-            shed_delay: {
-                let d = duration("DCHAT_SHED_DELAY", &cli.shed_delay, Duration::ZERO)?;
-                if d > MAX_SHED_DELAY {
-                    return Err(bad(
-                        "DCHAT_SHED_DELAY",
-                        &cli.shed_delay,
-                        format!("must be at most {MAX_SHED_DELAY:?}"),
-                    ));
-                }
-                d
-            },
+            push_wait: duration_at_most("DCHAT_PUSH_WAIT", &cli.push_wait, MAX_PUSH_WAIT)?,
+            shed_delay: duration_at_most("DCHAT_SHED_DELAY", &cli.shed_delay, MAX_SHED_DELAY)?,
         })
     }
 

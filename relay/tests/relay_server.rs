@@ -1756,6 +1756,18 @@ fn saturate_runtime(
     })
 }
 
+/// `b` gets the message `id`, acknowledges it, and gets nothing more.
+async fn receive_exactly_once(b: &mut Client, id: &str) {
+    let d = b.next_delivery().await.unwrap();
+    assert_eq!(d.envelope.id, id);
+    b.ack(vec![d.ack_ref()]).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.next_delivery())
+            .await
+            .is_err()
+    );
+}
+
 /// Waits until the relay's shedding gauge shows `on`.
 async fn shedding_becomes(r: &relay_support::TestRelay, on: bool, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
@@ -1792,14 +1804,7 @@ async fn an_overloaded_relay_refuses_sends_and_takes_the_retry_once_it_recovered
     // The retry with the same id goes through, and is delivered once.
     let s = a.send(env.clone()).await.unwrap();
     assert_eq!(s.status, SendStatus::Delivered);
-    let d = b.next_delivery().await.unwrap();
-    assert_eq!(d.envelope.id, env.id);
-    b.ack(vec![d.ack_ref()]).await.unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), b.next_delivery())
-            .await
-            .is_err()
-    );
+    receive_exactly_once(&mut b, &env.id).await;
 }
 
 #[tokio::test]
@@ -1823,14 +1828,7 @@ async fn send_retrying_gets_through_once_the_relay_stops_shedding() {
     assert!(r.metric(r#"dchat_rejected_frames_total{code="overloaded"}"#) >= 1.0);
     stopper.await.unwrap();
     blocker.await.unwrap();
-    let d = b.next_delivery().await.unwrap();
-    assert_eq!(d.envelope.id, env.id);
-    b.ack(vec![d.ack_ref()]).await.unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), b.next_delivery())
-            .await
-            .is_err()
-    );
+    receive_exactly_once(&mut b, &env.id).await;
 }
 
 #[tokio::test]
