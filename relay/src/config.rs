@@ -511,37 +511,37 @@ mod tests {
         assert!(parse_duration("5 weeks").is_err());
     }
 
+    /// `flag` defaults to `default`, takes `0s`, and refuses `11s` and a non-duration
+    /// with an error naming `setting`.
+    fn assert_bounded_duration(
+        flag: &str,
+        setting: &str,
+        default: Duration,
+        get: fn(&Config) -> Duration,
+    ) {
+        assert_eq!(get(&parse(&[]).unwrap()), default);
+        assert_eq!(get(&parse(&[flag, "0s"]).unwrap()), Duration::ZERO);
+        assert_eq!(parse(&[flag, "11s"]).unwrap_err().setting, setting);
+        assert_eq!(parse(&[flag, "soon"]).unwrap_err().setting, setting);
+    }
+
     #[test]
     fn shed_delay_is_bounded() {
-        assert_eq!(parse(&[]).unwrap().shed_delay, Duration::from_millis(250));
-        assert_eq!(
-            parse(&["--shed-delay", "0s"]).unwrap().shed_delay,
-            Duration::ZERO
-        );
-        assert_eq!(
-            parse(&["--shed-delay", "11s"]).unwrap_err().setting,
-            "DCHAT_SHED_DELAY"
-        );
-        assert_eq!(
-            parse(&["--shed-delay", "busy"]).unwrap_err().setting,
-            "DCHAT_SHED_DELAY"
+        assert_bounded_duration(
+            "--shed-delay",
+            "DCHAT_SHED_DELAY",
+            Duration::from_millis(250),
+            |c| c.shed_delay,
         );
     }
 
     #[test]
     fn push_wait_is_bounded() {
-        assert_eq!(
-            parse(&["--push-wait", "0s"]).unwrap().push_wait,
-            Duration::ZERO
-        );
-        assert_eq!(parse(&[]).unwrap().push_wait, Duration::from_millis(250));
-        assert_eq!(
-            parse(&["--push-wait", "11s"]).unwrap_err().setting,
-            "DCHAT_PUSH_WAIT"
-        );
-        assert_eq!(
-            parse(&["--push-wait", "soon"]).unwrap_err().setting,
-            "DCHAT_PUSH_WAIT"
+        assert_bounded_duration(
+            "--push-wait",
+            "DCHAT_PUSH_WAIT",
+            Duration::from_millis(250),
+            |c| c.push_wait,
         );
     }
 

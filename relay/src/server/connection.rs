@@ -818,19 +818,18 @@ impl Session {
     async fn send(&mut self, c: &mut Conn, mut env: Envelope) -> Result<(), End> {
         let id = env.id.clone();
         if let Err(e) = env.validate() {
-            self.store_batch(c).await?;
-            return c
-                .error(ErrorCode::InvalidEnvelope, e.to_string(), Some(id))
+            return self
+                .refuse_send(c, ErrorCode::InvalidEnvelope, e.to_string(), id)
                 .await;
         }
         match env.from {
             Some(f) if f != self.key => {
-                self.store_batch(c).await?;
-                return c
-                    .error(
+                return self
+                    .refuse_send(
+                        c,
                         ErrorCode::SenderMismatch,
                         "envelope.from must be the authenticated key",
-                        Some(id),
+                        id,
                     )
                     .await;
             }
@@ -840,12 +839,12 @@ impl Session {
             // Past saturation every accepted send makes the overload worse (see
             // `overload`); a refused one costs this answer, and the client retries
             // the same id later, which dedup makes safe.
-            self.store_batch(c).await?;
-            return c
-                .error(
+            return self
+                .refuse_send(
+                    c,
                     ErrorCode::Overloaded,
                     "relay overloaded; retry this send (same id) after a backoff",
-                    Some(id),
+                    id,
                 )
                 .await;
         }
@@ -949,6 +948,19 @@ impl Session {
             (None, None) => Err(RouteError::NotMember),
         };
         answer_send(c, in_flight, result).await
+    }
+
+    /// Answers the send `id` with an error. Sends waiting in the batch are stored and
+    /// answered first, so answers keep request order.
+    async fn refuse_send(
+        &mut self,
+        c: &mut Conn,
+        code: ErrorCode,
+        message: impl Into<String>,
+        id: String,
+    ) -> Result<(), End> {
+        self.store_batch(c).await?;
+        c.error(code, message, Some(id)).await
     }
 
     /// Backpressure for recipients connected here whose queue is full: waits (up to
