@@ -1621,6 +1621,64 @@ async fn stored_messages_in_flight_are_not_read_again() {
 }
 
 #[tokio::test]
+async fn caught_up_session_fetch_reads_no_storage_until_something_is_stored_for_it() {
+    // A reconnect drain ends with a `fetch` that finds nothing: a session that read its
+    // whole backlog and has been live since answers it without a storage read. Once a
+    // message for it is stored (it fell behind: a full in-flight window), fetches read
+    // storage again and find it.
+    let r = start(|c| c.max_inflight = 2).await;
+    let pending_reads = || r.metric("dchat_store_operation_seconds_count{op=\"pending\"}");
+    let rcpt_key = generate_key().unwrap();
+    let rcpt = public_key(&rcpt_key);
+    let mut sender = r.client().await;
+    for i in 0..2 {
+        let s = sender
+            .send_text(rcpt, &format!("stored {i}"))
+            .await
+            .unwrap();
+        assert_eq!(s.status, SendStatus::Stored);
+    }
+    let mut c = r.client_as(&rcpt_key).await;
+    let (backlog, more) = c.fetch(10).await.unwrap();
+    assert_eq!(backlog.len(), 2, "the backlog is pushed at connect");
+    assert!(!more);
+    c.ack(backlog.iter().map(|d| d.ack_ref()).collect())
+        .await
+        .unwrap();
+    let before = pending_reads();
+    assert!(before >= 1.0, "the connect read storage");
+    for _ in 0..3 {
+        let (ds, more) = c.fetch(10).await.unwrap();
+        assert!(ds.is_empty() && !more, "{ds:?} {more}");
+    }
+    assert_eq!(pending_reads(), before, "a caught-up fetch read storage");
+
+    // Two live pushes fill the window, so the session falls behind and the next
+    // message is stored for it.
+    let mut pushed = Vec::new();
+    for i in 0..2 {
+        let s = sender.send_text(rcpt, &format!("live {i}")).await.unwrap();
+        assert_eq!(s.status, SendStatus::Delivered);
+        pushed.push(c.next_delivery().await.unwrap());
+    }
+    let s = sender.send_text(rcpt, "live 2").await.unwrap();
+    assert_eq!(s.status, SendStatus::Stored);
+    let reads_behind = pending_reads();
+    let (ds, more) = c.fetch(10).await.unwrap();
+    assert!(ds.is_empty() && more, "window full: {ds:?} {more}");
+    assert!(
+        pending_reads() > reads_behind,
+        "a session behind must read storage"
+    );
+    c.ack(pushed.iter().map(|d| d.ack_ref()).collect())
+        .await
+        .unwrap();
+    let stored = c.next_delivery().await.unwrap();
+    assert_eq!(stored.envelope.payload.0, b"live 2");
+    assert!(stored.seq.is_some(), "delivered from storage");
+}
+
+#[tokio::test]
 async fn quiet_ack_removes_messages_without_an_answer_and_reports_only_failures() {
     let (r, _) = start_on_test_store().await;
     let bkey = generate_key().unwrap();

@@ -405,6 +405,7 @@ impl Conn {
             batch: Vec::new(),
             stored_floor: 0,
             floor_generation: 0,
+            read_to_end: None,
             held: VecDeque::new(),
             held_bytes: 0,
         };
@@ -436,6 +437,10 @@ struct Session {
     stored_floor: u64,
     /// The [`Shared::store_generation`] that `stored_floor` belongs to.
     floor_generation: u64,
+    /// The catch-up mark ([`SessionHandle::catch_up_mark`]) of the last read that
+    /// reached the end of this session's stored messages, which were then all in flight
+    /// here. While the session has stayed live since, a `fetch` has nothing to read.
+    read_to_end: Option<u64>,
     /// Frames read from the client while a send waited for room in a recipient's
     /// queue, handled before anything else is read (see [`Session::push_when_room`]).
     held: VecDeque<WsMessage>,
@@ -606,6 +611,21 @@ impl Session {
         Some(msg)
     }
 
+    /// Whether storage can hold nothing for this session that is not in flight here:
+    /// its last read reached the end, and it has been live since, so every message for
+    /// it has been pushed — a store for it would have taken it off live pushes
+    /// ([`SessionHandle::fall_behind_for_store`]) or woken it. Only where seqs are
+    /// assigned in commit order (one writer, this process; a shared database has
+    /// writers this relay does not see) and no snapshot was loaded since. Spares a
+    /// caught-up session's `fetch` (a reconnect drain ends with one) a storage read.
+    fn nothing_stored_unseen(&self, c: &Conn) -> bool {
+        c.shared.seqs_in_commit_order()
+            && self.floor_generation == c.shared.store_generation.load(Ordering::Acquire)
+            && self
+                .read_to_end
+                .is_some_and(|mark| self.handle.caught_up_since(mark))
+    }
+
     /// Whether the in-flight window has room for another delivery.
     fn window_open(&self, c: &Conn) -> bool {
         self.inflight.len() < c.shared.cfg.max_inflight
@@ -745,6 +765,9 @@ impl Session {
                     break;
                 }
             }
+            // Not when a stored copy of a live push still in flight was passed: it is
+            // delivered once that push is acknowledged, by the next read.
+            self.read_to_end = (!more && raise_floor).then_some(mark);
             // Go live before flushing: once the client has read these frames (or the
             // welcome buffered ahead of them), new messages must be pushed, not stored.
             if more || limit.is_some() || self.handle.go_live(mark) {
@@ -804,7 +827,11 @@ impl Session {
             ClientFrame::Ack { messages, quiet } => self.ack(c, messages, quiet).await,
             ClientFrame::Fetch { limit } => {
                 let limit = limit.unwrap_or(100).clamp(1, MAX_FETCH_LIMIT);
-                let (count, more) = self.pump(c, Some(limit)).await?;
+                let (count, more) = if self.nothing_stored_unseen(c) {
+                    (0, false)
+                } else {
+                    self.pump(c, Some(limit)).await?
+                };
                 c.send_frame(ServerFrame::Fetched { count, more }).await
             }
             ClientFrame::ProfilePublish { data, sig } => self.publish_profile(c, data, sig).await,
@@ -1206,6 +1233,7 @@ impl Session {
                     // These are out of the in-flight window but still stored: the next
                     // pump must find them again.
                     self.stored_floor = 0;
+                    self.read_to_end = None;
                     return c
                         .error(
                             ErrorCode::StorageUnavailable,

@@ -160,6 +160,13 @@ impl SessionHandle {
         }
         st.live
     }
+
+    /// Whether the session is live and no store for it has run since `mark` (taken
+    /// before a read that found everything stored for it).
+    pub fn caught_up_since(&self, mark: u64) -> bool {
+        let st = self.push_state();
+        st.live && st.storing == 0 && st.stores_done == mark
+    }
 }
 
 /// Held by a sender while it stores a message for a session on this relay that is
