@@ -1463,9 +1463,9 @@ impl dchat_relay::store::Store for TestStore {
     async fn ack(
         &self,
         recipient: &dchat_relay::store::PublicKey,
-        keys: &[(dchat_relay::store::PublicKey, String)],
+        keys: Vec<dchat_relay::store::AckKey>,
     ) -> Result<u64, dchat_relay::store::StoreError> {
-        if keys.iter().any(|(_, id)| id.starts_with("unackable")) {
+        if keys.iter().any(|k| k.id.starts_with("unackable")) {
             return Err(injected());
         }
         self.inner.ack(recipient, keys).await

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use dchat_relay::store::{
-    self, Pending, PostgresConfig, PublicKey, PutOutcome, Store, StoreConfig, StoreError,
+    self, AckKey, Pending, PostgresConfig, PublicKey, PutOutcome, Store, StoreConfig, StoreError,
     StoredMessage,
 };
 use tempdir::TempDir;
@@ -49,6 +49,11 @@ impl Harness {
     async fn open(&self) -> Arc<dyn Store> {
         store::open(&self.config()).await.expect("open store")
     }
+}
+
+/// Ack keys named by (sender, id) only.
+fn by_id(keys: &[(PublicKey, &str)]) -> Vec<AckKey> {
+    keys.iter().map(|(s, id)| AckKey::new(*s, *id)).collect()
 }
 
 fn key(n: u8) -> PublicKey {
@@ -168,23 +173,20 @@ async fn ack_removes_and_a_retry_after_ack_stays_a_duplicate(h: &Harness) {
         s.put(msg(1, 2, id)).await.unwrap();
     }
     let acked = s
-        .ack(&key(1), &[(key(2), "a".into()), (key(2), "c".into())])
+        .ack(&key(1), by_id(&[(key(2), "a"), (key(2), "c")]))
         .await
         .unwrap();
     assert_eq!(acked, 2);
     assert_eq!(ids(&all_pending(&*s, 1).await), ["b"]);
     // Acking again, an unknown id, or as another recipient removes nothing.
-    assert_eq!(s.ack(&key(1), &[(key(2), "a".into())]).await.unwrap(), 0);
-    assert_eq!(s.ack(&key(1), &[(key(2), "zz".into())]).await.unwrap(), 0);
-    assert_eq!(s.ack(&key(9), &[(key(2), "b".into())]).await.unwrap(), 0);
-    assert_eq!(s.ack(&key(1), &[]).await.unwrap(), 0);
+    assert_eq!(s.ack(&key(1), by_id(&[(key(2), "a")])).await.unwrap(), 0);
+    assert_eq!(s.ack(&key(1), by_id(&[(key(2), "zz")])).await.unwrap(), 0);
+    assert_eq!(s.ack(&key(9), by_id(&[(key(2), "b")])).await.unwrap(), 0);
+    assert_eq!(s.ack(&key(1), by_id(&[])).await.unwrap(), 0);
     assert_eq!(
-        s.ack(
-            &key(1),
-            &[(key(2), "nul\0".into()), (key(2), String::new())]
-        )
-        .await
-        .unwrap(),
+        s.ack(&key(1), by_id(&[(key(2), "nul\0"), (key(2), "")]))
+            .await
+            .unwrap(),
         0,
         "ids that can never be stored match nothing"
     );
@@ -192,6 +194,47 @@ async fn ack_removes_and_a_retry_after_ack_stays_a_duplicate(h: &Harness) {
     // The sender retrying an id the recipient already acknowledged must not redeliver it.
     assert_eq!(s.put(msg(1, 2, "a")).await.unwrap(), PutOutcome::Duplicate);
     assert!(ids(&all_pending(&*s, 1).await) == ["b"]);
+    assert_eq!(s.stats().await.unwrap().pending_messages, 1);
+}
+
+async fn quoted_acks_remove_what_was_read_and_nothing_expiry_removed(h: &Harness) {
+    // The relay quotes the read of a message it delivered from storage in its ack, so a
+    // store may skip looking the id up. An expiry pass between the read and the ack must
+    // still win: the expired message is not counted again, and its id is not marked
+    // acknowledged (a later message with that id is new, not a duplicate).
+    let s = h.open().await;
+    s.put(msg(1, 2, "kept")).await.unwrap();
+    let mut short = msg(1, 2, "short");
+    short.expires_at_ms = 1_000;
+    s.put(short).await.unwrap();
+    let read = s.pending(&key(1), 0, 10, 500).await.unwrap();
+    assert_eq!(ids(&read), ["kept", "short"]);
+    let quoted: Vec<AckKey> = read
+        .iter()
+        .map(|p| AckKey {
+            sender: p.message.sender,
+            id: p.message.id.clone(),
+            read_as: Some(p.read_as()),
+        })
+        .collect();
+    assert_eq!(s.expire(2_000).await.unwrap(), 1);
+    assert_eq!(
+        s.ack(&key(1), quoted).await.unwrap(),
+        1,
+        "only the unexpired one"
+    );
+    assert!(all_pending(&*s, 1).await.is_empty());
+    assert_eq!(s.stats().await.unwrap().pending_messages, 0);
+    assert_eq!(
+        s.put(msg(1, 2, "kept")).await.unwrap(),
+        PutOutcome::Duplicate,
+        "an acknowledged id stays a duplicate"
+    );
+    assert!(matches!(
+        s.put(msg(1, 2, "short")).await.unwrap(),
+        PutOutcome::Stored { .. }
+    ));
+    assert_eq!(ids(&all_pending(&*s, 1).await), ["short"]);
     assert_eq!(s.stats().await.unwrap().pending_messages, 1);
 }
 
@@ -208,7 +251,7 @@ async fn expire_removes_due_messages_only(h: &Harness) {
         ["e200", "e300", "e250"]
     );
     // An acknowledged message is not counted again when it expires.
-    assert_eq!(s.ack(&key(1), &[(key(2), "e250".into())]).await.unwrap(), 1);
+    assert_eq!(s.ack(&key(1), by_id(&[(key(2), "e250")])).await.unwrap(), 1);
     assert_eq!(s.expire(200).await.unwrap(), 2, "expires_at <= now is due");
     assert_eq!(ids(&all_pending(&*s, 1).await), ["e300"]);
     assert_eq!(s.expire(200).await.unwrap(), 0);
@@ -239,7 +282,7 @@ async fn expire_clears_a_backlog_larger_than_one_chunk(h: &Harness) {
         s.put_many(msgs).await.unwrap();
     }
     s.put(msg(1, 2, "keeper")).await.unwrap();
-    assert_eq!(s.ack(&key(0), &[(key(2), "b0-0".into())]).await.unwrap(), 1);
+    assert_eq!(s.ack(&key(0), by_id(&[(key(2), "b0-0")])).await.unwrap(), 1);
     assert_eq!(
         s.expire(100).await.unwrap(),
         5_999,
@@ -321,7 +364,7 @@ async fn everything_survives_a_restart(h: &Harness) {
     for id in ["r1", "r2", "r3"] {
         seqs.insert(id, seq_of(s.put(msg(1, 2, id)).await.unwrap()));
     }
-    s.ack(&key(1), &[(key(2), "r2".into())]).await.unwrap();
+    s.ack(&key(1), by_id(&[(key(2), "r2")])).await.unwrap();
     s.put_profile(&key(1), b"me".to_vec(), 7).await.unwrap();
     s.join_channel("ch", &key(1)).await.unwrap();
     s.flush().await.unwrap();
@@ -463,6 +506,7 @@ backend_suite!(
     same_id_twice_is_a_duplicate,
     pending_is_in_seq_order_with_cursor_and_limit,
     ack_removes_and_a_retry_after_ack_stays_a_duplicate,
+    quoted_acks_remove_what_was_read_and_nothing_expiry_removed,
     expire_removes_due_messages_only,
     expire_clears_a_backlog_larger_than_one_chunk,
     profiles_newer_wins,
@@ -491,7 +535,7 @@ mod store_embedded_snapshot {
         let mut d = msg(2, 3, "d");
         d.channel = Some("room".into());
         s.put(d).await.unwrap();
-        assert_eq!(s.ack(&key(1), &[(key(2), "b".into())]).await.unwrap(), 1);
+        assert_eq!(s.ack(&key(1), by_id(&[(key(2), "b")])).await.unwrap(), 1);
         s.put_profile(&key(1), b"profile one".to_vec(), 5)
             .await
             .unwrap();
@@ -900,8 +944,10 @@ mod store_embedded_crash {
         let mut many: Vec<StoredMessage> = (0..20).map(|i| msg(1, 2, &format!("m{i}"))).collect();
         many.push(msg(3, 2, "other"));
         s.put_many(many).await.unwrap();
-        let keys: Vec<_> = (0..10).map(|i| (key(2), format!("m{i}"))).collect();
-        assert_eq!(s.ack(&key(1), &keys).await.unwrap(), 10);
+        let keys: Vec<_> = (0..10)
+            .map(|i| AckKey::new(key(2), format!("m{i}")))
+            .collect();
+        assert_eq!(s.ack(&key(1), keys).await.unwrap(), 10);
         assert!(s.put_profile(&key(4), b"p".to_vec(), 7).await.unwrap());
         s.join_channel("room", &key(4)).await.unwrap();
         s.join_channel("room", &key(5)).await.unwrap();
@@ -1052,7 +1098,7 @@ mod store_postgres_specific {
         // Either relay sees all of it.
         assert_eq!(all_pending(&*a, 1).await.len(), 80);
         assert_eq!(all_pending(&*a, 1).await, all_pending(&*b, 1).await);
-        assert_eq!(b.ack(&key(1), &[(key(11), "g5".into())]).await.unwrap(), 1);
+        assert_eq!(b.ack(&key(1), by_id(&[(key(11), "g5")])).await.unwrap(), 1);
         assert_eq!(all_pending(&*a, 1).await.len(), 79);
     }
 

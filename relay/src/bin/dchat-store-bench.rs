@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dchat_relay::store::{
-    EmbeddedStore, PostgresConfig, PostgresStore, PublicKey, PutOutcome, Store, StoreError,
+    AckKey, EmbeddedStore, PostgresConfig, PostgresStore, PublicKey, PutOutcome, Store, StoreError,
     StoredMessage,
 };
 
@@ -38,6 +38,9 @@ struct Args {
     drain_recipients: usize,
     drain_per_recipient: usize,
     drain_tasks: usize,
+    /// Whether the drain's acks quote what `pending` returned (as the relay's do for
+    /// messages it delivered from storage) or name (sender, id) only.
+    quoted_acks: bool,
     pg_connections: usize,
     dir: PathBuf,
 }
@@ -92,6 +95,7 @@ fn parse_args() -> Result<Args, BenchError> {
         drain_recipients: 1_000,
         drain_per_recipient: 100,
         drain_tasks: 16,
+        quoted_acks: true,
         pg_connections: 32,
         dir: PathBuf::from("."),
     };
@@ -137,6 +141,18 @@ fn parse_args() -> Result<Args, BenchError> {
             "--drain-recipients" => a.drain_recipients = num(&value)?,
             "--drain-per-recipient" => a.drain_per_recipient = num(&value)?,
             "--drain-tasks" => a.drain_tasks = num(&value)?,
+            "--drain-acks" => {
+                a.quoted_acks = match value.as_str() {
+                    "quoted" => true,
+                    "by-id" => false,
+                    other => {
+                        return Err(BenchError::Arg {
+                            flag,
+                            reason: format!("{other:?}: expected quoted or by-id"),
+                        })
+                    }
+                }
+            }
             "--pg-connections" => a.pg_connections = num(&value)?,
             "--dir" => a.dir = PathBuf::from(value),
             _ => {
@@ -152,7 +168,8 @@ fn parse_args() -> Result<Args, BenchError> {
 
 const USAGE: &str = "usage: dchat-store-bench [--backend embedded|postgres|both] \
 [--writers 1,16,64,256] [--messages N] [--payload BYTES] [--recipients N] \
-[--drain-recipients N] [--drain-per-recipient N] [--drain-tasks N] [--pg-connections N] [--dir PATH]";
+[--drain-recipients N] [--drain-per-recipient N] [--drain-tasks N] [--drain-acks quoted|by-id] \
+[--pg-connections N] [--dir PATH]";
 
 /// PostgreSQL settings from the environment, if any.
 fn pg_from_env(max_connections: usize) -> Option<PostgresConfig> {
@@ -371,6 +388,7 @@ async fn drain_run(store: Arc<dyn Store>, args: &Args) -> Result<(u64, f64), Ben
     for _ in 0..args.drain_tasks {
         let (store, next) = (store.clone(), next.clone());
         let (recipients, per) = (args.drain_recipients as u64, args.drain_per_recipient);
+        let quoted = args.quoted_acks;
         tasks.push(tokio::spawn(async move {
             let mut drained = 0u64;
             loop {
@@ -379,11 +397,15 @@ async fn drain_run(store: Arc<dyn Store>, args: &Args) -> Result<(u64, f64), Ben
                     return Ok::<_, BenchError>(drained);
                 }
                 let page = store.pending(&key(r), 0, per, 0).await?;
-                let keys: Vec<(PublicKey, String)> = page
+                let keys: Vec<AckKey> = page
                     .iter()
-                    .map(|p| (p.message.sender, p.message.id.clone()))
+                    .map(|p| AckKey {
+                        sender: p.message.sender,
+                        id: p.message.id.clone(),
+                        read_as: quoted.then(|| p.read_as()),
+                    })
                     .collect();
-                drained += store.ack(&key(r), &keys).await?;
+                drained += store.ack(&key(r), keys).await?;
             }
         }));
     }

@@ -25,7 +25,7 @@ use crate::protocol::{
     Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex, Limits, ProfileDoc, SendStatus,
     ServerFrame, SigHex, PROTOCOL_VERSION,
 };
-use crate::store::{PutOutcome, StoreError};
+use crate::store::{AckKey, PutOutcome, ReadAs, StoreError};
 
 /// Consecutive refused frames after which a flooding client is disconnected.
 const MAX_STRIKES: u32 = 64;
@@ -70,8 +70,8 @@ enum End {
 enum Origin {
     /// Pushed live: held only in memory; re-stored if the connection ends unacked.
     Live(Arc<Message>),
-    /// Read from storage; an ack deletes it there.
-    Stored,
+    /// Read from storage (as this); an ack deletes it there.
+    Stored(ReadAs),
 }
 
 /// The stored form of a profile: the signed document exactly as published.
@@ -384,6 +384,7 @@ impl Conn {
             shared.next_session.fetch_add(1, Ordering::Relaxed),
             tx,
         ));
+        let mut sole_reader = true;
         if let Some(old) = shared.sessions.insert(key, handle.clone()) {
             old.kicked.cancel();
             // Let the old session store its unacknowledged messages first: delivered from
@@ -393,6 +394,7 @@ impl Conn {
                 .is_err()
             {
                 warn!(key = %key, "previous session did not finish in time; continuing");
+                sole_reader = false;
             }
         }
         shared.metrics.sessions.inc();
@@ -406,6 +408,7 @@ impl Conn {
             stored_floor: 0,
             floor_generation: 0,
             read_to_end: None,
+            sole_reader,
             held: VecDeque::new(),
             held_bytes: 0,
         };
@@ -441,6 +444,9 @@ struct Session {
     /// reached the end of this session's stored messages, which were then all in flight
     /// here. While the session has stayed live since, a `fetch` has nothing to read.
     read_to_end: Option<u64>,
+    /// No other session of this key is still running (the previous one handed over in
+    /// time), so acks may quote the reads of this one (see [`Session::ack`]).
+    sole_reader: bool,
     /// Frames read from the client while a send waited for room in a recipient's
     /// queue, handled before anything else is read (see [`Session::push_when_room`]).
     held: VecDeque<WsMessage>,
@@ -729,8 +735,8 @@ impl Session {
                     let k = (KeyHex(p.message.sender), p.message.id.clone());
                     if let Some(origin) = self.inflight.get(&k) {
                         match origin {
-                            Origin::Stored if raise_floor => self.stored_floor = p.seq,
-                            Origin::Stored => {}
+                            Origin::Stored(_) if raise_floor => self.stored_floor = p.seq,
+                            Origin::Stored(_) => {}
                             Origin::Live(_) => raise_floor = false,
                         }
                         continue;
@@ -755,7 +761,7 @@ impl Session {
                         .unwrap_or(crate::protocol::Kind::Text);
                     c.shared.metrics.delivered_kind(kind).inc();
                     c.shared.metrics.inflight.inc();
-                    self.inflight.insert(k, Origin::Stored);
+                    self.inflight.insert(k, Origin::Stored(p.read_as()));
                     if raise_floor {
                         self.stored_floor = p.seq;
                     }
@@ -1204,6 +1210,10 @@ impl Session {
         }
         let mut live = 0u64;
         let mut keys = Vec::with_capacity(refs.len());
+        // The store may trust a quoted read only if no other session of this key can
+        // acknowledge the same message: not after this one was replaced, nor when the
+        // one before it did not hand over in time.
+        let quote_reads = self.sole_reader && !self.handle.kicked.is_cancelled();
         for r in refs {
             let k = (r.from, r.id);
             match self.inflight.remove(&k) {
@@ -1211,12 +1221,16 @@ impl Session {
                     c.shared.metrics.inflight.dec();
                     live += 1;
                 }
-                Some(Origin::Stored) => {
+                Some(Origin::Stored(read)) => {
                     c.shared.metrics.inflight.dec();
-                    keys.push((k.0 .0, k.1));
+                    keys.push(AckKey {
+                        sender: k.0 .0,
+                        id: k.1,
+                        read_as: quote_reads.then_some(read),
+                    });
                 }
                 // Delivered on an earlier connection: it can only be in storage.
-                None => keys.push((k.0 .0, k.1)),
+                None => keys.push(AckKey::new(k.0 .0, k.1)),
             }
         }
         let mut removed = live;
@@ -1224,7 +1238,7 @@ impl Session {
             c.flush_pending().await?;
             match c
                 .shared
-                .timed("ack", c.shared.store.ack(&self.key.0, &keys))
+                .timed("ack", c.shared.store.ack(&self.key.0, keys))
                 .await
             {
                 Ok(n) => removed += n,

@@ -33,8 +33,8 @@ use super::snapshot::{
     SnapshotSummary, SnapshotWriter,
 };
 use super::{
-    legacy, validate_channel, validate_message, Pending, PublicKey, PutOutcome, Store, StoreError,
-    StoreStats, StoredMessage,
+    legacy, validate_channel, validate_message, AckKey, Pending, PublicKey, PutOutcome, Store,
+    StoreError, StoreStats, StoredMessage,
 };
 
 /// Directory of the database inside the data directory.
@@ -243,6 +243,7 @@ impl Tables {
             pending: self.meta_u64("pending_count")?.unwrap_or(0),
             profiles: self.meta_u64("profile_count")?.unwrap_or(0),
             channels: self.meta_u64("channel_count")?.unwrap_or(0),
+            expired_through_ms: i64::MIN,
         })
     }
 }
@@ -293,6 +294,9 @@ pub(crate) struct Counters {
     pending: u64,
     profiles: u64,
     channels: u64,
+    /// The latest `now` an expiry pass of this process ran with (in memory only): a
+    /// message read later, or expiring after it, has not been removed by expiry.
+    expired_through_ms: i64,
 }
 
 /// What the writer thread and restore/merge share: the tables and the committed
@@ -328,7 +332,7 @@ enum WriteOp {
     },
     Ack {
         recipient: PublicKey,
-        keys: Vec<(PublicKey, String)>,
+        keys: Vec<AckKey>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     /// Removes at most `max_entries` due expiry-index entries; answers (pending
@@ -987,21 +991,30 @@ impl<'t> Writer<'t> {
         seq
     }
 
-    fn ack(
-        &mut self,
-        recipient: &PublicKey,
-        keys: &[(PublicKey, String)],
-    ) -> Result<u64, StoreError> {
+    /// Acknowledges `keys` of `recipient`. A key that quotes its read needs no lookup
+    /// (the reconnect drain's biggest cost was looking every id up): the reader was this
+    /// process, which acknowledges a read message once, and no expiry pass has run past
+    /// its expiry since, so it is still pending under that seq. Any other key is looked
+    /// up by id.
+    fn ack(&mut self, recipient: &PublicKey, keys: &[AckKey]) -> Result<u64, StoreError> {
         let mut removed = 0;
-        for (sender, id) in keys {
-            let dk = dedup_key(recipient, sender, id);
-            let Some(v) = self.get(Table::Inbox, &dk)? else {
-                continue;
+        for key in keys {
+            let dk = dedup_key(recipient, &key.sender, &key.id);
+            let (seq, expires) = match key.read_as {
+                Some(r) if r.expires_at_ms > self.counters.expired_through_ms => {
+                    (r.seq, r.expires_at_ms)
+                }
+                _ => {
+                    let Some(v) = self.get(Table::Inbox, &dk)? else {
+                        continue;
+                    };
+                    let (seq, expires, pending) = split_dedup_record(&v)?;
+                    if !pending {
+                        continue;
+                    }
+                    (seq, expires)
+                }
             };
-            let (seq, expires, pending) = split_dedup_record(&v)?;
-            if !pending {
-                continue;
-            }
             // The dedup entry stays until expiry: a retry of an acknowledged id must
             // still be recognised as a duplicate.
             self.remove(Table::Inbox, &message_key(recipient, seq));
@@ -1015,6 +1028,7 @@ impl<'t> Writer<'t> {
     /// Removes up to `max_entries` due expiry entries. Reads the committed expiry
     /// index, so it runs first in its batch (the writer loop sees to that).
     fn expire(&mut self, now_ms: i64, max_entries: usize) -> Result<(u64, bool), StoreError> {
+        self.counters.expired_through_ms = self.counters.expired_through_ms.max(now_ms);
         let upper = expiry_key(now_ms, u64::MAX);
         // One more than the chunk tells whether another round is needed.
         let mut due = Vec::new();
@@ -1188,16 +1202,11 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn ack(
-        &self,
-        recipient: &PublicKey,
-        keys: &[(PublicKey, String)],
-    ) -> Result<u64, StoreError> {
+    async fn ack(&self, recipient: &PublicKey, keys: Vec<AckKey>) -> Result<u64, StoreError> {
         if keys.is_empty() {
             return Ok(0);
         }
         let recipient = *recipient;
-        let keys = keys.to_vec();
         self.submit("ack", |reply| WriteOp::Ack {
             recipient,
             keys,
@@ -1386,7 +1395,7 @@ mod tests {
             let mut w = Writer::new(&tables, counters);
             assert_eq!(w.put(&msg(1, "a")).unwrap(), PutOutcome::Stored { seq: 1 });
             assert_eq!(w.put(&msg(1, "b")).unwrap(), PutOutcome::Stored { seq: 2 });
-            assert_eq!(w.ack(&[1; 32], &[([9; 32], "a".into())]).unwrap(), 1);
+            assert_eq!(w.ack(&[1; 32], &[AckKey::new([9; 32], "a")]).unwrap(), 1);
             assert_eq!(w.put(&msg(1, "a")).unwrap(), PutOutcome::Duplicate);
             w.insert(Table::Meta, RESTORE_MARKER.as_bytes(), &1u64.to_be_bytes());
             w.remove(Table::Meta, RESTORE_MARKER.as_bytes());

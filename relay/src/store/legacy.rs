@@ -706,7 +706,7 @@ mod old_writer {
         split_member_key,
     };
     use crate::store::{
-        validate_channel, validate_message, Pending, PutOutcome, Store, StoreStats,
+        validate_channel, validate_message, AckKey, Pending, PutOutcome, Store, StoreStats,
     };
 
     /// Longest time between checkpoints (durable redb commits) while writes arrive; bounds
@@ -1355,16 +1355,13 @@ mod old_writer {
             .await
         }
 
-        async fn ack(
-            &self,
-            recipient: &PublicKey,
-            keys: &[(PublicKey, String)],
-        ) -> Result<u64, StoreError> {
+        async fn ack(&self, recipient: &PublicKey, keys: Vec<AckKey>) -> Result<u64, StoreError> {
             if keys.is_empty() {
                 return Ok(0);
             }
             let recipient = *recipient;
-            let keys = keys.to_vec();
+            let keys: Vec<(PublicKey, String)> =
+                keys.into_iter().map(|k| (k.sender, k.id)).collect();
             self.submit("ack", |reply| WriteOp::Ack {
                 recipient,
                 keys,
@@ -1519,7 +1516,7 @@ mod tests {
     //! to replay the old commit log.
     use super::old_writer::RedbStore;
     use super::*;
-    use crate::store::{EmbeddedStore, PutOutcome, Store, STORE_DIR_NAME};
+    use crate::store::{AckKey, EmbeddedStore, PutOutcome, Store, STORE_DIR_NAME};
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::time::Duration;
@@ -1569,8 +1566,10 @@ mod tests {
         }
         let s = RedbStore::open(&dir).unwrap();
         s.put(msg(3, 2, "other")).await.unwrap();
-        let keys: Vec<_> = (0..10).map(|i| (key(2), format!("m{i}"))).collect();
-        assert_eq!(s.ack(&key(1), &keys).await.unwrap(), 10);
+        let keys: Vec<_> = (0..10)
+            .map(|i| AckKey::new(key(2), format!("m{i}")))
+            .collect();
+        assert_eq!(s.ack(&key(1), keys).await.unwrap(), 10);
         assert!(s.put_profile(&key(4), b"p".to_vec(), 7).await.unwrap());
         s.join_channel("room", &key(5)).await.unwrap();
         s.join_channel("hall", &key(6)).await.unwrap();

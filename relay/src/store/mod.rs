@@ -71,6 +71,49 @@ pub struct Pending {
     pub message: StoredMessage,
 }
 
+/// One acknowledged message: its (sender, id) and, when the caller delivered it from
+/// a read of this store, where that read found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckKey {
+    /// Sender key of the message.
+    pub sender: PublicKey,
+    /// The sender's message id.
+    pub id: String,
+    /// What [`Store::pending`] returned for it, if the caller delivered it from there.
+    pub read_as: Option<ReadAs>,
+}
+
+impl AckKey {
+    /// A key known only by (sender, id): the store looks the message up.
+    pub fn new(sender: PublicKey, id: impl Into<String>) -> AckKey {
+        AckKey {
+            sender,
+            id: id.into(),
+            read_as: None,
+        }
+    }
+}
+
+/// Where a read ([`Store::pending`]) found a message, quoted back in its [`AckKey`]: a
+/// store may then remove it without looking its id up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadAs {
+    /// The message's [`Pending::seq`].
+    pub seq: u64,
+    /// The message's expiry as read.
+    pub expires_at_ms: i64,
+}
+
+impl Pending {
+    /// This message's [`ReadAs`].
+    pub fn read_as(&self) -> ReadAs {
+        ReadAs {
+            seq: self.seq,
+            expires_at_ms: self.message.expires_at_ms,
+        }
+    }
+}
+
 /// Result of storing one message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -113,12 +156,11 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         now_ms: i64,
     ) -> Result<Vec<Pending>, StoreError>;
-    /// Removes acknowledged messages identified by (sender, id); returns how many were removed.
-    async fn ack(
-        &self,
-        recipient: &PublicKey,
-        keys: &[(PublicKey, String)],
-    ) -> Result<u64, StoreError>;
+    /// Removes acknowledged messages identified by (sender, id); returns how many were
+    /// removed. A key's `read_as`, when given, must be what `pending` returned to the
+    /// caller for that message, and the caller acknowledges a message it read at most
+    /// once with it; a store may then skip looking the message up.
+    async fn ack(&self, recipient: &PublicKey, keys: Vec<AckKey>) -> Result<u64, StoreError>;
     /// Deletes messages with expires_at_ms <= now_ms; returns the count removed.
     async fn expire(&self, now_ms: i64) -> Result<u64, StoreError>;
     /// Stores a signed profile blob if `updated_ms` is newer than the stored one.

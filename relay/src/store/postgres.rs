@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    validate_channel, validate_message, Pending, PublicKey, PutOutcome, Store, StoreError,
+    validate_channel, validate_message, AckKey, Pending, PublicKey, PutOutcome, Store, StoreError,
     StoreStats, StoredMessage,
 };
 
@@ -484,20 +484,17 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn ack(
-        &self,
-        recipient: &PublicKey,
-        keys: &[(PublicKey, String)],
-    ) -> Result<u64, StoreError> {
+    async fn ack(&self, recipient: &PublicKey, keys: Vec<AckKey>) -> Result<u64, StoreError> {
         // An id with NUL cannot have been stored (validation refuses it) and PostgreSQL
         // TEXT cannot even carry it: such keys match nothing, as in the embedded store.
-        let keys: Vec<&(PublicKey, String)> =
-            keys.iter().filter(|(_, id)| !id.contains('\0')).collect();
+        // Reads are not quoted back: with several relays on one database, another one
+        // may have acknowledged or expired the message since.
+        let keys: Vec<&AckKey> = keys.iter().filter(|k| !k.id.contains('\0')).collect();
         if keys.is_empty() {
             return Ok(0);
         }
-        let senders: Vec<&[u8]> = keys.iter().map(|(s, _)| s.as_slice()).collect();
-        let ids: Vec<&str> = keys.iter().map(|(_, id)| id.as_str()).collect();
+        let senders: Vec<&[u8]> = keys.iter().map(|k| k.sender.as_slice()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
         let client = self.client("ack").await?;
         // The row stays (envelope dropped) until expiry so a late retry is a duplicate.
         let stmt = client
