@@ -14,7 +14,9 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, warn};
 
 use super::limits::TokenBucket;
-use super::router::{is_new, FastMap, Message, Offer, Seen, SessionHandle, StoreTicket};
+use super::router::{
+    is_new, recent_key, FastMap, Message, Offer, RecentKey, Seen, SessionHandle, StoreTicket,
+};
 use super::Shared;
 use crate::metrics::ReasonLabel;
 use crate::protocol::frame::{
@@ -883,11 +885,12 @@ impl Session {
         }
         let kind = env.kind;
         c.shared.metrics.routed_kind(kind).inc();
-        let mut seen = c.shared.recent.begin(self.key, &id);
+        let recent = recent_key(self.key, &id);
+        let mut seen = c.shared.recent.begin(&recent);
         if matches!(seen, Seen::InFlight) && !self.batch.is_empty() {
             // The earlier attempt may be waiting in this connection's own batch.
             self.store_batch(c).await?;
-            seen = c.shared.recent.begin(self.key, &id);
+            seen = c.shared.recent.begin(&recent);
         }
         if !matches!(seen, Seen::New) {
             self.store_batch(c).await?;
@@ -919,9 +922,8 @@ impl Session {
         // Forgets the id unless the send succeeds — also when this task is cancelled
         // mid-store (the connection was replaced), so a retry is never stuck in flight.
         let in_flight = InFlight {
-            recent: c.shared.clone(),
-            key: self.key,
-            id: id.clone(),
+            shared: c.shared.clone(),
+            recent,
             settled: false,
         };
         let msg = Arc::new(Message::new(&env, self.key));
@@ -1444,7 +1446,7 @@ async fn answer_send(
             c.send_frame(frame).await
         }
         Err(RouteError::NotMember) => {
-            let id = in_flight.id.clone();
+            let id = in_flight.recent.1.to_string();
             drop(in_flight);
             c.error(
                 ErrorCode::NotMember,
@@ -1454,7 +1456,7 @@ async fn answer_send(
             .await
         }
         Err(RouteError::Store(e)) => {
-            let id = in_flight.id.clone();
+            let id = in_flight.recent.1.to_string();
             drop(in_flight);
             warn!(error = %e, "storing a message failed");
             c.error(
@@ -1620,15 +1622,14 @@ impl Shared {
 /// A send's (sender, id) recorded in flight in [`Shared::recent`]: settled when the send
 /// succeeded, forgotten otherwise (on drop).
 struct InFlight {
-    recent: Arc<Shared>,
-    key: KeyHex,
-    id: String,
+    shared: Arc<Shared>,
+    recent: RecentKey,
     settled: bool,
 }
 
 impl InFlight {
     fn settle(&mut self) {
-        self.recent.recent.settle(self.key, &self.id);
+        self.shared.recent.settle(&self.recent);
         self.settled = true;
     }
 }
@@ -1636,7 +1637,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.settled {
-            self.recent.recent.remove(self.key, &self.id);
+            self.shared.recent.remove(&self.recent);
         }
     }
 }

@@ -284,11 +284,21 @@ pub struct RecentIds {
     hasher: foldhash::fast::RandomState,
 }
 
+/// A (sender, id) pair as [`RecentIds`] keeps it. The id is shared by reference count
+/// between its map, its eviction queue and the send in flight, so recording a send
+/// copies the id once (this runs for every message).
+pub type RecentKey = (KeyHex, Arc<str>);
+
+/// The [`RecentKey`] of `id` from `sender`.
+pub fn recent_key(sender: KeyHex, id: &str) -> RecentKey {
+    (sender, Arc::from(id))
+}
+
 #[derive(Default)]
 struct RecentShard {
     /// Pair -> settled.
-    set: FastMap<(KeyHex, String), bool>,
-    order: VecDeque<(KeyHex, String)>,
+    set: FastMap<RecentKey, bool>,
+    order: VecDeque<RecentKey>,
 }
 
 impl RecentIds {
@@ -302,16 +312,17 @@ impl RecentIds {
         }
     }
 
-    fn shard(&self, key: &(KeyHex, String)) -> &Mutex<RecentShard> {
+    fn shard(&self, key: &RecentKey) -> std::sync::MutexGuard<'_, RecentShard> {
         let h = self.hasher.hash_one(key);
-        &self.shards[(h as usize) % self.shards.len()]
+        self.shards[(h as usize) % self.shards.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records the pair as in flight unless it is known already.
-    pub fn begin(&self, sender: KeyHex, id: &str) -> Seen {
-        let k = (sender, id.to_string());
-        let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-        match s.set.get(&k) {
+    pub fn begin(&self, k: &RecentKey) -> Seen {
+        let mut s = self.shard(k);
+        match s.set.get(k) {
             Some(true) => return Seen::Settled,
             Some(false) => return Seen::InFlight,
             None => {}
@@ -322,32 +333,30 @@ impl RecentIds {
             }
         }
         s.set.insert(k.clone(), false);
-        s.order.push_back(k);
+        s.order.push_back(k.clone());
         Seen::New
     }
 
     /// Marks the pair's send as succeeded: later sends with it are duplicates.
-    pub fn settle(&self, sender: KeyHex, id: &str) {
-        let k = (sender, id.to_string());
-        let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(settled) = s.set.get_mut(&k) {
+    pub fn settle(&self, k: &RecentKey) {
+        if let Some(settled) = self.shard(k).set.get_mut(k) {
             *settled = true;
         }
     }
 
     /// Records the pair as settled right away (tests, and callers without a store step).
     pub fn insert(&self, sender: KeyHex, id: &str) -> bool {
-        let new = self.begin(sender, id) == Seen::New;
-        self.settle(sender, id);
+        let k = recent_key(sender, id);
+        let new = self.begin(&k) == Seen::New;
+        self.settle(&k);
         new
     }
 
     /// Forgets the pair (the send failed, so a retry must not count as a duplicate).
-    pub fn remove(&self, sender: KeyHex, id: &str) {
-        let k = (sender, id.to_string());
-        let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-        if s.set.remove(&k).is_some() {
-            s.order.retain(|x| x != &k);
+    pub fn remove(&self, k: &RecentKey) {
+        let mut s = self.shard(k);
+        if s.set.remove(k).is_some() {
+            s.order.retain(|x| x != k);
         }
     }
 }
@@ -522,16 +531,16 @@ mod tests {
     #[test]
     fn a_retry_is_a_duplicate_only_once_the_first_send_succeeded() {
         let r = RecentIds::new(16);
-        let k = KeyHex([3; 32]);
-        assert_eq!(r.begin(k, "m"), Seen::New);
+        let m = recent_key(KeyHex([3; 32]), "m");
+        assert_eq!(r.begin(&m), Seen::New);
         // The first attempt is still being stored: not a duplicate yet.
-        assert_eq!(r.begin(k, "m"), Seen::InFlight);
+        assert_eq!(r.begin(&recent_key(KeyHex([3; 32]), "m")), Seen::InFlight);
         // It failed and was forgotten: the retry is a new send.
-        r.remove(k, "m");
-        assert_eq!(r.begin(k, "m"), Seen::New);
-        r.settle(k, "m");
-        assert_eq!(r.begin(k, "m"), Seen::Settled);
-        assert_eq!(r.begin(KeyHex([4; 32]), "m"), Seen::New);
+        r.remove(&m);
+        assert_eq!(r.begin(&m), Seen::New);
+        r.settle(&m);
+        assert_eq!(r.begin(&m), Seen::Settled);
+        assert_eq!(r.begin(&recent_key(KeyHex([4; 32]), "m")), Seen::New);
     }
 
     #[test]
@@ -541,7 +550,7 @@ mod tests {
         assert!(r.insert(k, "a"));
         assert!(!r.insert(k, "a"));
         assert!(r.insert(KeyHex([2; 32]), "a"));
-        r.remove(k, "a");
+        r.remove(&recent_key(k, "a"));
         assert!(r.insert(k, "a"));
         for i in 0..1000 {
             r.insert(k, &i.to_string());
