@@ -103,6 +103,13 @@ struct PushState {
     stores_done: u64,
 }
 
+impl PushState {
+    /// No store for the session is running, and none finished since `mark`.
+    fn no_store_since(&self, mark: u64) -> bool {
+        self.storing == 0 && self.stores_done == mark
+    }
+}
+
 impl SessionHandle {
     /// A handle (not live: the session first delivers what is stored) for the
     /// session `id` whose live pushes go to `tx`.
@@ -155,7 +162,7 @@ impl SessionHandle {
     /// done, and its next catch-up tries again. Returns whether it is live now.
     pub fn go_live(&self, mark: u64) -> bool {
         let mut st = self.push_state();
-        if st.storing == 0 && st.stores_done == mark {
+        if st.no_store_since(mark) {
             st.live = true;
         }
         st.live
@@ -165,7 +172,7 @@ impl SessionHandle {
     /// before a read that found everything stored for it).
     pub fn caught_up_since(&self, mark: u64) -> bool {
         let st = self.push_state();
-        st.live && st.storing == 0 && st.stores_done == mark
+        st.live && st.no_store_since(mark)
     }
 }
 
