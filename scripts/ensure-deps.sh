@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(postgresql shellcheck)
+# make: builds jemalloc, the relay server's allocator (tikv-jemalloc-sys).
+apt_packages=(postgresql shellcheck make)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
