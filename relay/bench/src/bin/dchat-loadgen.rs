@@ -210,6 +210,11 @@ struct S4Args {
     connections: usize,
 }
 
+/// The relay's allocator (see relay/src/main.rs), so that the generator's own CPU share
+/// and the bare router (served by this binary) are measured under the same allocator.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
