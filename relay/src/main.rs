@@ -10,7 +10,7 @@ use dchat_relay::server::Relay;
 /// engine's blocks, and in glibc's allocator that cost ~18 % of the reconnect drain's
 /// core (consolidation and free-list walks). With jemalloc S3's put phase and drain ran
 /// ~16 % and ~18 % faster (11 alternated runs), S1, S2 and S4 unchanged
-/// (docs/performance.md). Build with `--no-default-features` for the system allocator.
+/// (docs/performance.md). Feature `jemalloc`: on in the image, the tests and the benchmarks.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
