@@ -1,6 +1,7 @@
 //! One client connection: challenge/response authentication, then the session loop
 //! that handles requests, pushes live messages and drains stored ones.
 
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -666,21 +667,27 @@ impl Session {
     /// what is already queued stays there until acknowledgements make room.
     async fn push_one(&mut self, c: &mut Conn, msg: Arc<Message>) -> Result<(), End> {
         c.shared.metrics.outbound_queue_depth.dec();
-        let key = (msg.sender, msg.id.clone());
-        if self.inflight.contains_key(&key) {
+        // One lookup for both the duplicate check and the insert.
+        let slot = match self.inflight.entry((msg.sender, msg.id.clone())) {
             // Already delivered and awaiting its ack on this connection: a second
             // copy (in memory or in storage) would only be a duplicate.
-            c.shared.metrics.duplicates.inc();
-            return Ok(());
-        }
-        c.feed(msg.frame.clone()).await?;
+            Entry::Occupied(_) => {
+                c.shared.metrics.duplicates.inc();
+                return Ok(());
+            }
+            Entry::Vacant(slot) => slot,
+        };
+        let (frame, received, kind) = (msg.frame.clone(), msg.received, msg.kind);
+        // In flight before it is written: if the write fails, the end of the connection
+        // stores it again like any unacknowledged push.
+        slot.insert(Origin::Live(msg));
+        c.shared.metrics.inflight.inc();
+        c.feed(frame).await?;
         c.shared
             .metrics
             .delivery_latency
-            .observe(msg.received.elapsed().as_secs_f64());
-        c.shared.metrics.delivered_kind(msg.kind).inc();
-        c.shared.metrics.inflight.inc();
-        self.inflight.insert(key, Origin::Live(msg));
+            .observe(received.elapsed().as_secs_f64());
+        c.shared.metrics.delivered_kind(kind).inc();
         if !self.window_open(c) {
             self.handle.fall_behind();
         }
