@@ -10,7 +10,7 @@ pub struct KeyHex(pub [u8; 32]);
 /// The value of every byte as a hex digit (either case); [`NOT_HEX`] for the others.
 /// A table instead of a `match` on ranges: keys are random, so whether a digit is a
 /// letter or a number cannot be predicted, and the `match`'s branches mispredicted
-/// about every third digit (3.7 % of the relay's core in S2, where every `ack` reference
+/// about every third digit (4–5 % of the relay's core in S2, where every `ack` reference
 /// carries a key).
 const HEX_VALUE: [u8; 256] = {
     let mut table = [NOT_HEX; 256];
