@@ -238,6 +238,47 @@ async fn quoted_acks_remove_what_was_read_and_nothing_expiry_removed(h: &Harness
     assert_eq!(s.stats().await.unwrap().pending_messages, 1);
 }
 
+/// The acks of one message from both paths (quoting the read, then by id) remove it
+/// once, and its later expiry counts nothing: whatever an ack leaves behind must read
+/// as acknowledged everywhere.
+async fn a_message_acknowledged_by_quote_is_gone_for_every_path(h: &Harness) {
+    let s = h.open().await;
+    for (id, exp) in [("a", 1_000), ("b", 1_000), ("c", 5_000)] {
+        let mut m = msg(1, 2, id);
+        m.expires_at_ms = exp;
+        s.put(m).await.unwrap();
+    }
+    let read = s.pending(&key(1), 0, 10, 0).await.unwrap();
+    let quote = |p: &Pending| AckKey {
+        sender: p.message.sender,
+        id: p.message.id.clone(),
+        read_as: Some(p.read_as()),
+    };
+    assert_eq!(s.ack(&key(1), vec![quote(&read[0])]).await.unwrap(), 1);
+    // In one call: a quoted ack, then the same message by id.
+    assert_eq!(
+        s.ack(
+            &key(1),
+            [vec![quote(&read[2])], by_id(&[(key(2), "c")])].concat()
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    assert_eq!(s.ack(&key(1), by_id(&[(key(2), "a")])).await.unwrap(), 0);
+    assert_eq!(ids(&all_pending(&*s, 1).await), ["b"]);
+    assert_eq!(s.stats().await.unwrap().pending_messages, 1);
+    assert_eq!(s.put(msg(1, 2, "a")).await.unwrap(), PutOutcome::Duplicate);
+    assert_eq!(
+        s.expire(1_000).await.unwrap(),
+        1,
+        "only b was still pending"
+    );
+    assert_eq!(s.expire(5_000).await.unwrap(), 0, "c was acknowledged");
+    assert_eq!(s.stats().await.unwrap().pending_messages, 0);
+    assert!(all_pending(&*s, 1).await.is_empty());
+}
+
 async fn expire_removes_due_messages_only(h: &Harness) {
     let s = h.open().await;
     for (id, exp) in [("e100", 100), ("e200", 200), ("e300", 300), ("e250", 250)] {
@@ -507,6 +548,7 @@ backend_suite!(
     pending_is_in_seq_order_with_cursor_and_limit,
     ack_removes_and_a_retry_after_ack_stays_a_duplicate,
     quoted_acks_remove_what_was_read_and_nothing_expiry_removed,
+    a_message_acknowledged_by_quote_is_gone_for_every_path,
     expire_removes_due_messages_only,
     expire_clears_a_backlog_larger_than_one_chunk,
     profiles_newer_wins,

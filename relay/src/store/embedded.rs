@@ -89,6 +89,8 @@ impl Default for EmbeddedOptions {
         }
     }
 }
+/// Most entries `pending` reserves room for up front (the relay reads pages of 128).
+const PENDING_PREALLOC: usize = 256;
 /// Block cache for reads.
 const CACHE_BYTES: u64 = 32 << 20;
 /// Data block size of the inbox's sorted files (fjall's default is 4 KiB). A message
@@ -105,9 +107,8 @@ const INBOX_BLOCK_BYTES: u32 = 16 << 10;
 enum Table {
     /// Per recipient, side by side: `recipient ‖ 0x00 ‖ seq` → message record (pending
     /// messages, in seq order) and `recipient ‖ 0x01 ‖ sender ‖ id` → seq ‖
-    /// expires_at_ms ‖ state (dedup; kept after ack until expiry). The state byte says
-    /// whether the message is still pending, so neither an ack nor a snapshot has to
-    /// look the message up.
+    /// expires_at_ms ‖ state (dedup; kept after ack until expiry). A message is pending
+    /// while its record exists: an ack only removes the record ([`DEDUP_PENDING`]).
     Inbox,
     /// ordered(expires_at_ms) ‖ seq → dedup key: what `expire` removes, without a scan.
     Expiry,
@@ -270,10 +271,13 @@ fn decode_u64(v: &[u8], table: &'static str) -> Result<u64, StoreError> {
         })
 }
 
-/// Dedup entry state: the message is stored and not yet acknowledged.
+/// Dedup entry state: the message was stored with this entry. It is pending while its
+/// message record exists: an ack removes only the record (one write, not two), so an
+/// entry in this state whose record is gone belongs to an acknowledged message.
 const DEDUP_PENDING: u8 = 0;
-/// Dedup entry state: the message was acknowledged (or arrived as a snapshot tombstone);
-/// the entry only guards against a retry of the same id until it expires.
+/// Dedup entry state: the message is known to be gone (a snapshot tombstone, or an ack
+/// by a relay before acks stopped rewriting the entry); the entry only guards against a
+/// retry of the same id until it expires.
 const DEDUP_ACKED: u8 = 1;
 
 /// A dedup entry's value: seq ‖ expires_at_ms ‖ state.
@@ -284,7 +288,8 @@ fn dedup_record(seq: u64, expires_at_ms: i64, state: u8) -> [u8; 17] {
     v
 }
 
-/// Splits a dedup entry's value into (seq, expires_at_ms, pending).
+/// Splits a dedup entry's value into (seq, expires_at_ms, stored): `stored` is the
+/// [`DEDUP_PENDING`] state, so the message is pending only if its record still exists.
 fn split_dedup_record(v: &[u8]) -> Result<(u64, i64, bool), StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         table: "inbox",
@@ -644,14 +649,6 @@ pub(crate) fn write_snapshot(
     use fjall::Readable;
     let view = tables.db.snapshot();
     let inbox = tables.ks(Table::Inbox);
-    // A tombstone is the dedup entry of an acknowledged message.
-    let tombstone = |k: &[u8], v: &[u8]| -> Result<Option<(u64, i64)>, StoreError> {
-        if is_message_key(k) {
-            return Ok(None);
-        }
-        let (seq, expires, pending) = split_dedup_record(v)?;
-        Ok((!pending).then_some((seq, expires)))
-    };
     let next_seq = match view
         .get(tables.ks(Table::Meta), "next_seq")
         .ctx("snapshot: read next_seq")?
@@ -664,11 +661,13 @@ pub(crate) fn write_snapshot(
         next_seq,
         ..SnapshotCounts::default()
     };
+    let mut scan = TombstoneScan::default();
     for entry in view.iter(inbox) {
         let (k, v) = entry.into_inner().ctx("snapshot: scan inbox")?;
         if is_message_key(&k) {
             counts.messages += 1;
-        } else if tombstone(&k, &v)?.is_some() {
+        }
+        if scan.next(&k, &v)?.is_some() {
             counts.tombstones += 1;
         }
     }
@@ -688,9 +687,10 @@ pub(crate) fn write_snapshot(
             w.message(seq_of_message_key(&k)?, &v)?;
         }
     }
+    let mut scan = TombstoneScan::default();
     for entry in view.iter(inbox) {
         let (k, v) = entry.into_inner().ctx("snapshot: scan inbox")?;
-        if let Some((seq, expires)) = tombstone(&k, &v)? {
+        if let Some((seq, expires)) = scan.next(&k, &v)? {
             w.tombstone(&k, seq, expires)?;
         }
     }
@@ -703,6 +703,42 @@ pub(crate) fn write_snapshot(
         w.membership(&k)?;
     }
     w.finish()
+}
+
+/// Tells, during a scan of the inbox in key order, which dedup entries are tombstones
+/// (their message was acknowledged, so only the entry is left). A recipient's message
+/// keys (`recipient ‖ 0x00 ‖ seq`) sort before its dedup keys (`recipient ‖ 0x01 ‖ …`),
+/// so when the scan reaches a dedup entry it has seen every message of that recipient:
+/// no lookup per entry.
+#[derive(Default)]
+struct TombstoneScan {
+    recipient: Option<PublicKey>,
+    /// Seqs of the current recipient's messages, ascending (the scan's order).
+    seqs: Vec<u64>,
+}
+
+impl TombstoneScan {
+    /// Feeds the next inbox entry; `Some((seq, expires_at_ms))` if it is a tombstone.
+    fn next(&mut self, k: &[u8], v: &[u8]) -> Result<Option<(u64, i64)>, StoreError> {
+        let recipient: PublicKey =
+            k.get(..32)
+                .and_then(|r| r.try_into().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    table: "inbox",
+                    reason: format!("key of {} bytes", k.len()),
+                })?;
+        if self.recipient != Some(recipient) {
+            self.recipient = Some(recipient);
+            self.seqs.clear();
+        }
+        if is_message_key(k) {
+            self.seqs.push(seq_of_message_key(k)?);
+            return Ok(None);
+        }
+        let (seq, expires, stored) = split_dedup_record(v)?;
+        let pending = stored && self.seqs.binary_search(&seq).is_ok();
+        Ok((!pending).then_some((seq, expires)))
+    }
 }
 
 /// The writer thread: batch everything queued, make it durable once, answer everyone.
@@ -805,27 +841,40 @@ fn commit_ops(engine: &mut Engine, ops: &[WriteOp]) -> Result<Vec<Answer>, Store
     Ok(answers)
 }
 
-/// Whether the writer reads this key back while building a batch: dedup entries (put,
-/// ack by id, merge), profiles, channel counts and memberships. Message records and
-/// expiry-index entries are only written and removed, never read there (`expire` reads
-/// the committed index in a batch of its own), so they are not staged: that was a
-/// hash-map insert per write for nothing, two of the three per stored message and one
-/// of the two per acknowledgement.
-fn read_back(table: Table, key: &[u8]) -> bool {
+/// Which writes to a key the writer stages, for reads later in the same batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Staging {
+    /// Never read back: expiry-index entries (`expire` reads the committed index, in a
+    /// batch of its own).
+    None,
+    /// Message records: the writer asks whether one still exists (ack by id, expiry),
+    /// and a record written in this batch is known by its seq ([`Writer::first_seq`]),
+    /// so only removals are staged. Staging every write was a hash-map insert per
+    /// stored message for nothing.
+    Removals,
+    /// Dedup entries (put, ack by id, merge), profiles, channel counts, memberships.
+    All,
+}
+
+/// How the writer stages writes to `key` of `table`.
+fn staging(table: Table, key: &[u8]) -> Staging {
     match table {
-        Table::Expiry => false,
-        Table::Inbox => !is_message_key(key),
-        _ => true,
+        Table::Expiry => Staging::None,
+        Table::Inbox if is_message_key(key) => Staging::Removals,
+        _ => Staging::All,
     }
 }
 
 /// One batch being built: the fjall write batch plus, for the keys the writer reads
-/// back ([`read_back`]), the same writes staged in maps, so that reads by later
+/// back ([`staging`]), the same writes staged in maps, so that reads by later
 /// operations of the batch see them (`None` = removed).
 pub(crate) struct Writer<'t> {
     tables: &'t Tables,
     batch: fjall::OwnedWriteBatch,
     staged: [foldhash::HashMap<Slice, Option<Slice>>; 6],
+    /// `counters.next_seq` when the batch began: a message with a seq from here on was
+    /// written in this batch.
+    first_seq: u64,
     dirty: bool,
     /// Counters as of the end of this batch.
     pub(crate) counters: Counters,
@@ -837,13 +886,14 @@ impl<'t> Writer<'t> {
             tables,
             batch: tables.db.batch(),
             staged: Default::default(),
+            first_seq: counters.next_seq,
             dirty: false,
             counters,
         }
     }
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Slice>, StoreError> {
-        debug_assert!(read_back(table, key), "{table:?} key read but not staged");
+        debug_assert_eq!(staging(table, key), Staging::All, "{table:?} key read");
         if let Some(v) = self.staged[table as usize].get(key) {
             return Ok(v.clone());
         }
@@ -851,15 +901,44 @@ impl<'t> Writer<'t> {
     }
 
     fn contains(&self, table: Table, key: &[u8]) -> Result<bool, StoreError> {
-        debug_assert!(read_back(table, key), "{table:?} key read but not staged");
+        debug_assert_eq!(staging(table, key), Staging::All, "{table:?} key read");
         if let Some(v) = self.staged[table as usize].get(key) {
             return Ok(v.is_some());
         }
         self.tables.ks(table).contains_key(key).ctx("write: read")
     }
 
+    /// Whether the message of a dedup entry in the [`DEDUP_PENDING`] state is still
+    /// stored (not acknowledged, not expired), as of this point of the batch. Such an
+    /// entry written in this batch came with its message, under a seq the batch
+    /// assigned.
+    fn message_stored(&self, recipient: &PublicKey, seq: u64) -> Result<bool, StoreError> {
+        let key = message_key(recipient, seq);
+        if let Some(v) = self.staged[Table::Inbox as usize].get(key.as_slice()) {
+            return Ok(v.is_some());
+        }
+        if seq >= self.first_seq {
+            return Ok(true);
+        }
+        self.tables
+            .ks(Table::Inbox)
+            .contains_key(key)
+            .ctx("write: read")
+    }
+
+    /// Whether a dedup entry's message is pending: stored with the entry and not
+    /// removed since.
+    fn still_pending(
+        &self,
+        recipient: &PublicKey,
+        seq: u64,
+        stored: bool,
+    ) -> Result<bool, StoreError> {
+        Ok(stored && self.message_stored(recipient, seq)?)
+    }
+
     fn insert(&mut self, table: Table, key: &[u8], value: &[u8]) {
-        if read_back(table, key) {
+        if staging(table, key) == Staging::All {
             // One copy each; the batch and the staging map share it (reference counted).
             let (key, value) = (Slice::from(key), Slice::from(value));
             self.batch
@@ -872,7 +951,7 @@ impl<'t> Writer<'t> {
     }
 
     fn remove(&mut self, table: Table, key: &[u8]) {
-        if read_back(table, key) {
+        if staging(table, key) != Staging::None {
             let key = Slice::from(key);
             self.batch.remove(self.tables.ks(table), key.clone());
             self.staged[table as usize].insert(key, None);
@@ -914,6 +993,7 @@ impl<'t> Writer<'t> {
         for staged in &mut self.staged {
             staged.clear();
         }
+        self.first_seq = c.next_seq;
         self.dirty = false;
         Ok(())
     }
@@ -1029,34 +1109,33 @@ impl<'t> Writer<'t> {
         seq
     }
 
-    /// Acknowledges `keys` of `recipient`. A key that quotes its read needs no lookup
-    /// (the reconnect drain's biggest cost was looking every id up): the reader was this
-    /// process, which acknowledges a read message once, and no expiry pass has run past
-    /// its expiry since, so it is still pending under that seq. Any other key is looked
-    /// up by id.
+    /// Acknowledges `keys` of `recipient`: removes the message record, one write. The
+    /// dedup entry stays as it is until expiry (a retry of an acknowledged id must still
+    /// be a duplicate); that its record is gone is what marks it acknowledged, so the
+    /// ack does not rewrite it (that was half the writes of a reconnect drain).
+    ///
+    /// A key that quotes its read needs no lookup (the drain's biggest cost was looking
+    /// every id up): the reader was this process, which acknowledges a read message
+    /// once, and no expiry pass has run past its expiry since, so it is still pending
+    /// under that seq. Any other key is looked up by id.
     fn ack(&mut self, recipient: &PublicKey, keys: &[AckKey]) -> Result<u64, StoreError> {
         let mut removed = 0;
         for key in keys {
-            let dk = dedup_key(recipient, &key.sender, &key.id);
-            let (seq, expires) = match key.read_as {
-                Some(r) if r.expires_at_ms > self.counters.expired_through_ms => {
-                    (r.seq, r.expires_at_ms)
-                }
+            let seq = match key.read_as {
+                Some(r) if r.expires_at_ms > self.counters.expired_through_ms => r.seq,
                 _ => {
+                    let dk = dedup_key(recipient, &key.sender, &key.id);
                     let Some(v) = self.get(Table::Inbox, &dk)? else {
                         continue;
                     };
-                    let (seq, expires, pending) = split_dedup_record(&v)?;
-                    if !pending {
+                    let (seq, _, stored) = split_dedup_record(&v)?;
+                    if !self.still_pending(recipient, seq, stored)? {
                         continue;
                     }
-                    (seq, expires)
+                    seq
                 }
             };
-            // The dedup entry stays until expiry: a retry of an acknowledged id must
-            // still be recognised as a duplicate.
             self.remove(Table::Inbox, &message_key(recipient, seq));
-            self.insert(Table::Inbox, &dk, &dedup_record(seq, expires, DEDUP_ACKED));
             self.counters.pending = self.counters.pending.saturating_sub(1);
             removed += 1;
         }
@@ -1102,10 +1181,10 @@ impl<'t> Writer<'t> {
             // Only an entry that still belongs to this seq is removed (with its
             // message, if that was not acknowledged yet).
             if let Some(v) = self.get(Table::Inbox, &dk)? {
-                let (current, _, pending) = split_dedup_record(&v)?;
+                let (current, _, stored) = split_dedup_record(&v)?;
                 if current == seq {
                     self.remove(Table::Inbox, &dk);
-                    if pending {
+                    if self.still_pending(&recipient, seq, stored)? {
                         self.remove(Table::Inbox, &message_key(&recipient, seq));
                         self.counters.pending = self.counters.pending.saturating_sub(1);
                         removed += 1;
@@ -1219,7 +1298,8 @@ impl Store for EmbeddedStore {
         self.read("pending", move |tables| {
             let lo = message_key(&recipient, after_seq + 1);
             let hi = message_key(&recipient, u64::MAX);
-            let mut out = Vec::new();
+            // Growing from empty cost a reallocation per doubling, each into fresh memory.
+            let mut out = Vec::with_capacity(limit.min(PENDING_PREALLOC));
             for entry in tables.ks(Table::Inbox).range(lo..=hi) {
                 let (k, rec) = entry.into_inner().ctx("pending: scan inbox")?;
                 let seq = seq_of_message_key(&k)?;
@@ -1435,11 +1515,19 @@ mod tests {
             assert_eq!(w.put(&msg(1, "b")).unwrap(), PutOutcome::Stored { seq: 2 });
             assert_eq!(w.ack(&[1; 32], &[AckKey::new([9; 32], "a")]).unwrap(), 1);
             assert_eq!(w.put(&msg(1, "a")).unwrap(), PutOutcome::Duplicate);
-            // Only what the writer reads back is staged: the two dedup entries.
+            // Acked again in the same batch: it is gone now.
+            assert_eq!(w.ack(&[1; 32], &[AckKey::new([9; 32], "a")]).unwrap(), 0);
+            // Only what the writer reads back is staged: the two dedup entries and the
+            // removal of the acknowledged message (not the messages written).
             assert!(w.staged[Table::Expiry as usize].is_empty());
             let inbox = &w.staged[Table::Inbox as usize];
-            assert_eq!(inbox.len(), 2);
-            assert!(inbox.keys().all(|k| !is_message_key(k)));
+            assert_eq!(inbox.len(), 3);
+            assert_eq!(
+                inbox.get(message_key(&[1; 32], 1).as_slice()),
+                Some(&None),
+                "the removal is staged"
+            );
+            assert!(inbox.iter().all(|(k, v)| !is_message_key(k) || v.is_none()));
             w.insert(Table::Meta, RESTORE_MARKER.as_bytes(), &1u64.to_be_bytes());
             w.remove(Table::Meta, RESTORE_MARKER.as_bytes());
             let counters = w.commit().unwrap();
@@ -1452,12 +1540,17 @@ mod tests {
         let counters = tables.init().unwrap();
         assert_eq!((counters.next_seq, counters.pending), (3, 1));
         assert_eq!(read_pending(&tables, 1), vec![2]);
+        // The ack removed the message and left the dedup entry as the put wrote it.
         let dk = dedup_key(&[1; 32], &[9; 32], "a");
         let v = tables.ks(Table::Inbox).get(&dk).unwrap().unwrap();
         assert_eq!(
             split_dedup_record(&v).unwrap(),
-            (1, 4_000_000_000_000, false)
+            (1, 4_000_000_000_000, true)
         );
+        let w = Writer::new(&tables, counters);
+        assert!(!w.still_pending(&[1; 32], 1, true).unwrap());
+        assert!(w.still_pending(&[1; 32], 2, true).unwrap());
+        drop(w);
         drop(tables);
         let _ = std::fs::remove_dir_all(&dir);
     }
