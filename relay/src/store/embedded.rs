@@ -90,9 +90,13 @@ impl Default for EmbeddedOptions {
     }
 }
 /// Most entries `pending` reserves room for up front (the relay reads pages of 128).
-const PENDING_PREALLOC: usize = 256;
-/// Block cache for reads.
-const CACHE_BYTES: u64 = 32 << 20;
+const PENDING_PREALLOC: usize = 128;
+/// Block cache for reads (fjall's blocks of sorted files). Small on purpose: the relay
+/// reads a recipient's backlog back once and then it is acknowledged, and dedup checks
+/// mostly stop at a file's filter, so cached data blocks are seldom read again. A larger
+/// cache only took memory: filling 32 MiB during S3's drain was ~8k fresh pages
+/// (page faults), and the drain ran ~10 % slower (6 alternated runs).
+const CACHE_BYTES: u64 = 8 << 20;
 /// Data block size of the inbox's sorted files (fjall's default is 4 KiB). A message
 /// record is ~0.5–1 KiB, so a reconnect drain reading a recipient's backlog from a file
 /// loaded a block per handful of messages, each load a read, an allocation and a
