@@ -739,9 +739,11 @@ impl Session {
                     }
                 };
                 let full = page.len() == PAGE;
-                for p in page {
+                for mut p in page {
                     after = p.seq;
-                    let k = (KeyHex(p.message.sender), p.message.id.clone());
+                    let read = p.read_as();
+                    // The id moves into the key: the page is consumed here.
+                    let k = (KeyHex(p.message.sender), std::mem::take(&mut p.message.id));
                     if let Some(origin) = self.inflight.get(&k) {
                         match origin {
                             Origin::Stored(_) if raise_floor => self.stored_floor = p.seq,
@@ -770,7 +772,7 @@ impl Session {
                         .unwrap_or(crate::protocol::Kind::Text);
                     c.shared.metrics.delivered_kind(kind).inc();
                     c.shared.metrics.inflight.inc();
-                    self.inflight.insert(k, Origin::Stored(p.read_as()));
+                    self.inflight.insert(k, Origin::Stored(read));
                     if raise_floor {
                         self.stored_floor = p.seq;
                     }
