@@ -729,13 +729,7 @@ struct TombstoneScan {
 impl TombstoneScan {
     /// Feeds the next inbox entry; `Some((seq, expires_at_ms))` if it is a tombstone.
     fn next(&mut self, k: &[u8], v: &[u8]) -> Result<Option<(u64, i64)>, StoreError> {
-        let recipient: PublicKey =
-            k.get(..32)
-                .and_then(|r| r.try_into().ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    table: "inbox",
-                    reason: format!("key of {} bytes", k.len()),
-                })?;
+        let recipient = recipient_of(k, "inbox", "key")?;
         if self.recipient != Some(recipient) {
             self.recipient = Some(recipient);
             self.seqs.clear();
@@ -748,6 +742,17 @@ impl TombstoneScan {
         let pending = stored && self.seqs.binary_search(&seq).is_ok();
         Ok((!pending).then_some((seq, expires)))
     }
+}
+
+/// The recipient an inbox or dedup key begins with; a shorter key is corrupt (`what` in
+/// `table`).
+fn recipient_of(key: &[u8], table: &'static str, what: &str) -> Result<PublicKey, StoreError> {
+    key.get(..32)
+        .and_then(|r| r.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            table,
+            reason: format!("{what} of {} bytes", key.len()),
+        })
 }
 
 /// The writer thread: batch everything queued, make it durable once, answer everyone.
@@ -1180,13 +1185,7 @@ impl<'t> Writer<'t> {
                     table: "expiry",
                     reason: format!("key of {} bytes", ek.len()),
                 })?;
-            let recipient: PublicKey =
-                dk.get(..32)
-                    .and_then(|s| s.try_into().ok())
-                    .ok_or_else(|| StoreError::Corrupt {
-                        table: "expiry",
-                        reason: format!("dedup key of {} bytes", dk.len()),
-                    })?;
+            let recipient = recipient_of(&dk, "expiry", "dedup key")?;
             // Only an entry that still belongs to this seq is removed (with its
             // message, if that was not acknowledged yet).
             if let Some(v) = self.get(Table::Inbox, &dk)? {
