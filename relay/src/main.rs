@@ -10,7 +10,8 @@ use dchat_relay::server::Relay;
 /// engine's blocks, and in glibc's allocator that cost ~18 % of the reconnect drain's
 /// core (consolidation and free-list walks). With jemalloc S3's put phase and drain ran
 /// ~16 % and ~18 % faster (11 alternated runs) and S2 sustained 250k deliveries/s more
-/// often; S1 and S4 unchanged (docs/performance.md). Feature `jemalloc`: on in the image, the tests and the benchmarks.
+/// often; S1 and S4 unchanged (docs/performance.md). Feature `jemalloc`: on in the
+/// image, the tests and the benchmarks.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
