@@ -412,6 +412,7 @@ impl Conn {
             floor_generation: 0,
             read_to_end: None,
             sole_reader,
+            pushed_live: false,
             held: VecDeque::new(),
             held_bytes: 0,
         };
@@ -450,6 +451,9 @@ struct Session {
     /// No other session of this key is still running (the previous one handed over in
     /// time), so acks may quote the reads of this one (see [`Session::ack`]).
     sole_reader: bool,
+    /// A send read since the last flush was pushed to a recipient's session on this
+    /// relay: the flush of this connection's answers waits until that session has run.
+    pushed_live: bool,
     /// Frames read from the client while a send waited for room in a recipient's
     /// queue, handled before anything else is read (see [`Session::push_when_room`]).
     held: VecDeque<WsMessage>,
@@ -568,6 +572,13 @@ impl Session {
                 if let Err(end) = Box::pin(self.store_batch(c)).await {
                     return end;
                 }
+            }
+            if std::mem::take(&mut self.pushed_live) {
+                // The recipient's session was woken by the push and runs next: letting it
+                // write the `deliver` before this connection writes `sent` takes one
+                // socket write (and the client's handling of `sent`) off the delivery's
+                // path.
+                tokio::task::yield_now().await;
             }
             if let Err(end) = c.flush_pending().await {
                 return end;
@@ -955,6 +966,7 @@ impl Session {
                 }
                 Offer::Pushed => {
                     c.shared.metrics.outbound_queue_depth.inc();
+                    self.pushed_live = true;
                     self.store_batch(c).await?;
                     Ok(delivered_frame(&id))
                 }
