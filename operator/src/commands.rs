@@ -7,6 +7,7 @@ use kube::Client;
 use serde_json::json;
 
 use crate::api::DchatCluster;
+use crate::labels::CLI_FIELD_MANAGER;
 use crate::rollout::{ABORT_ANNOTATION, PROMOTE_ANNOTATION};
 
 /// What to ask of a rollout.
@@ -65,7 +66,14 @@ pub async fn request(
         "metadata": {"annotations": {command.annotation(): k8s_openapi::jiff::Timestamp::now().to_string()}}
     });
     match api
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            name,
+            &PatchParams {
+                field_manager: Some(CLI_FIELD_MANAGER.to_string()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(&patch),
+        )
         .await
     {
         Ok(_) => Ok(()),

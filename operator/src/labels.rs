@@ -12,6 +12,8 @@ use crate::api::{DchatCluster, Slot};
 
 /// Field manager of every server-side apply the operator sends.
 pub const FIELD_MANAGER: &str = "dchat-operator";
+/// Field manager of the `dchat-operator promote` / `abort` commands' annotation patches.
+pub const CLI_FIELD_MANAGER: &str = "dchat-operator-cli";
 /// Value of `app.kubernetes.io/name` on every object.
 pub const APP_NAME: &str = "dchat-relay";
 /// Value of `app.kubernetes.io/managed-by` on every object.

@@ -6,7 +6,8 @@
 //! - [`build`]: pure builders, one per child kind.
 //! - [`rollout`]: the blue-green rollout state machine (pure).
 //! - [`controller`]: the effects — apply, cleanup, status, events.
-//! - [`render`], [`crd`]: the offline CLI commands.
+//! - [`runner`]: leader election around the controller (what `dchat-operator run` runs).
+//! - [`render`], [`commands`]: the offline CLI commands and `promote`/`abort`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -23,6 +24,7 @@ pub mod quantity;
 pub mod rbac;
 pub mod render;
 pub mod rollout;
+pub mod runner;
 
 #[cfg(test)]
 mod testing;

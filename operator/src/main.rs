@@ -1,21 +1,23 @@
 //! `dchat-operator`: run the operator, or use its offline commands.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use dchat_operator::api::DchatCluster;
 use dchat_operator::commands::{request, RolloutCommand};
-use dchat_operator::controller;
+use dchat_operator::controller::DISCOVERY_INTERVAL;
 use dchat_operator::http::{router, HttpState};
-use dchat_operator::leader::LeaderElector;
 use dchat_operator::metrics::Metrics;
 use dchat_operator::render::{render_file, RenderOptions};
+use dchat_operator::runner::{
+    self, install_crypto_provider, LeaderElection, Options, LEASE_DURATION,
+};
 use kube::CustomResourceExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
@@ -107,7 +109,11 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        // Colour codes only on a terminal: in a file, a pipe or a log collector they are
+        // noise. NO_COLOR (https://no-color.org) turns them off on a terminal too.
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
     }
 }
 
@@ -166,6 +172,7 @@ fn rollout_command(target: TargetArgs, command: RolloutCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    install_crypto_provider();
     let result = runtime.block_on(async {
         let client = kube::Client::try_default()
             .await
@@ -215,6 +222,7 @@ async fn serve_http(addr: SocketAddr, state: HttpState) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    install_crypto_provider();
     let client = kube::Client::try_default()
         .await
         .context("loading Kubernetes configuration (KUBECONFIG or in-cluster)")?;
@@ -229,71 +237,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    let signal_stop = stop_tx.clone();
-    tokio::spawn(async move {
+    let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
             _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
         }
-        let _ = signal_stop.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
     };
-
-    let identity = args
-        .identity
-        .clone()
-        .unwrap_or_else(|| format!("dchat-operator-{}", std::process::id()));
-    let elector = (!args.disable_leader_election).then(|| {
-        Arc::new(LeaderElector::new(
-            client.clone(),
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-            Duration::from_secs(15),
-        ))
-    });
+    let options = Options {
+        namespace: (!args.namespace.is_empty()).then(|| args.namespace.clone()),
+        identity: args
+            .identity
+            .clone()
+            .unwrap_or_else(|| format!("dchat-operator-{}", std::process::id())),
+        leader_election: (!args.disable_leader_election).then(|| LeaderElection {
+            lease_namespace: args.lease_namespace.clone(),
+            lease_name: args.lease_name.clone(),
+            lease_duration: LEASE_DURATION,
+        }),
+        discovery_interval: DISCOVERY_INTERVAL,
+    };
     // A standby replica is healthy and ready: it serves metrics and waits for the lease.
     ready.store(true, Ordering::Relaxed);
-    if let Some(elector) = &elector {
-        tokio::select! {
-            _ = elector.acquire() => {}
-            _ = stopped(stop_rx.clone()) => return Ok(()),
-        }
-    }
-
-    let namespace = (!args.namespace.is_empty()).then(|| args.namespace.clone());
-    info!(
-        namespace = namespace.as_deref().unwrap_or("<all>"),
-        "starting controller"
-    );
-    let lost_lease = Arc::new(AtomicBool::new(false));
-    if let Some(keeper) = elector.clone() {
-        let lost = lost_lease.clone();
-        let stop = stop_tx.clone();
-        let rx = stop_rx.clone();
-        // Renewal runs beside the controller; losing the lease stops the controller.
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = keeper.keep() => {
-                    lost.store(true, Ordering::Relaxed);
-                    let _ = stop.send(true);
-                }
-                _ = stopped(rx) => {}
-            }
-        });
-    }
-    let shutdown = stopped(stop_rx.clone());
-    controller::run(client, namespace, metrics, Some(identity), shutdown).await;
-    if let Some(elector) = &elector {
-        elector.release().await;
-    }
+    let result = runner::run(client, options, metrics, shutdown).await;
     http.abort();
-    if lost_lease.load(Ordering::Relaxed) {
-        anyhow::bail!("lost the leader lease; exiting so a fresh replica can campaign");
-    }
-    Ok(())
+    result.map_err(anyhow::Error::from)
 }

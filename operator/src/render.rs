@@ -7,7 +7,7 @@ use kube::ResourceExt;
 use serde::Deserialize;
 
 use crate::api::{admit, AdmissionError, Slot};
-use crate::build::{desired_children, BuildInputs, SerializeError};
+use crate::build::{desired_children, BuildInputs, OptionalKinds, SerializeError};
 
 /// Why a file could not be rendered.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +95,12 @@ pub fn render_str(path: &str, text: &str, options: &RenderOptions) -> Result<Str
             cluster.metadata.namespace = Some(options.namespace.clone());
         }
         clusters += 1;
-        let inputs = BuildInputs::steady(&cluster, Slot::Blue, options.monitoring_available);
+        let served = if options.monitoring_available {
+            OptionalKinds::ALL
+        } else {
+            OptionalKinds::NONE
+        };
+        let inputs = BuildInputs::steady(&cluster, Slot::Blue, served);
         for child in desired_children(&cluster, &inputs) {
             let erased = child.erase()?;
             out.push_str("---\n");

@@ -88,3 +88,31 @@ fn unknown_command_is_a_usage_error() {
     assert_eq!(code, 2);
     assert!(stderr.contains("Usage"), "{stderr}");
 }
+
+/// Text logs written to a pipe or a file carry no colour codes (only a terminal gets them).
+#[test]
+fn text_logs_into_a_pipe_have_no_colour_codes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dchat-operator"))
+        .args([
+            "run",
+            "--log-format",
+            "text",
+            "--disable-leader-election",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .env("KUBECONFIG", "/nonexistent/dchat-test/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run dchat-operator");
+    assert_eq!(out.status.code(), Some(1), "no cluster to talk to");
+    let logs = [out.stdout, out.stderr].concat();
+    let text = String::from_utf8_lossy(&logs);
+    assert!(text.contains("ERROR"), "the failure is logged: {text}");
+    assert!(
+        !logs.contains(&0x1b),
+        "ANSI escape codes in piped logs: {text:?}"
+    );
+}

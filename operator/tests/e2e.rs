@@ -39,6 +39,7 @@ where
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster in KUBECONFIG"]
 async fn dev_example_comes_up_on_a_real_cluster() {
+    dchat_operator::runner::install_crypto_provider();
     let client = Client::try_default()
         .await
         .expect("KUBECONFIG points at a cluster");
@@ -78,6 +79,7 @@ async fn dev_example_comes_up_on_a_real_cluster() {
         Some(namespace.clone()),
         Arc::new(Metrics::new()),
         Some("e2e".into()),
+        controller::DISCOVERY_INTERVAL,
         async move {
             let _ = stop_rx.await;
         },

@@ -98,9 +98,10 @@ fn production_example_has_the_full_fleet() {
     assert!(env.iter().any(
         |e| e["name"] == "DB_PASSWORD" && e["valueFrom"]["secretKeyRef"]["name"] == "dchat-db"
     ));
+    // The example names no namespace: everything lands in the one rendered into.
     assert!(objects
         .iter()
-        .all(|o| o["metadata"]["namespace"] == "dchat"));
+        .all(|o| o["metadata"]["namespace"] == "default"));
 }
 
 #[test]
@@ -110,5 +111,27 @@ fn the_secret_example_has_every_database_key() {
     let data = secret.string_data.unwrap();
     for key in ["host", "port", "name", "username", "password"] {
         assert!(data.contains_key(key), "{key}");
+    }
+}
+
+/// `kubectl apply -n team-a -f examples/x.yaml` is refused when the file names another
+/// namespace, so no example pins one.
+#[test]
+fn examples_apply_into_any_namespace() {
+    for entry in std::fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (index, document) in serde_norway::Deserializer::from_str(&text).enumerate() {
+            let value = serde_json::Value::deserialize(document).unwrap();
+            assert!(
+                value.pointer("/metadata/namespace").is_none(),
+                "{}: document {} sets metadata.namespace; apply it with -n instead",
+                path.display(),
+                index + 1
+            );
+        }
     }
 }

@@ -427,6 +427,57 @@ async fn failed_apply_is_reported_in_status() {
     assert!(message.contains("injected failure"), "{message}");
 }
 
+/// A reconcile that fails before it observes anything (here: listing children) still
+/// shows in status in the same attempt: a new cluster gets a phase, an existing one
+/// stops saying Ready, and observedGeneration names the spec that failed.
+#[tokio::test]
+async fn failures_before_observing_show_in_status_at_once() {
+    let h = Harness::new(false).await;
+    h.create_cluster("fresh", DEV).await;
+    h.inject("list", 500, 1);
+    h.reconcile("fresh").await.unwrap_err();
+    let cluster = h.cluster("fresh").await;
+    let status = cluster
+        .status
+        .as_ref()
+        .expect("status written on the first attempt");
+    assert_eq!(status.phase, Phase::Degraded);
+    // (The in-memory API bumps generation for the finalizer patch; a real API server
+    // does not. The envtest scenarios check the exact value there.)
+    assert!(status.observed_generation.is_some());
+    let (state, reason, message) = condition(&cluster, "Degraded");
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("True", "ReconcileError")
+    );
+    assert!(message.contains("listing"), "{message}");
+    assert!(message.contains("injected failure"), "{message}");
+    assert_eq!(condition(&cluster, "Ready").0, "Unknown");
+    assert_eq!(condition(&cluster, "Reconciling").0, "True");
+
+    // An existing, ready cluster: its old Ready=True must not survive a failing reconcile.
+    h.create_cluster("chat", DEV).await;
+    h.reconcile("chat").await.unwrap();
+    h.set_statefulset_status("chat-blue", 1).await;
+    h.settle("chat").await;
+    assert_eq!(condition(&h.cluster("chat").await, "Ready").0, "True");
+    h.update_spec("chat", "version: '2.0.0'").await;
+    h.inject("list", 500, 1);
+    h.reconcile("chat").await.unwrap_err();
+    let cluster = h.cluster("chat").await;
+    let status = cluster.status.as_ref().unwrap();
+    assert_eq!(status.phase, Phase::Degraded);
+    assert_eq!(status.observed_generation, cluster.metadata.generation);
+    assert_eq!(condition(&cluster, "Ready").0, "Unknown");
+    assert_eq!(condition(&cluster, "Degraded").0, "True");
+    // It still knows what serves.
+    assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
+
+    // The next successful reconcile clears it.
+    h.reconcile("chat").await.unwrap();
+    assert_eq!(condition(&h.cluster("chat").await, "Degraded").0, "False");
+}
+
 #[tokio::test]
 async fn transport_timeouts_are_errors_not_panics() {
     use dchat_operator::controller::{reconcile, Context};

@@ -163,7 +163,8 @@ async fn operator_statuses_through_a_rollout_map_to_argo_health() {
     ));
     let reconcile = || async {
         let ctx = Context::new(h.client.clone(), Arc::new(Metrics::new()), None)
-            .with_clock(clock.clone());
+            .with_clock(clock.clone())
+            .with_capabilities(h.capabilities.clone());
         let cluster = h.cluster("chat").await;
         dchat_operator::controller::reconcile(Arc::new(cluster), Arc::new(ctx))
             .await

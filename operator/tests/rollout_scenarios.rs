@@ -105,7 +105,8 @@ impl Scenario {
             Arc::new(Metrics::new()),
             Some("restarted".into()),
         )
-        .with_clock(self.clock.clone());
+        .with_clock(self.clock.clone())
+        .with_capabilities(self.h.capabilities.clone());
         let cluster = self.h.cluster("chat").await;
         dchat_operator::controller::reconcile(Arc::new(cluster), Arc::new(ctx))
             .await

@@ -18,6 +18,7 @@ use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::{ApiResource, DynamicObject};
 use kube::Resource;
+
 use serde::Serialize;
 
 pub use configmap::{config_hash, configmap};
@@ -51,14 +52,14 @@ pub struct BuildInputs {
     pub active_slot: Slot,
     /// Relay StatefulSets to run.
     pub slots: Vec<SlotDeployment>,
-    /// Whether the Prometheus Operator CRDs are installed.
-    pub monitoring_available: bool,
+    /// The optional kinds the cluster serves; objects of others are not built.
+    pub served: OptionalKinds,
 }
 
 impl BuildInputs {
     /// Inputs for a cluster whose relays run in `active_slot` only: the steady state,
     /// and what `dchat-operator render` shows.
-    pub fn steady(cluster: &DchatCluster, active_slot: Slot, monitoring_available: bool) -> Self {
+    pub fn steady(cluster: &DchatCluster, active_slot: Slot, served: OptionalKinds) -> Self {
         Self {
             active_slot,
             slots: vec![SlotDeployment {
@@ -66,7 +67,7 @@ impl BuildInputs {
                 replicas: fixed_replicas(cluster),
                 existing_claims: None,
             }],
-            monitoring_available,
+            served,
         }
     }
 }
@@ -148,6 +149,60 @@ pub struct ErasedChild {
     pub name: String,
     /// Full object as JSON, with apiVersion and kind.
     pub body: serde_json::Value,
+}
+
+/// The optional kinds an API server serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OptionalKinds {
+    /// `monitoring.coreos.com/v1` ServiceMonitor.
+    pub service_monitor: bool,
+    /// `monitoring.coreos.com/v1` PrometheusRule.
+    pub prometheus_rule: bool,
+}
+
+impl OptionalKinds {
+    /// Every optional kind is served.
+    pub const ALL: Self = Self {
+        service_monitor: true,
+        prometheus_rule: true,
+    };
+    /// None is served.
+    pub const NONE: Self = Self {
+        service_monitor: false,
+        prometheus_rule: false,
+    };
+
+    /// Whether the kind named `kind` is served; kinds that are not optional always are.
+    pub fn serves(&self, kind: &str) -> bool {
+        match kind {
+            "ServiceMonitor" => self.service_monitor,
+            "PrometheusRule" => self.prometheus_rule,
+            _ => true,
+        }
+    }
+
+    /// The same, with `kind` no longer served.
+    pub fn without(mut self, kind: &str) -> Self {
+        match kind {
+            "ServiceMonitor" => self.service_monitor = false,
+            "PrometheusRule" => self.prometheus_rule = false,
+            _ => {}
+        }
+        self
+    }
+
+    /// Reads the kinds out of the resource list of `monitoring.coreos.com/v1`.
+    pub fn from_monitoring_resources<'a>(plurals: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut kinds = Self::NONE;
+        for plural in plurals {
+            if plural == ServiceMonitor::plural(&()) {
+                kinds.service_monitor = true;
+            } else if plural == PrometheusRule::plural(&()) {
+                kinds.prometheus_rule = true;
+            }
+        }
+        kinds
+    }
 }
 
 /// A child object could not be serialized (a bug, reported rather than panicking).
@@ -278,10 +333,12 @@ pub fn desired_children(cluster: &DchatCluster, inputs: &BuildInputs) -> Vec<Chi
     if let Some(ingress) = ingress(cluster) {
         children.push(Child::Ingress(Box::new(ingress)));
     }
-    if inputs.monitoring_available {
+    if inputs.served.service_monitor {
         if let Some(monitor) = service_monitor(cluster) {
             children.push(Child::ServiceMonitor(Box::new(monitor)));
         }
+    }
+    if inputs.served.prometheus_rule {
         if let Some(rule) = prometheus_rule(cluster) {
             children.push(Child::PrometheusRule(Box::new(rule)));
         }
@@ -292,4 +349,46 @@ pub fn desired_children(cluster: &DchatCluster, inputs: &BuildInputs) -> Vec<Chi
 /// Converts a typed object into a `DynamicObject` (used by tests and the renderer).
 pub fn to_dynamic(child: &ErasedChild) -> Result<DynamicObject, serde_json::Error> {
     serde_json::from_value(child.body.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_read_from_the_resource_list() {
+        assert_eq!(
+            OptionalKinds::from_monitoring_resources([
+                "servicemonitors",
+                "servicemonitors/status",
+                "prometheusrules",
+                "podmonitors"
+            ]),
+            OptionalKinds::ALL
+        );
+        assert_eq!(
+            OptionalKinds::from_monitoring_resources(["prometheusrules"]),
+            OptionalKinds {
+                service_monitor: false,
+                prometheus_rule: true
+            }
+        );
+        assert_eq!(
+            OptionalKinds::from_monitoring_resources([]),
+            OptionalKinds::NONE
+        );
+    }
+
+    #[test]
+    fn only_optional_kinds_can_be_unserved() {
+        let none = OptionalKinds::NONE;
+        assert!(none.serves("StatefulSet"));
+        assert!(!none.serves("ServiceMonitor"));
+        assert!(!OptionalKinds::ALL
+            .without("PrometheusRule")
+            .serves("PrometheusRule"));
+        assert!(OptionalKinds::ALL
+            .without("PrometheusRule")
+            .serves("ServiceMonitor"));
+    }
 }

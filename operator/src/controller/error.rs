@@ -1,6 +1,10 @@
 //! Why a reconcile failed: one error type for the controller, with a stable metric label.
 
+use kube::api::PatchParams;
+
+use super::status::Failure;
 use crate::build::SerializeError;
+use crate::labels::FIELD_MANAGER;
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,9 @@ pub enum Error {
     /// The operating system could not provide randomness for the admin token.
     #[error("generating the relays' admin token: {0}")]
     Random(String),
+    /// API discovery (which optional kinds the cluster serves) failed.
+    #[error("asking the API server which kinds it serves: {0}")]
+    Discovery(#[source] kube::Error),
 }
 
 impl Error {
@@ -44,7 +51,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::InvalidSpec { .. } => "invalid_spec",
-            Error::Kube { source, .. } => match source {
+            Error::Kube { source, .. } | Error::Discovery(source) => match source {
                 kube::Error::Api(status) if status.code == 409 => "conflict",
                 kube::Error::Api(status) if status.code >= 500 => "api_server",
                 kube::Error::Api(_) => "api_request",
@@ -53,6 +60,28 @@ impl Error {
             Error::Serialize(_) => "serialize",
             Error::NoNamespace(_) => "internal",
             Error::Random(_) => "random",
+        }
+    }
+
+    /// Whether retrying alone cannot fix this: the API server refused the request as
+    /// unauthorized, forbidden or invalid (missing RBAC, an admission policy, a quota).
+    /// Status then says `Stalled` instead of `Reconciling`; the operator still retries.
+    pub fn needs_intervention(&self) -> bool {
+        match self {
+            Error::InvalidSpec { .. } => true,
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } => matches!(status.code, 400 | 401 | 403 | 422),
+            _ => false,
+        }
+    }
+
+    /// How status reports this error.
+    pub fn as_failure(&self) -> Failure {
+        Failure {
+            message: self.to_string(),
+            needs_intervention: self.needs_intervention(),
         }
     }
 
@@ -80,4 +109,47 @@ pub(super) fn kube_error(
 
 pub(super) fn is_not_found(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.is_not_found())
+}
+
+/// Parameters of the operator's non-apply patches (finalizer, annotations): under its own
+/// field manager, so `managedFields` says who changed what.
+pub(super) fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> Error {
+        Error::Kube {
+            action: "applying",
+            kind: "StatefulSet".into(),
+            namespace: "apps".into(),
+            name: "chat-blue".into(),
+            source: kube::Error::Api(
+                kube::core::Status::failure("refused", "Forbidden")
+                    .with_code(code)
+                    .boxed(),
+            ),
+        }
+    }
+
+    #[test]
+    fn refusals_need_a_person_and_outages_do_not() {
+        for code in [400, 401, 403, 422] {
+            assert!(api_error(code).needs_intervention(), "{code}");
+        }
+        for code in [404, 409, 429, 500, 503] {
+            assert!(!api_error(code).needs_intervention(), "{code}");
+        }
+        let failure = api_error(403).as_failure();
+        assert!(failure
+            .message
+            .contains("applying StatefulSet apps/chat-blue"));
+        assert!(failure.needs_intervention);
+    }
 }

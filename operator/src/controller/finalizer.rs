@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::error::{is_not_found, kube_error};
+use super::error::{is_not_found, kube_error, patch_params};
 use super::report::publish;
 use super::{status, Context, Error};
 use crate::api::{DchatCluster, Slot};
@@ -41,7 +41,7 @@ pub(super) async fn add_finalizer(
     })?;
     api.patch(
         &cluster.name_any(),
-        &PatchParams::default(),
+        &patch_params(),
         &Patch::<()>::Json(patch),
     )
     .await
@@ -71,7 +71,7 @@ pub(super) async fn remove_finalizer(
     match api
         .patch(
             &cluster.name_any(),
-            &PatchParams::default(),
+            &patch_params(),
             &Patch::<()>::Json(patch),
         )
         .await

@@ -7,6 +7,7 @@
 mod children;
 mod clock;
 pub mod diff;
+pub mod discovery;
 mod error;
 mod finalizer;
 mod observe;
@@ -17,6 +18,7 @@ mod sync;
 
 pub use children::{HANDOVER_MANAGER, ROLLOUT_MANAGER};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use discovery::{Capabilities, OptionalKinds, DISCOVERY_INTERVAL};
 pub use error::Error;
 
 use std::sync::Arc;
@@ -38,7 +40,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::api::DchatCluster;
 use crate::labels::{self, FINALIZER};
 use crate::metrics::Metrics;
+use discovery::{discover, keep_discovering};
 use finalizer::{add_finalizer, cleanup, remove_finalizer};
+use report::report_failure;
 use sync::sync;
 
 /// How often an unchanged cluster is looked at again; watches trigger everything else.
@@ -54,6 +58,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Source of the time rollout steps are measured with.
     pub clock: Arc<dyn Clock>,
+    /// Which optional kinds the API server serves, as last discovered.
+    pub capabilities: Arc<Capabilities>,
 }
 
 impl Context {
@@ -68,7 +74,25 @@ impl Context {
             client,
             metrics,
             clock: Arc::new(SystemClock),
+            capabilities: Arc::default(),
         }
+    }
+
+    /// The same context with these capabilities (tests fix them instead of discovering).
+    pub fn with_capabilities(mut self, capabilities: Arc<Capabilities>) -> Self {
+        self.capabilities = capabilities;
+        self
+    }
+
+    /// The optional kinds the API server serves: the last discovery's answer, or a
+    /// discovery now when there has been none.
+    pub async fn served_kinds(&self) -> Result<OptionalKinds, Error> {
+        if let Some(kinds) = self.capabilities.get() {
+            return Ok(kinds);
+        }
+        let kinds = discover(&self.client).await.map_err(Error::Discovery)?;
+        self.capabilities.set(kinds);
+        Ok(kinds)
     }
 
     /// The same context reading the time from `clock`.
@@ -98,7 +122,9 @@ pub async fn reconcile(cluster: Arc<DchatCluster>, ctx: Arc<Context>) -> Result<
             // Being deleted and already cleaned up: nothing to do.
             (true, None) => Ok(Action::await_change()),
             (false, None) => {
-                add_finalizer(&cluster, &ctx, &namespace).await?;
+                if let Err(e) = add_finalizer(&cluster, &ctx, &namespace).await {
+                    return Err(report_failure(&cluster, &ctx, &namespace, e).await);
+                }
                 sync(cluster, &ctx).await
             }
             (false, Some(_)) => sync(cluster, &ctx).await,
@@ -125,12 +151,15 @@ pub fn error_policy(cluster: Arc<DchatCluster>, error: &Error, _ctx: Arc<Context
 }
 
 /// Runs the controller until `shutdown` resolves: watches DchatClusters (in `namespace`
-/// or everywhere) and the kinds they own.
+/// or everywhere) and the kinds they own, and asks API discovery every
+/// `discovery_interval` which optional kinds are served, reconciling every cluster when
+/// that changes.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
     metrics: Arc<Metrics>,
     instance: Option<String>,
+    discovery_interval: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
@@ -147,6 +176,13 @@ pub async fn run(
         labels::MANAGED_BY
     ));
     let ctx = Arc::new(Context::new(client.clone(), metrics, instance));
+    let (changed_tx, changed_rx) = futures::channel::mpsc::channel(1);
+    let discovery = tokio::spawn(keep_discovering(
+        client.clone(),
+        ctx.capabilities.clone(),
+        discovery_interval,
+        changed_tx,
+    ));
     Controller::new(
         api::<DchatCluster>(&client, &namespace),
         watcher::Config::default(),
@@ -165,6 +201,7 @@ pub async fn run(
     )
     .owns(api::<NetworkPolicy>(&client, &namespace), owned.clone())
     .owns(api::<Ingress>(&client, &namespace), owned)
+    .reconcile_all_on(changed_rx)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
@@ -174,4 +211,5 @@ pub async fn run(
         }
     })
     .await;
+    discovery.abort();
 }

@@ -5,9 +5,11 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ListParams};
 use kube::core::DynamicObject;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use tracing::info;
 
-use super::error::{is_not_found, kube_error};
+use super::discovery::OptionalKinds;
+use super::error::kube_error;
 use super::status::SlotObservation;
 use super::{Context, Error};
 use crate::api::{DchatCluster, Slot};
@@ -18,9 +20,11 @@ use crate::{labels, rollout};
 /// Live children of a cluster, by kind, as the API server returned them.
 pub(super) struct LiveChildren {
     pub(super) objects: Vec<(ErasedKind, DynamicObject)>,
-    pub(super) monitoring_available: bool,
+    /// The optional kinds that were served, so listed (and may be applied).
+    pub(super) served: OptionalKinds,
 }
 
+/// A child's kind without its version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct ErasedKind {
     pub(super) group: String,
@@ -28,6 +32,7 @@ pub(super) struct ErasedKind {
 }
 
 impl LiveChildren {
+    /// The live child of `kind` named `name`.
     pub(super) fn get(&self, kind: &str, name: &str) -> Option<&DynamicObject> {
         self.objects
             .iter()
@@ -36,26 +41,38 @@ impl LiveChildren {
     }
 }
 
+/// Lists the cluster's children of every managed kind the API server serves (`served`
+/// says which optional ones). A 404 for an optional kind means its CRD went away since
+/// the last discovery: it is skipped and forgotten until discovery finds it again.
 pub(super) async fn observe(
     cluster: &DchatCluster,
-    client: &Client,
+    ctx: &Context,
     namespace: &str,
+    mut served: OptionalKinds,
 ) -> Result<LiveChildren, Error> {
     let uid = cluster.uid();
     let params = ListParams::default().labels(&labels::managed_selector(cluster));
     let mut objects = Vec::new();
-    let mut monitoring_available = true;
     for kind in managed_kinds() {
+        let kind_name = kind.resource.kind.as_str();
+        if !served.serves(kind_name) {
+            continue;
+        }
         let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), namespace, &kind.resource);
+            Api::namespaced_with(ctx.client.clone(), namespace, &kind.resource);
         let list = match api.list(&params).await {
             Ok(list) => list,
-            // No Prometheus Operator: its kinds are not served.
-            Err(e) if kind.needs_monitoring_crds && is_not_found(&e) => {
-                monitoring_available = false;
+            // Any 404: an unserved group answers in plain text, without a reason.
+            Err(kube::Error::Api(status)) if kind.needs_monitoring_crds && status.code == 404 => {
+                info!(
+                    kind = kind_name,
+                    "no longer served; skipping it until it is again"
+                );
+                ctx.capabilities.forget(kind_name);
+                served = served.without(kind_name);
                 continue;
             }
-            Err(e) => return Err(kube_error("listing", &kind.resource.kind, namespace, "")(e)),
+            Err(e) => return Err(kube_error("listing", kind_name, namespace, "")(e)),
         };
         for object in list.items {
             let owned = object
@@ -75,10 +92,7 @@ pub(super) async fn observe(
             }
         }
     }
-    Ok(LiveChildren {
-        objects,
-        monitoring_available,
-    })
+    Ok(LiveChildren { objects, served })
 }
 
 pub(super) fn slot_observation(live: Option<&DynamicObject>) -> Option<SlotObservation> {

@@ -9,9 +9,11 @@ use tracing::warn;
 use super::error::kube_error;
 use super::status::Observation;
 use super::{status, Context, Error};
-use crate::api::DchatCluster;
+use crate::api::{DchatCluster, DchatClusterStatus};
 use crate::labels::FIELD_MANAGER;
 
+/// Writes the status computed from `obs`, unless the cluster already has it, and
+/// records an Event for a phase change and for monitoring that became unavailable.
 pub(super) async fn write_status(
     cluster: &DchatCluster,
     ctx: &Context,
@@ -31,9 +33,9 @@ pub(super) async fn write_status(
                 ..
             } => (EventType::Warning, m.clone()),
             Observation {
-                reconcile_error: Some(m),
+                reconcile_error: Some(failure),
                 ..
-            } => (EventType::Warning, m.clone()),
+            } => (EventType::Warning, failure.message.clone()),
             _ => (
                 EventType::Normal,
                 next.conditions
@@ -45,6 +47,57 @@ pub(super) async fn write_status(
         };
         publish(ctx, cluster, type_, phase.as_str(), note).await;
     }
+    if let Some(message) = status::monitoring_became_unavailable(cluster, &next) {
+        publish(
+            ctx,
+            cluster,
+            EventType::Normal,
+            status::reason::PROMETHEUS_OPERATOR_MISSING,
+            message,
+        )
+        .await;
+    }
+    patch_status(cluster, ctx, namespace, &next).await
+}
+
+/// Writes a status that shows `error` before giving it back: a reconcile that fails
+/// before (or after) its status write still shows in `kubectl get dchat` within the same
+/// attempt. Best effort: when the status write fails too, the error is logged and the
+/// original error returned.
+pub(super) async fn report_failure(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    error: Error,
+) -> Error {
+    let next = status::failed(cluster, &error.as_failure(), ctx.clock.now());
+    ctx.metrics
+        .set_phase(&status::display_name(cluster), next.phase);
+    if cluster.status.as_ref() == Some(&next) {
+        return error;
+    }
+    if status::phase_transition(cluster, &next).is_some() {
+        publish(
+            ctx,
+            cluster,
+            EventType::Warning,
+            status::reason::RECONCILE_ERROR,
+            error.to_string(),
+        )
+        .await;
+    }
+    if let Err(write) = patch_status(cluster, ctx, namespace, &next).await {
+        warn!(error = %write, "could not report the failed reconcile in status");
+    }
+    error
+}
+
+async fn patch_status(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    next: &DchatClusterStatus,
+) -> Result<(), Error> {
     let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
     let body = json!({
         "apiVersion": DchatCluster::api_version(&()),
@@ -66,6 +119,7 @@ pub(super) async fn write_status(
     Ok(())
 }
 
+/// Publishes an Event about the cluster; best effort.
 pub(super) async fn publish(
     ctx: &Context,
     cluster: &DchatCluster,

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PostParams};
 use kube::ResourceExt;
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::error::kube_error;
+use super::error::{kube_error, patch_params};
 use super::observe::{observe_pods, slot_state, LiveChildren};
 use super::{Context, Error};
 use crate::api::{DchatCluster, RolloutStep, Slot};
@@ -178,17 +178,13 @@ pub(super) async fn consume_annotations(
     }
     let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = json!({"metadata": {"annotations": remove}});
-    api.patch(
-        &cluster.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(kube_error(
-        "removing rollout annotations of",
-        "DchatCluster",
-        namespace,
-        &cluster.name_any(),
-    ))?;
+    api.patch(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await
+        .map_err(kube_error(
+            "removing rollout annotations of",
+            "DchatCluster",
+            namespace,
+            &cluster.name_any(),
+        ))?;
     Ok(())
 }

@@ -1,17 +1,25 @@
 //! Status as a pure function of the spec, the previous status and what the reconcile
 //! observed. Conditions follow the Kubernetes conventions and kstatus:
 //!
-//! - `Ready`, `Progressing`, `Degraded` always present, True or False, with a reason.
+//! - `Ready`, `Progressing`, `Degraded` always present, with a reason. `Ready` is
+//!   `Unknown` when a reconcile failed before it could look at the relays.
 //! - `Reconciling` (True) is present exactly while the cluster is changing, and
-//!   `Stalled` (True) exactly while it cannot progress without a spec change — the
+//!   `Stalled` (True) exactly while it cannot progress without a change by a person (an
+//!   invalid spec, a failed rollout, a request the API server refuses) — the
 //!   "abnormal-true" pair kstatus-based tools (Flux, Argo CD, `kstatus`) read.
-//! - `observedGeneration` says which spec the status describes.
+//! - `Monitoring` is present when the spec asks for a ServiceMonitor or PrometheusRule:
+//!   True when they are applied, False while the cluster does not serve their kinds.
+//! - `observedGeneration` says which spec the status describes — also when the
+//!   reconcile of that spec failed ([`failed`]).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{DchatCluster, DchatClusterStatus, Phase, RolloutStatus, RolloutStep, Slot};
+use crate::api::{
+    DchatCluster, DchatClusterStatus, MonitoringSpec, Phase, RolloutStatus, RolloutStep, Slot,
+};
+use crate::build::OptionalKinds;
 
 /// Condition type: every relay of the serving slot is ready with the desired template.
 pub const READY: &str = "Ready";
@@ -23,12 +31,14 @@ pub const DEGRADED: &str = "Degraded";
 pub const RECONCILING: &str = "Reconciling";
 /// kstatus condition type, present while stalled.
 pub const STALLED: &str = "Stalled";
+/// Condition type: the monitoring objects the spec asks for exist.
+pub const MONITORING: &str = "Monitoring";
 
 /// Condition reasons, stable for alerting and automation.
 pub mod reason {
     /// The spec fails validation.
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// Applying children failed; retrying.
+    /// A reconcile failed; retrying.
     pub const RECONCILE_ERROR: &str = "ReconcileError";
     /// Relays are being created for the first time.
     pub const PROVISIONING: &str = "Provisioning";
@@ -50,6 +60,10 @@ pub mod reason {
     pub const ROLLOUT_ABORTED: &str = "RolloutAborted";
     /// The old slot's stored messages could not be handed over (embedded store).
     pub const HANDOVER_FAILED: &str = "HandoverFailed";
+    /// The ServiceMonitor and PrometheusRule the spec asks for are applied.
+    pub const MONITORING_CONFIGURED: &str = "Configured";
+    /// The cluster does not serve the Prometheus Operator's kinds.
+    pub const PROMETHEUS_OPERATOR_MISSING: &str = "PrometheusOperatorNotInstalled";
 }
 
 /// What a reconcile saw of the serving slot's StatefulSet.
@@ -68,13 +82,35 @@ pub struct SlotObservation {
     pub rolled_out: bool,
 }
 
+/// A reconcile that failed, as status reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// The error, naming the object and the request.
+    pub message: String,
+    /// Whether retrying alone cannot fix it (the API server refused the request as
+    /// forbidden or invalid): kstatus `Stalled` rather than `Reconciling`.
+    pub needs_intervention: bool,
+}
+
+/// Whether the monitoring objects the spec asks for can exist on this cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Monitoring {
+    /// The spec asks for neither a ServiceMonitor nor a PrometheusRule.
+    #[default]
+    NotRequested,
+    /// Every requested kind is served, so its object is applied.
+    Served,
+    /// These requested kinds are not served (no Prometheus Operator CRDs).
+    Missing(Vec<&'static str>),
+}
+
 /// Everything the status depends on besides the cluster itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observation {
     /// Validation failure message, if the spec is invalid.
     pub invalid_spec: Option<String>,
-    /// Error of this reconcile's apply, if it failed.
-    pub reconcile_error: Option<String>,
+    /// This reconcile's apply, if it failed.
+    pub reconcile_error: Option<Failure>,
     /// The serving slot.
     pub active_slot: Slot,
     /// Its StatefulSet, if it exists.
@@ -94,13 +130,59 @@ pub struct Observation {
     pub serving_version: Option<String>,
     /// Template hash serving according to the rollout.
     pub serving_hash: Option<String>,
+    /// Whether the requested monitoring objects can exist.
+    pub monitoring: Monitoring,
+}
+
+/// A condition's status: `True`, `False` or `Unknown`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Truth {
+    True,
+    False,
+    Unknown,
+}
+
+impl Truth {
+    fn as_str(self) -> &'static str {
+        match self {
+            Truth::True => "True",
+            Truth::False => "False",
+            Truth::Unknown => "Unknown",
+        }
+    }
+}
+
+impl From<bool> for Truth {
+    fn from(value: bool) -> Self {
+        if value {
+            Truth::True
+        } else {
+            Truth::False
+        }
+    }
+}
+
+/// One condition before it gets its type, generation and time.
+#[derive(Clone, Debug)]
+struct Cond {
+    status: Truth,
+    reason: &'static str,
+    message: String,
+}
+
+fn cond(status: impl Into<Truth>, reason: &'static str, message: impl Into<String>) -> Cond {
+    Cond {
+        status: status.into(),
+        reason,
+        message: message.into(),
+    }
 }
 
 struct Verdict {
     phase: Phase,
-    ready: (bool, &'static str, String),
-    progressing: (bool, &'static str, String),
-    degraded: (bool, &'static str, String),
+    ready: Cond,
+    progressing: Cond,
+    degraded: Cond,
     stalled: bool,
 }
 
@@ -113,13 +195,9 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
     if let Some(message) = &obs.invalid_spec {
         return Verdict {
             phase: Phase::Failed,
-            ready: (false, reason::INVALID_SPEC, message.clone()),
-            progressing: (
-                false,
-                reason::INVALID_SPEC,
-                "waiting for a valid spec".into(),
-            ),
-            degraded: (true, reason::INVALID_SPEC, message.clone()),
+            ready: cond(false, reason::INVALID_SPEC, message.clone()),
+            progressing: cond(false, reason::INVALID_SPEC, "waiting for a valid spec"),
+            degraded: cond(true, reason::INVALID_SPEC, message.clone()),
             stalled: true,
         };
     }
@@ -127,14 +205,8 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
         .active
         .as_ref()
         .is_some_and(|a| a.rolled_out && a.desired > 0 && a.ready >= a.desired);
-    if let Some(message) = &obs.reconcile_error {
-        return Verdict {
-            phase: Phase::Degraded,
-            ready: (all_ready, reason::RECONCILE_ERROR, counts),
-            progressing: (true, reason::RECONCILE_ERROR, "retrying".into()),
-            degraded: (true, reason::RECONCILE_ERROR, message.clone()),
-            stalled: false,
-        };
+    if let Some(failure) = &obs.reconcile_error {
+        return failure_verdict(failure, cond(all_ready, reason::RECONCILE_ERROR, counts));
     }
     if let Some(v) = rollout_verdict(obs, all_ready, &counts) {
         return v;
@@ -143,8 +215,8 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
     match &obs.active {
         Some(a) if all_ready => Verdict {
             phase: Phase::Running,
-            ready: (true, reason::ALL_RELAYS_READY, counts),
-            progressing: (
+            ready: cond(true, reason::ALL_RELAYS_READY, counts),
+            progressing: cond(
                 false,
                 reason::COMPLETE,
                 format!(
@@ -152,7 +224,7 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
                     cluster.spec.version, obs.active_slot
                 ),
             ),
-            degraded: (
+            degraded: cond(
                 false,
                 reason::AS_EXPECTED,
                 format!("{}/{} relays ready", a.ready, a.desired),
@@ -161,8 +233,8 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
         },
         Some(a) if !a.rolled_out && served_before => Verdict {
             phase: Phase::Progressing,
-            ready: (false, reason::ROLLING_UPDATE, counts.clone()),
-            progressing: (
+            ready: cond(false, reason::ROLLING_UPDATE, counts.clone()),
+            progressing: cond(
                 true,
                 reason::ROLLING_UPDATE,
                 format!(
@@ -170,27 +242,48 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
                     cluster.spec.version, a.updated, a.desired
                 ),
             ),
-            degraded: (false, reason::AS_EXPECTED, counts),
+            degraded: cond(false, reason::AS_EXPECTED, counts),
             stalled: false,
         },
         Some(_) if served_before => Verdict {
             phase: Phase::Degraded,
-            ready: (false, reason::RELAYS_NOT_READY, counts.clone()),
-            progressing: (false, reason::RELAYS_NOT_READY, counts.clone()),
-            degraded: (true, reason::RELAYS_NOT_READY, counts),
+            ready: cond(false, reason::RELAYS_NOT_READY, counts.clone()),
+            progressing: cond(false, reason::RELAYS_NOT_READY, counts.clone()),
+            degraded: cond(true, reason::RELAYS_NOT_READY, counts),
             stalled: false,
         },
         _ => Verdict {
             phase: Phase::Provisioning,
-            ready: (false, reason::PROVISIONING, counts.clone()),
-            progressing: (
+            ready: cond(false, reason::PROVISIONING, counts.clone()),
+            progressing: cond(
                 true,
                 reason::PROVISIONING,
                 format!("starting relays: {counts}"),
             ),
-            degraded: (false, reason::AS_EXPECTED, counts),
+            degraded: cond(false, reason::AS_EXPECTED, counts),
             stalled: false,
         },
+    }
+}
+
+/// The verdict of a failed reconcile: Degraded with the error, and either retrying
+/// (`Reconciling`) or waiting for a person (`Stalled`).
+fn failure_verdict(failure: &Failure, ready: Cond) -> Verdict {
+    let progressing = if failure.needs_intervention {
+        cond(
+            false,
+            reason::RECONCILE_ERROR,
+            "the API server refused a request; retrying, but a change is needed",
+        )
+    } else {
+        cond(true, reason::RECONCILE_ERROR, "retrying")
+    };
+    Verdict {
+        phase: Phase::Degraded,
+        ready,
+        progressing,
+        degraded: cond(true, reason::RECONCILE_ERROR, failure.message.clone()),
+        stalled: failure.needs_intervention,
     }
 }
 
@@ -213,9 +306,9 @@ fn rollout_verdict(obs: &Observation, all_ready: bool, counts: &str) -> Option<V
             } else {
                 Phase::Progressing
             },
-            ready: (all_ready, ready_reason, counts.to_string()),
-            progressing: (true, r.step.as_str(), r.message.clone()),
-            degraded: (false, reason::AS_EXPECTED, counts.to_string()),
+            ready: cond(all_ready, ready_reason, counts),
+            progressing: cond(true, r.step.as_str(), r.message.clone()),
+            degraded: cond(false, reason::AS_EXPECTED, counts),
             stalled: false,
         }),
         RolloutStep::Failed | RolloutStep::RolledBack | RolloutStep::Aborted
@@ -231,9 +324,9 @@ fn rollout_verdict(obs: &Observation, all_ready: bool, counts: &str) -> Option<V
             };
             Some(Verdict {
                 phase: Phase::RolledBack,
-                ready: (all_ready, ready_reason, counts.to_string()),
-                progressing: (false, why, r.message.clone()),
-                degraded: (true, why, r.message.clone()),
+                ready: cond(all_ready, ready_reason, counts),
+                progressing: cond(false, why, r.message.clone()),
+                degraded: cond(true, why, r.message.clone()),
                 // Nothing moves until the spec changes: kstatus "Stalled".
                 stalled: true,
             })
@@ -243,14 +336,85 @@ fn rollout_verdict(obs: &Observation, all_ready: bool, counts: &str) -> Option<V
             // stays up until a person retries the handover.
             Some(Verdict {
                 phase: Phase::Degraded,
-                ready: (all_ready, ready_reason, counts.to_string()),
-                progressing: (false, reason::HANDOVER_FAILED, r.message.clone()),
-                degraded: (true, reason::HANDOVER_FAILED, r.message.clone()),
+                ready: cond(all_ready, ready_reason, counts),
+                progressing: cond(false, reason::HANDOVER_FAILED, r.message.clone()),
+                degraded: cond(true, reason::HANDOVER_FAILED, r.message.clone()),
                 stalled: true,
             })
         }
         _ => None,
     }
+}
+
+/// The `Monitoring` condition, or `None` when the spec asks for no monitoring object.
+fn monitoring_condition(monitoring: &Monitoring) -> Option<Cond> {
+    match monitoring {
+        Monitoring::NotRequested => None,
+        Monitoring::Served => Some(cond(
+            true,
+            reason::MONITORING_CONFIGURED,
+            "ServiceMonitor and PrometheusRule are applied as the spec asks",
+        )),
+        Monitoring::Missing(kinds) => Some(cond(
+            false,
+            reason::PROMETHEUS_OPERATOR_MISSING,
+            format!(
+                "this cluster does not serve {} (monitoring.coreos.com/v1: the Prometheus \
+                 Operator's CRDs are not installed); they are created as soon as it does",
+                kinds.join(" or ")
+            ),
+        )),
+    }
+}
+
+/// Builds the condition list: the three standard conditions, the kstatus pair when they
+/// apply, and `extra` ones. A condition keeps its previous `lastTransitionTime` unless
+/// its status flips, so unchanged inputs give an identical list.
+fn conditions(
+    previous: &DchatClusterStatus,
+    generation: Option<i64>,
+    now: Timestamp,
+    v: &Verdict,
+    extra: Vec<(&str, Cond)>,
+) -> Vec<Condition> {
+    let condition = |type_: &str, c: &Cond| {
+        let status = c.status.as_str();
+        let since = previous
+            .conditions
+            .iter()
+            .find(|p| p.type_ == type_ && p.status == status)
+            .map(|p| p.last_transition_time.clone())
+            .unwrap_or(Time(now));
+        Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: c.reason.to_string(),
+            message: c.message.clone(),
+            observed_generation: generation,
+            last_transition_time: since,
+        }
+    };
+    let mut list = vec![
+        condition(READY, &v.ready),
+        condition(PROGRESSING, &v.progressing),
+        condition(DEGRADED, &v.degraded),
+    ];
+    if v.progressing.status == Truth::True {
+        list.push(condition(
+            RECONCILING,
+            &cond(true, v.progressing.reason, v.progressing.message.clone()),
+        ));
+    }
+    if v.stalled {
+        list.push(condition(
+            STALLED,
+            &cond(true, v.degraded.reason, v.degraded.message.clone()),
+        ));
+    }
+    for (type_, c) in extra {
+        list.push(condition(type_, &c));
+    }
+    list
 }
 
 /// The status the cluster should have. Conditions keep their previous
@@ -260,40 +424,10 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
     let previous = cluster.status.clone().unwrap_or_default();
     let v = verdict(cluster, &previous, obs);
     let generation = cluster.meta().generation;
-    let condition = |type_: &str, (status, reason, message): (bool, &str, String)| {
-        let status = if status { "True" } else { "False" };
-        let since = previous
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| Time(obs.now));
-        Condition {
-            type_: type_.to_string(),
-            status: status.to_string(),
-            reason: reason.to_string(),
-            message,
-            observed_generation: generation,
-            last_transition_time: since,
-        }
-    };
-    let mut conditions = vec![
-        condition(READY, v.ready.clone()),
-        condition(PROGRESSING, v.progressing.clone()),
-        condition(DEGRADED, v.degraded.clone()),
-    ];
-    if v.progressing.0 {
-        conditions.push(condition(
-            RECONCILING,
-            (true, v.progressing.1, v.progressing.2.clone()),
-        ));
-    }
-    if v.stalled {
-        conditions.push(condition(
-            STALLED,
-            (true, v.degraded.1, v.degraded.2.clone()),
-        ));
-    }
+    let extra = monitoring_condition(&obs.monitoring)
+        .map(|c| vec![(MONITORING, c)])
+        .unwrap_or_default();
+    let conditions = conditions(&previous, generation, obs.now, &v, extra);
 
     let (replicas, ready_replicas, desired) = obs
         .active
@@ -330,10 +464,100 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
     }
 }
 
+/// The status after a reconcile that failed before it could observe the cluster (or
+/// after it wrote status): everything the operator knew stays, the phase is `Degraded`,
+/// `Ready` is `Unknown` because the relays were not looked at, and the error is in
+/// `Degraded`'s message. `observedGeneration` is the current generation: this spec was
+/// seen, and this is what became of it.
+pub fn failed(cluster: &DchatCluster, failure: &Failure, now: Timestamp) -> DchatClusterStatus {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let v = failure_verdict(
+        failure,
+        cond(
+            Truth::Unknown,
+            reason::RECONCILE_ERROR,
+            "the relays were not observed: the reconcile failed first",
+        ),
+    );
+    let generation = cluster.meta().generation;
+    let mut conditions = conditions(&previous, generation, now, &v, Vec::new());
+    // The Monitoring condition is not re-evaluated without an observation: it stays.
+    conditions.extend(
+        previous
+            .conditions
+            .iter()
+            .filter(|c| c.type_ == MONITORING)
+            .cloned(),
+    );
+    DchatClusterStatus {
+        observed_generation: generation,
+        phase: v.phase,
+        ready: previous
+            .ready
+            .clone()
+            .or_else(|| Some(format!("{}/0", previous.ready_replicas))),
+        conditions,
+        ..previous
+    }
+}
+
+/// Which of the monitoring objects `spec` asks for the cluster cannot hold.
+pub fn monitoring(spec: &MonitoringSpec, served: OptionalKinds) -> Monitoring {
+    let requested = [
+        (
+            "ServiceMonitor",
+            spec.service_monitor,
+            served.service_monitor,
+        ),
+        (
+            "PrometheusRule",
+            spec.prometheus_rule,
+            served.prometheus_rule,
+        ),
+    ];
+    if !requested.iter().any(|(_, wanted, _)| *wanted) {
+        return Monitoring::NotRequested;
+    }
+    let missing: Vec<&'static str> = requested
+        .iter()
+        .filter(|(_, wanted, served)| *wanted && !*served)
+        .map(|(kind, _, _)| *kind)
+        .collect();
+    if missing.is_empty() {
+        Monitoring::Served
+    } else {
+        Monitoring::Missing(missing)
+    }
+}
+
 /// Name of the phase change for Events, e.g. "Running", or `None` when unchanged.
 pub fn phase_transition(cluster: &DchatCluster, next: &DchatClusterStatus) -> Option<Phase> {
     let before = cluster.status.as_ref().map(|s| s.phase);
     (before != Some(next.phase)).then_some(next.phase)
+}
+
+/// Whether `next` newly says the monitoring objects cannot exist (for a one-time Event).
+pub fn monitoring_became_unavailable(
+    cluster: &DchatCluster,
+    next: &DchatClusterStatus,
+) -> Option<String> {
+    let find = |conditions: &[Condition]| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == MONITORING)
+            .map(|c| (c.status.clone(), c.message.clone()))
+    };
+    let before = cluster
+        .status
+        .as_ref()
+        .and_then(|s| find(&s.conditions))
+        .map(|(status, _)| status);
+    match find(&next.conditions) {
+        Some((status, message)) if status == "False" && before.as_deref() != Some("False") => {
+            Some(message)
+        }
+        _ => None,
+    }
 }
 
 /// The cluster's name and namespace for messages.
@@ -363,6 +587,7 @@ mod tests {
             active_is_desired: true,
             serving_version: None,
             serving_hash: None,
+            monitoring: Monitoring::NotRequested,
         }
     }
 
@@ -473,7 +698,10 @@ mod tests {
     fn apply_error_is_degraded_and_retrying() {
         let cluster = cluster_from_yaml("version: '1.0'");
         let mut o = obs(Some(ready(1)));
-        o.reconcile_error = Some("applying StatefulSet apps/chat-blue: 500".into());
+        o.reconcile_error = Some(Failure {
+            message: "applying StatefulSet apps/chat-blue: 500".into(),
+            needs_intervention: false,
+        });
         let status = compute(&cluster, &o);
         assert_eq!(status.phase, Phase::Degraded);
         assert_eq!(
@@ -649,5 +877,111 @@ mod tests {
         assert_eq!(phase_transition(&cluster, &status), Some(Phase::Running));
         cluster.status = Some(status.clone());
         assert_eq!(phase_transition(&cluster, &status), None);
+    }
+
+    #[test]
+    fn a_refused_request_is_stalled_not_retrying() {
+        let cluster = cluster_from_yaml("version: '1.0'");
+        let mut o = obs(Some(ready(1)));
+        o.reconcile_error = Some(Failure {
+            message: "applying StatefulSet apps/chat-blue: forbidden".into(),
+            needs_intervention: true,
+        });
+        let status = compute(&cluster, &o);
+        assert_eq!(status.phase, Phase::Degraded);
+        assert_eq!(cond(&status, STALLED).unwrap().status, "True");
+        assert!(cond(&status, STALLED)
+            .unwrap()
+            .message
+            .contains("forbidden"));
+        assert!(cond(&status, RECONCILING).is_none());
+        assert_eq!(cond(&status, PROGRESSING).unwrap().status, "False");
+    }
+
+    #[test]
+    fn a_failure_before_any_status_gives_a_phase_and_the_error() {
+        let cluster = cluster_from_yaml("version: '1.0'");
+        let failure = Failure {
+            message: "listing StatefulSet apps/: 500 Internal Server Error".into(),
+            needs_intervention: false,
+        };
+        let status = failed(&cluster, &failure, Timestamp::from_second(7).unwrap());
+        assert_eq!(status.phase, Phase::Degraded);
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(cond(&status, READY).unwrap().status, "Unknown");
+        let degraded = cond(&status, DEGRADED).unwrap();
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, reason::RECONCILE_ERROR);
+        assert_eq!(degraded.message, failure.message);
+        assert_eq!(cond(&status, RECONCILING).unwrap().status, "True");
+        assert!(cond(&status, STALLED).is_none());
+        assert_eq!(status.ready.as_deref(), Some("0/0"));
+    }
+
+    #[test]
+    fn a_failure_of_a_running_cluster_no_longer_says_ready() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        let mut o = obs(Some(ready(3)));
+        o.monitoring = Monitoring::Served;
+        cluster.status = Some(compute(&cluster, &o));
+        cluster.metadata.generation = Some(2);
+        let failure = Failure {
+            message: "listing StatefulSet apps/: connection refused".into(),
+            needs_intervention: false,
+        };
+        let status = failed(&cluster, &failure, Timestamp::from_second(9_000).unwrap());
+        assert_eq!(status.phase, Phase::Degraded);
+        assert_eq!(status.observed_generation, Some(2));
+        assert_eq!(cond(&status, READY).unwrap().status, "Unknown");
+        assert_eq!(
+            cond(&status, READY)
+                .unwrap()
+                .last_transition_time
+                .0
+                .as_second(),
+            9_000
+        );
+        assert_eq!(cond(&status, DEGRADED).unwrap().status, "True");
+        // What the operator knew stays: the serving version, counts, Monitoring.
+        assert_eq!(status.active_version.as_deref(), Some("1.0"));
+        assert_eq!(status.ready.as_deref(), Some("3/3"));
+        assert_eq!(cond(&status, MONITORING).unwrap().status, "True");
+        // Every condition describes generation 2.
+        assert!(status
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != MONITORING)
+            .all(|c| c.observed_generation == Some(2)));
+    }
+
+    #[test]
+    fn monitoring_condition_follows_what_the_cluster_serves() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        let none = compute(&cluster, &obs(Some(ready(1))));
+        assert!(
+            cond(&none, MONITORING).is_none(),
+            "not requested: no condition"
+        );
+
+        let mut o = obs(Some(ready(1)));
+        o.monitoring = Monitoring::Missing(vec!["ServiceMonitor", "PrometheusRule"]);
+        let missing = compute(&cluster, &o);
+        let c = cond(&missing, MONITORING).unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason, reason::PROMETHEUS_OPERATOR_MISSING);
+        assert!(c.message.contains("ServiceMonitor or PrometheusRule"));
+        // Not an error: the cluster runs.
+        assert_eq!(missing.phase, Phase::Running);
+        assert_eq!(cond(&missing, DEGRADED).unwrap().status, "False");
+        assert!(monitoring_became_unavailable(&cluster, &missing).is_some());
+        cluster.status = Some(missing.clone());
+        assert!(
+            monitoring_became_unavailable(&cluster, &missing).is_none(),
+            "said once"
+        );
+
+        o.monitoring = Monitoring::Served;
+        let served = compute(&cluster, &o);
+        assert_eq!(cond(&served, MONITORING).unwrap().status, "True");
     }
 }

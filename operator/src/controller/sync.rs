@@ -8,11 +8,11 @@ use kube::core::DynamicObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
-use tracing::{debug, info};
+use tracing::info;
 
 use super::children::{apply_children, ensure_admin_token};
 use super::observe::{database_secret_hash, existing_claims, observe, slot_observation};
-use super::report::{publish, write_status};
+use super::report::{publish, report_failure, write_status};
 use super::rollout_effects::{consume_annotations, decide_rollout, ensure_job};
 use super::status::Observation;
 use super::{status, Context, Error, RESYNC};
@@ -29,14 +29,26 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     let namespace = cluster
         .namespace()
         .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
+    // Every failure shows in status within this attempt: either in the status write
+    // below (failures while applying) or through `report_failure` (everything else).
+    macro_rules! reported {
+        ($result:expr) => {
+            match $result {
+                Ok(value) => value,
+                Err(error) => return Err(report_failure(&cluster, ctx, &namespace, error).await),
+            }
+        };
+    }
     let now = ctx.clock.now();
     let previous = cluster.status.clone().unwrap_or_default();
     let active_slot = previous.active_slot;
-    let live = observe(&cluster, &ctx.client, &namespace).await?;
+    let served = reported!(ctx.served_kinds().await);
+    let live = reported!(observe(&cluster, ctx, &namespace, served).await);
     let active_name = labels::statefulset_name(&cluster, active_slot);
     let active_live = live.get("StatefulSet", &active_name);
-    let secret_hash = database_secret_hash(&cluster, ctx, &namespace).await?;
+    let secret_hash = reported!(database_secret_hash(&cluster, ctx, &namespace).await);
     let desired_hash = rollout::combined_hash(&template_hash(&cluster), secret_hash.as_deref());
+    let monitoring = status::monitoring(&cluster.spec.monitoring, live.served);
 
     let settings = validate(&cluster.spec)
         .map_err(|e| e.to_string())
@@ -48,6 +60,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
                 invalid_spec: Some(message.clone()),
                 rollout: previous.rollout.clone(),
                 active_is_desired: false,
+                monitoring,
                 ..observation(&cluster, active_slot, active_live, &desired_hash, now)
             };
             write_status(&cluster, ctx, &namespace, obs).await?;
@@ -58,16 +71,18 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         }
     };
 
-    let decision = decide_rollout(
-        &cluster,
-        ctx,
-        &namespace,
-        &live,
-        &settings,
-        &desired_hash,
-        now,
-    )
-    .await?;
+    let decision = reported!(
+        decide_rollout(
+            &cluster,
+            ctx,
+            &namespace,
+            &live,
+            &settings,
+            &desired_hash,
+            now,
+        )
+        .await
+    );
     let serving_slot = decision.serving.slot;
     let mut deployments = Vec::new();
     let mut kept = Vec::new();
@@ -90,15 +105,8 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     let inputs = BuildInputs {
         active_slot: serving_slot,
         slots: deployments,
-        monitoring_available: live.monitoring_available,
+        served: live.served,
     };
-    if !live.monitoring_available
-        && (cluster.spec.monitoring.service_monitor || cluster.spec.monitoring.prometheus_rule)
-    {
-        debug!(
-            "monitoring.coreos.com CRDs not installed; skipping ServiceMonitor and PrometheusRule"
-        );
-    }
     let mut desired = desired_children(&cluster, &inputs);
     for child in &mut desired {
         match child {
@@ -155,7 +163,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         };
         publish(ctx, &cluster, type_, note.reason, note.message.clone()).await;
     }
-    let reconcile_error = outcome.as_ref().err().map(ToString::to_string);
+    let reconcile_error = outcome.as_ref().err().map(Error::as_failure);
     let serving_live = live.get(
         "StatefulSet",
         &labels::statefulset_name(&cluster, serving_slot),
@@ -166,11 +174,12 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         active_is_desired: decision.active_is_desired,
         serving_version: decision.serving.version.clone(),
         serving_hash: decision.serving.hash.clone(),
+        monitoring,
         ..observation(&cluster, serving_slot, serving_live, &desired_hash, now)
     };
     write_status(&cluster, ctx, &namespace, obs).await?;
     outcome?;
-    consume_annotations(&cluster, ctx, &namespace, &decision).await?;
+    reported!(consume_annotations(&cluster, ctx, &namespace, &decision).await);
     Ok(Action::requeue(decision.requeue.unwrap_or(RESYNC)))
 }
 
@@ -198,6 +207,7 @@ pub(super) fn observation(
         active_is_desired: true,
         serving_version: None,
         serving_hash: None,
+        monitoring: Default::default(),
     }
 }
 

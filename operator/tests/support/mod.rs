@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use dchat_operator::api::DchatCluster;
 use dchat_operator::build::{PrometheusRule, ServiceMonitor};
-use dchat_operator::controller::{self, Context, Error};
+use dchat_operator::controller::{self, Capabilities, Context, Error, OptionalKinds};
 use dchat_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -42,6 +42,8 @@ pub struct Fault {
 /// The in-memory API with the operator's context.
 pub struct Harness {
     pub client: Client,
+    /// What the in-memory API serves of the optional kinds (it has no discovery).
+    pub capabilities: Arc<Capabilities>,
     pub ctx: Arc<Context>,
     pub calls: Arc<Mutex<Vec<Call>>>,
     pub fault: Arc<Mutex<Option<Fault>>>,
@@ -148,13 +150,22 @@ impl Harness {
                 .with_resource::<PrometheusRule>();
         }
         let client = builder.build().await.expect("fake client builds");
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            Arc::new(Metrics::new()),
-            Some("test".into()),
-        ));
+        let capabilities = Arc::new(Capabilities::fixed(if monitoring {
+            OptionalKinds::ALL
+        } else {
+            OptionalKinds::NONE
+        }));
+        let ctx = Arc::new(
+            Context::new(
+                client.clone(),
+                Arc::new(Metrics::new()),
+                Some("test".into()),
+            )
+            .with_capabilities(capabilities.clone()),
+        );
         Self {
             client,
+            capabilities,
             ctx,
             calls,
             fault,

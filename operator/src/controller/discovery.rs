@@ -1,0 +1,127 @@
+//! Which optional kinds the API server serves.
+//!
+//! ServiceMonitor and PrometheusRule exist only where the Prometheus Operator's CRDs are
+//! installed (not on kind, not on most development clusters). The operator asks API
+//! discovery instead of listing them and reading a 404: the API server answers a request
+//! for an unserved group with a plain-text `404 page not found`, not a `Status`, which a
+//! client cannot tell apart from other failures. Discovery runs once before the first
+//! reconcile and again every [`DISCOVERY_INTERVAL`]; when the answer changes, every
+//! cluster is reconciled, so CRDs installed later get their objects without a restart.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use futures::channel::mpsc;
+use kube::Client;
+use tracing::{info, warn};
+
+pub use crate::build::OptionalKinds;
+
+/// How often the operator asks discovery again.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The group/version the Prometheus Operator serves its kinds under.
+const MONITORING_GROUP_VERSION: &str = "monitoring.coreos.com/v1";
+
+/// The last discovery answer, shared by every reconcile.
+#[derive(Debug, Default)]
+pub struct Capabilities {
+    kinds: RwLock<Option<OptionalKinds>>,
+}
+
+impl Capabilities {
+    /// Capabilities fixed at `kinds` (tests, and `render`); never discovered.
+    pub fn fixed(kinds: OptionalKinds) -> Self {
+        Self {
+            kinds: RwLock::new(Some(kinds)),
+        }
+    }
+
+    /// The last answer, or `None` before the first discovery.
+    pub fn get(&self) -> Option<OptionalKinds> {
+        *self.kinds.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an answer; true when it differs from the previous one.
+    pub fn set(&self, kinds: OptionalKinds) -> bool {
+        let mut current = self.kinds.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *current != Some(kinds);
+        *current = Some(kinds);
+        changed
+    }
+
+    /// Records that `kind` stopped being served (a request for it answered 404 between
+    /// two discoveries, e.g. its CRD was deleted).
+    pub fn forget(&self, kind: &str) {
+        let mut current = self.kinds.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(kinds) = current.as_mut() {
+            *kinds = kinds.without(kind);
+        }
+    }
+}
+
+/// Asks the API server which optional kinds it serves.
+pub async fn discover(client: &Client) -> Result<OptionalKinds, kube::Error> {
+    match client
+        .list_api_group_resources(MONITORING_GROUP_VERSION)
+        .await
+    {
+        Ok(list) => Ok(OptionalKinds::from_monitoring_resources(
+            list.resources.iter().map(|r| r.name.as_str()),
+        )),
+        // The group is not served at all. The body is plain text, so only the code says it.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(OptionalKinds::NONE),
+        Err(e) => Err(e),
+    }
+}
+
+/// Asks discovery every `interval` and records the answer; sends on `changed` when it
+/// differs from the last one. Runs until the receiver is dropped.
+pub async fn keep_discovering(
+    client: Client,
+    capabilities: std::sync::Arc<Capabilities>,
+    interval: Duration,
+    mut changed: mpsc::Sender<()>,
+) {
+    loop {
+        match discover(&client).await {
+            Ok(kinds) => {
+                let before = capabilities.get();
+                if capabilities.set(kinds) {
+                    if before.is_some() {
+                        info!(?kinds, "the optional kinds the API server serves changed");
+                    }
+                    if changed.try_send(()).is_err() && changed.is_closed() {
+                        return;
+                    }
+                }
+            }
+            // Keep the last answer: an API server that does not answer now is no news
+            // about which CRDs are installed.
+            Err(e) => warn!(error = %e, "API discovery failed; keeping the last answer"),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_report_changes_and_forget_kinds() {
+        let caps = Capabilities::default();
+        assert_eq!(caps.get(), None);
+        assert!(caps.set(OptionalKinds::ALL));
+        assert!(!caps.set(OptionalKinds::ALL), "same answer is no change");
+        caps.forget("ServiceMonitor");
+        assert_eq!(
+            caps.get(),
+            Some(OptionalKinds {
+                service_monitor: false,
+                prometheus_rule: true
+            })
+        );
+        assert!(caps.set(OptionalKinds::ALL), "back again is a change");
+    }
+}
