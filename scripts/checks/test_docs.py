@@ -14,6 +14,7 @@ from delivery_lib import OPERATOR_CHART, ROOT
 
 DOCS = ROOT / "docs"
 PAGES = sorted([DOCS / "architecture.md", DOCS / "install.md", DOCS / "upgrading.md",
+                DOCS / "development.md", DOCS / "performance.md", ROOT / "README.md",
                 *(DOCS / "monitoring").glob("*.md"), *(DOCS / "runbooks").glob("*.md"),
                 *(ROOT / "charts").glob("*/README.md"), ROOT / "terraform" / "aws" / "README.md"])
 
