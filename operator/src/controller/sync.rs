@@ -1,0 +1,223 @@
+//! One reconcile of a live cluster: observe, validate, let the rollout decide, build the
+//! desired children, apply them, and write status.
+
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::core::DynamicObject;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::ResourceExt;
+use tracing::{debug, info};
+
+use super::children::{apply_children, ensure_admin_token};
+use super::observe::{database_secret_hash, existing_claims, observe, slot_observation};
+use super::report::{publish, write_status};
+use super::rollout_effects::{consume_annotations, decide_rollout, ensure_job};
+use super::status::Observation;
+use super::{status, Context, Error, RESYNC};
+use crate::api::{validate, DchatCluster, Slot};
+use crate::build::{desired_children, BuildInputs, Child, SlotDeployment};
+use crate::rollout::{
+    handover, smoke, Settings, Template, SECRET_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
+};
+use crate::{labels, rollout};
+
+/// Reconciles a cluster that is not being deleted: everything from observing its
+/// children to writing its status.
+pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Action, Error> {
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
+    let now = ctx.clock.now();
+    let previous = cluster.status.clone().unwrap_or_default();
+    let active_slot = previous.active_slot;
+    let live = observe(&cluster, &ctx.client, &namespace).await?;
+    let active_name = labels::statefulset_name(&cluster, active_slot);
+    let active_live = live.get("StatefulSet", &active_name);
+    let secret_hash = database_secret_hash(&cluster, ctx, &namespace).await?;
+    let desired_hash = rollout::combined_hash(&template_hash(&cluster), secret_hash.as_deref());
+
+    let settings = validate(&cluster.spec)
+        .map_err(|e| e.to_string())
+        .and_then(|()| Settings::from_spec(&cluster.spec).map_err(|e| e.to_string()));
+    let settings = match settings {
+        Ok(settings) => settings,
+        Err(message) => {
+            let obs = Observation {
+                invalid_spec: Some(message.clone()),
+                rollout: previous.rollout.clone(),
+                active_is_desired: false,
+                ..observation(&cluster, active_slot, active_live, &desired_hash, now)
+            };
+            write_status(&cluster, ctx, &namespace, obs).await?;
+            return Err(Error::InvalidSpec {
+                cluster: status::display_name(&cluster),
+                message,
+            });
+        }
+    };
+
+    let decision = decide_rollout(
+        &cluster,
+        ctx,
+        &namespace,
+        &live,
+        &settings,
+        &desired_hash,
+        now,
+    )
+    .await?;
+    let serving_slot = decision.serving.slot;
+    let mut deployments = Vec::new();
+    let mut kept = Vec::new();
+    for plan in &decision.slots {
+        let name = labels::statefulset_name(&cluster, plan.slot);
+        let live_sts = live.get("StatefulSet", &name);
+        match (plan.template, live_sts) {
+            (Template::Keep, Some(_)) => kept.push((name, plan.replicas)),
+            // Nothing to keep: an idle slot that never ran stays absent.
+            (Template::Keep, None) if plan.slot != serving_slot => {}
+            // The serving slot must exist; if someone deleted it, recreate it from the
+            // spec rather than serve nothing.
+            (Template::Keep, None) | (Template::Desired, _) => deployments.push(SlotDeployment {
+                slot: plan.slot,
+                replicas: plan.replicas,
+                existing_claims: existing_claims(live_sts),
+            }),
+        }
+    }
+    let inputs = BuildInputs {
+        active_slot: serving_slot,
+        slots: deployments,
+        monitoring_available: live.monitoring_available,
+    };
+    if !live.monitoring_available
+        && (cluster.spec.monitoring.service_monitor || cluster.spec.monitoring.prometheus_rule)
+    {
+        debug!(
+            "monitoring.coreos.com CRDs not installed; skipping ServiceMonitor and PrometheusRule"
+        );
+    }
+    let mut desired = desired_children(&cluster, &inputs);
+    for child in &mut desired {
+        match child {
+            // Records which template a slot was given, so a rollout can tell the new
+            // template from an old one that happens to be ready.
+            Child::StatefulSet(sts) => {
+                sts.metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(TEMPLATE_HASH_ANNOTATION.to_string(), desired_hash.clone());
+                // New database credentials are a new pod template.
+                if let (Some(hash), Some(spec)) = (&secret_hash, sts.spec.as_mut()) {
+                    spec.template
+                        .metadata
+                        .get_or_insert_with(Default::default)
+                        .annotations
+                        .get_or_insert_with(Default::default)
+                        .insert(SECRET_HASH_ANNOTATION.to_string(), hash.clone());
+                }
+            }
+            // Scale is held steady while a rollout compares and switches slots.
+            Child::HorizontalPodAutoscaler(hpa) => {
+                if let (Some(pin), Some(spec)) = (decision.hpa_pin, hpa.spec.as_mut()) {
+                    spec.min_replicas = Some(pin);
+                    spec.max_replicas = pin;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut outcome = ensure_admin_token(&cluster, ctx, &namespace).await;
+    if outcome.is_ok() {
+        outcome = apply_children(&cluster, ctx, &namespace, &desired, &kept, &live).await;
+    }
+    if outcome.is_ok() {
+        if let Some(request) = &decision.smoke {
+            info!(job = %request.job_name, slot = %request.slot, "creating smoke test Job");
+            let job = smoke::smoke_job(&cluster, request);
+            outcome = ensure_job(ctx, &namespace, &request.job_name, &job).await;
+        }
+    }
+    if outcome.is_ok() {
+        if let Some(request) = &decision.handover {
+            info!(job = %request.job_name, from = %request.from, to = %request.to, "creating handover Job");
+            let job = handover::handover_job(&cluster, request);
+            outcome = ensure_job(ctx, &namespace, &request.job_name, &job).await;
+        }
+    }
+    for note in &decision.notes {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, &cluster, type_, note.reason, note.message.clone()).await;
+    }
+    let reconcile_error = outcome.as_ref().err().map(ToString::to_string);
+    let serving_live = live.get(
+        "StatefulSet",
+        &labels::statefulset_name(&cluster, serving_slot),
+    );
+    let obs = Observation {
+        reconcile_error,
+        rollout: decision.rollout.clone(),
+        active_is_desired: decision.active_is_desired,
+        serving_version: decision.serving.version.clone(),
+        serving_hash: decision.serving.hash.clone(),
+        ..observation(&cluster, serving_slot, serving_live, &desired_hash, now)
+    };
+    write_status(&cluster, ctx, &namespace, obs).await?;
+    outcome?;
+    consume_annotations(&cluster, ctx, &namespace, &decision).await?;
+    Ok(Action::requeue(decision.requeue.unwrap_or(RESYNC)))
+}
+
+pub(super) fn observation(
+    cluster: &DchatCluster,
+    active_slot: Slot,
+    active_live: Option<&DynamicObject>,
+    template_hash: &str,
+    now: Timestamp,
+) -> Observation {
+    let selector = labels::slot_selector(cluster, active_slot)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Observation {
+        invalid_spec: None,
+        reconcile_error: None,
+        active_slot,
+        active: slot_observation(active_live),
+        template_hash: template_hash.to_string(),
+        selector,
+        now,
+        rollout: cluster.status.as_ref().and_then(|s| s.rollout.clone()),
+        active_is_desired: true,
+        serving_version: None,
+        serving_hash: None,
+    }
+}
+
+/// Hash of the relay pod template the spec asks for, recorded in status when it serves.
+/// Computed for the blue slot whatever slot serves: the slot only changes labels and
+/// peer DNS names, and a hash that moved with the slot would look like a new template
+/// after every switch.
+pub(super) fn template_hash(cluster: &DchatCluster) -> String {
+    use sha2::{Digest, Sha256};
+    // Only the StatefulSet (and the config hash its template carries) is needed, not
+    // every child.
+    let config_hash = crate::build::config_hash(&crate::build::configmap(cluster));
+    let deployment = SlotDeployment {
+        slot: Slot::Blue,
+        replicas: None,
+        existing_claims: None,
+    };
+    let template = crate::build::statefulset(cluster, &deployment, &config_hash)
+        .spec
+        .map(|s| s.template);
+    let bytes = serde_json::to_vec(&template).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..8])
+}
