@@ -351,7 +351,7 @@ pub struct RelaySettings {
     #[serde(default = "default_message_ttl")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
     pub message_ttl: String,
-    /// URL of the chain RPC endpoint the relays use to resolve identities (optional).
+    /// Chain RPC URL given to the relays (DCHAT_CHAIN_RPC); validated, not used by them (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = r"^(https?|wss?)://"))]
     pub chain_rpc_url: Option<String>,
