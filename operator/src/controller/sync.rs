@@ -127,11 +127,11 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
                         .insert(SECRET_HASH_ANNOTATION.to_string(), hash.clone());
                 }
             }
-            // Scale is held steady while a rollout compares and switches slots.
+            // The rollout holds the size before the switch and sets a floor after it.
             Child::HorizontalPodAutoscaler(hpa) => {
-                if let (Some(pin), Some(spec)) = (decision.hpa_pin, hpa.spec.as_mut()) {
-                    spec.min_replicas = Some(pin);
-                    spec.max_replicas = pin;
+                if let (Some(bounds), Some(spec)) = (decision.hpa_bounds, hpa.spec.as_mut()) {
+                    spec.min_replicas = Some(bounds.min);
+                    spec.max_replicas = bounds.max;
                 }
             }
             _ => {}

@@ -113,6 +113,8 @@ pub struct Settings {
     pub progress_deadline: Duration,
     /// Whether a HorizontalPodAutoscaler owns the serving slot's size.
     pub autoscaling: bool,
+    /// `spec.autoscaling.maxReplicas`: how far the HPA may scale out.
+    pub max_replicas: i32,
     /// `spec.replicas`.
     pub replicas: i32,
     /// The relays keep messages on their own volumes (embedded store): before the old
@@ -160,6 +162,7 @@ impl Settings {
             scale_down_delay: parse("spec.rollout.scaleDownDelay", &rollout.scale_down_delay)?,
             progress_deadline: parse("spec.rollout.progressDeadline", &rollout.progress_deadline)?,
             autoscaling: spec.autoscaling.enabled,
+            max_replicas: spec.autoscaling.max_replicas,
             replicas: spec.replicas,
             handover: spec.database.is_none(),
             analysis: rollout.analysis.clone(),
@@ -170,6 +173,15 @@ impl Settings {
     fn fixed_replicas(&self) -> Option<i32> {
         (!self.autoscaling).then_some(self.replicas)
     }
+}
+
+/// `minReplicas` / `maxReplicas` for the HorizontalPodAutoscaler during a rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HpaBounds {
+    /// `spec.minReplicas`.
+    pub min: i32,
+    /// `spec.maxReplicas`.
+    pub max: i32,
 }
 
 /// The relay pod template the spec asks for.
@@ -340,8 +352,9 @@ pub struct Decision {
     pub active_is_desired: bool,
     /// The relay StatefulSets, serving slot first.
     pub slots: Vec<SlotPlan>,
-    /// Pin the HorizontalPodAutoscaler to this count while a rollout holds scale steady.
-    pub hpa_pin: Option<i32>,
+    /// Bounds the HorizontalPodAutoscaler gets instead of the spec's while a rollout
+    /// runs; `None` leaves the spec's.
+    pub hpa_bounds: Option<HpaBounds>,
     /// A smoke test Job that must exist.
     pub smoke: Option<SmokeRequest>,
     /// A handover Job that must exist.
@@ -981,10 +994,13 @@ impl Machine<'_, '_> {
     fn promoted(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
         let failure = self.pod_failure(r).or_else(|| {
             let s = self.input.slot(r.slot)?;
-            (s.ready < s.replicas || s.replicas == 0).then(|| {
+            // Relays the HPA added in the window are still starting; the validated
+            // count must stay ready. (Added relays that crash are pod failures.)
+            let required = s.replicas.min(r.replicas);
+            (s.ready < required || s.replicas == 0).then(|| {
                 (
                     reason::RELAYS_NOT_READY,
-                    format!("{}/{} relays ready in slot {}", s.ready, s.replicas, r.slot),
+                    format!("{}/{} relays ready in slot {}", s.ready, required, r.slot),
                 )
             })
         });
@@ -1183,7 +1199,16 @@ impl Machine<'_, '_> {
         let fixed = settings.fixed_replicas();
         let active = state.serving.slot;
         let idle = active.other();
-        let pin = |n: i32| settings.autoscaling.then_some(n);
+        // Before the switch the size is held, so the two slots compare and switch at
+        // the same count. In the post-promotion window the new slot may grow (a traffic
+        // spike right after a release) but not shrink below what was validated.
+        let hold = |n: i32| settings.autoscaling.then_some(HpaBounds { min: n, max: n });
+        let floor = |n: i32| {
+            settings.autoscaling.then_some(HpaBounds {
+                min: n,
+                max: settings.max_replicas.max(n),
+            })
+        };
         let plan = |active_template, active_replicas, idle_template, idle_replicas| {
             vec![
                 SlotPlan {
@@ -1200,10 +1225,10 @@ impl Machine<'_, '_> {
         };
         let in_flight = state.rollout.as_ref().filter(|r| r.step.in_flight());
         let mut handover = None;
-        let (slots, hpa_pin, active_is_desired, smoke) = match in_flight {
+        let (slots, hpa_bounds, active_is_desired, smoke) = match in_flight {
             Some(r) => match r.step {
-                // Inside the window the new slot stays at the held size (the HPA is
-                // pinned to it), so "every relay ready" is judged on a steady count.
+                // Inside the window the HPA may scale the new slot out, never below the
+                // validated count; "every relay ready" is judged on that count.
                 RolloutStep::Promoted => (
                     plan(
                         Template::Desired,
@@ -1211,7 +1236,7 @@ impl Machine<'_, '_> {
                         Template::Keep,
                         Some(r.replicas),
                     ),
-                    pin(r.replicas),
+                    floor(r.replicas),
                     true,
                     None,
                 ),
@@ -1247,7 +1272,7 @@ impl Machine<'_, '_> {
                     });
                     (
                         plan(Template::Keep, fixed, Template::Desired, Some(r.replicas)),
-                        pin(r.replicas),
+                        hold(r.replicas),
                         false,
                         smoke,
                     )
@@ -1305,7 +1330,7 @@ impl Machine<'_, '_> {
             serving: state.serving,
             active_is_desired,
             slots,
-            hpa_pin,
+            hpa_bounds,
             smoke,
             handover,
             notes: self.notes,

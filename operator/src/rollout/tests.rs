@@ -33,6 +33,7 @@ fn settings() -> Settings {
         scale_down_delay: 15 * MIN,
         progress_deadline: 15 * MIN,
         autoscaling: false,
+        max_replicas: 10,
         replicas: 3,
         handover: false,
         analysis: None,
@@ -159,7 +160,7 @@ struct Case {
     target: Option<&'static str>,
     traffic: (Slot, Option<&'static str>),
     slots: [(Slot, Template, Option<i32>); 2],
-    hpa_pin: Option<i32>,
+    hpa: Option<(i32, i32)>,
     smoke_job: bool,
     handover_job: bool,
     consume: (bool, bool),
@@ -188,7 +189,7 @@ fn base() -> Case {
         target: None,
         traffic: (Blue, Some("v1")),
         slots: [(Blue, Desired, Some(3)), (Green, Keep, Some(0))],
-        hpa_pin: None,
+        hpa: None,
         smoke_job: false,
         handover_job: false,
         consume: (false, false),
@@ -210,6 +211,9 @@ const BACK_ON_BLUE: [(Slot, Template, Option<i32>); 2] =
 /// is for inspection until the scale-down delay passes.
 const FAILED_KEPT: [(Slot, Template, Option<i32>); 2] =
     [(Blue, Keep, Some(3)), (Green, Keep, None)];
+/// The same with autoscaling: the HPA owns the serving slot's count.
+const FAILED_KEPT_AUTOSCALED: [(Slot, Template, Option<i32>); 2] =
+    [(Blue, Keep, None), (Green, Keep, None)];
 /// Done: green serves v2 from the spec, blue at zero.
 const DONE_ON_GREEN: [(Slot, Template, Option<i32>); 2] =
     [(Green, Desired, Some(3)), (Blue, Keep, Some(0))];
@@ -259,7 +263,7 @@ fn table() -> Vec<Case> {
             target: Some("v2"),
             reason: Some(reason::STARTED),
             slots: [(Blue, Keep, None), (Green, Desired, Some(5))],
-            hpa_pin: Some(5),
+            hpa: Some((5, 5)),
             notes: &[reason::STARTED],
             ..base()
         },
@@ -820,7 +824,7 @@ fn table() -> Vec<Case> {
             ..base()
         },
         Case {
-            name: "promoted: autoscaling keeps the HPA pinned inside the window",
+            name: "promoted: in the window the HPA may scale out from the validated count",
             settings: Settings {
                 autoscaling: true,
                 ..settings()
@@ -834,7 +838,45 @@ fn table() -> Vec<Case> {
             target: Some("v2"),
             traffic: (Green, Some("v2")),
             slots: [(Green, Desired, None), (Blue, Keep, Some(3))],
-            hpa_pin: Some(3),
+            hpa: Some((3, 10)),
+            ..base()
+        },
+        Case {
+            name: "promoted: relays the HPA added in the window may still be starting",
+            settings: Settings {
+                autoscaling: true,
+                ..settings()
+            },
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            // Scaled out to 5; the 2 new relays are not ready yet.
+            green: sts("v2", 5, 3),
+            now: 5,
+            step: Some(Promoted),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: [(Green, Desired, None), (Blue, Keep, Some(3))],
+            hpa: Some((3, 10)),
+            ..base()
+        },
+        Case {
+            name: "promoted: the validated count not ready after a scale-out rolls back",
+            settings: Settings {
+                autoscaling: true,
+                ..settings()
+            },
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 3),
+            green: sts("v2", 5, 2),
+            now: 5,
+            step: Some(RolledBack),
+            reason: Some(reason::RELAYS_NOT_READY),
+            target: Some("v2"),
+            traffic: (Blue, Some("v1")),
+            slots: FAILED_KEPT_AUTOSCALED,
+            notes: &["RolledBack"],
             ..base()
         },
         // ---- ScalingDown
@@ -1001,7 +1043,7 @@ fn table() -> Vec<Case> {
             target: Some("v3"),
             traffic: (Green, Some("v2")),
             slots: [(Green, Keep, Some(3)), (Blue, Desired, Some(3))],
-            hpa_pin: None,
+            hpa: None,
             notes: &[reason::STARTED],
             ..base()
         },
@@ -1322,11 +1364,8 @@ fn transition_table() {
             .map(|s| (s.slot, s.template, s.replicas))
             .collect();
         check("slots", slots == case.slots, format!("{slots:?}"));
-        check(
-            "hpa pin",
-            d.hpa_pin == case.hpa_pin,
-            format!("{:?}", d.hpa_pin),
-        );
+        let hpa = d.hpa_bounds.map(|b| (b.min, b.max));
+        check("hpa bounds", hpa == case.hpa, format!("{hpa:?}"));
         check(
             "smoke job",
             d.smoke.is_some() == case.smoke_job,
@@ -1356,7 +1395,7 @@ fn transition_table() {
         let notes: Vec<&str> = d.notes.iter().map(|n| n.reason).collect();
         check("notes", notes == case.notes, format!("{notes:?}"));
         let in_flight = d.rollout.as_ref().is_some_and(|r| r.step.in_flight());
-        let failed_slot_kept = case.slots == FAILED_KEPT;
+        let failed_slot_kept = case.slots == FAILED_KEPT || case.slots == FAILED_KEPT_AUTOSCALED;
         let handover_stuck = d.rollout.as_ref().is_some_and(|r| r.step == HandoverFailed);
         let expected_requeue = if in_flight || d.handover.is_some() {
             Some(POLL)
