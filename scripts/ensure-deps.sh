@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # make: builds jemalloc, the relay server's allocator (tikv-jemalloc-sys).
-apt_packages=(postgresql shellcheck make)
+# openssl, curl, xz-utils: ../shared/envtest/kube-up (certificates, readiness, binaries).
+apt_packages=(postgresql shellcheck make openssl curl xz-utils)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

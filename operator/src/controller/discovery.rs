@@ -11,8 +11,8 @@
 use std::sync::RwLock;
 use std::time::Duration;
 
-use futures::channel::mpsc;
 use kube::Client;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use crate::build::OptionalKinds;
@@ -75,13 +75,13 @@ pub async fn discover(client: &Client) -> Result<OptionalKinds, kube::Error> {
     }
 }
 
-/// Asks discovery every `interval` and records the answer; sends on `changed` when it
-/// differs from the last one. Runs until the receiver is dropped.
+/// Asks discovery every `interval` and records the answer; counts up `changes` when it
+/// differs from the last one. Runs until every receiver is dropped.
 pub async fn keep_discovering(
     client: Client,
     capabilities: std::sync::Arc<Capabilities>,
     interval: Duration,
-    mut changed: mpsc::Sender<()>,
+    changes: watch::Sender<u64>,
 ) {
     loop {
         match discover(&client).await {
@@ -91,7 +91,8 @@ pub async fn keep_discovering(
                     if before.is_some() {
                         info!(?kinds, "the optional kinds the API server serves changed");
                     }
-                    if changed.try_send(()).is_err() && changed.is_closed() {
+                    changes.send_modify(|n| *n += 1);
+                    if changes.is_closed() {
                         return;
                     }
                 }

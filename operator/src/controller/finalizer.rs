@@ -112,5 +112,6 @@ pub(super) async fn cleanup(cluster: Arc<DchatCluster>, ctx: &Context) -> Result
     )
     .await;
     ctx.metrics.forget(&status::display_name(&cluster));
+    ctx.announced.forget(&cluster);
     Ok(Action::await_change())
 }

@@ -24,7 +24,7 @@ pub use error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -60,6 +60,45 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Which optional kinds the API server serves, as last discovered.
     pub capabilities: Arc<Capabilities>,
+    /// What each cluster's Events last announced, so one change is said once.
+    pub announced: Announcements,
+}
+
+/// The last value each cluster's Events announced, per topic ("phase", "monitoring").
+///
+/// A reconcile can start from a cached object that predates the previous reconcile's
+/// status write; judged from that object alone, a transition would be announced twice.
+/// Only for deduplication: after a restart, a transition is at most announced once more.
+#[derive(Debug, Default)]
+pub struct Announcements(
+    std::sync::Mutex<std::collections::HashMap<(String, &'static str), String>>,
+);
+
+impl Announcements {
+    /// True, and remembered, when `value` is not what `topic` last announced for `cluster`.
+    pub fn first(&self, cluster: &DchatCluster, topic: &'static str, value: &str) -> bool {
+        let key = (
+            cluster
+                .uid()
+                .unwrap_or_else(|| status::display_name(cluster)),
+            topic,
+        );
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if last.get(&key).map(String::as_str) == Some(value) {
+            return false;
+        }
+        last.insert(key, value.to_string());
+        true
+    }
+
+    /// Forgets a deleted cluster.
+    pub fn forget(&self, cluster: &DchatCluster) {
+        let uid = cluster
+            .uid()
+            .unwrap_or_else(|| status::display_name(cluster));
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        last.retain(|(id, _), _| *id != uid);
+    }
 }
 
 impl Context {
@@ -75,6 +114,7 @@ impl Context {
             metrics,
             clock: Arc::new(SystemClock),
             capabilities: Arc::default(),
+            announced: Announcements::default(),
         }
     }
 
@@ -154,6 +194,10 @@ pub fn error_policy(cluster: Arc<DchatCluster>, error: &Error, _ctx: Arc<Context
 /// or everywhere) and the kinds they own, and asks API discovery every
 /// `discovery_interval` which optional kinds are served, reconciling every cluster when
 /// that changes.
+///
+/// A watch whose connection breaks mid-stream (the API server restarted, a proxy dropped
+/// it) is not resumed by kube-runtime: it yields the same read error forever and the
+/// controller goes deaf. Such an error restarts every watch here, with a fresh list.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
@@ -162,6 +206,55 @@ pub async fn run(
     discovery_interval: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let ctx = Arc::new(Context::new(client.clone(), metrics, instance));
+    let (changes_tx, changes_rx) = tokio::sync::watch::channel(0_u64);
+    let discovery = tokio::spawn(keep_discovering(
+        client.clone(),
+        ctx.capabilities.clone(),
+        discovery_interval,
+        changes_tx,
+    ));
+    let shutdown = shutdown.shared();
+    loop {
+        // Every reconcile-all request of discovery after this point.
+        let mut rx = changes_rx.clone();
+        rx.mark_unchanged();
+        let rediscovered = futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        });
+        let results = controller(&client, &namespace)
+            .reconcile_all_on(rediscovered)
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, ctx.clone());
+        futures::pin_mut!(results);
+        let mut broken = false;
+        while let Some(result) = results.next().await {
+            match result {
+                Ok((object, _)) => debug!(cluster = %object.name, "reconciled"),
+                Err(kube::runtime::controller::Error::QueueError(watcher::Error::WatchFailed(
+                    kube::Error::ReadEvents(e),
+                ))) => {
+                    warn!(error = %e, "a watch connection broke; restarting the watches");
+                    broken = true;
+                    break;
+                }
+                Err(e) => debug!(error = %e, "reconcile did not complete"),
+            }
+        }
+        if !broken {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.clone() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    discovery.abort();
+}
+
+/// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere.
+fn controller(client: &Client, namespace: &Option<String>) -> Controller<DchatCluster> {
     fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -175,41 +268,19 @@ pub async fn run(
         "app.kubernetes.io/managed-by={}",
         labels::MANAGED_BY
     ));
-    let ctx = Arc::new(Context::new(client.clone(), metrics, instance));
-    let (changed_tx, changed_rx) = futures::channel::mpsc::channel(1);
-    let discovery = tokio::spawn(keep_discovering(
-        client.clone(),
-        ctx.capabilities.clone(),
-        discovery_interval,
-        changed_tx,
-    ));
     Controller::new(
-        api::<DchatCluster>(&client, &namespace),
+        api::<DchatCluster>(client, namespace),
         watcher::Config::default(),
     )
-    .owns(api::<StatefulSet>(&client, &namespace), owned.clone())
-    .owns(api::<Service>(&client, &namespace), owned.clone())
-    .owns(api::<ConfigMap>(&client, &namespace), owned.clone())
-    .owns(api::<ServiceAccount>(&client, &namespace), owned.clone())
+    .owns(api::<StatefulSet>(client, namespace), owned.clone())
+    .owns(api::<Service>(client, namespace), owned.clone())
+    .owns(api::<ConfigMap>(client, namespace), owned.clone())
+    .owns(api::<ServiceAccount>(client, namespace), owned.clone())
     .owns(
-        api::<HorizontalPodAutoscaler>(&client, &namespace),
+        api::<HorizontalPodAutoscaler>(client, namespace),
         owned.clone(),
     )
-    .owns(
-        api::<PodDisruptionBudget>(&client, &namespace),
-        owned.clone(),
-    )
-    .owns(api::<NetworkPolicy>(&client, &namespace), owned.clone())
-    .owns(api::<Ingress>(&client, &namespace), owned)
-    .reconcile_all_on(changed_rx)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((object, _)) => debug!(cluster = %object.name, "reconciled"),
-            Err(e) => debug!(error = %e, "reconcile did not complete"),
-        }
-    })
-    .await;
-    discovery.abort();
+    .owns(api::<PodDisruptionBudget>(client, namespace), owned.clone())
+    .owns(api::<NetworkPolicy>(client, namespace), owned.clone())
+    .owns(api::<Ingress>(client, namespace), owned)
 }

@@ -26,7 +26,9 @@ pub(super) async fn write_status(
     if cluster.status.as_ref() == Some(&next) {
         return Ok(());
     }
-    if let Some(phase) = status::phase_transition(cluster, &next) {
+    if let Some(phase) = status::phase_transition(cluster, &next)
+        .filter(|phase| ctx.announced.first(cluster, "phase", phase.as_str()))
+    {
         let (type_, note) = match &obs {
             Observation {
                 invalid_spec: Some(m),
@@ -47,7 +49,9 @@ pub(super) async fn write_status(
         };
         publish(ctx, cluster, type_, phase.as_str(), note).await;
     }
-    if let Some(message) = status::monitoring_became_unavailable(cluster, &next) {
+    if let Some(message) = status::monitoring_became_unavailable(cluster, &next)
+        .filter(|m| ctx.announced.first(cluster, "monitoring", m))
+    {
         publish(
             ctx,
             cluster,
@@ -76,7 +80,9 @@ pub(super) async fn report_failure(
     if cluster.status.as_ref() == Some(&next) {
         return error;
     }
-    if status::phase_transition(cluster, &next).is_some() {
+    if status::phase_transition(cluster, &next).is_some()
+        && ctx.announced.first(cluster, "phase", next.phase.as_str())
+    {
         publish(
             ctx,
             cluster,

@@ -5,4 +5,11 @@
 
 mod support;
 
+mod deletion;
 mod discovery;
+mod failures;
+mod production;
+mod quiet;
+mod resilience;
+mod rollouts;
+mod validation;

@@ -177,6 +177,79 @@ impl Env {
         RunningOperator::start(config, replica)
     }
 
+    /// Starts an operator (alone, watching this namespace) as a ServiceAccount granted
+    /// only the chart's rules that `keep` keeps — an install whose RBAC is out of date.
+    pub async fn operator_with_rules(
+        &self,
+        keep: impl Fn(&serde_json::Value) -> bool,
+    ) -> RunningOperator {
+        let rules = rbac::chart_rules()
+            .into_iter()
+            .filter(|r| keep(r))
+            .collect();
+        let token =
+            rbac::install_account(&self.admin, &self.ns, "restricted-operator", rules).await;
+        let config = self.plane.token_config(&token).await;
+        RunningOperator::start(
+            config,
+            Replica {
+                namespace: self.ns.clone(),
+                identity: format!("{}-restricted", self.ns),
+                lease: None,
+            },
+        )
+    }
+
+    /// Every object the operator manages for cluster `name`: (kind, name,
+    /// resourceVersion), sorted. Secrets (the admin token) included.
+    pub async fn children(&self, name: &str) -> Vec<(String, String, String)> {
+        let selector = format!(
+            "app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={}",
+            dchat_operator::labels::MANAGED_BY
+        );
+        let mut kinds: Vec<ApiResource> = dchat_operator::build::managed_kinds()
+            .into_iter()
+            .filter(|k| !k.needs_monitoring_crds)
+            .map(|k| k.resource)
+            .collect();
+        kinds.push(ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&()));
+        let mut out = Vec::new();
+        for resource in kinds {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.admin.clone(), &self.ns, &resource);
+            let list = api
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+                .expect("listing children");
+            for object in list.items {
+                out.push((
+                    resource.kind.clone(),
+                    object.metadata.name.clone().unwrap_or_default(),
+                    object.metadata.resource_version.clone().unwrap_or_default(),
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Merge-patches an annotation onto the DchatCluster (a metadata-only change, which
+    /// triggers a reconcile); returns the resourceVersion the change produced.
+    pub async fn poke(&self, name: &str, value: &str) -> String {
+        let patched = self
+            .clusters()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({
+                    "metadata": {"annotations": {"envtest/poke": value}}
+                })),
+            )
+            .await
+            .expect("annotating the DchatCluster");
+        patched.metadata.resource_version.unwrap_or_default()
+    }
+
     /// The namespace's objects of kind `K`.
     pub fn api<K>(&self) -> Api<K>
     where

@@ -87,6 +87,24 @@ impl RunningOperator {
         self.metrics.reconciles.get()
     }
 
+    /// Reconciles that have finished (the duration histogram's count).
+    pub fn reconciles_finished(&self) -> u64 {
+        let text = self.metrics.encode().unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("dchat_operator_reconcile_duration_seconds_count"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until at least one more reconcile than `before` has finished.
+    pub async fn wait_reconciled_after(&self, before: u64) {
+        super::wait_for("a reconcile to finish", || async {
+            (self.reconciles_finished() > before).then_some(())
+        })
+        .await;
+    }
+
     /// Stops it as SIGKILL would: nothing is released, no request is finished.
     pub fn kill(mut self) {
         if let Some(runtime) = self.runtime.take() {

@@ -22,6 +22,13 @@ pub enum Location {
 /// found one) a missing control plane fails instead of skipping.
 pub fn locate() -> Location {
     dchat_operator::runner::install_crypto_provider();
+    // The operator's logs, for debugging a scenario: RUST_LOG=info,kube=debug.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let required = std::env::var("DCHAT_ENVTEST_REQUIRED").is_ok_and(|v| v == "1");
     let found = match std::env::var("DCHAT_ENVTEST") {
         Ok(v) if v == "off" => {

@@ -30,8 +30,13 @@ const RBAC_KINDS: &[&str] = &[
 ];
 
 /// Renders `charts/dchat-operator` with default values (a cluster-wide install) through
-/// scripts/checks/render_chart.py in the project's .venv.
+/// scripts/checks/render_chart.py in the project's .venv; once per test binary.
 fn render_chart() -> Vec<serde_json::Value> {
+    static RENDERED: std::sync::OnceLock<Vec<serde_json::Value>> = std::sync::OnceLock::new();
+    RENDERED.get_or_init(render_chart_now).clone()
+}
+
+fn render_chart_now() -> Vec<serde_json::Value> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = std::env::var("DCHAT_PYTHON")
         .map(std::path::PathBuf::from)
@@ -102,8 +107,67 @@ pub async fn install(admin: &Client) -> String {
     token(admin).await
 }
 
+/// The rules of the chart's ClusterRole.
+pub fn chart_rules() -> Vec<serde_json::Value> {
+    render_chart()
+        .into_iter()
+        .find(|o| o["kind"] == "ClusterRole")
+        .and_then(|o| o["rules"].as_array().cloned())
+        .expect("the chart renders a ClusterRole with rules")
+}
+
+/// Makes ServiceAccount `account` in `namespace` with a ClusterRole of exactly `rules`
+/// (e.g. the chart's minus one, as an outdated install would have); returns its token.
+pub async fn install_account(
+    admin: &Client,
+    namespace: &str,
+    account: &str,
+    rules: Vec<serde_json::Value>,
+) -> String {
+    let apply = PatchParams::apply("envtest").force();
+    let role_name = format!("{namespace}-{account}");
+    let objects = [
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": account, "namespace": namespace},
+        }),
+        serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": role_name}, "rules": rules,
+        }),
+        serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": role_name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        }),
+    ];
+    for object in objects {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+            Some(ns) => Api::namespaced_with(admin.clone(), ns, &resource),
+            None => Api::all_with(admin.clone(), &resource),
+        };
+        api.patch(&name, &apply, &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
+    }
+    token_of(admin, namespace, account).await
+}
+
 async fn token(admin: &Client) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), RELEASE_NAMESPACE);
+    token_of(admin, RELEASE_NAMESPACE, SERVICE_ACCOUNT).await
+}
+
+async fn token_of(admin: &Client, namespace: &str, account: &str) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![],
@@ -113,7 +177,7 @@ async fn token(admin: &Client) -> String {
         ..TokenRequest::default()
     };
     let answer = accounts
-        .create_token_request(SERVICE_ACCOUNT, &PostParams::default(), &request)
+        .create_token_request(account, &PostParams::default(), &request)
         .await
         .expect("a token for the operator's ServiceAccount");
     answer.status.expect("token in the answer").token

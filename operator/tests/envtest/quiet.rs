@@ -1,0 +1,52 @@
+//! Scenario d: an unchanged cluster gets no writes, counted at the API server.
+
+use dchat_operator::api::Phase;
+
+use crate::support::{observed, Env};
+
+/// d. Three reconciles caused by metadata-only changes leave the resourceVersion of every
+/// child, and of the DchatCluster apart from the change itself, as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_cluster_gets_no_writes() {
+    let Some(env) = Env::shared("quiet").await else {
+        return;
+    };
+    let operator = env.operator().await;
+    env.apply_file("examples/dev.yaml").await;
+    let settled = env
+        .wait_cluster("dchat-dev", "Running", |c| {
+            observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
+        })
+        .await;
+    // Let the last status write and the StatefulSet controller settle: one reconcile
+    // that changes nothing.
+    let before = operator.reconciles_finished();
+    env.poke("dchat-dev", "settle").await;
+    operator.wait_reconciled_after(before).await;
+    let children = env.children("dchat-dev").await;
+    assert!(children.len() >= 6, "{children:?}");
+    let status = env.cluster("dchat-dev").await.status;
+    assert_eq!(
+        status.as_ref().map(|s| s.phase),
+        settled.status.as_ref().map(|s| s.phase)
+    );
+
+    for round in 0..3 {
+        let before = operator.reconciles_finished();
+        let version = env.poke("dchat-dev", &format!("round-{round}")).await;
+        operator.wait_reconciled_after(before).await;
+        let cluster = env.cluster("dchat-dev").await;
+        assert_eq!(
+            cluster.metadata.resource_version.as_deref(),
+            Some(version.as_str()),
+            "round {round}: the operator wrote the DchatCluster (status or metadata)"
+        );
+        assert_eq!(cluster.status, status, "round {round}: status changed");
+        assert_eq!(
+            env.children("dchat-dev").await,
+            children,
+            "round {round}: a child was written"
+        );
+    }
+    operator.assert_no_refusals();
+}
