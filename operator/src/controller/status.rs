@@ -461,6 +461,7 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
         selector: Some(obs.selector.clone()),
         conditions,
         rollout: obs.rollout.clone(),
+        backup: previous.backup.clone(),
     }
 }
 
