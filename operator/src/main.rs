@@ -210,7 +210,10 @@ fn print_crds(name: Option<&str>) -> ExitCode {
         .filter(|crd| name.is_none() || crd.metadata.name.as_deref() == name)
         .collect();
     if chosen.is_empty() {
-        let known: Vec<_> = crds.iter().filter_map(|c| c.metadata.name.clone()).collect();
+        let known: Vec<_> = crds
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
         eprintln!(
             "error: no CRD named {:?}; known: {}",
             name.unwrap_or_default(),

@@ -25,7 +25,10 @@ pub const CRON_PATTERN: &str = r"^\S+(\s+\S+){4}$";
 #[serde(rename_all = "camelCase")]
 pub struct S3Destination {
     /// Bucket name.
-    #[schemars(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$"))]
+    #[schemars(
+        length(min = 3, max = 63),
+        regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+    )]
     pub bucket: String,
     /// Key prefix under which backups are written (`<prefix>/<namespace>/<cluster>/<backup>/`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -190,7 +193,10 @@ pub enum DeletionPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct ClusterReference {
     /// Name of the DchatCluster in the same namespace.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
