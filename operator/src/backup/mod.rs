@@ -4,5 +4,6 @@
 //! runs in a Job with the relay image (`dchat backup …`), under the relays' identity.
 
 pub mod cron;
+pub mod job;
 pub mod retention;
 pub mod schedule;
