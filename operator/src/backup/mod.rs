@@ -4,6 +4,8 @@
 //! runs in a Job with the relay image (`dchat backup …`), under the relays' identity.
 
 pub mod cron;
+pub mod health;
 pub mod job;
+pub mod lifecycle;
 pub mod retention;
 pub mod schedule;

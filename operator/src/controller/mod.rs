@@ -4,6 +4,7 @@
 //! The decisions are made by pure functions ([`crate::build`], [`status`], [`diff`]);
 //! this module only moves data between them and the API server.
 
+pub mod backups;
 mod children;
 mod clock;
 pub mod diff;
@@ -37,11 +38,12 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::api::DchatCluster;
+use crate::api::{DchatBackup, DchatCluster};
 use crate::labels::{self, FINALIZER};
 use crate::metrics::Metrics;
 use discovery::{discover, keep_discovering};
 use finalizer::{add_finalizer, cleanup, remove_finalizer};
+use k8s_openapi::api::batch::v1::Job;
 use report::report_failure;
 use sync::sync;
 
@@ -223,23 +225,27 @@ pub async fn run(
             rx.changed().await.ok()?;
             Some(((), rx))
         });
-        let results = controller(&client, &namespace)
+        let clusters = controller(&client, &namespace)
             .reconcile_all_on(rediscovered)
             .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile, error_policy, ctx.clone());
+            .run(reconcile, error_policy, ctx.clone())
+            .map(|r| r.map(|(o, _)| o.name).map_err(queue_error));
+        let backups = backup_controller(&client, &namespace)
+            .graceful_shutdown_on(shutdown.clone())
+            .run(backups::reconcile, backups::error_policy, ctx.clone())
+            .map(|r| r.map(|(o, _)| o.name).map_err(queue_error));
+        let results = futures::stream::select(clusters, backups);
         futures::pin_mut!(results);
         let mut broken = false;
         while let Some(result) = results.next().await {
             match result {
-                Ok((object, _)) => debug!(cluster = %object.name, "reconciled"),
-                Err(kube::runtime::controller::Error::QueueError(watcher::Error::WatchFailed(
-                    kube::Error::ReadEvents(e),
-                ))) => {
+                Ok(name) => debug!(object = %name, "reconciled"),
+                Err(Some(e)) => {
                     warn!(error = %e, "a watch connection broke; restarting the watches");
                     broken = true;
                     break;
                 }
-                Err(e) => debug!(error = %e, "reconcile did not complete"),
+                Err(None) => {}
             }
         }
         if !broken {
@@ -251,6 +257,39 @@ pub async fn run(
         }
     }
     discovery.abort();
+}
+
+/// Picks out of a controller's errors the one that needs the watches restarted (a watch
+/// connection that broke mid-stream); logs the others.
+fn queue_error<R: std::fmt::Display, Q: std::error::Error + 'static>(
+    error: kube::runtime::controller::Error<R, Q>,
+) -> Option<String> {
+    if let kube::runtime::controller::Error::QueueError(q) = &error {
+        let q: &dyn std::error::Error = q;
+        if let Some(watcher::Error::WatchFailed(kube::Error::ReadEvents(e))) =
+            q.downcast_ref::<watcher::Error>()
+        {
+            return Some(e.to_string());
+        }
+    }
+    debug!(error = %error, "reconcile did not complete");
+    None
+}
+
+/// The DchatBackup controller, and the Jobs it owns.
+fn backup_controller(client: &Client, namespace: &Option<String>) -> Controller<DchatBackup> {
+    let (backups, jobs): (Api<DchatBackup>, Api<Job>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/name={}",
+        crate::backup::job::BACKUP_APP_NAME
+    ));
+    Controller::new(backups, watcher::Config::default()).owns(jobs, owned)
 }
 
 /// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere.
