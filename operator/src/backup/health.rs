@@ -188,7 +188,7 @@ mod tests {
             assert_eq!(h.healthy, expected == reason::HEALTHY, "{name}");
         }
         // On demand only: age alone is no problem.
-        assert!(health(&[old.clone()], None, now).healthy);
+        assert!(health(std::slice::from_ref(&old), None, now).healthy);
         let failed_message = health(&[failed], None, now).message;
         assert!(failed_message.contains("access denied"), "{failed_message}");
     }

@@ -98,7 +98,7 @@ pub enum Step {
     /// Create the Job and record Running.
     Start,
     /// Record this status (Completed or Failed).
-    Finish(DchatBackupStatus),
+    Finish(Box<DchatBackupStatus>),
 }
 
 /// The phase a backup's status records (Pending without status).
@@ -113,14 +113,14 @@ pub fn decide(o: &Observed<'_>) -> Step {
         BackupPhase::Completed | BackupPhase::Failed => Step::Idle,
         BackupPhase::Pending => {
             let Some(cluster) = o.cluster else {
-                return Step::Finish(failed(
+                return finish(failed(
                     status,
                     format!("DchatCluster {} not found", o.backup.spec.cluster.name),
                     o.now,
                 ));
             };
             if cluster.spec.backup.is_none() {
-                return Step::Finish(failed(
+                return finish(failed(
                     status,
                     format!(
                         "DchatCluster {} has no spec.backup: nowhere to write the backup",
@@ -143,21 +143,21 @@ pub fn decide(o: &Observed<'_>) -> Step {
         }
         BackupPhase::Running => match &o.job {
             JobOutcome::Running => Step::Wait("the backup Job runs".into()),
-            JobOutcome::Absent => Step::Finish(failed(
+            JobOutcome::Absent => finish(failed(
                 status,
                 "the backup Job disappeared before it finished".into(),
                 o.now,
             )),
-            JobOutcome::Failed(why) => Step::Finish(failed(status, why.clone(), o.now)),
+            JobOutcome::Failed(why) => finish(failed(status, why.clone(), o.now)),
             JobOutcome::Succeeded(message) => {
                 match message.as_deref().map(serde_json::from_str::<Manifest>) {
-                    Some(Ok(manifest)) => Step::Finish(completed(status, manifest, o.now)),
-                    Some(Err(e)) => Step::Finish(failed(
+                    Some(Ok(manifest)) => finish(completed(status, manifest, o.now)),
+                    Some(Err(e)) => finish(failed(
                         status,
                         format!("the backup Job's result is not a manifest: {e}"),
                         o.now,
                     )),
-                    None => Step::Finish(failed(
+                    None => finish(failed(
                         status,
                         "the backup Job succeeded but reported no manifest".into(),
                         o.now,
@@ -166,6 +166,10 @@ pub fn decide(o: &Observed<'_>) -> Step {
             }
         },
     }
+}
+
+fn finish(status: DchatBackupStatus) -> Step {
+    Step::Finish(Box::new(status))
 }
 
 /// Whether deleting this backup must delete its data first.
