@@ -127,7 +127,9 @@ pub(super) async fn reconcile_backups(
                 .or(b.meta().creation_timestamp.as_ref())
                 .map(|t| t.0)
                 .unwrap_or(now),
-            in_use: false,
+            // Without its finalizer the data would not go with the object; the backup
+            // controller adds it first, and that change brings the cluster back here.
+            in_use: !b.finalizers().iter().any(|f| f == lifecycle::FINALIZER),
         })
         .collect();
     let pruned = retention::prune(&facts, max_age, min_keep, now);
