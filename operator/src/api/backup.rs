@@ -348,3 +348,83 @@ pub struct ClusterBackupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_scheduled_at: Option<Time>,
 }
+
+/// A DchatBackup by name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct BackupReference {
+    /// Name of the DchatBackup in the cluster's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A backup found in a bucket, for when its DchatBackup object is gone (disaster recovery).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoverySource {
+    /// The bucket holding it.
+    pub destination: BackupDestination,
+    /// `<namespace>/<cluster>/<backup>` under the destination's prefix (`dchat backup
+    /// list` shows them).
+    #[schemars(regex(pattern = r"^[a-z0-9-]+/[a-z0-9-]+/[a-z0-9.-]+$"))]
+    pub backup_path: String,
+}
+
+/// Where a new cluster's data comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("has(self.backup) != has(self.source)")
+        .message("bootstrap.recovery needs exactly one of backup (a DchatBackup) or source (a bucket and a backup path)")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoverySpec {
+    /// A DchatBackup of this namespace; the bucket is this cluster's
+    /// `spec.backup.destination`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupReference>,
+    /// A backup in a bucket, named by its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RecoverySource>,
+}
+
+/// How a new cluster starts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    /// Restore a backup into the new, empty store before the cluster serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoverySpec>,
+}
+
+/// How a restore stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RestorePhase {
+    /// Its Job runs.
+    #[default]
+    Running,
+    /// The backup is in the store; the cluster serves.
+    Completed,
+    /// It failed; deleting the restore Job retries.
+    Failed,
+}
+
+/// The restore of a new cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// `<namespace>/<cluster>/<backup>` restored.
+    pub backup_path: String,
+    /// Running, Completed or Failed.
+    pub phase: RestorePhase,
+    /// The Job that restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+    /// What it restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BackupCounts>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

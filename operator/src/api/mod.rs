@@ -15,6 +15,9 @@ pub use backup::{
     ClusterReference, DchatBackup, DchatBackupSpec, DchatBackupStatus, DeletionPolicy, Encryption,
     RdsSnapshotSpec, RetentionSpec, S3Credentials, S3Destination, CRON_PATTERN,
 };
+pub use backup::{
+    BackupReference, BootstrapSpec, RecoverySource, RecoverySpec, RestorePhase, RestoreStatus,
+};
 pub use validate::{validate, FieldError, ValidationErrors};
 
 use std::collections::BTreeMap;
@@ -183,6 +186,11 @@ pub struct DchatClusterSpec {
     /// absent means no backups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
+
+    /// How a new cluster starts: from a backup (`recovery`) instead of empty. Read only
+    /// until the cluster first serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
 }
 
 /// An empty spec (no version), only for tooling that needs a `Default` object; the API
@@ -207,6 +215,7 @@ impl Default for DchatClusterSpec {
             pod: PodSettings::default(),
             rollout: RolloutSpec::default(),
             backup: None,
+            bootstrap: None,
         }
     }
 }
@@ -730,11 +739,13 @@ pub enum Phase {
     Degraded,
     /// Cannot make progress without a change to the spec.
     Failed,
+    /// A new cluster loads its backup (`spec.bootstrap.recovery`) before it serves.
+    Restoring,
 }
 
 impl Phase {
     /// Every phase, for metrics.
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Pending,
         Phase::Provisioning,
         Phase::Running,
@@ -743,6 +754,7 @@ impl Phase {
         Phase::RolledBack,
         Phase::Degraded,
         Phase::Failed,
+        Phase::Restoring,
     ];
 
     /// The phase's name as written in status.
@@ -755,6 +767,7 @@ impl Phase {
             Self::AwaitingPromotion => "AwaitingPromotion",
             Self::RolledBack => "RolledBack",
             Self::Degraded => "Degraded",
+            Self::Restoring => "Restoring",
             Self::Failed => "Failed",
         }
     }
@@ -801,6 +814,9 @@ pub struct DchatClusterStatus {
     /// Backups of this cluster (with `spec.backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<ClusterBackupStatus>,
+    /// The restore of a new cluster from a backup (`spec.bootstrap.recovery`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
 }
 
 /// Blue-green rollout settings. A change of the relay pod template starts the idle

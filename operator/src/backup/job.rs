@@ -70,7 +70,19 @@ impl StoreKind {
 pub fn job_name(backup: &str, purpose: &str) -> String {
     let digest = hex::encode(&Sha256::digest(format!("{purpose}/{backup}").as_bytes())[..4]);
     let room = 63 - purpose.len() - digest.len() - 2;
-    let prefix: String = backup.chars().take(room).collect();
+    // A name (and label value) takes lowercase letters, digits and '-' here; a backup
+    // path's '/' and a backup name's '.' become '-'.
+    let prefix: String = backup
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(room)
+        .collect();
     format!("{}-{purpose}-{digest}", prefix.trim_end_matches('-'))
 }
 
@@ -264,6 +276,70 @@ pub fn create_job(request: &CreateRequest<'_>) -> Option<Job> {
     owned_by(&mut job, request.backup);
     as_backup_pod(&mut job, cluster);
     Some(job)
+}
+
+/// What `dchat backup restore` is told.
+#[derive(Clone, Debug)]
+pub struct RestoreRequest<'a> {
+    /// The new cluster restored into.
+    pub cluster: &'a DchatCluster,
+    /// The bucket holding the backup.
+    pub destination: &'a BackupDestination,
+    /// `<namespace>/<cluster>/<backup>`.
+    pub backup_path: &'a str,
+    /// Relay version whose image runs the command (the one starting).
+    pub version: &'a str,
+    /// The slot starting (embedded store: its first relay is written).
+    pub slot: Slot,
+}
+
+/// The `dchat backup restore` Job of a new cluster: the backup into its empty store,
+/// before any client can reach it. Owned by the cluster.
+pub fn restore_job(request: &RestoreRequest<'_>) -> Job {
+    let cluster = request.cluster;
+    let store = StoreKind::of(cluster);
+    let mut command = vec![
+        DCHAT.to_string(),
+        "backup".to_string(),
+        "restore".to_string(),
+        "--backup-path".to_string(),
+        request.backup_path.to_string(),
+        "--target".to_string(),
+        store.as_str().to_string(),
+    ];
+    let mut env = credentials_env(request.destination);
+    match store {
+        StoreKind::Embedded => {
+            command.extend(["--admin-url".to_string(), admin_url(cluster, request.slot)]);
+            env.push(admin_token_env(cluster));
+        }
+        StoreKind::Postgres => env.extend(database_env(cluster)),
+    }
+    command.extend(s3_args(request.destination));
+    let name = job_name(
+        &format!("{}-{}", cluster.name_any(), request.backup_path),
+        "restore",
+    );
+    let mut job = tool_job(
+        cluster,
+        ToolJob {
+            name,
+            labels: labels_for(
+                &cluster.name_any(),
+                request.backup_path.rsplit('/').next().unwrap_or_default(),
+                "restore",
+                request.version,
+            ),
+            container: "restore",
+            version: request.version,
+            command,
+            env,
+            backoff_limit: BACKOFF_LIMIT,
+            active_deadline_seconds: ACTIVE_DEADLINE_SECONDS,
+        },
+    );
+    as_backup_pod(&mut job, cluster);
+    job
 }
 
 /// What `dchat backup delete` is told.
@@ -514,5 +590,10 @@ mod tests {
         let other = job_name(&format!("{long}b"), "backup");
         assert!(one.len() <= 63 && other.len() <= 63);
         assert_ne!(one, other);
+        let from_path = job_name("chat-apps/old/old-1.b", "restore");
+        assert!(
+            from_path.starts_with("chat-apps-old-old-1-b-restore-"),
+            "{from_path}"
+        );
     }
 }

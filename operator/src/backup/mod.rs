@@ -7,5 +7,6 @@ pub mod cron;
 pub mod health;
 pub mod job;
 pub mod lifecycle;
+pub mod restore;
 pub mod retention;
 pub mod schedule;

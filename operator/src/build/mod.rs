@@ -54,6 +54,9 @@ pub struct BuildInputs {
     pub slots: Vec<SlotDeployment>,
     /// The optional kinds the cluster serves; objects of others are not built.
     pub served: OptionalKinds,
+    /// Clients may reach the relays: false while a new cluster restores its backup, so no
+    /// client Service or Ingress exists until the data is in.
+    pub clients_admitted: bool,
 }
 
 impl BuildInputs {
@@ -68,6 +71,7 @@ impl BuildInputs {
                 existing_claims: None,
             }],
             served,
+            clients_admitted: true,
         }
     }
 }
@@ -308,10 +312,12 @@ pub fn desired_children(cluster: &DchatCluster, inputs: &BuildInputs) -> Vec<Chi
     for slot in Slot::ALL {
         children.push(Child::Service(Box::new(headless_service(cluster, slot))));
     }
-    children.push(Child::Service(Box::new(client_service(
-        cluster,
-        inputs.active_slot,
-    ))));
+    if inputs.clients_admitted {
+        children.push(Child::Service(Box::new(client_service(
+            cluster,
+            inputs.active_slot,
+        ))));
+    }
     children.push(Child::Service(Box::new(preview_service(
         cluster,
         inputs.active_slot.other(),
@@ -330,7 +336,7 @@ pub fn desired_children(cluster: &DchatCluster, inputs: &BuildInputs) -> Vec<Chi
     if let Some(policy) = network_policy(cluster) {
         children.push(Child::NetworkPolicy(Box::new(policy)));
     }
-    if let Some(ingress) = ingress(cluster) {
+    if let Some(ingress) = ingress(cluster).filter(|_| inputs.clients_admitted) {
         children.push(Child::Ingress(Box::new(ingress)));
     }
     if inputs.served.service_monitor {

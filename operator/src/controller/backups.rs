@@ -205,7 +205,11 @@ async fn another_first(
 }
 
 /// How a Job stands, with its pod's termination message.
-async fn job_outcome(ctx: &Context, namespace: &str, name: &str) -> Result<JobOutcome, Error> {
+pub(super) async fn job_outcome(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<JobOutcome, Error> {
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(job) = jobs
         .get_opt(name)

@@ -13,6 +13,7 @@ mod error;
 mod finalizer;
 mod observe;
 mod report;
+mod restore;
 mod rollout_effects;
 mod schedule;
 pub mod status;

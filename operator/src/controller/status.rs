@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use crate::api::ClusterBackupStatus;
+use crate::api::{ClusterBackupStatus, RestorePhase, RestoreStatus};
 use crate::api::{
     DchatCluster, DchatClusterStatus, MonitoringSpec, Phase, RolloutStatus, RolloutStep, Slot,
 };
@@ -66,6 +66,10 @@ pub mod reason {
     pub const HANDOVER_FAILED: &str = "HandoverFailed";
     /// The ServiceMonitor and PrometheusRule the spec asks for are applied.
     pub const MONITORING_CONFIGURED: &str = "Configured";
+    /// A new cluster loads its backup before it serves.
+    pub const RESTORING: &str = "Restoring";
+    /// Restoring a new cluster's backup failed.
+    pub const RESTORE_FAILED: &str = "RestoreFailed";
     /// The cluster does not serve the Prometheus Operator's kinds.
     pub const PROMETHEUS_OPERATOR_MISSING: &str = "PrometheusOperatorNotInstalled";
 }
@@ -140,6 +144,8 @@ pub struct Observation {
     pub backup: Option<ClusterBackupStatus>,
     /// The `BackupHealthy` condition (with `spec.backup`).
     pub backup_health: Option<Health>,
+    /// The restore of a new cluster (`spec.bootstrap.recovery`).
+    pub restore: Option<RestoreStatus>,
 }
 
 /// A condition's status: `True`, `False` or `Unknown`.
@@ -215,6 +221,9 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
         .is_some_and(|a| a.rolled_out && a.desired > 0 && a.ready >= a.desired);
     if let Some(failure) = &obs.reconcile_error {
         return failure_verdict(failure, cond(all_ready, reason::RECONCILE_ERROR, counts));
+    }
+    if let Some(v) = restore_verdict(obs, &counts) {
+        return v;
     }
     if let Some(v) = rollout_verdict(obs, all_ready, &counts) {
         return v;
@@ -292,6 +301,44 @@ fn failure_verdict(failure: &Failure, ready: Cond) -> Verdict {
         progressing,
         degraded: cond(true, reason::RECONCILE_ERROR, failure.message.clone()),
         stalled: failure.needs_intervention,
+    }
+}
+
+/// The verdict while a new cluster restores its backup, or after that failed.
+fn restore_verdict(obs: &Observation, counts: &str) -> Option<Verdict> {
+    let r = obs.restore.as_ref()?;
+    match r.phase {
+        RestorePhase::Completed => None,
+        RestorePhase::Running => {
+            let message = format!(
+                "restoring backup {} (Job {}) before clients are admitted; {counts}",
+                r.backup_path,
+                r.job_name
+                    .as_deref()
+                    .unwrap_or("not created yet: waiting for a relay")
+            );
+            Some(Verdict {
+                phase: Phase::Restoring,
+                ready: cond(false, reason::RESTORING, message.clone()),
+                progressing: cond(true, reason::RESTORING, message),
+                degraded: cond(false, reason::AS_EXPECTED, counts),
+                stalled: false,
+            })
+        }
+        RestorePhase::Failed => {
+            let message = format!(
+                "restoring backup {} failed: {}; clients are not admitted (delete the restore Job to retry, or change spec.bootstrap)",
+                r.backup_path,
+                r.error.as_deref().unwrap_or("no reason given")
+            );
+            Some(Verdict {
+                phase: Phase::Failed,
+                ready: cond(false, reason::RESTORE_FAILED, message.clone()),
+                progressing: cond(false, reason::RESTORE_FAILED, message.clone()),
+                degraded: cond(true, reason::RESTORE_FAILED, message),
+                stalled: true,
+            })
+        }
     }
 }
 
@@ -474,6 +521,7 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
         conditions,
         rollout: obs.rollout.clone(),
         backup: obs.backup.clone(),
+        restore: obs.restore.clone(),
     }
 }
 
@@ -603,6 +651,7 @@ mod tests {
             monitoring: Monitoring::NotRequested,
             backup: None,
             backup_health: None,
+            restore: None,
         }
     }
 

@@ -13,6 +13,7 @@ use tracing::info;
 use super::children::{apply_children, ensure_admin_token};
 use super::observe::{database_secret_hash, existing_claims, observe, slot_observation};
 use super::report::{publish, report_failure, write_status};
+use super::restore::reconcile_restore;
 use super::rollout_effects::{
     consume_annotations, decide_rollout, ensure_job, ensure_prerollout_backup,
 };
@@ -106,10 +107,25 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
             }),
         }
     }
+    let restore = reported!(
+        reconcile_restore(
+            &cluster,
+            ctx,
+            &namespace,
+            serving_slot,
+            slot_observation(live.get(
+                "StatefulSet",
+                &labels::statefulset_name(&cluster, serving_slot)
+            ))
+            .as_ref(),
+        )
+        .await
+    );
     let inputs = BuildInputs {
         active_slot: serving_slot,
         slots: deployments,
         served: live.served,
+        clients_admitted: restore.clients_admitted,
     };
     let mut desired = desired_children(&cluster, &inputs);
     for child in &mut desired {
@@ -194,12 +210,20 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         monitoring,
         backup: backups.status.clone(),
         backup_health: backups.health.clone(),
+        restore: restore.status.clone(),
         ..observation(&cluster, serving_slot, serving_live, &desired_hash, now)
     };
     write_status(&cluster, ctx, &namespace, obs).await?;
     outcome?;
     reported!(consume_annotations(&cluster, ctx, &namespace, &decision).await);
-    let requeue = [decision.requeue, backups.requeue]
+    // Restore Jobs are not watched by this controller: look while one runs, and now and
+    // then after one failed (deleting the failed Job retries).
+    let restoring = restore.status.as_ref().and_then(|r| match r.phase {
+        crate::api::RestorePhase::Running => Some(rollout::POLL),
+        crate::api::RestorePhase::Failed => Some(rollout::HANDOVER_RETRY_POLL),
+        crate::api::RestorePhase::Completed => None,
+    });
+    let requeue = [decision.requeue, backups.requeue, restoring]
         .into_iter()
         .flatten()
         .min()
@@ -235,6 +259,7 @@ pub(super) fn observation(
         monitoring: Default::default(),
         backup: cluster.status.as_ref().and_then(|s| s.backup.clone()),
         backup_health: None,
+        restore: cluster.status.as_ref().and_then(|s| s.restore.clone()),
     }
 }
 

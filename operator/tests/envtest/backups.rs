@@ -396,3 +396,127 @@ async fn a_failed_backup_before_the_switch_blocks_the_rollout() {
     );
     operator.assert_no_refusals();
 }
+
+/// `spec.bootstrap.recovery`: a new cluster restores a backup before clients are
+/// admitted (no client Service until then); a failed restore keeps them out and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_restores_its_backup_before_it_serves() {
+    use k8s_openapi::api::core::v1::Service;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+    let Some(env) = Env::shared("bootstrap-recovery").await else {
+        return;
+    };
+    // 0: restore pods wait; 1: they fail (bad checksum); 2: they succeed.
+    let mode = Arc::new(AtomicU8::new(0));
+    let m = mode.clone();
+    env.kubelet.set_policy(move |pod| match job_name(pod) {
+        Some(job) if job.contains("-restore-") => match m.load(Ordering::Relaxed) {
+            0 => Fate::Pending,
+            1 => Fate::Exit(
+                1,
+                r#"{"error":"sha256 mismatch: the object is not the backup"}"#.into(),
+            ),
+            _ => Fate::Exit(0, r#"{"ok":true}"#.into()),
+        },
+        _ => default_fate(pod),
+    });
+    // The backup of a cluster that is gone.
+    let backups: Api<DchatBackup> = env.api();
+    backups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "dchat.network/v1alpha1", "kind": "DchatBackup",
+                "metadata": {"name": "lost-20261206t120000z"},
+                "spec": {"cluster": {"name": "lost"}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    backups
+        .patch_status(
+            "lost-20261206t120000z",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"phase": "Completed", "sizeBytes": 1}})),
+        )
+        .await
+        .unwrap();
+    let operator = env.operator().await;
+    let spec =
+        format!("{SPEC}\nbootstrap: {{recovery: {{backup: {{name: lost-20261206t120000z}}}}}}");
+    env.apply_cluster("chat", &spec).await.unwrap();
+    let restoring = env
+        .wait_cluster("chat", "Restoring with its Job", |c| {
+            c.status.as_ref().is_some_and(|s| {
+                s.phase == Phase::Restoring
+                    && s.restore
+                        .as_ref()
+                        .and_then(|r| r.job_name.as_ref())
+                        .is_some()
+            })
+        })
+        .await;
+    let restore = restoring.status.unwrap().restore.unwrap();
+    assert_eq!(
+        restore.backup_path,
+        format!("{}/lost/lost-20261206t120000z", env.ns)
+    );
+    let job_name = restore.job_name.clone().unwrap();
+    // Created once the new relay is up.
+    let job: Job = wait_for("the restore Job", || env.get::<Job>(&job_name)).await;
+    let command = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .command
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(
+        command.contains("backup restore --backup-path") && command.contains("--target embedded"),
+        "{command}"
+    );
+    assert!(
+        env.get::<Service>("chat").await.is_none(),
+        "no clients before the data is in"
+    );
+
+    mode.store(1, Ordering::Relaxed);
+    let failed = env
+        .wait_cluster("chat", "the restore failed", |c| {
+            c.status.as_ref().is_some_and(|s| s.phase == Phase::Failed)
+        })
+        .await;
+    assert_eq!(
+        condition(&failed, "Stalled").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert!(condition(&failed, "Degraded")
+        .unwrap()
+        .message
+        .contains("sha256 mismatch"));
+    assert!(env.get::<Service>("chat").await.is_none());
+
+    // Deleting the failed Job retries; this time it succeeds.
+    mode.store(2, Ordering::Relaxed);
+    env.api::<Job>()
+        .delete(
+            restore.job_name.as_deref().unwrap(),
+            &DeleteParams::background(),
+        )
+        .await
+        .unwrap();
+    let cluster = env
+        .wait_cluster("chat", "Running after the restore", running)
+        .await;
+    let status = cluster.status.unwrap();
+    assert_eq!(
+        status.restore.unwrap().phase,
+        dchat_operator::api::RestorePhase::Completed
+    );
+    assert_eq!(status.active_version.as_deref(), Some("1.0"));
+    wait_for("the client Service", || async {
+        env.get::<Service>("chat").await
+    })
+    .await;
+    operator.assert_no_refusals();
+}
