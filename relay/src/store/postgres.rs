@@ -14,6 +14,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
+mod snapshot;
+
 use super::{
     validate_channel, validate_message, AckKey, Pending, PublicKey, PutOutcome, Store, StoreError,
     StoreStats, StoredMessage,
