@@ -9,16 +9,14 @@
 //!   before it, matches, and the byte before the trailer is the end tag.
 //!
 //! With an expectation (a manifest), it also fails as soon as the header's counts or the
-//! size disagree with it, and at the end when the SHA-256 does. [`VerifyingReader`] runs
-//! one over an [`AsyncRead`] and turns a failure at the end into a read error, so that a
+//! size disagree with it, and at the end when the SHA-256 does. [`VerifiedPipe`] runs one
+//! between a download and a restore and turns a failure into a read error, so that a
 //! consumer reading to the end (a restore) never commits a stream that did not verify.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::AsyncRead;
 
 use super::manifest::Counts;
 use crate::store::SNAPSHOT_FORMAT_VERSION;
@@ -283,83 +281,132 @@ pub fn compare_counts(expected: &Counts, actual: &Counts) -> Result<(), CheckErr
     Ok(())
 }
 
-/// The outcome a [`VerifyingReader`] reached, shared with whoever reads through it.
-pub type Verdict = Arc<Mutex<Option<Result<StreamSummary, CheckError>>>>;
-
-/// An [`AsyncRead`] that checks what passes through it. A failed check becomes an
-/// `InvalidData` read error — at once for the header or size, at the end of the stream
-/// for the checksums — so a consumer that reads to the end (every snapshot restore does:
-/// it must see the end of the stream before it commits) refuses a stream that did not
-/// verify. The typed outcome is kept in [`VerifyingReader::verdict`].
-pub struct VerifyingReader<R> {
-    inner: R,
-    check: Option<StreamCheck>,
-    verdict: Verdict,
+/// Why the download side of a [`VerifiedPipe`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipeError {
+    /// The stream failed its check.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// Reading the source (the download) failed.
+    #[error("reading the object: {0}")]
+    Read(#[source] std::io::Error),
 }
 
-impl<R: AsyncRead + Unpin> VerifyingReader<R> {
-    /// Wraps `inner`, checking it with `check`.
-    pub fn new(inner: R, check: StreamCheck) -> VerifyingReader<R> {
-        VerifyingReader {
-            inner,
-            check: Some(check),
-            verdict: Arc::new(Mutex::new(None)),
+/// A stream piped through a [`StreamCheck`] to a consumer (a restore).
+///
+/// A task reads the source, checks every byte and forwards it over a small bounded
+/// channel; the consumer reads [`VerifiedPipe::reader`]. When the check fails — at once
+/// for the header or size, at the very end for the checksums — the consumer's next read
+/// fails instead of reaching the end of the stream, so a restore, which must see the
+/// end before it commits, never commits a stream that did not verify.
+///
+/// If the consumer stops early (it found the stream malformed), the task keeps reading
+/// and hashing to the end, so the failure can be named by its cause: an object whose
+/// SHA-256 does not match its manifest. [`VerifiedPipe::stop`] ends it at once when the
+/// consumer failed for another reason.
+pub struct VerifiedPipe {
+    task: tokio::task::JoinHandle<Result<StreamSummary, PipeError>>,
+    /// Set as soon as the check failed (before the consumer hears of it).
+    failed: Arc<Mutex<Option<CheckError>>>,
+}
+
+/// Chunks forwarded ahead of the consumer.
+const PIPE_CHUNKS: usize = 8;
+/// Bytes read from the source at a time.
+const PIPE_READ: usize = 256 << 10;
+
+impl VerifiedPipe {
+    /// Starts piping `source` through `check`; returns the pipe and the consumer's reader.
+    pub fn start<R>(
+        source: R,
+        check: StreamCheck,
+    ) -> (VerifiedPipe, impl AsyncRead + Unpin + Send + Sync + 'static)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<std::io::Result<hyper::body::Bytes>>(PIPE_CHUNKS);
+        let failed = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(pump(source, check, tx, failed.clone()));
+        let chunks = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let reader = tokio_util::io::StreamReader::new(Box::pin(chunks));
+        (VerifiedPipe { task, failed }, reader)
+    }
+
+    /// The check's failure, if it failed already.
+    pub fn failed(&self) -> Option<CheckError> {
+        self.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Waits for the whole source to be read and checked.
+    pub async fn finish(self) -> Result<StreamSummary, PipeError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(PipeError::Read(std::io::Error::other(e.to_string()))),
         }
     }
 
-    /// Where the outcome lands once the stream ended or failed its check.
-    pub fn verdict(&self) -> Verdict {
-        self.verdict.clone()
-    }
-
-    fn conclude(&mut self, outcome: Result<StreamSummary, CheckError>) -> std::io::Result<()> {
-        let err = outcome.as_ref().err().cloned();
-        if let Ok(mut v) = self.verdict.lock() {
-            *v = Some(outcome);
-        }
-        match err {
-            Some(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-            None => Ok(()),
-        }
+    /// Stops reading the source.
+    pub fn stop(self) {
+        self.task.abort();
     }
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let Some(check) = this.check.as_mut() else {
-            // Concluded: an error was returned already, or the end was reached.
-            return match this.verdict.lock().ok().and_then(|v| v.clone()) {
-                Some(Err(e)) => {
-                    Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
-                }
-                _ => Poll::Ready(Ok(())),
-            };
-        };
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {
-                let fresh = &buf.filled()[before..];
-                if fresh.is_empty() && buf.remaining() > 0 {
-                    let outcome = match this.check.take() {
-                        Some(check) => check.finish(),
-                        None => return Poll::Ready(Ok(())),
-                    };
-                    return Poll::Ready(this.conclude(outcome));
-                }
-                if let Err(e) = check.update(fresh) {
-                    this.check = None;
-                    buf.set_filled(before);
-                    return Poll::Ready(this.conclude(Err(e)));
-                }
-                Poll::Ready(Ok(()))
+async fn pump<R: AsyncRead + Unpin>(
+    mut source: R,
+    mut check: StreamCheck,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<hyper::body::Bytes>>,
+    failed: Arc<Mutex<Option<CheckError>>>,
+) -> Result<StreamSummary, PipeError> {
+    use tokio::io::AsyncReadExt;
+    let fail = |e: CheckError| {
+        if let Ok(mut f) = failed.lock() {
+            *f = Some(e.clone());
+        }
+        e
+    };
+    let mut consumer = true;
+    loop {
+        let mut buf = Vec::with_capacity(PIPE_READ);
+        let n = match source.read_buf(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx
+                    .send(Err(std::io::Error::new(e.kind(), e.to_string())))
+                    .await;
+                return Err(PipeError::Read(e));
             }
+        };
+        if n == 0 {
+            return match check.finish() {
+                Ok(summary) => Ok(summary),
+                Err(e) => {
+                    let e = fail(e);
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            e.clone(),
+                        )))
+                        .await;
+                    Err(e.into())
+                }
+            };
+        }
+        if let Err(e) = check.update(&buf) {
+            let e = fail(e);
+            let _ = tx
+                .send(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.clone(),
+                )))
+                .await;
+            return Err(e.into());
+        }
+        // A consumer that stopped reading does not stop the check (see the type's doc).
+        if consumer && tx.send(Ok(buf.into())).await.is_err() {
+            consumer = false;
         }
     }
 }
@@ -482,7 +529,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_verifying_reader_fails_the_last_read() {
+    async fn a_verified_pipe_fails_the_last_read_and_drains_after_the_consumer() {
         use tokio::io::AsyncReadExt;
         let bytes = snapshot_bytes();
         let good = run(&bytes, 64, StreamCheck::new()).unwrap();
@@ -491,19 +538,47 @@ mod tests {
             sha256: "ab".repeat(32),
             counts: good.counts.clone(),
         };
-        let mut r = VerifyingReader::new(&bytes[..], StreamCheck::expecting(wrong));
-        let verdict = r.verdict();
+        let (pipe, mut r) = VerifiedPipe::start(
+            std::io::Cursor::new(bytes.clone()),
+            StreamCheck::expecting(wrong.clone()),
+        );
         let mut out = Vec::new();
         let e = r.read_to_end(&mut out).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("sha256"), "{e}");
         assert_eq!(out.len(), bytes.len());
-        assert!(matches!(verdict.lock().unwrap().clone(), Some(Err(_))));
+        assert!(matches!(
+            pipe.failed(),
+            Some(CheckError::Mismatch {
+                field: "sha256",
+                ..
+            })
+        ));
+        assert!(pipe.finish().await.is_err());
 
-        let mut r = VerifyingReader::new(&bytes[..], StreamCheck::new());
-        let verdict = r.verdict();
+        // A consumer that gives up at once: the pipe still reads and checks to the end.
+        let (pipe, r) = VerifiedPipe::start(
+            std::io::Cursor::new(bytes.clone()),
+            StreamCheck::expecting(wrong),
+        );
+        drop(r);
+        let e = pipe.finish().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PipeError::Check(CheckError::Mismatch {
+                    field: "sha256",
+                    ..
+                })
+            ),
+            "{e}"
+        );
+
+        let (pipe, mut r) =
+            VerifiedPipe::start(std::io::Cursor::new(bytes.clone()), StreamCheck::new());
         let mut out = Vec::new();
         r.read_to_end(&mut out).await.unwrap();
-        assert_eq!(verdict.lock().unwrap().clone(), Some(Ok(good)));
+        assert_eq!(out, bytes);
+        assert_eq!(pipe.finish().await.unwrap(), good);
     }
 }

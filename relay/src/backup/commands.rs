@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::check::{compare_counts, CheckError, Expected, StreamCheck, VerifyingReader};
+use super::check::{
+    compare_counts, CheckError, Expected, PipeError, StreamCheck, StreamSummary, VerifiedPipe,
+};
 use super::manifest::{
     validate_name, BackupPath, Counts, Manifest, ManifestError, StoreKind, MANIFEST_FORMAT_VERSION,
     MAX_MANIFEST_BYTES,
@@ -484,8 +486,13 @@ async fn open_verified(
     path: &BackupPath,
     manifest: &Manifest,
     data_key: &str,
-) -> Result<VerifyingReader<impl tokio::io::AsyncRead + Unpin + Send + Sync + 'static>, BackupError>
-{
+) -> Result<
+    (
+        VerifiedPipe,
+        impl tokio::io::AsyncRead + Unpin + Send + Sync + 'static,
+    ),
+    BackupError,
+> {
     let (body, size) = dest.download(data_key).await.map_err(|e| match e {
         S3Error::NotFound { object } => BackupError::NotFound {
             path: path.to_string(),
@@ -509,7 +516,7 @@ async fn open_verified(
         sha256: manifest.sha256.to_ascii_lowercase(),
         counts: manifest.counts.clone(),
     };
-    Ok(VerifyingReader::new(body, StreamCheck::expecting(expected)))
+    Ok(VerifiedPipe::start(body, StreamCheck::expecting(expected)))
 }
 
 /// What a restore did.
@@ -559,8 +566,7 @@ pub async fn restore(
         ),
     };
     let started = Instant::now();
-    let reader = open_verified(&dest, path, &manifest, &data_key).await?;
-    let verdict = reader.verdict();
+    let (pipe, reader) = open_verified(&dest, path, &manifest, &data_key).await?;
     let (kind, result) = match &target {
         Target::Embedded(admin) => (
             StoreKind::Embedded,
@@ -590,7 +596,7 @@ pub async fn restore(
                 }),
         ),
     };
-    let summary = settle(path, &dest.url(&data_key), verdict, result)?;
+    let summary = settle(path, &dest.url(&data_key), pipe, result).await?;
     Ok(RestoreReport {
         backup: path.to_string(),
         target: kind,
@@ -602,26 +608,61 @@ pub async fn restore(
     })
 }
 
-/// Combines the store's result with the stream's own verdict: a check failure is the
-/// clearer error (the store only saw its read fail), and a store that did not read the
-/// stream to its end did not verify it.
-fn settle(
+/// Combines the store's result with the stream's own check. A check failure is the
+/// clearer error (the store only saw its read fail, or found the stream malformed): when
+/// the store refused the stream itself, the rest of the object is still read and hashed
+/// so that a damaged object is reported as what it is — a checksum mismatch. A store
+/// that failed for another reason (not empty, unreachable) ends the download at once.
+async fn settle(
     path: &BackupPath,
     object: &str,
-    verdict: super::check::Verdict,
+    pipe: VerifiedPipe,
     result: Result<(), BackupError>,
-) -> Result<super::check::StreamSummary, BackupError> {
-    let verdict = verdict.lock().ok().and_then(|v| v.clone());
+) -> Result<StreamSummary, BackupError> {
     let check_error = |source| BackupError::Check {
         path: path.to_string(),
         object: object.to_string(),
         source,
     };
-    match (verdict, result) {
-        (Some(Err(e)), _) => Err(check_error(e)),
-        (_, Err(e)) => Err(e),
-        (Some(Ok(summary)), Ok(())) => Ok(summary),
-        (None, Ok(())) => Err(check_error(CheckError::Truncated { bytes: 0 })),
+    let pipe_error = |e: PipeError| match e {
+        PipeError::Check(c) => check_error(c),
+        PipeError::Read(source) => BackupError::S3(S3Error::Read {
+            object: object.to_string(),
+            source,
+        }),
+    };
+    match result {
+        Ok(()) => pipe.finish().await.map_err(pipe_error),
+        Err(e) => {
+            if let Some(c) = pipe.failed() {
+                pipe.stop();
+                return Err(check_error(c));
+            }
+            if refused_the_stream(&e) {
+                return match pipe.finish().await {
+                    Err(PipeError::Check(c)) => Err(check_error(c)),
+                    _ => Err(e),
+                };
+            }
+            pipe.stop();
+            Err(e)
+        }
+    }
+}
+
+/// Whether a restore failed because of the stream's content.
+fn refused_the_stream(e: &BackupError) -> bool {
+    use crate::store::StoreError;
+    match e {
+        BackupError::Source(SourceError::Refused { status, .. }) => *status == 400,
+        BackupError::Source(SourceError::Store { source, .. }) => matches!(
+            **source,
+            StoreError::SnapshotInvalid { .. }
+                | StoreError::SnapshotChecksum { .. }
+                | StoreError::SnapshotIo { .. }
+                | StoreError::InvalidInput { .. }
+        ),
+        _ => false,
     }
 }
 
@@ -697,14 +738,13 @@ async fn verify_inner(
         source,
     })?;
     let result = async {
-        let reader = open_verified(&dest, path, &manifest, &data_key).await?;
-        let verdict = reader.verdict();
+        let (pipe, reader) = open_verified(&dest, path, &manifest, &data_key).await?;
         let restored = source::restore_scratch(&dir, reader).await;
         let (result, stats) = match restored {
             Ok((_, stats)) => (Ok(()), Some(stats)),
             Err(e) => (Err(e.into()), None),
         };
-        let summary = settle(path, &dest.url(&data_key), verdict, result)?;
+        let summary = settle(path, &dest.url(&data_key), pipe, result).await?;
         compare_counts(&manifest.counts, &summary.counts).map_err(|source| BackupError::Check {
             path: path.to_string(),
             object: dest.url(&data_key),

@@ -410,6 +410,7 @@ impl Destination {
             parts: Vec::new(),
             digests: Vec::new(),
             in_flight: None,
+            spare: None,
             summary: None,
         })
     }
@@ -627,7 +628,11 @@ pub struct MultipartUpload {
     upload_id: String,
     parts: Vec<CompletedPart>,
     digests: Vec<[u8; 32]>,
-    in_flight: Option<JoinHandle<Result<CompletedPart, S3Error>>>,
+    /// The part being uploaded; the task hands its buffer back.
+    in_flight: Option<JoinHandle<Result<(CompletedPart, Bytes), S3Error>>>,
+    /// A part buffer to fill again: reusing the two buffers keeps the allocator from
+    /// holding on to a fresh 8 MiB block per part.
+    spare: Option<Vec<u8>>,
     summary: Option<StreamSummary>,
 }
 
@@ -657,7 +662,13 @@ impl MultipartUpload {
             } else {
                 PART_BYTES
             };
-            let mut buf = Vec::with_capacity(size);
+            let mut buf = match self.spare.take() {
+                Some(mut v) if v.capacity() >= size => {
+                    v.clear();
+                    v
+                }
+                _ => Vec::with_capacity(size),
+            };
             let mut eof = false;
             while buf.len() < size {
                 let n = input
@@ -711,6 +722,7 @@ impl MultipartUpload {
         );
         let object = self.object();
         let len = data.len();
+        let kept = data.clone();
         self.in_flight = Some(tokio::spawn(async move {
             let started = std::time::Instant::now();
             let out = client
@@ -735,22 +747,27 @@ impl MultipartUpload {
                 ms = started.elapsed().as_millis() as u64,
                 "part uploaded"
             );
-            Ok(CompletedPart::builder()
+            let part = CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag().map(str::to_string))
                 .checksum_sha256(checksum)
-                .build())
+                .build();
+            Ok((part, kept))
         }));
     }
 
     async fn finish_in_flight(&mut self) -> Result<(), S3Error> {
         if let Some(task) = self.in_flight.take() {
-            let part = task.await.map_err(|e| S3Error::Request {
+            let (part, data) = task.await.map_err(|e| S3Error::Request {
                 op: "UploadPart",
                 object: self.object(),
                 reason: format!("upload task failed: {e}"),
             })??;
             self.parts.push(part);
+            // The SDK has let go of the request by now; if not, the buffer is dropped.
+            if let Ok(buf) = data.try_into_mut() {
+                self.spare = Some(buf.into());
+            }
         }
         Ok(())
     }
