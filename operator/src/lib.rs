@@ -13,6 +13,7 @@
 
 pub mod analysis;
 pub mod api;
+pub mod backup;
 pub mod build;
 pub mod commands;
 pub mod controller;

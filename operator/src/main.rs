@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use dchat_operator::api::DchatCluster;
+use dchat_operator::api::{DchatBackup, DchatCluster};
 use dchat_operator::commands::{request, RolloutCommand};
 use dchat_operator::controller::DISCOVERY_INTERVAL;
 use dchat_operator::http::{router, HttpState};
@@ -32,8 +32,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print the DchatCluster CustomResourceDefinition as YAML.
-    Crd,
+    /// Print the CustomResourceDefinitions (DchatCluster, DchatBackup) as YAML, or the one
+    /// named.
+    Crd {
+        /// `dchatclusters.dchat.network` or `dchatbackups.dchat.network`; absent prints both
+        /// as one multi-document stream (`| kubectl apply -f -`).
+        name: Option<String>,
+    },
     /// Print the RBAC rules the operator needs, as YAML PolicyRules.
     Rbac,
     /// Print every object the operator would create for the DchatClusters in a file,
@@ -120,7 +125,7 @@ fn init_tracing(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => print_yaml(&DchatCluster::crd()),
+        Command::Crd { name } => print_crds(name.as_deref()),
         Command::Rbac => print_yaml(&dchat_operator::rbac::policy_rules()),
         Command::Render {
             file,
@@ -196,6 +201,35 @@ fn rollout_command(target: TargetArgs, command: RolloutCommand) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn print_crds(name: Option<&str>) -> ExitCode {
+    let crds = [DchatCluster::crd(), DchatBackup::crd()];
+    let chosen: Vec<_> = crds
+        .iter()
+        .filter(|crd| name.is_none() || crd.metadata.name.as_deref() == name)
+        .collect();
+    if chosen.is_empty() {
+        let known: Vec<_> = crds
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        eprintln!(
+            "error: no CRD named {:?}; known: {}",
+            name.unwrap_or_default(),
+            known.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    for (index, crd) in chosen.iter().enumerate() {
+        if chosen.len() > 1 && index > 0 {
+            println!("---");
+        }
+        if print_yaml(crd) != ExitCode::SUCCESS {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn print_yaml<T: serde::Serialize>(value: &T) -> ExitCode {

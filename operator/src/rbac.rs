@@ -21,6 +21,19 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
         &["get", "patch", "update"],
     ),
     ("dchat.network", &["dchatclusters/finalizers"], &["update"]),
+    // Backups: the schedule creates them, retention deletes them, the backup controller
+    // patches their finalizer and status.
+    (
+        "dchat.network",
+        &["dchatbackups"],
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
+    (
+        "dchat.network",
+        &["dchatbackups/status"],
+        &["get", "patch", "update"],
+    ),
+    ("dchat.network", &["dchatbackups/finalizers"], &["update"]),
     ("apps", &["statefulsets"], CHILD_VERBS),
     (
         "",
@@ -40,9 +53,10 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
         CHILD_VERBS,
     ),
     ("", &["pods"], READ_VERBS),
-    // Rollout smoke test and handover Jobs: the operator reads and creates Jobs;
-    // finished ones expire through ttlSecondsAfterFinished and garbage collection.
-    ("batch", &["jobs"], &["get", "create"]),
+    // Rollout smoke test, handover and backup Jobs: the operator reads, watches (backup
+    // Jobs) and creates Jobs; finished ones expire through ttlSecondsAfterFinished and
+    // garbage collection.
+    ("batch", &["jobs"], &["get", "list", "watch", "create"]),
     // The database Secret a cluster names is hashed into the relay pod template, so
     // changed credentials roll out blue-green (read, one object by name); an
     // embedded-store cluster's admin token Secret is created once, never updated.

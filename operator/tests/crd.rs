@@ -1,7 +1,7 @@
 //! The checked-in CRD must be what the code generates, so `kubectl apply -f crds/` and the
 //! Helm chart install the schema the operator was built with.
 
-use dchat_operator::api::DchatCluster;
+use dchat_operator::api::{DchatBackup, DchatCluster};
 use kube::CustomResourceExt;
 
 fn checked_in() -> String {
@@ -17,7 +17,38 @@ fn crds_directory_is_current() {
     let generated = serde_norway::to_string(&DchatCluster::crd()).unwrap();
     assert!(
         checked_in() == generated,
-        "crds/ is stale: run `cargo run -p dchat-operator -- crd > crds/dchatclusters.dchat.network.yaml`"
+        "crds/ is stale: run scripts/checks/sync-generated.sh"
+    );
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/dchatbackups.dchat.network.yaml"
+    );
+    let backup = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        backup == serde_norway::to_string(&DchatBackup::crd()).unwrap(),
+        "crds/dchatbackups.dchat.network.yaml is stale: run scripts/checks/sync-generated.sh"
+    );
+}
+
+#[test]
+fn backup_crd_has_the_promised_shape() {
+    let crd = DchatBackup::crd();
+    assert_eq!(crd.spec.group, "dchat.network");
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let version = &crd.spec.versions[0];
+    assert!(version.subresources.as_ref().unwrap().status.is_some());
+    let columns: Vec<&str> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(columns, vec!["Cluster", "Phase", "Size", "Age"]);
+    let spec = serde_json::to_value(&version.schema).unwrap();
+    let rules = spec.pointer("/openAPIV3Schema/properties/spec/x-kubernetes-validations");
+    assert!(
+        rules.is_some_and(|r| r.to_string().contains("self == oldSelf")),
+        "spec must be immutable: {rules:?}"
     );
 }
 

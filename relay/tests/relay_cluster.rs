@@ -138,3 +138,210 @@ async fn peers_are_discovered_through_dns() {
         b"found you"
     );
 }
+
+// ---- Exactly-once across relays (issue 23, part 0) ----
+//
+// Relays A, B and C share one database. Clients reconnect to whichever relay the
+// Service picks, so a retry through another relay than the first attempt is the normal
+// case after a failover or a drain: the answer and the deliveries must not depend on
+// which relay a retry reaches.
+
+/// After every earlier answer of the test, nothing more reaches `r`: a `fetch` writes
+/// the pushes already queued for the session (the pump takes them first) and every
+/// stored message not yet in flight on it, so an empty answer means no further copy.
+async fn assert_no_more_deliveries(r: &mut Client, what: &str) {
+    let (extra, more) = r.fetch(100).await.unwrap();
+    let ids: Vec<&str> = extra.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert!(
+        extra.is_empty() && !more,
+        "{what}: unexpected further deliveries {ids:?}"
+    );
+}
+
+/// Fetches and acknowledges until nothing is left; returns every delivery seen.
+async fn receive_everything(r: &mut Client) -> Vec<dchat_relay::client::Delivery> {
+    let mut all = Vec::new();
+    loop {
+        let (batch, more) = r.fetch(1000).await.unwrap();
+        if batch.is_empty() && !more {
+            return all;
+        }
+        if !batch.is_empty() {
+            r.ack(batch.iter().map(|d| d.ack_ref()).collect())
+                .await
+                .unwrap();
+        }
+        all.extend(batch);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_retried_through_the_recipients_relay_before_its_ack_is_a_duplicate() {
+    let relays = cluster_of_three().await;
+    let (ra, rb) = (&relays[0], &relays[1]);
+    let skey = generate_key().unwrap();
+    let mut s_a = Client::connect(&ra.ws_url(), skey.clone()).await.unwrap();
+    let mut r = Client::connect(&rb.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    let env = s_a.envelope_to(r.key(), Kind::Text, b"exactly once".to_vec());
+    assert_eq!(
+        s_a.send(env.clone()).await.unwrap().status,
+        SendStatus::Stored
+    );
+    let d = r.next_delivery().await.unwrap();
+    assert_eq!(d.envelope.id, env.id);
+
+    // The sender's retry reaches B, where the recipient holds the copy unacknowledged.
+    let mut s_b = Client::connect(&rb.ws_url(), skey).await.unwrap();
+    assert_eq!(
+        s_b.send(env.clone()).await.unwrap().status,
+        SendStatus::Duplicate,
+        "retry via the recipient's relay before the ack"
+    );
+    assert_eq!(r.ack(vec![d.ack_ref()]).await.unwrap(), 1);
+    assert_no_more_deliveries(&mut r, "after the retry via B").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_retried_after_its_ack_is_a_duplicate_through_every_relay() {
+    let relays = cluster_of_three().await;
+    let (ra, rb, rc) = (&relays[0], &relays[1], &relays[2]);
+    let skey = generate_key().unwrap();
+    let mut s_a = Client::connect(&ra.ws_url(), skey.clone()).await.unwrap();
+    let mut r = Client::connect(&rb.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    let env = s_a.envelope_to(r.key(), Kind::Text, b"exactly once".to_vec());
+    assert_eq!(
+        s_a.send(env.clone()).await.unwrap().status,
+        SendStatus::Stored
+    );
+    let d = r.next_delivery().await.unwrap();
+    assert_eq!(d.envelope.id, env.id);
+    assert_eq!(r.ack(vec![d.ack_ref()]).await.unwrap(), 1);
+
+    for (name, relay) in [("A", ra), ("B", rb), ("C", rc)] {
+        let mut s = Client::connect(&relay.ws_url(), skey.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.send(env.clone()).await.unwrap().status,
+            SendStatus::Duplicate,
+            "retry via {name} after the ack"
+        );
+        assert_no_more_deliveries(&mut r, &format!("after the retry via {name}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_message_retried_through_another_relay_is_a_duplicate() {
+    let relays = cluster_of_three().await;
+    let (ra, rb, rc) = (&relays[0], &relays[1], &relays[2]);
+    let skey = generate_key().unwrap();
+    let mut s_a = Client::connect(&ra.ws_url(), skey.clone()).await.unwrap();
+    let mut r = Client::connect(&ra.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    let env = s_a.envelope_to(r.key(), Kind::Text, b"pushed live".to_vec());
+    assert_eq!(
+        s_a.send(env.clone()).await.unwrap().status,
+        SendStatus::Delivered,
+        "both on A: pushed live, never stored"
+    );
+    let d = r.next_delivery().await.unwrap();
+    assert_eq!(d.envelope.id, env.id);
+
+    // Before the ack (the copy is only in A's memory) and after it.
+    let mut s_b = Client::connect(&rb.ws_url(), skey.clone()).await.unwrap();
+    assert_eq!(
+        s_b.send(env.clone()).await.unwrap().status,
+        SendStatus::Duplicate,
+        "retry via B before the ack"
+    );
+    assert_eq!(r.ack(vec![d.ack_ref()]).await.unwrap(), 1);
+    assert_no_more_deliveries(&mut r, "after the retry via B").await;
+    for (name, relay) in [("B", rb), ("C", rc), ("A", ra)] {
+        let mut s = Client::connect(&relay.ws_url(), skey.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.send(env.clone()).await.unwrap().status,
+            SendStatus::Duplicate,
+            "retry via {name} after the ack"
+        );
+        assert_no_more_deliveries(&mut r, &format!("after the retry via {name}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_through_two_relays_at_once_is_accepted_once() {
+    let relays = cluster_of_three().await;
+    let (ra, rb) = (&relays[0], &relays[1]);
+    let skey = generate_key().unwrap();
+    let mut s_a = Client::connect(&ra.ws_url(), skey.clone()).await.unwrap();
+    let mut s_b = Client::connect(&rb.ws_url(), skey).await.unwrap();
+    // The recipient is on B: B would push it live, A would store it.
+    let mut r = Client::connect(&rb.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    const ROUNDS: usize = 8;
+    let mut ids = Vec::new();
+    for round in 0..ROUNDS {
+        let env = s_a.envelope_to(r.key(), Kind::Text, format!("race {round}").into_bytes());
+        let (via_a, via_b) = tokio::join!(s_a.send(env.clone()), s_b.send(env.clone()));
+        let mut statuses = [via_a.unwrap().status, via_b.unwrap().status];
+        statuses.sort_by_key(|s| *s == SendStatus::Duplicate);
+        assert!(
+            matches!(statuses[0], SendStatus::Delivered | SendStatus::Stored)
+                && statuses[1] == SendStatus::Duplicate,
+            "round {round}: answers {statuses:?}, expected one delivered/stored and one duplicate"
+        );
+        ids.push(env.id);
+    }
+    let got = receive_everything(&mut r).await;
+    let mut seen: Vec<&str> = got.iter().map(|d| d.envelope.id.as_str()).collect();
+    seen.sort_unstable();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(seen, want, "every id delivered exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_message_retried_through_another_relay_is_a_duplicate_for_every_member() {
+    let relays = cluster_of_three().await;
+    let (ra, rb, rc) = (&relays[0], &relays[1], &relays[2]);
+    let skey = generate_key().unwrap();
+    let mut s_a = Client::connect(&ra.ws_url(), skey.clone()).await.unwrap();
+    let mut members = Vec::new();
+    for relay in [ra, rb, rc] {
+        let mut m = Client::connect(&relay.ws_url(), generate_key().unwrap())
+            .await
+            .unwrap();
+        m.join("once").await.unwrap();
+        members.push(m);
+    }
+    s_a.join("once").await.unwrap();
+    let env = s_a.envelope_channel("once", Kind::Text, b"to all, once".to_vec());
+    let first = s_a.send(env.clone()).await.unwrap();
+    assert_eq!(first.status, SendStatus::Fanout);
+    assert_eq!((first.delivered, first.stored), (Some(1), Some(2)));
+    for m in members.iter_mut() {
+        let d = m.next_delivery().await.unwrap();
+        assert_eq!(d.envelope.id, env.id);
+        assert_eq!(m.ack(vec![d.ack_ref()]).await.unwrap(), 1);
+    }
+    for (name, relay) in [("B", rb), ("C", rc), ("A", ra)] {
+        let mut s = Client::connect(&relay.ws_url(), skey.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.send(env.clone()).await.unwrap().status,
+            SendStatus::Duplicate,
+            "channel retry via {name}"
+        );
+        for (i, m) in members.iter_mut().enumerate() {
+            assert_no_more_deliveries(m, &format!("member {i} after the retry via {name}")).await;
+        }
+    }
+}

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use dchat_relay::store::{
-    self, AckKey, Pending, PostgresConfig, PublicKey, PutOutcome, Store, StoreConfig, StoreError,
-    StoredMessage,
+    self, Acceptance, AckKey, Pending, PostgresConfig, PublicKey, PutOutcome, SendRecord, Store,
+    StoreConfig, StoreError, StoredMessage,
 };
 use tempdir::TempDir;
 
@@ -1078,6 +1078,19 @@ mod store_embedded_crash {
     }
 }
 
+/// Only a store shared by several relays decides which sends are duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_does_not_record_sends() {
+    let h = Harness::embedded();
+    let s = h.open().await;
+    assert!(!s.records_sends());
+    assert!(matches!(
+        s.accept(vec![store_postgres_specific::send(2, "a", &[])])
+            .await,
+        Err(StoreError::Unsupported { op: "accept" })
+    ));
+}
+
 // ---------------------------------------------------------------------------------
 // PostgreSQL only: migrations, several relays on one database, failures.
 
@@ -1216,6 +1229,226 @@ mod store_postgres_specific {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A send of `id` from `sender` with a copy for each of `to` (none: pushed live).
+    pub(super) fn send(sender: u8, id: &str, to: &[u8]) -> SendRecord {
+        SendRecord {
+            sender: key(sender),
+            id: id.to_string(),
+            expires_at_ms: FAR,
+            copies: to.iter().map(|r| msg(*r, sender, id)).collect(),
+        }
+    }
+
+    fn accepted_seqs(a: &Acceptance) -> Vec<u64> {
+        match a {
+            Acceptance::Accepted(copies) => copies.iter().map(|o| seq_of(*o)).collect(),
+            Acceptance::Duplicate => panic!("expected Accepted, got Duplicate"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn accept_records_each_send_once_and_stores_the_copies_of_the_first() {
+        let cfg = pg_support::fresh_database(4).await;
+        let s = PostgresStore::connect(&cfg).await.unwrap();
+        assert!(s.records_sends());
+        let got = s
+            .accept(vec![
+                send(2, "a", &[1]),
+                send(2, "live", &[]),
+                send(2, "a", &[3]),
+                send(5, "a", &[1, 3]),
+            ])
+            .await
+            .unwrap();
+        let a = accepted_seqs(&got[0]);
+        assert_eq!(got[1], Acceptance::Accepted(vec![]), "a live send, no copy");
+        assert_eq!(got[2], Acceptance::Duplicate, "the same (sender, id) twice");
+        let fan = accepted_seqs(&got[3]);
+        assert!(a[0] < fan[0] && fan[0] < fan[1], "seqs in input order");
+        assert_eq!(ids(&all_pending(&s, 1).await), ["a", "a"]);
+        assert_eq!(
+            all_pending(&s, 3).await.len(),
+            1,
+            "only the winner's copies"
+        );
+
+        // A later send of a recorded id is a duplicate, with or without copies, also
+        // after the copy was acknowledged, and writes nothing.
+        assert_eq!(s.ack(&key(1), by_id(&[(key(2), "a")])).await.unwrap(), 1);
+        let again = s
+            .accept(vec![send(2, "a", &[1]), send(2, "live", &[4])])
+            .await
+            .unwrap();
+        assert_eq!(again, [Acceptance::Duplicate, Acceptance::Duplicate]);
+        assert!(all_pending(&s, 4).await.is_empty());
+        // Another relay on the same database knows them too.
+        let other = PostgresStore::connect(&cfg).await.unwrap();
+        assert_eq!(
+            other.accept(vec![send(2, "live", &[])]).await.unwrap(),
+            [Acceptance::Duplicate]
+        );
+        // Invalid input is refused before anything is written.
+        let mut bad = send(2, "bad", &[1]);
+        bad.copies[0].id = "not-bad".into();
+        assert!(matches!(
+            s.accept(vec![send(2, "fine", &[]), bad]).await,
+            Err(StoreError::InvalidInput {
+                field: "copies",
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.accept(vec![send(2, "", &[])]).await,
+            Err(StoreError::InvalidInput { field: "id", .. })
+        ));
+        assert_eq!(
+            s.accept(vec![send(2, "fine", &[])]).await.unwrap(),
+            [Acceptance::Accepted(vec![])]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relays_accepting_the_same_sends_at_once_accept_each_exactly_once() {
+        let cfg = pg_support::fresh_database(8).await;
+        let relays: Vec<Arc<dyn Store>> = vec![
+            Arc::new(PostgresStore::connect(&cfg).await.unwrap()),
+            Arc::new(PostgresStore::connect(&cfg).await.unwrap()),
+        ];
+        const IDS: usize = 200;
+        let mut joins = Vec::new();
+        // Four tasks per relay, each sending every id (half with a copy, half live), in
+        // different orders, so the same ids race inside one batch and across relays.
+        for (n, store) in relays.iter().enumerate() {
+            for t in 0..4usize {
+                let store = store.clone();
+                joins.push(tokio::spawn(async move {
+                    let mut order: Vec<usize> = (0..IDS).collect();
+                    order.rotate_left((n * 4 + t) * 37 % IDS);
+                    if t % 2 == 1 {
+                        order.reverse();
+                    }
+                    let mut won = Vec::new();
+                    for chunk in order.chunks(16) {
+                        let sends = chunk
+                            .iter()
+                            .map(|i| {
+                                let to: &[u8] = if i % 2 == 0 { &[1] } else { &[] };
+                                send(2, &format!("r{i}"), to)
+                            })
+                            .collect();
+                        let got = store.accept(sends).await.unwrap();
+                        for (i, a) in chunk.iter().zip(got) {
+                            if matches!(a, Acceptance::Accepted(_)) {
+                                won.push(*i);
+                            }
+                        }
+                    }
+                    won
+                }));
+            }
+        }
+        let mut won = Vec::new();
+        for j in joins {
+            won.extend(j.await.unwrap());
+        }
+        won.sort_unstable();
+        assert_eq!(
+            won,
+            (0..IDS).collect::<Vec<_>>(),
+            "each id accepted exactly once"
+        );
+        assert_eq!(all_pending(&*relays[0], 1).await.len(), IDS / 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_stays_recorded_until_it_expires() {
+        let cfg = pg_support::fresh_database(4).await;
+        let s = PostgresStore::connect(&cfg).await.unwrap();
+        let mut early = send(2, "e", &[]);
+        early.expires_at_ms = 100;
+        let mut late = send(2, "l", &[1]);
+        late.expires_at_ms = 300;
+        late.copies[0].expires_at_ms = 300;
+        s.accept(vec![early.clone(), late.clone()]).await.unwrap();
+        assert_eq!(s.expire(99).await.unwrap(), 0);
+        assert_eq!(
+            s.accept(vec![early.clone(), late.clone()]).await.unwrap(),
+            [Acceptance::Duplicate, Acceptance::Duplicate],
+            "recorded until the expiry"
+        );
+        assert_eq!(
+            s.expire(100).await.unwrap(),
+            0,
+            "no pending message was due"
+        );
+        assert!(matches!(
+            s.accept(vec![early, late.clone()]).await.unwrap()[..],
+            [Acceptance::Accepted(_), Acceptance::Duplicate]
+        ));
+        assert_eq!(s.expire(300).await.unwrap(), 1, "the copy of l");
+        assert!(matches!(
+            s.accept(vec![late]).await.unwrap()[..],
+            [Acceptance::Accepted(_)]
+        ));
+        // Expiry works in chunks: a backlog larger than one is cleared.
+        let many: Vec<SendRecord> = (0..6_000)
+            .map(|i| {
+                let mut r = send(3, &format!("x{i}"), &[]);
+                r.expires_at_ms = 1_000;
+                r
+            })
+            .collect();
+        s.accept(many.clone()).await.unwrap();
+        s.expire(1_000).await.unwrap();
+        let admin = pg_support::admin_client(&cfg.dbname).await;
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM sent_ids WHERE expires_at_ms <= 1000",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0);
+        assert!(s
+            .accept(many)
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| matches!(a, Acceptance::Accepted(_))));
+    }
+
+    /// A writer that lost its connection after sending the statement repeats it with
+    /// the same attempts: what its first try committed is recognised as its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repeating_an_attempt_finds_what_it_committed() {
+        let cfg = pg_support::fresh_database(4).await;
+        let s = PostgresStore::connect(&cfg).await.unwrap();
+        let first = s
+            .accept_as(vec![send(2, "c", &[1]), send(2, "l", &[])], vec![7, 8])
+            .await
+            .unwrap();
+        accepted_seqs(&first[0]);
+        // The repeat: both are still this attempt's; the copy was already stored.
+        assert_eq!(
+            s.accept_as(vec![send(2, "c", &[1]), send(2, "l", &[])], vec![7, 8])
+                .await
+                .unwrap(),
+            [
+                Acceptance::Accepted(vec![PutOutcome::Duplicate]),
+                Acceptance::Accepted(vec![])
+            ]
+        );
+        // Any other attempt is a duplicate.
+        assert_eq!(
+            s.accept_as(vec![send(2, "c", &[1]), send(2, "l", &[])], vec![9, 7])
+                .await
+                .unwrap(),
+            [Acceptance::Duplicate, Acceptance::Duplicate]
+        );
+        assert_eq!(all_pending(&s, 1).await.len(), 1);
     }
 
     trait WithPort {

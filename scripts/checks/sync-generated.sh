@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every file derived from the operator binary, so they cannot drift apart:
-#   crds/dchatclusters.dchat.network.yaml      (dchat-operator crd)
+#   crds/dchatclusters.dchat.network.yaml      (dchat-operator crd dchatclusters.dchat.network)
+#   crds/dchatbackups.dchat.network.yaml       (dchat-operator crd dchatbackups.dchat.network)
 #   charts/dchat-operator/crds/                (copy of crds/, shipped by the chart)
 #   charts/dchat-operator/files/rbac-rules.yaml (dchat-operator rbac, granted by the chart)
 #   docs/crd-reference.md                      (scripts/checks/gen_crd_reference.py)
@@ -20,13 +21,16 @@ operator() {
 }
 
 crd_tmp=$(mktemp)
+backup_crd_tmp=$(mktemp)
 rbac_tmp=$(mktemp)
-trap 'rm -f "$crd_tmp" "$rbac_tmp"' EXIT
+trap 'rm -f "$crd_tmp" "$backup_crd_tmp" "$rbac_tmp"' EXIT
 # Generate into temporary files first: a failing command must not truncate a committed file.
-operator crd > "$crd_tmp"
+operator crd dchatclusters.dchat.network > "$crd_tmp"
+operator crd dchatbackups.dchat.network > "$backup_crd_tmp"
 operator rbac > "$rbac_tmp"
 
 cp "$crd_tmp" crds/dchatclusters.dchat.network.yaml
+cp "$backup_crd_tmp" crds/dchatbackups.dchat.network.yaml
 mkdir -p charts/dchat-operator/crds
 rm -f charts/dchat-operator/crds/*.yaml
 cp crds/*.yaml charts/dchat-operator/crds/

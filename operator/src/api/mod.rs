@@ -6,9 +6,15 @@
 //! duration sizes) lives in [`validate`] and surfaces as a `Degraded` condition.
 
 mod admission;
+mod backup;
 mod validate;
 
 pub use admission::{admit, AdmissionError};
+pub use backup::{
+    BackupCounts, BackupDestination, BackupPhase, BackupSpec, ClusterBackupStatus,
+    ClusterReference, DchatBackup, DchatBackupSpec, DchatBackupStatus, DeletionPolicy, Encryption,
+    RdsSnapshotSpec, RetentionSpec, S3Credentials, S3Destination, VerifySpec, CRON_PATTERN,
+};
 pub use validate::{validate, FieldError, ValidationErrors};
 
 use std::collections::BTreeMap;
@@ -172,6 +178,11 @@ pub struct DchatClusterSpec {
     /// switch, watched after it, rolled back automatically on failure.
     #[serde(default)]
     pub rollout: RolloutSpec,
+
+    /// Scheduled and on-demand backups of the relay store to S3, with RDS snapshots;
+    /// absent means no backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
 }
 
 /// An empty spec (no version), only for tooling that needs a `Default` object; the API
@@ -195,6 +206,7 @@ impl Default for DchatClusterSpec {
             monitoring: MonitoringSpec::default(),
             pod: PodSettings::default(),
             rollout: RolloutSpec::default(),
+            backup: None,
         }
     }
 }
@@ -786,6 +798,9 @@ pub struct DchatClusterStatus {
     /// The current or last blue-green rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// Backups of this cluster (with `spec.backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<ClusterBackupStatus>,
 }
 
 /// Blue-green rollout settings. A change of the relay pod template starts the idle

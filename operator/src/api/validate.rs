@@ -167,6 +167,28 @@ pub fn validate(spec: &DchatClusterSpec) -> Result<(), ValidationErrors> {
         }
     }
 
+    if let Some(backup) = &spec.backup {
+        for (path, schedule) in [
+            ("spec.backup.schedule", backup.schedule.as_ref()),
+            (
+                "spec.backup.verify.schedule",
+                backup.verify.as_ref().map(|v| &v.schedule),
+            ),
+        ] {
+            if let Some(Err(e)) = schedule.map(|s| s.parse::<crate::backup::cron::Cron>()) {
+                fail(path, e.to_string());
+            }
+        }
+        match parse_duration(&backup.retention.max_age) {
+            Ok(d) if d.is_zero() => fail(
+                "spec.backup.retention.maxAge",
+                "must be greater than zero".into(),
+            ),
+            Ok(_) => {}
+            Err(e) => fail("spec.backup.retention.maxAge", e.to_string()),
+        }
+    }
+
     if errors.is_empty() {
         Ok(())
     } else {
@@ -290,5 +312,23 @@ mod tests {
     fn sub_second_scrape_interval_is_refused() {
         let errors = errors_of("version: '1'\nmonitoring: {interval: 500ms}");
         assert_eq!(errors[0].path, "spec.monitoring.interval");
+    }
+
+    #[test]
+    fn backup_schedules_and_retention_are_checked() {
+        let errors = errors_of(
+            "version: '1'\nbackup: {destination: {s3: {bucket: b, region: eu-west-1}}, schedule: '61 * * * *', retention: {maxAge: 0d}, verify: {schedule: '* * * *'}}",
+        );
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.backup.schedule",
+                "spec.backup.verify.schedule",
+                "spec.backup.retention.maxAge"
+            ],
+            "{errors:?}"
+        );
+        assert!(errors[0].message.contains("minute field"));
     }
 }

@@ -14,6 +14,7 @@ use kube::ResourceExt;
 
 use super::configmap::{METRICS_PORT, RELAY_PORT};
 use crate::api::DchatCluster;
+use crate::backup::job::BACKUP_APP_NAME;
 use crate::labels::{self, Component};
 use crate::rollout::handover::HANDOVER_APP_NAME;
 
@@ -71,21 +72,24 @@ pub fn network_policy(cluster: &DchatCluster) -> Option<NetworkPolicy> {
             from: Some(vec![relays.clone()]),
             ports: Some(vec![tcp(RELAY_PORT), tcp(METRICS_PORT)]),
         },
-        // The rollout's handover Job calls the relays' admin API (embedded store).
+        // The rollout's handover Job and the backup Job call the relays' admin API
+        // (embedded store).
         NetworkPolicyIngressRule {
-            from: Some(vec![NetworkPolicyPeer {
-                pod_selector: Some(LabelSelector {
-                    match_labels: Some(BTreeMap::from([
-                        (
-                            "app.kubernetes.io/name".to_string(),
-                            HANDOVER_APP_NAME.to_string(),
-                        ),
-                        ("app.kubernetes.io/instance".to_string(), cluster.name_any()),
-                    ])),
-                    ..LabelSelector::default()
-                }),
-                ..NetworkPolicyPeer::default()
-            }]),
+            from: Some(
+                [HANDOVER_APP_NAME, BACKUP_APP_NAME]
+                    .into_iter()
+                    .map(|app| NetworkPolicyPeer {
+                        pod_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([
+                                ("app.kubernetes.io/name".to_string(), app.to_string()),
+                                ("app.kubernetes.io/instance".to_string(), cluster.name_any()),
+                            ])),
+                            ..LabelSelector::default()
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    })
+                    .collect(),
+            ),
             ports: Some(vec![tcp(METRICS_PORT)]),
         },
     ];

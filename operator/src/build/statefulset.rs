@@ -244,6 +244,35 @@ pub fn admin_token_env(cluster: &DchatCluster) -> EnvVar {
     }
 }
 
+/// `DB_HOST`, `DB_PORT`, `DB_NAME`, `DB_USER`, `DB_PASSWORD` from the database Secret
+/// (none without `spec.database`): what the relays and the backup Jobs connect with.
+pub fn database_env(cluster: &DchatCluster) -> Vec<EnvVar> {
+    let Some(database) = &cluster.spec.database else {
+        return Vec::new();
+    };
+    [
+        ("DB_HOST", "host"),
+        ("DB_PORT", "port"),
+        ("DB_NAME", "name"),
+        ("DB_USER", "username"),
+        ("DB_PASSWORD", "password"),
+    ]
+    .into_iter()
+    .map(|(var, key)| EnvVar {
+        name: var.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: database.secret_ref.name.clone(),
+                key: key.to_string(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    })
+    .collect()
+}
+
 fn env(cluster: &DchatCluster, slot: Slot) -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.to_string(),
@@ -260,27 +289,8 @@ fn env(cluster: &DchatCluster, slot: Slot) -> Vec<EnvVar> {
         field("POD_NAME", "metadata.name"),
         field("POD_NAMESPACE", "metadata.namespace"),
     ];
-    if let Some(database) = &cluster.spec.database {
-        for (var, key) in [
-            ("DB_HOST", "host"),
-            ("DB_PORT", "port"),
-            ("DB_NAME", "name"),
-            ("DB_USER", "username"),
-            ("DB_PASSWORD", "password"),
-        ] {
-            env.push(EnvVar {
-                name: var.to_string(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: database.secret_ref.name.clone(),
-                        key: key.to_string(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            });
-        }
+    if cluster.spec.database.is_some() {
+        env.extend(database_env(cluster));
         // Relays sharing a database find each other through the slot's headless Service.
         env.push(EnvVar {
             name: "DCHAT_PEER_DNS".to_string(),

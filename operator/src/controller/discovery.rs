@@ -60,8 +60,18 @@ impl Capabilities {
     }
 }
 
-/// Asks the API server which optional kinds it serves.
+/// Asks the API server which optional kinds it serves. The group list first: asking for
+/// an unserved group version answers a plain-text 404 (which kube logs as a warning).
 pub async fn discover(client: &Client) -> Result<OptionalKinds, kube::Error> {
+    let groups = client.list_api_groups().await?;
+    let served = groups.groups.iter().any(|g| {
+        g.versions
+            .iter()
+            .any(|v| v.group_version == MONITORING_GROUP_VERSION)
+    });
+    if !served {
+        return Ok(OptionalKinds::NONE);
+    }
     match client
         .list_api_group_resources(MONITORING_GROUP_VERSION)
         .await
@@ -69,8 +79,27 @@ pub async fn discover(client: &Client) -> Result<OptionalKinds, kube::Error> {
         Ok(list) => Ok(OptionalKinds::from_monitoring_resources(
             list.resources.iter().map(|r| r.name.as_str()),
         )),
-        // The group is not served at all. The body is plain text, so only the code says it.
+        // Removed between the two requests. The body is plain text: only the code says it.
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(OptionalKinds::NONE),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the API server serves the DchatBackup kind (its CRD is installed: Helm
+/// installs CRDs only on first install, so an upgrade may lack it).
+pub async fn serves_backups(client: &Client) -> Result<bool, kube::Error> {
+    let group_version = format!("{}/{}", crate::api::GROUP, crate::api::VERSION);
+    let groups = client.list_api_groups().await?;
+    let served = groups
+        .groups
+        .iter()
+        .any(|g| g.versions.iter().any(|v| v.group_version == group_version));
+    if !served {
+        return Ok(false);
+    }
+    match client.list_api_group_resources(&group_version).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "dchatbackups")),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
         Err(e) => Err(e),
     }
 }

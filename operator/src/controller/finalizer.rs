@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::info;
 
@@ -18,59 +20,93 @@ use crate::build::SerializeError;
 use crate::labels;
 use crate::labels::FINALIZER;
 
-/// Adds the finalizer, guarded by the resourceVersion read, so that a concurrent
-/// change fails this reconcile (and is retried) instead of being overwritten.
+/// Adds the cluster's finalizer (see [`add_finalizer_to`]).
 pub(super) async fn add_finalizer(
     cluster: &DchatCluster,
     ctx: &Context,
     namespace: &str,
 ) -> Result<(), Error> {
-    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut ops = vec![json!({
-        "op": "test",
-        "path": "/metadata/resourceVersion",
-        "value": cluster.resource_version(),
-    })];
-    if cluster.meta().finalizers.is_none() {
-        ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}));
-    } else {
-        ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}));
-    }
-    let patch: json_patch::Patch = serde_json::from_value(json!(ops)).map_err(|e| {
-        Error::Serialize(SerializeError::new("DchatCluster", &cluster.name_any(), e))
-    })?;
-    api.patch(
-        &cluster.name_any(),
-        &patch_params(),
-        &Patch::<()>::Json(patch),
-    )
-    .await
-    .map_err(kube_error(
-        "adding finalizer to",
-        "DchatCluster",
-        namespace,
-        &cluster.name_any(),
-    ))?;
-    Ok(())
+    add_finalizer_to(cluster, ctx, namespace, FINALIZER).await
 }
 
-/// Removes the finalizer at `index`, checking it is still ours at that position.
+/// Removes the cluster's finalizer at `index` (see [`remove_finalizer_from`]).
 pub(super) async fn remove_finalizer(
     cluster: &DchatCluster,
     ctx: &Context,
     namespace: &str,
     index: usize,
 ) -> Result<(), Error> {
-    let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    remove_finalizer_from(cluster, ctx, namespace, FINALIZER, index).await
+}
+
+/// Adds `finalizer` to `object`, guarded by the resourceVersion read, so that a
+/// concurrent change fails this reconcile (and is retried) instead of being overwritten.
+pub(super) async fn add_finalizer_to<K>(
+    object: &K,
+    ctx: &Context,
+    namespace: &str,
+    finalizer: &str,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let kind = K::kind(&()).to_string();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut ops = vec![json!({
+        "op": "test",
+        "path": "/metadata/resourceVersion",
+        "value": object.resource_version(),
+    })];
+    if object.meta().finalizers.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [finalizer]}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}));
+    }
+    let patch: json_patch::Patch = serde_json::from_value(json!(ops))
+        .map_err(|e| Error::Serialize(SerializeError::new(&kind, &object.name_any(), e)))?;
+    api.patch(
+        &object.name_any(),
+        &patch_params(),
+        &Patch::<()>::Json(patch),
+    )
+    .await
+    .map_err(kube_error(
+        "adding finalizer to",
+        &kind,
+        namespace,
+        &object.name_any(),
+    ))?;
+    Ok(())
+}
+
+/// Removes `finalizer` at `index` of `object`, checking it is still there.
+pub(super) async fn remove_finalizer_from<K>(
+    object: &K,
+    ctx: &Context,
+    namespace: &str,
+    finalizer: &str,
+    index: usize,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let kind = K::kind(&()).to_string();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
     let path = format!("/metadata/finalizers/{index}");
     let patch: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "test", "path": path, "value": finalizer},
         {"op": "remove", "path": path},
     ]))
-    .map_err(|e| Error::Serialize(SerializeError::new("DchatCluster", &cluster.name_any(), e)))?;
+    .map_err(|e| Error::Serialize(SerializeError::new(&kind, &object.name_any(), e)))?;
     match api
         .patch(
-            &cluster.name_any(),
+            &object.name_any(),
             &patch_params(),
             &Patch::<()>::Json(patch),
         )
@@ -81,9 +117,9 @@ pub(super) async fn remove_finalizer(
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(kube_error(
             "removing finalizer from",
-            "DchatCluster",
+            &kind,
             namespace,
-            &cluster.name_any(),
+            &object.name_any(),
         )(e)),
     }
 }

@@ -4,6 +4,7 @@
 //! The decisions are made by pure functions ([`crate::build`], [`status`], [`diff`]);
 //! this module only moves data between them and the API server.
 
+pub mod backups;
 mod children;
 mod clock;
 pub mod diff;
@@ -13,6 +14,7 @@ mod finalizer;
 mod observe;
 mod report;
 mod rollout_effects;
+mod schedule;
 pub mod status;
 mod sync;
 
@@ -33,17 +35,22 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::api::DchatCluster;
+use crate::api::{DchatBackup, DchatCluster};
 use crate::labels::{self, FINALIZER};
 use crate::metrics::Metrics;
-use discovery::{discover, keep_discovering};
+use discovery::{discover, keep_discovering, serves_backups};
 use finalizer::{add_finalizer, cleanup, remove_finalizer};
+use k8s_openapi::api::batch::v1::Job;
 use report::report_failure;
 use sync::sync;
+
+/// How long in-flight reconciles may finish after the shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// How often an unchanged cluster is looked at again; watches trigger everything else.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -223,23 +230,52 @@ pub async fn run(
             rx.changed().await.ok()?;
             Some(((), rx))
         });
-        let results = controller(&client, &namespace)
+        // Without the DchatBackup CRD (an upgrade whose CRDs were not applied) a
+        // controller for it would never start; clusters are reconciled regardless.
+        let with_backups = match serves_backups(&client).await {
+            Ok(served) => served,
+            Err(e) => {
+                warn!(error = %e, "could not ask whether DchatBackup is served; assuming it is");
+                true
+            }
+        };
+        if !with_backups {
+            error!(
+                "the DchatBackup CRD is not installed: backups are off until \
+                 crds/dchatbackups.dchat.network.yaml is applied and the operator restarted"
+            );
+        }
+        let clusters = controller(&client, &namespace, with_backups)
             .reconcile_all_on(rediscovered)
             .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile, error_policy, ctx.clone());
+            .run(reconcile, error_policy, ctx.clone())
+            .map(|r| r.map(|(o, _)| o.name).map_err(queue_error))
+            .boxed();
+        let results = if with_backups {
+            let backups = backup_controller(&client, &namespace)
+                .graceful_shutdown_on(shutdown.clone())
+                .run(backups::reconcile, backups::error_policy, ctx.clone())
+                .map(|r| r.map(|(o, _)| o.name).map_err(queue_error));
+            futures::stream::select(clusters, backups).boxed()
+        } else {
+            clusters
+        };
+        // After the shutdown signal, in-flight reconciles get SHUTDOWN_GRACE to finish.
+        let deadline = shutdown
+            .clone()
+            .then(|()| tokio::time::sleep(SHUTDOWN_GRACE));
+        let results = results.take_until(deadline);
         futures::pin_mut!(results);
         let mut broken = false;
         while let Some(result) = results.next().await {
             match result {
-                Ok((object, _)) => debug!(cluster = %object.name, "reconciled"),
-                Err(kube::runtime::controller::Error::QueueError(watcher::Error::WatchFailed(
-                    kube::Error::ReadEvents(e),
-                ))) => {
+                Ok(name) => debug!(object = %name, "reconciled"),
+                Err(Some(e)) => {
                     warn!(error = %e, "a watch connection broke; restarting the watches");
                     broken = true;
                     break;
                 }
-                Err(e) => debug!(error = %e, "reconcile did not complete"),
+                Err(None) => {}
             }
         }
         if !broken {
@@ -253,8 +289,45 @@ pub async fn run(
     discovery.abort();
 }
 
+/// Picks out of a controller's errors the one that needs the watches restarted (a watch
+/// connection that broke mid-stream); logs the others.
+fn queue_error<R: std::fmt::Display, Q: std::error::Error + 'static>(
+    error: kube::runtime::controller::Error<R, Q>,
+) -> Option<String> {
+    if let kube::runtime::controller::Error::QueueError(q) = &error {
+        let q: &dyn std::error::Error = q;
+        if let Some(watcher::Error::WatchFailed(kube::Error::ReadEvents(e))) =
+            q.downcast_ref::<watcher::Error>()
+        {
+            return Some(e.to_string());
+        }
+    }
+    debug!(error = %error, "reconcile did not complete");
+    None
+}
+
+/// The DchatBackup controller, and the Jobs it owns.
+fn backup_controller(client: &Client, namespace: &Option<String>) -> Controller<DchatBackup> {
+    let (backups, jobs): (Api<DchatBackup>, Api<Job>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/name={}",
+        crate::backup::job::BACKUP_APP_NAME
+    ));
+    Controller::new(backups, watcher::Config::default()).owns(jobs, owned)
+}
+
 /// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere.
-fn controller(client: &Client, namespace: &Option<String>) -> Controller<DchatCluster> {
+fn controller(
+    client: &Client,
+    namespace: &Option<String>,
+    with_backups: bool,
+) -> Controller<DchatCluster> {
     fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -268,7 +341,7 @@ fn controller(client: &Client, namespace: &Option<String>) -> Controller<DchatCl
         "app.kubernetes.io/managed-by={}",
         labels::MANAGED_BY
     ));
-    Controller::new(
+    let controller = Controller::new(
         api::<DchatCluster>(client, namespace),
         watcher::Config::default(),
     )
@@ -282,5 +355,17 @@ fn controller(client: &Client, namespace: &Option<String>) -> Controller<DchatCl
     )
     .owns(api::<PodDisruptionBudget>(client, namespace), owned.clone())
     .owns(api::<NetworkPolicy>(client, namespace), owned.clone())
-    .owns(api::<Ingress>(client, namespace), owned)
+    .owns(api::<Ingress>(client, namespace), owned);
+    if !with_backups {
+        return controller;
+    }
+    // A backup that starts, completes or fails changes its cluster's status.backup.
+    controller.watches(
+        api::<DchatBackup>(client, namespace),
+        watcher::Config::default(),
+        |backup| {
+            let namespace = backup.namespace()?;
+            Some(ObjectRef::new(&backup.spec.cluster.name).within(&namespace))
+        },
+    )
 }

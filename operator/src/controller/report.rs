@@ -133,6 +133,17 @@ pub(super) async fn publish(
     reason: &str,
     note: String,
 ) {
+    publish_about(ctx, &cluster.object_ref(&()), type_, reason, note).await;
+}
+
+/// Publishes an Event about any object; best effort.
+pub(super) async fn publish_about(
+    ctx: &Context,
+    object: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_string(),
@@ -141,7 +152,7 @@ pub(super) async fn publish(
         secondary: None,
     };
     // An Event is best effort: failing to record one must not fail the reconcile.
-    if let Err(e) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&event, object).await {
         warn!(error = %e, "could not publish event");
     }
 }

@@ -16,9 +16,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
+use crate::api::ClusterBackupStatus;
 use crate::api::{
     DchatCluster, DchatClusterStatus, MonitoringSpec, Phase, RolloutStatus, RolloutStep, Slot,
 };
+use crate::backup::health::Health;
 use crate::build::OptionalKinds;
 
 /// Condition type: every relay of the serving slot is ready with the desired template.
@@ -33,6 +35,8 @@ pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 /// Condition type: the monitoring objects the spec asks for exist.
 pub const MONITORING: &str = "Monitoring";
+/// Condition type: backups complete on time (with `spec.backup`).
+pub const BACKUP_HEALTHY: &str = "BackupHealthy";
 
 /// Condition reasons, stable for alerting and automation.
 pub mod reason {
@@ -132,6 +136,10 @@ pub struct Observation {
     pub serving_hash: Option<String>,
     /// Whether the requested monitoring objects can exist.
     pub monitoring: Monitoring,
+    /// `status.backup` (with `spec.backup`).
+    pub backup: Option<ClusterBackupStatus>,
+    /// The `BackupHealthy` condition (with `spec.backup`).
+    pub backup_health: Option<Health>,
 }
 
 /// A condition's status: `True`, `False` or `Unknown`.
@@ -424,9 +432,12 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
     let previous = cluster.status.clone().unwrap_or_default();
     let v = verdict(cluster, &previous, obs);
     let generation = cluster.meta().generation;
-    let extra = monitoring_condition(&obs.monitoring)
+    let mut extra: Vec<(&str, Cond)> = monitoring_condition(&obs.monitoring)
         .map(|c| vec![(MONITORING, c)])
         .unwrap_or_default();
+    if let Some(h) = &obs.backup_health {
+        extra.push((BACKUP_HEALTHY, cond(h.healthy, h.reason, h.message.clone())));
+    }
     let conditions = conditions(&previous, generation, obs.now, &v, extra);
 
     let (replicas, ready_replicas, desired) = obs
@@ -461,6 +472,7 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
         selector: Some(obs.selector.clone()),
         conditions,
         rollout: obs.rollout.clone(),
+        backup: obs.backup.clone(),
     }
 }
 
@@ -481,12 +493,12 @@ pub fn failed(cluster: &DchatCluster, failure: &Failure, now: Timestamp) -> Dcha
     );
     let generation = cluster.meta().generation;
     let mut conditions = conditions(&previous, generation, now, &v, Vec::new());
-    // The Monitoring condition is not re-evaluated without an observation: it stays.
+    // Monitoring and backups are not re-evaluated without an observation: they stay.
     conditions.extend(
         previous
             .conditions
             .iter()
-            .filter(|c| c.type_ == MONITORING)
+            .filter(|c| c.type_ == MONITORING || c.type_ == BACKUP_HEALTHY)
             .cloned(),
     );
     DchatClusterStatus {
@@ -588,6 +600,8 @@ mod tests {
             serving_version: None,
             serving_hash: None,
             monitoring: Monitoring::NotRequested,
+            backup: None,
+            backup_health: None,
         }
     }
 

@@ -14,6 +14,7 @@ use super::children::{apply_children, ensure_admin_token};
 use super::observe::{database_secret_hash, existing_claims, observe, slot_observation};
 use super::report::{publish, report_failure, write_status};
 use super::rollout_effects::{consume_annotations, decide_rollout, ensure_job};
+use super::schedule::{reconcile_backups, BackupReport};
 use super::status::Observation;
 use super::{status, Context, Error, RESYNC};
 use crate::api::{validate, DchatCluster, Slot};
@@ -61,6 +62,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
                 rollout: previous.rollout.clone(),
                 active_is_desired: false,
                 monitoring,
+                backup: previous.backup.clone(),
                 ..observation(&cluster, active_slot, active_live, &desired_hash, now)
             };
             write_status(&cluster, ctx, &namespace, obs).await?;
@@ -163,6 +165,13 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         };
         publish(ctx, &cluster, type_, note.reason, note.message.clone()).await;
     }
+    let mut backups = BackupReport::default();
+    if outcome.is_ok() {
+        match reconcile_backups(&cluster, ctx, &namespace, now).await {
+            Ok(report) => backups = report,
+            Err(e) => outcome = Err(e),
+        }
+    }
     let reconcile_error = outcome.as_ref().err().map(Error::as_failure);
     let serving_live = live.get(
         "StatefulSet",
@@ -175,12 +184,20 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         serving_version: decision.serving.version.clone(),
         serving_hash: decision.serving.hash.clone(),
         monitoring,
+        backup: backups.status.clone(),
+        backup_health: backups.health.clone(),
         ..observation(&cluster, serving_slot, serving_live, &desired_hash, now)
     };
     write_status(&cluster, ctx, &namespace, obs).await?;
     outcome?;
     reported!(consume_annotations(&cluster, ctx, &namespace, &decision).await);
-    Ok(Action::requeue(decision.requeue.unwrap_or(RESYNC)))
+    let requeue = [decision.requeue, backups.requeue]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(RESYNC)
+        .min(RESYNC);
+    Ok(Action::requeue(requeue))
 }
 
 pub(super) fn observation(
@@ -208,6 +225,8 @@ pub(super) fn observation(
         serving_version: None,
         serving_hash: None,
         monitoring: Default::default(),
+        backup: cluster.status.as_ref().and_then(|s| s.backup.clone()),
+        backup_health: None,
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod backups;
 mod deletion;
 mod discovery;
 mod failures;

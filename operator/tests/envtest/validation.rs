@@ -41,6 +41,10 @@ const CASES: &[(&str, &str)] = &[
         "ingress.host is required when ingress.enabled is true",
     ),
     (
+        "version: '1'\nbackup: {destination: {s3: {bucket: bkt, region: eu-west-1, encryption: 'aws:kms'}}}",
+        "destination.s3.kmsKeyId is required when encryption is aws:kms",
+    ),
+    (
         "version: '1'\nrollout: {autoPromote: true, autoPromoteAfter: 10m}",
         "rollout.autoPromoteAfter only applies when rollout.autoPromote is false",
     ),

@@ -289,7 +289,7 @@ struct Dispatch {
     m_end: u64,
     seq: u64,
     rng: Rng,
-    server_pid: Option<u32>,
+    server: Option<crate::procs::ServerProcs>,
 }
 
 /// What the dispatcher thread hands back.
@@ -319,7 +319,7 @@ impl Dispatch {
             if cpu0.is_none() && sched >= self.m_start {
                 cpu0 = Some((
                     crate::procs::cpu_time(None),
-                    self.server_pid.map(|p| crate::procs::cpu_time(Some(p))),
+                    self.server.as_ref().map(|s| s.cpu_time()),
                 ));
             }
             self.seq += 1;
@@ -361,7 +361,7 @@ impl Dispatch {
         }
         let cpu1 = (
             crate::procs::cpu_time(None),
-            self.server_pid.map(|p| crate::procs::cpu_time(Some(p))),
+            self.server.as_ref().map(|s| s.cpu_time()),
         );
         Dispatched {
             seq: self.seq,
@@ -376,7 +376,7 @@ impl Dispatch {
 /// Runs one open-loop step over `eps` and returns what was measured.
 ///
 /// The schedule is dispatched from its own OS thread (see [`wait_until`]); the
-/// clients' tasks stay on the caller's runtime. `server_pid` is sampled for CPU time
+/// clients' tasks stay on the caller's runtime. `server` is sampled for CPU time
 /// during the measurement window.
 pub async fn run_step(
     eps: &[Endpoint],
@@ -385,7 +385,7 @@ pub async fn run_step(
     step: Step,
     seq: &mut u64,
     rng: &mut Rng,
-    server_pid: Option<u32>,
+    server: Option<crate::procs::ServerProcs>,
 ) -> StepResult {
     let rate = step.rate.max(1.0);
     let fan = match pattern {
@@ -412,7 +412,7 @@ pub async fn run_step(
         m_end,
         seq: *seq,
         rng: rng.clone(),
-        server_pid,
+        server,
     };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()

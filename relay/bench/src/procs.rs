@@ -119,6 +119,52 @@ pub async fn wait_port(what: &str, addr: SocketAddr, within: Duration) -> Result
     }
 }
 
+/// The processes whose CPU time a step reports as the server's.
+#[derive(Clone, Debug, Default)]
+pub struct ServerProcs {
+    /// The server processes (a relay, several relays of a cluster, a router, ...).
+    pub pids: Vec<u32>,
+    /// Also every process named `postgres` (the server the relays use and its
+    /// backends, when it runs on this machine).
+    pub postgres: bool,
+}
+
+impl ServerProcs {
+    /// Just the process `pid`.
+    pub fn one(pid: u32) -> ServerProcs {
+        ServerProcs {
+            pids: vec![pid],
+            postgres: false,
+        }
+    }
+
+    /// Their user+system CPU time so far.
+    pub fn cpu_time(&self) -> Duration {
+        let mut total: Duration = self.pids.iter().map(|p| cpu_time(Some(*p))).sum();
+        if self.postgres {
+            total += postgres_pids()
+                .into_iter()
+                .map(|p| cpu_time(Some(p)))
+                .sum::<Duration>();
+        }
+        total
+    }
+}
+
+/// Every process whose command name is `postgres` (server and backends).
+fn postgres_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end() == "postgres")
+        })
+        .collect()
+}
+
 /// User+system CPU time of `pid` (this process when `None`); zero if unreadable.
 pub fn cpu_time(pid: Option<u32>) -> Duration {
     let path = match pid {

@@ -762,6 +762,45 @@ fn truncate_pg(pg: &PgTarget) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Drops the relay's tables with `psql`, so that the next relay started on `pg` creates
+/// its schema afresh (the relay has no migrations between unreleased layouts, and an A/B
+/// comparison of two relay builds must not share rows). Only for a scratch database.
+pub fn reset_pg(pg: &PgTarget) -> Result<(), BenchError> {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            &pg.host,
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            &pg.user,
+            "-d",
+            &pg.dbname,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            "DROP TABLE IF EXISTS messages, sent_ids, profiles, channel_members, \
+             dchat_schema_migrations CASCADE",
+        ])
+        .env("PGPASSWORD", &pg.password)
+        .output()
+        .map_err(|source| BenchError::Io {
+            what: "running psql to drop the relay's tables".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(BenchError::Server {
+            what: "postgres".into(),
+            reason: format!(
+                "dropping the relay's tables failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
 async fn run_relay_phases(
     url: &str,
     relay: &mut RelayInstance,

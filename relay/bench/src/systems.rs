@@ -23,6 +23,9 @@ use crate::BenchError;
 pub enum Target {
     /// The dchat relay (`ws://…/v1/ws`).
     Relay(String),
+    /// Several relays of one cluster (one shared database); client `i` connects to
+    /// relay `i % n`.
+    RelayCluster(Vec<String>),
     /// The bare router (`ws://…/`).
     Router(String),
     /// NATS (`nats://…` for TCP, `ws://…` for WebSocket).
@@ -35,7 +38,7 @@ impl Target {
     /// Short name for tables.
     pub fn name(&self) -> &'static str {
         match self {
-            Target::Relay(_) => "relay",
+            Target::Relay(_) | Target::RelayCluster(_) => "relay",
             Target::Router(_) => "bare-router",
             Target::Nats(u) if u.starts_with("ws") => "nats-ws",
             Target::Nats(_) => "nats-tcp",
@@ -58,7 +61,20 @@ pub async fn connect(
 ) -> Result<Vec<Endpoint>, BenchError> {
     let name = target.name();
     match target {
-        Target::Relay(url) => {
+        Target::Relay(_) | Target::RelayCluster(_) => {
+            let urls: Vec<&str> = match target {
+                Target::RelayCluster(urls) => urls.iter().map(String::as_str).collect(),
+                Target::Relay(url) => vec![url.as_str()],
+                _ => Vec::new(),
+            };
+            if urls.is_empty() {
+                return Err(BenchError::Connect {
+                    system: name,
+                    index: 0,
+                    reason: "no relay to connect to".into(),
+                });
+            }
+            let urls = &urls;
             let keys: Vec<_> = (0..n)
                 .map(|i| {
                     generate_key().map_err(|e| BenchError::Connect {
@@ -71,7 +87,7 @@ pub async fn connect(
             let pubs: Arc<Vec<KeyHex>> = Arc::new(keys.iter().map(public_key).collect());
             let clients: Vec<Result<Client, BenchError>> =
                 futures::stream::iter(keys.into_iter().enumerate().map(|(i, k)| async move {
-                    let mut c = Client::connect(url, k)
+                    let mut c = Client::connect(urls[i % urls.len()], k)
                         .await
                         .map_err(|e| BenchError::Connect {
                             system: name,

@@ -16,7 +16,8 @@ use tracing::{debug, info, warn};
 
 use super::limits::TokenBucket;
 use super::router::{
-    is_new, recent_key, FastMap, Message, Offer, RecentKey, Seen, SessionHandle, StoreTicket,
+    is_new, recent_key, FastMap, Message, Offer, RecentKey, Reserve, Reserved, Seen, SessionHandle,
+    StoreTicket,
 };
 use super::Shared;
 use crate::metrics::ReasonLabel;
@@ -28,7 +29,7 @@ use crate::protocol::{
     Base64Bytes, ClientFrame, Envelope, ErrorCode, KeyHex, Limits, ProfileDoc, SendStatus,
     ServerFrame, SigHex, PROTOCOL_VERSION,
 };
-use crate::store::{AckKey, PutOutcome, ReadAs, StoreError};
+use crate::store::{Acceptance, AckKey, PutOutcome, ReadAs, SendRecord, StoreError};
 
 /// Consecutive refused frames after which a flooding client is disconnected.
 const MAX_STRIKES: u32 = 64;
@@ -462,11 +463,11 @@ struct Session {
 }
 
 /// What [`Session::push_when_room`] woke up for.
-enum Room<'a> {
+enum Room {
     /// A frame from this session's own client.
     Frame(Option<Result<WsMessage, axum::Error>>),
     /// Room in the recipient's queue (`None`: its session has closed the queue).
-    Permit(Option<mpsc::Permit<'a, Arc<Message>>>),
+    Permit(Option<mpsc::OwnedPermit<Arc<Message>>>),
     /// The push wait is over.
     Late,
     /// A push for this session itself (`None`: its queue was closed).
@@ -477,7 +478,8 @@ enum Room<'a> {
 struct Deferred {
     msg: Arc<Message>,
     to: KeyHex,
-    in_flight: InFlight,
+    /// Its entry in the recent-id cache; `None` where the store decides duplicates.
+    in_flight: Option<InFlight>,
     /// Keeps a recipient connected here off live pushes until this is stored (its
     /// presence also marks the store as one for a recipient that fell behind).
     ticket: Option<StoreTicket>,
@@ -905,6 +907,9 @@ impl Session {
         }
         let kind = env.kind;
         c.shared.metrics.routed_kind(kind).inc();
+        if c.shared.sends_recorded {
+            return self.send_recorded(c, env).await;
+        }
         let recent = recent_key(self.key, &id);
         let mut seen = c.shared.recent.begin(&recent);
         if matches!(seen, Seen::InFlight) && !self.batch.is_empty() {
@@ -919,15 +924,7 @@ impl Session {
             Seen::New => {}
             Seen::Settled => {
                 c.shared.metrics.duplicates.inc();
-                return c
-                    .send_frame(ServerFrame::Sent {
-                        id,
-                        status: SendStatus::Duplicate,
-                        seq: None,
-                        delivered: None,
-                        stored: None,
-                    })
-                    .await;
+                return c.send_frame(duplicate_frame(&id)).await;
             }
             // Acknowledging now could acknowledge a message whose first attempt then
             // fails to store; routing it again could deliver it twice.
@@ -941,11 +938,11 @@ impl Session {
         }
         // Forgets the id unless the send succeeds — also when this task is cancelled
         // mid-store (the connection was replaced), so a retry is never stuck in flight.
-        let in_flight = InFlight {
+        let in_flight = Some(InFlight {
             shared: c.shared.clone(),
             recent,
             settled: false,
-        };
+        });
         let msg = Arc::new(Message::new(&env, self.key));
         if !self.batch.is_empty() && env.to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
             // A channel message, or a recipient connected here that could get this one
@@ -955,7 +952,8 @@ impl Session {
         let result = match (env.to, env.channel.as_deref()) {
             (Some(to), _) => match c.shared.sessions.offer(&to, &msg) {
                 Offer::Full(h) => {
-                    let (pushed, _, _ticket) = self.push_when_room(c, &msg, vec![(to, h)]).await?;
+                    let (pushed, _, _ticket) =
+                        self.push_when_room(c, &msg, vec![(to, h)], None).await?;
                     if pushed == 1 {
                         Ok(delivered_frame(&id))
                     } else {
@@ -983,11 +981,12 @@ impl Session {
                     return Ok(());
                 }
             },
-            (None, Some(ch)) => match c.shared.channel_fan_out(&msg, ch).await {
+            (None, Some(ch)) => match c.shared.channel_fan_out(&msg, ch, false).await {
                 Ok(mut fan) => {
                     if !fan.full.is_empty() {
                         let full = std::mem::take(&mut fan.full);
-                        let (pushed, behind, tickets) = self.push_when_room(c, &msg, full).await?;
+                        let (pushed, behind, tickets) =
+                            self.push_when_room(c, &msg, full, None).await?;
                         fan.delivered += pushed;
                         fan.rest.extend(behind);
                         fan.tickets.extend(tickets);
@@ -1003,7 +1002,94 @@ impl Session {
             },
             (None, None) => Err(RouteError::NotMember),
         };
-        answer_send(c, in_flight, result).await
+        answer_send(c, in_flight, &id, result).await
+    }
+
+    /// Routes one `send` where the shared store decides duplicates (relays on one
+    /// PostgreSQL database): nothing is pushed, stored or answered before the store has
+    /// recorded the send's (sender, id) ([`crate::store::Store::accept`]), so that a
+    /// repeat through any relay of the cluster is a duplicate — whatever this process
+    /// remembers. Room in the queues of live recipients here is reserved first, so
+    /// that once the send is recorded its pushes cannot fail; copies for everyone else
+    /// are stored in the same commit as the record. Direct sends to recipients that
+    /// are not pushed to join [`Session::batch`] as on a single relay.
+    async fn send_recorded(&mut self, c: &mut Conn, env: Envelope) -> Result<(), End> {
+        let id = env.id.clone();
+        let msg = Arc::new(Message::new(&env, self.key));
+        if !self.batch.is_empty() && env.to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
+            // As in `send`: nothing may overtake an earlier message still in the batch.
+            self.store_batch(c).await?;
+        }
+        let result = match (env.to, env.channel.as_deref()) {
+            (Some(to), _) => {
+                let (room, ticket) = match c.shared.sessions.reserve(&to) {
+                    Reserve::Room(room) => (Some(room), None),
+                    Reserve::Full(h) => {
+                        let mut held = Vec::new();
+                        let (_, _, mut tickets) = self
+                            .push_when_room(c, &msg, vec![(to, h)], Some(&mut held))
+                            .await?;
+                        (held.pop(), tickets.pop())
+                    }
+                    Reserve::Store(ticket) => {
+                        self.batch.push(Deferred {
+                            msg,
+                            to,
+                            in_flight: None,
+                            ticket,
+                        });
+                        if self.batch.len() >= STORE_BATCH {
+                            self.store_batch(c).await?;
+                        }
+                        return Ok(());
+                    }
+                };
+                c.flush_pending().await?;
+                match room {
+                    Some(room) => {
+                        let recorded = c.shared.accept_and_push(&msg, vec![room], &[]).await;
+                        self.pushed_live |= recorded.pushed() > 0;
+                        recorded.direct_answer(&c.shared, &msg, to)
+                    }
+                    // The queue stayed full: stored for the recipient, which falls behind.
+                    None => {
+                        let store = c.shared.store_direct(&msg, to);
+                        let r = c
+                            .shared
+                            .overload
+                            .measure_store(ticket.is_some(), store)
+                            .await;
+                        drop(ticket);
+                        r
+                    }
+                }
+            }
+            (None, Some(ch)) => match c.shared.channel_fan_out(&msg, ch, true).await {
+                Ok(mut fan) => {
+                    if !fan.full.is_empty() {
+                        let full = std::mem::take(&mut fan.full);
+                        let (_, behind, tickets) = self
+                            .push_when_room(c, &msg, full, Some(&mut fan.held))
+                            .await?;
+                        fan.rest.extend(behind);
+                        fan.tickets.extend(tickets);
+                    }
+                    c.flush_pending().await?;
+                    let held = std::mem::take(&mut fan.held);
+                    let accept = c.shared.accept_and_push(&msg, held, &fan.rest);
+                    let recorded = c
+                        .shared
+                        .overload
+                        .measure_store(!fan.tickets.is_empty(), accept)
+                        .await;
+                    self.pushed_live |= recorded.pushed() > 0;
+                    recorded.fan_out_answer(&c.shared, &msg, fan)
+                }
+                Err(e) => Err(e),
+            },
+            (None, None) => Err(RouteError::NotMember),
+        };
+        answer_send(c, None, &id, result).await
     }
 
     /// Answers the send `id` with an error. Sends waiting in the batch are stored and
@@ -1031,11 +1117,16 @@ impl Session {
     ///
     /// While waiting, this session keeps writing its own queue to its client: two
     /// sessions sending to each other would otherwise each wait for the other's room.
+    ///
+    /// With `hold` (where the send is not decided yet, see [`Session::send_recorded`])
+    /// the room found is only reserved, into `hold`, and counted as pushed; the caller
+    /// pushes once the send is recorded.
     async fn push_when_room(
         &mut self,
         c: &mut Conn,
         msg: &Arc<Message>,
         full: Vec<(KeyHex, Arc<SessionHandle>)>,
+        mut hold: Option<&mut Vec<Reserved>>,
     ) -> Result<(u32, Vec<KeyHex>, Vec<StoreTicket>), End> {
         // Answers already buffered must not wait for other clients to catch up.
         c.flush_pending().await?;
@@ -1050,16 +1141,16 @@ impl Session {
                 // Past the deadline (or with no wait configured) only room that is
                 // there now counts; a timer would first yield to the recipient.
                 let room = if Instant::now() >= deadline {
-                    match h.tx.try_reserve() {
+                    match h.tx.clone().try_reserve_owned() {
                         Ok(permit) => Room::Permit(Some(permit)),
-                        Err(mpsc::error::TrySendError::Full(())) => Room::Late,
-                        Err(mpsc::error::TrySendError::Closed(())) => Room::Permit(None),
+                        Err(mpsc::error::TrySendError::Full(_)) => Room::Late,
+                        Err(mpsc::error::TrySendError::Closed(_)) => Room::Permit(None),
                     }
                 } else {
                     let reading = self.held_bytes < HELD_BYTES;
                     tokio::select! {
                         biased;
-                        permit = h.tx.reserve() => Room::Permit(permit.ok()),
+                        permit = h.tx.clone().reserve_owned() => Room::Permit(permit.ok()),
                         _ = sleep_until(deadline) => Room::Late,
                         own = self.rx.recv(), if own_open && self.window_open(c) => Room::Own(own),
                         m = c.ws.recv(), if reading => Room::Frame(m),
@@ -1067,8 +1158,13 @@ impl Session {
                 };
                 match room {
                     Room::Permit(Some(permit)) => {
-                        permit.send(msg.clone());
-                        c.shared.metrics.outbound_queue_depth.inc();
+                        match hold.as_deref_mut() {
+                            Some(held) => held.push(Reserved::new(permit)),
+                            None => {
+                                permit.send(msg.clone());
+                                c.shared.metrics.outbound_queue_depth.inc();
+                            }
+                        }
                         pushed += 1;
                     }
                     // The recipient's session is ending: it stores what is queued,
@@ -1143,8 +1239,30 @@ impl Session {
             .map(|d| d.msg.to_stored(d.to, expires))
             .collect();
         let behind = batch.iter().any(|d| d.ticket.is_some());
-        let put = c.shared.put_many(stored);
-        match c.shared.overload.measure_store(behind, put).await {
+        let outcomes = if c.shared.sends_recorded {
+            // Each send recorded with its copy in one commit; the outcome of an
+            // accepted send is its copy's.
+            let sends = batch
+                .iter()
+                .zip(stored)
+                .map(|(d, copy)| SendRecord {
+                    sender: d.msg.sender.0,
+                    id: d.msg.id.clone(),
+                    expires_at_ms: expires,
+                    copies: vec![copy],
+                })
+                .collect();
+            let accept = c.shared.accept(sends);
+            c.shared
+                .overload
+                .measure_store(behind, accept)
+                .await
+                .map(|all| all.into_iter().map(copy_outcome).collect::<Vec<_>>())
+        } else {
+            let put = c.shared.put_many(stored);
+            c.shared.overload.measure_store(behind, put).await
+        };
+        match outcomes {
             Ok(outcomes) if outcomes.len() == batch.len() => {
                 // Every id is settled before the first answer is written: if writing
                 // fails part-way, a retry of a stored message must still be a duplicate.
@@ -1152,7 +1270,9 @@ impl Session {
                     .into_iter()
                     .zip(outcomes)
                     .map(|(mut d, outcome)| {
-                        d.in_flight.settle();
+                        if let Some(f) = d.in_flight.as_mut() {
+                            f.settle();
+                        }
                         c.shared.stored_direct(&d.msg, d.to, outcome)
                     })
                     .collect();
@@ -1167,7 +1287,7 @@ impl Session {
                 }
                 for d in batch {
                     let result = c.shared.store_direct(&d.msg, d.to).await;
-                    answer_send(c, d.in_flight, result).await?;
+                    answer_send(c, d.in_flight, &d.msg.id, result).await?;
                 }
             }
         }
@@ -1405,7 +1525,13 @@ impl Session {
             }
         }
         self.rx.close();
-        while let Ok(m) = self.rx.try_recv() {
+        // `recv` on the closed queue ends only once it is empty and no sender holds
+        // room in it: a sender that reserved room before the close (while the shared
+        // store records its send, see `Session::send_recorded`) pushes into it
+        // afterwards, and that message must be stored here, not dropped with the queue.
+        // Room is held only for the time of one store call. On a single relay nobody
+        // holds room across a wait, so this ends as soon as the queue is empty.
+        while let Some(m) = self.rx.recv().await {
             c.shared.metrics.outbound_queue_depth.dec();
             msgs.push(m.to_stored(self.key, expires));
         }
@@ -1442,6 +1568,17 @@ fn delivered_frame(id: &str) -> ServerFrame {
     }
 }
 
+/// The `sent` answer for a repeat of an id that was already accepted.
+fn duplicate_frame(id: &str) -> ServerFrame {
+    ServerFrame::Sent {
+        id: id.to_string(),
+        status: SendStatus::Duplicate,
+        seq: None,
+        delivered: None,
+        stored: None,
+    }
+}
+
 /// Counts a `sent` answer that reports a duplicate.
 fn count_duplicate(c: &Conn, frame: &ServerFrame) {
     if let ServerFrame::Sent {
@@ -1453,21 +1590,25 @@ fn count_duplicate(c: &Conn, frame: &ServerFrame) {
     }
 }
 
-/// Answers a routed `send`: settles its id on success (a retry is then `duplicate`),
-/// forgets it otherwise (a retry is routed again).
+/// Answers the routed `send` `id`: settles its entry in the recent-id cache (if it has
+/// one) on success (a retry is then `duplicate`), forgets it otherwise (a retry is
+/// routed again).
 async fn answer_send(
     c: &mut Conn,
-    mut in_flight: InFlight,
+    in_flight: Option<InFlight>,
+    id: &str,
     result: Result<ServerFrame, RouteError>,
 ) -> Result<(), End> {
+    let id = id.to_string();
     match result {
         Ok(frame) => {
-            in_flight.settle();
+            if let Some(mut f) = in_flight {
+                f.settle();
+            }
             count_duplicate(c, &frame);
             c.send_frame(frame).await
         }
         Err(RouteError::NotMember) => {
-            let id = in_flight.recent.1.to_string();
             drop(in_flight);
             c.error(
                 ErrorCode::NotMember,
@@ -1477,7 +1618,6 @@ async fn answer_send(
             .await
         }
         Err(RouteError::Store(e)) => {
-            let id = in_flight.recent.1.to_string();
             drop(in_flight);
             warn!(error = %e, "storing a message failed");
             c.error(
@@ -1503,6 +1643,9 @@ pub struct FanOut {
     /// Held until the copies in `rest` are stored (members connected here that are
     /// behind).
     pub tickets: Vec<StoreTicket>,
+    /// Room reserved in the queues of live members (instead of pushing at once), for
+    /// a send that the shared store has yet to record.
+    pub held: Vec<Reserved>,
 }
 
 impl FanOut {
@@ -1537,8 +1680,77 @@ impl Shared {
         to: KeyHex,
     ) -> Result<ServerFrame, RouteError> {
         let expires = now_ms().saturating_add(self.cfg.message_ttl.as_millis() as i64);
-        let outcome = self.put(msg.to_stored(to, expires)).await?;
+        let copy = msg.to_stored(to, expires);
+        let outcome = if self.sends_recorded {
+            let send = SendRecord {
+                sender: msg.sender.0,
+                id: msg.id.clone(),
+                expires_at_ms: expires,
+                copies: vec![copy],
+            };
+            let mut all = self.accept(vec![send]).await?;
+            all.pop().map_or(PutOutcome::Duplicate, copy_outcome)
+        } else {
+            self.put(copy).await?
+        };
         Ok(self.stored_direct(msg, to, outcome))
+    }
+
+    /// Where the store decides duplicates: records the send of `msg` together with its
+    /// copies for `rest` (one commit), and only if it was accepted pushes it into the
+    /// `held` room. If the store may have recorded it without saying so (the connection
+    /// failed after the write was sent), it is pushed all the same: a recorded message
+    /// that nobody pushes would be lost (a retry is a duplicate), whereas one pushed
+    /// without a record can at worst be delivered again by a retry, which clients
+    /// de-duplicate by (`from`, `id`) anyway.
+    async fn accept_and_push(
+        &self,
+        msg: &Arc<Message>,
+        held: Vec<Reserved>,
+        rest: &[KeyHex],
+    ) -> Recorded {
+        let expires = now_ms().saturating_add(self.cfg.message_ttl.as_millis() as i64);
+        let send = SendRecord {
+            sender: msg.sender.0,
+            id: msg.id.clone(),
+            expires_at_ms: expires,
+            copies: rest.iter().map(|k| msg.to_stored(*k, expires)).collect(),
+        };
+        match self.accept(vec![send]).await.map(|mut all| all.pop()) {
+            Ok(Some(Acceptance::Accepted(copies))) => Recorded::Accepted {
+                pushed: self.push_held(msg, held),
+                copies,
+            },
+            // Dropping the held room frees it.
+            Ok(Some(Acceptance::Duplicate)) => Recorded::Duplicate,
+            Ok(None) => Recorded::Failed(StoreError::Task {
+                op: "accept",
+                reason: "no outcome for the send".into(),
+            }),
+            Err(error) if error.outcome_unknown() => {
+                warn!(error = %error, id = %msg.id, "send may or may not be recorded; pushing it");
+                Recorded::Unknown {
+                    pushed: self.push_held(msg, held),
+                    error,
+                }
+            }
+            Err(error) => Recorded::Failed(error),
+        }
+    }
+
+    /// Pushes `msg` into every held room; returns how many.
+    fn push_held(&self, msg: &Arc<Message>, held: Vec<Reserved>) -> u32 {
+        let n = held.len();
+        for room in held {
+            room.push(msg.clone());
+        }
+        self.metrics.outbound_queue_depth.inc_by(n as i64);
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Records sends in the shared store ([`crate::store::Store::accept`]), timed.
+    pub async fn accept(&self, sends: Vec<SendRecord>) -> Result<Vec<Acceptance>, StoreError> {
+        self.timed("accept", self.store.accept(sends)).await
     }
 
     /// After a direct message for `to` was stored: counts it, wakes `to` wherever it
@@ -1565,10 +1777,14 @@ impl Shared {
     /// Fans a channel message out: pushes it to every member (except the sender)
     /// connected here and keeping up; the others are returned for the sender to wait
     /// for ([`FanOut::full`]) or to store ([`Shared::store_fan_out`]).
+    ///
+    /// With `hold`, room in the live members' queues is only reserved
+    /// ([`FanOut::held`]) and nothing is pushed yet.
     pub async fn channel_fan_out(
         &self,
         msg: &Arc<Message>,
         channel: &str,
+        hold: bool,
     ) -> Result<FanOut, RouteError> {
         let members = self.members(channel).await?;
         if members.binary_search(&msg.sender).is_err() {
@@ -1578,8 +1794,20 @@ impl Shared {
         let mut rest = Vec::new();
         let mut full = Vec::new();
         let mut tickets = Vec::new();
+        let mut held = Vec::new();
         for k in members.iter() {
             if *k == msg.sender {
+                continue;
+            }
+            if hold {
+                match self.sessions.reserve(k) {
+                    Reserve::Room(room) => held.push(room),
+                    Reserve::Full(h) => full.push((*k, h)),
+                    Reserve::Store(ticket) => {
+                        rest.push(*k);
+                        tickets.extend(ticket);
+                    }
+                }
                 continue;
             }
             match self.sessions.offer(k, msg) {
@@ -1599,6 +1827,7 @@ impl Shared {
             rest,
             full,
             tickets,
+            held,
         })
     }
 
@@ -1637,6 +1866,96 @@ impl Shared {
         if let Some(h) = self.sessions.get(key) {
             h.wake.notify_one();
         }
+    }
+}
+
+/// What became of a send the shared store was asked to record
+/// ([`Shared::accept_and_push`]).
+enum Recorded {
+    /// Recorded: pushed into the held room (`pushed` recipients) and stored for the
+    /// others (`copies`, one outcome each).
+    Accepted {
+        pushed: u32,
+        copies: Vec<PutOutcome>,
+    },
+    /// An earlier send of this (sender, id) was recorded; nothing was done.
+    Duplicate,
+    /// Maybe recorded, maybe not; pushed into the held room all the same.
+    Unknown { pushed: u32, error: StoreError },
+    /// Not recorded; nothing was pushed.
+    Failed(StoreError),
+}
+
+impl Recorded {
+    /// Recipients it was pushed to.
+    fn pushed(&self) -> u32 {
+        match self {
+            Recorded::Accepted { pushed, .. } | Recorded::Unknown { pushed, .. } => *pushed,
+            Recorded::Duplicate | Recorded::Failed(_) => 0,
+        }
+    }
+
+    /// The answer to a direct send pushed live (or not) to `to`.
+    fn direct_answer(
+        self,
+        shared: &Shared,
+        msg: &Message,
+        to: KeyHex,
+    ) -> Result<ServerFrame, RouteError> {
+        match self {
+            Recorded::Accepted { pushed: 1.., .. } => Ok(delivered_frame(&msg.id)),
+            Recorded::Accepted { copies, .. } => Ok(shared.stored_direct(
+                msg,
+                to,
+                copies.first().copied().unwrap_or(PutOutcome::Duplicate),
+            )),
+            Recorded::Duplicate => Ok(duplicate_frame(&msg.id)),
+            // Pushed: `delivered` is true whether or not the record was committed, and
+            // spares the client a retry that could deliver it a second time.
+            Recorded::Unknown { pushed: 1.., .. } => Ok(delivered_frame(&msg.id)),
+            Recorded::Unknown { error, .. } | Recorded::Failed(error) => Err(error.into()),
+        }
+    }
+
+    /// The answer to a channel send: counts the stored copies and wakes their
+    /// recipients (as [`Shared::store_fan_out`]).
+    fn fan_out_answer(
+        self,
+        shared: &Shared,
+        msg: &Message,
+        mut fan: FanOut,
+    ) -> Result<ServerFrame, RouteError> {
+        match self {
+            Recorded::Accepted { pushed, copies } => {
+                let mut stored = 0u32;
+                for (o, k) in copies.iter().zip(&fan.rest) {
+                    if is_new(o) {
+                        stored += 1;
+                        shared.wake_local(k);
+                        shared.cluster.wake(*k);
+                    }
+                }
+                shared
+                    .metrics
+                    .stored_kind(msg.kind)
+                    .inc_by(u64::from(stored));
+                fan.delivered = pushed;
+                Ok(fan.sent_frame(msg, stored))
+            }
+            Recorded::Duplicate => Ok(duplicate_frame(&msg.id)),
+            // The copies may or may not be stored: the client retries, and a recorded
+            // send is then a duplicate.
+            Recorded::Unknown { error, .. } | Recorded::Failed(error) => Err(error.into()),
+        }
+    }
+}
+
+/// The outcome of an accepted send's only copy, or `Duplicate` for a send that was not
+/// accepted (a retry of an earlier one).
+fn copy_outcome(a: Acceptance) -> PutOutcome {
+    match a {
+        Acceptance::Accepted(copies) => copies.first().copied().unwrap_or(PutOutcome::Duplicate),
+        Acceptance::Duplicate => PutOutcome::Duplicate,
     }
 }
 

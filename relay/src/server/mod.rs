@@ -121,8 +121,14 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Live sessions by key.
     pub sessions: router::Sessions,
-    /// Recent (sender, id) pairs for dedup of live messages.
+    /// Recent (sender, id) pairs for dedup of live messages; used only where the
+    /// store does not decide duplicates (`sends_recorded` false).
     pub recent: router::RecentIds,
+    /// The store decides which sends are duplicates for every relay sharing it
+    /// (PostgreSQL, [`Store::records_sends`]): a send is pushed, stored and answered only
+    /// after the store recorded it, and the recent-id cache is not consulted, so that
+    /// no relay answers from its own memory what the shared store knows better.
+    pub sends_recorded: bool,
     /// Set first on drain: readiness false, new connections refused.
     pub draining: AtomicBool,
     /// Cancelled to close every connection (drain).
@@ -289,6 +295,7 @@ impl Relay {
         }
         let instance_id = hex::encode(id);
         let cluster = Cluster::new(instance_id.clone(), metrics.clone());
+        let sends_recorded = storage.store.records_sends();
         let shared = Arc::new(Shared {
             conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
@@ -297,6 +304,7 @@ impl Relay {
             metrics,
             sessions: router::Sessions::default(),
             recent: router::RecentIds::new(65_536),
+            sends_recorded,
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

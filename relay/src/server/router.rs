@@ -382,7 +382,59 @@ pub enum Offer {
     Store(Option<StoreTicket>),
 }
 
+/// Room held in a live session's queue for one message whose send is not decided yet:
+/// a sender reserves it before the shared store records the send
+/// ([`Sessions::reserve`]), so that once recorded the push cannot fail. A session that
+/// ends meanwhile still receives it (its last drain waits for held room), and dropping
+/// it frees the room.
+#[derive(Debug)]
+pub struct Reserved(mpsc::OwnedPermit<Arc<Message>>);
+
+impl Reserved {
+    /// Held room in a queue, from its permit.
+    pub fn new(permit: mpsc::OwnedPermit<Arc<Message>>) -> Reserved {
+        Reserved(permit)
+    }
+
+    /// Pushes `msg` into the held room.
+    pub fn push(self, msg: Arc<Message>) {
+        self.0.send(msg);
+    }
+}
+
+/// Result of reserving room for a live push ([`Sessions::reserve`]).
+#[derive(Debug)]
+pub enum Reserve {
+    /// Room is held in the recipient's queue.
+    Room(Reserved),
+    /// The recipient is live but its queue is full right now (as [`Offer::Full`]).
+    Full(Arc<SessionHandle>),
+    /// Not to be pushed (as [`Offer::Store`]).
+    Store(Option<StoreTicket>),
+}
+
 impl Sessions {
+    /// Like [`Sessions::offer`], but only reserves room in the queue of `to`'s live
+    /// session; the sender pushes into it once the send is decided.
+    pub fn reserve(&self, to: &KeyHex) -> Reserve {
+        let Some(h) = self.get(to) else {
+            return Reserve::Store(None);
+        };
+        {
+            let mut st = h.push_state();
+            if !st.live {
+                st.storing += 1;
+                drop(st);
+                return Reserve::Store(Some(StoreTicket(h)));
+            }
+        }
+        match h.tx.clone().try_reserve_owned() {
+            Ok(permit) => Reserve::Room(Reserved(permit)),
+            Err(mpsc::error::TrySendError::Full(_)) => Reserve::Full(h),
+            Err(mpsc::error::TrySendError::Closed(_)) => Reserve::Store(None),
+        }
+    }
+
     /// Offers a live push to `to`'s session on this relay without waiting.
     pub fn offer(&self, to: &KeyHex, msg: &Arc<Message>) -> Offer {
         let Some(h) = self.get(to) else {

@@ -151,6 +151,24 @@ pub enum StoreError {
         /// The operation that could not be queued or answered.
         op: &'static str,
     },
+    /// A write was sent to PostgreSQL, the connection failed before its answer arrived,
+    /// and asking again failed too: the write may or may not have been committed.
+    #[error(
+        "postgres {op}: outcome unknown, the connection failed after the write was sent: {reason}"
+    )]
+    OutcomeUnknown {
+        /// The operation, e.g. "accept: insert into sent_ids".
+        op: &'static str,
+        /// The failures, first the one that left the outcome open.
+        reason: String,
+    },
+    /// The store does not offer this operation (e.g. `accept` on a store that only one
+    /// relay uses).
+    #[error("store operation {op} is not supported by this backend")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+    },
     /// A blocking worker task failed to complete.
     #[error("store task {op} failed: {reason}")]
     Task {
@@ -183,6 +201,21 @@ impl StoreError {
             StoreError::SnapshotIo { .. } => "snapshot_io",
             StoreError::WriterClosed { .. } => "writer_closed",
             StoreError::Task { .. } => "task",
+            StoreError::OutcomeUnknown { .. } => "outcome_unknown",
+            StoreError::Unsupported { .. } => "unsupported",
+        }
+    }
+
+    /// Whether the failed write may have been committed all the same: its statement
+    /// reached PostgreSQL and the connection failed before the answer came back. A
+    /// statement the server refused (an error with a SQLSTATE) was rolled back, and one
+    /// that never got a connection was not sent: for those, and for every other error,
+    /// nothing was written.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            StoreError::Postgres { source, .. } => source.as_db_error().is_none(),
+            StoreError::OutcomeUnknown { .. } => true,
+            _ => false,
         }
     }
 }

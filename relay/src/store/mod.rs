@@ -127,6 +127,33 @@ pub enum PutOutcome {
     Duplicate,
 }
 
+/// One send to record with [`Store::accept`]: its (sender, id) and the copies to store
+/// for the recipients it is not pushed to live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendRecord {
+    /// Key of the user who sent it.
+    pub sender: PublicKey,
+    /// The sender's message id.
+    pub id: String,
+    /// Until when the (sender, id) stays recorded: the message's expiry.
+    pub expires_at_ms: i64,
+    /// Copies to store if the send is accepted (none for a message only pushed live);
+    /// each has this sender and id.
+    pub copies: Vec<StoredMessage>,
+}
+
+/// What [`Store::accept`] decided for one [`SendRecord`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Acceptance {
+    /// The first send of this (sender, id): now recorded, and its copies were stored in
+    /// the same commit (one outcome per copy, in order; a copy is `Duplicate` only when
+    /// it had been stored already, e.g. by an earlier attempt of this very send).
+    Accepted(Vec<PutOutcome>),
+    /// A send of this (sender, id) was accepted before and has not expired; nothing was
+    /// written.
+    Duplicate,
+}
+
 /// Counts for the admin API and gauges.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StoreStats {
@@ -184,6 +211,26 @@ pub trait Store: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), StoreError>;
     /// Current counts.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Whether this store decides which sends are duplicates for every relay that shares
+    /// it ([`Store::accept`]). False for a store only one relay uses: that relay decides
+    /// itself (its recent-id cache and the copies' dedup key).
+    fn records_sends(&self) -> bool {
+        false
+    }
+
+    /// Records each send's (sender, id) unless a send of it was accepted before (and has
+    /// not expired), and stores the copies of those it records — per send atomically,
+    /// durable before it returns, one outcome per input in order. Of inputs with the same
+    /// (sender, id), only the first can be accepted. Two relays recording the same
+    /// (sender, id) at the same moment get one `Accepted` and one `Duplicate`.
+    ///
+    /// An error means the sends were not recorded, unless
+    /// [`StoreError::outcome_unknown`] says the store may have committed them.
+    async fn accept(&self, sends: Vec<SendRecord>) -> Result<Vec<Acceptance>, StoreError> {
+        let _ = sends;
+        Err(StoreError::Unsupported { op: "accept" })
+    }
 }
 
 /// Which backend to open.
@@ -228,32 +275,16 @@ pub async fn open_embedded(
 /// Checks the field limits shared by both backends before anything is written, so an
 /// oversized id is a typed error instead of an index failure deep in the backend.
 pub(crate) fn validate_message(msg: &StoredMessage) -> Result<(), StoreError> {
-    if msg.id.is_empty() {
-        return Err(StoreError::InvalidInput {
-            field: "id",
-            reason: "message id is empty".into(),
-        });
-    }
-    if msg.id.len() > MAX_MESSAGE_ID_BYTES {
-        return Err(StoreError::InvalidInput {
-            field: "id",
-            reason: format!(
-                "message id is {} bytes, limit {MAX_MESSAGE_ID_BYTES}",
-                msg.id.len()
-            ),
-        });
-    }
+    validate_id(&msg.id)?;
     if let Some(channel) = &msg.channel {
         validate_channel(channel)?;
     }
     // PostgreSQL TEXT cannot hold NUL; refuse it in both backends so they agree.
-    for (field, value) in [("id", &msg.id), ("kind", &msg.kind)] {
-        if value.contains('\0') {
-            return Err(StoreError::InvalidInput {
-                field,
-                reason: "contains a NUL character".into(),
-            });
-        }
+    if msg.kind.contains('\0') {
+        return Err(StoreError::InvalidInput {
+            field: "kind",
+            reason: "contains a NUL character".into(),
+        });
     }
     if msg.kind.len() > MAX_KIND_BYTES {
         return Err(StoreError::InvalidInput {
@@ -263,6 +294,49 @@ pub(crate) fn validate_message(msg: &StoredMessage) -> Result<(), StoreError> {
                 msg.kind.len()
             ),
         });
+    }
+    Ok(())
+}
+
+/// Checks a message id against [`MAX_MESSAGE_ID_BYTES`]; NUL is refused because
+/// PostgreSQL TEXT cannot hold it.
+fn validate_id(id: &str) -> Result<(), StoreError> {
+    if id.is_empty() {
+        return Err(StoreError::InvalidInput {
+            field: "id",
+            reason: "message id is empty".into(),
+        });
+    }
+    if id.len() > MAX_MESSAGE_ID_BYTES {
+        return Err(StoreError::InvalidInput {
+            field: "id",
+            reason: format!(
+                "message id is {} bytes, limit {MAX_MESSAGE_ID_BYTES}",
+                id.len()
+            ),
+        });
+    }
+    if id.contains('\0') {
+        return Err(StoreError::InvalidInput {
+            field: "id",
+            reason: "contains a NUL character".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a send to record: its id like a message id, and every copy is a valid message
+/// of that sender and id.
+pub(crate) fn validate_send(send: &SendRecord) -> Result<(), StoreError> {
+    validate_id(&send.id)?;
+    for copy in &send.copies {
+        validate_message(copy)?;
+        if copy.sender != send.sender || copy.id != send.id {
+            return Err(StoreError::InvalidInput {
+                field: "copies",
+                reason: "a copy's sender and id must be the send's".into(),
+            });
+        }
     }
     Ok(())
 }

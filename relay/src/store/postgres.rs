@@ -6,7 +6,8 @@
 //! transaction holding an advisory lock, so relays starting together serialize on it and
 //! each migration runs exactly once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,8 @@ use tokio_postgres::NoTls;
 mod snapshot;
 
 use super::{
-    validate_channel, validate_message, AckKey, Pending, PublicKey, PutOutcome, Store, StoreError,
-    StoreStats, StoredMessage,
+    validate_channel, validate_message, validate_send, Acceptance, AckKey, Pending, PublicKey,
+    PutOutcome, SendRecord, Store, StoreError, StoreStats, StoredMessage,
 };
 
 /// Embedded migrations: (version, name, SQL). Append only; never edit a shipped one.
@@ -64,12 +65,17 @@ impl std::fmt::Debug for PostgresConfig {
     }
 }
 
-/// The PostgreSQL store. Cloning shares the pool and the put writers.
+/// The PostgreSQL store. Cloning shares the pool and the writers.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
     /// Queue of single puts for the group-commit writers.
     puts: mpsc::Sender<PutRequest>,
+    /// Queue of `accept` calls for their group-commit writers.
+    accepts: mpsc::Sender<AcceptRequest>,
+    /// The next `sent_ids.attempt` value; starts at a random value so that attempts of
+    /// different relays (and restarts) do not meet.
+    next_attempt: Arc<AtomicI64>,
 }
 
 /// One queued `put` and the channel its caller waits on.
@@ -78,10 +84,80 @@ struct PutRequest {
     reply: oneshot::Sender<Result<PutOutcome, StoreError>>,
 }
 
+/// One queued `accept` call and the channel its caller waits on.
+struct AcceptRequest {
+    sends: Vec<SendRecord>,
+    /// One `sent_ids.attempt` per send, fixed when the call was queued: a writer that
+    /// repeats the insert after losing its connection finds out whether the first one
+    /// was committed (the row then carries this attempt).
+    attempts: Vec<i64>,
+    reply: oneshot::Sender<Result<Vec<Acceptance>, StoreError>>,
+}
+
 /// Queued puts before callers wait (backpressure beyond this).
 const PUT_QUEUE: usize = 4096;
 /// Most put writers (each one statement, hence one commit, in flight at a time).
 const MAX_PUT_WRITERS: usize = 4;
+/// Queued `accept` calls before callers wait.
+const ACCEPT_QUEUE: usize = 4096;
+/// Most `accept` writers, as for puts.
+const MAX_ACCEPT_WRITERS: usize = 4;
+/// Sends (and, separately, copies) one `accept` writer collects into one statement
+/// before it stops taking more calls; a single call is never split.
+const ACCEPT_CHUNK: usize = 1000;
+
+/// `accept` in one statement, so that recording the (sender, id) of every send and
+/// storing the copies of those that won commit together.
+///
+/// `claimed` inserts the (sender, id) rows. On a conflict the row is returned only if it
+/// carries this very attempt (a repeat of an insert whose answer was lost); a row of
+/// another attempt is locked and skipped — that send is a duplicate. Rows are inserted
+/// in key order, so two statements racing over the same ids wait for each other in one
+/// order instead of deadlocking. `stored` inserts the copies of the sends `claimed`
+/// returned, in input order (seq order = input order); a copy that is already there
+/// (stored by the lost first attempt) is skipped. The result lists the claimed ids
+/// (`seq` NULL) and then the stored copies.
+const ACCEPT_SQL: &str = "
+WITH claimed AS (
+    INSERT INTO sent_ids AS s (sender, msg_id, expires_at_ms, attempt)
+    SELECT sender, msg_id, expires_at_ms, attempt
+      FROM unnest($1::bytea[], $2::text[], $3::int8[], $4::int8[])
+           AS c(sender, msg_id, expires_at_ms, attempt)
+     ORDER BY sender, msg_id
+    ON CONFLICT (sender, msg_id) DO UPDATE SET attempt = s.attempt
+       WHERE s.attempt = EXCLUDED.attempt
+    RETURNING sender, msg_id
+),
+stored AS (
+    INSERT INTO messages
+      (recipient, sender, msg_id, channel, timestamp_ms, expires_at_ms, kind, envelope)
+    SELECT u.recipient, u.sender, u.msg_id, u.channel, u.timestamp_ms, u.expires_at_ms,
+           u.kind, u.envelope
+      FROM unnest($5::bytea[], $6::bytea[], $7::text[], $8::text[], $9::int8[],
+                  $10::int8[], $11::text[], $12::bytea[])
+           WITH ORDINALITY AS u(recipient, sender, msg_id, channel, timestamp_ms,
+                                expires_at_ms, kind, envelope, ord)
+      JOIN claimed c ON c.sender = u.sender AND c.msg_id = u.msg_id
+     ORDER BY u.ord
+    ON CONFLICT ON CONSTRAINT messages_dedup DO NOTHING
+    RETURNING seq, recipient, sender, msg_id
+)
+SELECT NULL::int8 AS seq, sender, msg_id, NULL::bytea AS recipient FROM claimed
+UNION ALL
+SELECT seq, sender, msg_id, recipient FROM stored";
+
+/// [`ACCEPT_SQL`] for a batch without copies (only live pushes): the same insert of the
+/// (sender, id) rows, without the second insert and the union, which cost the server
+/// time in every statement even when they have nothing to do.
+const ACCEPT_IDS_SQL: &str = "
+INSERT INTO sent_ids AS s (sender, msg_id, expires_at_ms, attempt)
+SELECT sender, msg_id, expires_at_ms, attempt
+  FROM unnest($1::bytea[], $2::text[], $3::int8[], $4::int8[])
+       AS c(sender, msg_id, expires_at_ms, attempt)
+ ORDER BY sender, msg_id
+ON CONFLICT (sender, msg_id) DO UPDATE SET attempt = s.attempt
+   WHERE s.attempt = EXCLUDED.attempt
+RETURNING NULL::int8 AS seq, sender, msg_id, NULL::bytea AS recipient";
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -187,11 +263,30 @@ impl PostgresStore {
             })?;
         let (puts, rx) = mpsc::channel(PUT_QUEUE);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        let store = PostgresStore { pool, puts };
+        let (accepts, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
+        let accept_rx = Arc::new(tokio::sync::Mutex::new(accept_rx));
+        let mut seed = [0u8; 8];
+        // Uniqueness, not secrecy: fall back to the clock if the OS has no randomness.
+        if getrandom::fill(&mut seed).is_err() {
+            seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                .to_le_bytes();
+        }
+        let store = PostgresStore {
+            pool,
+            puts,
+            accepts,
+            next_attempt: Arc::new(AtomicI64::new(i64::from_le_bytes(seed))),
+        };
         store.migrate().await?;
         // Writers stop when the last store handle (and so the last sender) is dropped.
         for _ in 0..cfg.max_connections.clamp(1, MAX_PUT_WRITERS) {
             tokio::spawn(put_writer(store.pool.clone(), rx.clone()));
+        }
+        for _ in 0..cfg.max_connections.clamp(1, MAX_ACCEPT_WRITERS) {
+            tokio::spawn(accept_writer(store.pool.clone(), accept_rx.clone()));
         }
         tracing::info!(host = %cfg.host, port = cfg.port, db = %cfg.dbname, "postgres store connected");
         Ok(store)
@@ -202,6 +297,49 @@ impl PostgresStore {
             .get()
             .await
             .map_err(|source| StoreError::Pool { op, source })
+    }
+
+    /// [`Store::accept`] with the given `sent_ids.attempt` per send instead of fresh
+    /// ones — what the writer does when it repeats an insert whose answer it lost. For
+    /// tests of that path; relays call `accept`.
+    #[doc(hidden)]
+    pub async fn accept_as(
+        &self,
+        sends: Vec<SendRecord>,
+        attempts: Vec<i64>,
+    ) -> Result<Vec<Acceptance>, StoreError> {
+        for s in &sends {
+            validate_send(s)?;
+        }
+        if sends.len() != attempts.len() {
+            return Err(StoreError::InvalidInput {
+                field: "attempts",
+                reason: format!("{} attempts for {} sends", attempts.len(), sends.len()),
+            });
+        }
+        if sends.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.queue_accept(sends, attempts).await
+    }
+
+    /// Hands validated sends to the `accept` writers and waits for their answer.
+    async fn queue_accept(
+        &self,
+        sends: Vec<SendRecord>,
+        attempts: Vec<i64>,
+    ) -> Result<Vec<Acceptance>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.accepts
+            .send(AcceptRequest {
+                sends,
+                attempts,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::WriterClosed { op: "accept" })?;
+        rx.await
+            .map_err(|_| StoreError::WriterClosed { op: "accept" })?
     }
 
     /// Applies the embedded migrations not yet recorded, under the advisory lock.
@@ -402,6 +540,197 @@ async fn put_batch(pool: &Pool, msgs: &[StoredMessage]) -> Result<Vec<PutOutcome
     PostgresStore::insert_batch(&client, msgs, "put: insert into messages").await
 }
 
+/// Group commit for `accept`: takes the calls queued (up to [`ACCEPT_CHUNK`] sends or
+/// copies) and records them with one [`ACCEPT_SQL`] statement — one commit — then
+/// answers each caller, as [`put_writer`] does for puts.
+///
+/// When the statement fails, each call is repeated on its own with the same attempts,
+/// so one call cannot fail the others, and a call whose outcome the failure left open
+/// (the connection broke after the statement was sent) learns it: rows it did commit
+/// come back as its own. Only if the repeat fails too does the caller get an error,
+/// [`StoreError::OutcomeUnknown`] when the first failure left the outcome open.
+async fn accept_writer(pool: Pool, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<AcceptRequest>>>) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut sends = first.sends.len();
+            let mut copies: usize = first.sends.iter().map(|s| s.copies.len()).sum();
+            let mut batch = vec![first];
+            while sends < ACCEPT_CHUNK && copies < ACCEPT_CHUNK {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        sends += r.sends.len();
+                        copies += r.sends.iter().map(|s| s.copies.len()).sum::<usize>();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let inputs: Vec<(&SendRecord, i64)> = batch
+            .iter()
+            .flat_map(|r| r.sends.iter().zip(r.attempts.iter().copied()))
+            .collect();
+        let result = accept_batch(&pool, &inputs).await;
+        drop(inputs);
+        match result {
+            Ok(mut outcomes) => {
+                for r in batch {
+                    let rest = outcomes.split_off(r.sends.len().min(outcomes.len()));
+                    // A caller that gave up is not an error: its sends are recorded anyway.
+                    let _ = r.reply.send(Ok(std::mem::replace(&mut outcomes, rest)));
+                }
+            }
+            Err(e) if batch.len() == 1 && !e.outcome_unknown() => {
+                // Nothing was written, and repeating it alone would only fail again
+                // (or wait for the pool once more).
+                if let Some(r) = batch.into_iter().next() {
+                    let _ = r.reply.send(Err(e));
+                }
+            }
+            Err(e) => {
+                let first_unknown = e.outcome_unknown();
+                tracing::warn!(calls = batch.len(), error = %e, "accept failed; repeating each call alone");
+                for r in batch {
+                    let inputs: Vec<(&SendRecord, i64)> =
+                        r.sends.iter().zip(r.attempts.iter().copied()).collect();
+                    let result = match accept_batch(&pool, &inputs).await {
+                        Ok(o) => Ok(o),
+                        Err(again) if first_unknown && !again.outcome_unknown() => {
+                            Err(StoreError::OutcomeUnknown {
+                                op: "accept: insert into sent_ids",
+                                reason: format!("{e}; repeating it: {again}"),
+                            })
+                        }
+                        Err(again) => Err(again),
+                    };
+                    drop(inputs);
+                    let _ = r.reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// Runs [`ACCEPT_SQL`] for `inputs` (send, attempt) on a pooled connection and maps the
+/// rows back to one [`Acceptance`] per input, in input order.
+async fn accept_batch(
+    pool: &Pool,
+    inputs: &[(&SendRecord, i64)],
+) -> Result<Vec<Acceptance>, StoreError> {
+    let op = "accept: insert into sent_ids and messages";
+    // Of inputs with the same (sender, id) only the first goes to the database (an
+    // upsert may not touch one row twice in a statement); the others are duplicates of
+    // it, whichever way the database decides it.
+    let mut seen: HashSet<(&PublicKey, &str)> = HashSet::with_capacity(inputs.len());
+    let first: Vec<bool> = inputs
+        .iter()
+        .map(|(s, _)| seen.insert((&s.sender, s.id.as_str())))
+        .collect();
+    let claims = || {
+        inputs
+            .iter()
+            .zip(&first)
+            .filter(|(_, f)| **f)
+            .map(|(i, _)| i)
+    };
+    let c_senders: Vec<&[u8]> = claims().map(|(s, _)| s.sender.as_slice()).collect();
+    let c_ids: Vec<&str> = claims().map(|(s, _)| s.id.as_str()).collect();
+    let c_expiries: Vec<i64> = claims().map(|(s, _)| s.expires_at_ms).collect();
+    let c_attempts: Vec<i64> = claims().map(|(_, a)| *a).collect();
+    let copies = || claims().flat_map(|(s, _)| s.copies.iter());
+    let recipients: Vec<&[u8]> = copies().map(|m| m.recipient.as_slice()).collect();
+    let senders: Vec<&[u8]> = copies().map(|m| m.sender.as_slice()).collect();
+    let ids: Vec<&str> = copies().map(|m| m.id.as_str()).collect();
+    let channels: Vec<Option<&str>> = copies().map(|m| m.channel.as_deref()).collect();
+    let timestamps: Vec<i64> = copies().map(|m| m.timestamp_ms).collect();
+    let expiries: Vec<i64> = copies().map(|m| m.expires_at_ms).collect();
+    let kinds: Vec<&str> = copies().map(|m| m.kind.as_str()).collect();
+    let envelopes: Vec<&[u8]> = copies().map(|m| m.envelope.as_slice()).collect();
+
+    let client = pool.get().await.map_err(|source| StoreError::Pool {
+        op: "accept",
+        source,
+    })?;
+    let rows = if recipients.is_empty() {
+        let stmt = client
+            .prepare_cached(ACCEPT_IDS_SQL)
+            .await
+            .map_err(pg("accept: prepare insert into sent_ids"))?;
+        client
+            .query(&stmt, &[&c_senders, &c_ids, &c_expiries, &c_attempts])
+            .await
+            .map_err(pg("accept: insert into sent_ids"))?
+    } else {
+        let stmt = client
+            .prepare_cached(ACCEPT_SQL)
+            .await
+            .map_err(pg("accept: prepare insert into sent_ids and messages"))?;
+        client
+            .query(
+                &stmt,
+                &[
+                    &c_senders,
+                    &c_ids,
+                    &c_expiries,
+                    &c_attempts,
+                    &recipients,
+                    &senders,
+                    &ids,
+                    &channels,
+                    &timestamps,
+                    &expiries,
+                    &kinds,
+                    &envelopes,
+                ],
+            )
+            .await
+            .map_err(pg(op))?
+    };
+    let mut won: HashSet<(PublicKey, String)> = HashSet::with_capacity(c_ids.len());
+    let mut stored: HashMap<(PublicKey, PublicKey, String), u64> = HashMap::new();
+    for row in &rows {
+        let seq: Option<i64> = row.try_get(0).map_err(pg(op))?;
+        let sender: &[u8] = row.try_get(1).map_err(pg(op))?;
+        let sender = key_from_db(sender, "sent_ids", "sender")?;
+        let id: String = row.try_get(2).map_err(pg(op))?;
+        match seq {
+            None => {
+                won.insert((sender, id));
+            }
+            Some(seq) => {
+                let recipient: &[u8] = row.try_get(3).map_err(pg(op))?;
+                let recipient = key_from_db(recipient, "messages", "recipient")?;
+                stored.insert((recipient, sender, id), seq_from_db(seq, op)?);
+            }
+        }
+    }
+    Ok(inputs
+        .iter()
+        .zip(first)
+        .map(|((s, _), first)| {
+            if !first || !won.contains(&(s.sender, s.id.clone())) {
+                return Acceptance::Duplicate;
+            }
+            Acceptance::Accepted(
+                s.copies
+                    .iter()
+                    .map(
+                        |m| match stored.remove(&(m.recipient, m.sender, m.id.clone())) {
+                            Some(seq) => PutOutcome::Stored { seq },
+                            None => PutOutcome::Duplicate,
+                        },
+                    )
+                    .collect(),
+            )
+        })
+        .collect())
+}
+
 #[async_trait::async_trait]
 impl Store for PostgresStore {
     async fn put(&self, msg: StoredMessage) -> Result<PutOutcome, StoreError> {
@@ -539,6 +868,24 @@ impl Store for PostgresStore {
             let pending: i64 = row.try_get(1).map_err(pg("expire: read count"))?;
             total += pending.max(0) as u64;
             if deleted < chunk {
+                break;
+            }
+        }
+        // Records of sends go at the message's expiry too: until then a repeat of the
+        // (sender, id) is a duplicate, afterwards the id may be used again.
+        let stmt = client
+            .prepare_cached(
+                "DELETE FROM sent_ids WHERE (sender, msg_id) IN (
+                   SELECT sender, msg_id FROM sent_ids WHERE expires_at_ms <= $1 LIMIT $2)",
+            )
+            .await
+            .map_err(pg("expire: prepare delete from sent_ids"))?;
+        loop {
+            let deleted = client
+                .execute(&stmt, &[&now_ms, &chunk])
+                .await
+                .map_err(pg("expire: delete from sent_ids"))?;
+            if deleted < chunk as u64 {
                 return Ok(total);
             }
         }
@@ -643,8 +990,27 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    fn records_sends(&self) -> bool {
+        true
+    }
+
+    async fn accept(&self, sends: Vec<SendRecord>) -> Result<Vec<Acceptance>, StoreError> {
+        for s in &sends {
+            validate_send(s)?;
+        }
+        if sends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let attempts = sends
+            .iter()
+            .map(|_| self.next_attempt.fetch_add(1, Ordering::Relaxed))
+            .collect();
+        self.queue_accept(sends, attempts).await
+    }
+
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         let client = self.client("stats").await?;
+
         let row = client
             .query_one(
                 "SELECT (SELECT count(*) FROM messages WHERE NOT acked),

@@ -13,7 +13,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 
 /// What becomes of a Pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fate {
     /// Running and Ready.
     Ready,
@@ -25,6 +25,8 @@ pub enum Fate {
     Fail,
     /// Left alone (Pending).
     Pending,
+    /// Its container exits with this code and termination message (a Job's Pod).
+    Exit(i32, String),
 }
 
 type Policy = dyn Fn(&Pod) -> Fate + Send + Sync;
@@ -111,7 +113,7 @@ async fn tick(
         return;
     }
     let fate = (policy.lock().unwrap_or_else(|e| e.into_inner()))(pod);
-    let restart_count = match fate {
+    let restart_count = match &fate {
         Fate::CrashLoop => {
             let entry = restarts
                 .entry(format!("{name}/{}", pod.uid().unwrap_or_default()))
@@ -174,7 +176,15 @@ fn desired_status(pod: &Pod, fate: Fate, restart_count: i32) -> Option<Value> {
                 .collect(),
         )
     };
-    let exited = |code: i32, reason: &str| json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now()}});
+    let exited_with = |code: i32, reason: &str, message: Option<&str>| {
+        let mut terminated =
+            json!({"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now()});
+        if let Some(message) = message {
+            terminated["message"] = json!(message);
+        }
+        json!({ "terminated": terminated })
+    };
+    let exited = |code: i32, reason: &str| exited_with(code, reason, None);
     let base = |phase: &str, ready: bool, containers: Value| {
         json!({
             "phase": phase,
@@ -215,6 +225,20 @@ fn desired_status(pod: &Pod, fate: Fate, restart_count: i32) -> Option<Value> {
             "Failed",
             false,
             statuses(false, exited(1, "Error"), json!({})),
+        ),
+        Fate::Exit(0, message) => base(
+            "Succeeded",
+            false,
+            statuses(
+                false,
+                exited_with(0, "Completed", Some(&message)),
+                json!({}),
+            ),
+        ),
+        Fate::Exit(code, message) => base(
+            "Failed",
+            false,
+            statuses(false, exited_with(code, "Error", Some(&message)), json!({})),
         ),
     })
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dchat_operator::api::DchatCluster;
+use dchat_operator::api::{DchatBackup, DchatCluster};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -43,22 +43,23 @@ static SHARED: OnceLock<Shared> = OnceLock::new();
 async fn prepare(plane: &ControlPlane) -> String {
     let admin = plane.admin().await;
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    let crd = DchatCluster::crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(
-        &name,
-        &PatchParams::apply(USER).force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("the API server accepts the generated CRD");
-    tokio::time::timeout(
-        TIMEOUT,
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watching the CRD");
+    for crd in [DchatCluster::crd(), DchatBackup::crd()] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply(USER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("the API server accepts the generated CRD");
+        tokio::time::timeout(
+            TIMEOUT,
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("CRD established in time")
+        .expect("watching the CRD");
+    }
     rbac::install(&admin).await
 }
 

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use dchat_bench::driver::{median_range, run_step, Pattern, Recorder, Rng, Step, StepResult};
-use dchat_bench::procs::{self, ServerProc};
+use dchat_bench::procs::{self, ServerProc, ServerProcs};
+use dchat_bench::s3::PgTarget;
 use dchat_bench::systems::{connect, Target};
 
 #[derive(Parser)]
@@ -102,6 +103,53 @@ struct S1Args {
     /// Rate whose p50/p99 are reported separately.
     #[arg(long, default_value = "20000")]
     report_rate: f64,
+    /// Relay processes (system `relay`): more than one form a cluster on the PostgreSQL
+    /// database of `--pg-host` (peers of each other); client `i` connects to relay
+    /// `i % relays`, so a message crosses relays unless both ends share one.
+    #[arg(long, default_value = "1")]
+    relays: usize,
+    #[command(flatten)]
+    pg: PgArgs,
+}
+
+/// The PostgreSQL database the relays of S1 use (cluster mode).
+#[derive(Args, Clone)]
+struct PgArgs {
+    /// PostgreSQL host: relays use this database instead of the embedded store, and
+    /// its server's CPU time counts as the server's. Its relay tables are dropped
+    /// before each start: use a scratch database.
+    #[arg(long = "pg-host")]
+    host: Option<String>,
+    /// PostgreSQL port.
+    #[arg(long = "pg-port", default_value = "5432")]
+    port: u16,
+    /// PostgreSQL database.
+    #[arg(long = "pg-db", default_value = "dchat")]
+    db: String,
+    /// PostgreSQL user.
+    #[arg(long = "pg-user", default_value = "dchat")]
+    user: String,
+    /// PostgreSQL password.
+    #[arg(
+        long = "pg-password",
+        env = "PGPASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    password: String,
+}
+
+impl PgArgs {
+    fn target(&self) -> Option<PgTarget> {
+        self.host.as_ref().map(|host| PgTarget {
+            host: host.clone(),
+            port: self.port,
+            dbname: self.db.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            truncate: false,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -259,19 +307,7 @@ async fn start(system: &str, c: &Common) -> anyhow::Result<(ServerProc, Target)>
     let dir = procs::scratch_dir(system)?;
     let (proc_, target, wait) = match system {
         "relay" => {
-            let mport = procs::free_port()?;
-            let envs: Vec<(String, String)> = [
-                ("DCHAT_LISTEN", format!("127.0.0.1:{port}")),
-                ("DCHAT_METRICS_LISTEN", format!("127.0.0.1:{mport}")),
-                ("DCHAT_DATA_DIR", dir.join("data").display().to_string()),
-                // Load clients send far above a phone's rate; the limiter is not under test.
-                ("DCHAT_RATE_PER_SEC", "1000000".into()),
-                ("DCHAT_RATE_BURST", "1000000".into()),
-                ("RUST_LOG", "warn".into()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+            let envs = relay_env(port, &dir)?;
             let p = procs::spawn("relay", c.server_cpu, &relay_bin(c)?, &[], &envs, dir)?;
             (p, Target::Relay(format!("ws://{addr}/v1/ws")), addr)
         }
@@ -343,6 +379,72 @@ async fn start(system: &str, c: &Common) -> anyhow::Result<(ServerProc, Target)>
     Ok((proc_, target))
 }
 
+/// The environment of a benchmarked relay listening on `port` with scratch dir `dir`.
+fn relay_env(port: u16, dir: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    let mport = procs::free_port()?;
+    Ok([
+        ("DCHAT_LISTEN", format!("127.0.0.1:{port}")),
+        ("DCHAT_METRICS_LISTEN", format!("127.0.0.1:{mport}")),
+        ("DCHAT_DATA_DIR", dir.join("data").display().to_string()),
+        // Load clients send far above a phone's rate; the limiter is not under test.
+        ("DCHAT_RATE_PER_SEC", "1000000".into()),
+        ("DCHAT_RATE_BURST", "1000000".into()),
+        ("RUST_LOG", "warn".into()),
+        // Nothing inherited may add peers or select a database the run did not ask for.
+        ("DCHAT_PEERS", String::new()),
+        ("DB_HOST", String::new()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect())
+}
+
+/// Starts `n` relays on the PostgreSQL database `pg` (its relay tables dropped first),
+/// each a peer of the others, pinned like every server.
+async fn start_relay_cluster(
+    c: &Common,
+    n: usize,
+    pg: &PgTarget,
+) -> anyhow::Result<(Vec<ServerProc>, Target)> {
+    dchat_bench::s3::reset_pg(pg)?;
+    let ports: Vec<u16> = (0..n.max(1))
+        .map(|_| procs::free_port())
+        .collect::<Result<_, _>>()?;
+    let mut procs_ = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let dir = procs::scratch_dir(&format!("relay{i}"))?;
+        let mut envs = relay_env(*port, &dir)?;
+        let peers: Vec<String> = ports
+            .iter()
+            .filter(|p| *p != port)
+            .map(|p| format!("ws://127.0.0.1:{p}"))
+            .collect();
+        envs.extend([
+            ("DCHAT_PEERS".to_string(), peers.join(",")),
+            ("DB_HOST".to_string(), pg.host.clone()),
+            ("DB_PORT".to_string(), pg.port.to_string()),
+            ("DB_NAME".to_string(), pg.dbname.clone()),
+            ("DB_USER".to_string(), pg.user.clone()),
+            ("DB_PASSWORD".to_string(), pg.password.clone()),
+        ]);
+        procs_.push(procs::spawn(
+            "relay",
+            c.server_cpu,
+            &relay_bin(c)?,
+            &[],
+            &envs,
+            dir,
+        )?);
+    }
+    let mut urls = Vec::new();
+    for port in &ports {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        procs::wait_port("relay", addr, Duration::from_secs(30)).await?;
+        urls.push(format!("ws://{addr}/v1/ws"));
+    }
+    Ok((procs_, Target::RelayCluster(urls)))
+}
+
 fn step(c: &Common, rate: f64) -> Step {
     Step {
         rate,
@@ -372,9 +474,25 @@ async fn s1(a: S1Args) -> anyhow::Result<()> {
         a.systems.iter().map(|s| (s.clone(), Vec::new())).collect();
     let mut seq = 0u64;
     let mut rng = Rng::new(0x5eed);
+    let pg = a.pg.target();
+    if a.relays > 1 && pg.is_none() {
+        anyhow::bail!("--relays above 1 needs --pg-host (a cluster shares one database)");
+    }
     println!(
-        "# S1 1:1 online: {} clients, {} B payload, warm-up {} s, measure {} s, {} repetitions, relay ack delay {} ms",
-        a.clients, c.payload, c.warmup, c.measure, c.repeat, c.ack_delay_ms
+        "# S1 1:1 online: {} clients, {} B payload, warm-up {} s, measure {} s, {} repetitions, relay ack delay {} ms{}",
+        a.clients,
+        c.payload,
+        c.warmup,
+        c.measure,
+        c.repeat,
+        c.ack_delay_ms,
+        match &pg {
+            Some(pg) => format!(
+                "; relay: {} process(es) on PostgreSQL {}:{} (server cpu includes postgres)",
+                a.relays, pg.host, pg.port
+            ),
+            None => String::new(),
+        }
     );
     println!("| system | rep | offered/s | delivered/s | p50 µs | p99 µs | p99.9 µs | max µs | server cpu / gen cpu / server µs per msg | relay sent→stored | errors |");
     println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
@@ -387,7 +505,17 @@ async fn s1(a: S1Args) -> anyhow::Result<()> {
         };
         for si in order {
             let system = all[si].0.clone();
-            let (proc_, target) = start(&system, c).await?;
+            let (procs_, target) = match &pg {
+                Some(pg) if system == "relay" => start_relay_cluster(c, a.relays, pg).await?,
+                _ => {
+                    let (p, t) = start(&system, c).await?;
+                    (vec![p], t)
+                }
+            };
+            let server = ServerProcs {
+                pids: procs_.iter().map(|p| p.pid).collect(),
+                postgres: pg.is_some() && system == "relay",
+            };
             let rec = Recorder::new();
             let t0 = Instant::now();
             let eps = connect(&target, a.clients, c.parallel, 0, c.ack_delay(), &rec).await?;
@@ -406,7 +534,7 @@ async fn s1(a: S1Args) -> anyhow::Result<()> {
                     step(c, rate),
                     &mut seq,
                     &mut rng,
-                    Some(proc_.pid),
+                    Some(server.clone()),
                 )
                 .await;
                 println!(
@@ -425,7 +553,7 @@ async fn s1(a: S1Args) -> anyhow::Result<()> {
             }
             all[si].1.push(steps);
             drop(eps);
-            drop(proc_);
+            drop(procs_);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -492,7 +620,7 @@ async fn s2(a: S2Args) -> anyhow::Result<()> {
                 step(c, rate),
                 &mut seq,
                 &mut rng,
-                Some(proc_.pid),
+                Some(ServerProcs::one(proc_.pid)),
             )
             .await;
             println!(
