@@ -239,7 +239,8 @@ impl PostgresStore {
     ///
     /// One transaction: it locks the relay's tables against writes (relays may read),
     /// checks they are empty, inserts the records as they stream in — messages and
-    /// tombstones keep their seqs — and commits only after the stream's trailer and
+    /// tombstones keep their seqs, and their (sender, id) are recorded in `sent_ids` —
+    /// and commits only after the stream's trailer and
     /// counts verified and `input` reached its end without an error. `input` may fail
     /// its last read to veto the commit (a backup download whose object checksum does
     /// not match). Any error rolls everything back. The identity sequence is moved past
@@ -256,9 +257,11 @@ impl PostgresStore {
             .map_err(pg("restore: begin transaction"))?;
         // EXCLUSIVE: relays may still read, but none writes until the commit, so the
         // emptiness checked here is still true when the rows land.
-        txn.batch_execute("LOCK TABLE messages, profiles, channel_members IN EXCLUSIVE MODE")
-            .await
-            .map_err(pg("restore: lock tables"))?;
+        txn.batch_execute(
+            "LOCK TABLE messages, sent_ids, profiles, channel_members IN EXCLUSIVE MODE",
+        )
+        .await
+        .map_err(pg("restore: lock tables"))?;
         let row = txn
             .query_one(
                 "SELECT (SELECT count(*) FROM messages WHERE NOT acked),
@@ -329,6 +332,21 @@ impl PostgresStore {
         inserted?;
         let summary = read?;
 
+        // Which sends were accepted is what `sent_ids` records for every relay sharing
+        // the database: each restored message and dedup entry was an accepted send, so
+        // a sender's retry of it stays a duplicate, also to a recipient who is online.
+        // (The snapshot does not carry sends that were only pushed live.) Attempt 0
+        // names no relay's attempt in practice: relays start theirs at a random value.
+        txn.execute(
+            "INSERT INTO sent_ids AS s (sender, msg_id, expires_at_ms, attempt)
+             SELECT sender, msg_id, max(expires_at_ms), 0 FROM messages
+              GROUP BY sender, msg_id
+             ON CONFLICT (sender, msg_id) DO UPDATE
+               SET expires_at_ms = GREATEST(s.expires_at_ms, EXCLUDED.expires_at_ms)",
+            &[],
+        )
+        .await
+        .map_err(pg("restore: insert into sent_ids"))?;
         let next_seq =
             i64::try_from(summary.next_seq).map_err(|_| StoreError::SnapshotInvalid {
                 reason: format!(
