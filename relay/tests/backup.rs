@@ -446,10 +446,25 @@ async fn embedded_backup_restores_into_a_new_relay_exactly_once() {
         .await
         .failed();
     assert!(run.stderr.contains("is not empty"), "{run:?}");
-    assert!(run.stderr.contains("inbox entries"), "{run:?}");
+    assert!(run.stderr.contains("1 profiles"), "{run:?}");
     let e = run.termination_json();
     assert_eq!(e["reason"], "TargetNotEmpty");
     assert!(e["error"].as_str().unwrap().contains("is not empty"));
+    // A relay whose only data is the dedup entry of an acknowledged message (its
+    // counts are all zero) is refused by the relay itself, while the stream is sent.
+    let used = relay().await;
+    let rcpt = generate_key().unwrap();
+    let mut s = used.client().await;
+    s.send_text(public_key(&rcpt), "hi").await.unwrap();
+    let mut r = used.client_as(&rcpt).await;
+    let d = drain(&mut r).await;
+    assert_eq!(r.ack(vec![d[0].ack_ref()]).await.unwrap(), 1);
+    assert_eq!(admin_stats(&used).await["store"]["pending_messages"], 0);
+    let run = restore(&bucket, "prod/chat/b1", Src::Embedded(&used))
+        .await
+        .failed();
+    assert!(run.stderr.contains("inbox entries"), "{run:?}");
+    assert_eq!(run.termination_json()["reason"], "TargetNotEmpty");
 
     // A second create of the same backup name is refused; the backup is unchanged.
     let run = create(&bucket, "prod/chat/b1", Src::Embedded(&old), &[])

@@ -555,7 +555,9 @@ pub async fn restore(
     }
     let target = match target {
         SourceSpec::Embedded { admin_url, token } => {
-            Target::Embedded(Box::new(Admin::new(admin_url, token.clone())?))
+            let admin = Admin::new(admin_url, token.clone())?;
+            refuse_busy_relay(&admin).await?;
+            Target::Embedded(Box::new(admin))
         }
         SourceSpec::Postgres(cfg) => Target::Postgres(
             source::connect_postgres(cfg).await?,
@@ -606,6 +608,41 @@ pub async fn restore(
         sha256: summary.sha256,
         size_bytes: summary.bytes,
     })
+}
+
+/// Refuses a relay whose store visibly holds data, or that is not on the embedded store,
+/// before anything is downloaded. (The relay's restore checks again, for everything
+/// including dedup entries, under its writer lock.)
+async fn refuse_busy_relay(admin: &Admin) -> Result<(), BackupError> {
+    let stats = admin.stats().await?;
+    if stats["backend"] == "postgres" {
+        return Err(SourceError::Config {
+            field: "--target",
+            reason: format!(
+                "the relay at {} stores its data in PostgreSQL: restore into its database with --target postgres",
+                admin.url()
+            ),
+        }
+        .into());
+    }
+    let store = &stats["store"];
+    let count = |k: &str| store[k].as_u64().unwrap_or(0);
+    let found: Vec<String> = [
+        ("pending_messages", "pending messages"),
+        ("profiles", "profiles"),
+        ("channels", "channels with members"),
+    ]
+    .into_iter()
+    .filter(|(k, _)| count(k) > 0)
+    .map(|(k, what)| format!("{} {what}", count(k)))
+    .collect();
+    if !found.is_empty() {
+        return Err(BackupError::NotEmpty {
+            target: format!("relay at {}", admin.url()),
+            detail: found.join(", "),
+        });
+    }
+    Ok(())
 }
 
 /// Combines the store's result with the stream's own check. A check failure is the

@@ -312,6 +312,28 @@ impl Admin {
         }
     }
 
+    /// `GET /admin/stats`: the relay's store counts and backend.
+    pub async fn stats(&self) -> Result<serde_json::Value, SourceError> {
+        let (url, resp) = self
+            .call("stats", Method::GET, "/admin/stats", empty())
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(refused("stats", url, resp).await);
+        }
+        let body = read_small(resp)
+            .await
+            .map_err(|reason| SourceError::Admin {
+                step: "stats",
+                url: url.clone(),
+                reason,
+            })?;
+        serde_json::from_slice(&body).map_err(|e| SourceError::Admin {
+            step: "stats",
+            url,
+            reason: format!("answer is not JSON: {e}"),
+        })
+    }
+
     /// `GET /admin/snapshot`: the embedded store's snapshot as a stream. A relay that
     /// fails mid-stream aborts the response, which this stream reports as a read error.
     pub async fn snapshot(&self) -> Result<impl AsyncRead + Unpin + Send + 'static, SourceError> {
