@@ -29,6 +29,8 @@ use super::manifest::BackupPath;
 pub const PART_BYTES: usize = 8 << 20;
 /// From this part number on, parts are twice as large.
 pub const LARGE_PARTS_FROM: i32 = 5001;
+/// Longest wait for the next bytes of the snapshot being uploaded.
+const SOURCE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 /// S3's limit of parts per upload.
 const MAX_PARTS: i32 = 10_000;
 /// The data object's name in a backup's folder.
@@ -671,13 +673,19 @@ impl MultipartUpload {
             };
             let mut eof = false;
             while buf.len() < size {
-                let n = input
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|source| S3Error::Read {
-                        object: self.object(),
-                        source,
-                    })?;
+                // A source that stops sending (a hung relay) must not hold the upload
+                // open until the Job's deadline.
+                let n = match tokio::time::timeout(SOURCE_IDLE, input.read_buf(&mut buf)).await {
+                    Ok(read) => read,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no data from the source for {} s", SOURCE_IDLE.as_secs()),
+                    )),
+                }
+                .map_err(|source| S3Error::Read {
+                    object: self.object(),
+                    source,
+                })?;
                 if n == 0 {
                     eof = true;
                     break;
