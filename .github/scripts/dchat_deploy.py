@@ -6,7 +6,7 @@ every decision in pure functions so scripts/checks/test_deploy_script.py can tes
 
   dchat_deploy.py check-version --version 1.4.2
   dchat_deploy.py confirm --version 1.4.2 --typed "deploy 1.4.2 to production"
-  dchat_deploy.py backup  --namespace chat --name relays --timeout 1800
+  dchat_deploy.py backup  --namespace chat --name relays --timeout 1800   # a DchatBackup, waited for
   dchat_deploy.py rollout --namespace chat --name relays --version 1.4.2 --timeout 2700
 
 `rollout` sets spec.version and waits on the operator's status until the blue-green
@@ -106,44 +106,40 @@ def evaluate_rollout(cluster: dict[str, Any], version: str, generation: int) -> 
                                  f"ready {ready_ok}: {rollout.get('message', '')}")
 
 
-def find_backup_cronjob(cronjobs: list[dict[str, Any]], cluster: str) -> str | None:
-    """The name of the backup CronJob the operator created for `cluster`: the CronJob owned
-    (ownerReferences) by that DchatCluster, or None when there is none. More than one is
-    an error."""
-    owned = [
-        cj["metadata"]["name"] for cj in cronjobs
-        if any(ref.get("kind") == "DchatCluster" and ref.get("name") == cluster
-               for ref in cj.get("metadata", {}).get("ownerReferences") or [])
-    ]
-    if len(owned) > 1:
-        raise DeployError(f"expected at most one backup CronJob owned by DchatCluster "
-                          f"{cluster}, found {owned}")
-    return owned[0] if owned else None
-
-
-def backup_skip_reason(cluster: dict[str, Any]) -> str:
-    """Why no operator backup runs for a cluster without a backup CronJob, or a DeployError
-    when the cluster asks for backups (spec.backup) and the CronJob is missing."""
+def backup_skip_reason(cluster: dict[str, Any]) -> str | None:
+    """Why no operator backup runs before the rollout (a cluster without spec.backup), or
+    None when one must run."""
     name = cluster.get("metadata", {}).get("name", "?")
     if (cluster.get("spec") or {}).get("backup"):
-        raise DeployError(f"DchatCluster {name} sets spec.backup but the operator has not "
-                          "created its backup CronJob; check the operator's logs and Events")
+        return None
     return (f"DchatCluster {name} has no operator backup (no spec.backup): the RDS snapshot "
             "taken before this step is the pre-deploy backup of the relay data")
 
 
-def evaluate_job(job: dict[str, Any]) -> Verdict:
-    """Whether a backup Job has completed, failed, or is still running."""
-    name = job.get("metadata", {}).get("name", "?")
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") == "Complete":
-            return Verdict(True, False, f"backup job {name} completed")
-        if cond.get("type") == "Failed":
-            return Verdict(False, True, f"backup job {name} failed: {cond.get('reason')}: "
-                                        f"{cond.get('message', '')}")
-    return Verdict(False, False, f"backup job {name} running")
+def backup_object(cluster: str, now: float) -> dict[str, Any]:
+    """The on-demand DchatBackup this step creates (what `dchat-operator backup` creates):
+    named <cluster>-predeploy-<UTC time>, labelled with its cluster."""
+    stamp = time.strftime("%Y%m%dt%H%M%Sz", time.gmtime(now))
+    name = f"{cluster[:253 - len(stamp) - 11]}-predeploy-{stamp}"
+    return {
+        "apiVersion": "dchat.network/v1alpha1",
+        "kind": "DchatBackup",
+        "metadata": {"name": name, "labels": {"dchat.network/cluster": cluster}},
+        "spec": {"cluster": {"name": cluster}},
+    }
+
+
+def evaluate_backup(backup: dict[str, Any]) -> Verdict:
+    """Whether a DchatBackup has completed, failed, or is still on its way."""
+    name = backup.get("metadata", {}).get("name", "?")
+    status = backup.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if phase == "Completed":
+        return Verdict(True, False, f"backup {name} completed: {status.get('sizeBytes')} bytes "
+                                    f"at {status.get('location')}")
+    if phase == "Failed":
+        return Verdict(False, True, f"backup {name} failed: {status.get('error', '')}")
+    return Verdict(False, False, f"backup {name} {phase}")
 
 
 def kubectl(*args: str) -> dict[str, Any]:
@@ -191,21 +187,19 @@ def cmd_rollout(args: argparse.Namespace) -> Verdict:
 
 
 def cmd_backup(args: argparse.Namespace) -> Verdict:
-    cronjobs = kubectl("-n", args.namespace, "get", "cronjobs")["items"]
-    source = find_backup_cronjob(cronjobs, args.name)
-    if source is None:
-        reason = backup_skip_reason(
-            kubectl("-n", args.namespace, "get", "dchatcluster", args.name))
+    cluster = kubectl("-n", args.namespace, "get", "dchatcluster", args.name)
+    reason = backup_skip_reason(cluster)
+    if reason is not None:
         print(reason, flush=True)
         return Verdict(True, False, reason)
-    job = f"{args.name}-predeploy-{int(time.time())}"[:63]
-    proc = subprocess.run(["kubectl", "-n", args.namespace, "create", "job", job,
-                           f"--from=cronjob/{source}"], capture_output=True, text=True,
-                          check=False)
+    backup = backup_object(args.name, time.time())
+    name = backup["metadata"]["name"]
+    proc = subprocess.run(["kubectl", "-n", args.namespace, "create", "-f", "-"],
+                          input=json.dumps(backup), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise DeployError(f"creating job {job} from cronjob/{source}: {proc.stderr.strip()}")
-    print(f"started backup job {args.namespace}/{job} from cronjob/{source}", flush=True)
-    return poll(lambda: evaluate_job(kubectl("-n", args.namespace, "get", "job", job)),
+        raise DeployError(f"creating DchatBackup {name}: {proc.stderr.strip()}")
+    print(f"created DchatBackup {args.namespace}/{name}", flush=True)
+    return poll(lambda: evaluate_backup(kubectl("-n", args.namespace, "get", "dchatbackup", name)),
                 args.timeout, args.interval)
 
 

@@ -88,3 +88,166 @@ pub async fn request(
         }),
     }
 }
+
+/// Why `dchat-operator backup` did not end with a Completed backup.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupCommandError {
+    /// No such DchatCluster.
+    #[error("DchatCluster {namespace}/{name} not found")]
+    NotFound {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// The cluster has no `spec.backup`.
+    #[error("DchatCluster {namespace}/{name} has no spec.backup: set a destination first")]
+    NotConfigured {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// An API call failed.
+    #[error("{action} {namespace}/{name}: {source}")]
+    Kube {
+        /// What was being done.
+        action: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Object name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The backup failed.
+    #[error("backup {namespace}/{name} failed: {error}")]
+    Failed {
+        /// Namespace.
+        namespace: String,
+        /// Backup name.
+        name: String,
+        /// Its status.error.
+        error: String,
+    },
+    /// `--wait` ran out of time.
+    #[error("backup {namespace}/{name} is still {phase} after {waited:?}")]
+    TimedOut {
+        /// Namespace.
+        namespace: String,
+        /// Backup name.
+        name: String,
+        /// Its last phase.
+        phase: &'static str,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+}
+
+/// Creates an on-demand DchatBackup of `cluster`, named `<cluster>-<UTC time>` like the
+/// scheduled ones; returns its name.
+pub async fn create_backup(
+    client: Client,
+    namespace: &str,
+    cluster: &str,
+) -> Result<String, BackupCommandError> {
+    use crate::api::{ClusterReference, DchatBackup, DchatBackupSpec};
+    use kube::api::PostParams;
+    let kube_err = |action, name: &str| {
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        move |source| BackupCommandError::Kube {
+            action,
+            namespace,
+            name,
+            source,
+        }
+    };
+    let clusters: Api<DchatCluster> = Api::namespaced(client.clone(), namespace);
+    let found = clusters
+        .get_opt(cluster)
+        .await
+        .map_err(kube_err("reading DchatCluster", cluster))?
+        .ok_or_else(|| BackupCommandError::NotFound {
+            namespace: namespace.to_string(),
+            name: cluster.to_string(),
+        })?;
+    if found.spec.backup.is_none() {
+        return Err(BackupCommandError::NotConfigured {
+            namespace: namespace.to_string(),
+            name: cluster.to_string(),
+        });
+    }
+    let name = crate::backup::schedule::backup_name(cluster, k8s_openapi::jiff::Timestamp::now());
+    let mut backup = DchatBackup::new(
+        &name,
+        DchatBackupSpec {
+            cluster: ClusterReference {
+                name: cluster.to_string(),
+            },
+            deletion_policy: Default::default(),
+        },
+    );
+    backup.metadata.labels = Some(
+        [(
+            crate::backup::job::CLUSTER_LABEL.to_string(),
+            cluster.to_string(),
+        )]
+        .into(),
+    );
+    let backups: Api<DchatBackup> = Api::namespaced(client, namespace);
+    backups
+        .create(
+            &PostParams {
+                field_manager: Some(CLI_FIELD_MANAGER.to_string()),
+                ..PostParams::default()
+            },
+            &backup,
+        )
+        .await
+        .map_err(kube_err("creating DchatBackup", &name))?;
+    Ok(name)
+}
+
+/// Waits until backup `name` is Completed (Ok) or Failed (Err), at most `timeout`.
+pub async fn wait_for_backup(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<crate::api::DchatBackupStatus, BackupCommandError> {
+    use crate::api::{BackupPhase, DchatBackup};
+    let backups: Api<DchatBackup> = Api::namespaced(client, namespace);
+    let started = tokio::time::Instant::now();
+    loop {
+        let backup = backups
+            .get(name)
+            .await
+            .map_err(|source| BackupCommandError::Kube {
+                action: "reading DchatBackup",
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                source,
+            })?;
+        let status = backup.status.unwrap_or_default();
+        match status.phase {
+            BackupPhase::Completed => return Ok(status),
+            BackupPhase::Failed => {
+                return Err(BackupCommandError::Failed {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    error: status.error.unwrap_or_default(),
+                })
+            }
+            phase if started.elapsed() >= timeout => {
+                return Err(BackupCommandError::TimedOut {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    phase: phase.as_str(),
+                    waited: timeout,
+                })
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_secs(2)).await,
+        }
+    }
+}

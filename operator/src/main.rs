@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use dchat_operator::api::{DchatBackup, DchatCluster};
-use dchat_operator::commands::{request, RolloutCommand};
+use dchat_operator::commands::{create_backup, request, wait_for_backup, RolloutCommand};
 use dchat_operator::controller::DISCOVERY_INTERVAL;
 use dchat_operator::http::{router, HttpState};
 use dchat_operator::metrics::Metrics;
@@ -62,6 +63,27 @@ enum Command {
     /// Abort the rollout in flight and send traffic back to the old slot (sets
     /// dchat.network/abort).
     Abort(TargetArgs),
+    /// Take a backup of a DchatCluster now (creates a DchatBackup).
+    Backup(BackupArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BackupArgs {
+    /// DchatCluster name.
+    name: String,
+    /// Its namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Wait until the backup is Completed (exit 0) or Failed (exit 1).
+    #[arg(long)]
+    wait: bool,
+    /// Longest wait with --wait, e.g. 30m.
+    #[arg(long, default_value = "30m", value_parser = parse_timeout)]
+    timeout: Duration,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    dchat_operator::quantity::parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,6 +171,7 @@ fn main() -> ExitCode {
         }
         Command::Promote(target) => rollout_command(target, RolloutCommand::Promote),
         Command::Abort(target) => rollout_command(target, RolloutCommand::Abort),
+        Command::Backup(args) => backup_command(args),
         Command::Run(args) => {
             init_tracing(args.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -199,6 +222,48 @@ fn rollout_command(target: TargetArgs, command: RolloutCommand) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn backup_command(args: BackupArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    install_crypto_provider();
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("loading Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+        let name = create_backup(client.clone(), &args.namespace, &args.name).await?;
+        println!("dchatbackup {}/{name} created", args.namespace);
+        if !args.wait {
+            println!(
+                "watch it: kubectl -n {} get dchatbackup {name} -w",
+                args.namespace
+            );
+            return Ok(None);
+        }
+        let status = wait_for_backup(client, &args.namespace, &name, args.timeout).await?;
+        Ok::<_, anyhow::Error>(Some(status))
+    });
+    match result {
+        Ok(Some(status)) => {
+            println!(
+                "completed: {} bytes at {}",
+                status.size_bytes.unwrap_or_default(),
+                status.location.unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

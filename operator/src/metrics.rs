@@ -27,6 +27,22 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+/// Labels of the per-cluster backup metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    /// `namespace/name` of the DchatCluster.
+    pub cluster: String,
+}
+
+/// Labels of the backups counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupResultLabels {
+    /// `namespace/name` of the DchatCluster.
+    pub cluster: String,
+    /// `completed` or `failed`.
+    pub result: String,
+}
+
 /// The operator's metrics and the registry that encodes them.
 pub struct Metrics {
     /// `dchat_operator_reconciles_total`.
@@ -37,6 +53,14 @@ pub struct Metrics {
     pub duration: Histogram,
     /// `dchat_operator_clusters{phase}`.
     pub clusters: Family<PhaseLabels, Gauge>,
+    /// `dchat_operator_backups_total{cluster,result}`: backups that finished.
+    pub backups: Family<BackupResultLabels, Counter>,
+    /// `dchat_operator_backup_duration_seconds`: from a backup's Job start to its end.
+    pub backup_duration: Histogram,
+    /// `dchat_operator_backup_last_success_timestamp_seconds{cluster}`.
+    pub backup_last_success: Family<BackupLabels, Gauge>,
+    /// `dchat_operator_backup_size_bytes{cluster}`: the newest Completed backup.
+    pub backup_size: Family<BackupLabels, Gauge>,
     /// Last phase of each cluster, to keep the gauge exact.
     phases: Mutex<HashMap<String, Phase>>,
     registry: Registry,
@@ -70,6 +94,32 @@ impl Metrics {
             duration.clone(),
         );
         registry.register("clusters", "DchatClusters by phase", clusters.clone());
+        let backups = Family::<BackupResultLabels, Counter>::default();
+        let backup_duration = Histogram::new([
+            10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,
+        ]);
+        let backup_last_success = Family::<BackupLabels, Gauge>::default();
+        let backup_size = Family::<BackupLabels, Gauge>::default();
+        registry.register(
+            "backups",
+            "DchatBackups that finished, by cluster and result (completed, failed)",
+            backups.clone(),
+        );
+        registry.register(
+            "backup_duration_seconds",
+            "Time from a backup's Job start to its end",
+            backup_duration.clone(),
+        );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When the newest Completed backup of a cluster was taken (Unix seconds)",
+            backup_last_success.clone(),
+        );
+        registry.register(
+            "backup_size_bytes",
+            "Size of the newest Completed backup of a cluster",
+            backup_size.clone(),
+        );
         for phase in Phase::ALL {
             clusters
                 .get_or_create(&PhaseLabels {
@@ -82,6 +132,10 @@ impl Metrics {
             errors,
             duration,
             clusters,
+            backups,
+            backup_duration,
+            backup_last_success,
+            backup_size,
             phases: Mutex::new(HashMap::new()),
             registry,
         }
@@ -119,6 +173,39 @@ impl Metrics {
         let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
         phases.remove(cluster);
         self.refresh(&phases);
+        let labels = BackupLabels {
+            cluster: cluster.to_string(),
+        };
+        self.backup_last_success.remove(&labels);
+        self.backup_size.remove(&labels);
+    }
+
+    /// Counts a finished backup of `cluster` and how long it took.
+    pub fn record_backup(&self, cluster: &str, completed: bool, took: Option<std::time::Duration>) {
+        self.backups
+            .get_or_create(&BackupResultLabels {
+                cluster: cluster.to_string(),
+                result: if completed { "completed" } else { "failed" }.to_string(),
+            })
+            .inc();
+        if let Some(took) = took {
+            self.backup_duration.observe(took.as_secs_f64());
+        }
+    }
+
+    /// Records the newest Completed backup of `cluster` (time in Unix seconds, size).
+    pub fn set_last_backup(&self, cluster: &str, taken_at: i64, size: Option<u64>) {
+        let labels = BackupLabels {
+            cluster: cluster.to_string(),
+        };
+        self.backup_last_success
+            .get_or_create(&labels)
+            .set(taken_at);
+        if let Some(size) = size {
+            self.backup_size
+                .get_or_create(&labels)
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
+        }
     }
 
     fn refresh(&self, phases: &HashMap<String, Phase>) {

@@ -114,39 +114,33 @@ def test_typed_confirmation(version: str, typed: str, ok: bool) -> None:
             deploy.check_confirmation(version, typed)
 
 
-def _cronjob(name: str, owner: str | None) -> dict[str, Any]:
-    refs = [{"apiVersion": "dchat.network/v1alpha1", "kind": "DchatCluster", "name": owner,
-             "uid": "u"}] if owner else []
-    return {"metadata": {"name": name, "ownerReferences": refs}}
-
-
-def test_backup_cronjob_is_found_by_owner_reference() -> None:
-    jobs = [_cronjob("other-backup", "other"), _cronjob("relays-backup", "relays"),
-            _cronjob("unrelated", None)]
-    assert deploy.find_backup_cronjob(jobs, "relays") == "relays-backup"
-    assert deploy.find_backup_cronjob(jobs, "missing") is None
-    with pytest.raises(deploy.DeployError, match="at most one"):
-        deploy.find_backup_cronjob(jobs + [_cronjob("relays-backup-2", "relays")], "relays")
-
-
 def test_cluster_without_backups_relies_on_the_rds_snapshot() -> None:
     reason = deploy.backup_skip_reason({"metadata": {"name": "relays"}, "spec": {}})
-    assert "RDS snapshot" in reason and "relays" in reason
-    with pytest.raises(deploy.DeployError, match="spec.backup"):
-        deploy.backup_skip_reason({"metadata": {"name": "relays"},
-                                   "spec": {"backup": {"schedule": "0 * * * *"}}})
+    assert reason is not None and "RDS snapshot" in reason and "relays" in reason
+    assert deploy.backup_skip_reason({"metadata": {"name": "relays"},
+                                      "spec": {"backup": {"schedule": "0 * * * *"}}}) is None
 
 
-def test_backup_job_outcome() -> None:
-    running = {"metadata": {"name": "b"}, "status": {"active": 1}}
-    done = {"metadata": {"name": "b"}, "status": {"conditions": [
-        {"type": "Complete", "status": "True"}]}}
-    failed = {"metadata": {"name": "b"}, "status": {"conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "x"}]}}
-    assert not deploy.evaluate_job(running).done and not deploy.evaluate_job(running).failed
-    assert deploy.evaluate_job(done).done
-    v = deploy.evaluate_job(failed)
-    assert v.failed and "BackoffLimitExceeded" in v.message
+def test_the_predeploy_backup_is_a_dchatbackup_of_the_cluster() -> None:
+    obj = deploy.backup_object("relays", 1796558400.0)  # 2026-12-06T12:00:00Z
+    assert obj["kind"] == "DchatBackup"
+    assert obj["metadata"]["name"] == "relays-predeploy-20261206t120000z"
+    assert obj["spec"] == {"cluster": {"name": "relays"}}
+    assert obj["metadata"]["labels"]["dchat.network/cluster"] == "relays"
+    assert len(deploy.backup_object("r" * 300, 0.0)["metadata"]["name"]) <= 253
+
+
+def test_backup_outcome_follows_its_phase() -> None:
+    pending = {"metadata": {"name": "b"}}
+    running = {"metadata": {"name": "b"}, "status": {"phase": "Running"}}
+    done = {"metadata": {"name": "b"}, "status": {"phase": "Completed", "sizeBytes": 9,
+                                                  "location": "s3://x/y"}}
+    failed = {"metadata": {"name": "b"}, "status": {"phase": "Failed", "error": "AccessDenied"}}
+    for v in (deploy.evaluate_backup(pending), deploy.evaluate_backup(running)):
+        assert not v.done and not v.failed
+    assert deploy.evaluate_backup(done).done and "s3://x/y" in deploy.evaluate_backup(done).message
+    v = deploy.evaluate_backup(failed)
+    assert v.failed and "AccessDenied" in v.message
 
 
 def test_cli_confirm_exit_codes(capsys) -> None:

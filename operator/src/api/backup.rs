@@ -140,16 +140,6 @@ pub struct RdsSnapshotSpec {
     pub region: String,
 }
 
-/// Restore drills.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct VerifySpec {
-    /// When to restore the newest Completed backup into a scratch store and compare it
-    /// (5-field cron, UTC).
-    #[schemars(regex(pattern = CRON_PATTERN))]
-    pub schedule: String,
-}
-
 /// `spec.backup`: scheduled and on-demand backups of the relay store.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -170,13 +160,6 @@ pub struct BackupSpec {
     /// Also take a manual RDS snapshot with each backup (PostgreSQL on RDS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rds: Option<RdsSnapshotSpec>,
-    /// A rollout takes a backup after validation and before the switch; a failed backup
-    /// blocks the switch.
-    #[serde(default)]
-    pub before_rollout: bool,
-    /// Restore drills of the newest backup.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verify: Option<VerifySpec>,
 }
 
 /// What happens to a backup's data when its DchatBackup is deleted by hand.

@@ -13,7 +13,7 @@ pub use admission::{admit, AdmissionError};
 pub use backup::{
     BackupCounts, BackupDestination, BackupPhase, BackupSpec, ClusterBackupStatus,
     ClusterReference, DchatBackup, DchatBackupSpec, DchatBackupStatus, DeletionPolicy, Encryption,
-    RdsSnapshotSpec, RetentionSpec, S3Credentials, S3Destination, VerifySpec, CRON_PATTERN,
+    RdsSnapshotSpec, RetentionSpec, S3Credentials, S3Destination, CRON_PATTERN,
 };
 pub use validate::{validate, FieldError, ValidationErrors};
 

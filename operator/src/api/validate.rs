@@ -168,13 +168,7 @@ pub fn validate(spec: &DchatClusterSpec) -> Result<(), ValidationErrors> {
     }
 
     if let Some(backup) = &spec.backup {
-        for (path, schedule) in [
-            ("spec.backup.schedule", backup.schedule.as_ref()),
-            (
-                "spec.backup.verify.schedule",
-                backup.verify.as_ref().map(|v| &v.schedule),
-            ),
-        ] {
+        for (path, schedule) in [("spec.backup.schedule", backup.schedule.as_ref())] {
             if let Some(Err(e)) = schedule.map(|s| s.parse::<crate::backup::cron::Cron>()) {
                 fail(path, e.to_string());
             }
@@ -317,16 +311,12 @@ mod tests {
     #[test]
     fn backup_schedules_and_retention_are_checked() {
         let errors = errors_of(
-            "version: '1'\nbackup: {destination: {s3: {bucket: b, region: eu-west-1}}, schedule: '61 * * * *', retention: {maxAge: 0d}, verify: {schedule: '* * * *'}}",
+            "version: '1'\nbackup: {destination: {s3: {bucket: b, region: eu-west-1}}, schedule: '61 * * * *', retention: {maxAge: 0d}}",
         );
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            [
-                "spec.backup.schedule",
-                "spec.backup.verify.schedule",
-                "spec.backup.retention.maxAge"
-            ],
+            ["spec.backup.schedule", "spec.backup.retention.maxAge"],
             "{errors:?}"
         );
         assert!(errors[0].message.contains("minute field"));

@@ -46,11 +46,28 @@ fn phase(backup: &DchatBackup) -> BackupPhase {
     backup.status.as_ref().map(|s| s.phase).unwrap_or_default()
 }
 
-/// The interval between two runs of `cron` around `now` (for "too old").
-pub fn interval(cron: &Cron, now: Timestamp) -> Option<Duration> {
-    let first = cron.next_after(now)?;
-    let second = cron.next_after(first)?;
-    Some(second.duration_since(first).unsigned_abs())
+/// The longest gap between two runs of `cron` over a year (for "too old"): the longest,
+/// so a weekday schedule is not "too old" after a weekend; from a fixed start, so the
+/// answer (and the alert built from it) never changes with the time it is asked.
+pub fn interval(cron: &Cron) -> Option<Duration> {
+    // 2026-01-05T00:00:00Z, a Monday.
+    let start = Timestamp::from_second(1_767_571_200).ok()?;
+    let end = Timestamp::from_second(1_767_571_200 + 366 * 24 * 3600).ok()?;
+    let mut previous = cron.next_after(start)?;
+    let mut longest = Duration::ZERO;
+    // A minute schedule has half a million runs a year; the longest gap of anything that
+    // frequent is known long before the end.
+    for _ in 0..20_000 {
+        let Some(next) = cron.next_after(previous) else {
+            break;
+        };
+        longest = longest.max(next.duration_since(previous).unsigned_abs());
+        if next > end {
+            break;
+        }
+        previous = next;
+    }
+    (longest > Duration::ZERO).then_some(longest)
 }
 
 /// `status.backup` of a cluster from its backups (any order) and its schedule state.
@@ -108,7 +125,7 @@ pub fn health(backups: &[DchatBackup], schedule: Option<&Cron>, now: Timestamp) 
         };
     };
     let when = taken_at(newest).unwrap_or(now);
-    if let Some(every) = schedule.and_then(|cron| interval(cron, now)) {
+    if let Some(every) = schedule.and_then(interval) {
         let age = now.duration_since(when).unsigned_abs();
         if age > 2 * every {
             return Health {
@@ -191,6 +208,16 @@ mod tests {
         assert!(health(std::slice::from_ref(&old), None, now).healthy);
         let failed_message = health(&[failed], None, now).message;
         assert!(failed_message.contains("access denied"), "{failed_message}");
+    }
+
+    #[test]
+    fn interval_is_the_longest_gap() {
+        let every = |c: &str| interval(&c.parse::<Cron>().unwrap()).unwrap().as_secs();
+        assert_eq!(every("0 */6 * * *"), 6 * 3600);
+        assert_eq!(every("* * * * *"), 60);
+        // Friday 03:00 to Monday 03:00.
+        assert_eq!(every("0 3 * * 1-5"), 72 * 3600);
+        assert!(interval(&"0 0 30 2 *".parse::<Cron>().unwrap()).is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
 use crate::api::DchatCluster;
+use crate::backup::cron::Cron;
 use crate::labels::{self, Component, SLOT_LABEL};
 
 /// Where the alert runbooks live; each alert links to its page.
@@ -19,6 +20,10 @@ pub const METRIC_REJECTED_FRAMES: &str = "dchat_rejected_frames_total";
 pub const METRIC_ROUTED_MESSAGES: &str = "dchat_messages_routed_total";
 /// Relay histogram of delivery latency in seconds.
 pub const METRIC_DELIVERY_LATENCY: &str = "dchat_delivery_latency_seconds";
+/// The operator's counter of finished backups (`{cluster, result}`).
+pub const METRIC_BACKUPS: &str = "dchat_operator_backups_total";
+/// The operator's gauge of a cluster's newest Completed backup time.
+pub const METRIC_LAST_BACKUP: &str = "dchat_operator_backup_last_success_timestamp_seconds";
 
 /// The subset of the Prometheus Operator's ServiceMonitor the operator writes.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -188,18 +193,53 @@ pub fn prometheus_rule(cluster: &DchatCluster) -> Option<PrometheusRule> {
             "relay-latency",
         ),
     ];
+    let mut groups = vec![RuleGroup {
+        name: format!("dchat-{namespace}-{name}"),
+        rules,
+    }];
+    if let Some(backup) = &cluster.spec.backup {
+        // The operator's own metrics (scraped through its chart's ServiceMonitor).
+        let selector = format!(r#"cluster="{namespace}/{name}""#);
+        let mut rules = vec![alert(
+            "DchatBackupFailed",
+            format!("increase({METRIC_BACKUPS}{{{selector},result=\"failed\"}}[1h]) > 0"),
+            "0m",
+            "warning",
+            format!("A backup of dchat cluster {namespace}/{name} failed in the last hour"),
+            "backup-failed",
+        )];
+        let every = backup
+            .schedule
+            .as_deref()
+            .and_then(|s| s.parse::<Cron>().ok())
+            .and_then(|cron| crate::backup::health::interval(&cron));
+        if let Some(every) = every {
+            rules.push(alert(
+                "DchatBackupTooOld",
+                format!(
+                    "time() - {METRIC_LAST_BACKUP}{{{selector}}} > {}",
+                    2 * every.as_secs()
+                ),
+                "15m",
+                "critical",
+                format!(
+                    "No backup of dchat cluster {namespace}/{name} completed within twice its schedule's interval"
+                ),
+                "backup-failed",
+            ));
+        }
+        groups.push(RuleGroup {
+            name: format!("dchat-{namespace}-{name}-backups"),
+            rules,
+        });
+    }
     Some(PrometheusRule {
         metadata: labels::child_meta(
             cluster,
             name.clone(),
             labels::labels(cluster, Component::Monitoring),
         ),
-        spec: PrometheusRuleSpec {
-            groups: vec![RuleGroup {
-                name: format!("dchat-{namespace}-{name}"),
-                rules,
-            }],
-        },
+        spec: PrometheusRuleSpec { groups },
     })
 }
 
@@ -258,6 +298,45 @@ mod tests {
         assert!(alerts[2]
             .expr
             .contains("dchat_delivery_latency_seconds_bucket"));
+    }
+
+    #[test]
+    fn backups_add_their_alerts() {
+        let rule = prometheus_rule(&cluster_from_yaml(
+            "version: '1'\nbackup: {destination: {s3: {bucket: bkt, region: eu-west-1}}, schedule: '0 */6 * * *'}",
+        ))
+        .unwrap();
+        let group = &rule.spec.groups[1];
+        let names: Vec<&str> = group.rules.iter().map(|a| a.alert.as_str()).collect();
+        assert_eq!(names, ["DchatBackupFailed", "DchatBackupTooOld"]);
+        assert!(
+            group.rules[0]
+                .expr
+                .contains(r#"cluster="apps/chat",result="failed""#),
+            "{}",
+            group.rules[0].expr
+        );
+        assert!(
+            group.rules[1].expr.ends_with("> 43200"),
+            "{}",
+            group.rules[1].expr
+        );
+        let on_demand = prometheus_rule(&cluster_from_yaml(
+            "version: '1'\nbackup: {destination: {s3: {bucket: bkt, region: eu-west-1}}}",
+        ))
+        .unwrap();
+        assert_eq!(
+            on_demand.spec.groups[1].rules.len(),
+            1,
+            "no schedule, no age alert"
+        );
+        let source = include_str!("../metrics.rs");
+        for metric in [METRIC_BACKUPS, METRIC_LAST_BACKUP] {
+            let registered = metric
+                .trim_start_matches("dchat_operator_")
+                .trim_end_matches("_total");
+            assert!(source.contains(&format!("\"{registered}\"")), "{metric}");
+        }
     }
 
     /// The alerts query metrics the relay really exports: each name must be registered

@@ -129,6 +129,16 @@ async fn advance(backup: &DchatBackup, ctx: &Context, namespace: &str) -> Result
         }
         Step::Finish(next) => {
             write_status(backup, ctx, namespace, &next).await?;
+            let took = next
+                .started_at
+                .as_ref()
+                .zip(next.completed_at.as_ref())
+                .map(|(a, b)| b.0.duration_since(a.0).unsigned_abs());
+            ctx.metrics.record_backup(
+                &format!("{namespace}/{cluster_name}"),
+                next.phase == BackupPhase::Completed,
+                took,
+            );
             let (type_, reason, note) = match next.phase {
                 BackupPhase::Completed => (
                     EventType::Normal,

@@ -139,8 +139,20 @@ pub(super) async fn reconcile_backups(
     backups.retain(|b| !pruned.contains(&b.name_any()) && b.meta().deletion_timestamp.is_none());
 
     let requeue = next.map(|at| at.duration_since(now).unsigned_abs() + Duration::from_secs(1));
+    let summary = health::summary(&backups, last_schedule, next);
+    if let Some(when) = &summary.last_successful_backup_time {
+        let size = backups
+            .iter()
+            .find(|b| summary.last_successful_backup.as_deref() == Some(b.name_any().as_str()))
+            .and_then(|b| b.status.as_ref()?.size_bytes);
+        ctx.metrics.set_last_backup(
+            &format!("{namespace}/{}", cluster.name_any()),
+            when.0.as_second(),
+            size,
+        );
+    }
     Ok(BackupReport {
-        status: Some(health::summary(&backups, last_schedule, next)),
+        status: Some(summary),
         health: Some(health::health(&backups, cron.as_ref(), now)),
         requeue,
     })

@@ -283,3 +283,48 @@ async fn retention_prunes_old_backups_and_backups_outlive_the_cluster() {
     );
     operator.assert_no_refusals();
 }
+
+/// `dchat-operator backup NAME --wait`: creates the DchatBackup, waits, exit 0 when it
+/// completed; exit 1 naming the error when it failed; exit 1 for a cluster without
+/// spec.backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_command_waits_for_the_result() {
+    let Some(env) = Env::shared("backup-command").await else {
+        return;
+    };
+    env.kubelet.set_policy(backups_succeed);
+    let operator = env.operator().await;
+    env.apply_cluster("chat", SPEC).await.unwrap();
+    env.apply_cluster("plain", "version: '1.0'").await.unwrap();
+    env.wait_cluster("chat", "Running", running).await;
+    let kubeconfig = env.plane().kubeconfig.clone();
+    let ns = env.ns.clone();
+    let run = move |cluster: &str| {
+        let (kubeconfig, ns, cluster) = (kubeconfig.clone(), ns.clone(), cluster.to_string());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_dchat-operator"))
+                .args(["backup", &cluster, "-n", &ns, "--wait", "--timeout", "2m"])
+                .env("KUBECONFIG", kubeconfig)
+                .output()
+                .expect("running dchat-operator backup")
+        })
+    };
+    let out = run("chat").await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("completed: 4096 bytes at s3://dchat-backups/"),
+        "{stdout}"
+    );
+
+    let out = run("plain").await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has no spec.backup"), "{stderr}");
+    operator.assert_no_refusals();
+}
