@@ -446,12 +446,16 @@ async fn embedded_backup_restores_into_a_new_relay_exactly_once() {
         .await
         .failed();
     assert!(run.stderr.contains("is not empty"), "{run:?}");
-    assert!(run.stderr.contains("1 profiles"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("inbox entries (messages or dedup), profiles, channel memberships"),
+        "{run:?}"
+    );
     let e = run.termination_json();
     assert_eq!(e["reason"], "TargetNotEmpty");
     assert!(e["error"].as_str().unwrap().contains("is not empty"));
     // A relay whose only data is the dedup entry of an acknowledged message (its
-    // counts are all zero) is refused by the relay itself, while the stream is sent.
+    // counts are all zero) is refused as well: its stats name what it holds.
     let used = relay().await;
     let rcpt = generate_key().unwrap();
     let mut s = used.client().await;
@@ -459,7 +463,9 @@ async fn embedded_backup_restores_into_a_new_relay_exactly_once() {
     let mut r = used.client_as(&rcpt).await;
     let d = drain(&mut r).await;
     assert_eq!(r.ack(vec![d[0].ack_ref()]).await.unwrap(), 1);
-    assert_eq!(admin_stats(&used).await["store"]["pending_messages"], 0);
+    let stats = admin_stats(&used).await;
+    assert_eq!(stats["store"]["pending_messages"], 0);
+    assert_eq!(stats["contents"], "inbox entries (messages or dedup)");
     let run = restore(&bucket, "prod/chat/b1", Src::Embedded(&used))
         .await
         .failed();
@@ -944,12 +950,19 @@ async fn rds_snapshots_are_tagged_and_only_managed_ones_are_deleted() {
         &bucket,
         "prod/r/b3",
         Src::Embedded(&source),
-        &["--rds-instance", &instance],
+        &[
+            "--rds-instance",
+            &instance,
+            "--rds-snapshot-prefix",
+            "dchat-prod-relay",
+        ],
     )
     .await
     .ok()
     .json();
+    // With a prefix (what an IAM policy may require of snapshot names).
     let other = m3["rdsSnapshotIdentifier"].as_str().unwrap();
+    assert!(other.starts_with("dchat-prod-relay-prod-r-b3-"), "{other}");
     let run = delete(&bucket, "prod/r/b2", &["--rds-snapshot", other])
         .await
         .failed();
@@ -1105,6 +1118,20 @@ async fn bad_input_is_a_clear_error_never_a_panic() {
     .await;
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("--sse"), "{run:?}");
+    let run = create(
+        &bucket,
+        "prod/chat/x",
+        Src::Embedded(&source),
+        &[
+            "--rds-instance",
+            "db",
+            "--rds-snapshot-prefix",
+            "bad_prefix",
+        ],
+    )
+    .await
+    .failed();
+    assert!(run.stderr.contains("--rds-snapshot-prefix"), "{run:?}");
     let mut args = strings(&["create"]);
     args.extend(s3(&bucket));
     args.extend(strings(&[

@@ -149,6 +149,8 @@ pub struct RdsSpec {
     pub region: Option<String>,
     /// How long to wait for `available`.
     pub timeout: Duration,
+    /// First part of the snapshot identifier ([`super::rds::snapshot_identifier`]).
+    pub snapshot_prefix: String,
 }
 
 /// What `create` needs besides the destination.
@@ -256,7 +258,7 @@ pub async fn create(s3: &S3Settings, opts: CreateOptions) -> Result<Manifest, Ba
                 let client = Rds::connect(&region).await;
                 Some(
                     client
-                        .create_snapshot(&rds.instance, path, rds.timeout)
+                        .create_snapshot(&rds.instance, &rds.snapshot_prefix, path, rds.timeout)
                         .await?,
                 )
             }
@@ -572,17 +574,16 @@ pub async fn restore(
     let (kind, result) = match &target {
         Target::Embedded(admin) => (
             StoreKind::Embedded,
-            admin
-                .restore(reader)
-                .await
-                .map(|_| ())
-                .map_err(|e| match e.not_empty() {
+            match admin.restore(reader).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(match e.not_empty() {
                     Some(detail) => BackupError::NotEmpty {
                         target: format!("relay at {}", admin.url()),
                         detail,
                     },
                     None => e.into(),
                 }),
+            },
         ),
         Target::Postgres(store, name) => (
             StoreKind::Postgres,
@@ -610,9 +611,11 @@ pub async fn restore(
     })
 }
 
-/// Refuses a relay whose store visibly holds data, or that is not on the embedded store,
-/// before anything is downloaded. (The relay's restore checks again, for everything
-/// including dedup entries, under its writer lock.)
+/// Refuses a relay whose store holds data (its `contents`, which covers dedup entries
+/// too), or that is not on the embedded store, before anything is downloaded. The
+/// relay's restore checks again under its writer lock, but a refusal there (data that
+/// arrived in between) may reach this client only as a broken connection: the relay
+/// stops reading the stream it refuses.
 async fn refuse_busy_relay(admin: &Admin) -> Result<(), BackupError> {
     let stats = admin.stats().await?;
     if stats["backend"] == "postgres" {
@@ -625,6 +628,13 @@ async fn refuse_busy_relay(admin: &Admin) -> Result<(), BackupError> {
         }
         .into());
     }
+    if let Some(what) = stats["contents"].as_str() {
+        return Err(BackupError::NotEmpty {
+            target: format!("relay at {}", admin.url()),
+            detail: what.to_string(),
+        });
+    }
+    // A relay that does not report `contents` still reports its counts.
     let store = &stats["store"];
     let count = |k: &str| store[k].as_u64().unwrap_or(0);
     let found: Vec<String> = [

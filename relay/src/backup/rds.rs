@@ -66,11 +66,37 @@ pub enum RdsError {
     },
 }
 
-/// The RDS snapshot identifier of a backup: `dchat-<namespace>-<cluster>-<backup>`
+/// Default first part of the snapshot identifiers.
+pub const DEFAULT_SNAPSHOT_PREFIX: &str = "dchat";
+
+/// Checks a snapshot identifier prefix (`--rds-snapshot-prefix`): 1–64 letters, digits
+/// and single hyphens, starting with a letter, not ending with a hyphen. An IAM policy
+/// may allow snapshot actions only on names with a given prefix.
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !prefix.ends_with('-')
+        && !prefix.contains("--")
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{prefix:?} must be 1 to 64 letters, digits and single hyphens, starting with a \
+             letter and not ending with a hyphen"
+        ))
+    }
+}
+
+/// The RDS snapshot identifier of a backup: `<prefix>-<namespace>-<cluster>-<backup>`
 /// with every character RDS does not allow made a hyphen (no doubled or trailing
 /// hyphens), shortened to fit 255 characters, and ended with 8 hex digits of the
 /// SHA-256 of the exact path, so that different paths never share an identifier.
-pub fn snapshot_identifier(path: &BackupPath) -> String {
+/// `prefix` must pass [`validate_prefix`].
+pub fn snapshot_identifier(prefix: &str, path: &BackupPath) -> String {
     let raw = format!("{}-{}-{}", path.namespace, path.cluster, path.backup);
     let mut base = String::with_capacity(raw.len());
     for c in raw.chars() {
@@ -81,10 +107,10 @@ pub fn snapshot_identifier(path: &BackupPath) -> String {
         base.push(c);
     }
     let hash = hex::encode(&Sha256::digest(path.to_string().as_bytes())[..4]);
-    // "dchat-" + base + "-" + 8 hex digits ≤ 255.
-    base.truncate(255 - 6 - 1 - 8);
+    // prefix + "-" + base + "-" + 8 hex digits ≤ 255.
+    base.truncate(255 - prefix.len() - 1 - 1 - 8);
     let base = base.trim_matches('-');
-    format!("dchat-{base}-{hash}")
+    format!("{prefix}-{base}-{hash}")
 }
 
 /// What a deletion found.
@@ -139,17 +165,19 @@ impl Rds {
         }
     }
 
-    /// Takes a manual snapshot of `instance` for the backup at `path`, tagged, and
+    /// Takes a manual snapshot of `instance` for the backup at `path` (its identifier
+    /// from [`snapshot_identifier`] with `prefix`), tagged, and
     /// waits until it is `available` (at most `timeout`). A snapshot of this backup
     /// left by an earlier, interrupted run is reused; one with the same identifier that
     /// is not this backup's is refused.
     pub async fn create_snapshot(
         &self,
         instance: &str,
+        prefix: &str,
         path: &BackupPath,
         timeout: Duration,
     ) -> Result<String, RdsError> {
-        let id = snapshot_identifier(path);
+        let id = snapshot_identifier(prefix, path);
         match self.describe(&id).await? {
             Some(existing) => {
                 check_owner(&existing, &id, path)?;
@@ -318,21 +346,31 @@ mod tests {
 
     #[test]
     fn identifiers_follow_the_rds_rules_and_never_collide() {
-        let a = snapshot_identifier(&path("prod", "chat", "chat-20261206t015045z"));
+        let a = snapshot_identifier("dchat", &path("prod", "chat", "chat-20261206t015045z"));
         assert!(
             a.starts_with("dchat-prod-chat-chat-20261206t015045z-"),
             "{a}"
         );
-        let b = snapshot_identifier(&path("a-b", "c", "d"));
-        let c = snapshot_identifier(&path("a", "b-c", "d"));
+        let b = snapshot_identifier("dchat", &path("a-b", "c", "d"));
+        let c = snapshot_identifier("dchat", &path("a", "b-c", "d"));
         assert_ne!(b, c);
         let long = "x".repeat(253);
+        let custom = snapshot_identifier("dchat-prod-relay", &path("prod", "chat", "b1"));
+        assert!(
+            custom.starts_with("dchat-prod-relay-prod-chat-b1-"),
+            "{custom}"
+        );
+        validate_prefix("dchat-prod-relay").unwrap();
+        for bad in ["", "1a", "a-", "a--b", "a_b", &"a".repeat(65)] {
+            assert!(validate_prefix(bad).is_err(), "{bad}");
+        }
         for id in [
             a,
             b,
             c,
-            snapshot_identifier(&path("a.b", "c--d", "e.-f")),
-            snapshot_identifier(&path(&long, &long, &long)),
+            snapshot_identifier("dchat", &path("a.b", "c--d", "e.-f")),
+            snapshot_identifier("dchat", &path(&long, &long, &long)),
+            snapshot_identifier(&"p".repeat(64), &path(&long, &long, &long)),
         ] {
             assert!(id.len() <= 255, "{id}");
             assert!(id.starts_with(|c: char| c.is_ascii_alphabetic()), "{id}");

@@ -326,7 +326,8 @@ impl Destination {
     }
 
     /// Aborts every incomplete multipart upload of exactly `key` (left by a killed
-    /// run); returns how many there were.
+    /// run); returns how many there were. Without permission to list them (HTTP 403) it
+    /// warns and aborts none.
     pub async fn abort_incomplete(&self, key: &str) -> Result<usize, S3Error> {
         let mut aborted = 0;
         let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
@@ -339,8 +340,22 @@ impl Destination {
                 .set_key_marker(key_marker.clone())
                 .set_upload_id_marker(id_marker.clone())
                 .send()
-                .await
-                .map_err(|e| self.request_error("ListMultipartUploads", key, e))?;
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                // Cleaning up is housekeeping, not part of a backup's correctness: without
+                // s3:ListBucketMultipartUploads the bucket's abort-incomplete-multipart
+                // lifecycle rule is left to do it.
+                Err(e) if status(&e) == Some(403) => {
+                    tracing::warn!(
+                        object = %self.url(key),
+                        error = %describe(&e),
+                        "not allowed to list incomplete multipart uploads (s3:ListBucketMultipartUploads); leaving them to the bucket's lifecycle rule"
+                    );
+                    return Ok(aborted);
+                }
+                Err(e) => return Err(self.request_error("ListMultipartUploads", key, e)),
+            };
             for u in page.uploads() {
                 let (Some(k), Some(id)) = (u.key(), u.upload_id()) else {
                     continue;

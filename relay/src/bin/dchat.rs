@@ -246,6 +246,15 @@ enum BackupCmd {
         /// How long to wait for the RDS snapshot to become available.
         #[arg(long, default_value = "60m")]
         rds_timeout: String,
+        /// First part of the RDS snapshot identifier
+        /// (<prefix>-<namespace>-<cluster>-<backup>-<hash>), e.g. the prefix an IAM
+        /// policy allows.
+        #[arg(
+            long,
+            env = "DCHAT_BACKUP_RDS_SNAPSHOT_PREFIX",
+            default_value = "dchat"
+        )]
+        rds_snapshot_prefix: String,
         /// How the uploaded object is verified: checksum (S3's composite SHA-256; read
         /// back if S3 reports none) or reread (always read back and hash).
         #[arg(long, default_value = "checksum")]
@@ -573,6 +582,7 @@ async fn backup_command(cmd: BackupCmd) -> Outcome {
             rds_instance,
             rds_region,
             rds_timeout,
+            rds_snapshot_prefix,
             upload_check,
         } => {
             let opts = (|| {
@@ -589,6 +599,12 @@ async fn backup_command(cmd: BackupCmd) -> Outcome {
                         region: rds_region.filter(|r| !r.trim().is_empty()),
                         timeout: parse_duration(&rds_timeout)
                             .map_err(|e| invalid("--rds-timeout", e.to_string()))?,
+                        snapshot_prefix: {
+                            let p = rds_snapshot_prefix.trim();
+                            dchat_relay::backup::rds::validate_prefix(p)
+                                .map_err(|e| invalid("--rds-snapshot-prefix", e))?;
+                            p.to_string()
+                        },
                     }),
                     None => None,
                 };
