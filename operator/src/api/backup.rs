@@ -160,6 +160,10 @@ pub struct BackupSpec {
     /// Also take a manual RDS snapshot with each backup (PostgreSQL on RDS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rds: Option<RdsSnapshotSpec>,
+    /// A rollout takes a backup of the serving version after validation and before the
+    /// switch; a failed backup fails the rollout (traffic never moves).
+    #[serde(default)]
+    pub before_rollout: bool,
 }
 
 /// What happens to a backup's data when its DchatBackup is deleted by hand.

@@ -930,6 +930,9 @@ pub enum RolloutStep {
     Preparing,
     /// The smoke test runs against the preview Service.
     Validating,
+    /// Validated; a backup of the serving version runs before the switch
+    /// (`spec.backup.beforeRollout`). A failed backup fails the rollout.
+    BackingUp,
     /// Validated; waiting for `dchat.network/promote` (or `autoPromoteAfter`).
     AwaitingPromotion,
     /// Traffic switched to the new slot; watching it for the post-promotion window.
@@ -958,6 +961,7 @@ impl RolloutStep {
         match self {
             Self::Preparing => "Preparing",
             Self::Validating => "Validating",
+            Self::BackingUp => "BackingUp",
             Self::AwaitingPromotion => "AwaitingPromotion",
             Self::Promoted => "Promoted",
             Self::ScalingDown => "ScalingDown",
@@ -976,6 +980,7 @@ impl RolloutStep {
             self,
             Self::Preparing
                 | Self::Validating
+                | Self::BackingUp
                 | Self::AwaitingPromotion
                 | Self::Promoted
                 | Self::ScalingDown

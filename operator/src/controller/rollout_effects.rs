@@ -50,6 +50,7 @@ pub(super) async fn decide_rollout(
     let mut pods = PodHealth::default();
     let mut smoke_state = JobState::Absent;
     let mut handover_state = JobState::Absent;
+    let mut backup_state = JobState::Absent;
     if let Some(r) = previous.rollout.as_ref().filter(|r| {
         settings.handover
             && (matches!(
@@ -112,6 +113,14 @@ pub(super) async fn decide_rollout(
                 .map_err(kube_error("reading", "Job", namespace, &name))?;
             smoke_state = smoke::job_state(job.as_ref());
         }
+        if r.step == RolloutStep::BackingUp {
+            backup_state = prerollout_backup_state(
+                ctx,
+                namespace,
+                &rollout::prerollout_backup_name(&cluster.name_any(), r),
+            )
+            .await?;
+        }
     }
     let annotations = cluster.annotations();
     let cluster_name = cluster.name_any();
@@ -126,6 +135,7 @@ pub(super) async fn decide_rollout(
         pods,
         smoke: smoke_state,
         handover: handover_state,
+        backup: backup_state,
         analysis,
         promote: annotations.contains_key(PROMOTE_ANNOTATION),
         abort: annotations.contains_key(ABORT_ANNOTATION),
@@ -187,4 +197,73 @@ pub(super) async fn consume_annotations(
             &cluster.name_any(),
         ))?;
     Ok(())
+}
+
+/// The backup before a rollout's switch, as the state machine reads it.
+async fn prerollout_backup_state(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<JobState, Error> {
+    use crate::api::{BackupPhase, DchatBackup};
+    let api: Api<DchatBackup> = Api::namespaced(ctx.client.clone(), namespace);
+    let backup =
+        api.get_opt(name)
+            .await
+            .map_err(kube_error("reading", "DchatBackup", namespace, name))?;
+    Ok(match backup {
+        None => JobState::Absent,
+        Some(b) => {
+            let status = b.status.unwrap_or_default();
+            match status.phase {
+                BackupPhase::Completed => JobState::Succeeded,
+                BackupPhase::Failed => JobState::Failed(
+                    status
+                        .error
+                        .unwrap_or_else(|| format!("DchatBackup {name} failed")),
+                ),
+                BackupPhase::Pending | BackupPhase::Running => JobState::Running,
+            }
+        }
+    })
+}
+
+/// Creates the DchatBackup a rollout takes before its switch, unless it exists.
+pub(super) async fn ensure_prerollout_backup(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<(), Error> {
+    use crate::api::{ClusterReference, DchatBackup, DchatBackupSpec};
+    let api: Api<DchatBackup> = Api::namespaced(ctx.client.clone(), namespace);
+    if api
+        .get_opt(name)
+        .await
+        .map_err(kube_error("reading", "DchatBackup", namespace, name))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let mut backup = DchatBackup::new(
+        name,
+        DchatBackupSpec {
+            cluster: ClusterReference {
+                name: cluster.name_any(),
+            },
+            deletion_policy: Default::default(),
+        },
+    );
+    backup.metadata.labels = Some(
+        [(
+            crate::backup::job::CLUSTER_LABEL.to_string(),
+            cluster.name_any(),
+        )]
+        .into(),
+    );
+    match api.create(&PostParams::default(), &backup).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(kube_error("creating", "DchatBackup", namespace, name)(e)),
+    }
 }

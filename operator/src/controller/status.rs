@@ -307,6 +307,7 @@ fn rollout_verdict(obs: &Observation, all_ready: bool, counts: &str) -> Option<V
     match r.step {
         RolloutStep::Preparing
         | RolloutStep::Validating
+        | RolloutStep::BackingUp
         | RolloutStep::AwaitingPromotion
         | RolloutStep::Promoted => Some(Verdict {
             phase: if r.step == RolloutStep::AwaitingPromotion {

@@ -13,7 +13,9 @@ use tracing::info;
 use super::children::{apply_children, ensure_admin_token};
 use super::observe::{database_secret_hash, existing_claims, observe, slot_observation};
 use super::report::{publish, report_failure, write_status};
-use super::rollout_effects::{consume_annotations, decide_rollout, ensure_job};
+use super::rollout_effects::{
+    consume_annotations, decide_rollout, ensure_job, ensure_prerollout_backup,
+};
 use super::schedule::{reconcile_backups, BackupReport};
 use super::status::Observation;
 use super::{status, Context, Error, RESYNC};
@@ -148,6 +150,12 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
             info!(job = %request.job_name, slot = %request.slot, "creating smoke test Job");
             let job = smoke::smoke_job(&cluster, request);
             outcome = ensure_job(ctx, &namespace, &request.job_name, &job).await;
+        }
+    }
+    if outcome.is_ok() {
+        if let Some(request) = &decision.backup {
+            info!(backup = %request.name, "creating the backup before the switch");
+            outcome = ensure_prerollout_backup(&cluster, ctx, &namespace, &request.name).await;
         }
     }
     if outcome.is_ok() {

@@ -84,6 +84,10 @@ pub mod reason {
     pub const RELAYS_NOT_READY: &str = "RelaysNotReady";
     /// `dchat smoke` against the preview Service failed.
     pub const SMOKE_FAILED: &str = "SmokeTestFailed";
+    /// Validated; the backup before the switch runs.
+    pub const BACKING_UP: &str = "BackingUp";
+    /// The backup before the switch failed; traffic did not move.
+    pub const BACKUP_FAILED: &str = "BackupFailed";
     /// A step took longer than `progressDeadline`.
     pub const PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
     /// Aborted with the abort annotation.
@@ -122,6 +126,8 @@ pub struct Settings {
     pub handover: bool,
     /// The metric check of the post-promotion window, if any.
     pub analysis: Option<RolloutAnalysis>,
+    /// A backup must complete after validation and before the switch.
+    pub backup_before_switch: bool,
 }
 
 /// A rollout setting that is not a valid duration (the operator validates the spec
@@ -166,6 +172,7 @@ impl Settings {
             replicas: spec.replicas,
             handover: spec.database.is_none(),
             analysis: rollout.analysis.clone(),
+            backup_before_switch: spec.backup.as_ref().is_some_and(|b| b.before_rollout),
         })
     }
 
@@ -265,6 +272,8 @@ pub struct Input<'a> {
     pub smoke: JobState,
     /// Handover Job of the rollout (embedded store, at scale-down).
     pub handover: JobState,
+    /// The backup taken before the switch (`BackingUp`), as a Job-like state.
+    pub backup: JobState,
     /// The analysis query's reading, taken while `Promoted` (`None`: not taken).
     pub analysis: Option<Reading>,
     /// The promote annotation is set.
@@ -315,6 +324,13 @@ pub struct SmokeRequest {
     pub version: String,
 }
 
+/// A DchatBackup that must exist: the backup before a rollout's switch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupRequest {
+    /// DchatBackup name (unique per rollout attempt).
+    pub name: String,
+}
+
 /// A handover Job that must exist: the old slot's stored messages go to the new slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandoverRequest {
@@ -359,6 +375,8 @@ pub struct Decision {
     pub smoke: Option<SmokeRequest>,
     /// A handover Job that must exist.
     pub handover: Option<HandoverRequest>,
+    /// A backup that must exist (before the switch).
+    pub backup: Option<BackupRequest>,
     /// Events to record, in order.
     pub notes: Vec<Note>,
     /// Remove the promote annotation (handled or stale).
@@ -478,6 +496,20 @@ pub fn smoke_job_name(cluster_name: &str, rollout: &RolloutStatus) -> String {
     let digest = hex::encode(&Sha256::digest(seed.as_bytes())[..5]);
     let prefix: String = cluster_name.chars().take(40).collect();
     format!("{}-smoke-{digest}", prefix.trim_end_matches('-'))
+}
+
+/// Name of the DchatBackup taken before a rollout attempt's switch, derived from status
+/// like [`smoke_job_name`].
+pub fn prerollout_backup_name(cluster_name: &str, rollout: &RolloutStatus) -> String {
+    use sha2::{Digest, Sha256};
+    let seed = format!(
+        "backup/{}/{}",
+        rollout.target_template_hash,
+        rollout.started_at.0.as_second()
+    );
+    let digest = hex::encode(&Sha256::digest(seed.as_bytes())[..5]);
+    let prefix: String = cluster_name.chars().take(200).collect();
+    format!("{}-prerollout-{digest}", prefix.trim_end_matches('-'))
 }
 
 /// Name of the handover Job of a rollout attempt, derived from status like
@@ -660,6 +692,7 @@ impl Machine<'_, '_> {
         let next = match r.step {
             RolloutStep::Preparing => self.preparing(state, r),
             RolloutStep::Validating => self.validating(state, r),
+            RolloutStep::BackingUp => self.backed_up(state, r),
             RolloutStep::AwaitingPromotion => self.awaiting(state, r),
             RolloutStep::Promoted => self.promoted(state, r),
             RolloutStep::ScalingDown => self.scaling_down(state, r),
@@ -850,7 +883,9 @@ impl Machine<'_, '_> {
                     self.note(false, reason::VALIDATING, next.message.clone());
                     self.moved(state, next)
                 } else {
-                    Some(Progress::Move(Box::new(self.validated(state, r))))
+                    Some(Progress::Move(Box::new(
+                        self.validated_or_backing_up(state, r),
+                    )))
                 }
             }
             Err(waiting) => {
@@ -886,6 +921,9 @@ impl Machine<'_, '_> {
             return Some(Progress::Move(Box::new(self.fail(state, r, why, detail))));
         }
         match &self.input.smoke {
+            JobState::Succeeded if self.input.settings.backup_before_switch => {
+                Some(Progress::Move(Box::new(self.backing_up(state, r))))
+            }
             JobState::Succeeded => Some(Progress::Move(Box::new(self.validated(state, r)))),
             JobState::Failed(why) => {
                 let detail = why.clone();
@@ -909,6 +947,55 @@ impl Machine<'_, '_> {
                 }
                 None
             }
+        }
+    }
+
+    /// Validation passed: a backup first when the spec asks for one, else on.
+    fn validated_or_backing_up(&mut self, state: &State, r: &RolloutStatus) -> State {
+        if self.input.settings.backup_before_switch {
+            self.backing_up(state, r)
+        } else {
+            self.validated(state, r)
+        }
+    }
+
+    /// Validation passed and a backup must come first.
+    fn backing_up(&mut self, state: &State, r: &RolloutStatus) -> State {
+        let mut next = r.clone();
+        next.step = RolloutStep::BackingUp;
+        next.reason = Some(reason::BACKING_UP.to_string());
+        next.step_started_at = self.now();
+        next.message = format!(
+            "version {} validated in slot {}; backing up version {} (DchatBackup {}) before the switch",
+            r.target_version,
+            r.slot,
+            r.from_version.as_deref().unwrap_or("?"),
+            prerollout_backup_name(self.input.cluster_name, r)
+        );
+        self.note(false, reason::BACKING_UP, next.message.clone());
+        State {
+            serving: state.serving.clone(),
+            rollout: Some(next),
+        }
+    }
+
+    /// The backup before the switch: done → on as validated; failed → the rollout fails.
+    fn backed_up(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
+        if let Some((why, detail)) = self.pod_failure(r) {
+            return Some(Progress::Move(Box::new(self.fail(state, r, why, detail))));
+        }
+        match &self.input.backup {
+            JobState::Succeeded => Some(Progress::Move(Box::new(self.validated(state, r)))),
+            JobState::Failed(why) => {
+                let detail = format!("the backup before the switch failed: {why}");
+                Some(Progress::Move(Box::new(self.fail(
+                    state,
+                    r,
+                    reason::BACKUP_FAILED,
+                    detail,
+                ))))
+            }
+            JobState::Absent | JobState::Running => None,
         }
     }
 
@@ -1225,6 +1312,7 @@ impl Machine<'_, '_> {
         };
         let in_flight = state.rollout.as_ref().filter(|r| r.step.in_flight());
         let mut handover = None;
+        let mut backup = None;
         let (slots, hpa_bounds, active_is_desired, smoke) = match in_flight {
             Some(r) => match r.step {
                 // Inside the window the HPA may scale the new slot out, never below the
@@ -1270,6 +1358,13 @@ impl Machine<'_, '_> {
                         slot: r.slot,
                         version: r.target_version.clone(),
                     });
+                    if r.step == RolloutStep::BackingUp
+                        && matches!(input.backup, JobState::Absent | JobState::Running)
+                    {
+                        backup = Some(BackupRequest {
+                            name: prerollout_backup_name(input.cluster_name, r),
+                        });
+                    }
                     (
                         plan(Template::Keep, fixed, Template::Desired, Some(r.replicas)),
                         hold(r.replicas),
@@ -1333,6 +1428,7 @@ impl Machine<'_, '_> {
             hpa_bounds,
             smoke,
             handover,
+            backup,
             notes: self.notes,
             consume_promote: self.consume_promote,
             consume_abort: self.consume_abort,

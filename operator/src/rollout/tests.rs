@@ -37,6 +37,15 @@ fn settings() -> Settings {
         replicas: 3,
         handover: false,
         analysis: None,
+        backup_before_switch: false,
+    }
+}
+
+/// A backup must complete between validation and the switch.
+fn backed_up() -> Settings {
+    Settings {
+        backup_before_switch: true,
+        ..settings()
     }
 }
 
@@ -150,6 +159,7 @@ struct Case {
     pods: PodHealth,
     smoke: JobState,
     handover: JobState,
+    backup: JobState,
     analysis: Option<Reading>,
     promote: bool,
     abort: bool,
@@ -163,6 +173,7 @@ struct Case {
     hpa: Option<(i32, i32)>,
     smoke_job: bool,
     handover_job: bool,
+    backup_request: bool,
     consume: (bool, bool),
     notes: &'static [&'static str],
 }
@@ -180,6 +191,7 @@ fn base() -> Case {
         pods: PodHealth::default(),
         smoke: JobState::Absent,
         handover: JobState::Absent,
+        backup: JobState::Absent,
         analysis: None,
         promote: false,
         abort: false,
@@ -192,6 +204,7 @@ fn base() -> Case {
         hpa: None,
         smoke_job: false,
         handover_job: false,
+        backup_request: false,
         consume: (false, false),
         notes: &[],
     }
@@ -460,6 +473,67 @@ fn table() -> Vec<Case> {
             traffic: (Green, Some("v2")),
             slots: AFTER_SWITCH,
             notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "validating: smoke passed with beforeRollout -> a backup first, no switch",
+            settings: backed_up(),
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            smoke: JobState::Succeeded,
+            now: 3,
+            step: Some(BackingUp),
+            reason: Some(reason::BACKING_UP),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            backup_request: true,
+            notes: &[reason::BACKING_UP],
+            ..base()
+        },
+        Case {
+            name: "backing up: the backup runs -> traffic stays, the backup is still wanted",
+            settings: backed_up(),
+            desired: "v2",
+            rollout: r(BackingUp, 3),
+            green: sts("v2", 3, 3),
+            backup: JobState::Running,
+            now: 20,
+            step: Some(BackingUp),
+            target: Some("v2"),
+            slots: BEFORE_SWITCH,
+            backup_request: true,
+            ..base()
+        },
+        Case {
+            name: "backing up: the backup completed -> switch",
+            settings: backed_up(),
+            desired: "v2",
+            rollout: r(BackingUp, 3),
+            green: sts("v2", 3, 3),
+            backup: JobState::Succeeded,
+            now: 5,
+            step: Some(Promoted),
+            reason: Some(reason::PROMOTED),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            notes: &[reason::PROMOTED],
+            ..base()
+        },
+        Case {
+            name: "backing up: the backup failed -> the rollout fails, traffic never moves",
+            settings: backed_up(),
+            desired: "v2",
+            rollout: r(BackingUp, 3),
+            green: sts("v2", 3, 3),
+            backup: JobState::Failed("AccessDenied".into()),
+            now: 5,
+            step: Some(Failed),
+            reason: Some(reason::BACKUP_FAILED),
+            target: Some("v2"),
+            slots: FAILED_KEPT,
+            notes: &[reason::BACKUP_FAILED],
             ..base()
         },
         Case {
@@ -1326,6 +1400,7 @@ fn run(case: &Case, rollout: Option<&RolloutStatus>, serving: &Serving) -> Decis
         pods: case.pods.clone(),
         smoke: case.smoke.clone(),
         handover: case.handover.clone(),
+        backup: case.backup.clone(),
         analysis: case.analysis.clone(),
         promote: case.promote,
         abort: case.abort,
@@ -1375,6 +1450,11 @@ fn transition_table() {
             "handover job",
             d.handover.is_some() == case.handover_job,
             format!("{:?}", d.handover),
+        );
+        check(
+            "backup request",
+            d.backup.is_some() == case.backup_request,
+            format!("{:?}", d.backup),
         );
         if let Some(h) = &d.handover {
             let r = d.rollout.as_ref().unwrap();
@@ -1525,6 +1605,7 @@ fn analysis_messages_say_what_was_measured_and_what_was_not() {
             pods: healthy(Green),
             smoke: JobState::Absent,
             handover: JobState::Absent,
+            backup: JobState::Absent,
             analysis: Some(reading),
             promote: false,
             abort: false,
@@ -1621,6 +1702,7 @@ fn a_full_rollout_walks_every_step_with_time_passing() {
             pods: healthy(Green),
             smoke,
             handover: JobState::Absent,
+            backup: JobState::Absent,
             analysis: None,
             promote: false,
             abort: false,

@@ -328,3 +328,71 @@ async fn the_backup_command_waits_for_the_result() {
     assert!(stderr.contains("has no spec.backup"), "{stderr}");
     operator.assert_no_refusals();
 }
+
+/// `beforeRollout`: a failed backup blocks the switch (the rollout fails, traffic stays);
+/// a completed one lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_backup_before_the_switch_blocks_the_rollout() {
+    use dchat_operator::api::RolloutStep;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(env) = Env::shared("backup-before-rollout").await else {
+        return;
+    };
+    let succeed = Arc::new(AtomicBool::new(false));
+    let flag = succeed.clone();
+    env.kubelet.set_policy(move |pod| match job_name(pod) {
+        Some(job)
+            if job.contains("-backup-") && !flag.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            Fate::Exit(1, r#"{"error":"SlowDown: bucket throttled"}"#.into())
+        }
+        _ => backups_succeed(pod),
+    });
+    let operator = env.operator().await;
+    let spec = |version: &str| {
+        format!(
+            "version: '{version}'\nrollout: {{postPromotionWindow: 5s, scaleDownDelay: 3s}}\nbackup: {{destination: {{s3: {{bucket: dchat-backups, region: eu-west-1}}}}, beforeRollout: true}}"
+        )
+    };
+    env.apply_cluster("chat", &spec("1.0")).await.unwrap();
+    env.wait_cluster("chat", "Running 1.0", running).await;
+    env.apply_cluster("chat", &spec("1.1")).await.unwrap();
+    let cluster = env
+        .wait_cluster("chat", "the rollout failed on its backup", |c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.rollout.as_ref())
+                .is_some_and(|r| r.step == RolloutStep::Failed)
+        })
+        .await;
+    let status = cluster.status.unwrap();
+    let rollout = status.rollout.unwrap();
+    assert_eq!(rollout.reason.as_deref(), Some("BackupFailed"));
+    assert!(rollout.message.contains("SlowDown"), "{}", rollout.message);
+    assert_eq!(status.active_slot.as_str(), "blue", "traffic never moved");
+    assert_eq!(status.active_version.as_deref(), Some("1.0"));
+
+    succeed.store(true, Ordering::Relaxed);
+    env.apply_cluster("chat", &spec("1.2")).await.unwrap();
+    let cluster = env
+        .wait_cluster("chat", "Running 1.2", |c| {
+            running(c) && c.status.as_ref().and_then(|s| s.active_version.as_deref()) == Some("1.2")
+        })
+        .await;
+    assert_eq!(cluster.status.unwrap().active_slot.as_str(), "green");
+    let backups: Api<DchatBackup> = env.api();
+    let list = backups.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        list.iter()
+            .any(|b| b.name_any().starts_with("chat-prerollout-")
+                && b.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == BackupPhase::Completed)),
+        "{:?}",
+        list.iter()
+            .map(|b| (b.name_any(), b.status.clone()))
+            .collect::<Vec<_>>()
+    );
+    operator.assert_no_refusals();
+}
