@@ -987,10 +987,22 @@ async fn list_shows_the_manifests() {
         "prod/other/c",
         "staging/chat/d",
     ] {
-        create(&bucket, path, Src::Embedded(&source), &[])
+        let run = create(&bucket, path, Src::Embedded(&source), &[])
             .await
             .ok();
+        // moto reports the composite SHA-256 of the parts, so that is what is compared.
+        assert!(run.stderr.contains("composite-sha256"), "{run:?}");
     }
+    // Reading the object back instead (what a store without checksums gets).
+    let run = create(
+        &bucket,
+        "staging/chat/e",
+        Src::Embedded(&source),
+        &["--upload-check", "reread"],
+    )
+    .await
+    .ok();
+    assert!(run.stderr.contains("reread-sha256"), "{run:?}");
     // An incomplete backup (data, no manifest) and a damaged manifest are not listed.
     let s3c = moto::s3().await;
     s3c.put_object()
@@ -1027,19 +1039,19 @@ async fn list_shows_the_manifests() {
         .iter()
         .map(|m| m["backup"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["a", "b", "c", "d"]);
+    assert_eq!(names, ["a", "b", "c", "d", "e"]);
     assert!(run.stderr.contains("broken/manifest.json"), "{run:?}");
     let run = list(&["--namespace", "prod", "--cluster", "chat"]).await;
     assert_eq!(run.stdout.lines().count(), 2, "{run:?}");
     let run = list(&["--namespace", "staging"]).await;
-    assert_eq!(run.stdout.lines().count(), 1, "{run:?}");
+    assert_eq!(run.stdout.lines().count(), 2, "{run:?}");
     let run = list(&["-o", "table"]).await;
     let mut rows = run.stdout.lines();
     assert!(rows
         .next()
         .unwrap()
         .starts_with("NAMESPACE  CLUSTER  BACKUP  CREATED"));
-    assert_eq!(rows.count(), 4);
+    assert_eq!(rows.count(), 5);
     // The bucket's other prefixes are not looked at.
     let mut a = strings(&["list"]);
     a.extend(s3_under(&bucket, "elsewhere"));
