@@ -29,10 +29,10 @@ elif [ -z "${DCHAT_ENVTEST:-}" ] && [ -x ../shared/envtest/kube-up ]; then
   envtest_dir=$(cd ../shared/envtest && pwd)
 fi
 
-echo "==> cargo test (with throwaway PostgreSQL)"
+echo "==> cargo test (with throwaway PostgreSQL and the moto AWS emulator)"
 # The control-plane scenarios run on their own below, with more threads (they wait on
 # the API server far more than they compute).
-DCHAT_ENVTEST=off scripts/with-postgres.sh cargo test --workspace --all-targets
+DCHAT_ENVTEST=off scripts/with-postgres.sh scripts/with-moto.sh cargo test --workspace --all-targets
 
 if [ -n "$envtest_dir" ]; then
   echo "==> operator on a real control plane ($envtest_dir)"

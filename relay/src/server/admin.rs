@@ -53,16 +53,37 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response {
         .into_response()
 }
 
-/// `GET /admin/stats`: store counts and live connection numbers.
+/// `GET /admin/stats`: store counts and live connection numbers. For the embedded store
+/// also `contents`: what a restore would refuse it for (`null` when it is empty, which
+/// the counts alone cannot tell: dedup entries of acknowledged messages are not counted).
 pub async fn stats(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&shared, &headers) {
         return *r;
     }
+    let contents = match shared.embedded.clone() {
+        Some(store) => match tokio::task::spawn_blocking(move || store.contents()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": e.metric_label(), "message": e.to_string()}),
+                )
+            }
+            Err(e) => {
+                return json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "task", "message": e.to_string()}),
+                )
+            }
+        },
+        None => None,
+    };
     match shared.timed("stats", shared.store.stats()).await {
         Ok(s) => json_response(
             StatusCode::OK,
             json!({
                 "store": s,
+                "contents": contents,
                 "backend": if shared.embedded.is_some() { "embedded" } else { "postgres" },
                 "sessions": shared.sessions.len(),
                 "connections": shared.metrics.connections.get(),

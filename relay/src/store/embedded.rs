@@ -66,6 +66,13 @@ const MIN_JOURNAL_BYTES: u64 = 64 << 20;
 /// smallest of any.
 const MIN_MEMTABLE_BYTES: u64 = 4 << 20;
 
+/// The tables a restore requires to be empty, and how [`StoreError::NotEmpty`] names them.
+const CONTENTS: [(Table, &str); 3] = [
+    (Table::Inbox, "inbox entries (messages or dedup)"),
+    (Table::Profiles, "profiles"),
+    (Table::Members, "channel memberships"),
+];
+
 /// Tuning of the embedded store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbeddedOptions {
@@ -501,6 +508,25 @@ impl EmbeddedStore {
     /// The database directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What a restore would find in this store and refuse for (the words of
+    /// [`StoreError::NotEmpty`]), or `None` when it is empty: one emptiness check per
+    /// table, so dedup entries of acknowledged messages count too. Blocking (reads);
+    /// call from a blocking thread.
+    pub fn contents(&self) -> Result<Option<String>, StoreError> {
+        let mut found = Vec::new();
+        for (table, what) in CONTENTS {
+            if !self
+                .tables
+                .ks(table)
+                .is_empty()
+                .ctx("contents: check empty")?
+            {
+                found.push(what);
+            }
+        }
+        Ok((!found.is_empty()).then(|| found.join(", ")))
     }
 
     /// Writes a consistent snapshot (one read view) of everything the store holds to
@@ -1015,11 +1041,7 @@ impl<'t> Writer<'t> {
     /// What the store already holds, for a restore's emptiness check.
     pub(crate) fn contents(&self) -> Result<Option<String>, StoreError> {
         let mut found = Vec::new();
-        for (table, what) in [
-            (Table::Inbox, "inbox entries (messages or dedup)"),
-            (Table::Profiles, "profiles"),
-            (Table::Members, "channel memberships"),
-        ] {
+        for (table, what) in CONTENTS {
             let non_empty = !self.staged[table as usize].is_empty()
                 || !self
                     .tables

@@ -15,6 +15,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
+mod snapshot;
+
 use super::{
     validate_channel, validate_message, validate_send, Acceptance, AckKey, Pending, PublicKey,
     PutOutcome, SendRecord, Store, StoreError, StoreStats, StoredMessage,

@@ -179,8 +179,24 @@ impl<W: Write> SnapshotWriter<W> {
         self.record(TAG_MEMBERSHIP)
     }
 
+    /// Flushes the write buffer into the sink and lends it out: a writer whose sink is
+    /// an in-memory buffer (the PostgreSQL snapshot, which forwards it to an async
+    /// stream) drains it between records.
+    pub(crate) fn sink(&mut self) -> Result<&mut W, StoreError> {
+        self.out.flush().map_err(|source| StoreError::SnapshotIo {
+            op: "write",
+            source,
+        })?;
+        Ok(self.out.get_mut())
+    }
+
     /// Writes the end tag and the trailer, flushes, and returns the summary.
-    pub(crate) fn finish(mut self) -> Result<SnapshotSummary, StoreError> {
+    pub(crate) fn finish(self) -> Result<SnapshotSummary, StoreError> {
+        self.finish_into().map(|(summary, _)| summary)
+    }
+
+    /// Like [`SnapshotWriter::finish`], and also hands back the sink.
+    pub(crate) fn finish_into(mut self) -> Result<(SnapshotSummary, W), StoreError> {
         self.put(&[TAG_END])?;
         let digest = self.hasher.finalize_reset();
         self.summary.bytes = self.bytes + 32;
@@ -200,7 +216,12 @@ impl<W: Write> SnapshotWriter<W> {
             bytes = self.summary.bytes,
             "snapshot written"
         );
-        Ok(self.summary)
+        let summary = std::mem::take(&mut self.summary);
+        let sink = self.out.into_inner().map_err(|e| StoreError::SnapshotIo {
+            op: "write",
+            source: e.into_error(),
+        })?;
+        Ok((summary, sink))
     }
 }
 
