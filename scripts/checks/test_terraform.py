@@ -105,7 +105,7 @@ def test_variables_have_descriptions_types_and_environment_values() -> None:
 
 def test_outputs_are_described() -> None:
     outputs = blocks("output")
-    for name in ("operator_role_arn", "backup_bucket", "rds_instance_identifier",
+    for name in ("relay_backup_role_arn", "backup_bucket", "rds_instance_identifier",
                  "certificate_arn", "eks_cluster_name"):
         assert name in outputs
     for name, body in outputs.items():
@@ -215,14 +215,15 @@ def test_backup_bucket_is_versioned_encrypted_private_tls_only() -> None:
     assert tls, "bucket policy must deny non-TLS access"
 
 
-def test_operator_irsa_role_is_scoped_to_the_bucket_and_snapshots() -> None:
+def test_backup_role_is_the_relays_and_scoped_to_the_bucket_and_snapshots() -> None:
     data = blocks("data")
-    trust = data["aws_iam_policy_document.operator_trust"]["statement"][0]
+    trust = data["aws_iam_policy_document.relay_backups_trust"]["statement"][0]
     subs = [c for c in trust["condition"] if c["variable"].endswith(":sub")]
-    assert subs and subs[0]["values"] == ["${local.operator_service_account}"]
+    assert subs and subs[0]["values"] == "${local.relay_service_accounts}"
     locals_text = (TF / "locals.tf").read_text()
-    assert 'system:serviceaccount:${var.operator_namespace}:dchat-operator' in locals_text
-    for statement in data["aws_iam_policy_document.operator"]["statement"]:
+    assert '"system:serviceaccount:${sa}"' in locals_text
+    statements = data["aws_iam_policy_document.relay_backups"]["statement"]
+    for statement in statements:
         for resource in statement["resources"]:
             assert resource != "*", f"{statement['sid']}: wildcard resource"
             assert any(ok in resource for ok in (
@@ -231,12 +232,20 @@ def test_operator_irsa_role_is_scoped_to_the_bucket_and_snapshots() -> None:
                 f"{statement['sid']}: {resource} is outside the bucket, key and snapshots"
         for action in statement["actions"]:
             assert not action.endswith(":*"), f"{statement['sid']}: wildcard action {action}"
+    actions = {a for st in statements for a in st["actions"]}
+    # What `dchat backup create|delete` call (docs/backup.md, "Permissions the command needs").
+    for needed in ("s3:ListBucketMultipartUploads", "s3:PutObject", "s3:AbortMultipartUpload",
+                   "rds:CreateDBSnapshot", "rds:DeleteDBSnapshot", "rds:DescribeDBSnapshots"):
+        assert needed in actions, needed
+    delete = next(st for st in statements if "rds:DeleteDBSnapshot" in st["actions"])
+    assert any(c["variable"] == "rds:snapshot-tag/dchat.network/managed-by"
+               for c in delete.get("condition", [])), "delete only the operator's snapshots"
 
 
-def test_operator_helm_release_uses_the_irsa_role() -> None:
+def test_operator_helm_release_has_no_aws_role() -> None:
     release = blocks("resource")["helm_release.dchat_operator"]
     assert release["chart"] == "dchat-operator"
-    assert "aws_iam_role.operator.arn" in json.dumps(release["values"])
+    assert "role-arn" not in json.dumps(release["values"]), "the operator makes no AWS call"
     assert "var.operator_chart_version" in release["version"]
 
 

@@ -1,5 +1,5 @@
 # In-cluster releases: the AWS Load Balancer Controller (for the relay Ingress/ALB) and the
-# dchat operator with its IRSA role.
+# dchat operator (it makes no AWS call: backups run as the relays' role).
 
 resource "helm_release" "aws_load_balancer_controller" {
   name       = "aws-load-balancer-controller"
@@ -35,11 +35,6 @@ resource "helm_release" "dchat_operator" {
   timeout          = 600
 
   values = [yamlencode({
-    serviceAccount = {
-      annotations = {
-        "eks.amazonaws.com/role-arn" = aws_iam_role.operator.arn
-      }
-    }
     operator = {
       extraEnv = [{ name = "AWS_REGION", value = var.region }]
     }

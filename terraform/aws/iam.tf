@@ -35,8 +35,10 @@ module "ebs_csi_irsa" {
   }
 }
 
-# The operator: backups to the one S3 bucket and snapshots of the one RDS instance.
-data "aws_iam_policy_document" "operator_trust" {
+# Backups: the relays' ServiceAccounts, under which the operator's backup, restore and
+# delete Jobs run (`dchat backup`), write to the one S3 bucket and snapshot the one RDS
+# instance. The operator itself makes no AWS call and has no role.
+data "aws_iam_policy_document" "relay_backups_trust" {
   statement {
     actions = ["sts:AssumeRoleWithWebIdentity"]
     principals {
@@ -46,7 +48,7 @@ data "aws_iam_policy_document" "operator_trust" {
     condition {
       test     = "StringEquals"
       variable = "${module.eks.oidc_provider}:sub"
-      values   = [local.operator_service_account]
+      values   = local.relay_service_accounts
     }
     condition {
       test     = "StringEquals"
@@ -56,17 +58,17 @@ data "aws_iam_policy_document" "operator_trust" {
   }
 }
 
-resource "aws_iam_role" "operator" {
-  name                 = "${local.name}-operator"
-  description          = "dchat-operator (IRSA): relay backups to S3 and RDS snapshots"
-  assume_role_policy   = data.aws_iam_policy_document.operator_trust.json
+resource "aws_iam_role" "relay_backups" {
+  name                 = "${local.name}-relay-backups"
+  description          = "dchat relays (IRSA): dchat backup Jobs to S3 and RDS snapshots"
+  assume_role_policy   = data.aws_iam_policy_document.relay_backups_trust.json
   max_session_duration = 3600
 }
 
-data "aws_iam_policy_document" "operator" {
+data "aws_iam_policy_document" "relay_backups" {
   statement {
     sid       = "ListBackupBucket"
-    actions   = ["s3:ListBucket", "s3:GetBucketLocation"]
+    actions   = ["s3:ListBucket", "s3:ListBucketMultipartUploads"]
     resources = [aws_s3_bucket.backups.arn]
   }
 
@@ -77,15 +79,13 @@ data "aws_iam_policy_document" "operator" {
       "s3:PutObject",
       "s3:DeleteObject",
       "s3:AbortMultipartUpload",
-      "s3:ListMultipartUploadParts",
-      "s3:GetObjectAttributes",
     ]
     resources = ["${aws_s3_bucket.backups.arn}/*"]
   }
 
   statement {
     sid       = "BackupEncryptionKey"
-    actions   = ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey"]
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
     resources = [aws_kms_key.backups.arn]
   }
 
@@ -99,16 +99,24 @@ data "aws_iam_policy_document" "operator" {
   }
 
   statement {
-    sid = "ManageRelaySnapshots"
-    actions = [
-      "rds:DescribeDBSnapshots",
-      "rds:DeleteDBSnapshot",
-      "rds:ListTagsForResource",
-    ]
+    sid       = "DescribeRelaySnapshots"
+    actions   = ["rds:DescribeDBSnapshots"]
     resources = [
       aws_db_instance.relay.arn,
       "arn:${local.partition}:rds:${var.region}:${local.account_id}:snapshot:${local.rds_snapshot_prefix}-*",
     ]
+  }
+
+  statement {
+    # Only snapshots a backup tagged as the operator's: never automated ones, never others.
+    sid       = "DeleteOwnSnapshots"
+    actions   = ["rds:DeleteDBSnapshot"]
+    resources = ["arn:${local.partition}:rds:${var.region}:${local.account_id}:snapshot:${local.rds_snapshot_prefix}-*"]
+    condition {
+      test     = "StringEquals"
+      variable = "rds:snapshot-tag/dchat.network/managed-by"
+      values   = ["dchat-operator"]
+    }
   }
 
   statement {
@@ -124,8 +132,8 @@ data "aws_iam_policy_document" "operator" {
   }
 }
 
-resource "aws_iam_role_policy" "operator" {
-  name   = "dchat-operator-backups"
-  role   = aws_iam_role.operator.id
-  policy = data.aws_iam_policy_document.operator.json
+resource "aws_iam_role_policy" "relay_backups" {
+  name   = "dchat-relay-backups"
+  role   = aws_iam_role.relay_backups.id
+  policy = data.aws_iam_policy_document.relay_backups.json
 }

@@ -18,6 +18,7 @@ locals {
   private_subnets  = [for i in range(3) : cidrsubnet(var.vpc_cidr, 2, i + 1)]
   database_subnets = [for i in range(3) : cidrsubnet(var.vpc_cidr, 6, i + 12)]
 
-  operator_service_account = "system:serviceaccount:${var.operator_namespace}:dchat-operator"
-  rds_snapshot_prefix      = "${local.name}-relay"
+  # The relays' ServiceAccounts (<cluster>-relay) that run backup Jobs.
+  relay_service_accounts = [for sa in var.relay_service_accounts : "system:serviceaccount:${sa}"]
+  rds_snapshot_prefix    = "${local.name}-relay"
 }

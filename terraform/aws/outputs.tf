@@ -13,9 +13,9 @@ output "eks_cluster_endpoint" {
   value       = module.eks.cluster_endpoint
 }
 
-output "operator_role_arn" {
-  description = "IAM role of the operator's ServiceAccount (IRSA); also usable as spec.pod.serviceAccountAnnotations for relay backup jobs."
-  value       = aws_iam_role.operator.arn
+output "relay_backup_role_arn" {
+  description = "IAM role for the relays' ServiceAccount (IRSA) of clusters with spec.backup: set spec.pod.serviceAccountAnnotations eks.amazonaws.com/role-arn to it."
+  value       = aws_iam_role.relay_backups.arn
 }
 
 output "backup_bucket" {
@@ -49,6 +49,6 @@ output "certificate_arn" {
 }
 
 output "rds_snapshot_prefix" {
-  description = "Prefix the operator must use for RDS snapshot names (its IAM policy allows only these)."
+  description = "Set spec.backup.rds.snapshotPrefix to it: the backup role may only create and delete snapshots whose names start with it."
   value       = local.rds_snapshot_prefix
 }

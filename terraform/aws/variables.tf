@@ -232,8 +232,19 @@ variable "route53_zone_id" {
   }
 }
 
+variable "relay_service_accounts" {
+  description = "ServiceAccounts (namespace:name) of the DchatClusters with spec.backup: <namespace>:<cluster>-relay. They may assume the backup role (IRSA)."
+  type        = list(string)
+  default     = ["dchat:dchat-relay"]
+
+  validation {
+    condition     = length(var.relay_service_accounts) > 0 && alltrue([for sa in var.relay_service_accounts : can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-a-z0-9]*[a-z0-9])?$", sa))])
+    error_message = "relay_service_accounts must be namespace:name pairs of DNS labels."
+  }
+}
+
 variable "operator_namespace" {
-  description = "Namespace of the dchat-operator Helm release (its ServiceAccount gets the IRSA role)."
+  description = "Namespace of the dchat-operator Helm release."
   type        = string
   default     = "dchat-system"
 

@@ -138,6 +138,19 @@ pub struct RdsSnapshotSpec {
     /// Its AWS region.
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
     pub region: String,
+    /// Start of every snapshot's identifier (`<prefix>-<namespace>-<cluster>-<backup>-<hash>`);
+    /// an IAM policy can allow exactly these (terraform/aws: its `rds_snapshot_prefix`
+    /// output).
+    #[serde(default = "default_snapshot_prefix")]
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-zA-Z][a-zA-Z0-9]*(-[a-zA-Z0-9]+)*$")
+    )]
+    pub snapshot_prefix: String,
+}
+
+fn default_snapshot_prefix() -> String {
+    "dchat".to_string()
 }
 
 /// `spec.backup`: scheduled and on-demand backups of the relay store.
