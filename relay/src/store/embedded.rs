@@ -14,8 +14,7 @@
 //! While a batch is being built its writes are staged in memory next to the fjall
 //! batch, so later operations of the same batch (a duplicate id, an ack of a message
 //! stored a moment ago) see them. Reads run on the blocking pool and never wait for
-//! the writer. A data directory written by the previous engine (redb, `dchat.redb`) is
-//! migrated at open through the snapshot format ([`super::legacy`]).
+//! the writer.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,16 +33,19 @@ use super::snapshot::{
     SnapshotSummary, SnapshotWriter,
 };
 use super::{
-    legacy, validate_channel, validate_message, AckKey, Pending, PublicKey, PutOutcome, Store,
-    StoreError, StoreStats, StoredMessage,
+    validate_channel, validate_message, AckKey, Pending, PublicKey, PutOutcome, Store, StoreError,
+    StoreStats, StoredMessage,
 };
 
 /// Directory of the database inside the data directory.
 pub const STORE_DIR_NAME: &str = "dchat.store";
 
-/// Layout version stored in META at creation. Version 4 is the first LSM layout
-/// (1–3 were redb files, migrated at open).
+/// Layout version stored in META at creation: 4 is the layout of the first release
+/// (0.1.0); lower numbers were never released. A store of another version is refused.
 const SCHEMA_VERSION: u64 = 4;
+/// The database file of pre-release builds. A data directory holding it is refused
+/// ([`StoreError::PreReleaseData`]): no release wrote that layout.
+const PRE_RELEASE_FILE_NAME: &str = "dchat.redb";
 /// Queued write operations before callers wait (backpressure beyond this).
 const QUEUE_CAPACITY: usize = 4096;
 /// Upper bound on messages applied in one batch, to bound commit latency.
@@ -284,9 +286,9 @@ fn decode_u64(v: &[u8], table: &'static str) -> Result<u64, StoreError> {
 /// message record exists: an ack removes only the record (one write, not two), so an
 /// entry in this state whose record is gone belongs to an acknowledged message.
 const DEDUP_PENDING: u8 = 0;
-/// Dedup entry state: the message is known to be gone (a snapshot tombstone, or an ack
-/// by a relay before acks stopped rewriting the entry); the entry only guards against a
-/// retry of the same id until it expires.
+/// Dedup entry state: the message is known to be gone (a tombstone restored or merged
+/// from a snapshot); the entry only guards against a retry of the same id until it
+/// expires.
 const DEDUP_ACKED: u8 = 1;
 
 /// A dedup entry's value: seq ‖ expires_at_ms ‖ state.
@@ -452,8 +454,9 @@ impl WriteOp {
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in `dir`: the database is the directory
     /// `dir/dchat.store`. After a crash fjall replays its journal up to the last
-    /// complete batch. A data directory of the previous engine (`dchat.redb`) is
-    /// migrated first. A corrupt or foreign database is a typed error, never a panic.
+    /// complete batch. A corrupt or foreign database is a typed error, never a panic,
+    /// and so is a data directory written by a pre-release build
+    /// ([`StoreError::PreReleaseData`]).
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
         Self::open_with(dir, &EmbeddedOptions::default())
     }
@@ -465,11 +468,12 @@ impl EmbeddedStore {
             path: dir.to_path_buf(),
             source,
         })?;
-        legacy::migrate_if_present(dir, options)?;
-        let backup = dir.join(legacy::MIGRATED_FILE_NAME);
-        if let Ok(meta) = std::fs::metadata(&backup) {
-            // Every start, so that a forgotten backup does not hold the volume's space unseen.
-            tracing::info!(path = %backup.display(), bytes = meta.len(), "the database from before the migration is still kept; delete it once the relay runs well");
+        // Checked before anything is created beside it.
+        if dir.join(PRE_RELEASE_FILE_NAME).exists() {
+            return Err(StoreError::PreReleaseData {
+                dir: dir.to_path_buf(),
+                file: PRE_RELEASE_FILE_NAME,
+            });
         }
         let path = dir.join(STORE_DIR_NAME);
         let tables = Tables::open(&path, options)?;
@@ -1455,25 +1459,6 @@ impl Store for EmbeddedStore {
         })
         .await
     }
-}
-
-/// Opens a fresh database in `path` and loads a snapshot into it (the migration from
-/// the previous engine). Durable when it returns.
-pub(crate) fn restore_into_new(
-    path: &Path,
-    options: &EmbeddedOptions,
-    input: &mut impl std::io::Read,
-) -> Result<SnapshotSummary, StoreError> {
-    let tables = Tables::open(path, options)?;
-    let counters = tables.init()?;
-    let mut engine = Engine { tables, counters };
-    let summary = apply_snapshot_locked(&mut engine, input, Apply::Restore)?;
-    engine
-        .tables
-        .db
-        .persist(PersistMode::SyncAll)
-        .ctx("migrate: sync journal")?;
-    Ok(summary.snapshot)
 }
 
 #[cfg(test)]
