@@ -141,8 +141,10 @@ impl<'t> Writer<'t> {
     }
 
     /// Commits what is batched so far (with the counters) and starts a new batch; a
-    /// restore does this every [`RESTORE_CHUNK_RECORDS`] records so that its memory
-    /// stays bounded (see [`apply_snapshot_locked`] for how it stays all-or-nothing).
+    /// restore does this every [`RESTORE_CHUNK_RECORDS`](super::snapshot) records so
+    /// that its memory stays bounded (see
+    /// [`apply_snapshot_locked`](super::snapshot::apply_snapshot_locked) for how it stays
+    /// all-or-nothing).
     pub(crate) fn commit_batch(&mut self, durability: PersistMode) -> Result<(), StoreError> {
         if !self.dirty {
             return Ok(());
