@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, LocalSessions};
 use crate::config::{Config, StorageSettings};
 use crate::metrics::{Metrics, OpErrorLabel, OpLabel};
 use crate::store::{
@@ -269,6 +269,17 @@ impl Shared {
     }
 }
 
+/// What peer links wake: this relay's sessions.
+impl LocalSessions for Shared {
+    fn wake(&self, key: &crate::protocol::KeyHex) {
+        self.wake_local(key);
+    }
+
+    fn wake_all(&self) {
+        self.sessions.wake_all();
+    }
+}
+
 /// A bound, not yet running relay.
 pub struct Relay {
     shared: Arc<Shared>,
@@ -418,7 +429,16 @@ impl Relay {
         });
         let expiry = tokio::spawn(expiry_loop(shared.clone(), background.clone()));
         let load = tokio::spawn(overload::monitor(shared.clone(), background.clone()));
-        let cluster = crate::cluster::start(shared.clone(), extra_peers, background.clone());
+        let peers = shared
+            .cfg
+            .peers
+            .iter()
+            .cloned()
+            .chain(extra_peers)
+            .collect();
+        let cluster = shared
+            .cluster
+            .start(peers, shared.cfg.peer_dns.clone(), background.clone());
 
         tokio::select! {
             _ = shutdown => {}
