@@ -3,7 +3,8 @@
 
 use clap::Parser;
 use dchat_relay::config::{Cli, Config, StorageSettings};
-use dchat_relay::server::Relay;
+use dchat_relay::server::{Relay, ServerError};
+use dchat_relay::store::StoreError;
 
 /// jemalloc instead of glibc's malloc: the relay allocates and frees small buffers at a
 /// high rate on its runtime threads while the store's writer thread frees the storage
@@ -38,11 +39,22 @@ fn main() -> std::process::ExitCode {
     };
     match rt.block_on(run(cfg)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Not `{e:#}`: the relay's errors already name their cause in their message,
+        // so the alternate form would print every cause twice.
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("dchat-relay: {e:#}");
-            std::process::ExitCode::from(1)
+            tracing::error!("{e}");
+            eprintln!("dchat-relay: {e}");
+            std::process::ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// 2 for a data directory this release refuses to read (invalid input, like an invalid
+/// setting), 1 for every other failure.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<ServerError>() {
+        Some(ServerError::Store(StoreError::PreReleaseData { .. })) => 2,
+        _ => 1,
     }
 }
 

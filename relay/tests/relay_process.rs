@@ -1,5 +1,5 @@
-//! The real `dchat-relay` and `dchat` binaries as processes: configuration errors,
-//! default data directory, SIGTERM drain, kill -9 durability, and the smoke command.
+//! The real `dchat-relay` and `dchat` binaries as processes: configuration errors, a
+//! pre-release data directory, the default data directory, SIGTERM drain, kill -9 durability, and the smoke command.
 
 #[path = "support/tempdir.rs"]
 mod tempdir;
@@ -127,6 +127,39 @@ fn invalid_configuration_exits_2_naming_the_setting() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(var), "{var}: {err}");
     }
+}
+
+/// A data directory written by a pre-release build (its `dchat.redb`) is refused at
+/// startup with one message saying so, exit code 2, and nothing written beside it.
+#[test]
+fn a_data_directory_of_a_pre_release_build_exits_2() {
+    let dir = TempDir::new("proc-pre-release");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("dchat.redb"), b"written by a development build").unwrap();
+    let out = relay_cmd(dir.path())
+        .env("DCHAT_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line: {err}");
+    for part in [
+        "dchat-relay: ",
+        data.to_str().unwrap(),
+        "dchat.redb",
+        "written by a pre-release build of dchat-relay",
+        "not supported",
+    ] {
+        assert_eq!(lines[0].matches(part).count(), 1, "{part:?} once: {err}");
+    }
+    let mut left: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["dchat.redb"], "nothing created beside it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -810,45 +810,31 @@ mod store_embedded_snapshot {
         }
     }
 
-    /// A database file of the previous engine with an unknown layout is refused by the
-    /// migration, naming the field, and nothing is created beside it.
+    /// A data directory written by a pre-release build (it holds `dchat.redb`) is
+    /// refused with its own error, and nothing is created beside the old file.
     #[test]
-    fn a_legacy_file_of_another_layout_version_is_refused() {
-        let dir = TempDir::new("old-layout");
-        {
-            let db = redb::Database::create(dir.path().join("dchat.redb")).unwrap();
-            let txn = db.begin_write().unwrap();
-            {
-                let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-                let mut t = txn.open_table(meta).unwrap();
-                t.insert("schema_version", 1).unwrap();
-            }
-            txn.commit().unwrap();
-        }
+    fn a_data_directory_of_a_pre_release_build_is_refused() {
+        let dir = TempDir::new("pre-release");
+        std::fs::write(dir.path().join("dchat.redb"), vec![0xA5; 64 * 1024]).unwrap();
         let err = EmbeddedStore::open(dir.path()).unwrap_err();
         match &err {
-            StoreError::Corrupt { table, reason } => {
-                assert_eq!(*table, "meta");
-                assert!(reason.contains("schema_version 1"), "{reason}");
+            StoreError::PreReleaseData { dir: d, file } => {
+                assert_eq!(d, dir.path());
+                assert_eq!(*file, "dchat.redb");
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(err.metric_label(), "pre_release_data");
+        assert!(err.to_string().contains("pre-release build"), "{err}");
         assert!(!dir.path().join(store::STORE_DIR_NAME).exists());
         assert!(
             dir.path().join("dchat.redb").exists(),
-            "the old file is untouched"
+            "the file is untouched"
         );
     }
 
     #[test]
     fn a_corrupt_database_is_a_typed_error() {
-        let dir = TempDir::new("corrupt-file");
-        std::fs::write(dir.path().join("dchat.redb"), vec![0xA5; 64 * 1024]).unwrap();
-        let err = EmbeddedStore::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StoreError::LegacyOpen { .. }), "{err:?}");
-        assert_eq!(err.metric_label(), "legacy_open");
-        assert!(err.to_string().contains("dchat.redb"), "{err}");
-
         let dir = TempDir::new("corrupt-store");
         {
             EmbeddedStore::open(dir.path()).unwrap();

@@ -192,10 +192,9 @@ fn relay_container(cluster: &DchatCluster, slot: Slot) -> Container {
         // reachable and it is not draining.
         liveness_probe: Some(http_probe("/health", 10, 3)),
         readiness_probe: Some(http_probe("/ready", 5, 2)),
-        // The relay answers only once its storage is open, which can mean replaying the
-        // embedded store's journal or migrating a store of an older engine (minutes for
-        // millions of messages, docs/storage.md): allow 15 minutes, still checked
-        // every 2 s so that a normal start is seen at once.
+        // The relay answers only once its storage is open, which for the embedded store
+        // means replaying its journal first (docs/storage.md): allow 15 minutes, still
+        // checked every 2 s so that a normal start is seen at once.
         startup_probe: Some(http_probe("/health", 2, STARTUP_PROBE_FAILURES)),
         resources: Some(resources(&spec.resources.requests, &spec.resources.limits)),
         security_context: Some(SecurityContext {
@@ -463,7 +462,7 @@ mod tests {
         assert_eq!(path(&c.liveness_probe).as_deref(), Some("/health"));
         assert_eq!(path(&c.readiness_probe).as_deref(), Some("/ready"));
         assert_eq!(path(&c.startup_probe).as_deref(), Some("/health"));
-        // Long enough for a journal replay or a store migration before liveness applies.
+        // Long enough for a journal replay before liveness applies.
         let startup = c.startup_probe.as_ref().unwrap();
         let allowed = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
         assert!(allowed >= 600, "startup probe allows only {allowed} s");

@@ -11,16 +11,19 @@
 //! Peers come from `DCHAT_PEERS` (static URLs) and/or `DCHAT_PEER_DNS` (the headless
 //! Service name, re-resolved every [`DNS_INTERVAL`]). Links to oneself are refused
 //! by instance id.
+//!
+//! This module does not know the server: the server holds a [`Cluster`], starts its
+//! links ([`Cluster::start`]), serves the `/v1/peer` endpoint and hands each accepted
+//! link to [`Cluster::serve_peer`] together with its sessions, seen only through
+//! [`LocalSessions`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::ws::{Message as WsMessage, WebSocket};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -31,7 +34,6 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::protocol::KeyHex;
-use crate::server::Shared;
 
 /// How often the peer DNS name is re-resolved.
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
@@ -53,7 +55,19 @@ pub enum PeerFrame {
     WakeAll,
 }
 
-/// Sending side of the wake notices.
+/// What peer links ask of the relay they run in: waking its sessions, which then read
+/// their stored messages.
+pub trait LocalSessions: Send + Sync {
+    /// Stored messages are waiting for `key`: wake its session here, if there is one.
+    fn wake(&self, key: &KeyHex);
+    /// Notices may have been lost: every session here re-checks storage.
+    fn wake_all(&self);
+}
+
+/// The peer links of one relay: the sending side of the wake notices, the links it
+/// starts ([`Cluster::start`]) and those it serves ([`Cluster::serve_peer`]). Cheap to
+/// clone (each outgoing link holds one).
+#[derive(Clone)]
 pub struct Cluster {
     tx: broadcast::Sender<KeyHex>,
     instance_id: String,
@@ -77,145 +91,123 @@ impl Cluster {
             self.metrics.peer_wakes_sent.inc();
         }
     }
-}
 
-/// Query of the peer endpoint.
-#[derive(Deserialize)]
-pub struct PeerQuery {
-    /// Instance id of the connecting relay.
-    #[serde(default)]
-    instance: String,
-}
-
-/// `GET /v1/peer`: accepts a link from another relay.
-pub async fn peer_upgrade(
-    State(shared): State<Arc<Shared>>,
-    Query(q): Query<PeerQuery>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    if q.instance == shared.instance_id {
-        return (StatusCode::CONFLICT, "this is me\n").into_response();
-    }
-    if !shared.accepting() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
-    }
-    // Peer links count against the same connection cap as clients, so the endpoint
-    // cannot be used to exhaust memory.
-    let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
-    };
-    let token = shared.tracker.token();
-    crate::server::http::configure_ws(ws, 1 << 20).on_upgrade(move |socket| async move {
-        let _permit = permit;
-        let _token = token;
-        serve_peer(shared, socket, q.instance).await;
-    })
-}
-
-async fn serve_peer(shared: Arc<Shared>, mut ws: WebSocket, from: String) {
-    info!(peer = %from, "peer link accepted");
-    // Notices sent while no link existed are lost: have every session re-check.
-    shared.sessions.wake_all();
-    let stop = shared.shutdown.clone();
-    // `wake_all` makes every session re-read storage: it is honoured at most once a
-    // second per link (a later one is deferred, never dropped), so a misbehaving peer
-    // cannot turn it into a read storm.
-    let mut last_wake_all: Option<Instant> = None;
-    let mut deferred: Option<Instant> = None;
-    loop {
-        let msg = tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = async { tokio::time::sleep_until(deferred.unwrap_or_else(Instant::now)).await }, if deferred.is_some() => {
-                deferred = None;
-                last_wake_all = Some(Instant::now());
-                shared.sessions.wake_all();
-                continue;
-            }
-            m = ws.recv() => m,
-        };
-        let text = match msg {
-            Some(Ok(WsMessage::Text(t))) => t,
-            Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
-            Some(Ok(_)) => continue,
-        };
-        match serde_json::from_str::<PeerFrame>(text.as_str()) {
-            Ok(PeerFrame::Wake { keys }) => {
-                shared.metrics.peer_wakes_received.inc_by(keys.len() as u64);
-                for k in keys {
-                    shared.wake_local(&k);
-                }
-            }
-            Ok(PeerFrame::WakeAll) => {
-                let now = Instant::now();
-                match last_wake_all {
-                    Some(t) if now.duration_since(t) < WAKE_ALL_INTERVAL => {
-                        deferred.get_or_insert(t + WAKE_ALL_INTERVAL);
-                    }
-                    _ => {
-                        last_wake_all = Some(now);
-                        shared.sessions.wake_all();
-                    }
-                }
-            }
-            Err(e) => debug!(peer = %from, error = %e, "bad peer frame ignored"),
-        }
-    }
-    let _ = ws.send(WsMessage::Close(None)).await;
-    info!(peer = %from, "peer link closed");
-}
-
-/// Starts the link manager (static peers and DNS discovery).
-pub fn start(
-    shared: Arc<Shared>,
-    extra_peers: Vec<String>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for url in shared.cfg.peers.iter().cloned().chain(extra_peers) {
-            tokio::spawn(link(shared.clone(), url, stop.child_token()));
-        }
-        let Some(name) = shared.cfg.peer_dns.clone() else {
-            return;
-        };
-        let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
-        let mut tick = tokio::time::interval(DNS_INTERVAL);
+    /// Serves one link accepted from the relay `from` (`GET /v1/peer`): wakes the sessions
+    /// of `local` that its notices name, until `stop` is cancelled or the link closes.
+    pub async fn serve_peer(
+        &self,
+        mut ws: WebSocket,
+        from: String,
+        local: &impl LocalSessions,
+        stop: CancellationToken,
+    ) {
+        info!(peer = %from, "peer link accepted");
+        // Notices sent while no link existed are lost: have every session re-check.
+        local.wake_all();
+        // `wake_all` makes every session re-read storage: it is honoured at most once a
+        // second per link (a later one is deferred, never dropped), so a misbehaving peer
+        // cannot turn it into a read storm.
+        let mut last_wake_all: Option<Instant> = None;
+        let mut deferred: Option<Instant> = None;
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(name.as_str()).await {
-                Ok(a) => a.collect(),
-                Err(e) => {
-                    debug!(name = %name, error = %e, "peer DNS lookup failed");
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = async { tokio::time::sleep_until(deferred.unwrap_or_else(Instant::now)).await }, if deferred.is_some() => {
+                    deferred = None;
+                    last_wake_all = Some(Instant::now());
+                    local.wake_all();
                     continue;
                 }
+                m = ws.recv() => m,
             };
-            links.retain(|addr, tok| {
-                let keep = addrs.contains(addr);
-                if !keep {
-                    tok.cancel();
+            let text = match msg {
+                Some(Ok(WsMessage::Text(t))) => t,
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => continue,
+            };
+            match serde_json::from_str::<PeerFrame>(text.as_str()) {
+                Ok(PeerFrame::Wake { keys }) => {
+                    self.metrics.peer_wakes_received.inc_by(keys.len() as u64);
+                    for k in keys {
+                        local.wake(&k);
+                    }
                 }
-                keep
-            });
-            for a in addrs {
-                links.entry(a).or_insert_with(|| {
-                    let tok = stop.child_token();
-                    tokio::spawn(link(shared.clone(), format!("ws://{a}"), tok.clone()));
-                    tok
-                });
+                Ok(PeerFrame::WakeAll) => {
+                    let now = Instant::now();
+                    match last_wake_all {
+                        Some(t) if now.duration_since(t) < WAKE_ALL_INTERVAL => {
+                            deferred.get_or_insert(t + WAKE_ALL_INTERVAL);
+                        }
+                        _ => {
+                            last_wake_all = Some(now);
+                            local.wake_all();
+                        }
+                    }
+                }
+                Err(e) => debug!(peer = %from, error = %e, "bad peer frame ignored"),
             }
         }
-    })
+        let _ = ws.send(WsMessage::Close(None)).await;
+        info!(peer = %from, "peer link closed");
+    }
+
+    /// Starts the link manager: a link to each of `peers` (base URLs) and, with
+    /// `peer_dns`, to every address the name resolves to (re-resolved every
+    /// [`DNS_INTERVAL`]).
+    pub fn start(
+        &self,
+        peers: Vec<String>,
+        peer_dns: Option<String>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            for url in peers {
+                tokio::spawn(link(cluster.clone(), url, stop.child_token()));
+            }
+            let Some(name) = peer_dns else {
+                return;
+            };
+            let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+            let mut tick = tokio::time::interval(DNS_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(name.as_str()).await {
+                    Ok(a) => a.collect(),
+                    Err(e) => {
+                        debug!(name = %name, error = %e, "peer DNS lookup failed");
+                        continue;
+                    }
+                };
+                links.retain(|addr, tok| {
+                    let keep = addrs.contains(addr);
+                    if !keep {
+                        tok.cancel();
+                    }
+                    keep
+                });
+                for a in addrs {
+                    links.entry(a).or_insert_with(|| {
+                        let tok = stop.child_token();
+                        tokio::spawn(link(cluster.clone(), format!("ws://{a}"), tok.clone()));
+                        tok
+                    });
+                }
+            }
+        })
+    }
 }
 
 /// One outgoing link: connects, forwards wake notices, reconnects with backoff.
-async fn link(shared: Arc<Shared>, base: String, stop: CancellationToken) {
-    let url = format!("{base}/v1/peer?instance={}", shared.cluster.instance_id);
+async fn link(cluster: Cluster, base: String, stop: CancellationToken) {
+    let url = format!("{base}/v1/peer?instance={}", cluster.instance_id);
     let mut backoff = Duration::from_millis(100);
     loop {
         // Subscribe before connecting so nothing sent during the handshake is missed.
-        let mut rx = shared.cluster.tx.subscribe();
+        let mut rx = cluster.tx.subscribe();
         let conn = tokio::select! {
             _ = stop.cancelled() => return,
             c = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true) => c,
@@ -224,9 +216,9 @@ async fn link(shared: Arc<Shared>, base: String, stop: CancellationToken) {
             Ok((mut ws, _)) => {
                 backoff = Duration::from_millis(100);
                 info!(peer = %base, "peer link up");
-                shared.metrics.peer_links.inc();
+                cluster.metrics.peer_links.inc();
                 let r = forward(&mut ws, &mut rx, &stop).await;
-                shared.metrics.peer_links.dec();
+                cluster.metrics.peer_links.dec();
                 let _ = ws.close(None).await;
                 if r.is_ok() {
                     return;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +27,7 @@ const WRITE_BUFFER: usize = 8192;
 pub fn client_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/ws", get(ws_upgrade))
-        .route("/v1/peer", get(crate::cluster::peer_upgrade))
+        .route("/v1/peer", get(peer_upgrade))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(shared)
@@ -112,5 +112,42 @@ async fn ws_upgrade(
         let _permit = permit;
         let _token = token;
         connection::run(shared, socket, peer).await;
+    })
+}
+
+/// Query of the peer endpoint.
+#[derive(serde::Deserialize)]
+struct PeerQuery {
+    /// Instance id of the connecting relay.
+    #[serde(default)]
+    instance: String,
+}
+
+/// `GET /v1/peer`: accepts a link from another relay; the cluster serves it.
+async fn peer_upgrade(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<PeerQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if q.instance == shared.instance_id {
+        return (StatusCode::CONFLICT, "this is me\n").into_response();
+    }
+    if !shared.accepting() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    // Peer links count against the same connection cap as clients, so the endpoint
+    // cannot be used to exhaust memory.
+    let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    };
+    let token = shared.tracker.token();
+    configure_ws(ws, 1 << 20).on_upgrade(move |socket| async move {
+        let _permit = permit;
+        let _token = token;
+        let stop = shared.shutdown.clone();
+        shared
+            .cluster
+            .serve_peer(socket, q.instance, &*shared, stop)
+            .await;
     })
 }

@@ -3,13 +3,36 @@
 //!
 //! [`Relay::bind`] opens storage and binds both ports; [`Relay::run`] serves until
 //! the shutdown future resolves, then drains (see `docs/relay.md`).
+//!
+//! The files, from the listener inwards:
+//! - this file: [`Relay`] (bind, run, drain), [`Shared`] (the state every connection
+//!   and endpoint shares) and the timed storage calls on it;
+//! - `http.rs`, `admin.rs`: the HTTP routes of both ports and the admin API;
+//! - `connection.rs`: one client connection: socket writes and flushes, rate limit,
+//!   the challenge/response handshake, the close;
+//! - `session.rs`: the authenticated session: taking over from an earlier session of
+//!   the key, the event loop, the dispatch of each request;
+//! - `delivery.rs`: deliveries to the session's client: the in-flight window, live
+//!   pushes, the stored-message pump, acks, storing what is left in flight at the end;
+//! - `send.rs`: the `send` request: routing, waiting for room, batched stores, answers;
+//! - `requests.rs`: join/leave and profile publish/get;
+//! - `fan_out.rs`: a routed message beyond the sender's session: channel fan-out,
+//!   stored copies, sends recorded in a shared store, wake-ups here and on peers;
+//! - `router.rs`: live sessions by key and their push queues, the recent-id cache,
+//!   the channel member cache;
+//! - `overload.rs`, `limits.rs`: load shedding and the per-connection token bucket.
 
 pub mod admin;
 pub mod connection;
+mod delivery;
+pub mod fan_out;
 pub mod http;
 pub mod limits;
 pub mod overload;
+mod requests;
 pub mod router;
+mod send;
+mod session;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, LocalSessions};
 use crate::config::{Config, StorageSettings};
 use crate::metrics::{Metrics, OpErrorLabel, OpLabel};
 use crate::store::{
@@ -246,6 +269,17 @@ impl Shared {
     }
 }
 
+/// What peer links wake: this relay's sessions.
+impl LocalSessions for Shared {
+    fn wake(&self, key: &crate::protocol::KeyHex) {
+        self.wake_local(key);
+    }
+
+    fn wake_all(&self) {
+        self.sessions.wake_all();
+    }
+}
+
 /// A bound, not yet running relay.
 pub struct Relay {
     shared: Arc<Shared>,
@@ -395,7 +429,16 @@ impl Relay {
         });
         let expiry = tokio::spawn(expiry_loop(shared.clone(), background.clone()));
         let load = tokio::spawn(overload::monitor(shared.clone(), background.clone()));
-        let cluster = crate::cluster::start(shared.clone(), extra_peers, background.clone());
+        let peers = shared
+            .cfg
+            .peers
+            .iter()
+            .cloned()
+            .chain(extra_peers)
+            .collect();
+        let cluster = shared
+            .cluster
+            .start(peers, shared.cfg.peer_dns.clone(), background.clone());
 
         tokio::select! {
             _ = shutdown => {}

@@ -15,14 +15,17 @@ pub enum StoreError {
         #[source]
         source: fjall::Error,
     },
-    /// A database file of the previous embedded engine (being migrated) could not be opened.
-    #[error("opening embedded store {path} (previous engine, for migration): {source}")]
-    LegacyOpen {
-        /// The database file.
-        path: PathBuf,
-        /// Why redb refused it (I/O, corruption, version).
-        #[source]
-        source: redb::DatabaseError,
+    /// The data directory was written by a pre-release build of the relay (it holds that
+    /// build's database file). 0.1.0 is the first release; it reads no earlier layout.
+    #[error(
+        "data directory {dir} was written by a pre-release build of dchat-relay ({file}) \
+         and is not supported: start the relay on an empty data directory"
+    )]
+    PreReleaseData {
+        /// The data directory.
+        dir: PathBuf,
+        /// The file that gave it away.
+        file: &'static str,
     },
     /// A filesystem operation outside the engine failed (e.g. creating the data directory).
     #[error("{op} {path}: {source}")]
@@ -43,15 +46,6 @@ pub enum StoreError {
         /// The engine error.
         #[source]
         source: fjall::Error,
-    },
-    /// Reading the previous engine's database (during migration) failed.
-    #[error("embedded store (previous engine) {op}: {source}")]
-    Legacy {
-        /// The operation and table, e.g. "snapshot: scan inbox".
-        op: &'static str,
-        /// The redb error.
-        #[source]
-        source: redb::Error,
     },
     /// A stored record could not be decoded: the file is corrupt or was written by an
     /// incompatible version.
@@ -185,9 +179,8 @@ impl StoreError {
         match self {
             StoreError::Open { .. } => "open",
             StoreError::Io { .. } => "io",
-            StoreError::LegacyOpen { .. } => "legacy_open",
+            StoreError::PreReleaseData { .. } => "pre_release_data",
             StoreError::Embedded { .. } => "embedded",
-            StoreError::Legacy { .. } => "legacy",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::Postgres { .. } => "postgres",
             StoreError::Pool { .. } => "pool",

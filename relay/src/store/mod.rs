@@ -15,7 +15,6 @@
 mod codec;
 mod embedded;
 mod error;
-mod legacy;
 mod postgres;
 mod snapshot;
 
@@ -257,8 +256,8 @@ pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
-/// Opens the embedded store on the blocking pool: opening may replay the journal or
-/// migrate an old data directory, which must not stall the runtime.
+/// Opens the embedded store on the blocking pool: opening may replay the journal, which
+/// must not stall the runtime.
 pub async fn open_embedded(
     dir: &std::path::Path,
     options: &EmbeddedOptions,

@@ -7,15 +7,14 @@
 //! and [`apply_snapshot`] loads one into the embedded store in a single atomic batch
 //! that is committed only after the counts and the checksum were verified. The byte
 //! layout is documented in docs/storage.md ("Snapshot format"); it does not depend on
-//! the storage engine, which is how a data directory of the previous engine is migrated.
+//! the storage engine.
 
 use std::io::{Read, Write};
 
 use sha2::{Digest, Sha256};
 
 use super::codec::{
-    decode_message, dedup_key, message_key, put_bytes, split_dedup_key, split_dedup_value,
-    split_member_key, Reader, INBOX_DEDUP, INBOX_MESSAGE,
+    decode_message, dedup_key, put_bytes, split_dedup_key, split_member_key, Reader, INBOX_MESSAGE,
 };
 use super::embedded::Writer;
 use super::{validate_channel, PublicKey, StoreError, StoredMessage};
@@ -248,24 +247,6 @@ pub(crate) fn seq_of_message_key(k: &[u8]) -> Result<u64, StoreError> {
             table: "inbox",
             reason: format!("message key of {} bytes", k.len()),
         })
-}
-
-/// For an inbox entry: `Some((seq, expires))` if it is a dedup entry whose message is
-/// gone (acknowledged) according to `live`; `None` for a live dedup entry or a message.
-pub(crate) fn tombstone_of(
-    k: &[u8],
-    v: &[u8],
-    live: impl FnOnce(&[u8; 41]) -> Result<bool, StoreError>,
-) -> Result<Option<(u64, i64)>, StoreError> {
-    if k.get(32) != Some(&INBOX_DEDUP) {
-        return Ok(None);
-    }
-    let (seq, expires) = split_dedup_value(v).map_err(corrupt("inbox"))?;
-    let recipient: [u8; 32] = k[..32].try_into().map_err(|_| StoreError::Corrupt {
-        table: "inbox",
-        reason: "short dedup key".into(),
-    })?;
-    Ok((!live(&message_key(&recipient, seq))?).then_some((seq, expires)))
 }
 
 /// Whether an inbox key is a message entry (as opposed to a dedup entry).
