@@ -12,6 +12,9 @@ use crate::api::{DchatCluster, Slot};
 
 /// Field manager of every server-side apply the operator sends.
 pub const FIELD_MANAGER: &str = "dchat-operator";
+/// Field manager of the restore drill's result on a DchatBackup's status (apart from the
+/// backup controller's own status fields, so neither removes the other's).
+pub const FIELD_MANAGER_VERIFY: &str = "dchat-operator-verify";
 /// Field manager of the `dchat-operator promote` / `abort` commands' annotation patches.
 pub const CLI_FIELD_MANAGER: &str = "dchat-operator-cli";
 /// Value of `app.kubernetes.io/name` on every object.

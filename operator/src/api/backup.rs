@@ -153,6 +153,15 @@ fn default_snapshot_prefix() -> String {
     "dchat".to_string()
 }
 
+/// Restore drills: the newest Completed backup restored into a scratch store and checked.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifySpec {
+    /// When to run a drill (5-field cron, UTC, e.g. `0 3 * * 0`).
+    #[schemars(regex(pattern = CRON_PATTERN))]
+    pub schedule: String,
+}
+
 /// `spec.backup`: scheduled and on-demand backups of the relay store.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -177,6 +186,9 @@ pub struct BackupSpec {
     /// switch; a failed backup fails the rollout (traffic never moves).
     #[serde(default)]
     pub before_rollout: bool,
+    /// Restore drills of the newest Completed backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySpec>,
 }
 
 /// What happens to a backup's data when its DchatBackup is deleted by hand.
@@ -333,9 +345,33 @@ pub struct DchatBackupStatus {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The last restore drill of this backup (`spec.backup.verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
     /// `Ready` (True once Completed) and `Failed`-style details, kstatus-compatible.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The result of a restore drill.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
+    /// The DchatBackup restored.
+    pub backup: String,
+    /// When the drill ended.
+    pub verified_at: Time,
+    /// Whether the download, checksum, counts and scratch restore all passed.
+    pub passed: bool,
+    /// Seconds the download and scratch restore took (the measured restore time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_seconds: Option<f64>,
+    /// What the scratch store held after the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BackupCounts>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Backups in a DchatCluster's status.
@@ -360,6 +396,15 @@ pub struct ClusterBackupStatus {
     /// When the schedule creates the next backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_scheduled_at: Option<Time>,
+    /// The last restore drill (`spec.backup.verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verification: Option<Verification>,
+    /// When the drill schedule last fired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_schedule_time: Option<Time>,
+    /// The drill's Job while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_job: Option<String>,
 }
 
 /// A DchatBackup by name.

@@ -17,6 +17,7 @@ pub use backup::{
 };
 pub use backup::{
     BackupReference, BootstrapSpec, RecoverySource, RecoverySpec, RestorePhase, RestoreStatus,
+    Verification, VerifySpec,
 };
 pub use validate::{validate, FieldError, ValidationErrors};
 

@@ -168,7 +168,13 @@ pub fn validate(spec: &DchatClusterSpec) -> Result<(), ValidationErrors> {
     }
 
     if let Some(backup) = &spec.backup {
-        for (path, schedule) in [("spec.backup.schedule", backup.schedule.as_ref())] {
+        for (path, schedule) in [
+            ("spec.backup.schedule", backup.schedule.as_ref()),
+            (
+                "spec.backup.verify.schedule",
+                backup.verify.as_ref().map(|v| &v.schedule),
+            ),
+        ] {
             if let Some(Err(e)) = schedule.map(|s| s.parse::<crate::backup::cron::Cron>()) {
                 fail(path, e.to_string());
             }

@@ -8,7 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::cron::Cron;
-use crate::api::{BackupPhase, ClusterBackupStatus, DchatBackup};
+use crate::api::{BackupPhase, ClusterBackupStatus, DchatBackup, Verification};
 
 /// Reasons of the `BackupHealthy` condition.
 pub mod reason {
@@ -20,6 +20,8 @@ pub mod reason {
     pub const LAST_BACKUP_FAILED: &str = "LastBackupFailed";
     /// No backup completed within twice the schedule's interval.
     pub const TOO_OLD: &str = "TooOld";
+    /// The last restore drill of the newest Completed backup failed.
+    pub const VERIFICATION_FAILED: &str = "VerificationFailed";
 }
 
 /// The `BackupHealthy` condition: status, reason, message.
@@ -89,13 +91,19 @@ pub fn summary(
         first_recoverability_point: completed.first().and_then(|b| taken_at(b)).map(Time),
         last_schedule_time: last_schedule_time.map(Time),
         next_scheduled_at: next_scheduled_at.map(Time),
+        ..ClusterBackupStatus::default()
     }
 }
 
 /// The `BackupHealthy` condition: the newest finished backup failed → unhealthy; no
 /// Completed backup yet → unhealthy (`NoBackupYet`); with a schedule, none Completed
 /// within twice its interval → unhealthy (`TooOld`).
-pub fn health(backups: &[DchatBackup], schedule: Option<&Cron>, now: Timestamp) -> Health {
+pub fn health(
+    backups: &[DchatBackup],
+    schedule: Option<&Cron>,
+    last_verification: Option<&Verification>,
+    now: Timestamp,
+) -> Health {
     let mut finished: Vec<&DchatBackup> = backups
         .iter()
         .filter(|b| matches!(phase(b), BackupPhase::Completed | BackupPhase::Failed))
@@ -124,6 +132,17 @@ pub fn health(backups: &[DchatBackup], schedule: Option<&Cron>, now: Timestamp) 
             message: "no backup has completed yet".into(),
         };
     };
+    if let Some(v) = last_verification.filter(|v| !v.passed && v.backup == newest.name_any()) {
+        return Health {
+            healthy: false,
+            reason: reason::VERIFICATION_FAILED,
+            message: format!(
+                "the restore drill of backup {} failed: {}",
+                v.backup,
+                v.error.as_deref().unwrap_or("no reason given")
+            ),
+        };
+    }
     let when = taken_at(newest).unwrap_or(now);
     if let Some(every) = schedule.and_then(interval) {
         let age = now.duration_since(when).unsigned_abs();
@@ -200,13 +219,24 @@ mod tests {
                 reason::TOO_OLD,
             ),
         ] {
-            let h = health(&backups, Some(&six_hourly), now);
+            let h = health(&backups, Some(&six_hourly), None, now);
             assert_eq!(h.reason, expected, "{name}: {h:?}");
             assert_eq!(h.healthy, expected == reason::HEALTHY, "{name}");
         }
         // On demand only: age alone is no problem.
-        assert!(health(std::slice::from_ref(&old), None, now).healthy);
-        let failed_message = health(&[failed], None, now).message;
+        assert!(health(std::slice::from_ref(&old), None, None, now).healthy);
+        let failed_message = health(&[failed], None, None, now).message;
+        let drill = Verification {
+            backup: "a".into(),
+            verified_at: Time(now),
+            passed: false,
+            restore_seconds: None,
+            counts: None,
+            error: Some("sha256 mismatch".into()),
+        };
+        let h = health(std::slice::from_ref(&ok), None, Some(&drill), now);
+        assert_eq!(h.reason, reason::VERIFICATION_FAILED);
+        assert!(h.message.contains("sha256 mismatch"));
         assert!(failed_message.contains("access denied"), "{failed_message}");
     }
 

@@ -342,6 +342,62 @@ pub fn restore_job(request: &RestoreRequest<'_>) -> Job {
     job
 }
 
+/// What `dchat backup verify` (a restore drill) is told.
+#[derive(Clone, Debug)]
+pub struct DrillRequest<'a> {
+    /// The cluster, for its image, identity and destination.
+    pub cluster: &'a DchatCluster,
+    /// The backup drilled (owns the Job).
+    pub backup: &'a DchatBackup,
+    /// Relay version whose image runs the command.
+    pub version: &'a str,
+    /// `<namespace>/<cluster>/<backup>`.
+    pub backup_path: &'a str,
+    /// Where the scratch store goes.
+    pub scratch_dir: &'a str,
+    /// The drill's scheduled time, which makes the Job's name unique.
+    pub stamp: &'a str,
+}
+
+/// The `dchat backup verify` Job of a restore drill: download, check, restore into a
+/// scratch store, compare counts. Not retried: a failed drill is a result.
+pub fn drill_job(request: &DrillRequest<'_>) -> Option<Job> {
+    let cluster = request.cluster;
+    let spec = cluster.spec.backup.as_ref()?;
+    let backup = request.backup.name_any();
+    let mut command = vec![
+        DCHAT.to_string(),
+        "backup".to_string(),
+        "verify".to_string(),
+        "--backup-path".to_string(),
+        request.backup_path.to_string(),
+        "--scratch-dir".to_string(),
+        request.scratch_dir.to_string(),
+    ];
+    command.extend(s3_args(&spec.destination));
+    let mut job = tool_job(
+        cluster,
+        ToolJob {
+            name: job_name(&format!("{backup}-{}", request.stamp), "verify"),
+            labels: labels_for(
+                &cluster.name_any(),
+                &backup,
+                "backup-verify",
+                request.version,
+            ),
+            container: "verify",
+            version: request.version,
+            command,
+            env: credentials_env(&spec.destination),
+            backoff_limit: 0,
+            active_deadline_seconds: ACTIVE_DEADLINE_SECONDS,
+        },
+    );
+    owned_by(&mut job, request.backup);
+    as_backup_pod(&mut job, cluster);
+    Some(job)
+}
+
 /// What `dchat backup delete` is told.
 #[derive(Clone, Debug)]
 pub struct DeleteRequest<'a> {

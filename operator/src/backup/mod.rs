@@ -10,3 +10,4 @@ pub mod lifecycle;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+pub mod verify;

@@ -520,3 +520,46 @@ async fn a_new_cluster_restores_its_backup_before_it_serves() {
     .await;
     operator.assert_no_refusals();
 }
+
+/// `spec.backup.verify`: the drill restores the newest Completed backup into a scratch
+/// store; its result lands on the cluster and on the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_drill_records_its_result() {
+    let Some(env) = Env::shared("backup-verify").await else {
+        return;
+    };
+    env.kubelet.set_policy(|pod| match job_name(pod) {
+        Some(job) if job.contains("-verify-") => Fate::Exit(
+            0,
+            r#"{"backup":"x","ok":true,"restoreSeconds":2.5,"counts":{"messages":12,"tombstones":3,"profiles":2,"memberships":5}}"#.into(),
+        ),
+        _ => backups_succeed(pod),
+    });
+    let operator = env.operator().await;
+    env.apply_cluster("chat", &format!("{SPEC}\n").replace("retention:", "verify: {schedule: '* * * * *'}, retention:"))
+        .await
+        .unwrap();
+    env.wait_cluster("chat", "Running", running).await;
+    let backups: Api<DchatBackup> = env.api();
+    backups.create(&PostParams::default(), &on_demand("drilled")).await.unwrap();
+    wait_backup(&env, "drilled", BackupPhase::Completed).await;
+    let cluster = env
+        .wait_cluster("chat", "a passed drill", |c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.backup.as_ref())
+                .and_then(|b| b.last_verification.as_ref())
+                .is_some_and(|v| v.passed && v.backup == "drilled")
+        })
+        .await;
+    let drill = cluster.status.unwrap().backup.unwrap().last_verification.unwrap();
+    assert_eq!(drill.restore_seconds, Some(2.5));
+    let backup = wait_for("the drill on the backup", || async {
+        let b = backups.get("drilled").await.ok()?;
+        b.status.as_ref()?.verification.as_ref()?;
+        Some(b)
+    })
+    .await;
+    assert!(backup.status.unwrap().verification.unwrap().passed);
+    operator.assert_no_refusals();
+}
