@@ -36,8 +36,9 @@ DCHAT_ENVTEST=off scripts/with-postgres.sh scripts/with-moto.sh cargo test --wor
 
 if [ -n "$envtest_dir" ]; then
   echo "==> operator on a real control plane ($envtest_dir)"
+  # --workspace: the same features as the run above, so nothing is rebuilt.
   DCHAT_ENVTEST="$envtest_dir" DCHAT_ENVTEST_REQUIRED=1 \
-    cargo test -p dchat-operator --test envtest -- --test-threads=8
+    cargo test --workspace --test envtest -- --test-threads=8
 else
   echo "==> real control plane tests SKIPPED: no ../shared/envtest/kube-up and DCHAT_ENVTEST is unset (or off)"
 fi
