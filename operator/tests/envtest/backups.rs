@@ -536,12 +536,18 @@ async fn a_restore_drill_records_its_result() {
         _ => backups_succeed(pod),
     });
     let operator = env.operator().await;
-    env.apply_cluster("chat", &format!("{SPEC}\n").replace("retention:", "verify: {schedule: '* * * * *'}, retention:"))
-        .await
-        .unwrap();
+    env.apply_cluster(
+        "chat",
+        &format!("{SPEC}\n").replace("retention:", "verify: {schedule: '* * * * *'}, retention:"),
+    )
+    .await
+    .unwrap();
     env.wait_cluster("chat", "Running", running).await;
     let backups: Api<DchatBackup> = env.api();
-    backups.create(&PostParams::default(), &on_demand("drilled")).await.unwrap();
+    backups
+        .create(&PostParams::default(), &on_demand("drilled"))
+        .await
+        .unwrap();
     wait_backup(&env, "drilled", BackupPhase::Completed).await;
     let cluster = env
         .wait_cluster("chat", "a passed drill", |c| {
@@ -552,7 +558,13 @@ async fn a_restore_drill_records_its_result() {
                 .is_some_and(|v| v.passed && v.backup == "drilled")
         })
         .await;
-    let drill = cluster.status.unwrap().backup.unwrap().last_verification.unwrap();
+    let drill = cluster
+        .status
+        .unwrap()
+        .backup
+        .unwrap()
+        .last_verification
+        .unwrap();
     assert_eq!(drill.restore_seconds, Some(2.5));
     let backup = wait_for("the drill on the backup", || async {
         let b = backups.get("drilled").await.ok()?;

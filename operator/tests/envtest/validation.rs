@@ -45,6 +45,10 @@ const CASES: &[(&str, &str)] = &[
         "destination.s3.kmsKeyId is required when encryption is aws:kms",
     ),
     (
+        "version: '1'\nbootstrap: {recovery: {}}",
+        "bootstrap.recovery needs exactly one of backup",
+    ),
+    (
         "version: '1'\nrollout: {autoPromote: true, autoPromoteAfter: 10m}",
         "rollout.autoPromoteAfter only applies when rollout.autoPromote is false",
     ),
