@@ -202,7 +202,7 @@ pub enum DeletionPolicy {
 }
 
 /// The cluster a backup belongs to.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct ClusterReference {
     /// Name of the DchatCluster in the same namespace.
     #[schemars(
@@ -215,7 +215,7 @@ pub struct ClusterReference {
 /// One backup of one DchatCluster. Creating it takes the backup.
 // Each printer column repeats `type_`, which clippy mistakes for a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "dchat.network",
     version = "v1alpha1",
@@ -226,6 +226,7 @@ pub struct ClusterReference {
     namespaced,
     status = "DchatBackupStatus",
     doc = "One backup of a DchatCluster's relay store (and its RDS snapshot).",
+    derive = "Default",
     printcolumn(
         name = "Cluster",
         type_ = "string",

@@ -141,6 +141,8 @@ impl Harness {
         let mut builder = ClientBuilder::new()
             .with_resource::<DchatCluster>()
             .with_status_subresource::<DchatCluster>()
+            .with_resource::<dchat_operator::api::DchatBackup>()
+            .with_status_subresource::<dchat_operator::api::DchatBackup>()
             .with_status_subresource::<StatefulSet>()
             .with_return_managed_fields()
             .with_interceptor_funcs(funcs);
