@@ -186,12 +186,20 @@ async fn the_schedule_creates_backups() {
     assert_eq!(scheduled.labels()["dchat.network/cluster"], "chat");
     wait_backup(&env, &scheduled.name_any(), BackupPhase::Completed).await;
     let cluster = env
-        .wait_cluster("chat", "the next scheduled time", |c| {
-            c.status
-                .as_ref()
-                .and_then(|s| s.backup.as_ref())
-                .is_some_and(|b| b.next_scheduled_at.is_some() && b.last_schedule_time.is_some())
-        })
+        .wait_cluster(
+            "chat",
+            "the scheduled backup and the next time in status",
+            |c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.backup.as_ref())
+                    .is_some_and(|b| {
+                        b.next_scheduled_at.is_some()
+                            && b.last_schedule_time.is_some()
+                            && b.last_successful_backup.is_some()
+                    })
+            },
+        )
         .await;
     assert!(cluster
         .status
