@@ -28,6 +28,17 @@ pub const SLOT_LABEL: &str = "dchat.network/slot";
 pub const CONFIG_HASH_ANNOTATION: &str = "dchat.network/config-hash";
 /// Finalizer the operator puts on every DchatCluster.
 pub const FINALIZER: &str = "dchat.network/cleanup";
+/// Annotation on a DchatCluster: the value `paused` stops the operator from changing
+/// anything for that cluster (like `spec.paused`); removing it resumes.
+pub const RECONCILE_ANNOTATION: &str = "dchat.network/reconcile";
+/// Value of [`RECONCILE_ANNOTATION`] that pauses reconciliation.
+pub const RECONCILE_PAUSED: &str = "paused";
+/// Annotation on a DchatCluster: `on` hibernates the cluster (like `spec.hibernate`),
+/// `off` or absent wakes it.
+pub const HIBERNATION_ANNOTATION: &str = "dchat.network/hibernation";
+/// Annotation on a DchatCluster: an RFC 3339 time; a value newer than the last one the
+/// operator acted on restarts the relays (like `spec.restartedAt`).
+pub const RESTARTED_AT_ANNOTATION: &str = "dchat.network/restartedAt";
 
 /// What an object is for, as `app.kubernetes.io/component`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
