@@ -6,8 +6,11 @@
 //! - [`procs`]: server processes pinned with `taskset`, CPU and memory sampling.
 //! - [`s3`]: S3 durable offline: pipelined durable sends to offline recipients, drain,
 //!   optional kill -9 of the server with a check that no acknowledged message is lost.
+//! - [`backup`]: `dchat backup create` and `restore` of a filled relay through moto:
+//!   wall time, peak RSS and CPU of the tool, the relay and moto.
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod driver;
 pub mod procs;
 pub mod router;

@@ -305,6 +305,9 @@ struct PutShared {
     url: String,
     recipients: Vec<KeyHex>,
     payload: Vec<u8>,
+    /// Each message gets its own random payload of `payload.len()` bytes (derived from
+    /// its sender and number, so a resend carries the same bytes) instead of `payload`.
+    random_payload: bool,
     window: usize,
     acked: AtomicU64,
     reconnects: AtomicU64,
@@ -434,7 +437,11 @@ async fn write_loop(
             channel: None,
             ts: now_ms(),
             kind: Kind::Text,
-            payload: Base64Bytes(shared.payload.clone()),
+            payload: Base64Bytes(if shared.random_payload {
+                random_bytes(sender, n, shared.payload.len())
+            } else {
+                shared.payload.clone()
+            }),
             media: None,
         };
         serde_json::to_string(&ClientFrame::Send { envelope: env }).ok()
@@ -616,6 +623,19 @@ async fn run_sender(
             }
         }
     }
+}
+
+/// `len` pseudo-random bytes, the same for the same message (`sender`, `n`): incompressible
+/// like the end-to-end encrypted payloads of real clients.
+fn random_bytes(sender: usize, n: usize, len: usize) -> Vec<u8> {
+    let mut rng =
+        crate::driver::Rng::new(((sender as u64) << 40) ^ (n as u64) ^ 0x9e37_79b9_7f4a_7c15);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 fn now_ms() -> i64 {
@@ -814,6 +834,7 @@ async fn run_relay_phases(
         url: url.to_string(),
         recipients: keys.iter().map(public_key).collect(),
         payload: vec![b's'; p.payload],
+        random_payload: false,
         window: p.window,
         acked: AtomicU64::new(0),
         reconnects: AtomicU64::new(0),
@@ -830,34 +851,10 @@ async fn run_relay_phases(
     let cpu0 = relay.pid().map(|pid| procs::cpu_time(Some(pid)));
     let gen0 = procs::cpu_time(None);
     let t0 = Instant::now();
-    let handles: Vec<_> = plan
-        .to
-        .iter()
-        .enumerate()
-        .map(|(s, to)| {
-            tokio::spawn(run_sender(
-                shared.clone(),
-                s,
-                sender_keys[s].clone(),
-                Arc::new(to.clone()),
-                states[s].clone(),
-            ))
-        })
-        .collect();
+    let all_sent = spawn_senders(&shared, &plan, &sender_keys, &states);
     let done = AtomicBool::new(false);
     let senders = async {
-        let mut res = Ok(());
-        for h in handles {
-            let r = h.await.map_err(|e| BenchError::Run {
-                what: "sender task".into(),
-                reason: e.to_string(),
-            });
-            if let Err(e) = r.and_then(|r| r) {
-                if res.is_ok() {
-                    res = Err(e);
-                }
-            }
-        }
+        let res = all_sent.await;
         done.store(true, Ordering::Release);
         res
     };
@@ -921,6 +918,144 @@ async fn run_relay_phases(
     let sender_pubs: Vec<KeyHex> = sender_keys.iter().map(public_key).collect();
     verify(&mut report, &plan, &states, &inboxes, Some(&sender_pubs));
     Ok(report)
+}
+
+/// Starts one task per sender of `plan`; the returned future ends when every sender is
+/// done, with the first error.
+fn spawn_senders(
+    shared: &Arc<PutShared>,
+    plan: &Plan,
+    sender_keys: &[SigningKey],
+    states: &[Arc<Mutex<SenderState>>],
+) -> impl std::future::Future<Output = Result<(), BenchError>> {
+    let handles: Vec<_> = plan
+        .to
+        .iter()
+        .enumerate()
+        .map(|(s, to)| {
+            tokio::spawn(run_sender(
+                shared.clone(),
+                s,
+                sender_keys[s].clone(),
+                Arc::new(to.clone()),
+                states[s].clone(),
+            ))
+        })
+        .collect();
+    async move {
+        let mut res = Ok(());
+        for h in handles {
+            let r = h.await.map_err(|e| BenchError::Run {
+                what: "sender task".into(),
+                reason: e.to_string(),
+            });
+            if let Err(e) = r.and_then(|r| r) {
+                if res.is_ok() {
+                    res = Err(e);
+                }
+            }
+        }
+        res
+    }
+}
+
+/// What [`fill`] stored in a relay: the plan, the keys and the acknowledgements — enough
+/// to check any recipient's inbox later, in that relay or in another one restored from
+/// its backup.
+pub struct Filled {
+    plan: Plan,
+    recipients: Vec<SigningKey>,
+    sender_pubs: Vec<KeyHex>,
+    states: Vec<Arc<Mutex<SenderState>>>,
+    /// The put phase's figures (acknowledged, put seconds and rate, ack latency, CPU).
+    pub report: Report,
+}
+
+/// The put phase of S3 alone: `p.messages` messages to `p.recipients` offline recipients
+/// (spread at random; `drain_*` of `p` should be 0), pipelined by `p.senders` senders,
+/// each message with its own random payload of `p.payload` bytes (incompressible, like
+/// end-to-end encrypted content). `relay_pid` is measured for the CPU column. Fails
+/// unless every message was acknowledged (stored durably) within `p.phase_timeout`.
+pub async fn fill(url: &str, p: &Params, relay_pid: Option<u32>) -> Result<Filled, BenchError> {
+    p.validate()?;
+    let plan = Plan::new(p);
+    let recipients = gen_keys("recipient", p.recipients)?;
+    let sender_keys = gen_keys("sender", p.senders)?;
+    let shared = Arc::new(PutShared {
+        url: url.to_string(),
+        recipients: recipients.iter().map(public_key).collect(),
+        payload: vec![0; p.payload],
+        random_payload: true,
+        window: p.window,
+        acked: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        deadline: Instant::now() + p.phase_timeout,
+    });
+    let states = sender_states(&plan);
+    let mut report = Report {
+        system: "relay".into(),
+        messages: p.messages as u64,
+        ..Report::default()
+    };
+    let cpu0 = relay_pid.map(|pid| (pid, procs::cpu_time(Some(pid))));
+    let gen0 = procs::cpu_time(None);
+    let t0 = Instant::now();
+    spawn_senders(&shared, &plan, &sender_keys, &states).await?;
+    put_figures(&states, t0, gen0, &mut report);
+    report.reconnects = shared.reconnects.load(Ordering::Relaxed);
+    if let Some((pid, c0)) = cpu0 {
+        let used = procs::cpu_time(Some(pid)).saturating_sub(c0);
+        report.server_cpu = Some(used.as_secs_f64() / report.put_secs.max(1e-9));
+    }
+    if report.acked != p.messages as u64 {
+        return Err(BenchError::Run {
+            what: "fill".into(),
+            reason: format!("{} of {} messages acknowledged", report.acked, p.messages),
+        });
+    }
+    Ok(Filled {
+        plan,
+        recipients,
+        sender_pubs: sender_keys.iter().map(public_key).collect(),
+        states,
+        report,
+    })
+}
+
+impl Filled {
+    /// Recipients the messages were spread over.
+    pub fn recipients(&self) -> usize {
+        self.recipients.len()
+    }
+
+    /// Drains (fetch and ack) the inboxes of the first `n` recipients from the relay at
+    /// `url`, `parallel` at a time, and checks them against the plan: every message
+    /// there, once, from its sender, nothing else. The report has `drained`,
+    /// `verified_recipients`, `verified_acked`, `lost`, `duplicates` and `unexpected`.
+    pub async fn check(
+        &self,
+        url: &str,
+        n: usize,
+        parallel: usize,
+        timeout: Duration,
+    ) -> Result<Report, BenchError> {
+        let n = n.min(self.recipients.len());
+        let deadline = Instant::now() + timeout;
+        let inboxes = drain_relay(url, &self.recipients[..n], parallel, deadline).await?;
+        let mut r = Report {
+            system: "relay".into(),
+            drained: inboxes.iter().map(|d| d.len() as u64).sum(),
+            ..Report::default()
+        };
+        verify(
+            &mut r,
+            &self.plan,
+            &self.states,
+            &inboxes,
+            Some(&self.sender_pubs),
+        );
+        Ok(r)
+    }
 }
 
 fn gen_keys(what: &str, n: usize) -> Result<Vec<SigningKey>, BenchError> {

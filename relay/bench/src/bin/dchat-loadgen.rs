@@ -33,6 +33,9 @@ enum Cmd {
     S3(S3Args),
     /// S4: idle authenticated connections on the relay: RSS per connection, connects/s.
     S4(S4Args),
+    /// Backup and restore of a relay filled with stored messages, through
+    /// `dchat backup create|restore` and moto: time, peak RSS and CPU of each side.
+    Backup(BackupArgs),
     /// Runs the bare WebSocket router (used by S1 as the on-box limit).
     Router {
         /// Listen address (127.0.0.1 only for benchmarks).
@@ -250,6 +253,69 @@ struct S3Args {
 }
 
 #[derive(Args)]
+struct BackupArgs {
+    /// Stored messages the source relay is filled with.
+    #[arg(long, default_value = "1000000")]
+    messages: usize,
+    /// Offline recipients the messages are spread over (at random).
+    #[arg(long, default_value = "100000")]
+    recipients: usize,
+    /// Sending clients of the fill.
+    #[arg(long, default_value = "100")]
+    senders: usize,
+    /// Sends in flight per sender during the fill.
+    #[arg(long, default_value = "64")]
+    window: usize,
+    /// Payload bytes per message (random, so incompressible).
+    #[arg(long, default_value = "256")]
+    payload: usize,
+    /// Stores backed up and restored: embedded, postgres (needs --pg-host). Each
+    /// repetition runs them in turn, in reverse order on odd repetitions.
+    #[arg(long, value_delimiter = ',', default_value = "embedded")]
+    stores: Vec<String>,
+    /// Repetitions of create + restore (the source is filled once).
+    #[arg(long, default_value = "3")]
+    repeat: usize,
+    /// Recipients whose restored inboxes are drained and checked against what was sent.
+    #[arg(long, default_value = "1000")]
+    check_recipients: usize,
+    /// Parent directory of the relays' data directories (a disk, not tmpfs).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// The relay binary (default: `dchat-relay` next to this binary).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// The `dchat` binary (default: `dchat` next to this binary).
+    #[arg(long)]
+    dchat_bin: Option<PathBuf>,
+    /// moto's server (default: the repository's `.venv/bin/moto_server`, installed by
+    /// scripts/ensure-deps.sh).
+    #[arg(long)]
+    moto_bin: Option<PathBuf>,
+    /// CPU the relays are pinned to (taskset).
+    #[arg(long)]
+    server_cpu: Option<usize>,
+    /// CPU `dchat` and moto are pinned to (taskset).
+    #[arg(long)]
+    tool_cpu: Option<usize>,
+    /// Before each measured command, wait until the 1-minute load average is below
+    /// this (0: do not wait); the load is reported with each row.
+    #[arg(long, default_value = "1.5")]
+    wait_load: f64,
+    /// Longest wait for --wait-load, seconds; then it measures anyway.
+    #[arg(long, default_value = "1800")]
+    wait_load_max: u64,
+    /// Upper bound of the fill and of the check, seconds.
+    #[arg(long, default_value = "1800")]
+    phase_timeout: u64,
+    /// PostgreSQL of the `postgres` store: the relay tables of --pg-db are dropped and
+    /// filled; restores go into the database `<pg-db>_restore`, dropped and created
+    /// before each one. Use a scratch server.
+    #[command(flatten)]
+    pg: PgArgs,
+}
+
+#[derive(Args)]
 struct S4Args {
     #[command(flatten)]
     common: Common,
@@ -285,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::S2(a) => s2(a).await,
         Cmd::S3(a) => s3(a).await,
         Cmd::S4(a) => s4(a).await,
+        Cmd::Backup(a) => backup(a).await,
     }
 }
 
@@ -864,5 +931,394 @@ async fn s4(a: S4Args) -> anyhow::Result<()> {
         "S4: {k:.1} ({k0:.1}–{k1:.1}) KiB per idle connection; {r:.0} ({r0:.0}–{r1:.0}) connects/s"
     );
     let _ = Arc::new(());
+    Ok(())
+}
+
+/// One measured `dchat backup` command of `dchat-loadgen backup`.
+struct BackupRow {
+    rep: usize,
+    store: String,
+    command: &'static str,
+    load: f64,
+    run: dchat_bench::backup::ToolRun,
+    /// The backup object's size.
+    bytes: u64,
+    /// The relay that serves or receives the data (the embedded store only).
+    relay: Option<dchat_bench::backup::Usage>,
+    moto: dchat_bench::backup::Usage,
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn backup(a: BackupArgs) -> anyhow::Result<()> {
+    use dchat_bench::backup::{self as bk, Moto, Relay, StoreAt, Tools};
+    use dchat_bench::s3::{self, Params};
+
+    let here = std::env::current_exe().context("locating this binary")?;
+    let tools = Tools {
+        relay: default_relay_bin(a.relay_bin.as_ref())?,
+        dchat: a
+            .dchat_bin
+            .clone()
+            .unwrap_or_else(|| here.with_file_name("dchat")),
+        moto: a.moto_bin.clone().unwrap_or_else(|| {
+            let p = PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../.venv/bin/moto_server"
+            ));
+            std::fs::canonicalize(&p).unwrap_or(p)
+        }),
+        server_cpu: a.server_cpu,
+        tool_cpu: a.tool_cpu,
+    };
+    for (what, path, hint) in [
+        (
+            "relay",
+            &tools.relay,
+            "cargo build --release -p dchat-relay -p dchat-bench",
+        ),
+        (
+            "dchat",
+            &tools.dchat,
+            "cargo build --release -p dchat-relay -p dchat-bench",
+        ),
+        (
+            "moto",
+            &tools.moto,
+            "run scripts/ensure-deps.sh or give --moto-bin",
+        ),
+    ] {
+        anyhow::ensure!(
+            path.exists(),
+            "{what}: {} not found ({hint})",
+            path.display()
+        );
+    }
+    let pg = a.pg.target();
+    for s in &a.stores {
+        match s.as_str() {
+            "embedded" => {}
+            "postgres" if pg.is_some() => {}
+            "postgres" => anyhow::bail!("store postgres needs --pg-host"),
+            other => anyhow::bail!("unknown store {other:?} (embedded, postgres)"),
+        }
+    }
+    let root = a.data_root.clone().unwrap_or_else(std::env::temp_dir);
+    let p = Params {
+        recipients: a.recipients,
+        senders: a.senders,
+        messages: a.messages,
+        window: a.window,
+        payload: a.payload,
+        drain_recipients: 0,
+        drain_per_recipient: 0,
+        drain_parallel: 64,
+        kill: None,
+        verify_all: false,
+        phase_timeout: Duration::from_secs(a.phase_timeout),
+        seed: 0xb4c0,
+    };
+    p.validate()?;
+    let timeout = Duration::from_secs(a.phase_timeout);
+    let wait_max = Duration::from_secs(a.wait_load_max);
+    let cpu = |c: Option<usize>| c.map_or_else(|| "any".to_string(), |c| c.to_string());
+    println!(
+        "# Backup and restore: {} messages of {} B (random) to {} offline recipients, {} repetition(s)",
+        p.messages, p.payload, p.recipients, a.repeat
+    );
+    println!(
+        "relays on CPU {}, dchat and moto on CPU {}; embedded data under {} on {}; moto {}",
+        cpu(a.server_cpu),
+        cpu(a.tool_cpu),
+        root.display(),
+        s3::fs_type(&root),
+        tools.moto.display()
+    );
+
+    // Fill each store once; every repetition backs up the same data.
+    struct Source {
+        store: String,
+        filled: s3::Filled,
+        relay: Option<Relay>,
+        pg: Option<s3::PgTarget>,
+    }
+    let mut sources = Vec::new();
+    for store in &a.stores {
+        let (at, src_pg) = match (store.as_str(), &pg) {
+            ("postgres", Some(pg)) => {
+                s3::reset_pg(pg)?;
+                (StoreAt::Postgres(pg.clone()), Some(pg.clone()))
+            }
+            _ => (StoreAt::Embedded(root.clone()), None),
+        };
+        let relay = Relay::start(&tools, &at, "source").await?;
+        let filled = s3::fill(&relay.ws_url, &p, Some(relay.pid())).await?;
+        let idle = relay.settle(Duration::from_secs(300)).await;
+        let pending = relay.pending_messages().await?;
+        anyhow::ensure!(
+            pending == p.messages as u64,
+            "{store}: the filled relay holds {pending} messages, not {}",
+            p.messages
+        );
+        let r = &filled.report;
+        println!(
+            "fill, {store}: {} messages acknowledged in {:.1} s ({:.0} msgs/s, ack p99 {:.1} ms); relay idle {:.0} s later, RSS {:.0} MiB{}",
+            r.acked,
+            r.put_secs,
+            r.acked_per_sec,
+            r.ack_p99_us / 1000.0,
+            idle.as_secs_f64(),
+            mib(procs::rss_kib(relay.pid())),
+            match relay.data_bytes() {
+                0 => String::new(),
+                b => format!(", data directory {:.0} MiB", b as f64 / 1048576.0),
+            }
+        );
+        // `dchat` reads PostgreSQL directly: that relay has done its part.
+        let relay = if src_pg.is_some() { None } else { Some(relay) };
+        sources.push(Source {
+            store: store.clone(),
+            filled,
+            relay,
+            pg: src_pg,
+        });
+    }
+
+    println!();
+    println!("| rep | store | command | load | s | MiB/s | msgs/s | dchat peak RSS MiB | dchat CPU s | relay RSS MiB start → peak | relay CPU s | moto RSS MiB start → peak | moto CPU s |");
+    println!("|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let print_row = |r: &BackupRow| {
+        let mibs = r.bytes as f64 / 1048576.0 / r.run.secs.max(1e-9);
+        let (relay_mem, relay_cpu) = match r.relay {
+            Some(u) => (
+                format!("{:.0} → {:.0}", mib(u.start_kib), mib(u.peak_kib)),
+                format!("{:.1}", u.cpu_secs),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {} | {} | {:.2} | {:.1} | {mibs:.1} | {:.0} | {:.1} | {:.1} | {relay_mem} | {relay_cpu} | {:.0} → {:.0} | {:.1} |",
+            r.rep,
+            r.store,
+            r.command,
+            r.load,
+            r.run.secs,
+            p.messages as f64 / r.run.secs.max(1e-9),
+            mib(r.run.tool.peak_kib),
+            r.run.tool.cpu_secs,
+            mib(r.moto.start_kib),
+            mib(r.moto.peak_kib),
+            r.moto.cpu_secs
+        );
+    };
+    let mut rows: Vec<BackupRow> = Vec::new();
+    let mut checks: Vec<String> = Vec::new();
+    let mut failed = 0usize;
+    for rep in 1..=a.repeat {
+        let order: Vec<usize> = if rep % 2 == 1 {
+            (0..sources.len()).collect()
+        } else {
+            (0..sources.len()).rev().collect()
+        };
+        for si in order {
+            let src = &sources[si];
+            let name = format!("{}-{rep}", src.store);
+            let moto = Moto::start(&tools).await?;
+
+            // create
+            let mut args = strs(&["backup", "create"]);
+            args.extend(moto.s3_flags());
+            args.extend(strs(&[
+                "--namespace",
+                "bench",
+                "--cluster",
+                "c",
+                "--cluster-uid",
+                "bench",
+                "--backup",
+                &name,
+                "--relay-version",
+                "bench",
+            ]));
+            let (env, watch) = match (&src.relay, &src.pg) {
+                (Some(r), _) => {
+                    args.extend(strs(&["--source", "embedded", "--admin-url", &r.admin_url]));
+                    (Vec::new(), vec![r.pid(), moto.pid()])
+                }
+                (None, Some(pg)) => {
+                    args.extend(strs(&["--source", "postgres"]));
+                    (bk::pg_env(pg), vec![moto.pid()])
+                }
+                (None, None) => anyhow::bail!("{}: no source", src.store),
+            };
+            let load = bk::wait_quiet(a.wait_load, wait_max).await;
+            let run = bk::run_tool(&tools, args, env, watch).await?;
+            let m = run.json(&format!("backup create {name}"))?;
+            let bytes = m["sizeBytes"].as_u64().unwrap_or(0);
+            anyhow::ensure!(
+                m["counts"]["messages"].as_u64() == Some(p.messages as u64),
+                "backup create {name}: the manifest counts {} messages, not {}",
+                m["counts"]["messages"],
+                p.messages
+            );
+            let row = BackupRow {
+                rep,
+                store: src.store.clone(),
+                command: "create",
+                load,
+                relay: src.relay.as_ref().map(|_| run.others[0]),
+                moto: run.others.last().copied().unwrap_or_default(),
+                run,
+                bytes,
+            };
+            print_row(&row);
+            rows.push(row);
+
+            // restore, into a new relay or a new database
+            let mut args = strs(&["backup", "restore"]);
+            args.extend(moto.s3_flags());
+            args.extend(strs(&["--backup-path", &format!("bench/c/{name}")]));
+            let (target, target_pg, env, watch) = match &src.pg {
+                None => {
+                    let t =
+                        Relay::start(&tools, &StoreAt::Embedded(root.clone()), "target").await?;
+                    t.settle(Duration::from_secs(30)).await;
+                    args.extend(strs(&["--target", "embedded", "--admin-url", &t.admin_url]));
+                    let watch = vec![t.pid(), moto.pid()];
+                    (Some(t), None, Vec::new(), watch)
+                }
+                Some(pg) => {
+                    let tpg = s3::PgTarget {
+                        dbname: format!("{}_restore", pg.dbname),
+                        ..pg.clone()
+                    };
+                    bk::psql(
+                        pg,
+                        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", tpg.dbname),
+                    )?;
+                    bk::psql(pg, &format!("CREATE DATABASE {}", tpg.dbname))?;
+                    args.extend(strs(&["--target", "postgres"]));
+                    let env = bk::pg_env(&tpg);
+                    (None, Some(tpg), env, vec![moto.pid()])
+                }
+            };
+            let load = bk::wait_quiet(a.wait_load, wait_max).await;
+            let run = bk::run_tool(&tools, args, env, watch).await?;
+            let report = run.json(&format!("backup restore {name}"))?;
+            anyhow::ensure!(
+                report["counts"]["messages"].as_u64() == Some(p.messages as u64),
+                "backup restore {name}: restored {} messages, not {}",
+                report["counts"]["messages"],
+                p.messages
+            );
+            let row = BackupRow {
+                rep,
+                store: src.store.clone(),
+                command: "restore",
+                load,
+                relay: target.as_ref().map(|_| run.others[0]),
+                moto: run.others.last().copied().unwrap_or_default(),
+                run,
+                bytes,
+            };
+            print_row(&row);
+            rows.push(row);
+            drop(moto);
+
+            // check what the restored store holds: its count, and a sample of inboxes
+            // against what was sent
+            let checker = match (target, target_pg) {
+                (Some(t), _) => t,
+                (None, Some(tpg)) => Relay::start(&tools, &StoreAt::Postgres(tpg), "check").await?,
+                (None, None) => anyhow::bail!("{name}: no restore target"),
+            };
+            let pending = checker.pending_messages().await?;
+            let c = src
+                .filled
+                .check(&checker.ws_url, a.check_recipients, 64, timeout)
+                .await?;
+            let ok = pending == p.messages as u64
+                && c.consistent()
+                && c.verified_acked == c.drained
+                && c.drained > 0;
+            if !ok {
+                failed += 1;
+            }
+            let line = format!(
+                "| {rep} | {} | {pending} | {} / {} | {} | {} | {} | {} |",
+                src.store,
+                c.verified_recipients,
+                c.drained,
+                c.lost,
+                c.duplicates,
+                c.unexpected,
+                if ok { "ok" } else { "FAILED" }
+            );
+            eprintln!("backup: check {line}");
+            checks.push(line);
+            drop(checker);
+        }
+    }
+
+    println!();
+    println!(
+        "# Restored stores (pending messages from /admin/stats; the first {} recipients' inboxes drained and compared with what was sent)",
+        a.check_recipients
+    );
+    println!("| rep | store | pending messages | recipients / messages checked | lost | dup | unexpected | |");
+    println!("|--:|---|--:|--:|--:|--:|--:|---|");
+    for l in &checks {
+        println!("{l}");
+    }
+
+    println!();
+    println!(
+        "# Summary: median (min–max) over {} repetition(s); {} messages",
+        a.repeat, p.messages
+    );
+    println!("| store | command | object MiB | s | MiB/s | dchat peak RSS MiB | relay peak RSS MiB | moto peak RSS MiB |");
+    println!("|---|---|--:|--:|--:|--:|--:|--:|");
+    for src in &sources {
+        for command in ["create", "restore"] {
+            let rs: Vec<&BackupRow> = rows
+                .iter()
+                .filter(|r| r.store == src.store && r.command == command)
+                .collect();
+            let Some(first) = rs.first() else { continue };
+            let col = |f: &dyn Fn(&BackupRow) -> f64| {
+                let (m, lo, hi) = median_range(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                if rs.len() == 1 {
+                    format!("{m:.1}")
+                } else {
+                    format!("{m:.1} ({lo:.1}–{hi:.1})")
+                }
+            };
+            let relay = if first.relay.is_some() {
+                col(&|r| r.relay.map_or(0.0, |u| mib(u.peak_kib)))
+            } else {
+                "-".into()
+            };
+            println!(
+                "| {} | {command} | {:.0} | {} | {} | {} | {relay} | {} |",
+                src.store,
+                first.bytes as f64 / 1048576.0,
+                col(&|r| r.run.secs),
+                col(&|r| r.bytes as f64 / 1048576.0 / r.run.secs.max(1e-9)),
+                col(&|r| mib(r.run.tool.peak_kib)),
+                col(&|r| mib(r.moto.peak_kib)),
+            );
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} restored store(s) did not hold what was backed up (see the checks)"
+        );
+    }
     Ok(())
 }
