@@ -122,7 +122,7 @@ async fn promote_waits_until_the_rollout_is_complete() {
     )), "{}", run.stdout);
     assert!(
         run.stdout
-            .contains("waiting for the rollout to be Complete (at most 120s)"),
+            .contains("waiting for the rollout to be Complete (at most 2m)"),
         "{}",
         run.stdout
     );
