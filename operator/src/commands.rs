@@ -1,6 +1,8 @@
-//! `dchat-operator promote` and `dchat-operator abort`: set the rollout annotations on a
-//! DchatCluster, the same thing `kubectl annotate` does, so runbooks and pipelines have
-//! one command.
+//! `dchat-operator promote`, `abort` and `backup`: set the rollout annotations on a
+//! DchatCluster, the same thing `kubectl annotate` does, or create a DchatBackup, so
+//! runbooks and pipelines have one command. The kubectl plugin (`kubectl-dchat`) uses
+//! [`annotate`], [`create_backup_as`] and [`wait_for_backup`] too, under its own field
+//! manager.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject};
