@@ -1,8 +1,11 @@
-//! `dchat-operator promote` and `dchat-operator abort`: set the rollout annotations on a
-//! DchatCluster, the same thing `kubectl annotate` does, so runbooks and pipelines have
-//! one command.
+//! `dchat-operator promote`, `abort` and `backup`: set the rollout annotations on a
+//! DchatCluster, the same thing `kubectl annotate` does, or create a DchatBackup, so
+//! runbooks and pipelines have one command. The kubectl plugin (`kubectl-dchat`) uses
+//! [`annotate`], [`create_backup_as`] and [`wait_for_backup`] too, under its own field
+//! manager.
 
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject};
 use kube::Client;
 use serde_json::json;
 
@@ -61,15 +64,41 @@ pub async fn request(
     name: &str,
     command: RolloutCommand,
 ) -> Result<(), CommandError> {
-    let api: Api<DchatCluster> = Api::namespaced(client, namespace);
-    let patch = json!({
-        "metadata": {"annotations": {command.annotation(): k8s_openapi::jiff::Timestamp::now().to_string()}}
-    });
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    annotate(
+        client,
+        namespace,
+        name,
+        &[(command.annotation(), Some(now))],
+        CLI_FIELD_MANAGER,
+    )
+    .await
+}
+
+/// Sets (`Some`) or removes (`None`) annotations of DchatCluster `namespace/name` with
+/// one merge patch, recorded under `field_manager`. A merge patch rather than an apply:
+/// removing must work whoever set the annotation (a person, a pipeline, Argo CD).
+/// The answer is not read back as a typed DchatCluster, so a cluster whose status an
+/// operator newer than this crate wrote can still be annotated.
+pub async fn annotate(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    changes: &[(&str, Option<String>)],
+    field_manager: &str,
+) -> Result<(), CommandError> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, namespace, &ApiResource::erase::<DchatCluster>(&()));
+    let annotations: serde_json::Map<String, serde_json::Value> = changes
+        .iter()
+        .map(|(key, value)| (key.to_string(), json!(value)))
+        .collect();
+    let patch = json!({"metadata": {"annotations": annotations}});
     match api
         .patch(
             name,
             &PatchParams {
-                field_manager: Some(CLI_FIELD_MANAGER.to_string()),
+                field_manager: Some(field_manager.to_string()),
                 ..PatchParams::default()
             },
             &Patch::Merge(&patch),
@@ -152,6 +181,16 @@ pub async fn create_backup(
     namespace: &str,
     cluster: &str,
 ) -> Result<String, BackupCommandError> {
+    create_backup_as(client, namespace, cluster, CLI_FIELD_MANAGER).await
+}
+
+/// [`create_backup`], recorded under `field_manager` (e.g. the kubectl plugin's).
+pub async fn create_backup_as(
+    client: Client,
+    namespace: &str,
+    cluster: &str,
+    field_manager: &str,
+) -> Result<String, BackupCommandError> {
     use crate::api::{ClusterReference, DchatBackup, DchatBackupSpec};
     use kube::api::PostParams;
     let kube_err = |action, name: &str| {
@@ -163,7 +202,13 @@ pub async fn create_backup(
             source,
         }
     };
-    let clusters: Api<DchatCluster> = Api::namespaced(client.clone(), namespace);
+    // Read untyped: only spec.backup matters, and a status written by a newer operator
+    // must not stop a backup.
+    let clusters: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::erase::<DchatCluster>(&()),
+    );
     let found = clusters
         .get_opt(cluster)
         .await
@@ -172,7 +217,7 @@ pub async fn create_backup(
             namespace: namespace.to_string(),
             name: cluster.to_string(),
         })?;
-    if found.spec.backup.is_none() {
+    if found.data["spec"]["backup"].is_null() {
         return Err(BackupCommandError::NotConfigured {
             namespace: namespace.to_string(),
             name: cluster.to_string(),
@@ -199,7 +244,7 @@ pub async fn create_backup(
     backups
         .create(
             &PostParams {
-                field_manager: Some(CLI_FIELD_MANAGER.to_string()),
+                field_manager: Some(field_manager.to_string()),
                 ..PostParams::default()
             },
             &backup,

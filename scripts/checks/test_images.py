@@ -102,6 +102,19 @@ def test_context_keeps_what_copy_needs(path: Path) -> None:
             assert not _ignored(patterns, src), f"{path.name}: COPY {src} is in .dockerignore"
 
 
+@pytest.mark.parametrize("path", _existing(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_workspace_member_is_copied(path: Path) -> None:
+    # cargo refuses to build in a workspace whose member folders are missing.
+    import tomllib
+
+    members = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["members"]
+    copied = [a.split()[0].rstrip("/").removeprefix("./")
+              for w, a in _instructions(path) if w == "COPY" and "--from=" not in a]
+    for member in members:
+        assert any(member == c or member.startswith(c + "/") for c in copied), \
+            f"{path.name} does not COPY workspace member {member}"
+
+
 def test_dockerignore_excludes_build_output_and_secrets() -> None:
     patterns = _dockerignore()
     for rel in ("target", ".git", ".venv", "terraform/aws/prod.tfstate", "operator/target",

@@ -126,6 +126,29 @@ def test_release_builds_multi_arch_images_with_sbom_and_scan_and_publishes_chart
     assert "needs" in wf["jobs"]["charts"]
 
 
+def test_release_builds_the_kubectl_plugin_for_four_platforms_and_its_krew_manifest() -> None:
+    wf = _load("release.yml")
+    plugin = wf["jobs"]["plugin"]
+    matrix = plugin["strategy"]["matrix"]["include"]
+    assert sorted((m["os"], m["arch"]) for m in matrix) == [
+        ("darwin", "amd64"), ("darwin", "arm64"), ("linux", "amd64"), ("linux", "arm64")]
+    for m in matrix:
+        arch = {"amd64": "x86_64", "arm64": "aarch64"}[m["arch"]]
+        system = {"linux": "unknown-linux-musl", "darwin": "apple-darwin"}[m["os"]]
+        assert m["target"] == f"{arch}-{system}"
+    runs = _runs(wf, "plugin")
+    assert "cargo build --locked --release -p kubectl-dchat" in runs
+    assert "kubectl-dchat/kubectl_complete-dchat" in runs and "tar -C staging -czf" in runs
+    assert plugin["env"]["ARCHIVE"].startswith("kubectl-dchat_v${{ needs.version.outputs.version }}_")
+    krew = wf["jobs"]["krew"]
+    assert set(krew["needs"]) == {"version", "plugin"}
+    krew_runs = _runs(wf, "krew")
+    assert ".github/scripts/krew_manifest.py --template kubectl-dchat/krew/dchat.yaml" in krew_runs
+    assert "shasum -a 256 -c" in krew_runs
+    upload = [s for s in _steps(wf, "krew") if s.get("uses", "").startswith("actions/upload-artifact")]
+    assert upload and upload[0]["with"]["name"] == "kubectl-dchat-${{ env.VERSION }}"
+
+
 def test_staging_follows_release_and_waits_for_the_rollout() -> None:
     wf = _load("deploy-staging.yml")
     assert wf["on"]["workflow_run"]["workflows"] == ["release"]
@@ -152,6 +175,10 @@ def test_production_is_manual_confirmed_backed_up_and_released_after_success() -
     assert snapshot < rollout and backup < rollout, f"backups must precede the rollout: {names}"
     assert "if" not in deploy["steps"][rollout], "the rollout step must always run and gate"
     release = wf["jobs"]["release"]
-    assert release["needs"] == "deploy" and release["permissions"] == {"contents": "write"}
-    assert "gh release create" in _runs(wf, "release")
+    assert release["needs"] == "deploy"
+    # actions: read only to download the kubectl-dchat artifact of the release workflow.
+    assert release["permissions"] == {"contents": "write", "actions": "read"}
+    runs = _runs(wf, "release")
+    assert "gh release create" in runs and "gh run download" in runs
+    assert "kubectl-dchat-$VERSION" in runs and "plugin/*" in runs
     assert wf["concurrency"]["cancel-in-progress"] is False

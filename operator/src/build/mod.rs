@@ -29,7 +29,7 @@ pub use network_policy::network_policy;
 pub use pdb::pod_disruption_budget;
 pub use service::{client_service, headless_service, preview_service};
 pub use service_account::service_account;
-pub use statefulset::statefulset;
+pub use statefulset::{statefulset, CONTAINER_NAME};
 
 use crate::api::{DchatCluster, Slot};
 

@@ -32,6 +32,12 @@ const RBAC_KINDS: &[&str] = &[
 /// Renders `charts/dchat-operator` with default values (a cluster-wide install) through
 /// scripts/checks/render_chart.py in the project's .venv; once per test binary.
 fn render_chart() -> Vec<serde_json::Value> {
+    rendered_chart()
+}
+
+/// Every object `charts/dchat-operator` renders with default values (as JSON, each as
+/// render_chart.py prints it).
+pub fn rendered_chart() -> Vec<serde_json::Value> {
     static RENDERED: std::sync::OnceLock<Vec<serde_json::Value>> = std::sync::OnceLock::new();
     RENDERED.get_or_init(render_chart_now).clone()
 }
