@@ -6,9 +6,12 @@
 //! - [`procs`]: server processes pinned with `taskset`, CPU and memory sampling.
 //! - [`s3`]: S3 durable offline: pipelined durable sends to offline recipients, drain,
 //!   optional kill -9 of the server with a check that no acknowledged message is lost.
+//! - [`external`]: a short load test of a relay running elsewhere (staging), judged
+//!   against p99 latency and error-rate thresholds.
 #![forbid(unsafe_code)]
 
 pub mod driver;
+pub mod external;
 pub mod procs;
 pub mod router;
 pub mod s3;

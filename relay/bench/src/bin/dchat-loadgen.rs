@@ -33,6 +33,9 @@ enum Cmd {
     S3(S3Args),
     /// S4: idle authenticated connections on the relay: RSS per connection, connects/s.
     S4(S4Args),
+    /// Load test of a relay running elsewhere (e.g. staging): fails when p99 latency or
+    /// the error rate is above its threshold.
+    External(dchat_bench::external::ExternalArgs),
     /// Runs the bare WebSocket router (used by S1 as the on-box limit).
     Router {
         /// Listen address (127.0.0.1 only for benchmarks).
@@ -285,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::S2(a) => s2(a).await,
         Cmd::S3(a) => s3(a).await,
         Cmd::S4(a) => s4(a).await,
+        Cmd::External(a) => Ok(dchat_bench::external::main(a).await?),
     }
 }
 
