@@ -44,7 +44,7 @@ else
 fi
 
 if [ -x scripts/check-delivery.sh ]; then
-  echo "==> charts, workflows, terraform, docs"
+  echo "==> charts, workflows, terraform, alerts, docs"
   scripts/check-delivery.sh
 fi
 echo "==> all tests passed"

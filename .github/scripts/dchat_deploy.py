@@ -8,9 +8,13 @@ every decision in pure functions so scripts/checks/test_deploy_script.py can tes
   dchat_deploy.py confirm --version 1.4.2 --typed "deploy 1.4.2 to production"
   dchat_deploy.py backup  --namespace chat --name relays --timeout 1800   # a DchatBackup, waited for
   dchat_deploy.py rollout --namespace chat --name relays --version 1.4.2 --timeout 2700
+  dchat_deploy.py relay-url --namespace chat --name relays [--url wss://relay.example/v1/ws]
 
 `rollout` sets spec.version and waits on the operator's status until the blue-green
-rollout has completed (exit 0) or was rolled back / failed / degraded / timed out (exit 1).
+rollout has completed (exit 0) or was rolled back / failed / degraded / timed out (exit 1);
+in a workflow it also writes the step output `outcome` (succeeded, rolled-back, failed).
+`relay-url` writes the step output `url`: the client WebSocket URL the load test uses,
+`--url` when given, otherwise from the cluster's Ingress host.
 Only the Python standard library is used, so any runner can execute it.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,6 +47,7 @@ class Verdict:
     done: bool
     failed: bool
     message: str
+    rolled_back: bool = False
 
 
 
@@ -87,7 +93,8 @@ def evaluate_rollout(cluster: dict[str, Any], version: str, generation: int) -> 
         detail = rollout.get("message") or (degraded or {}).get("message") or ""
         origin = rollout.get("rolledBackFrom")
         extra = f" (rolled back from {origin})" if origin else ""
-        return Verdict(False, True, f"rollout to {version} ended in phase {phase}{extra}: {detail}")
+        return Verdict(False, True, f"rollout to {version} ended in phase {phase}{extra}: {detail}",
+                       rolled_back=phase == "RolledBack")
     if degraded and degraded.get("status") == "True":
         return Verdict(False, True, f"cluster is Degraded ({degraded.get('reason')}): "
                                     f"{degraded.get('message', '')}")
@@ -140,6 +147,43 @@ def evaluate_backup(backup: dict[str, Any]) -> Verdict:
     if phase == "Failed":
         return Verdict(False, True, f"backup {name} failed: {status.get('error', '')}")
     return Verdict(False, False, f"backup {name} {phase}")
+
+
+def rollout_outcome(verdict: Verdict) -> str:
+    """The `outcome` step output of the rollout step (the Slack notification tells a
+    rollback from other failures by it)."""
+    if verdict.rolled_back:
+        return "rolled-back"
+    return "failed" if verdict.failed else "succeeded"
+
+
+def relay_url(cluster: dict[str, Any], given: str = "") -> str:
+    """The client WebSocket URL of a DchatCluster as seen from outside the cluster:
+    `given` when set, otherwise its Ingress host with path /v1/ws, over wss:// when the
+    Ingress terminates TLS (spec.ingress.tlsSecretName, or an ALB certificate annotation)."""
+    if given:
+        if not re.match(r"^wss?://[^/\s]+", given):
+            raise DeployError(f"relay URL {given!r} is not ws://host/... or wss://host/...")
+        return given
+    meta = cluster.get("metadata") or {}
+    name = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
+    ingress = (cluster.get("spec") or {}).get("ingress") or {}
+    host = ingress.get("host")
+    if not ingress.get("enabled") or not host:
+        raise DeployError(f"DchatCluster {name} has no spec.ingress host to reach the relays "
+                          "from the runner: set the repository variable STAGING_RELAY_URL")
+    annotations = ingress.get("annotations") or {}
+    tls = bool(ingress.get("tlsSecretName")) or any(
+        key.endswith("/certificate-arn") for key in annotations)
+    return f"{'wss' if tls else 'ws'}://{host}/v1/ws"
+
+
+def write_output(name: str, value: str) -> None:
+    """A step output (`$GITHUB_OUTPUT`), when running in a workflow."""
+    path = os.environ.get("GITHUB_OUTPUT")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(f"{name}={value}\n")
 
 
 def kubectl(*args: str) -> dict[str, Any]:
@@ -219,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--interval", type=float, default=15)
         if name == "rollout":
             p.add_argument("--version", required=True)
+    url = sub.add_parser("relay-url", help="the relays' client URL from outside the cluster")
+    url.add_argument("--namespace", required=True)
+    url.add_argument("--name", required=True, help="DchatCluster name")
+    url.add_argument("--url", default="", help="use this URL (checked) instead of the Ingress")
     args = parser.parse_args(argv)
     try:
         if args.command == "check-version":
@@ -229,9 +277,22 @@ def main(argv: list[str] | None = None) -> int:
             check_confirmation(args.version, args.typed)
             print("confirmation accepted")
             return 0
-        verdict = cmd_rollout(args) if args.command == "rollout" else cmd_backup(args)
+        if args.command == "relay-url":
+            cluster = {} if args.url else kubectl("-n", args.namespace, "get", "dchatcluster",
+                                                  args.name)
+            found = relay_url(cluster, args.url)
+            print(f"relay URL: {found}")
+            write_output("url", found)
+            return 0
+        if args.command == "rollout":
+            verdict = cmd_rollout(args)
+            write_output("outcome", rollout_outcome(verdict))
+        else:
+            verdict = cmd_backup(args)
     except DeployError as err:
         print(f"::error::{err}", flush=True)
+        if args.command == "rollout":
+            write_output("outcome", "failed")
         return 1
     if verdict.failed:
         print(f"::error::{verdict.message}", flush=True)

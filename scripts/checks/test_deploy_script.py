@@ -171,3 +171,55 @@ def test_status_fields_the_script_reads_exist_in_the_crd() -> None:
     condition_types = status["conditions"].get("description", "")
     for kind in ("Ready", "Progressing", "Degraded"):
         assert kind in condition_types, f"condition {kind} not documented in the CRD"
+
+
+def test_rollout_outcome_tells_a_rollback_from_other_failures() -> None:
+    rolled_back = deploy.evaluate_rollout(cluster(phase="RolledBack", active="1.4.2"), "1.5.0", 7)
+    failed = deploy.evaluate_rollout(cluster(phase="Failed"), "1.5.0", 7)
+    degraded = deploy.evaluate_rollout(cluster(degraded="True"), "1.5.0", 7)
+    done = deploy.evaluate_rollout(cluster(), "1.5.0", 7)
+    assert deploy.rollout_outcome(rolled_back) == "rolled-back"
+    assert deploy.rollout_outcome(failed) == "failed"
+    assert deploy.rollout_outcome(degraded) == "failed"
+    assert deploy.rollout_outcome(done) == "succeeded"
+    timed_out = deploy.poll(lambda: deploy.evaluate_rollout(cluster(progressing="True"), "1.5.0", 7),
+                            timeout=0, interval=1, sleep=lambda s: None, clock=lambda: 0.0)
+    assert deploy.rollout_outcome(timed_out) == "failed"
+
+
+def _with_ingress(**ingress: Any) -> dict[str, Any]:
+    return {"metadata": {"namespace": "chat", "name": "relays"}, "spec": {"ingress": ingress}}
+
+
+def test_relay_url_from_the_ingress_or_the_variable() -> None:
+    alb = _with_ingress(enabled=True, host="relay.staging.example", annotations={
+        "alb.ingress.kubernetes.io/certificate-arn": "arn:aws:acm:eu-west-1:1:certificate/x"})
+    assert deploy.relay_url(alb) == "wss://relay.staging.example/v1/ws"
+    secret = _with_ingress(enabled=True, host="relay.example", tlsSecretName="relay-tls")
+    assert deploy.relay_url(secret) == "wss://relay.example/v1/ws"
+    plain = _with_ingress(enabled=True, host="relay.internal")
+    assert deploy.relay_url(plain) == "ws://relay.internal/v1/ws"
+    # The repository variable wins, and is checked.
+    assert deploy.relay_url(alb, "wss://lb.example/v1/ws") == "wss://lb.example/v1/ws"
+    with pytest.raises(deploy.DeployError, match="not ws://"):
+        deploy.relay_url(alb, "https://lb.example/v1/ws")
+    for no_way_in in (_with_ingress(enabled=False, host="relay.example"),
+                      _with_ingress(enabled=True), {"metadata": {"name": "relays"}}):
+        with pytest.raises(deploy.DeployError, match="STAGING_RELAY_URL"):
+            deploy.relay_url(no_way_in)
+
+
+def test_relay_url_and_rollout_write_step_outputs(tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "github_output"
+    monkeypatch.setenv("GITHUB_OUTPUT", str(out))
+    assert deploy.main(["relay-url", "--namespace", "chat", "--name", "relays",
+                        "--url", "wss://relay.staging.example/v1/ws"]) == 0
+    assert out.read_text() == "url=wss://relay.staging.example/v1/ws\n"
+    assert deploy.main(["relay-url", "--namespace", "chat", "--name", "relays",
+                        "--url", "http://x"]) == 1
+    assert "::error::" in capsys.readouterr().out
+    # A rollout that cannot even start (bad version) still says how it ended.
+    out.write_text("")
+    assert deploy.main(["rollout", "--namespace", "chat", "--name", "relays",
+                        "--version", "v1"]) == 1
+    assert out.read_text() == "outcome=failed\n"

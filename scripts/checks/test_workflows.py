@@ -3,6 +3,7 @@ workflow does what the delivery issue requires."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -182,3 +183,75 @@ def test_production_is_manual_confirmed_backed_up_and_released_after_success() -
     assert "gh release create" in runs and "gh run download" in runs
     assert "kubectl-dchat-$VERSION" in runs and "plugin/*" in runs
     assert wf["concurrency"]["cancel-in-progress"] is False
+
+
+@pytest.mark.parametrize("name,environment", [("deploy-staging.yml", "staging"),
+                                              ("deploy-production.yml", "production")])
+def test_deploys_notify_slack_only_with_a_webhook(name: str, environment: str) -> None:
+    wf = _load(name)
+    deploy = wf["jobs"]["deploy"]
+    # The secret reaches steps through the job's env, so `if:` can test it.
+    assert deploy["env"]["SLACK_WEBHOOK_URL"] == "${{ secrets.SLACK_WEBHOOK_URL }}"
+    start = [s for s in deploy["steps"] if "dchat_notify.py start" in s.get("run", "")]
+    assert len(start) == 1 and start[0]["if"] == "env.SLACK_WEBHOOK_URL != ''"
+    assert f"--environment {environment}" in start[0]["run"]
+    runs = [s.get("run", "") for s in deploy["steps"]]
+    rollout = next(i for i, r in enumerate(runs) if "dchat_deploy.py rollout" in r)
+    assert runs.index(start[0]["run"]) < rollout, "the start message comes before the rollout"
+    # The rollout step's outcome (rolled-back or not) is a job output the final message reads.
+    assert deploy["steps"][rollout]["id"] == "rollout"
+    assert deploy["outputs"]["outcome"] == "${{ steps.rollout.outputs.outcome }}"
+    assert "version" in deploy["outputs"] and "cluster" in deploy["outputs"]
+    notify = wf["jobs"]["notify"]
+    assert notify["if"] == "always()", "the outcome is sent whether the deploy passed or not"
+    assert "deploy" in notify["needs"]
+    assert notify["env"]["SLACK_WEBHOOK_URL"] == "${{ secrets.SLACK_WEBHOOK_URL }}"
+    assert notify["env"]["NEEDS"] == "${{ toJSON(needs) }}"
+    finish = [s for s in notify["steps"] if "dchat_notify.py finish" in s.get("run", "")]
+    assert len(finish) == 1 and finish[0]["if"] == "env.SLACK_WEBHOOK_URL != ''"
+    assert '--needs-json "$NEEDS"' in finish[0]["run"]
+    assert f"--environment {environment}" in finish[0]["run"]
+
+
+def test_staging_load_tests_the_deployed_relays_with_thresholds() -> None:
+    wf = _load("deploy-staging.yml")
+    deploy = wf["jobs"]["deploy"]
+    runs = [s.get("run", "") for s in deploy["steps"]]
+    rollout = next(i for i, r in enumerate(runs) if "dchat_deploy.py rollout" in r)
+    url = next(i for i, r in enumerate(runs) if "dchat_deploy.py relay-url" in r)
+    assert rollout < url
+    assert deploy["steps"][url]["env"]["RELAY_URL"] == "${{ vars.STAGING_RELAY_URL }}"
+    assert deploy["outputs"]["relay_url"] == f"${{{{ steps.{deploy['steps'][url]['id']}.outputs.url }}}}"
+
+    build = wf["jobs"]["loadgen"]
+    assert "needs" not in build, "dchat-loadgen is built while the rollout runs"
+    assert "cargo build --locked --release -p dchat-bench --bin dchat-loadgen" in _runs(wf, "loadgen")
+    assert any(u.startswith("actions/upload-artifact@") for u in _uses(wf, "loadgen"))
+
+    test = wf["jobs"]["load-test"]
+    assert set(test["needs"]) == {"deploy", "loadgen"}
+    assert "if" not in test, "the load test runs only after a successful rollout"
+    assert test["env"]["RELAY_URL"] == "${{ needs.deploy.outputs.relay_url }}"
+    run = _runs(wf, "load-test")
+    assert "dchat-loadgen external --url \"$RELAY_URL\"" in run
+    for flag, var in (("--max-p99-ms", "LOADTEST_MAX_P99_MS"),
+                      ("--max-error-rate", "LOADTEST_MAX_ERROR_RATE"),
+                      ("--clients", "LOADTEST_CLIENTS"), ("--rate", "LOADTEST_RATE"),
+                      ("--duration", "LOADTEST_DURATION")):
+        assert flag in run
+        assert any(f"vars.{var} ||" in str(v) for v in test["env"].values()), var
+    assert "--report loadtest.json" in run and "--summary loadtest.md" in run
+    upload = next(s for s in test["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
+    assert upload["if"] == "always()", "a failed load test still uploads its report"
+    assert "loadtest.json" in upload["with"]["path"] and "loadtest.md" in upload["with"]["path"]
+    assert set(wf["jobs"]["notify"]["needs"]) == {"deploy", "loadgen", "load-test"}
+
+
+def test_the_load_test_flags_the_workflow_uses_exist() -> None:
+    """The flags the staging workflow passes are the ones dchat-loadgen external defines."""
+    source = (ROOT / "relay" / "bench" / "src" / "external.rs").read_text()
+    fields = set(re.findall(r"pub (\w+): ", source.split("pub struct Report")[0]))
+    run = _runs(_load("deploy-staging.yml"), "load-test")
+    used = set(re.findall(r"--([a-z0-9-]+)", run.split("external", 1)[1]))
+    flags = {f.replace("_", "-") for f in fields}
+    assert used <= flags, f"flags dchat-loadgen external does not have: {used - flags}"

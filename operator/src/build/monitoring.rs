@@ -150,8 +150,13 @@ pub fn prometheus_rule(cluster: &DchatCluster) -> Option<PrometheusRule> {
                 alert: alert.to_string(),
                 expr,
                 for_: for_.to_string(),
+                // `namespace` and `dchat_cluster` on every alert, whatever its query
+                // keeps (a `sum` keeps no labels; the backup alerts read the operator's
+                // metrics, scraped in the operator's namespace): Alertmanager groups and
+                // inhibits by these two (docs/monitoring/alertmanager.yaml).
                 labels: BTreeMap::from([
                     ("severity".to_string(), severity.to_string()),
+                    ("namespace".to_string(), namespace.to_string()),
                     ("dchat_cluster".to_string(), name.clone()),
                 ]),
                 annotations: BTreeMap::from([
@@ -293,6 +298,8 @@ mod tests {
             assert!(alert.expr.contains(r#"namespace="apps""#), "{}", alert.expr);
             assert!(alert.annotations["runbook_url"].starts_with(RUNBOOK_BASE));
             assert!(alert.labels.contains_key("severity"));
+            assert_eq!(alert.labels["namespace"], "apps");
+            assert_eq!(alert.labels["dchat_cluster"], "chat");
         }
         assert!(alerts[0].expr.starts_with("up{"));
         assert!(alerts[2]
@@ -309,6 +316,10 @@ mod tests {
         let group = &rule.spec.groups[1];
         let names: Vec<&str> = group.rules.iter().map(|a| a.alert.as_str()).collect();
         assert_eq!(names, ["DchatBackupFailed", "DchatBackupTooOld"]);
+        for alert in &group.rules {
+            // The operator's series carry the operator's namespace; the alert must not.
+            assert_eq!(alert.labels["namespace"], "apps", "{}", alert.alert);
+        }
         assert!(
             group.rules[0]
                 .expr

@@ -8,10 +8,13 @@
 //!   optional kill -9 of the server with a check that no acknowledged message is lost.
 //! - [`backup`]: `dchat backup create` and `restore` of a filled relay through moto:
 //!   wall time, peak RSS and CPU of the tool, the relay and moto.
+//! - [`external`]: a short load test of a relay running elsewhere (staging), judged
+//!   against p99 latency and error-rate thresholds.
 #![forbid(unsafe_code)]
 
 pub mod backup;
 pub mod driver;
+pub mod external;
 pub mod procs;
 pub mod router;
 pub mod s3;

@@ -36,6 +36,9 @@ enum Cmd {
     /// Backup and restore of a relay filled with stored messages, through
     /// `dchat backup create|restore` and moto: time, peak RSS and CPU of each side.
     Backup(BackupArgs),
+    /// Load test of a relay running elsewhere (e.g. staging): fails when p99 latency or
+    /// the error rate is above its threshold.
+    External(dchat_bench::external::ExternalArgs),
     /// Runs the bare WebSocket router (used by S1 as the on-box limit).
     Router {
         /// Listen address (127.0.0.1 only for benchmarks).
@@ -352,6 +355,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::S3(a) => s3(a).await,
         Cmd::S4(a) => s4(a).await,
         Cmd::Backup(a) => backup(a).await,
+        Cmd::External(a) => Ok(dchat_bench::external::main(a).await?),
     }
 }
 
