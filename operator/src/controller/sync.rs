@@ -1,8 +1,10 @@
 //! One reconcile of a live cluster: observe, validate, let the rollout decide, build the
-//! desired children, apply them, and write status.
+//! desired children, apply them, and write status. A paused cluster stops at the first
+//! step: only its status is written.
 
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::DynamicObject;
 use kube::runtime::controller::Action;
@@ -12,20 +14,150 @@ use tracing::info;
 
 use super::children::{apply_children, ensure_admin_token};
 use super::observe::{database_secret_hash, existing_claims, observe, slot_observation};
-use super::report::{publish, report_failure, write_status};
+use super::report::{patch_status, publish, report_failure, write_status};
 use super::restore::reconcile_restore;
 use super::rollout_effects::{
-    consume_annotations, decide_rollout, ensure_job, ensure_prerollout_backup,
+    consume_annotations, decide_rollout, ensure_job, ensure_prerollout_backup, Asked,
 };
 use super::schedule::{reconcile_backups, BackupReport};
 use super::status::Observation;
 use super::{status, Context, Error, RESYNC};
-use crate::api::{validate, DchatCluster, Slot};
+use crate::api::{validate, DchatCluster, RestorePhase, Slot};
 use crate::build::{desired_children, BuildInputs, Child, SlotDeployment};
+use crate::day2::{self, HibernationView, RestartNews, ServingRelays, Source};
 use crate::rollout::{
     handover, smoke, Settings, Template, SECRET_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
 };
 use crate::{labels, rollout};
+
+/// Reconciles a paused cluster: its status says so, nothing else is read or written.
+/// The finalizer was added before (so deletion still cleans up); the watch brings the
+/// change that resumes it.
+async fn pause(
+    cluster: &DchatCluster,
+    ctx: &Context,
+    namespace: &str,
+    source: Source,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let next = status::paused(cluster, source, now);
+    let name = status::display_name(cluster);
+    ctx.metrics.set_phase(&name, next.phase);
+    ctx.metrics.set_paused(&name, true);
+    if cluster.status.as_ref() == Some(&next) {
+        return Ok(Action::await_change());
+    }
+    let newly = cluster
+        .status
+        .as_ref()
+        .and_then(status::paused_since)
+        .is_none();
+    if newly && ctx.announced.first(cluster, "pause", "paused") {
+        let message = next
+            .conditions
+            .iter()
+            .find(|c| c.type_ == status::PAUSED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        info!(%message, "reconciliation paused");
+        publish(
+            ctx,
+            cluster,
+            EventType::Normal,
+            day2::reason::PAUSED,
+            message,
+        )
+        .await;
+    }
+    patch_status(cluster, ctx, namespace, &next).await?;
+    Ok(Action::await_change())
+}
+
+/// The cluster as this reconcile sees it after a pause ended: a rollout in flight has
+/// its timers moved forward by the time paused ([`rollout::resumed`]), so no timeout or
+/// window counts time in which the operator did not look. The status write at the end
+/// of the reconcile records the moved timers together with the end of the pause, so it
+/// happens once.
+async fn resume(cluster: Arc<DchatCluster>, ctx: &Context, now: Timestamp) -> Arc<DchatCluster> {
+    ctx.metrics
+        .set_paused(&status::display_name(&cluster), false);
+    let Some(since) = cluster.status.as_ref().and_then(status::paused_since) else {
+        return cluster;
+    };
+    let paused_for = now.duration_since(since);
+    let paused_for = if paused_for.is_negative() {
+        std::time::Duration::ZERO
+    } else {
+        paused_for.unsigned_abs()
+    };
+    let mut resumed = (*cluster).clone();
+    let mut message = format!(
+        "reconciliation resumed after {} paused",
+        rollout::human(std::time::Duration::from_secs(paused_for.as_secs()))
+    );
+    if let Some(status) = resumed.status.as_mut() {
+        if let Some(r) = status.rollout.as_ref().filter(|r| r.step.in_flight()) {
+            message.push_str(&format!(
+                "; the rollout of version {} continues at step {}, its timers not counting the time paused",
+                r.target_version, r.step
+            ));
+            status.rollout = Some(rollout::resumed(r, paused_for));
+        }
+    }
+    if ctx.announced.first(&cluster, "pause", "resumed") {
+        info!(%message, "reconciliation resumed");
+        publish(
+            ctx,
+            &cluster,
+            EventType::Normal,
+            day2::reason::RESUMED,
+            message,
+        )
+        .await;
+    }
+    Arc::new(resumed)
+}
+
+/// Announces a restart request once: taken up, or ignored as not newer than the last.
+async fn announce_restart(cluster: &DchatCluster, ctx: &Context, hibernating: bool) {
+    match day2::restart_news(cluster) {
+        RestartNews::None => {}
+        RestartNews::Requested(at) => {
+            let value = day2::marker_value(at);
+            if ctx.announced.first(cluster, "restart", &value) {
+                let how = if hibernating {
+                    "the relays are at zero; the restart rolls out after the wake"
+                } else {
+                    "every relay is replaced by a blue-green rollout of the current spec (new slot, validation, switch)"
+                };
+                publish(
+                    ctx,
+                    cluster,
+                    EventType::Normal,
+                    day2::reason::RESTART_REQUESTED,
+                    format!("restart requested for {value}: {how}"),
+                )
+                .await;
+            }
+        }
+        RestartNews::Ignored { requested, last } => {
+            let value = day2::marker_value(requested);
+            if ctx.announced.first(cluster, "restart-ignored", &value) {
+                publish(
+                    ctx,
+                    cluster,
+                    EventType::Normal,
+                    day2::reason::RESTART_IGNORED,
+                    format!(
+                        "restart request {value} ignored: not newer than the last restart acted on, {}",
+                        day2::marker_value(last)
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+}
 
 /// Reconciles a cluster that is not being deleted: everything from observing its
 /// children to writing its status.
@@ -33,6 +165,12 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     let namespace = cluster
         .namespace()
         .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
+    let now = ctx.clock.now();
+    // A bad value of the reconcile annotation is reported below, like any invalid spec.
+    if let Ok(Some(source)) = day2::paused(&cluster) {
+        return pause(&cluster, ctx, &namespace, source, now).await;
+    }
+    let cluster = resume(cluster, ctx, now).await;
     // Every failure shows in status within this attempt: either in the status write
     // below (failures while applying) or through `report_failure` (everything else).
     macro_rules! reported {
@@ -43,7 +181,6 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
             }
         };
     }
-    let now = ctx.clock.now();
     let previous = cluster.status.clone().unwrap_or_default();
     let active_slot = previous.active_slot;
     let served = reported!(ctx.served_kinds().await);
@@ -56,6 +193,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
 
     let settings = validate(&cluster.spec)
         .map_err(|e| e.to_string())
+        .and_then(|()| day2::check(&cluster).map_err(|e| e.to_string()))
         .and_then(|()| Settings::from_spec(&cluster.spec).map_err(|e| e.to_string()));
     let settings = match settings {
         Ok(settings) => settings,
@@ -76,19 +214,53 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         }
     };
 
+    // Validated above: the requests parse.
+    let hibernate = day2::hibernation_requested(&cluster).ok().flatten();
+    let restore_running = previous
+        .restore
+        .as_ref()
+        .is_some_and(|r| r.phase == RestorePhase::Running);
+    let hibernation = day2::hibernation_input(
+        hibernate,
+        previous.hibernation.as_ref(),
+        &cluster.spec,
+        restore_running,
+    );
     let decision = reported!(
         decide_rollout(
             &cluster,
             ctx,
             &namespace,
             &live,
-            &settings,
-            &desired_hash,
+            Asked {
+                settings: &settings,
+                desired_hash: &desired_hash,
+                hibernation,
+            },
             now,
         )
         .await
     );
     let serving_slot = decision.serving.slot;
+    let serving_before = slot_observation(live.get(
+        "StatefulSet",
+        &labels::statefulset_name(&cluster, serving_slot),
+    ))
+    .unwrap_or_default();
+    let hibernation = day2::hibernation_view(
+        hibernate,
+        previous.hibernation.as_ref(),
+        &decision.hibernation,
+        restore_running,
+        ServingRelays {
+            desired: serving_before.desired,
+            ready: serving_before.ready,
+            rolled_out: serving_before.rolled_out,
+        },
+        &cluster.spec,
+        now,
+    );
+    announce_restart(&cluster, ctx, hibernation.record().is_some()).await;
     let mut deployments = Vec::new();
     let mut kept = Vec::new();
     for plan in &decision.slots {
@@ -128,6 +300,9 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         clients_admitted: restore.clients_admitted,
     };
     let mut desired = desired_children(&cluster, &inputs);
+    if decision.hibernation.suspends_autoscaler() {
+        desired.retain(|child| !matches!(child, Child::HorizontalPodAutoscaler(_)));
+    }
     for child in &mut desired {
         match child {
             // Records which template a slot was given, so a rollout can tell the new
@@ -191,7 +366,9 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     }
     let mut backups = BackupReport::default();
     if outcome.is_ok() {
-        match reconcile_backups(&cluster, ctx, &namespace, now).await {
+        // Scheduled backups need running relays: none while hibernating or waking.
+        let relays_down = hibernation.record().is_some();
+        match reconcile_backups(&cluster, ctx, &namespace, now, relays_down).await {
             Ok(report) => backups = report,
             Err(e) => outcome = Err(e),
         }
@@ -211,6 +388,9 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         backup: backups.status.clone(),
         backup_health: backups.health.clone(),
         restore: restore.status.clone(),
+        hibernation,
+        // In the template applied above: acted on.
+        restarted_at: day2::restart_marker(&cluster).map(Time),
         ..observation(&cluster, serving_slot, serving_live, &desired_hash, now)
     };
     write_status(&cluster, ctx, &namespace, obs).await?;
@@ -260,6 +440,23 @@ pub(super) fn observation(
         backup: cluster.status.as_ref().and_then(|s| s.backup.clone()),
         backup_health: None,
         restore: cluster.status.as_ref().and_then(|s| s.restore.clone()),
+        hibernation: kept_hibernation(cluster),
+        restarted_at: cluster.status.as_ref().and_then(|s| s.restarted_at.clone()),
+    }
+}
+
+/// Hibernation as the previous status left it, for a reconcile that decides nothing (an
+/// invalid spec): the record stays, and so does what it means.
+fn kept_hibernation(cluster: &DchatCluster) -> HibernationView {
+    let Some(record) = cluster.status.as_ref().and_then(|s| s.hibernation.clone()) else {
+        return HibernationView::Off;
+    };
+    match day2::hibernation_requested(cluster).ok().flatten() {
+        Some(source) => HibernationView::Hibernating { source, record },
+        None => HibernationView::Waking {
+            replicas: day2::wake_replicas(&record, &cluster.spec),
+            record,
+        },
     }
 }
 
