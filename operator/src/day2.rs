@@ -281,6 +281,8 @@ pub struct ServingRelays {
     pub ready: i32,
     /// Every pod runs the latest revision.
     pub rolled_out: bool,
+    /// Relays the previous status reported (`status.replicas`).
+    pub reported: i32,
 }
 
 /// Where hibernation stands, from the request, the record in status, what the rollout
@@ -308,13 +310,15 @@ pub fn hibernation_view(
                 source,
                 record: record.cloned().unwrap_or(HibernationStatus {
                     since: Time(now),
-                    // What serves now is what a wake brings back; a StatefulSet already
-                    // at zero (a lost status write) falls back to the spec.
-                    replicas: if serving.desired > 0 {
-                        serving.desired
-                    } else {
-                        spec.replicas
-                    },
+                    // What serves now is what a wake brings back. A StatefulSet already
+                    // at zero means this reconcile works from a status older than the
+                    // one that began the hibernation (a lost write, or a cached object
+                    // that predates it): the relays that status reported were running
+                    // before; the spec is the last resort.
+                    replicas: [serving.desired, serving.reported, spec.replicas]
+                        .into_iter()
+                        .find(|n| *n > 0)
+                        .unwrap_or(1),
                 }),
             },
         },
@@ -504,6 +508,7 @@ mod tests {
             desired,
             ready,
             rolled_out: true,
+            reported: 1,
         };
         // Asked: hibernate, recording what serves.
         assert_eq!(

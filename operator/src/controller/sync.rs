@@ -256,6 +256,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
             desired: serving_before.desired,
             ready: serving_before.ready,
             rolled_out: serving_before.rolled_out,
+            reported: previous.replicas,
         },
         &cluster.spec,
         now,
