@@ -83,6 +83,17 @@ pub enum RequestError {
     },
 }
 
+impl RequestError {
+    /// The annotation whose value is wrong.
+    pub fn annotation(&self) -> &'static str {
+        match self {
+            Self::Reconcile { .. } => RECONCILE_ANNOTATION,
+            Self::Hibernation { .. } => HIBERNATION_ANNOTATION,
+            Self::RestartedAt { .. } => RESTARTED_AT_ANNOTATION,
+        }
+    }
+}
+
 /// Whether reconciliation is paused, and by what.
 pub fn paused(cluster: &DchatCluster) -> Result<Option<Source>, RequestError> {
     let annotation = match cluster.annotations().get(RECONCILE_ANNOTATION) {
