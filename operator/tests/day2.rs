@@ -528,6 +528,29 @@ async fn hibernation_keeps_volumes_and_services_and_wakes_at_the_same_size() {
 }
 
 #[tokio::test]
+async fn a_cluster_created_hibernated_starts_nothing_and_wakes_to_its_spec() {
+    let h = Harness::new(false).await;
+    h.create_cluster("chat", &with(V1, "hibernate: true")).await;
+    h.reconcile("chat").await.unwrap();
+    let sts = h.api::<StatefulSet>().get("chat-blue").await.unwrap();
+    assert_eq!(sts.spec.unwrap().replicas, Some(0));
+    let status = h.cluster("chat").await.status.unwrap();
+    assert_eq!(status.phase, Phase::Hibernating);
+    assert_eq!(status.hibernation.map(|h| h.replicas), Some(3));
+    assert_eq!(status.active_version, None, "never served");
+
+    h.update_spec("chat", V1).await;
+    h.reconcile("chat").await.unwrap();
+    let sts = h.api::<StatefulSet>().get("chat-blue").await.unwrap();
+    assert_eq!(sts.spec.unwrap().replicas, Some(3));
+    h.set_statefulset_status("chat-blue", 3).await;
+    h.reconcile("chat").await.unwrap();
+    let status = h.cluster("chat").await.status.unwrap();
+    assert_eq!(status.phase, Phase::Running);
+    assert_eq!(status.active_version.as_deref(), Some("1.0.0"));
+}
+
+#[tokio::test]
 async fn an_autoscaled_cluster_hibernates_without_its_hpa_and_wakes_to_the_hpa_size() {
     let s = Scenario::serving(AUTOSCALED).await;
     s.settle().await;

@@ -452,9 +452,14 @@ fn kept_hibernation(cluster: &DchatCluster) -> HibernationView {
     let Some(record) = cluster.status.as_ref().and_then(|s| s.hibernation.clone()) else {
         return HibernationView::Off;
     };
-    match day2::hibernation_requested(cluster).ok().flatten() {
-        Some(source) => HibernationView::Hibernating { source, record },
-        None => HibernationView::Waking {
+    match day2::hibernation_requested(cluster) {
+        Ok(Some(source)) => HibernationView::Hibernating { source, record },
+        // A value the operator does not understand wakes nothing.
+        Err(_) => HibernationView::Hibernating {
+            source: Source::Annotation,
+            record,
+        },
+        Ok(None) => HibernationView::Waking {
             replicas: day2::wake_replicas(&record, &cluster.spec),
             record,
         },
