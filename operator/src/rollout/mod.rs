@@ -2,10 +2,11 @@
 //!
 //! [`decide`] takes what the controller knows — the rollout settings, the template the
 //! spec asks for, what serves now, the rollout recorded in status, what it observed of
-//! the two slots, the pods and the smoke test, the promote/abort annotations, and the
-//! time — and returns the next rollout status plus the plan the controller applies:
-//! which slot the client Service selects, which StatefulSets get the desired template,
-//! which keep the one they run, at what size, and whether a smoke test Job must exist.
+//! the two slots, the pods and the smoke test, the promote/abort annotations, what
+//! hibernation asks ([`Hibernation`]), and the time — and returns the next rollout status
+//! plus the plan the controller applies: which slot the client Service selects, which
+//! StatefulSets get the desired template, which keep the one they run, at what size, and
+//! whether a smoke test Job must exist. [`resumed`] moves a rollout's timers past a pause.
 //!
 //! No I/O and no clock: the same inputs give the same decision, which is what makes a
 //! rollout resumable after an operator restart (everything it needs is in status) and
