@@ -3,12 +3,14 @@
 -- Install it in the argocd-cm ConfigMap under the key
 --   resource.customizations.health.dchat.network_DchatCluster
 -- (see docs/rollouts.md, "Argo CD"). It reads only what dchat-operator writes to
--- status: phase, observedGeneration, the Ready/Progressing/Degraded conditions and
--- status.rollout.message. Tested by operator/tests/rollout_argocd_health.rs.
+-- status: phase, observedGeneration, the Ready/Progressing/Degraded/Paused/Hibernated
+-- conditions and status.rollout.message. Tested by operator/tests/rollout_argocd_health.rs.
 --
+--   Paused=True (whatever the generation)    -> Suspended   (who paused it, how to resume)
 --   Running + Ready=True                     -> Healthy
---   Pending, Provisioning, Progressing       -> Progressing (rollout step message)
+--   Pending, Provisioning, Progressing       -> Progressing (rollout step message; waking)
 --   AwaitingPromotion                        -> Suspended   (waiting for dchat.network/promote)
+--   Hibernating                              -> Suspended   (relays at zero by request)
 --   RolledBack, Degraded, Failed             -> Degraded    (why, from the Degraded condition;
 --                                               includes a failed embedded-store handover)
 --   status older than the spec (generation)  -> Progressing
@@ -40,6 +42,15 @@ if obj.status == nil or obj.status.phase == nil then
 end
 
 local st = obj.status
+
+-- A paused cluster does not act on a newer spec: that is the pause, not progress.
+local paused = condition(st, "Paused")
+if paused ~= nil and paused.status == "True" then
+  hs.status = "Suspended"
+  hs.message = message_of(paused, "Reconciliation paused")
+  return hs
+end
+
 local generation = obj.metadata and obj.metadata.generation
 if generation ~= nil and st.observedGeneration ~= nil and st.observedGeneration < generation then
   hs.status = "Progressing"
@@ -56,6 +67,12 @@ local phase = st.phase
 if phase == "AwaitingPromotion" then
   hs.status = "Suspended"
   hs.message = rollout_message or "Validated; waiting for the dchat.network/promote annotation"
+  return hs
+end
+
+if phase == "Hibernating" then
+  hs.status = "Suspended"
+  hs.message = message_of(condition(st, "Hibernated"), "Hibernating")
   return hs
 end
 

@@ -5,6 +5,7 @@
 //! - [`labels`]: every name, label and owner reference the operator writes.
 //! - [`build`]: pure builders, one per child kind.
 //! - [`rollout`]: the blue-green rollout state machine (pure).
+//! - [`day2`]: pause, hibernation and declarative restart requests (pure).
 //! - [`controller`]: the effects — apply, cleanup, status, events.
 //! - [`runner`]: leader election around the controller (what `dchat-operator run` runs).
 //! - [`render`], [`commands`]: the offline CLI commands and `promote`/`abort`.
@@ -17,6 +18,7 @@ pub mod backup;
 pub mod build;
 pub mod commands;
 pub mod controller;
+pub mod day2;
 pub mod http;
 pub mod labels;
 pub mod leader;

@@ -34,6 +34,13 @@ pub struct BackupLabels {
     pub cluster: String,
 }
 
+/// Labels of the per-cluster day-2 metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// `namespace/name` of the DchatCluster.
+    pub cluster: String,
+}
+
 /// Labels of the backups counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackupResultLabels {
@@ -61,6 +68,9 @@ pub struct Metrics {
     pub backup_last_success: Family<BackupLabels, Gauge>,
     /// `dchat_operator_backup_size_bytes{cluster}`: the newest Completed backup.
     pub backup_size: Family<BackupLabels, Gauge>,
+    /// `dchat_operator_cluster_paused{cluster}`: 1 while reconciliation of the cluster is
+    /// paused; no series otherwise.
+    pub paused: Family<ClusterLabels, Gauge>,
     /// Last phase of each cluster, to keep the gauge exact.
     phases: Mutex<HashMap<String, Phase>>,
     registry: Registry,
@@ -120,6 +130,12 @@ impl Metrics {
             "Size of the newest Completed backup of a cluster",
             backup_size.clone(),
         );
+        let paused = Family::<ClusterLabels, Gauge>::default();
+        registry.register(
+            "cluster_paused",
+            "1 while reconciliation of a cluster is paused (spec.paused or the dchat.network/reconcile annotation)",
+            paused.clone(),
+        );
         for phase in Phase::ALL {
             clusters
                 .get_or_create(&PhaseLabels {
@@ -136,6 +152,7 @@ impl Metrics {
             backup_duration,
             backup_last_success,
             backup_size,
+            paused,
             phases: Mutex::new(HashMap::new()),
             registry,
         }
@@ -178,6 +195,19 @@ impl Metrics {
         };
         self.backup_last_success.remove(&labels);
         self.backup_size.remove(&labels);
+        self.set_paused(cluster, false);
+    }
+
+    /// Records whether reconciliation of `cluster` is paused.
+    pub fn set_paused(&self, cluster: &str, paused: bool) {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        if paused {
+            self.paused.get_or_create(&labels).set(1);
+        } else {
+            self.paused.remove(&labels);
+        }
     }
 
     /// Counts a finished backup of `cluster` and how long it took.
@@ -258,8 +288,12 @@ mod tests {
         assert!(text.contains("dchat_operator_reconcile_duration_seconds_count 1"));
         assert!(text.contains(r#"dchat_operator_clusters{phase="Running"} 1"#));
         assert!(text.contains(r#"dchat_operator_clusters{phase="Degraded"} 1"#));
+        metrics.set_paused("apps/b", true);
+        let text = metrics.encode().unwrap();
+        assert!(text.contains(r#"dchat_operator_cluster_paused{cluster="apps/b"} 1"#));
         metrics.forget("apps/b");
         let text = metrics.encode().unwrap();
         assert!(text.contains(r#"dchat_operator_clusters{phase="Degraded"} 0"#));
+        assert!(!text.contains(r#"dchat_operator_cluster_paused{cluster="apps/b"}"#));
     }
 }

@@ -100,8 +100,21 @@ pub fn render_str(path: &str, text: &str, options: &RenderOptions) -> Result<Str
         } else {
             OptionalKinds::NONE
         };
-        let inputs = BuildInputs::steady(&cluster, Slot::Blue, served);
-        for child in desired_children(&cluster, &inputs) {
+        let mut inputs = BuildInputs::steady(&cluster, Slot::Blue, served);
+        // Hibernating (admission checked the annotation): relays at zero, no autoscaler.
+        let hibernating = crate::day2::hibernation_requested(&cluster)
+            .ok()
+            .flatten()
+            .is_some();
+        if hibernating {
+            for slot in &mut inputs.slots {
+                slot.replicas = Some(0);
+            }
+        }
+        let children = desired_children(&cluster, &inputs).into_iter().filter(|c| {
+            !(hibernating && matches!(c, crate::build::Child::HorizontalPodAutoscaler(_)))
+        });
+        for child in children {
             let erased = child.erase()?;
             out.push_str("---\n");
             out.push_str(&serde_norway::to_string(&erased.body).map_err(RenderError::Output)?);
@@ -188,5 +201,36 @@ mod tests {
     fn file_without_cluster_is_an_error() {
         let err = render_str("x.yaml", "apiVersion: v1\nkind: Secret\n", &options()).unwrap_err();
         assert!(matches!(err, RenderError::NoCluster { .. }));
+    }
+
+    #[test]
+    fn a_hibernating_cluster_renders_at_zero_without_an_autoscaler() {
+        let spec = |extra: &str| {
+            format!(
+                "apiVersion: dchat.network/v1alpha1\nkind: DchatCluster\nmetadata:\n  name: chat\n{extra}spec:\n  version: '1'\n  replicas: 2\n  database: {{secretRef: {{name: db}}}}\n  autoscaling: {{enabled: true, minReplicas: 2, maxReplicas: 4}}\n"
+            )
+        };
+        let running = render_str("c.yaml", &spec(""), &options()).unwrap();
+        assert!(running.contains("kind: HorizontalPodAutoscaler"));
+        let hibernating = render_str(
+            "c.yaml",
+            &spec("  annotations:\n    dchat.network/hibernation: 'on'\n"),
+            &options(),
+        )
+        .unwrap();
+        assert!(!hibernating.contains("kind: HorizontalPodAutoscaler"));
+        assert!(hibernating.contains("replicas: 0"), "{hibernating}");
+        let bad = render_str(
+            "c.yaml",
+            &spec("  annotations:\n    dchat.network/hibernation: 'yes'\n"),
+            &options(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("metadata.annotations[dchat.network/hibernation]")
+                && bad.contains("\"on\""),
+            "{bad}"
+        );
     }
 }

@@ -74,7 +74,10 @@ fn crd_has_the_promised_shape() {
         .flatten()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(columns, vec!["Ready", "Version", "Slot", "Phase", "Age"]);
+    assert_eq!(
+        columns,
+        vec!["Ready", "Version", "Slot", "Phase", "Paused", "Age"]
+    );
 }
 
 #[test]

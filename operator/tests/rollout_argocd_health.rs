@@ -138,10 +138,33 @@ fn hand_written_statuses_map_to_argo_health() {
             "progressDeadline",
         ),
         (
+            "paused, with a spec changed since",
+            cluster(json!({"observedGeneration": 1, "phase": "Running",
+                           "conditions": [cond("Ready", "True", "3/3"),
+                                          cond("Paused", "True", "reconciliation paused by spec.paused")]})),
+            "Suspended",
+            "paused by spec.paused",
+        ),
+        (
+            "hibernating",
+            cluster(json!({"observedGeneration": 2, "phase": "Hibernating",
+                           "conditions": [cond("Ready", "False", "x"),
+                                          cond("Hibernated", "True", "hibernating as asked by spec.hibernate: no relay runs")]})),
+            "Suspended",
+            "no relay runs",
+        ),
+        (
+            "waking",
+            cluster(json!({"observedGeneration": 2, "phase": "Provisioning",
+                           "conditions": [cond("Progressing", "True", "waking from hibernation: starting 3 relay(s)")]})),
+            "Progressing",
+            "waking",
+        ),
+        (
             "unknown phase from a newer operator",
-            cluster(json!({"observedGeneration": 2, "phase": "Hibernating"})),
+            cluster(json!({"observedGeneration": 2, "phase": "Frozen"})),
             "Unknown",
-            "Hibernating",
+            "Frozen",
         ),
     ];
     for (name, obj, want_status, want_message) in rows {

@@ -144,6 +144,13 @@ pub fn admit(document: &serde_json::Value) -> Result<DchatCluster, AdmissionErro
     }
 
     validate(&cluster.spec).map_err(|e| invalid(e.0))?;
+    // The operator refuses a day-2 annotation value it does not understand.
+    crate::day2::check(&cluster).map_err(|e| {
+        invalid(vec![FieldError {
+            path: format!("metadata.annotations[{}]", e.annotation()),
+            message: e.to_string(),
+        }])
+    })?;
     Ok(cluster)
 }
 

@@ -88,6 +88,12 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
         description = "Lifecycle phase"
     ),
     printcolumn(
+        name = "Paused",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Paused\")].status",
+        description = "True while reconciliation is paused (spec.paused or the dchat.network/reconcile annotation)"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -192,6 +198,34 @@ pub struct DchatClusterSpec {
     /// until the cluster first serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapSpec>,
+
+    /// Pause reconciliation: the operator changes nothing for this cluster (no child is
+    /// applied, scaled or deleted, no rollout step is taken, no scheduled backup, retention
+    /// or restore drill runs) and only says so in status (condition `Paused`). Setting it
+    /// back to false resumes; a rollout in flight continues at the step it stood at, and
+    /// the time paused does not count against its timeouts and windows. The annotation
+    /// `dchat.network/reconcile: paused` pauses too. Deleting a paused cluster still
+    /// cleans up.
+    #[serde(default)]
+    pub paused: bool,
+
+    /// Hibernate: the relays scale to zero (the HorizontalPodAutoscaler is removed
+    /// meanwhile); every volume, Service, ConfigMap and Secret is kept, and status phase
+    /// is `Hibernating`. Setting it back to false wakes the cluster at the size it had
+    /// (`status.hibernation.replicas`, within the autoscaling range). A rollout that has
+    /// not switched traffic yet is cancelled and starts again after the wake; one that
+    /// has switched finishes first. The annotation `dchat.network/hibernation: on`
+    /// hibernates too.
+    #[serde(default)]
+    pub hibernate: bool,
+
+    /// Restart the relays: a time (RFC 3339, e.g. "2026-12-06T10:00:00Z") newer than
+    /// `status.restartedAt` replaces every relay through a blue-green rollout of the
+    /// current spec (new slot, validation, switch; no capacity lost, stored messages
+    /// handed over). The same or an older time does nothing. The annotation
+    /// `dchat.network/restartedAt` requests a restart the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<Time>,
 }
 
 /// An empty spec (no version), only for tooling that needs a `Default` object; the API
@@ -217,6 +251,9 @@ impl Default for DchatClusterSpec {
             rollout: RolloutSpec::default(),
             backup: None,
             bootstrap: None,
+            paused: false,
+            hibernate: false,
+            restarted_at: None,
         }
     }
 }
@@ -742,11 +779,14 @@ pub enum Phase {
     Failed,
     /// A new cluster loads its backup (`spec.bootstrap.recovery`) before it serves.
     Restoring,
+    /// Hibernating (`spec.hibernate` or the hibernation annotation): the relays are
+    /// stopping or stopped; volumes and Services are kept.
+    Hibernating,
 }
 
 impl Phase {
     /// Every phase, for metrics.
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Pending,
         Phase::Provisioning,
         Phase::Running,
@@ -756,6 +796,7 @@ impl Phase {
         Phase::Degraded,
         Phase::Failed,
         Phase::Restoring,
+        Phase::Hibernating,
     ];
 
     /// The phase's name as written in status.
@@ -770,6 +811,7 @@ impl Phase {
             Self::Degraded => "Degraded",
             Self::Restoring => "Restoring",
             Self::Failed => "Failed",
+            Self::Hibernating => "Hibernating",
         }
     }
 }
@@ -806,7 +848,10 @@ pub struct DchatClusterStatus {
     /// rollout is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_template_hash: Option<String>,
-    /// Standard conditions: Ready, Progressing, Degraded.
+    /// Conditions: Ready, Progressing, Degraded always; Reconciling and Stalled (kstatus)
+    /// while they hold; Monitoring and BackupHealthy when the spec asks for monitoring or
+    /// backups; Paused while reconciliation is paused; Hibernated while the cluster
+    /// hibernates or wakes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The current or last blue-green rollout.
@@ -818,6 +863,27 @@ pub struct DchatClusterStatus {
     /// The restore of a new cluster from a backup (`spec.bootstrap.recovery`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreStatus>,
+    /// The newest restart request (`spec.restartedAt` or the `dchat.network/restartedAt`
+    /// annotation) the operator acted on: the relay pod template carries it, so a
+    /// request with the same or an older time restarts nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<Time>,
+    /// Present while the cluster hibernates and until it has woken (every relay ready
+    /// again); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hibernation: Option<HibernationStatus>,
+}
+
+/// A hibernation in progress (`status.hibernation`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HibernationStatus {
+    /// When the operator scaled the relays to zero.
+    pub since: Time,
+    /// Relays of the serving slot when hibernation began (the autoscaler's choice when
+    /// autoscaling): the count a wake starts, kept within `autoscaling.minReplicas` and
+    /// `maxReplicas`; without autoscaling a wake starts `spec.replicas`.
+    pub replicas: i32,
 }
 
 /// Blue-green rollout settings. A change of the relay pod template starts the idle
@@ -1067,6 +1133,11 @@ pub struct RolloutStatus {
     /// stay on its retained volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handback: Option<HandoverOutcome>,
+    /// Seconds this rollout spent with reconciliation paused. Not counted against
+    /// `validation.readyTimeout` (measured from `startedAt`); `stepStartedAt` and
+    /// `promotedAt` are moved forward by each pause instead, so no step timer counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_seconds: Option<i64>,
 }
 
 /// How a handover Job ended.

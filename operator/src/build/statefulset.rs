@@ -46,6 +46,14 @@ pub fn statefulset(
         labels::CONFIG_HASH_ANNOTATION.to_string(),
         config_hash.to_string(),
     );
+    // A declarative restart is a new pod template: it rolls out blue-green like any
+    // other template change (see `day2::restart_marker`).
+    if let Some(at) = crate::day2::restart_marker(cluster) {
+        pod_annotations.insert(
+            labels::RESTARTED_AT_ANNOTATION.to_string(),
+            crate::day2::marker_value(at),
+        );
+    }
     let claims = deployment
         .existing_claims
         .clone()
@@ -671,6 +679,32 @@ pod:
         assert!(
             affinity.pod_anti_affinity.is_none(),
             "user affinity replaces the default"
+        );
+    }
+
+    #[test]
+    fn a_restart_request_is_a_pod_template_annotation() {
+        let annotations = |sts: StatefulSet| {
+            sts.spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()
+        };
+        let plain = annotations(build("version: '1'", Slot::Blue));
+        assert!(
+            !plain.contains_key(labels::RESTARTED_AT_ANNOTATION),
+            "never restarted: no annotation, so the template hash is what it always was"
+        );
+        let restarted = annotations(build(
+            "version: '1'\nrestartedAt: '2026-12-06T11:00:00+01:00'",
+            Slot::Blue,
+        ));
+        assert_eq!(
+            restarted[labels::RESTARTED_AT_ANNOTATION],
+            "2026-12-06T10:00:00Z"
         );
     }
 }

@@ -7,6 +7,7 @@
 pub mod backups;
 mod children;
 mod clock;
+mod day2;
 pub mod diff;
 pub mod discovery;
 mod error;

@@ -98,7 +98,7 @@ pub(super) async fn report_failure(
     error
 }
 
-async fn patch_status(
+pub(super) async fn patch_status(
     cluster: &DchatCluster,
     ctx: &Context,
     namespace: &str,

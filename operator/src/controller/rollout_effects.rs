@@ -15,7 +15,7 @@ use super::observe::{observe_pods, slot_state, LiveChildren};
 use super::{Context, Error};
 use crate::api::{DchatCluster, RolloutStep, Slot};
 use crate::rollout::{
-    smoke, Decision, JobState, PodHealth, Serving, Settings, Target, ABORT_ANNOTATION,
+    smoke, Decision, Hibernation, JobState, PodHealth, Serving, Settings, Target, ABORT_ANNOTATION,
     PROMOTE_ANNOTATION,
 };
 use crate::{labels, rollout};
@@ -23,16 +23,30 @@ use crate::{labels, rollout};
 /// Longest wait for Prometheus to answer the rollout's analysis query.
 pub(super) const ANALYSIS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the spec asks of the rollout, besides what the controller observes.
+pub(super) struct Asked<'a> {
+    /// The parsed rollout settings.
+    pub(super) settings: &'a Settings,
+    /// Hash of the desired relay pod template.
+    pub(super) desired_hash: &'a str,
+    /// What hibernation asks of the plan.
+    pub(super) hibernation: Hibernation,
+}
+
 /// Observes what the rollout state machine needs and lets it decide.
 pub(super) async fn decide_rollout(
     cluster: &DchatCluster,
     ctx: &Context,
     namespace: &str,
     live: &LiveChildren,
-    settings: &Settings,
-    desired_hash: &str,
+    asked: Asked<'_>,
     now: Timestamp,
 ) -> Result<Decision, Error> {
+    let Asked {
+        settings,
+        desired_hash,
+        hibernation,
+    } = asked;
     let previous = cluster.status.clone().unwrap_or_default();
     let serving = Serving {
         slot: previous.active_slot,
@@ -139,6 +153,7 @@ pub(super) async fn decide_rollout(
         analysis,
         promote: annotations.contains_key(PROMOTE_ANNOTATION),
         abort: annotations.contains_key(ABORT_ANNOTATION),
+        hibernation,
         now,
     };
     Ok(rollout::decide(&input))

@@ -42,12 +42,16 @@ pub(super) struct BackupReport {
     pub requeue: Option<Duration>,
 }
 
-/// Runs the schedule and retention of `cluster` and summarizes its backups.
+/// Runs the schedule and retention of `cluster` and summarizes its backups. With
+/// `relays_down` (hibernating or waking) the schedule holds, as if suspended, and its
+/// interval does not make backups "too old": nothing changes the data meanwhile, and a
+/// run missed is taken once the relays are back.
 pub(super) async fn reconcile_backups(
     cluster: &DchatCluster,
     ctx: &Context,
     namespace: &str,
     now: Timestamp,
+    relays_down: bool,
 ) -> Result<BackupReport, Error> {
     let Some(spec) = &cluster.spec.backup else {
         return Ok(BackupReport::default());
@@ -93,7 +97,7 @@ pub(super) async fn reconcile_backups(
             since,
             now,
             busy,
-            suspended: spec.suspend,
+            suspended: spec.suspend || relays_down,
         });
         next = decision.next;
         match decision.action {
@@ -164,7 +168,7 @@ pub(super) async fn reconcile_backups(
     }
     let health = health::health(
         &backups,
-        cron.as_ref(),
+        cron.as_ref().filter(|_| !relays_down),
         summary.last_verification.as_ref(),
         now,
     );

@@ -10,7 +10,10 @@
 //! - `Monitoring` is present when the spec asks for a ServiceMonitor or PrometheusRule:
 //!   True when they are applied, False while the cluster does not serve their kinds.
 //! - `observedGeneration` says which spec the status describes — also when the
-//!   reconcile of that spec failed ([`failed`]).
+//!   reconcile of that spec failed ([`failed`]). While reconciliation is paused it
+//!   stays at the last generation acted on ([`paused`]).
+//! - `Paused` (True) is present exactly while reconciliation is paused; `Hibernated`
+//!   while the cluster hibernates, waits to, or wakes.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -22,6 +25,8 @@ use crate::api::{
 };
 use crate::backup::health::Health;
 use crate::build::OptionalKinds;
+use crate::day2::{self, HibernationView, Source};
+use crate::labels::{HIBERNATION_ANNOTATION, RECONCILE_ANNOTATION, RECONCILE_PAUSED};
 
 /// Condition type: every relay of the serving slot is ready with the desired template.
 pub const READY: &str = "Ready";
@@ -37,6 +42,11 @@ pub const STALLED: &str = "Stalled";
 pub const MONITORING: &str = "Monitoring";
 /// Condition type: backups complete on time (with `spec.backup`).
 pub const BACKUP_HEALTHY: &str = "BackupHealthy";
+/// Condition type, present (True) only while reconciliation is paused.
+pub const PAUSED: &str = "Paused";
+/// Condition type, present while the cluster hibernates, waits to, or wakes: True once
+/// no relay of the serving slot runs.
+pub const HIBERNATED: &str = "Hibernated";
 
 /// Condition reasons, stable for alerting and automation.
 pub mod reason {
@@ -72,6 +82,24 @@ pub mod reason {
     pub const RESTORE_FAILED: &str = "RestoreFailed";
     /// The cluster does not serve the Prometheus Operator's kinds.
     pub const PROMETHEUS_OPERATOR_MISSING: &str = "PrometheusOperatorNotInstalled";
+    /// `Progressing`: reconciliation is paused, nothing moves.
+    pub const PAUSED: &str = "Paused";
+    /// `Paused`: paused by `spec.paused`.
+    pub const PAUSED_BY_SPEC: &str = "PausedBySpec";
+    /// `Paused`: paused by the `dchat.network/reconcile: paused` annotation.
+    pub const PAUSED_BY_ANNOTATION: &str = "PausedByAnnotation";
+    /// `Paused`: paused by both.
+    pub const PAUSED_BY_SPEC_AND_ANNOTATION: &str = "PausedBySpecAndAnnotation";
+    /// `Hibernated` (True), `Ready` and `Progressing` (False): no relay runs.
+    pub const HIBERNATED: &str = "Hibernated";
+    /// `Hibernated` (False), `Progressing` (True): the relays are stopping.
+    pub const HIBERNATING: &str = "Hibernating";
+    /// `Hibernated` (False): hibernation is asked for but waits for a switched rollout,
+    /// a handback or a bootstrap restore to finish.
+    pub const HIBERNATION_PENDING: &str = "HibernationPending";
+    /// `Hibernated` (False), `Ready` (False), `Progressing` (True): the relays start again
+    /// after hibernation.
+    pub const WAKING: &str = "Waking";
 }
 
 /// What a reconcile saw of the serving slot's StatefulSet.
@@ -146,6 +174,10 @@ pub struct Observation {
     pub backup_health: Option<Health>,
     /// The restore of a new cluster (`spec.bootstrap.recovery`).
     pub restore: Option<RestoreStatus>,
+    /// Where hibernation stands.
+    pub hibernation: HibernationView,
+    /// `status.restartedAt`: the restart the relay pod template carries.
+    pub restarted_at: Option<Time>,
 }
 
 /// A condition's status: `True`, `False` or `Unknown`.
@@ -223,6 +255,9 @@ fn verdict(cluster: &DchatCluster, previous: &DchatClusterStatus, obs: &Observat
         return failure_verdict(failure, cond(all_ready, reason::RECONCILE_ERROR, counts));
     }
     if let Some(v) = restore_verdict(obs, &counts) {
+        return v;
+    }
+    if let Some(v) = hibernation_verdict(obs, &counts) {
         return v;
     }
     if let Some(v) = rollout_verdict(obs, all_ready, &counts) {
@@ -339,6 +374,109 @@ fn restore_verdict(obs: &Observation, counts: &str) -> Option<Verdict> {
                 stalled: true,
             })
         }
+    }
+}
+
+/// Who asked for hibernation, for messages.
+fn hibernation_source(source: Source) -> String {
+    day2::describe(
+        source,
+        "hibernate",
+        &format!("{HIBERNATION_ANNOTATION}={}", day2::HIBERNATION_ON),
+    )
+}
+
+/// The verdict while the cluster hibernates or wakes; `None` otherwise (waiting to
+/// hibernate leaves the verdict to the rollout it waits for).
+fn hibernation_verdict(obs: &Observation, counts: &str) -> Option<Verdict> {
+    match &obs.hibernation {
+        HibernationView::Hibernating { .. } => {
+            let message = hibernated_message(obs);
+            let stopped = hibernation_stopped(obs);
+            Some(Verdict {
+                phase: Phase::Hibernating,
+                ready: cond(false, reason::HIBERNATED, message.clone()),
+                progressing: if stopped {
+                    cond(false, reason::HIBERNATED, message)
+                } else {
+                    cond(true, reason::HIBERNATING, message)
+                },
+                degraded: cond(false, reason::AS_EXPECTED, "hibernating as asked"),
+                stalled: false,
+            })
+        }
+        HibernationView::Waking { replicas, .. } => {
+            let message = format!(
+                "waking from hibernation: starting {replicas} relay(s) in slot {}; {counts}",
+                obs.active_slot
+            );
+            Some(Verdict {
+                phase: Phase::Provisioning,
+                ready: cond(false, reason::WAKING, counts),
+                progressing: cond(true, reason::WAKING, message),
+                degraded: cond(false, reason::AS_EXPECTED, counts),
+                stalled: false,
+            })
+        }
+        HibernationView::Off | HibernationView::Waiting { .. } => None,
+    }
+}
+
+/// Whether no relay of the serving slot runs any more.
+fn hibernation_stopped(obs: &Observation) -> bool {
+    obs.active.as_ref().is_none_or(|a| a.replicas == 0)
+}
+
+fn hibernated_message(obs: &Observation) -> String {
+    let HibernationView::Hibernating { source, record } = &obs.hibernation else {
+        return String::new();
+    };
+    let by = hibernation_source(*source);
+    let running = obs.active.as_ref().map(|a| a.replicas).unwrap_or(0);
+    let state = if running == 0 {
+        "no relay runs".to_string()
+    } else {
+        format!("stopping relays, {running} still running")
+    };
+    format!(
+        "hibernating as asked by {by}: {state}; volumes and Services are kept; waking starts {} relay(s) in slot {}",
+        record.replicas, obs.active_slot
+    )
+}
+
+/// The `Hibernated` condition, or `None` when hibernation is neither asked for nor
+/// being undone.
+fn hibernation_condition(obs: &Observation) -> Option<Cond> {
+    match &obs.hibernation {
+        HibernationView::Off => None,
+        HibernationView::Waiting { source, why } => Some(cond(
+            false,
+            reason::HIBERNATION_PENDING,
+            format!(
+                "hibernation asked by {} waits: {why}",
+                hibernation_source(*source)
+            ),
+        )),
+        HibernationView::Hibernating { .. } => {
+            let stopped = hibernation_stopped(obs);
+            Some(cond(
+                stopped,
+                if stopped {
+                    reason::HIBERNATED
+                } else {
+                    reason::HIBERNATING
+                },
+                hibernated_message(obs),
+            ))
+        }
+        HibernationView::Waking { replicas, .. } => Some(cond(
+            false,
+            reason::WAKING,
+            format!(
+                "waking: {replicas} relay(s) starting in slot {}; the autoscaler (if any) returns once all are ready",
+                obs.active_slot
+            ),
+        )),
     }
 }
 
@@ -486,6 +624,9 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
     if let Some(h) = &obs.backup_health {
         extra.push((BACKUP_HEALTHY, cond(h.healthy, h.reason, h.message.clone())));
     }
+    if let Some(c) = hibernation_condition(obs) {
+        extra.push((HIBERNATED, c));
+    }
     let conditions = conditions(&previous, generation, obs.now, &v, extra);
 
     let (replicas, ready_replicas, desired) = obs
@@ -522,6 +663,8 @@ pub fn compute(cluster: &DchatCluster, obs: &Observation) -> DchatClusterStatus 
         rollout: obs.rollout.clone(),
         backup: obs.backup.clone(),
         restore: obs.restore.clone(),
+        restarted_at: obs.restarted_at.clone(),
+        hibernation: obs.hibernation.record(),
     }
 }
 
@@ -542,12 +685,13 @@ pub fn failed(cluster: &DchatCluster, failure: &Failure, now: Timestamp) -> Dcha
     );
     let generation = cluster.meta().generation;
     let mut conditions = conditions(&previous, generation, now, &v, Vec::new());
-    // Monitoring and backups are not re-evaluated without an observation: they stay.
+    // Monitoring, backups and hibernation are not re-evaluated without an
+    // observation: they stay.
     conditions.extend(
         previous
             .conditions
             .iter()
-            .filter(|c| c.type_ == MONITORING || c.type_ == BACKUP_HEALTHY)
+            .filter(|c| [MONITORING, BACKUP_HEALTHY, HIBERNATED].contains(&c.type_.as_str()))
             .cloned(),
     );
     DchatClusterStatus {
@@ -560,6 +704,80 @@ pub fn failed(cluster: &DchatCluster, failure: &Failure, now: Timestamp) -> Dcha
         conditions,
         ..previous
     }
+}
+
+/// The status of a paused cluster: what it said when the pause began, with `Paused`
+/// (True) saying who paused it, `Progressing` False with reason `Paused` (nothing moves,
+/// so no `Reconciling` either), and `observedGeneration` left at the last generation the
+/// operator acted on — a spec changed while paused is not acted on, and status says so.
+/// Nothing else is looked at: a paused cluster costs no request but this status check.
+pub fn paused(cluster: &DchatCluster, source: Source, now: Timestamp) -> DchatClusterStatus {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let generation = cluster.meta().generation;
+    let (why, undo) = match source {
+        Source::Spec => (reason::PAUSED_BY_SPEC, "spec.paused is set back to false"),
+        Source::Annotation => (reason::PAUSED_BY_ANNOTATION, "the annotation is removed"),
+        Source::Both => (
+            reason::PAUSED_BY_SPEC_AND_ANNOTATION,
+            "spec.paused is false and the annotation is removed",
+        ),
+    };
+    let by = day2::describe(
+        source,
+        "paused",
+        &format!("{RECONCILE_ANNOTATION}={RECONCILE_PAUSED}"),
+    );
+    let message = format!(
+        "reconciliation paused by {by}: the operator changes nothing for this cluster (no child applied, scaled or deleted, no rollout step, no scheduled backup) until {undo}"
+    );
+    let condition = |type_: &str, c: Cond| {
+        let status = c.status.as_str();
+        let since = previous
+            .conditions
+            .iter()
+            .find(|p| p.type_ == type_ && p.status == status)
+            .map(|p| p.last_transition_time.clone())
+            .unwrap_or(Time(now));
+        Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: c.reason.to_string(),
+            message: c.message,
+            observed_generation: generation,
+            last_transition_time: since,
+        }
+    };
+    let progressing = condition(PROGRESSING, cond(false, reason::PAUSED, message.clone()));
+    let mut conditions: Vec<Condition> = previous
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != RECONCILING && c.type_ != PAUSED)
+        .map(|c| {
+            if c.type_ == PROGRESSING {
+                progressing.clone()
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    if !conditions.iter().any(|c| c.type_ == PROGRESSING) {
+        conditions.push(progressing);
+    }
+    conditions.push(condition(PAUSED, cond(true, why, message)));
+    DchatClusterStatus {
+        conditions,
+        ..previous
+    }
+}
+
+/// When reconciliation was paused, if the status says it is: the `Paused` condition's
+/// `lastTransitionTime`.
+pub fn paused_since(status: &DchatClusterStatus) -> Option<Timestamp> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == PAUSED && c.status == "True")
+        .map(|c| c.last_transition_time.0)
 }
 
 /// Which of the monitoring objects `spec` asks for the cluster cannot hold.
@@ -652,6 +870,8 @@ mod tests {
             backup: None,
             backup_health: None,
             restore: None,
+            hibernation: HibernationView::Off,
+            restarted_at: None,
         }
     }
 
@@ -822,6 +1042,7 @@ mod tests {
             rolled_back_from: None,
             failed_template_hash: failed.map(Into::into),
             handback: None,
+            paused_seconds: None,
         }
     }
 
@@ -1047,5 +1268,216 @@ mod tests {
         o.monitoring = Monitoring::Served;
         let served = compute(&cluster, &o);
         assert_eq!(cond(&served, MONITORING).unwrap().status, "True");
+    }
+
+    #[test]
+    fn a_paused_cluster_keeps_its_status_and_says_who_paused_it() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        let running = compute(&cluster, &obs(Some(ready(3))));
+        cluster.status = Some(running.clone());
+        // The spec changes while paused: status keeps describing generation 1.
+        cluster.metadata.generation = Some(2);
+        let at = Timestamp::from_second(5_000).unwrap();
+        let paused = paused(&cluster, Source::Annotation, at);
+        assert_eq!(paused.phase, Phase::Running);
+        assert_eq!(paused.observed_generation, Some(1));
+        assert_eq!(paused.active_version, running.active_version);
+        let p = cond(&paused, PAUSED).unwrap();
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str()),
+            ("True", reason::PAUSED_BY_ANNOTATION)
+        );
+        assert!(
+            p.message.contains("dchat.network/reconcile=paused"),
+            "{}",
+            p.message
+        );
+        assert_eq!(p.observed_generation, Some(2));
+        assert_eq!(p.last_transition_time.0, at);
+        let progressing = cond(&paused, PROGRESSING).unwrap();
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("False", reason::PAUSED)
+        );
+        assert!(cond(&paused, RECONCILING).is_none());
+        assert_eq!(
+            cond(&paused, READY),
+            cond(&running, READY),
+            "kept as it was"
+        );
+        assert_eq!(paused_since(&paused), Some(at));
+        // Paused again later: identical, so nothing is written.
+        cluster.status = Some(paused.clone());
+        let later = super::paused(
+            &cluster,
+            Source::Annotation,
+            Timestamp::from_second(9_000).unwrap(),
+        );
+        assert_eq!(later, paused);
+        // Another source: the reason says so, the time stays.
+        let both = super::paused(
+            &cluster,
+            Source::Both,
+            Timestamp::from_second(9_000).unwrap(),
+        );
+        let p = cond(&both, PAUSED).unwrap();
+        assert_eq!(p.reason, reason::PAUSED_BY_SPEC_AND_ANNOTATION);
+        assert_eq!(p.last_transition_time.0, at);
+        // Resumed: compute drops the condition.
+        let resumed = compute(&cluster, &obs(Some(ready(3))));
+        assert!(cond(&resumed, PAUSED).is_none());
+        assert_eq!(paused_since(&resumed), None);
+    }
+
+    #[test]
+    fn a_cluster_paused_before_its_first_reconcile_is_pending() {
+        let cluster = cluster_from_yaml("version: '1.0'\npaused: true");
+        let status = paused(&cluster, Source::Spec, Timestamp::from_second(7).unwrap());
+        assert_eq!(status.phase, Phase::Pending);
+        assert_eq!(status.observed_generation, None);
+        assert_eq!(
+            cond(&status, PAUSED).unwrap().reason,
+            reason::PAUSED_BY_SPEC
+        );
+        assert_eq!(cond(&status, PROGRESSING).unwrap().status, "False");
+    }
+
+    fn hibernating(running: i32) -> Observation {
+        let mut o = obs(Some(SlotObservation {
+            desired: 0,
+            replicas: running,
+            ready: running,
+            updated: 0,
+            rolled_out: running == 0,
+        }));
+        o.hibernation = HibernationView::Hibernating {
+            source: Source::Spec,
+            record: crate::api::HibernationStatus {
+                since: Time(Timestamp::from_second(900).unwrap()),
+                replicas: 3,
+            },
+        };
+        o
+    }
+
+    #[test]
+    fn hibernation_is_its_own_phase_with_the_record_in_status() {
+        let mut cluster = cluster_from_yaml("version: '1.0'\nhibernate: true");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(3)))));
+        // Relays still stopping.
+        let stopping = compute(&cluster, &hibernating(2));
+        assert_eq!(stopping.phase, Phase::Hibernating);
+        let h = cond(&stopping, HIBERNATED).unwrap();
+        assert_eq!(
+            (h.status.as_str(), h.reason.as_str()),
+            ("False", reason::HIBERNATING)
+        );
+        assert!(h.message.contains("2 still running"), "{}", h.message);
+        assert_eq!(cond(&stopping, PROGRESSING).unwrap().status, "True");
+        assert_eq!(stopping.hibernation.as_ref().map(|h| h.replicas), Some(3));
+        // Every relay stopped: hibernated, nothing moves, nothing is wrong.
+        let stopped = compute(&cluster, &hibernating(0));
+        assert_eq!(stopped.phase, Phase::Hibernating);
+        let h = cond(&stopped, HIBERNATED).unwrap();
+        assert_eq!(
+            (h.status.as_str(), h.reason.as_str()),
+            ("True", reason::HIBERNATED)
+        );
+        assert!(h.message.contains("spec.hibernate"), "{}", h.message);
+        assert!(
+            h.message.contains("waking starts 3 relay(s)"),
+            "{}",
+            h.message
+        );
+        let ready = cond(&stopped, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason::HIBERNATED)
+        );
+        assert_eq!(cond(&stopped, PROGRESSING).unwrap().status, "False");
+        assert_eq!(cond(&stopped, DEGRADED).unwrap().status, "False");
+        assert!(cond(&stopped, RECONCILING).is_none());
+        assert!(cond(&stopped, STALLED).is_none());
+        assert_eq!(stopped.active_version.as_deref(), Some("1.0"), "kept");
+    }
+
+    #[test]
+    fn waking_is_provisioning_until_every_relay_is_back() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &hibernating(0)));
+        let record = cluster
+            .status
+            .as_ref()
+            .unwrap()
+            .hibernation
+            .clone()
+            .unwrap();
+        let mut starting = ready(3);
+        starting.ready = 1;
+        let mut o = obs(Some(starting));
+        o.hibernation = HibernationView::Waking {
+            record: record.clone(),
+            replicas: 3,
+        };
+        let waking = compute(&cluster, &o);
+        assert_eq!(waking.phase, Phase::Provisioning);
+        assert_eq!(waking.hibernation, Some(record));
+        let h = cond(&waking, HIBERNATED).unwrap();
+        assert_eq!(
+            (h.status.as_str(), h.reason.as_str()),
+            ("False", reason::WAKING)
+        );
+        let progressing = cond(&waking, PROGRESSING).unwrap();
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("True", reason::WAKING)
+        );
+        assert!(
+            progressing.message.contains("1/3 relays ready"),
+            "{}",
+            progressing.message
+        );
+        // Awake: the view is off, the record and the condition go.
+        let awake = compute(&cluster, &obs(Some(ready(3))));
+        assert_eq!(awake.phase, Phase::Running);
+        assert_eq!(awake.hibernation, None);
+        assert!(cond(&awake, HIBERNATED).is_none());
+    }
+
+    #[test]
+    fn hibernation_waiting_for_a_rollout_leaves_the_phase_to_the_rollout() {
+        let mut cluster = cluster_from_yaml("version: '1.0'");
+        cluster.status = Some(compute(&cluster, &obs(Some(ready(1)))));
+        let mut o = obs(Some(ready(1)));
+        o.rollout = Some(rollout(RolloutStep::Promoted, None));
+        o.hibernation = HibernationView::Waiting {
+            source: Source::Annotation,
+            why:
+                "the rollout of version 1.1 has switched traffic (step Promoted); it finishes first"
+                    .into(),
+        };
+        let status = compute(&cluster, &o);
+        assert_eq!(status.phase, Phase::Progressing);
+        assert_eq!(status.hibernation, None);
+        let h = cond(&status, HIBERNATED).unwrap();
+        assert_eq!(
+            (h.status.as_str(), h.reason.as_str()),
+            ("False", reason::HIBERNATION_PENDING)
+        );
+        assert!(
+            h.message.contains("dchat.network/hibernation=on"),
+            "{}",
+            h.message
+        );
+        assert!(h.message.contains("finishes first"), "{}", h.message);
+    }
+
+    #[test]
+    fn the_restart_acted_on_is_recorded() {
+        let cluster = cluster_from_yaml("version: '1.0'");
+        let mut o = obs(Some(ready(1)));
+        let at = Time(Timestamp::from_second(1_000_000).unwrap());
+        o.restarted_at = Some(at.clone());
+        assert_eq!(compute(&cluster, &o).restarted_at, Some(at));
     }
 }

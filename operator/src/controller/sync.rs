@@ -1,8 +1,10 @@
 //! One reconcile of a live cluster: observe, validate, let the rollout decide, build the
-//! desired children, apply them, and write status.
+//! desired children, apply them, and write status. A paused cluster stops at the first
+//! step: only its status is written.
 
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::DynamicObject;
 use kube::runtime::controller::Action;
@@ -11,17 +13,19 @@ use kube::ResourceExt;
 use tracing::info;
 
 use super::children::{apply_children, ensure_admin_token};
+use super::day2::{announce_restart, pause, resume};
 use super::observe::{database_secret_hash, existing_claims, observe, slot_observation};
 use super::report::{publish, report_failure, write_status};
 use super::restore::reconcile_restore;
 use super::rollout_effects::{
-    consume_annotations, decide_rollout, ensure_job, ensure_prerollout_backup,
+    consume_annotations, decide_rollout, ensure_job, ensure_prerollout_backup, Asked,
 };
 use super::schedule::{reconcile_backups, BackupReport};
 use super::status::Observation;
 use super::{status, Context, Error, RESYNC};
-use crate::api::{validate, DchatCluster, Slot};
+use crate::api::{validate, DchatCluster, RestorePhase, Slot};
 use crate::build::{desired_children, BuildInputs, Child, SlotDeployment};
+use crate::day2::{self, HibernationView, ServingRelays, Source};
 use crate::rollout::{
     handover, smoke, Settings, Template, SECRET_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
 };
@@ -33,6 +37,12 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     let namespace = cluster
         .namespace()
         .ok_or_else(|| Error::NoNamespace(cluster.name_any()))?;
+    let now = ctx.clock.now();
+    // A bad value of the reconcile annotation is reported below, like any invalid spec.
+    if let Ok(Some(source)) = day2::paused(&cluster) {
+        return pause(&cluster, ctx, &namespace, source, now).await;
+    }
+    let cluster = resume(cluster, ctx, now).await;
     // Every failure shows in status within this attempt: either in the status write
     // below (failures while applying) or through `report_failure` (everything else).
     macro_rules! reported {
@@ -43,7 +53,6 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
             }
         };
     }
-    let now = ctx.clock.now();
     let previous = cluster.status.clone().unwrap_or_default();
     let active_slot = previous.active_slot;
     let served = reported!(ctx.served_kinds().await);
@@ -56,6 +65,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
 
     let settings = validate(&cluster.spec)
         .map_err(|e| e.to_string())
+        .and_then(|()| day2::check(&cluster).map_err(|e| e.to_string()))
         .and_then(|()| Settings::from_spec(&cluster.spec).map_err(|e| e.to_string()));
     let settings = match settings {
         Ok(settings) => settings,
@@ -76,19 +86,54 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         }
     };
 
+    // Validated above: the requests parse.
+    let hibernate = day2::hibernation_requested(&cluster).ok().flatten();
+    let restore_running = previous
+        .restore
+        .as_ref()
+        .is_some_and(|r| r.phase == RestorePhase::Running);
+    let hibernation = day2::hibernation_input(
+        hibernate,
+        previous.hibernation.as_ref(),
+        &cluster.spec,
+        restore_running,
+    );
     let decision = reported!(
         decide_rollout(
             &cluster,
             ctx,
             &namespace,
             &live,
-            &settings,
-            &desired_hash,
+            Asked {
+                settings: &settings,
+                desired_hash: &desired_hash,
+                hibernation,
+            },
             now,
         )
         .await
     );
     let serving_slot = decision.serving.slot;
+    let serving_before = slot_observation(live.get(
+        "StatefulSet",
+        &labels::statefulset_name(&cluster, serving_slot),
+    ))
+    .unwrap_or_default();
+    let hibernation = day2::hibernation_view(
+        hibernate,
+        previous.hibernation.as_ref(),
+        &decision.hibernation,
+        restore_running,
+        ServingRelays {
+            desired: serving_before.desired,
+            ready: serving_before.ready,
+            rolled_out: serving_before.rolled_out,
+            reported: previous.replicas,
+        },
+        &cluster.spec,
+        now,
+    );
+    announce_restart(&cluster, ctx, hibernation.record().is_some()).await;
     let mut deployments = Vec::new();
     let mut kept = Vec::new();
     for plan in &decision.slots {
@@ -128,6 +173,9 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         clients_admitted: restore.clients_admitted,
     };
     let mut desired = desired_children(&cluster, &inputs);
+    if decision.hibernation.suspends_autoscaler() {
+        desired.retain(|child| !matches!(child, Child::HorizontalPodAutoscaler(_)));
+    }
     for child in &mut desired {
         match child {
             // Records which template a slot was given, so a rollout can tell the new
@@ -191,7 +239,9 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     }
     let mut backups = BackupReport::default();
     if outcome.is_ok() {
-        match reconcile_backups(&cluster, ctx, &namespace, now).await {
+        // Scheduled backups need running relays: none while hibernating or waking.
+        let relays_down = hibernation.record().is_some();
+        match reconcile_backups(&cluster, ctx, &namespace, now, relays_down).await {
             Ok(report) => backups = report,
             Err(e) => outcome = Err(e),
         }
@@ -211,6 +261,9 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         backup: backups.status.clone(),
         backup_health: backups.health.clone(),
         restore: restore.status.clone(),
+        hibernation,
+        // In the template applied above: acted on.
+        restarted_at: day2::restart_marker(&cluster).map(Time),
         ..observation(&cluster, serving_slot, serving_live, &desired_hash, now)
     };
     write_status(&cluster, ctx, &namespace, obs).await?;
@@ -260,6 +313,28 @@ pub(super) fn observation(
         backup: cluster.status.as_ref().and_then(|s| s.backup.clone()),
         backup_health: None,
         restore: cluster.status.as_ref().and_then(|s| s.restore.clone()),
+        hibernation: kept_hibernation(cluster),
+        restarted_at: cluster.status.as_ref().and_then(|s| s.restarted_at.clone()),
+    }
+}
+
+/// Hibernation as the previous status left it, for a reconcile that decides nothing (an
+/// invalid spec): the record stays, and so does what it means.
+fn kept_hibernation(cluster: &DchatCluster) -> HibernationView {
+    let Some(record) = cluster.status.as_ref().and_then(|s| s.hibernation.clone()) else {
+        return HibernationView::Off;
+    };
+    match day2::hibernation_requested(cluster) {
+        Ok(Some(source)) => HibernationView::Hibernating { source, record },
+        // A value the operator does not understand wakes nothing.
+        Err(_) => HibernationView::Hibernating {
+            source: Source::Annotation,
+            record,
+        },
+        Ok(None) => HibernationView::Waking {
+            replicas: day2::wake_replicas(&record, &cluster.spec),
+            record,
+        },
     }
 }
 

@@ -2,10 +2,11 @@
 //!
 //! [`decide`] takes what the controller knows — the rollout settings, the template the
 //! spec asks for, what serves now, the rollout recorded in status, what it observed of
-//! the two slots, the pods and the smoke test, the promote/abort annotations, and the
-//! time — and returns the next rollout status plus the plan the controller applies:
-//! which slot the client Service selects, which StatefulSets get the desired template,
-//! which keep the one they run, at what size, and whether a smoke test Job must exist.
+//! the two slots, the pods and the smoke test, the promote/abort annotations, what
+//! hibernation asks ([`Hibernation`]), and the time — and returns the next rollout status
+//! plus the plan the controller applies: which slot the client Service selects, which
+//! StatefulSets get the desired template, which keep the one they run, at what size, and
+//! whether a smoke test Job must exist. [`resumed`] moves a rollout's timers past a pause.
 //!
 //! No I/O and no clock: the same inputs give the same decision, which is what makes a
 //! rollout resumable after an operator restart (everything it needs is in status) and
@@ -96,6 +97,9 @@ pub mod reason {
     pub const SUPERSEDED: &str = "Superseded";
     /// The spec went back to the serving template before the switch.
     pub const CANCELLED: &str = "Cancelled";
+    /// The cluster hibernates: a rollout that had not switched traffic is cancelled (it
+    /// starts again after the wake).
+    pub const HIBERNATED: &str = "Hibernated";
 }
 
 /// The rollout settings of a spec, parsed.
@@ -280,8 +284,52 @@ pub struct Input<'a> {
     pub promote: bool,
     /// The abort annotation is set.
     pub abort: bool,
+    /// What hibernation asks of the plan.
+    pub hibernation: Hibernation,
     /// Now.
     pub now: Timestamp,
+}
+
+/// What hibernation (`spec.hibernate`, the `dchat.network/hibernation` annotation) asks
+/// of the plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hibernation {
+    /// Nothing: the relays run as the spec and the rollout say.
+    #[default]
+    Off,
+    /// Every slot to zero, once nothing in flight needs running relays: a rollout that
+    /// has not switched traffic is cancelled (it starts again after the wake); one that
+    /// has switched finishes first, and so does handing a failed slot's stored messages
+    /// back. No rollout starts.
+    Hibernate,
+    /// Waking: the serving slot runs at `replicas`, also when autoscaling (the
+    /// autoscaler is not back until every relay is ready); no rollout starts meanwhile.
+    Wake {
+        /// Relays the serving slot starts.
+        replicas: i32,
+    },
+}
+
+/// What became of hibernation in a [`Decision`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HibernationPlan {
+    /// Not asked: the plan is the rollout's.
+    #[default]
+    Off,
+    /// Asked, but the rollout needs running relays first; says what it waits for.
+    Waiting(String),
+    /// Every slot is planned at zero and the autoscaler must not exist.
+    Hibernated,
+    /// The serving slot is planned at the wake size and the autoscaler must not exist.
+    Waking,
+}
+
+impl HibernationPlan {
+    /// Whether the HorizontalPodAutoscaler must not exist: it would not scale a
+    /// StatefulSet at zero anyway, and while waking it would fight the fixed wake size.
+    pub fn suspends_autoscaler(&self) -> bool {
+        matches!(self, Self::Hibernated | Self::Waking)
+    }
 }
 
 impl Input<'_> {
@@ -385,6 +433,8 @@ pub struct Decision {
     pub consume_abort: bool,
     /// Look again this soon (a rollout is in flight).
     pub requeue: Option<Duration>,
+    /// What became of hibernation.
+    pub hibernation: HibernationPlan,
 }
 
 /// Decides the next rollout step and the plan to apply. Pure: see the module docs.
@@ -433,6 +483,30 @@ fn elapsed(now: Timestamp, since: &Time) -> Duration {
     }
 }
 
+/// Time since the rollout started, not counting the time reconciliation was paused.
+fn active_elapsed(now: Timestamp, r: &RolloutStatus) -> Duration {
+    let paused = Duration::from_secs(r.paused_seconds.unwrap_or(0).max(0).unsigned_abs());
+    elapsed(now, &r.started_at).saturating_sub(paused)
+}
+
+/// The rollout as it resumes after reconciliation was paused for `paused`: its step
+/// timers (`stepStartedAt`, `promotedAt`) move forward by that long and `pausedSeconds`
+/// grows by it, so no timeout, window or delay counts time in which the operator did not
+/// look. `startedAt` stays: it names the rollout's Jobs and backup. A rollout that is not
+/// in flight is returned as it is.
+pub fn resumed(r: &RolloutStatus, paused: Duration) -> RolloutStatus {
+    if !r.step.in_flight() || paused.is_zero() {
+        return r.clone();
+    }
+    let shift = |t: &Time| Time(after(t, paused));
+    let mut next = r.clone();
+    next.step_started_at = shift(&r.step_started_at);
+    next.promoted_at = r.promoted_at.as_ref().map(shift);
+    let seconds = i64::try_from(paused.as_secs()).unwrap_or(i64::MAX);
+    next.paused_seconds = Some(r.paused_seconds.unwrap_or(0).saturating_add(seconds));
+    next
+}
+
 fn after(at: &Time, d: Duration) -> Timestamp {
     SignedDuration::try_from(d)
         .ok()
@@ -440,7 +514,8 @@ fn after(at: &Time, d: Duration) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
-fn human(d: Duration) -> String {
+/// A duration as people write it: "90s", "15m", "2h".
+pub(crate) fn human(d: Duration) -> String {
     let secs = d.as_secs();
     if secs >= 3600 && secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
@@ -602,6 +677,8 @@ impl Machine<'_, '_> {
             r.step == RolloutStep::HandoverFailed
                 && r.target_template_hash == input.desired.hash
                 && input.handover == JobState::Absent
+                // The retry needs both slots' relays running.
+                && input.hibernation != Hibernation::Hibernate
         }) {
             // The failed Job was deleted: that is the request to try again.
             let mut next = r.clone();
@@ -618,6 +695,11 @@ impl Machine<'_, '_> {
                 serving: state.serving.clone(),
                 rollout: Some(next),
             });
+        }
+        // A rollout needs running relays: none starts while the cluster hibernates,
+        // nor before a woken cluster's relays are all back.
+        if input.hibernation != Hibernation::Off {
+            return None;
         }
         let serving_hash = state.serving.hash.as_deref()?;
         if serving_hash == input.desired.hash {
@@ -673,11 +755,15 @@ impl Machine<'_, '_> {
             rolled_back_from: None,
             failed_template_hash: None,
             handback: None,
+            paused_seconds: None,
         }
     }
 
     fn in_flight(&mut self, state: &State, r: &RolloutStatus) -> Option<State> {
         let input = self.input;
+        if input.hibernation == Hibernation::Hibernate && !r.step.switched() {
+            return Some(self.cancel_for_hibernation(state, r));
+        }
         if input.desired.hash != r.target_template_hash {
             return Some(self.supersede(state, r));
         }
@@ -759,6 +845,28 @@ impl Machine<'_, '_> {
         State {
             serving: state.serving.clone(),
             rollout: Some(self.start(&state.serving, r.slot.other(), replicas)),
+        }
+    }
+
+    /// Hibernation before the switch: the new slot has served nothing, so the attempt
+    /// is dropped without marking its template failed; after the wake the spec's
+    /// template differs from the serving one again and a fresh rollout starts.
+    fn cancel_for_hibernation(&mut self, state: &State, r: &RolloutStatus) -> State {
+        let mut next = r.clone();
+        next.step = RolloutStep::Cancelled;
+        next.reason = Some(reason::HIBERNATED.to_string());
+        next.step_started_at = self.now();
+        next.message = format!(
+            "cancelled at step {}: the cluster hibernates; version {} serving from slot {} is kept, and version {} rolls out again after the wake",
+            r.step,
+            state.serving.version.as_deref().unwrap_or("unknown"),
+            state.serving.slot,
+            r.target_version
+        );
+        self.note(false, reason::HIBERNATED, next.message.clone());
+        State {
+            serving: state.serving.clone(),
+            rollout: Some(next),
         }
     }
 
@@ -890,7 +998,7 @@ impl Machine<'_, '_> {
             }
             Err(waiting) => {
                 let now = self.input.now;
-                if elapsed(now, &r.started_at) > settings.ready_timeout {
+                if active_elapsed(now, r) > settings.ready_timeout {
                     let detail = format!("{waiting} after {}", human(settings.ready_timeout));
                     return Some(Progress::Move(Box::new(self.fail(
                         state,
@@ -1260,14 +1368,22 @@ impl Machine<'_, '_> {
     /// after the switch), past its inspection delay, whose stored messages have not been
     /// handed back to the serving slot yet.
     fn handback_pending<'s>(&self, state: &'s State) -> Option<&'s RolloutStatus> {
+        self.handback_owed(state)
+            .filter(|_| self.failed_slot_kept_for(state).is_none())
+    }
+
+    /// Embedded store: a slot that served traffic and was rolled back from (or aborted
+    /// after the switch) whose stored messages have not been handed back yet, whether or
+    /// not its inspection delay has passed. Hibernation waits for it: the handback needs
+    /// the failed slot's relay running.
+    fn handback_owed<'s>(&self, state: &'s State) -> Option<&'s RolloutStatus> {
         let r = state.rollout.as_ref()?;
         (self.input.settings.handover
             && matches!(r.step, RolloutStep::RolledBack | RolloutStep::Aborted)
             && r.rolled_back_from.is_some()
             && r.handback.is_none()
-            && r.slot != state.serving.slot
-            && self.failed_slot_kept_for(state).is_none())
-        .then_some(r)
+            && r.slot != state.serving.slot)
+            .then_some(r)
     }
 
     /// Whether the serving slot's rollout ended with a failed handover (the other slot
@@ -1313,7 +1429,7 @@ impl Machine<'_, '_> {
         let in_flight = state.rollout.as_ref().filter(|r| r.step.in_flight());
         let mut handover = None;
         let mut backup = None;
-        let (slots, hpa_bounds, active_is_desired, smoke) = match in_flight {
+        let (mut slots, mut hpa_bounds, active_is_desired, smoke) = match in_flight {
             Some(r) => match r.step {
                 // Inside the window the HPA may scale the new slot out, never below the
                 // validated count; "every relay ready" is judged on that count.
@@ -1413,12 +1529,42 @@ impl Machine<'_, '_> {
                 )
             }
         };
-        let requeue = match in_flight {
+        let mut requeue = match in_flight {
             Some(_) => Some(POLL),
             // Job deletions are not watched: look for the retry request now and then.
             None if self.handover_failed(&state) => Some(HANDOVER_RETRY_POLL),
             None if self.handback_pending(&state).is_some() => Some(POLL),
             None => self.failed_slot_kept_for(&state),
+        };
+        let hibernation = match input.hibernation {
+            Hibernation::Off => HibernationPlan::Off,
+            Hibernation::Hibernate => match (in_flight, self.handback_owed(&state)) {
+                (Some(r), _) => HibernationPlan::Waiting(format!(
+                    "the rollout of version {} has switched traffic (step {}); it finishes first",
+                    r.target_version, r.step
+                )),
+                (None, Some(r)) => HibernationPlan::Waiting(format!(
+                    "slot {}'s stored messages are handed back to slot {} first (after its inspection delay)",
+                    r.slot, state.serving.slot
+                )),
+                (None, None) => {
+                    // Both slots to zero, templates as they are; the volumes stay.
+                    for plan in &mut slots {
+                        plan.replicas = Some(0);
+                    }
+                    hpa_bounds = None;
+                    handover = None;
+                    requeue = None;
+                    HibernationPlan::Hibernated
+                }
+            },
+            Hibernation::Wake { replicas } if in_flight.is_none() => {
+                if let Some(serving) = slots.first_mut() {
+                    serving.replicas = Some(replicas);
+                }
+                HibernationPlan::Waking
+            }
+            Hibernation::Wake { .. } => HibernationPlan::Off,
         };
         Decision {
             rollout: state.rollout,
@@ -1433,6 +1579,7 @@ impl Machine<'_, '_> {
             consume_promote: self.consume_promote,
             consume_abort: self.consume_abort,
             requeue,
+            hibernation,
         }
     }
 }

@@ -112,6 +112,7 @@ fn r(step: RolloutStep, since: i64) -> Option<RolloutStatus> {
         rolled_back_from: None,
         failed_template_hash: matches!(step, Failed | RolledBack | Aborted).then(|| hash("v2")),
         handback: None,
+        paused_seconds: None,
     })
 }
 
@@ -163,6 +164,7 @@ struct Case {
     analysis: Option<Reading>,
     promote: bool,
     abort: bool,
+    hibernation: Hibernation,
     now: i64,
     // Expected:
     step: Option<RolloutStep>,
@@ -176,6 +178,8 @@ struct Case {
     backup_request: bool,
     consume: (bool, bool),
     notes: &'static [&'static str],
+    /// What became of hibernation: "off", "waiting", "hibernated" or "waking".
+    hibernated: &'static str,
 }
 
 /// Settled on v1 in blue, spec unchanged.
@@ -195,6 +199,7 @@ fn base() -> Case {
         analysis: None,
         promote: false,
         abort: false,
+        hibernation: Hibernation::Off,
         now: 0,
         step: None,
         reason: None,
@@ -207,6 +212,7 @@ fn base() -> Case {
         backup_request: false,
         consume: (false, false),
         notes: &[],
+        hibernated: "off",
     }
 }
 
@@ -227,6 +233,9 @@ const FAILED_KEPT: [(Slot, Template, Option<i32>); 2] =
 /// The same with autoscaling: the HPA owns the serving slot's count.
 const FAILED_KEPT_AUTOSCALED: [(Slot, Template, Option<i32>); 2] =
     [(Blue, Keep, None), (Green, Keep, None)];
+/// Hibernated on blue: both slots at zero, blue keeping the template it has.
+const HIBERNATED_ON_BLUE: [(Slot, Template, Option<i32>); 2] =
+    [(Blue, Keep, Some(0)), (Green, Keep, Some(0))];
 /// Done: green serves v2 from the spec, blue at zero.
 const DONE_ON_GREEN: [(Slot, Template, Option<i32>); 2] =
     [(Green, Desired, Some(3)), (Blue, Keep, Some(0))];
@@ -1381,6 +1390,152 @@ fn table() -> Vec<Case> {
             notes: &[reason::SUPERSEDED, reason::STARTED],
             ..base()
         },
+        // ---- hibernation
+        Case {
+            name: "hibernate a settled cluster: both slots to zero, serving template as it is",
+            hibernation: Hibernation::Hibernate,
+            slots: [(Blue, Desired, Some(0)), (Green, Keep, Some(0))],
+            hibernated: "hibernated",
+            ..base()
+        },
+        Case {
+            name: "hibernate with autoscaling: the serving slot gets a count (zero) again",
+            settings: Settings {
+                autoscaling: true,
+                ..settings()
+            },
+            blue: sts("v1", 5, 5),
+            hibernation: Hibernation::Hibernate,
+            slots: [(Blue, Desired, Some(0)), (Green, Keep, Some(0))],
+            hibernated: "hibernated",
+            ..base()
+        },
+        Case {
+            name: "hibernating: a new version starts no rollout; the old template is kept at zero",
+            desired: "v2",
+            hibernation: Hibernation::Hibernate,
+            slots: HIBERNATED_ON_BLUE,
+            hibernated: "hibernated",
+            ..base()
+        },
+        Case {
+            name: "hibernate before the switch: the rollout is cancelled (not failed), both slots to zero",
+            desired: "v2",
+            rollout: r(Validating, 2),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            hibernation: Hibernation::Hibernate,
+            now: 3,
+            step: Some(Cancelled),
+            reason: Some(reason::HIBERNATED),
+            target: Some("v2"),
+            slots: HIBERNATED_ON_BLUE,
+            notes: &[reason::HIBERNATED],
+            hibernated: "hibernated",
+            ..base()
+        },
+        Case {
+            name: "hibernate while awaiting promotion: cancelled too, the annotation can wait",
+            settings: manual(),
+            desired: "v2",
+            rollout: r(AwaitingPromotion, 2),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            hibernation: Hibernation::Hibernate,
+            now: 50,
+            step: Some(Cancelled),
+            reason: Some(reason::HIBERNATED),
+            target: Some("v2"),
+            slots: HIBERNATED_ON_BLUE,
+            notes: &[reason::HIBERNATED],
+            hibernated: "hibernated",
+            ..base()
+        },
+        Case {
+            name: "hibernate after the switch: the rollout goes on, hibernation waits",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Promoted, 0),
+            green: sts("v2", 3, 3),
+            blue: sts("v1", 3, 3),
+            pods: healthy(Green),
+            hibernation: Hibernation::Hibernate,
+            now: 2,
+            step: Some(Promoted),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: AFTER_SWITCH,
+            hibernated: "waiting",
+            ..base()
+        },
+        Case {
+            name: "hibernation waited: the rollout completed, now both slots to zero",
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(Complete, 30),
+            green: sts("v2", 3, 3),
+            blue: sts("v1", 0, 0),
+            hibernation: Hibernation::Hibernate,
+            now: 31,
+            step: Some(Complete),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: [(Green, Desired, Some(0)), (Blue, Keep, Some(0))],
+            hibernated: "hibernated",
+            ..base()
+        },
+        Case {
+            name: "embedded rollback: hibernation waits for the handback, also during the inspection delay",
+            settings: embedded(),
+            desired: "v2",
+            rollout: rolled_back(5),
+            green: sts("v2", 3, 3),
+            hibernation: Hibernation::Hibernate,
+            now: 5,
+            step: Some(RolledBack),
+            target: Some("v2"),
+            slots: FAILED_KEPT,
+            hibernated: "waiting",
+            ..base()
+        },
+        Case {
+            name: "hibernating with a failed handover: both slots to zero, no retry while the Job is gone",
+            settings: embedded(),
+            desired: "v2",
+            serving: (Green, Some("v2")),
+            rollout: r(HandoverFailed, 30),
+            green: sts("v2", 3, 3),
+            blue: sts("v1", 3, 3),
+            hibernation: Hibernation::Hibernate,
+            now: 60,
+            step: Some(HandoverFailed),
+            target: Some("v2"),
+            traffic: (Green, Some("v2")),
+            slots: [(Green, Desired, Some(0)), (Blue, Keep, Some(0))],
+            hibernated: "hibernated",
+            ..base()
+        },
+        Case {
+            name: "waking: the serving slot at the wake size; a new version waits for the relays",
+            desired: "v2",
+            blue: sts("v1", 0, 0),
+            hibernation: Hibernation::Wake { replicas: 3 },
+            slots: [(Blue, Keep, Some(3)), (Green, Keep, Some(0))],
+            hibernated: "waking",
+            ..base()
+        },
+        Case {
+            name: "waking with autoscaling: a fixed count until every relay is back",
+            settings: Settings {
+                autoscaling: true,
+                ..settings()
+            },
+            blue: sts("v1", 0, 0),
+            hibernation: Hibernation::Wake { replicas: 5 },
+            slots: [(Blue, Desired, Some(5)), (Green, Keep, Some(0))],
+            hibernated: "waking",
+            ..base()
+        },
     ]
 }
 
@@ -1404,6 +1559,7 @@ fn run(case: &Case, rollout: Option<&RolloutStatus>, serving: &Serving) -> Decis
         analysis: case.analysis.clone(),
         promote: case.promote,
         abort: case.abort,
+        hibernation: case.hibernation,
         now: at(case.now).0,
     })
 }
@@ -1474,10 +1630,30 @@ fn transition_table() {
         check("consume", consume == case.consume, format!("{consume:?}"));
         let notes: Vec<&str> = d.notes.iter().map(|n| n.reason).collect();
         check("notes", notes == case.notes, format!("{notes:?}"));
+        let hibernated = match &d.hibernation {
+            HibernationPlan::Off => "off",
+            HibernationPlan::Waiting(_) => "waiting",
+            HibernationPlan::Hibernated => "hibernated",
+            HibernationPlan::Waking => "waking",
+        };
+        check(
+            "hibernation",
+            hibernated == case.hibernated,
+            format!("{:?}", d.hibernation),
+        );
+        if matches!(d.hibernation, HibernationPlan::Hibernated) {
+            check(
+                "hibernated: no Job, no HPA bounds",
+                d.smoke.is_none() && d.handover.is_none() && d.backup.is_none(),
+                format!("{:?}", (&d.smoke, &d.handover, &d.backup)),
+            );
+        }
         let in_flight = d.rollout.as_ref().is_some_and(|r| r.step.in_flight());
         let failed_slot_kept = case.slots == FAILED_KEPT || case.slots == FAILED_KEPT_AUTOSCALED;
         let handover_stuck = d.rollout.as_ref().is_some_and(|r| r.step == HandoverFailed);
-        let expected_requeue = if in_flight || d.handover.is_some() {
+        let expected_requeue = if matches!(d.hibernation, HibernationPlan::Hibernated) {
+            None
+        } else if in_flight || d.handover.is_some() {
             Some(POLL)
         } else if handover_stuck {
             Some(HANDOVER_RETRY_POLL)
@@ -1609,6 +1785,7 @@ fn analysis_messages_say_what_was_measured_and_what_was_not() {
             analysis: Some(reading),
             promote: false,
             abort: false,
+            hibernation: Hibernation::Off,
             now: at(5).0,
         })
     };
@@ -1706,6 +1883,7 @@ fn a_full_rollout_walks_every_step_with_time_passing() {
             analysis: None,
             promote: false,
             abort: false,
+            hibernation: Hibernation::Off,
             now: at(minute).0,
         });
         serving = d.serving;
@@ -1798,4 +1976,158 @@ fn secret_hash_covers_the_connection_keys_only() {
         combined_hash("t1", Some("other"))
     );
     assert_ne!(combined_hash("t1", Some(&a)), "t1");
+}
+
+/// One decision on v1 (blue) -> v2 (green) from `rollout`, green as `green`.
+fn decide_at(
+    rollout: &RolloutStatus,
+    serving: &Serving,
+    green: Option<SlotState>,
+    minute: i64,
+) -> Decision {
+    let desired = Target {
+        version: "v2".into(),
+        hash: hash("v2"),
+    };
+    decide(&Input {
+        cluster_name: "chat",
+        settings: &settings(),
+        desired: &desired,
+        serving,
+        rollout: Some(rollout),
+        blue: sts("v1", 3, 3),
+        green,
+        pods: healthy(Green),
+        smoke: JobState::Absent,
+        handover: JobState::Absent,
+        backup: JobState::Absent,
+        analysis: None,
+        promote: false,
+        abort: false,
+        hibernation: Hibernation::Off,
+        now: at(minute).0,
+    })
+}
+
+fn on_blue() -> Serving {
+    Serving {
+        slot: Blue,
+        version: Some("v1".into()),
+        hash: Some(hash("v1")),
+    }
+}
+
+#[test]
+fn time_paused_does_not_count_against_the_ready_timeout() {
+    // Preparing since minute 0 with one of three relays ready; paused at minute 2 for an
+    // hour; resumed at minute 62. readyTimeout is 10m.
+    let preparing = r(Preparing, 0).unwrap();
+    let not_resumed = decide_at(&preparing, &on_blue(), sts("v2", 3, 1), 62);
+    assert_eq!(
+        not_resumed.rollout.as_ref().map(|r| r.step),
+        Some(Failed),
+        "without the shift the hour paused would fail the rollout"
+    );
+    let resumed = resumed(&preparing, 60 * MIN);
+    assert_eq!(
+        resumed.started_at,
+        at(0),
+        "startedAt names the Jobs: it stays"
+    );
+    assert_eq!(resumed.step_started_at, at(60));
+    assert_eq!(resumed.paused_seconds, Some(3600));
+    let d = decide_at(&resumed, &on_blue(), sts("v2", 3, 1), 62);
+    assert_eq!(d.rollout.as_ref().map(|r| r.step), Some(Preparing));
+    // Still 10 minutes of the rollout's own time: at minute 71 (11 active) it fails.
+    let d = decide_at(&resumed, &on_blue(), sts("v2", 3, 1), 71);
+    let failed = d.rollout.unwrap();
+    assert_eq!(failed.step, Failed);
+    assert_eq!(failed.reason.as_deref(), Some(reason::READY_TIMEOUT));
+    // The Jobs of the attempt keep their names.
+    assert_eq!(
+        smoke_job_name("chat", &resumed),
+        smoke_job_name("chat", &preparing)
+    );
+}
+
+#[test]
+fn a_pause_in_the_post_promotion_window_resumes_the_window_where_it_stood() {
+    // Promoted at minute 0 (window 10m); paused at minute 4 for 60 minutes.
+    let serving = Serving {
+        slot: Green,
+        version: Some("v2".into()),
+        hash: Some(hash("v2")),
+    };
+    let promoted = r(Promoted, 0).unwrap();
+    let resumed = resumed(&promoted, 60 * MIN);
+    assert_eq!(resumed.promoted_at, Some(at(60)));
+    // Four minutes after the resume the window (six minutes left) still runs...
+    let d = decide_at(&resumed, &serving, sts("v2", 3, 3), 64 + 4);
+    assert_eq!(d.rollout.as_ref().map(|r| r.step), Some(Promoted));
+    // ...and passes after ten minutes of watching in all.
+    let d = decide_at(&resumed, &serving, sts("v2", 3, 3), 70);
+    assert_eq!(d.rollout.as_ref().map(|r| r.step), Some(ScalingDown));
+    // A second pause adds up.
+    let twice = super::resumed(&resumed, 5 * MIN);
+    assert_eq!(twice.paused_seconds, Some(3900));
+    assert_eq!(twice.promoted_at, Some(at(65)));
+}
+
+#[test]
+fn a_settled_rollout_is_not_moved_by_a_pause() {
+    let done = r(Complete, 30).unwrap();
+    assert_eq!(resumed(&done, 60 * MIN), done);
+    let preparing = r(Preparing, 0).unwrap();
+    assert_eq!(resumed(&preparing, Duration::ZERO), preparing);
+}
+
+#[test]
+fn a_rollout_cancelled_by_hibernation_starts_again_after_the_wake() {
+    let validating = r(Validating, 2).unwrap();
+    let desired = Target {
+        version: "v2".into(),
+        hash: hash("v2"),
+    };
+    let input = |rollout: Option<&RolloutStatus>, hibernation: Hibernation, minute: i64| {
+        decide(&Input {
+            cluster_name: "chat",
+            settings: &settings(),
+            desired: &desired,
+            serving: &on_blue(),
+            rollout,
+            blue: sts("v1", 3, 3),
+            green: sts("v2", 3, 3),
+            pods: healthy(Green),
+            smoke: JobState::Absent,
+            handover: JobState::Absent,
+            backup: JobState::Absent,
+            analysis: None,
+            promote: false,
+            abort: false,
+            hibernation,
+            now: at(minute).0,
+        })
+    };
+    let hibernated = input(Some(&validating), Hibernation::Hibernate, 3);
+    let cancelled = hibernated.rollout.clone().unwrap();
+    assert_eq!(cancelled.step, Cancelled);
+    assert_eq!(cancelled.failed_template_hash, None, "not marked failed");
+    assert!(
+        cancelled.message.contains("rolls out again after the wake"),
+        "{}",
+        cancelled.message
+    );
+    // Waking: nothing starts until the relays are back.
+    let waking = input(Some(&cancelled), Hibernation::Wake { replicas: 3 }, 100);
+    assert_eq!(waking.rollout.as_ref().map(|r| r.step), Some(Cancelled));
+    // Awake: a fresh attempt of the same version.
+    let awake = input(Some(&cancelled), Hibernation::Off, 101);
+    let again = awake.rollout.unwrap();
+    assert!(again.step.in_flight(), "{:?}", again.step);
+    assert_eq!(again.started_at, at(101));
+    assert_eq!(awake.notes[0].reason, reason::STARTED);
+    assert_ne!(
+        smoke_job_name("chat", &again),
+        smoke_job_name("chat", &validating)
+    );
 }

@@ -6,6 +6,7 @@
 mod support;
 
 mod backups;
+mod day2;
 mod deletion;
 mod discovery;
 mod failures;
