@@ -88,13 +88,9 @@ def test_install_guide_mentions_only_real_chart_values() -> None:
     assert "helm install dchat-operator" in text and "kind: DchatCluster" in text
 
 
-# Fields from the design (backups, restore) that the CRD does not have yet; only the roadmap
-# in docs/architecture.md and the runbooks' pointers to it name them. Anything else a doc
-# names under `spec.` must exist in the CRD.
-PENDING_SPEC_FIELDS = {"spec.backup", "spec.bootstrap",
-                       # pause and hibernation (issue 21): the kubectl plugin's docs name
-                       # them; the operator side adds them to the CRD.
-                       "spec.paused", "spec.hibernate"}
+# Fields a doc may name under `spec.` that the CRD does not have (none today: every field
+# the docs name must exist in the CRD).
+PENDING_SPEC_FIELDS: set[str] = set()
 # `spec.` paths of other kinds quoted in the docs (a Lease in operator-down.md).
 OTHER_KINDS = {"spec.holderIdentity", "spec.renewTime"}
 
