@@ -58,9 +58,9 @@ pub enum Waiter {
     Paused,
     /// Condition Paused not True.
     Resumed,
-    /// Phase Hibernating.
+    /// Condition Hibernated is True.
     Hibernating,
-    /// Phase Running.
+    /// `status.hibernation` gone and the phase not Hibernating.
     Awake,
     /// Status records a restart at or after this time.
     Restarted(Timestamp),
@@ -74,8 +74,11 @@ impl Waiter {
             Self::RolloutAborted(_) => "the rollout to be Aborted".into(),
             Self::Paused => format!("condition {}=True", contract::PAUSED_CONDITION),
             Self::Resumed => format!("condition {} to leave True", contract::PAUSED_CONDITION),
-            Self::Hibernating => format!("phase {}", contract::HIBERNATING_PHASE),
-            Self::Awake => format!("phase {}", contract::RUNNING_PHASE),
+            Self::Hibernating => format!("condition {}=True", contract::HIBERNATED_CONDITION),
+            Self::Awake => format!(
+                "{} to be gone",
+                contract::field(contract::STATUS_HIBERNATION)
+            ),
             Self::Restarted(at) => format!(
                 "{} to reach {at}",
                 contract::field(contract::STATUS_RESTARTED_AT)

@@ -26,8 +26,10 @@ pub const HIBERNATION_ON: &str = "on";
 pub const PAUSED_CONDITION: &str = "Paused";
 /// `status.phase` of a hibernated cluster.
 pub const HIBERNATING_PHASE: &str = "Hibernating";
-/// `status.phase` of a cluster serving as desired.
-pub const RUNNING_PHASE: &str = "Running";
+/// Condition type that is `True` once no relay of a hibernating cluster runs.
+pub const HIBERNATED_CONDITION: &str = "Hibernated";
+/// The status field present while a cluster hibernates and until it has woken.
+pub const STATUS_HIBERNATION: &str = "/status/hibernation";
 /// The spec field that pauses reconciliation (the annotation's declarative twin).
 pub const SPEC_PAUSED: &str = "/spec/paused";
 /// The spec field that hibernates the cluster.
@@ -117,23 +119,47 @@ pub fn spec_still_pauses(cluster: &ClusterView) -> String {
     )
 }
 
-/// `hibernate --wait`: phase Hibernating.
+/// `hibernate --wait`: the Hibernated condition is True — no relay of the serving slot
+/// runs any more. (Phase Hibernating appears as soon as the operator acts on the
+/// request, while relays may still be stopping.)
 pub fn hibernating(cluster: &ClusterView) -> Check {
-    match cluster.phase() {
-        Some(HIBERNATING_PHASE) => Check::Done(format!("phase is {HIBERNATING_PHASE}")),
-        _ => Check::Waiting(format!("phase is {}", phase(cluster))),
+    match cluster.condition(HIBERNATED_CONDITION) {
+        Some(c) if c.status == "True" => {
+            Check::Done(format!("condition {HIBERNATED_CONDITION} is True"))
+        }
+        Some(c) => Check::Waiting(format!(
+            "condition {HIBERNATED_CONDITION} is {} ({}); phase is {}",
+            c.status,
+            c.reason,
+            phase(cluster)
+        )),
+        None => Check::Waiting(format!(
+            "no {HIBERNATED_CONDITION} condition yet; phase is {}",
+            phase(cluster)
+        )),
     }
 }
 
-/// `wake --wait`: phase Running. Fails at once while `spec.hibernate` still
-/// hibernates the cluster.
+/// `wake --wait`: `status.hibernation` is gone — the operator removes it once every
+/// relay is ready again — and the phase is no longer Hibernating. (Waiting for phase
+/// Running would never end for a cluster that wakes into a rollout or a degraded
+/// state.) Fails at once while `spec.hibernate` still hibernates the cluster.
 pub fn awake(cluster: &ClusterView) -> Check {
     if spec_hibernates(cluster) {
         return Check::Failed(spec_still_hibernates(cluster));
     }
+    let hibernation = cluster
+        .raw
+        .pointer(STATUS_HIBERNATION)
+        .is_some_and(|v| !v.is_null());
     match cluster.phase() {
-        Some(RUNNING_PHASE) => Check::Done(format!("phase is {RUNNING_PHASE}")),
-        _ => Check::Waiting(format!("phase is {}", phase(cluster))),
+        Some(HIBERNATING_PHASE) => Check::Waiting(format!("phase is {HIBERNATING_PHASE}")),
+        _ if hibernation => Check::Waiting(format!(
+            "{} present; phase is {}",
+            field(STATUS_HIBERNATION),
+            phase(cluster)
+        )),
+        _ => Check::Done(format!("awake; phase is {}", phase(cluster))),
     }
 }
 
@@ -268,16 +294,40 @@ mod tests {
     }
 
     #[test]
-    fn hibernate_and_wake_follow_the_phase() {
+    fn hibernate_waits_for_the_condition_and_wake_for_the_hibernation_status() {
         assert!(matches!(hibernating(&view(running())), Check::Waiting(_)));
         assert!(matches!(awake(&view(running())), Check::Done(_)));
         let mut raw = running();
         raw["status"]["phase"] = json!("Hibernating");
+        raw["status"]["hibernation"] = json!({"since": "2026-11-01T10:00:00Z", "replicas": 3});
+        raw["status"]["conditions"] = json!([{"type": "Hibernated", "status": "False",
+            "reason": "Hibernating", "message": "", "lastTransitionTime": "2026-11-01T10:00:00Z"}]);
+        assert_eq!(
+            hibernating(&view(raw.clone())),
+            Check::Waiting(
+                "condition Hibernated is False (Hibernating); phase is Hibernating".into()
+            )
+        );
+        raw["status"]["conditions"][0]["status"] = json!("True");
         assert!(matches!(hibernating(&view(raw.clone())), Check::Done(_)));
         assert_eq!(
             awake(&view(raw.clone())),
             Check::Waiting("phase is Hibernating".into())
         );
+        // Waking: phase Provisioning, status.hibernation still there.
+        let mut waking = raw.clone();
+        waking["status"]["phase"] = json!("Provisioning");
+        assert_eq!(
+            awake(&view(waking.clone())),
+            Check::Waiting("status.hibernation present; phase is Provisioning".into())
+        );
+        // Woken into a rollout: not Running, but awake.
+        waking["status"]["phase"] = json!("RollingOut");
+        waking["status"]
+            .as_object_mut()
+            .unwrap()
+            .remove("hibernation");
+        assert!(matches!(awake(&view(waking)), Check::Done(_)));
         raw["spec"]["hibernate"] = json!(true);
         assert!(
             matches!(awake(&view(raw)), Check::Failed(why) if why.starts_with("spec.hibernate is true"))

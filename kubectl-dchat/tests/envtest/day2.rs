@@ -172,7 +172,7 @@ async fn hibernate_wake_and_restart() {
     );
     assert!(
         run.stderr
-            .contains("still waiting for phase Hibernating (last seen: phase is Running)"),
+            .contains("still waiting for condition Hibernated=True (last seen: no Hibernated condition yet; phase is Running)"),
         "{}",
         run.stderr
     );
@@ -182,11 +182,21 @@ async fn hibernate_wake_and_restart() {
             .as_deref(),
         Some("on")
     );
-    patch_status(&env, "chat", serde_json::json!({"phase": "Hibernating"})).await;
+    patch_status(
+        &env,
+        "chat",
+        serde_json::json!({
+            "phase": "Hibernating",
+            "hibernation": {"since": "2026-01-01T00:00:00Z", "replicas": 1},
+            "conditions": [{"type": "Hibernated", "status": "True", "reason": "Hibernated",
+                "message": "no relay runs", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }),
+    )
+    .await;
     let run = dchat(&env, &["hibernate", "chat", "--wait", "--timeout", "1m"]).await;
     ok(&run);
     assert!(
-        run.stdout.ends_with("done: phase is Hibernating\n"),
+        run.stdout.ends_with("done: condition Hibernated is True\n"),
         "{}",
         run.stdout
     );
@@ -214,8 +224,15 @@ async fn hibernate_wake_and_restart() {
         None
     );
     patch_status(&env, "chat", serde_json::json!({"phase": "Provisioning"})).await;
-    waking.until_line("phase is Provisioning").await;
-    patch_status(&env, "chat", serde_json::json!({"phase": "Running"})).await;
+    waking
+        .until_line("status.hibernation present; phase is Provisioning")
+        .await;
+    patch_status(
+        &env,
+        "chat",
+        serde_json::json!({"phase": "Running", "hibernation": null, "conditions": []}),
+    )
+    .await;
     let run = waking.finish().await;
     ok(&run);
     assert!(
@@ -225,7 +242,7 @@ async fn hibernate_wake_and_restart() {
         run.stdout
     );
     assert!(
-        run.stdout.ends_with("done: phase is Running\n"),
+        run.stdout.ends_with("done: awake; phase is Running\n"),
         "{}",
         run.stdout
     );
