@@ -43,6 +43,16 @@ async fn the_operator_recovers_from_an_api_server_outage() {
         "the operator gave up during the outage"
     );
     tokio::task::block_in_place(|| env.plane().up());
+    // A restarted API server answers 403 for a moment until its RBAC caches are filled
+    // (seen as a refused discovery `GET /apis`); that is the server, not a missing rule.
+    // A missing rule refuses the reconcile of the change below again, so it still fails.
+    wait_for("the operator's requests authorized again", || async {
+        let before = operator.refusals.all().len();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (operator.refusals.all().len() == before).then_some(())
+    })
+    .await;
+    operator.refusals.clear();
 
     env.apply_cluster(
         "dchat-dev",

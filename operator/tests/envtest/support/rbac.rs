@@ -194,6 +194,11 @@ async fn token_of(admin: &Client, namespace: &str, account: &str) -> String {
 pub struct Refusals(Arc<Mutex<Vec<String>>>);
 
 impl Refusals {
+    /// Forgets what was recorded so far.
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Everything refused so far.
     pub fn all(&self) -> Vec<String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
