@@ -546,6 +546,7 @@ async fn the_64th_refused_frame_in_a_row_is_answered_by_the_closing_error() {
         }
     }
     let mut refused_in_a_row = 0;
+    let mut refused = 0;
     loop {
         match next_frame(&mut ws).await.expect("announced close") {
             ServerFrame::Pong { .. } => refused_in_a_row = 0,
@@ -557,6 +558,7 @@ async fn the_64th_refused_frame_in_a_row_is_answered_by_the_closing_error() {
             } => {
                 assert_eq!(reference.as_deref(), Some("ping"));
                 refused_in_a_row += 1;
+                refused += 1;
             }
             ServerFrame::Error {
                 code: ErrorCode::RateLimited,
@@ -571,6 +573,7 @@ async fn the_64th_refused_frame_in_a_row_is_answered_by_the_closing_error() {
                     "it answers the 64th ping"
                 );
                 refused_in_a_row += 1;
+                refused += 1;
                 assert_eq!(
                     next_frame(&mut ws).await.unwrap_err(),
                     (4008, message),
@@ -582,6 +585,11 @@ async fn the_64th_refused_frame_in_a_row_is_answered_by_the_closing_error() {
         }
     }
     assert_eq!(refused_in_a_row, 64);
+    // Every refused frame counts, the one answered by the closing error too.
+    assert_eq!(
+        r.metric("dchat_rejected_frames_total{code=\"rate_limited\"}"),
+        f64::from(refused)
+    );
     assert_eq!(
         r.metric("dchat_connections_closed_total{code=\"rate_limited\"}"),
         1.0
@@ -990,6 +998,28 @@ async fn bad_frame_and_invalid_envelope_table() {
     ));
 }
 
+/// A client that drops its TCP connection without a close frame is simply gone: the
+/// relay counts no close of its own (it used to count a `bad_frame` close).
+#[tokio::test]
+async fn a_dropped_connection_is_not_counted_as_a_close_by_the_relay() {
+    let r = start(|_| {}).await;
+    let (ws, _) = raw_authed(&r.url()).await;
+    assert_eq!(r.metric("dchat_sessions "), 1.0);
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r.metric("dchat_sessions ") > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        r.metric("dchat_connections_closed_total{code=\"bad_frame\"}"),
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn idle_connection_is_closed() {
     let r = start(|c| c.idle_timeout = Duration::from_millis(300)).await;
@@ -997,6 +1027,15 @@ async fn idle_connection_is_closed() {
     assert_eq!(
         announced_close(&mut ws).await,
         (ErrorCode::IdleTimeout, None, 4004)
+    );
+    // A close that refuses no frame counts as a close, not as a rejected frame.
+    assert_eq!(
+        r.metric("dchat_connections_closed_total{code=\"idle_timeout\"}"),
+        1.0
+    );
+    assert_eq!(
+        r.metric("dchat_rejected_frames_total{code=\"idle_timeout\"}"),
+        0.0
     );
 }
 

@@ -350,10 +350,15 @@ impl Conn {
         let (code, reason, hint) = match end {
             End::Gone => return,
             End::Close(code, reason) => (code, reason, FrameHint::default()),
-            End::CloseOn(code, reason, hint) => (code, reason, hint),
+            End::CloseOn(code, reason, hint) => {
+                // A refused frame, counted as every other; closes that refuse no frame
+                // (drain, idle timeout, …) count only as closes, so they do not read
+                // as client errors on the dashboard, in alerts or in rollout analysis.
+                self.m().reject(code);
+                (code, reason, hint)
+            }
         };
         self.m().close(code);
-        self.m().reject(code);
         // Close reasons are limited to 123 bytes by RFC 6455; the error frame carries
         // the same text.
         let reason = crate::protocol::frame::truncate_utf8(reason, 120);
