@@ -7,9 +7,9 @@ mod pg_support;
 
 use std::time::Duration;
 
-use dchat_relay::client::{generate_key, public_key, Client};
+use dchat_relay::client::{generate_key, public_key, Client, ClientError};
 use dchat_relay::config::Config;
-use dchat_relay::protocol::{Kind, SendStatus};
+use dchat_relay::protocol::{ErrorCode, Kind, SendStatus};
 use dchat_relay::server::{Relay, RunningRelay};
 
 async fn cluster_of_three() -> Vec<RunningRelay> {
@@ -344,4 +344,63 @@ async fn a_channel_message_retried_through_another_relay_is_a_duplicate_for_ever
             assert_no_more_deliveries(m, &format!("member {i} after the retry via {name}")).await;
         }
     }
+}
+
+/// On PostgreSQL every send is recorded in the database before it is pushed or
+/// stored, so while the database is unreachable every send fails with
+/// `storage_unavailable` — also one to a recipient connected to the same relay, which
+/// gets nothing — and it fails at once instead of waiting for the pool (30 s): the
+/// client's 5 s answer timeout would fail the test otherwise. Once the database is
+/// back, the same envelope goes through as a first attempt (it was never recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_database_is_down_sends_fail_at_once_also_to_a_recipient_on_the_same_relay() {
+    let pg = pg_support::fresh_database(4).await;
+    let mut cfg = Config::for_test(std::env::temp_dir());
+    cfg.storage = pg_support::relay_storage(&pg);
+    let relay = Relay::bind(cfg).await.unwrap().spawn();
+    let mut a = Client::connect(&relay.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    let mut b = Client::connect(&relay.ws_url(), generate_key().unwrap())
+        .await
+        .unwrap();
+    let live = a.send_text(b.key(), "before").await.unwrap();
+    assert_eq!(live.status, SendStatus::Delivered);
+    let d = b.next_delivery().await.unwrap();
+    b.ack(vec![d.ack_ref()]).await.unwrap();
+
+    // The outage: the database refuses connections and the relay's are cut.
+    let admin = pg_support::admin_client(&pg_support::server().admin_db).await;
+    let db = &pg.dbname;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" WITH ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}';"
+        ))
+        .await
+        .unwrap();
+    a.set_timeout(Duration::from_secs(5));
+    let env = a.envelope_to(b.key(), Kind::Text, b"during".to_vec());
+    match a.send(env.clone()).await {
+        Err(ClientError::Relay {
+            code: ErrorCode::StorageUnavailable,
+            ..
+        }) => {}
+        other => panic!("a send during the outage: {other:?}"),
+    }
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" WITH ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .unwrap();
+    let again = a.send(env.clone()).await.unwrap();
+    assert_eq!(again.status, SendStatus::Delivered, "not recorded before");
+    // The first delivery B gets is the retry: the refused attempt was never pushed.
+    let d = b.next_delivery().await.unwrap();
+    assert_eq!(d.envelope.id, env.id);
+    assert_eq!(b.ack(vec![d.ack_ref()]).await.unwrap(), 1);
+    b.ping().await.unwrap();
+    relay.drain().await.unwrap();
 }

@@ -328,9 +328,54 @@ fn cli_keygen_send_and_fetch() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("hello bob"), "{text}");
+    // One JSON object per line, with the members docs/cli.md lists.
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let mut members: Vec<&str> = line
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    members.sort_unstable();
+    assert_eq!(
+        members,
+        ["channel", "from", "id", "kind", "seq", "text", "ts"]
+    );
+    assert_eq!(line["text"], "hello bob");
+    assert!(line["seq"].is_u64() && line["channel"].is_null(), "{line}");
     // Fetch acknowledged it: a second fetch is empty.
     let out = run(&["fetch", "--key", "bob.key"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hello bob"));
+
+    // `--limit` bounds what is printed and acknowledged (the relay delivers all three
+    // right after `welcome`); the rest stays pending for the next fetch.
+    for i in 0..3 {
+        let out = run(&["send", "--key", "alice.key", &bob, &format!("batch {i}")]);
+        assert!(out.status.success());
+    }
+    let out = run(&["fetch", "--key", "bob.key", "--limit", "2"]);
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(printed.lines().count(), 2, "{printed}");
+    assert!(
+        printed.contains("batch 0") && printed.contains("batch 1"),
+        "{printed}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more messages pending"));
+    let out = run(&["fetch", "--key", "bob.key"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(printed.lines().count(), 1, "{printed}");
+    assert!(printed.contains("batch 2"), "{printed}");
+
+    // Malformed arguments are usage errors (exit 2), before anything is sent.
+    for args in [
+        &["send", "--key", "alice.key", "not-a-key", "x"][..],
+        &["fetch", "--key", "bob.key", "--limit", "0"],
+        &["profile", "--key", "bob.key", "--show", "abc"],
+        &["smoke", "ws://127.0.0.1:1/v1/ws", "--timeout", "soon"],
+    ] {
+        assert_eq!(run(args).status.code(), Some(2), "{args:?}");
+    }
     // `listen` prints deliveries as they arrive.
     let mut listener = Command::new(CLI)
         .current_dir(dir.path())
@@ -366,4 +411,128 @@ fn cli_keygen_send_and_fetch() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"name\":\"Bob\""));
+}
+
+/// `dchat ARGS --help`, with no `DCHAT_*` variables set (their values would show up).
+fn cli_help(args: &[&str]) -> String {
+    let out = Command::new(CLI)
+        .args(args)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dchat {args:?} --help");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The subcommands a help text lists under `Commands:` (without `help`).
+fn help_commands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// What the reference must name for one command: its flags (`--name`), positional
+/// arguments (`NAME`), environment variables and non-empty defaults.
+fn help_terms(help: &str) -> Vec<String> {
+    let mut terms = Vec::new();
+    let mut in_args = false;
+    for line in help.lines() {
+        let t = line.trim_start();
+        if line.starts_with("Arguments:") {
+            in_args = true;
+            continue;
+        }
+        if !line.starts_with(' ') {
+            in_args = false;
+        }
+        if in_args && t.starts_with('<') {
+            terms.push(t[1..t.find('>').unwrap()].to_string());
+        }
+        if t.starts_with('-') {
+            for word in t.split([' ', ',', '[', '=']) {
+                if let Some(flag) = word.strip_prefix("--") {
+                    if !flag.is_empty() && flag != "help" && flag != "version" {
+                        terms.push(format!("--{flag}"));
+                    }
+                }
+            }
+        }
+        for (open, what) in [("[env: ", "env"), ("[default: ", "default")] {
+            let mut rest = t;
+            while let Some(at) = rest.find(open) {
+                rest = &rest[at + open.len()..];
+                let end = rest.find(if what == "env" { '=' } else { ']' }).unwrap();
+                let value = &rest[..end];
+                if value != "\"\"" {
+                    terms.push(value.to_string());
+                }
+            }
+        }
+    }
+    terms
+}
+
+/// The `## ...` section of `doc` whose heading is `heading`.
+fn doc_section<'a>(doc: &'a str, heading: &str) -> Option<&'a str> {
+    let start = doc.find(&format!("\n## {heading}\n"))? + 1;
+    let body = &doc[start..];
+    let end = body[3..].find("\n## ").map_or(body.len(), |e| e + 3);
+    Some(&body[..end])
+}
+
+/// docs/cli.md documents every command of `dchat --help` with every flag, positional
+/// argument, environment variable and default its help shows (the `backup` commands:
+/// docs/backup.md), and no command that does not exist, so the two cannot drift.
+#[test]
+fn cli_reference_names_every_command_flag_and_variable() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cli_md = std::fs::read_to_string(root.join("docs/cli.md")).unwrap();
+    let backup_md = std::fs::read_to_string(root.join("docs/backup.md")).unwrap();
+    let commands = help_commands(&cli_help(&[]));
+    assert!(commands.len() >= 8, "{commands:?}");
+    let mut missing = Vec::new();
+    for cmd in &commands {
+        let help = cli_help(&[cmd]);
+        let subcommands = help_commands(&help);
+        if subcommands.is_empty() {
+            let Some(section) = doc_section(&cli_md, &format!("`dchat {cmd}`")) else {
+                missing.push(format!("docs/cli.md: no section `dchat {cmd}`"));
+                continue;
+            };
+            for term in help_terms(&help) {
+                if !section.contains(&term) {
+                    missing.push(format!("docs/cli.md `dchat {cmd}`: {term}"));
+                }
+            }
+        } else {
+            assert_eq!(cmd, "backup", "only `backup` has subcommands");
+            for sub in subcommands {
+                let help = cli_help(&[cmd, &sub]);
+                if !backup_md.contains(&format!("dchat backup {sub}")) {
+                    missing.push(format!("docs/backup.md: dchat backup {sub}"));
+                }
+                for term in help_terms(&help) {
+                    if !backup_md.contains(&term) {
+                        missing.push(format!("docs/backup.md `dchat backup {sub}`: {term}"));
+                    }
+                }
+            }
+        }
+    }
+    // And nothing documented that the binary does not have.
+    for heading in cli_md.lines().filter_map(|l| l.strip_prefix("## `dchat ")) {
+        let name = heading.trim_end_matches('`');
+        if !commands.iter().any(|c| c == name) {
+            missing.push(format!(
+                "docs/cli.md documents `dchat {name}`, which does not exist"
+            ));
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
 }

@@ -39,17 +39,45 @@ async fn next_frame(ws: &mut Raw) -> Result<ServerFrame, (u16, String)> {
     }
 }
 
-/// Reads frames until the relay closes; returns the close code and reason.
-async fn closed(ws: &mut Raw) -> (u16, String) {
+/// Reads up to the relay's closing `error` frame (the frames before it are skipped)
+/// and the close frame right after it; checks that the two agree (code, reason =
+/// message) and returns the error's code and `ref`.
+async fn announced_close(ws: &mut Raw) -> (ErrorCode, Option<String>, u16) {
     loop {
-        if let Err(c) = next_frame(ws).await {
-            return c;
+        match next_frame(ws).await {
+            Ok(ServerFrame::Error {
+                code,
+                message,
+                reference,
+                close: Some(close),
+                ..
+            }) => {
+                let (got, reason) = next_frame(ws)
+                    .await
+                    .expect_err("the close frame follows the closing error frame");
+                assert_eq!((got, reason.as_str()), (close, message.as_str()));
+                assert_eq!(close, code.close_code(), "{code:?}");
+                return (code, reference, close);
+            }
+            Ok(_) => continue,
+            Err(c) => panic!("closed {c:?} without a closing error frame"),
         }
     }
 }
 
+/// Sends one text frame.
+async fn send_text(ws: &mut Raw, text: &str) {
+    ws.send(Message::Text(text.to_string().into()))
+        .await
+        .unwrap();
+}
+
 async fn raw_authed(url: &str) -> (Raw, KeyHex) {
-    let key = generate_key().unwrap();
+    raw_authed_as(url, &generate_key().unwrap()).await
+}
+
+async fn raw_authed_as(url: &str, key: &ed25519_dalek::SigningKey) -> (Raw, KeyHex) {
+    let key = key.clone();
     let mut ws = connect_raw(url).await.unwrap();
     let ServerFrame::Challenge { nonce, .. } = next_frame(&mut ws).await.unwrap() else {
         panic!("no challenge")
@@ -336,11 +364,11 @@ async fn bad_signature_fails_auth_and_closes() {
     ws.send(Message::Text(serde_json::to_string(&auth).unwrap().into()))
         .await
         .unwrap();
+    // The error answers the `auth` and announces the close.
     assert_eq!(
-        error_code(next_frame(&mut ws).await.unwrap()),
-        ErrorCode::AuthFailed
+        announced_close(&mut ws).await,
+        (ErrorCode::AuthFailed, Some("auth".into()), 4001)
     );
-    assert_eq!(closed(&mut ws).await.0, 4001);
     assert_eq!(
         r.metric("dchat_auth_failures_total{reason=\"bad_signature\"}"),
         1.0
@@ -364,8 +392,10 @@ async fn requests_before_auth_are_refused_and_challenge_expires() {
         error_code(next_frame(&mut ws).await.unwrap()),
         ErrorCode::NotAuthenticated
     );
-    let (code, reason) = closed(&mut ws).await;
-    assert_eq!(code, 4002, "{reason}");
+    assert_eq!(
+        announced_close(&mut ws).await,
+        (ErrorCode::ChallengeExpired, None, 4002)
+    );
 }
 
 #[tokio::test]
@@ -427,12 +457,20 @@ async fn oversized_frame_and_invalid_utf8_close_with_reason() {
     ws.send(Message::Text("x".repeat(10_000).into()))
         .await
         .unwrap();
-    assert_eq!(closed(&mut ws).await.0, 1009);
+    // The WebSocket layer refuses these, and the relay can still write: each close is
+    // announced by an error frame, as every other.
+    assert_eq!(
+        announced_close(&mut ws).await,
+        (ErrorCode::FrameTooLarge, None, 1009)
+    );
 
     let (mut ws, _) = raw_authed(&r.url()).await;
     let bad = Frame::message(vec![0xff, 0xfe, 0x80], OpCode::Data(Data::Text), true);
     ws.send(Message::Frame(bad)).await.unwrap();
-    assert_eq!(closed(&mut ws).await.0, 1007);
+    assert_eq!(
+        announced_close(&mut ws).await,
+        (ErrorCode::InvalidUtf8, None, 1007)
+    );
 
     // Other connections are unaffected.
     let mut c = r.client().await;
@@ -485,11 +523,520 @@ async fn flood_is_rate_limited_then_disconnected_without_touching_others() {
     bystander.ping().await.unwrap();
 }
 
+/// The 64th frame in a row refused by the rate limit is answered by the closing
+/// `rate_limited` error (with `close: 4008`), not by an ordinary error: every frame
+/// before the close gets exactly one answer, and the run of refusals that ends the
+/// connection is exactly 64 long.
+#[tokio::test]
+async fn the_64th_refused_frame_in_a_row_is_answered_by_the_closing_error() {
+    let r = start(|c| {
+        c.rate_per_sec = 1;
+        c.rate_burst = 1;
+    })
+    .await;
+    let (mut ws, _) = raw_authed(&r.url()).await;
+    // Far more than 64: a token refilled meanwhile answers a ping and starts a new run.
+    for _ in 0..400 {
+        if ws
+            .send(Message::Text(r#"{"type":"ping"}"#.into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut refused_in_a_row = 0;
+    let mut refused = 0;
+    loop {
+        match next_frame(&mut ws).await.expect("announced close") {
+            ServerFrame::Pong { .. } => refused_in_a_row = 0,
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                reference,
+                close: None,
+                ..
+            } => {
+                assert_eq!(reference.as_deref(), Some("ping"));
+                refused_in_a_row += 1;
+                refused += 1;
+            }
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                reference,
+                close: Some(4008),
+                message,
+                ..
+            } => {
+                assert_eq!(
+                    reference.as_deref(),
+                    Some("ping"),
+                    "it answers the 64th ping"
+                );
+                refused_in_a_row += 1;
+                refused += 1;
+                assert_eq!(
+                    next_frame(&mut ws).await.unwrap_err(),
+                    (4008, message),
+                    "the close frame follows at once"
+                );
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(refused_in_a_row, 64);
+    // Every refused frame counts, the one answered by the closing error too.
+    assert_eq!(
+        r.metric("dchat_rejected_frames_total{code=\"rate_limited\"}"),
+        f64::from(refused)
+    );
+    assert_eq!(
+        r.metric("dchat_connections_closed_total{code=\"rate_limited\"}"),
+        1.0
+    );
+}
+
+/// Fragmented WebSocket messages (RFC 6455 §5.4) are accepted, with control frames
+/// between the fragments; the size limit applies to the whole message (its text
+/// bytes), not to each fragment: a message of exactly the limit passes, one byte more
+/// closes with `frame_too_large` although every fragment is small.
+#[tokio::test]
+async fn fragmented_messages_are_accepted_and_the_limit_applies_to_the_whole_message() {
+    const LIMIT: usize = 4096;
+    let r = start(|c| c.max_message_bytes = LIMIT).await;
+
+    async fn send_fragmented(ws: &mut Raw, text: &str, fragment: usize) {
+        let parts: Vec<&[u8]> = text.as_bytes().chunks(fragment).collect();
+        let last = parts.len() - 1;
+        for (i, part) in parts.into_iter().enumerate() {
+            let opcode = if i == 0 {
+                OpCode::Data(Data::Text)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let frame = Frame::message(part.to_vec(), opcode, i == last);
+            if ws.send(Message::Frame(frame)).await.is_err() {
+                return;
+            }
+            if i == 0 {
+                // A control frame may come between the fragments of a message.
+                ws.send(Message::Ping(b"between".to_vec().into()))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    // `{"type":"ping","nonce":"…"}` is 26 bytes plus the nonce.
+    let ping_of = |len: usize| {
+        let nonce = "n".repeat(len - 26);
+        (format!(r#"{{"type":"ping","nonce":"{nonce}"}}"#), nonce)
+    };
+
+    let (mut ws, _) = raw_authed(&r.url()).await;
+    let (small, nonce) = ping_of(40);
+    send_fragmented(&mut ws, &small, 7).await;
+    assert_eq!(
+        next_frame(&mut ws).await.unwrap(),
+        ServerFrame::Pong { nonce: Some(nonce) }
+    );
+    let (exact, nonce) = ping_of(LIMIT);
+    assert_eq!(exact.len(), LIMIT);
+    send_fragmented(&mut ws, &exact, 1000).await;
+    assert_eq!(
+        next_frame(&mut ws).await.unwrap(),
+        ServerFrame::Pong { nonce: Some(nonce) }
+    );
+
+    let (over, _) = ping_of(LIMIT + 1);
+    send_fragmented(&mut ws, &over, 1000).await;
+    assert_eq!(
+        announced_close(&mut ws).await,
+        (ErrorCode::FrameTooLarge, None, 1009)
+    );
+}
+
+/// A WebSocket-level protocol violation (here a reserved bit set without an extension)
+/// ends the connection with `bad_frame` and close code 4000, announced like every close.
+#[tokio::test]
+async fn a_websocket_protocol_violation_closes_with_4000() {
+    let r = start(|_| {}).await;
+    let (mut ws, _) = raw_authed(&r.url()).await;
+    let mut frame = Frame::message(
+        br#"{"type":"ping"}"#.to_vec(),
+        OpCode::Data(Data::Text),
+        true,
+    );
+    frame.header_mut().rsv1 = true;
+    ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(
+        announced_close(&mut ws).await,
+        (ErrorCode::BadFrame, None, 4000)
+    );
+}
+
+/// Before authentication a frame is decoded first: what does not decode is `bad_frame`
+/// (or `unknown_type`) as it is after authentication, and only a well-formed frame
+/// other than `auth` and `ping` is `not_authenticated` (its values are not checked).
+/// A malformed `auth` is `bad_frame` and does not use up the challenge.
+#[tokio::test]
+async fn before_auth_decoding_comes_first_and_a_malformed_auth_keeps_the_challenge() {
+    let r = start(|_| {}).await;
+    let key = generate_key().unwrap();
+    let mut ws = connect_raw(&r.url()).await.unwrap();
+    let ServerFrame::Challenge { nonce, .. } = next_frame(&mut ws).await.unwrap() else {
+        panic!("no challenge")
+    };
+    let cases: [(&str, ErrorCode, Option<&str>, bool); 7] = [
+        ("{not json", ErrorCode::BadFrame, None, false),
+        (
+            r#"{"type":"join"}"#,
+            ErrorCode::BadFrame,
+            Some("join"),
+            false,
+        ),
+        (
+            r#"{"type":"teleport"}"#,
+            ErrorCode::UnknownType,
+            None,
+            false,
+        ),
+        (
+            r#"{"type":"join","channel":"not a name"}"#,
+            ErrorCode::NotAuthenticated,
+            Some("join"),
+            false,
+        ),
+        (
+            r#"{"type":"ack","messages":[],"quiet":true}"#,
+            ErrorCode::NotAuthenticated,
+            Some("ack"),
+            true,
+        ),
+        (
+            r#"{"type":"auth","key":"zz","sig":"00"}"#,
+            ErrorCode::BadFrame,
+            Some("auth"),
+            false,
+        ),
+        (
+            r#"{"type":"auth"}"#,
+            ErrorCode::BadFrame,
+            Some("auth"),
+            false,
+        ),
+    ];
+    for (text, want, want_ref, want_quiet) in cases {
+        send_text(&mut ws, text).await;
+        match next_frame(&mut ws).await.unwrap() {
+            ServerFrame::Error {
+                code,
+                reference,
+                quiet,
+                close: None,
+                ..
+            } => assert_eq!(
+                (code, reference.as_deref(), quiet),
+                (want, want_ref, want_quiet),
+                "{text}"
+            ),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    // The challenge was not used: a valid auth on the same connection succeeds.
+    let auth = ClientFrame::Auth {
+        key: public_key(&key),
+        sig: SigHex(key.sign(&auth_message(&nonce.0)).to_bytes()),
+    };
+    send_text(&mut ws, &serde_json::to_string(&auth).unwrap()).await;
+    assert!(matches!(
+        next_frame(&mut ws).await.unwrap(),
+        ServerFrame::Welcome { .. }
+    ));
+}
+
+/// Errors about a quiet ack — malformed, too many references — are marked
+/// `quiet: true` (with `ref` "ack"), so a client counting answers never takes one for
+/// the answer to another request, not even to an ordinary `ack` waiting behind it.
+/// Only the JSON literal `true` makes an ack quiet.
+#[tokio::test]
+async fn errors_about_quiet_acks_are_marked_quiet_and_never_taken_for_other_answers() {
+    let r = start(|_| {}).await;
+    let (mut ws, _) = raw_authed(&r.url()).await;
+    for (text, want_quiet) in [
+        (r#"{"type":"ack","messages":"x","quiet":true}"#, true),
+        (
+            r#"{"quiet":true,"type":"ack","messages":[{"from":"zz","id":"m"}]}"#,
+            true,
+        ),
+        (r#"{"type":"ack","messages":"x"}"#, false),
+        (r#"{"type":"ack","messages":[],"quiet":"yes"}"#, false),
+        (
+            r#"{"type":"ack","messages":[],"quiet":false,"extra":1}"#,
+            false,
+        ),
+    ] {
+        send_text(&mut ws, text).await;
+        match next_frame(&mut ws).await.unwrap() {
+            ServerFrame::Error {
+                code,
+                reference,
+                quiet,
+                close: None,
+                ..
+            } => assert_eq!(
+                (code, reference.as_deref(), quiet),
+                (ErrorCode::BadFrame, Some("ack"), want_quiet),
+                "{text}"
+            ),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    send_text(&mut ws, r#"{"type":"ping","nonce":"after"}"#).await;
+    assert_eq!(
+        next_frame(&mut ws).await.unwrap(),
+        ServerFrame::Pong {
+            nonce: Some("after".into())
+        }
+    );
+
+    // Through the client library: a refused quiet ack, then an ordinary ack. The
+    // error is counted as the quiet ack's failure and the `acked` answers the ack.
+    let mut b = r.client().await;
+    let me = b.key();
+    let refused = ClientFrame::Ack {
+        messages: vec![
+            AckRef {
+                from: me,
+                id: "x".into()
+            };
+            dchat_relay::protocol::MAX_ACK_BATCH + 1
+        ],
+        quiet: true,
+    };
+    b.write(&refused).await.unwrap();
+    let unknown = AckRef {
+        from: me,
+        id: "never-sent".into(),
+    };
+    assert_eq!(b.ack(vec![unknown]).await.unwrap(), 0, "nothing to remove");
+    assert_eq!(b.failed_quiet_acks(), 1);
+}
+
+/// What `acked.removed` counts: each reference that matched a message for this key
+/// that was still there — in flight on this connection (live pushes are removed from
+/// memory) or stored, delivered yet or not. Unknown, already acknowledged and repeated
+/// references count 0 and are not errors.
+#[tokio::test]
+async fn acked_counts_the_messages_that_were_still_there() {
+    let r = start(|c| c.max_inflight = 1).await;
+    let mut a = r.client().await;
+    let mut b = r.client().await;
+    a.send_text(b.key(), "live").await.unwrap();
+    let live = b.next_delivery().await.unwrap();
+    assert_eq!(live.seq, None);
+    // The live message twice in one ack: the first reference removes it.
+    assert_eq!(
+        b.ack(vec![live.ack_ref(), live.ack_ref()]).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        b.ack(vec![live.ack_ref()]).await.unwrap(),
+        0,
+        "already acknowledged"
+    );
+    let unknown = AckRef {
+        from: a.key(),
+        id: "unknown".into(),
+    };
+    assert_eq!(b.ack(vec![unknown]).await.unwrap(), 0);
+
+    // Two stored messages, an in-flight window of one: the second is acknowledged
+    // before it was delivered, by its sender and id.
+    let ckey = generate_key().unwrap();
+    let cpub = public_key(&ckey);
+    let mut ids = Vec::new();
+    for text in ["first", "second"] {
+        let env = a.envelope_to(cpub, Kind::Text, text.as_bytes().to_vec());
+        ids.push(env.id.clone());
+        assert_eq!(a.send(env).await.unwrap().status, SendStatus::Stored);
+    }
+    let mut c = r.client_as(&ckey).await;
+    let first = c.next_delivery().await.unwrap();
+    assert_eq!(first.envelope.id, ids[0]);
+    let second = AckRef {
+        from: a.key(),
+        id: ids[1].clone(),
+    };
+    assert_eq!(c.ack(vec![second]).await.unwrap(), 1);
+    assert_eq!(c.ack(vec![first.ack_ref()]).await.unwrap(), 1);
+    let (rest, more) = c.fetch(10).await.unwrap();
+    assert!(rest.is_empty() && !more, "{rest:?}");
+}
+
+/// The rows of the table in `docs/protocol.md` ("`bad_frame` or `invalid_envelope`"),
+/// sent to a relay: each frame gets exactly one answer, the code and `ref` of the table.
+#[tokio::test]
+async fn bad_frame_and_invalid_envelope_table() {
+    let r = start(|_| {}).await;
+    let key = generate_key().unwrap();
+    let (mut ws, _) = raw_authed_as(&r.url(), &key).await;
+    let to = "ab".repeat(32);
+    let send = |extra: &str| {
+        format!(
+            r#"{{"type":"send","envelope":{{"id":"m1","to":"{to}","ts":1,"kind":"text","payload":"aGk="{extra}}}}}"#
+        )
+    };
+    let media = |m: &str| send(&format!(r#","media":{{{m}}}"#));
+    let ok_media = format!(r#""url":"https://m/x","sha256":"{to}","size":1,"mime":"image/png""#);
+    use ErrorCode::{BadFrame, InvalidEnvelope, InvalidProfile};
+    // A signed profile document that is not JSON: decoded fine, refused on its content.
+    let doc = b"not a profile".to_vec();
+    let doc_sig = SigHex(
+        key.sign(&dchat_relay::protocol::profile_message(&doc))
+            .to_bytes(),
+    );
+    let signed_garbage = serde_json::to_string(&ClientFrame::ProfilePublish {
+        data: dchat_relay::protocol::Base64Bytes(doc),
+        sig: doc_sig,
+    })
+    .unwrap();
+    let rows: Vec<(&str, String, ErrorCode, Option<&str>)> = vec![
+        (
+            "bad hex in a key",
+            send("").replace(&to, &"zz".repeat(32)),
+            BadFrame,
+            Some("send"),
+        ),
+        (
+            "bad base64",
+            send("").replace("aGk=", "!!!!"),
+            BadFrame,
+            Some("send"),
+        ),
+        (
+            "unpadded base64",
+            send("").replace("aGk=", "aGk"),
+            BadFrame,
+            Some("send"),
+        ),
+        (
+            "float ts",
+            send("").replace(r#""ts":1"#, r#""ts":1.0"#),
+            BadFrame,
+            Some("send"),
+        ),
+        (
+            "unknown kind",
+            send("").replace(r#""text""#, r#""gif""#),
+            BadFrame,
+            Some("send"),
+        ),
+        (
+            "negative media.size",
+            media(&ok_media.replace(r#""size":1"#, r#""size":-1"#)),
+            BadFrame,
+            Some("send"),
+        ),
+        (
+            "media.sha256 not hex",
+            media(&ok_media.replace(&to, &"zz".repeat(32))),
+            InvalidEnvelope,
+            Some("m1"),
+        ),
+        (
+            "both to and channel",
+            send(r#","channel":"c""#),
+            InvalidEnvelope,
+            Some("m1"),
+        ),
+        (
+            "bad channel name in join",
+            r#"{"type":"join","channel":"a b"}"#.into(),
+            InvalidEnvelope,
+            Some("a b"),
+        ),
+        (
+            "invalid base64 in profile_publish",
+            format!(
+                r#"{{"type":"profile_publish","data":"a","sig":"{}"}}"#,
+                "00".repeat(64)
+            ),
+            BadFrame,
+            Some("profile_publish"),
+        ),
+        (
+            "signed profile document that is not JSON",
+            signed_garbage,
+            InvalidProfile,
+            Some("profile_publish"),
+        ),
+        ("not JSON", "{".into(), BadFrame, None),
+        (
+            "unknown type",
+            r#"{"type":"teleport"}"#.into(),
+            ErrorCode::UnknownType,
+            None,
+        ),
+    ];
+    for (what, text, want, want_ref) in rows {
+        send_text(&mut ws, &text).await;
+        match next_frame(&mut ws).await.unwrap() {
+            ServerFrame::Error {
+                code,
+                reference,
+                quiet: false,
+                close: None,
+                ..
+            } => assert_eq!((code, reference.as_deref()), (want, want_ref), "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    send_text(&mut ws, &send("")).await;
+    assert!(matches!(
+        next_frame(&mut ws).await.unwrap(),
+        ServerFrame::Sent { .. }
+    ));
+}
+
+/// A client that drops its TCP connection without a close frame is simply gone: the
+/// relay counts no close of its own (it used to count a `bad_frame` close).
+#[tokio::test]
+async fn a_dropped_connection_is_not_counted_as_a_close_by_the_relay() {
+    let r = start(|_| {}).await;
+    let (ws, _) = raw_authed(&r.url()).await;
+    assert_eq!(r.metric("dchat_sessions "), 1.0);
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r.metric("dchat_sessions ") > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        r.metric("dchat_connections_closed_total{code=\"bad_frame\"}"),
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn idle_connection_is_closed() {
     let r = start(|c| c.idle_timeout = Duration::from_millis(300)).await;
     let (mut ws, _) = raw_authed(&r.url()).await;
-    assert_eq!(closed(&mut ws).await.0, 4004);
+    assert_eq!(
+        announced_close(&mut ws).await,
+        (ErrorCode::IdleTimeout, None, 4004)
+    );
+    // A close that refuses no frame counts as a close, not as a rejected frame.
+    assert_eq!(
+        r.metric("dchat_connections_closed_total{code=\"idle_timeout\"}"),
+        1.0
+    );
+    assert_eq!(
+        r.metric("dchat_rejected_frames_total{code=\"idle_timeout\"}"),
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -961,9 +1508,14 @@ async fn in_process_drain_closes_clients_with_reconnect_reason() {
     let bkey = generate_key().unwrap();
     let mut a = r.client().await;
     let mut b = Client::connect(&r.url(), bkey.clone()).await.unwrap();
+    let (mut raw, _) = raw_authed(&r.url()).await;
     a.send_text(b.key(), "unacked").await.unwrap();
     let d = b.next_delivery().await.unwrap();
     let report = r.relay.drain().await.unwrap();
+    assert_eq!(
+        announced_close(&mut raw).await,
+        (ErrorCode::Draining, None, 1012)
+    );
     assert_eq!(report.abandoned_connections, 0);
     assert!(report.flushed);
     match b.next_delivery().await {
@@ -1000,7 +1552,12 @@ async fn message_sent_right_after_recipient_connects_is_pushed_live() {
 async fn second_connection_of_a_key_replaces_the_first() {
     let r = start(|_| {}).await;
     let key = generate_key().unwrap();
+    let (mut raw, _) = raw_authed_as(&r.url(), &key).await;
     let mut first = r.client_as(&key).await;
+    assert_eq!(
+        announced_close(&mut raw).await,
+        (ErrorCode::Replaced, None, 4005)
+    );
     let mut second = r.client_as(&key).await;
     match first.next_delivery().await {
         Err(ClientError::Closed { code, .. }) => assert_eq!(code, 4005),
@@ -1059,10 +1616,9 @@ async fn a_valid_auth_frame_replayed_on_another_connection_fails() {
     ));
     ws2.send(Message::Text(auth.into())).await.unwrap();
     assert_eq!(
-        error_code(next_frame(&mut ws2).await.unwrap()),
-        ErrorCode::AuthFailed
+        announced_close(&mut ws2).await,
+        (ErrorCode::AuthFailed, Some("auth".into()), 4001)
     );
-    assert_eq!(closed(&mut ws2).await.0, 4001);
 }
 
 #[tokio::test]
@@ -1782,14 +2338,18 @@ async fn quiet_ack_removes_messages_without_an_answer_and_reports_only_failures(
         .await
         .unwrap();
     let ServerFrame::Error {
-        code, reference, ..
+        code,
+        reference,
+        quiet,
+        close,
+        ..
     } = next_frame(&mut ws).await.unwrap()
     else {
         panic!("no error for an oversized quiet ack")
     };
     assert_eq!(
-        (code, reference.as_deref()),
-        (ErrorCode::BadFrame, Some("ack"))
+        (code, reference.as_deref(), quiet, close),
+        (ErrorCode::BadFrame, Some("ack"), true, None)
     );
 
     // The quietly acknowledged messages are gone; the one whose ack failed is not.

@@ -13,9 +13,8 @@ import yaml
 from delivery_lib import OPERATOR_CHART, ROOT
 
 DOCS = ROOT / "docs"
-PAGES = sorted([DOCS / "architecture.md", DOCS / "install.md", DOCS / "upgrading.md",
-                DOCS / "development.md", DOCS / "performance.md", DOCS / "kubectl-plugin.md",
-                ROOT / "README.md",
+# Every page of docs/ except the generated CRD reference (its patterns look like links).
+PAGES = sorted([*(p for p in DOCS.glob("*.md") if p.name != "crd-reference.md"), ROOT / "README.md",
                 *(DOCS / "monitoring").glob("*.md"), *(DOCS / "runbooks").glob("*.md"),
                 *(ROOT / "charts").glob("*/README.md"), ROOT / "terraform" / "aws" / "README.md"])
 

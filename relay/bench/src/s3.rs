@@ -546,6 +546,8 @@ async fn read_loop(
                     return ReadEnd::Done;
                 }
             }
+            // The relay ends the connection; the close frame that follows is `Lost`.
+            ServerFrame::Error { close: Some(_), .. } => {}
             ServerFrame::Error { reference, .. } => {
                 let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
                 s.errors += 1;

@@ -435,6 +435,8 @@ fn relay_frame(f: ServerFrame, acks: &mut Vec<AckRef>, rec: &Recorder) {
                 _ => {}
             }
         }
+        // The relay ends the connection (the close frame follows): not a refused request.
+        ServerFrame::Error { close: Some(_), .. } => {}
         ServerFrame::Error { .. } => {
             rec.errors.fetch_add(1, Ordering::Relaxed);
         }

@@ -47,16 +47,17 @@ enum Cmd {
     },
     /// Prints the public key of a key file.
     Pubkey {
-        /// Key file.
-        #[arg(long, default_value = "dchat.key")]
+        /// Key file (the same default as the commands that connect).
+        #[arg(long, env = "DCHAT_KEY_FILE", default_value = "dchat.key")]
         key: PathBuf,
     },
     /// Sends a text message to a public key.
     Send {
         #[command(flatten)]
         conn: Conn,
-        /// Recipient public key (hex).
-        to: String,
+        /// Recipient public key (64 hex digits).
+        #[arg(value_parser = key_arg)]
+        to: KeyHex,
         /// Message text.
         text: String,
     },
@@ -69,8 +70,8 @@ enum Cmd {
     Fetch {
         #[command(flatten)]
         conn: Conn,
-        /// Most messages to fetch.
-        #[arg(long, default_value = "100")]
+        /// Most messages to print (and acknowledge), 1 to 1000; the rest stay pending.
+        #[arg(long, default_value = "100", value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
     /// Publishes (with --name) or shows (with --show KEY) a profile.
@@ -80,17 +81,17 @@ enum Cmd {
         /// Display name to publish.
         #[arg(long)]
         name: Option<String>,
-        /// Public key whose profile to show.
-        #[arg(long)]
-        show: Option<String>,
+        /// Public key (64 hex digits) whose profile to show.
+        #[arg(long, value_parser = key_arg)]
+        show: Option<KeyHex>,
     },
     /// Sends a message to itself through the relay; exit 0 only if it comes back in time.
     Smoke {
         /// Relay WebSocket URL.
         url: String,
         /// Time allowed for the round trip.
-        #[arg(long, default_value = "10s")]
-        timeout: String,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Moves the stored messages of one relay (embedded store) into another before the
     /// first is scaled down: quiesces the old relay, then streams its snapshot into the
@@ -104,8 +105,8 @@ enum Cmd {
         #[arg(long)]
         to: String,
         /// Time allowed for each step (quiesce, snapshot, import).
-        #[arg(long, default_value = "5m")]
-        timeout: String,
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Backs up relay data to S3 (with an optional RDS snapshot), and lists, verifies,
     /// restores and deletes backups. Prints JSON; exit 0 on success, 1 on failure, 2 on
@@ -357,8 +358,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn key_arg(s: &str) -> anyhow::Result<KeyHex> {
-    KeyHex::parse(s.trim()).map_err(|e| anyhow::anyhow!("public key {s:?}: {e}"))
+/// A public key argument; a bad one is a usage error (exit 2), as clap reports it.
+fn key_arg(s: &str) -> Result<KeyHex, String> {
+    KeyHex::parse(s.trim())
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<Client> {
@@ -394,7 +396,6 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{}", client::public_key(&client::load_key(&key)?));
         }
         Cmd::Send { conn, to, text } => {
-            let to = key_arg(&to)?;
             let mut c = connect(&conn).await?;
             let env = c.envelope_to(to, Kind::Text, text.into_bytes());
             // A busy relay (`overloaded`, `storage_unavailable`) gets the same envelope
@@ -432,7 +433,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         },
         Cmd::Fetch { conn, limit } => {
             let mut c = connect(&conn).await?;
-            let (ds, more) = c.fetch(limit).await?;
+            // The relay delivers stored messages right after `welcome` too (up to its
+            // in-flight window), so the answer may bring more than `limit`: the ones
+            // beyond it are neither printed nor acknowledged and stay pending.
+            let (mut ds, more) = c.fetch(limit).await?;
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let more = more || ds.len() > limit;
+            ds.truncate(limit);
             for d in &ds {
                 print_delivery(d)?;
             }
@@ -454,10 +461,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 let updated = c.publish_profile(&name, None, now).await?;
                 println!("{}", serde_json::json!({"updated": updated}));
             }
-            let who = match show {
-                Some(k) => key_arg(&k)?,
-                None => c.key(),
-            };
+            let who = show.unwrap_or_else(|| c.key());
             match c.get_profile(who).await? {
                 Some(p) => println!("{}", serde_json::to_string(&p.doc)?),
                 None => anyhow::bail!("no profile published for {who}"),
@@ -465,8 +469,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             c.close().await;
         }
         Cmd::Smoke { url, timeout } => {
-            let within = parse_duration(&timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-            let took = client::smoke(&url, within)
+            let took = client::smoke(&url, timeout)
                 .await
                 .with_context(|| format!("smoke test against {url} failed"))?;
             println!("smoke ok: round trip in {} ms", took.as_millis());
@@ -474,14 +477,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         // `main` runs `dchat backup` itself (its own runtime, logging and exit codes).
         Cmd::Backup(_) => anyhow::bail!("dchat backup is dispatched before the client commands"),
         Cmd::Handover { from, to, timeout } => {
-            let within = parse_duration(&timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
             let token = std::env::var("DCHAT_ADMIN_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| {
                     anyhow::anyhow!("DCHAT_ADMIN_TOKEN is not set (the relays' admin token)")
                 })?;
-            let report = dchat_relay::handover::handover(&from, &to, &token, within)
+            let report = dchat_relay::handover::handover(&from, &to, &token, timeout)
                 .await
                 .with_context(|| format!("handover from {from} to {to} failed"))?;
             println!(

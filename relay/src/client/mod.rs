@@ -54,7 +54,9 @@ pub enum ClientError {
         /// Detail.
         message: String,
     },
-    /// The relay closed the connection.
+    /// The relay closed the connection, or announced that it does: an `error` frame
+    /// with a `close` member gives that close code and, as `reason`, its message (the
+    /// relay uses the same text as the close frame's reason).
     #[error("relay closed the connection (code {code}): {reason}")]
     Closed {
         /// Close code (0 when none was given).
@@ -319,8 +321,20 @@ impl Client {
                 ServerFrame::Deliver { seq, envelope } => {
                     self.queued.push_back(Delivery { seq, envelope })
                 }
+                ServerFrame::Error {
+                    close: Some(code),
+                    message,
+                    ..
+                } => {
+                    return Err(ClientError::Closed {
+                        code,
+                        reason: message,
+                    })
+                }
                 // A quiet ack has no answer of its own; its failure is not the answer
-                // to whatever is being waited for now.
+                // to whatever is being waited for now. Relays before the `quiet` member
+                // only said `ref: "ack"`, which is ambiguous while an ordinary ack waits.
+                ServerFrame::Error { quiet: true, .. } => self.failed_quiet_acks += 1,
                 ServerFrame::Error {
                     reference: Some(r), ..
                 } if r == "ack" && what != "acked" => self.failed_quiet_acks += 1,
@@ -502,6 +516,15 @@ impl Client {
         }
         match self.read_frame("delivery").await? {
             ServerFrame::Deliver { seq, envelope } => Ok(Delivery { seq, envelope }),
+            // The relay ends the connection: the close frame follows.
+            ServerFrame::Error {
+                close: Some(code),
+                message,
+                ..
+            } => Err(ClientError::Closed {
+                code,
+                reason: message,
+            }),
             ServerFrame::Error { code, message, .. } => Err(ClientError::Relay { code, message }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }

@@ -39,6 +39,43 @@ use crate::protocol::KeyHex;
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
 /// Minimum time between two honoured `wake_all` notices on one link.
 const WAKE_ALL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How an outgoing link reconnects and notices a dead peer (`docs/relay.md`, "Peer
+/// links"). A link that drops is retried after `first_backoff`, then after twice as
+/// long each time up to `max_backoff`; each attempt (TCP and WebSocket handshake) has
+/// `connect_timeout`. An up link pings every `ping_interval` and is dropped when
+/// nothing (no pong, no frame) arrived for `dead_after`: a peer that vanished without
+/// closing its TCP connection (node lost, network cut) would otherwise keep a link
+/// that takes notices and delivers none until the kernel gives up (many minutes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkTiming {
+    /// Wait before the first reconnect attempt after a link dropped or failed.
+    pub first_backoff: Duration,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+    /// Time allowed for one connection attempt.
+    pub connect_timeout: Duration,
+    /// How often an up link pings its peer.
+    pub ping_interval: Duration,
+    /// Silence after which an up link counts as dead.
+    pub dead_after: Duration,
+}
+
+impl LinkTiming {
+    /// The relay's settings.
+    pub const DEFAULT: LinkTiming = LinkTiming {
+        first_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        ping_interval: Duration::from_secs(5),
+        dead_after: Duration::from_secs(15),
+    };
+
+    /// The wait after `previous`: twice as long, at most `max_backoff`.
+    pub fn next_backoff(&self, previous: Duration) -> Duration {
+        (previous * 2).min(self.max_backoff)
+    }
+}
 /// Most keys in one wake frame.
 const WAKE_BATCH: usize = 256;
 
@@ -72,6 +109,7 @@ pub struct Cluster {
     tx: broadcast::Sender<KeyHex>,
     instance_id: String,
     metrics: Arc<Metrics>,
+    timing: LinkTiming,
 }
 
 impl Cluster {
@@ -82,7 +120,14 @@ impl Cluster {
             tx,
             instance_id,
             metrics,
+            timing: LinkTiming::DEFAULT,
         }
+    }
+
+    /// The same cluster with other link timing (tests shorten it).
+    pub fn with_timing(mut self, timing: LinkTiming) -> Cluster {
+        self.timing = timing;
+        self
     }
 
     /// Tells every peer that `key` has stored messages waiting.
@@ -204,58 +249,82 @@ impl Cluster {
 /// One outgoing link: connects, forwards wake notices, reconnects with backoff.
 async fn link(cluster: Cluster, base: String, stop: CancellationToken) {
     let url = format!("{base}/v1/peer?instance={}", cluster.instance_id);
-    let mut backoff = Duration::from_millis(100);
+    let timing = cluster.timing;
+    let mut backoff = timing.first_backoff;
     loop {
         // Subscribe before connecting so nothing sent during the handshake is missed.
         let mut rx = cluster.tx.subscribe();
+        let connect = tokio::time::timeout(
+            timing.connect_timeout,
+            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+        );
         let conn = tokio::select! {
             _ = stop.cancelled() => return,
-            c = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true) => c,
+            c = connect => c,
         };
         match conn {
-            Ok((mut ws, _)) => {
-                backoff = Duration::from_millis(100);
+            Err(_) => debug!(peer = %base, "peer connect timed out"),
+            Ok(Ok((mut ws, _))) => {
+                backoff = timing.first_backoff;
                 info!(peer = %base, "peer link up");
                 cluster.metrics.peer_links.inc();
-                let r = forward(&mut ws, &mut rx, &stop).await;
+                let r = forward(&mut ws, &mut rx, &stop, &timing).await;
                 cluster.metrics.peer_links.dec();
-                let _ = ws.close(None).await;
+                // Bounded: a dead peer may never take the close frame.
+                let _ = tokio::time::timeout(timing.connect_timeout, ws.close(None)).await;
                 if r.is_ok() {
                     return;
                 }
                 info!(peer = %base, "peer link down; reconnecting");
             }
-            Err(tungstenite::Error::Http(resp)) if resp.status() == StatusCode::CONFLICT => {
+            Ok(Err(tungstenite::Error::Http(resp))) if resp.status() == StatusCode::CONFLICT => {
                 debug!(peer = %base, "peer is this relay; link not needed");
                 return;
             }
-            Err(e) => debug!(peer = %base, error = %e, "peer connect failed"),
+            Ok(Err(e)) => debug!(peer = %base, error = %e, "peer connect failed"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = timing.next_backoff(backoff);
     }
 }
 
 type PeerStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Forwards notices until stopped (Ok) or the link fails (Err).
+/// Forwards notices until stopped (Ok) or the link fails (Err): the peer closed it, a
+/// write failed, or nothing came back for [`LinkTiming::dead_after`].
 async fn forward(
     ws: &mut PeerStream,
     rx: &mut broadcast::Receiver<KeyHex>,
     stop: &CancellationToken,
+    timing: &LinkTiming,
 ) -> Result<(), ()> {
+    let mut heard = Instant::now();
+    let mut ping = tokio::time::interval(timing.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             k = rx.recv() => k,
             m = ws.next() => match m {
-                Some(Ok(_)) => continue,
+                // The peer sends nothing but pongs and its close.
+                Some(Ok(_)) => {
+                    heard = Instant::now();
+                    continue;
+                }
                 _ => return Err(()),
             },
+            _ = ping.tick() => {
+                if heard.elapsed() >= timing.dead_after {
+                    warn!("peer link silent for {:?}; reconnecting", timing.dead_after);
+                    return Err(());
+                }
+                send_within(ws, tungstenite::Message::Ping(Default::default()), timing).await?;
+                continue;
+            }
         };
         let frame = match first {
             Ok(k) => {
@@ -278,8 +347,115 @@ async fn forward(
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         };
         let text = serde_json::to_string(&frame).map_err(|_| ())?;
-        ws.send(tungstenite::Message::Text(text.into()))
+        send_within(ws, tungstenite::Message::Text(text.into()), timing).await?;
+    }
+}
+
+/// Writes one frame; a peer that takes none for [`LinkTiming::dead_after`] (its TCP
+/// window stays closed) counts as dead, like one that stays silent.
+async fn send_within(
+    ws: &mut PeerStream,
+    msg: tungstenite::Message,
+    timing: &LinkTiming,
+) -> Result<(), ()> {
+    match tokio::time::timeout(timing.dead_after, ws.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn reconnect_waits_double_from_100_ms_up_to_5_s() {
+        let t = LinkTiming::DEFAULT;
+        let mut waits = vec![t.first_backoff];
+        while waits.len() < 9 {
+            let last = waits[waits.len() - 1];
+            waits.push(t.next_backoff(last));
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(t.connect_timeout, Duration::from_secs(5));
+        assert_eq!(t.dead_after, Duration::from_secs(15));
+    }
+
+    /// Short timing, so the tests below see several attempts and pings quickly.
+    fn quick() -> LinkTiming {
+        LinkTiming {
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+            connect_timeout: Duration::from_millis(200),
+            ping_interval: Duration::from_millis(50),
+            dead_after: Duration::from_millis(300),
+        }
+    }
+
+    /// Starts one outgoing link from a fresh cluster to `addr`.
+    fn link_to(addr: SocketAddr) -> CancellationToken {
+        let cluster =
+            Cluster::new("test-instance".into(), Arc::new(Metrics::new())).with_timing(quick());
+        let stop = CancellationToken::new();
+        cluster.start(vec![format!("ws://{addr}")], None, stop.clone());
+        stop
+    }
+
+    /// Accepts the next TCP connection, failing the test if none comes.
+    async fn next_connection(l: &TcpListener) -> tokio::net::TcpStream {
+        tokio::time::timeout(Duration::from_secs(20), l.accept())
             .await
-            .map_err(|_| ())?;
+            .expect("the link connects (again)")
+            .unwrap()
+            .0
+    }
+
+    /// A peer that accepts TCP but never answers the WebSocket handshake does not hold
+    /// the link: the attempt times out and the link tries again.
+    #[tokio::test]
+    async fn a_connection_attempt_that_hangs_is_given_up() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stop = link_to(l.local_addr().unwrap());
+        let _first = next_connection(&l).await;
+        let _second = next_connection(&l).await;
+        stop.cancel();
+    }
+
+    /// A peer that completed the handshake and then went silent (never reads, so never
+    /// answers pings) is dropped and reconnected; a peer that answers pings is kept.
+    #[tokio::test]
+    async fn a_silent_peer_is_dropped_and_a_live_one_kept() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stop = link_to(l.local_addr().unwrap());
+        let silent = tokio_tungstenite::accept_async(next_connection(&l).await)
+            .await
+            .unwrap();
+        // The link gives up on it and connects again: this peer reads, and so answers
+        // every ping.
+        let mut live = tokio_tungstenite::accept_async(next_connection(&l).await)
+            .await
+            .unwrap();
+        drop(silent);
+        let mut pings = 0;
+        // Twenty pings take four times `dead_after`: long enough for a wrongly dropped
+        // link to show up as another connection.
+        while pings < 20 {
+            match tokio::time::timeout(Duration::from_secs(20), live.next())
+                .await
+                .expect("pings keep coming")
+            {
+                Some(Ok(tungstenite::Message::Ping(_))) => pings += 1,
+                Some(Ok(_)) => {}
+                other => panic!("live link ended: {other:?}"),
+            }
+        }
+        assert!(
+            l.accept().now_or_never().is_none(),
+            "a link whose peer answers was dropped"
+        );
+        stop.cancel();
     }
 }

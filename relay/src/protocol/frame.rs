@@ -472,7 +472,7 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<String>,
     },
-    /// A typed error; the connection stays open unless followed by a close.
+    /// A typed error. It ends the connection exactly when it carries `close`.
     Error {
         /// Stable code.
         code: ErrorCode,
@@ -481,6 +481,14 @@ pub enum ServerFrame {
         /// The envelope id or frame type the error refers to, when known.
         #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// True when the refused frame was a quiet `ack` (`"quiet": true`): the error is
+        /// then not the answer to any other request (see `docs/protocol.md`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet: bool,
+        /// Set when the relay ends the connection: the WebSocket close code that
+        /// follows. Nothing else follows this frame but the close frame.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        close: Option<u16>,
     },
 }
 
@@ -779,6 +787,63 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
     }
 }
 
+/// What the relay tells a client about a frame it refuses: the `ref` and `quiet`
+/// members of the `error` frame. For a frame that did not decode these come from
+/// [`FrameHint::of_text`], for a decoded one from [`FrameHint::of_frame`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameHint {
+    /// The frame's `type`, when it is one of [`CLIENT_FRAME_TYPES`].
+    pub frame_type: Option<&'static str>,
+    /// The frame is an `ack` with `"quiet": true`: its error is marked `quiet`, so a
+    /// client counting answers does not take it for the answer to another request.
+    pub quiet_ack: bool,
+}
+
+impl FrameHint {
+    /// Reads what it can from a frame that failed to decode: the `type` member of a
+    /// JSON object, when it names a v1 frame type, and a `quiet` member that is the
+    /// JSON literal `true` in an `ack`. Anything that is not a JSON object gives none.
+    ///
+    /// Only on the error path: it parses the text a second time.
+    pub fn of_text(text: &str) -> FrameHint {
+        #[derive(Deserialize)]
+        struct Peek<'a> {
+            #[serde(rename = "type", borrow, default)]
+            kind: Option<std::borrow::Cow<'a, str>>,
+            #[serde(default)]
+            quiet: Option<serde_json::Value>,
+        }
+        // serde would also read a struct from a JSON array (`["ack"]`).
+        if !text.trim_start().starts_with('{') {
+            return FrameHint::default();
+        }
+        let Ok(peek) = serde_json::from_str::<Peek>(text) else {
+            return FrameHint::default();
+        };
+        let frame_type = peek
+            .kind
+            .and_then(|k| CLIENT_FRAME_TYPES.iter().copied().find(|t| *t == k));
+        FrameHint {
+            frame_type,
+            quiet_ack: frame_type == Some("ack")
+                && peek.quiet == Some(serde_json::Value::Bool(true)),
+        }
+    }
+
+    /// The hint of a decoded frame.
+    pub fn of_frame(frame: &ClientFrame) -> FrameHint {
+        FrameHint {
+            frame_type: Some(frame.type_name()),
+            quiet_ack: matches!(frame, ClientFrame::Ack { quiet: true, .. }),
+        }
+    }
+
+    /// The `ref` of an error about this frame.
+    pub fn reference(self) -> Option<String> {
+        self.frame_type.map(str::to_string)
+    }
+}
+
 /// Shortens `s` to at most `max` bytes without splitting a character (`String::truncate`
 /// panics inside a multi-byte character, and error text may echo client input).
 pub fn truncate_utf8(mut s: String, max: usize) -> String {
@@ -945,10 +1010,303 @@ mod tests {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
             reference: Some("m1".into()),
+            quiet: false,
+            close: None,
         };
         let json = f.to_json();
-        assert!(json.contains(r#""ref":"m1""#), "{json}");
-        assert!(json.contains(r#""code":"rate_limited""#), "{json}");
+        assert_eq!(
+            json,
+            r#"{"type":"error","code":"rate_limited","message":"slow down","ref":"m1"}"#
+        );
+        // `quiet` and `close` appear only when set.
+        let f = ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: "request flood; disconnected".into(),
+            reference: Some("ack".into()),
+            quiet: true,
+            close: Some(4008),
+        };
+        let json = f.to_json();
+        assert!(
+            json.ends_with(r#","ref":"ack","quiet":true,"close":4008}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ServerFrame>(&json).unwrap(), f);
+    }
+
+    /// The `ref` and `quiet` members of the error about a frame that did not decode.
+    #[test]
+    fn hints_of_undecodable_frames() {
+        let hint = |t: &str| {
+            let h = FrameHint::of_text(t);
+            (h.frame_type, h.quiet_ack)
+        };
+        assert_eq!(
+            hint(r#"{"type":"ack","messages":7,"quiet":true}"#),
+            (Some("ack"), true)
+        );
+        assert_eq!(
+            hint(r#"{"quiet":true,"type":"ack","messages":[{}]}"#),
+            (Some("ack"), true)
+        );
+        // Only the JSON literal `true` makes an ack quiet.
+        assert_eq!(
+            hint(r#"{"type":"ack","messages":7,"quiet":"yes"}"#),
+            (Some("ack"), false)
+        );
+        assert_eq!(hint(r#"{"type":"ack","messages":7}"#), (Some("ack"), false));
+        assert_eq!(
+            hint(r#"{"type":"send","quiet":true}"#),
+            (Some("send"), false)
+        );
+        assert_eq!(
+            hint(r#"{"type":"auth","key":"zz","sig":1}"#),
+            (Some("auth"), false)
+        );
+        // Unknown types, other JSON values and text that is not JSON give nothing.
+        assert_eq!(hint(r#"{"type":"teleport","quiet":true}"#), (None, false));
+        assert_eq!(hint(r#"{"type":7}"#), (None, false));
+        assert_eq!(hint(r#"["ack"]"#), (None, false));
+        assert_eq!(hint(r#"{"type":"ack","quiet":true"#), (None, false));
+        assert_eq!(hint("not json"), (None, false));
+        let f = ClientFrame::Ack {
+            messages: vec![],
+            quiet: true,
+        };
+        assert_eq!(
+            FrameHint::of_frame(&f),
+            FrameHint {
+                frame_type: Some("ack"),
+                quiet_ack: true
+            }
+        );
+    }
+
+    /// How the relay classifies a frame before acting on it, in the order it checks:
+    /// decoding (`bad_frame`, `unknown_type`), then the value rules of `send`
+    /// (`invalid_envelope`) and of a channel name in `join`/`leave` (also
+    /// `invalid_envelope`). The server calls exactly these functions
+    /// (`decode_client_frame`, `Envelope::validate`, `valid_channel`);
+    /// `relay_server::bad_frame_and_invalid_envelope_table` sends the same rows to a relay.
+    fn classify(text: &str) -> Result<(), ErrorCode> {
+        match decode_client_frame(text).map_err(|e| e.code())? {
+            ClientFrame::Send { envelope } => {
+                envelope.validate().map_err(|_| ErrorCode::InvalidEnvelope)
+            }
+            ClientFrame::Join { channel } | ClientFrame::Leave { channel }
+                if !valid_channel(&channel) =>
+            {
+                Err(ErrorCode::InvalidEnvelope)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A `send` frame whose envelope has `members` (JSON object members without braces).
+    fn send_with(members: &str) -> String {
+        format!(r#"{{"type":"send","envelope":{{{members}}}}}"#)
+    }
+
+    /// The table of `docs/protocol.md` ("Refused frames: bad_frame or invalid_envelope"),
+    /// row by row.
+    #[test]
+    fn bad_frame_and_invalid_envelope_table() {
+        use ErrorCode::{BadFrame, InvalidEnvelope};
+        let to = "ab".repeat(32);
+        let base = |extra: &str| {
+            send_with(&format!(
+                r#""id":"m1","to":"{to}","ts":1,"kind":"text","payload":"aGk="{extra}"#
+            ))
+        };
+        let media = |m: &str| base(&format!(r#","media":{{{m}}}"#));
+        let ok_media =
+            format!(r#""url":"https://m/x","sha256":"{to}","size":1,"mime":"image/png""#);
+        let rows: Vec<(&str, String, Result<(), ErrorCode>)> = vec![
+            ("valid send", base(""), Ok(())),
+            ("valid media", media(&ok_media), Ok(())),
+            (
+                "key in upper case",
+                base("").replace(&to, &to.to_uppercase()),
+                Ok(()),
+            ),
+            (
+                "bad hex in a key",
+                base("").replace(&to, &"zz".repeat(32)),
+                Err(BadFrame),
+            ),
+            (
+                "key of 31 bytes",
+                base("").replace(&to, &to[2..]),
+                Err(BadFrame),
+            ),
+            ("bad hex in from", base(r#","from":"xyz""#), Err(BadFrame)),
+            (
+                "bad base64",
+                base("").replace("aGk=", "!!!!"),
+                Err(BadFrame),
+            ),
+            (
+                "unpadded base64",
+                base("").replace("aGk=", "aGk"),
+                Err(BadFrame),
+            ),
+            (
+                "base64 with non-zero unused bits",
+                base("").replace("aGk=", "aGl="),
+                Err(BadFrame),
+            ),
+            (
+                "URL-safe base64 alphabet",
+                base("").replace("aGk=", "-_8="),
+                Err(BadFrame),
+            ),
+            (
+                "float ts",
+                base("").replace(r#""ts":1"#, r#""ts":1.5"#),
+                Err(BadFrame),
+            ),
+            (
+                "integral float ts",
+                base("").replace(r#""ts":1"#, r#""ts":1.0"#),
+                Err(BadFrame),
+            ),
+            (
+                "exponent ts",
+                base("").replace(r#""ts":1"#, r#""ts":1e3"#),
+                Err(BadFrame),
+            ),
+            (
+                "ts as a string",
+                base("").replace(r#""ts":1"#, r#""ts":"1""#),
+                Err(BadFrame),
+            ),
+            (
+                "negative ts",
+                base("").replace(r#""ts":1"#, r#""ts":-1"#),
+                Ok(()),
+            ),
+            (
+                "unknown kind",
+                base("").replace(r#""text""#, r#""gif""#),
+                Err(BadFrame),
+            ),
+            (
+                "unknown envelope member",
+                base(r#","prio":1"#),
+                Err(BadFrame),
+            ),
+            (
+                "negative media.size",
+                media(&ok_media.replace(r#""size":1"#, r#""size":-1"#)),
+                Err(BadFrame),
+            ),
+            (
+                "float media.size",
+                media(&ok_media.replace(r#""size":1"#, r#""size":1.5"#)),
+                Err(BadFrame),
+            ),
+            (
+                "media.sha256 not hex",
+                media(&ok_media.replace(&to, &"zz".repeat(32))),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "media.mime without /",
+                media(&ok_media.replace("image/png", "png")),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "empty media.url",
+                media(&ok_media.replace("https://m/x", "")),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "empty id",
+                base("").replace(r#""id":"m1""#, r#""id":"""#),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "id of 129 bytes",
+                base("").replace("m1", &"i".repeat(129)),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "control character in id",
+                base("").replace("m1", "m\\u0001"),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "both to and channel",
+                base(r#","channel":"c""#),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "neither to nor channel",
+                send_with(r#""id":"m1","ts":1,"kind":"text","payload":"""#),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "bad channel name in an envelope",
+                send_with(r#""id":"m1","channel":"a b","ts":1,"kind":"text","payload":"""#),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "bad channel name in join",
+                r#"{"type":"join","channel":"a b"}"#.into(),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "channel name of 65 bytes in leave",
+                format!(r#"{{"type":"leave","channel":"{}"}}"#, "c".repeat(65)),
+                Err(InvalidEnvelope),
+            ),
+            (
+                "channel that is not a string",
+                r#"{"type":"join","channel":7}"#.into(),
+                Err(BadFrame),
+            ),
+            (
+                "invalid base64 in profile_publish",
+                format!(
+                    r#"{{"type":"profile_publish","data":"a","sig":"{}"}}"#,
+                    "00".repeat(64)
+                ),
+                Err(BadFrame),
+            ),
+            (
+                "signature of 63 bytes in profile_publish",
+                format!(
+                    r#"{{"type":"profile_publish","data":"","sig":"{}"}}"#,
+                    "00".repeat(63)
+                ),
+                Err(BadFrame),
+            ),
+            (
+                "negative fetch limit",
+                r#"{"type":"fetch","limit":-1}"#.into(),
+                Err(BadFrame),
+            ),
+            (
+                "fetch limit 0 (clamped to 1)",
+                r#"{"type":"fetch","limit":0}"#.into(),
+                Ok(()),
+            ),
+            (
+                "quiet that is not a bool",
+                r#"{"type":"ack","messages":[],"quiet":1}"#.into(),
+                Err(BadFrame),
+            ),
+            ("not JSON", "{".into(), Err(BadFrame)),
+            ("no type", r#"{"channel":"c"}"#.into(), Err(BadFrame)),
+            (
+                "unknown type",
+                r#"{"type":"teleport"}"#.into(),
+                Err(ErrorCode::UnknownType),
+            ),
+        ];
+        for (what, text, want) in rows {
+            assert_eq!(classify(&text), want, "{what}: {text}");
+        }
     }
 }
 

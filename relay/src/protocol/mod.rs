@@ -9,7 +9,7 @@ pub use error::ErrorCode;
 pub use frame::{
     auth_message, decode_client_frame, decode_server_frame, encode_deliver, encode_live_deliver,
     profile_message, verify_signature, AckRef, ClientFrame, DecodeError, Envelope, EnvelopeError,
-    Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, FEATURE_QUIET_ACK, MAX_ACK_BATCH,
-    PROTOCOL_VERSION,
+    FrameHint, Kind, Limits, MediaRef, ProfileDoc, SendStatus, ServerFrame, FEATURE_QUIET_ACK,
+    MAX_ACK_BATCH, PROTOCOL_VERSION,
 };
 pub use types::{Base64Bytes, KeyHex, SigHex};

@@ -16,10 +16,11 @@ use super::Shared;
 use crate::metrics::ReasonLabel;
 use crate::protocol::{
     auth_message, decode_client_frame, verify_signature, Base64Bytes, ClientFrame, ErrorCode,
-    KeyHex, ServerFrame, PROTOCOL_VERSION,
+    FrameHint, KeyHex, ServerFrame, PROTOCOL_VERSION,
 };
 
-/// Consecutive refused frames after which a flooding client is disconnected.
+/// Consecutive frames refused by the rate limit after which a flooding client is
+/// disconnected: the last of them is answered by the closing `error` frame.
 const MAX_STRIKES: u32 = 64;
 
 /// Current wall-clock time in ms since the epoch (storage timestamps).
@@ -31,12 +32,20 @@ pub fn now_ms() -> i64 {
 }
 
 /// Why a connection ended.
+///
+/// Every close by the relay is announced the same way (`docs/protocol.md`, "Errors
+/// that end the connection"): an `error` frame with the code, the reason as its
+/// `message` and the close code as its `close` member, then the close frame with that
+/// code and reason.
 #[derive(Debug)]
 pub(super) enum End {
     /// The client closed or the socket failed; no close frame to send.
     Gone,
     /// The relay closes with this code and reason.
     Close(ErrorCode, String),
+    /// The relay closes because of this frame from the client (a failed `auth`, the
+    /// last frame of a flood): the `error` frame refers to it (`ref`, `quiet`).
+    CloseOn(ErrorCode, String, FrameHint),
 }
 
 /// One client connection: its socket, rate limit and idle deadline. The session
@@ -128,19 +137,53 @@ impl Conn {
     pub(super) async fn send_frame(&mut self, f: ServerFrame) -> Result<(), End> {
         self.feed(f.to_json()).await
     }
+    /// Answers with an `error` frame that does not end the connection.
     pub(super) async fn error(
         &mut self,
         code: ErrorCode,
         message: impl Into<String>,
         reference: Option<String>,
     ) -> Result<(), End> {
+        self.error_frame(code, message, reference, false).await
+    }
+    /// Answers with an `error` frame that does not end the connection; `quiet` marks
+    /// the error about a quiet `ack`.
+    pub(super) async fn error_frame(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+        reference: Option<String>,
+        quiet: bool,
+    ) -> Result<(), End> {
         self.m().reject(code);
         self.send_frame(ServerFrame::Error {
             code,
             message: message.into(),
             reference,
+            quiet,
+            close: None,
         })
         .await
+    }
+    /// Refuses a frame that did not decode (`bad_frame`, `unknown_type`), unless the
+    /// rate limit refuses it first. The error names the frame's type and marks a
+    /// quiet ack when the text shows them ([`FrameHint::of_text`]).
+    pub(super) async fn undecodable(
+        &mut self,
+        text: &str,
+        err: crate::protocol::DecodeError,
+    ) -> Result<(), End> {
+        let hint = FrameHint::of_text(text);
+        if self.admit(hint).await? {
+            self.error_frame(
+                err.code(),
+                err.to_string(),
+                hint.reference(),
+                hint.quiet_ack,
+            )
+            .await?;
+        }
+        Ok(())
     }
     /// What a read from the client's socket gave: a frame (the connection is not idle
     /// then), or how the connection ended.
@@ -166,6 +209,11 @@ impl Conn {
                 ErrorCode::InvalidUtf8,
                 "text frame is not valid UTF-8".into(),
             ),
+            // The client dropped the TCP connection without a close frame: nobody left
+            // to tell.
+            Some(tokio_tungstenite::tungstenite::Error::Protocol(
+                tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => End::Gone,
             Some(tokio_tungstenite::tungstenite::Error::Protocol(p)) => {
                 debug!(peer = %self.peer, error = %p, "websocket protocol error");
                 End::Close(ErrorCode::BadFrame, "websocket protocol violation".into())
@@ -174,11 +222,11 @@ impl Conn {
         }
     }
     /// Applies the rate limit; Err ends the connection after too many refusals.
-    pub(super) async fn admit(&mut self, frame_type: Option<&str>) -> Result<bool, End> {
+    pub(super) async fn admit(&mut self, hint: FrameHint) -> Result<bool, End> {
         if self.take_token() {
             return Ok(true);
         }
-        self.refuse(frame_type).await?;
+        self.refuse(hint).await?;
         Ok(false)
     }
     /// Takes one token of the rate limit; false when the client is over it.
@@ -189,19 +237,22 @@ impl Conn {
         }
         ok
     }
-    /// Answers a frame refused by the rate limit; Err ends a flooding connection.
-    pub(super) async fn refuse(&mut self, frame_type: Option<&str>) -> Result<(), End> {
+    /// Answers a frame refused by the rate limit; Err ends a flooding connection (the
+    /// [`MAX_STRIKES`]th refusal in a row, answered by the closing error frame).
+    pub(super) async fn refuse(&mut self, hint: FrameHint) -> Result<(), End> {
         self.strikes += 1;
         if self.strikes >= MAX_STRIKES {
-            return Err(End::Close(
+            return Err(End::CloseOn(
                 ErrorCode::RateLimited,
                 "request flood; disconnected".into(),
+                hint,
             ));
         }
-        self.error(
+        self.error_frame(
             ErrorCode::RateLimited,
             "rate limit exceeded; slow down",
-            frame_type.map(str::to_string),
+            hint.reference(),
+            hint.quiet_ack,
         )
         .await
     }
@@ -238,7 +289,7 @@ impl Conn {
                 Some(Ok(WsMessage::Text(t))) => t,
                 Some(Ok(WsMessage::Binary(_))) => {
                     self.m().bytes_in.inc();
-                    if self.admit(None).await? {
+                    if self.admit(FrameHint::default()).await? {
                         self.error(ErrorCode::BinaryFrame, "protocol v1 uses text frames", None)
                             .await?;
                     }
@@ -248,16 +299,18 @@ impl Conn {
                 Some(Ok(_)) => continue,
             };
             self.m().bytes_in.inc_by(text.len() as u64);
+            // Decoding comes first: a frame that does not decode is `bad_frame` (or
+            // `unknown_type`) before and after authentication alike, and a malformed
+            // `auth` does not use up the challenge.
             let frame = match decode_client_frame(text.as_str()) {
                 Ok(f) => f,
                 Err(e) => {
-                    if self.admit(None).await? {
-                        self.error(e.code(), e.to_string(), None).await?;
-                    }
+                    self.undecodable(text.as_str(), e).await?;
                     continue;
                 }
             };
-            if !self.admit(Some(frame.type_name())).await? {
+            let hint = FrameHint::of_frame(&frame);
+            if !self.admit(hint).await? {
                 continue;
             }
             match frame {
@@ -271,60 +324,75 @@ impl Conn {
                             reason: "bad_signature",
                         })
                         .inc();
-                    self.error(
-                        ErrorCode::AuthFailed,
-                        "signature does not verify for this key and challenge",
-                        Some("auth".into()),
-                    )
-                    .await?;
                     // The challenge is single-use: a failed attempt ends the connection.
-                    return Err(End::Close(
+                    return Err(End::CloseOn(
                         ErrorCode::AuthFailed,
-                        "authentication failed".into(),
+                        "signature does not verify for this key and challenge".into(),
+                        hint,
                     ));
                 }
                 ClientFrame::Ping { nonce } => self.send_frame(ServerFrame::Pong { nonce }).await?,
-                other => {
-                    self.error(
+                _ => {
+                    self.error_frame(
                         ErrorCode::NotAuthenticated,
                         "authenticate first (answer the challenge with an auth frame)",
-                        Some(other.type_name().into()),
+                        hint.reference(),
+                        hint.quiet_ack,
                     )
                     .await?
                 }
             }
         }
     }
-    /// Sends the close frame (if any), and counts.
+    /// Announces the close with an `error` frame and sends the close frame (if the
+    /// relay ends the connection), and counts.
     async fn finish(&mut self, end: End) {
-        if let End::Close(code, reason) = end {
-            self.m().close(code);
-            let mut reason = reason;
-            // Close reasons are limited to 123 bytes by RFC 6455.
-            while reason.len() > 120 {
-                reason.pop();
+        let (code, reason, hint) = match end {
+            End::Gone => return,
+            End::Close(code, reason) => (code, reason, FrameHint::default()),
+            End::CloseOn(code, reason, hint) => {
+                // A refused frame, counted as every other; closes that refuse no frame
+                // (drain, idle timeout, …) count only as closes, so they do not read
+                // as client errors on the dashboard, in alerts or in rollout analysis.
+                self.m().reject(code);
+                (code, reason, hint)
             }
-            let frame = CloseFrame {
-                code: code.close_code(),
-                reason: Utf8Bytes::from(reason),
-            };
-            let _ = timeout(
-                Duration::from_secs(1),
-                self.ws.send(WsMessage::Close(Some(frame))),
-            )
-            .await;
-            // Complete the closing handshake: read (and discard) what the client still
-            // sends until its close reply. Dropping the socket with unread input would
-            // make the kernel send a reset, and the client would never see our reason.
-            let _ = timeout(Duration::from_secs(1), async {
-                while let Some(Ok(m)) = self.ws.recv().await {
-                    if matches!(m, WsMessage::Close(_)) {
-                        break;
-                    }
-                }
-            })
-            .await;
+        };
+        self.m().close(code);
+        // Close reasons are limited to 123 bytes by RFC 6455; the error frame carries
+        // the same text.
+        let reason = crate::protocol::frame::truncate_utf8(reason, 120);
+        let error = ServerFrame::Error {
+            code,
+            message: reason.clone(),
+            reference: hint.reference(),
+            quiet: hint.quiet_ack,
+            close: Some(code.close_code()),
         }
+        .to_json();
+        self.m().bytes_out.inc_by(error.len() as u64);
+        let frame = CloseFrame {
+            code: code.close_code(),
+            reason: Utf8Bytes::from(reason),
+        };
+        // Both within one second: a client that does not read (`slow_consumer`) may
+        // never get them, and the connection is dropped anyway.
+        let _ = timeout(Duration::from_secs(1), async {
+            self.ws.feed(WsMessage::Text(error.into())).await?;
+            self.ws.send(WsMessage::Close(Some(frame))).await
+        })
+        .await;
+        // Complete the closing handshake: read (and discard) what the client still
+        // sends until its close reply. Dropping the socket with unread input would
+        // make the kernel send a reset, and the client would never see our reason.
+        let _ = timeout(Duration::from_secs(1), async {
+            while let Some(Ok(m)) = self.ws.recv().await {
+                if matches!(m, WsMessage::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 

@@ -220,10 +220,11 @@ impl Session {
     ) -> Result<(), End> {
         if refs.len() > MAX_ACK_BATCH {
             return c
-                .error(
+                .error_frame(
                     ErrorCode::BadFrame,
                     format!("at most {MAX_ACK_BATCH} messages per ack"),
                     Some("ack".into()),
+                    quiet,
                 )
                 .await;
         }
@@ -268,10 +269,11 @@ impl Session {
                     self.stored_floor = 0;
                     self.read_to_end = None;
                     return c
-                        .error(
+                        .error_frame(
                             ErrorCode::StorageUnavailable,
                             "ack not recorded; retry",
                             Some("ack".into()),
+                            quiet,
                         )
                         .await;
                 }

@@ -17,7 +17,8 @@ use super::router::{
 use super::session::Session;
 use super::Shared;
 use crate::protocol::{
-    decode_client_frame, ClientFrame, Envelope, ErrorCode, KeyHex, SendStatus, ServerFrame,
+    decode_client_frame, ClientFrame, Envelope, ErrorCode, FrameHint, KeyHex, SendStatus,
+    ServerFrame,
 };
 use crate::store::SendRecord;
 
@@ -393,7 +394,12 @@ impl Session {
             {
                 c.m().bytes_in.inc_by(t.len() as u64);
                 if !c.take_token() {
-                    return c.refuse(Some("ack")).await;
+                    return c
+                        .refuse(FrameHint {
+                            frame_type: Some("ack"),
+                            quiet_ack: true,
+                        })
+                        .await;
                 }
                 return self.ack(c, messages, true).await;
             }

@@ -18,7 +18,9 @@ use super::delivery::Origin;
 use super::router::{FastMap, Message, SessionHandle};
 use super::send::Deferred;
 use crate::protocol::frame::{FEATURE_QUIET_ACK, MAX_FETCH_LIMIT};
-use crate::protocol::{decode_client_frame, ClientFrame, ErrorCode, KeyHex, Limits, ServerFrame};
+use crate::protocol::{
+    decode_client_frame, ClientFrame, ErrorCode, FrameHint, KeyHex, Limits, ServerFrame,
+};
 
 /// Further ready events (inbound frames, batches of pushes) handled after the one that
 /// woke the session, before the single flush of everything they wrote.
@@ -259,7 +261,7 @@ impl Session {
             WsMessage::Binary(b) => {
                 c.m().bytes_in.inc_by(b.len() as u64);
                 self.store_batch(c).await?;
-                if c.admit(None).await? {
+                if c.admit(FrameHint::default()).await? {
                     c.error(ErrorCode::BinaryFrame, "protocol v1 uses text frames", None)
                         .await?;
                 }
@@ -273,10 +275,7 @@ impl Session {
             Ok(f) => f,
             Err(e) => {
                 self.store_batch(c).await?;
-                if c.admit(None).await? {
-                    c.error(e.code(), e.to_string(), None).await?;
-                }
-                return Ok(());
+                return c.undecodable(text.as_str(), e).await;
             }
         };
         // Answers go out in request order: whatever is batched is answered first.
@@ -285,7 +284,7 @@ impl Session {
         }
         if !c.take_token() {
             self.store_batch(c).await?;
-            return c.refuse(Some(frame.type_name())).await;
+            return c.refuse(FrameHint::of_frame(&frame)).await;
         }
         match frame {
             ClientFrame::Auth { .. } => {
