@@ -6,9 +6,11 @@
 //! - [`procs`]: server processes pinned with `taskset`, CPU and memory sampling.
 //! - [`s3`]: S3 durable offline: pipelined durable sends to offline recipients, drain,
 //!   optional kill -9 of the server with a check that no acknowledged message is lost.
+//! - [`flood`]: S5's sockets that never complete a handshake, the `/health` prober.
 #![forbid(unsafe_code)]
 
 pub mod driver;
+pub mod flood;
 pub mod procs;
 pub mod router;
 pub mod s3;
