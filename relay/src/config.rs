@@ -78,6 +78,14 @@ pub struct Cli {
     /// Maximum concurrent client connections.
     #[arg(long, env = "DCHAT_MAX_CONNECTIONS", default_value = "100000")]
     pub max_connections: String,
+    /// Time a new TCP connection (on either port) has to send a complete HTTP request
+    /// head, and an HTTP keep-alive connection to send its next one; closed after it.
+    #[arg(long, env = "DCHAT_HANDSHAKE_TIMEOUT", default_value = "10s")]
+    pub handshake_timeout: String,
+    /// Connections per port that are not (yet) WebSockets: waiting for their request,
+    /// or plain HTTP. Beyond it the longest-waiting one is closed to make room.
+    #[arg(long, env = "DCHAT_MAX_HANDSHAKES", default_value = "1024")]
+    pub max_handshakes: String,
     /// Close connections silent for this long.
     #[arg(long, env = "DCHAT_IDLE_TIMEOUT", default_value = "120s")]
     pub idle_timeout: String,
@@ -197,6 +205,11 @@ pub struct Config {
     pub rate_burst: u32,
     /// Connection cap.
     pub max_connections: usize,
+    /// Deadline for a request head: from accept to the first one, and on a keep-alive
+    /// connection from one response to the next request (see `server::accept`).
+    pub handshake_timeout: Duration,
+    /// Connections per listener that are not WebSockets (see `server::handshake`).
+    pub max_handshakes: usize,
     /// Idle timeout.
     pub idle_timeout: Duration,
     /// Authentication deadline / challenge lifetime.
@@ -429,6 +442,17 @@ impl Config {
                 1usize,
                 10_000_000,
             )?,
+            handshake_timeout: duration(
+                "DCHAT_HANDSHAKE_TIMEOUT",
+                &cli.handshake_timeout,
+                Duration::from_millis(100),
+            )?,
+            max_handshakes: number(
+                "DCHAT_MAX_HANDSHAKES",
+                &cli.max_handshakes,
+                1usize,
+                1_000_000,
+            )?,
             idle_timeout: duration(
                 "DCHAT_IDLE_TIMEOUT",
                 &cli.idle_timeout,
@@ -562,6 +586,12 @@ mod tests {
         assert!(e.to_string().contains("between 8 and 65536"), "{e}");
         let e = parse(&["--store-write-buffer-mb", "lots"]).unwrap_err();
         assert_eq!(e.setting, "DCHAT_STORE_WRITE_BUFFER_MB");
+        let e = parse(&["--handshake-timeout", "50ms"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_HANDSHAKE_TIMEOUT");
+        let e = parse(&["--handshake-timeout", "soon"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_HANDSHAKE_TIMEOUT");
+        let e = parse(&["--max-handshakes", "0"]).unwrap_err();
+        assert_eq!(e.setting, "DCHAT_MAX_HANDSHAKES");
         let e = parse(&["--admin-token", "short"]).unwrap_err();
         assert_eq!(e.setting, "DCHAT_ADMIN_TOKEN");
         assert!(!e.to_string().contains("short"), "secret echoed: {e}");
@@ -591,6 +621,8 @@ mod tests {
         assert_eq!(c.max_message_bytes, 262_144);
         assert_eq!(c.message_ttl, Duration::from_secs(720 * 3600));
         assert!(c.admin_token.is_none());
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_handshakes, 1024);
     }
 
     #[test]

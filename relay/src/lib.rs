@@ -4,7 +4,9 @@
 //! - [`protocol`]: wire protocol v1: frames and their JSON codec (`frame.rs`), keys and
 //!   blobs (`types.rs`), error and close codes (`error.rs`), signature rules.
 //! - [`server`]: the relay process: [`server::Relay`], [`server::Shared`] and the drain
-//!   (`mod.rs`); the HTTP routes and admin API (`http.rs`, `admin.rs`); per client
+//!   (`mod.rs`); accepting connections, the handshake deadline and the bound on
+//!   connections that are not WebSockets (`accept.rs`, `handshake.rs`); the HTTP
+//!   routes and admin API (`http.rs`, `admin.rs`); per client
 //!   `connection.rs` (socket, rate limit, handshake, close), `session.rs` (event loop,
 //!   request dispatch), `delivery.rs` (in-flight window, live pushes, stored-message
 //!   pump, acks), `send.rs` (the `send` request), `requests.rs` (join/leave, profiles);
@@ -21,13 +23,14 @@
 //! - [`client`]: the Rust client library used by the `dchat` CLI, tests and benchmarks.
 //! - [`backup`]: backups to S3 and RDS snapshots, and restores (`dchat backup`).
 //! - [`handover`]: moves a relay's stored messages to another relay (blue-green slot handover).
-//! - [`config`], [`metrics`], [`shutdown`].
+//! - [`config`], [`metrics`], [`shutdown`], [`fd_limit`] (the open-file limit).
 #![forbid(unsafe_code)]
 
 pub mod backup;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod fd_limit;
 pub mod handover;
 pub mod metrics;
 pub mod protocol;

@@ -27,6 +27,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     init_logging(&cfg);
+    raise_fd_limit(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,6 +56,39 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ServerError>() {
         Some(ServerError::Store(StoreError::PreReleaseData { .. })) => 2,
         _ => 1,
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit (see `dchat_relay::fd_limit`) and
+/// warns when the settings allow more connections than that. Not fatal: the relay still
+/// serves, and accepting pauses while descriptors are exhausted.
+fn raise_fd_limit(cfg: &Config) {
+    let show = |l: Option<u64>| l.map_or("unlimited".to_string(), |l| l.to_string());
+    let limit = match dchat_relay::fd_limit::raise_to_hard() {
+        Ok(r) => {
+            if r.before != r.now {
+                tracing::info!(
+                    from = %show(r.before),
+                    to = %show(r.now),
+                    "raised the open-file limit to its hard limit"
+                );
+            }
+            r.now
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            return;
+        }
+    };
+    let needed = dchat_relay::fd_limit::needed(cfg);
+    if let Some(limit) = limit.filter(|l| *l < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below DCHAT_MAX_CONNECTIONS + 2 x DCHAT_MAX_HANDSHAKES + {}: \
+             connections fail before those bounds are reached",
+            dchat_relay::fd_limit::RESERVED
+        );
     }
 }
 

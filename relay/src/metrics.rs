@@ -46,6 +46,16 @@ pub struct OpErrorLabel {
     pub error: &'static str,
 }
 
+/// `listener` label: the port a connection came in on.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `client` (`DCHAT_LISTEN`) or `metrics` (`DCHAT_METRICS_LISTEN`).
+    pub listener: &'static str,
+}
+
+/// The values of [`ListenerLabel`].
+pub const LISTENERS: [&str; 2] = ["client", "metrics"];
+
 /// Per-kind counter handles, indexed by `Kind as usize` (the order of `Kind::ALL`).
 #[derive(Default)]
 struct KindCounters {
@@ -113,6 +123,17 @@ pub struct Metrics {
     /// message path increments a counter directly instead of hashing a label set and
     /// taking the family's lock for every message.
     by_kind: KindCounters,
+    /// Accepted TCP connections that are not WebSockets (waiting for their request or
+    /// serving plain HTTP), by listener.
+    pub handshake_connections: Family<ListenerLabel, Gauge>,
+    /// Connections closed because their first request head did not arrive in time, by
+    /// listener.
+    pub handshake_timeouts: Family<ListenerLabel, Counter>,
+    /// Connections waiting for a request closed to make room for a new one, by listener.
+    pub handshakes_evicted: Family<ListenerLabel, Counter>,
+    /// New connections closed at once because every handshake place was serving a
+    /// request, by listener.
+    pub handshakes_rejected: Family<ListenerLabel, Counter>,
     /// Wake notices sent to peers.
     pub peer_wakes_sent: Counter,
     /// Wake notices received from peers.
@@ -159,6 +180,10 @@ impl Metrics {
             by_kind: KindCounters::default(),
             closed: Family::default(),
             peer_links: Gauge::default(),
+            handshake_connections: Family::default(),
+            handshake_timeouts: Family::default(),
+            handshakes_evicted: Family::default(),
+            handshakes_rejected: Family::default(),
             peer_wakes_sent: Counter::default(),
             peer_wakes_received: Counter::default(),
             registry: Registry::default(),
@@ -286,6 +311,26 @@ impl Metrics {
             m.peer_links.clone(),
         );
         r.register(
+            "handshake_connections",
+            "Accepted connections that are not WebSockets (waiting for a request or plain HTTP) by listener",
+            m.handshake_connections.clone(),
+        );
+        r.register(
+            "handshake_timeouts",
+            "Connections closed because their first request head was not complete within DCHAT_HANDSHAKE_TIMEOUT by listener",
+            m.handshake_timeouts.clone(),
+        );
+        r.register(
+            "handshakes_evicted",
+            "Connections waiting for a request closed to make room for a new connection (DCHAT_MAX_HANDSHAKES reached) by listener",
+            m.handshakes_evicted.clone(),
+        );
+        r.register(
+            "handshakes_rejected",
+            "New connections closed at once because every handshake place was serving a request by listener",
+            m.handshakes_rejected.clone(),
+        );
+        r.register(
             "peer_wakes_sent",
             "Wake notices sent to peers",
             m.peer_wakes_sent.clone(),
@@ -304,6 +349,13 @@ impl Metrics {
         }
         for reason in ["bad_signature", "timeout"] {
             let _ = m.auth_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for listener in LISTENERS {
+            let l = ListenerLabel { listener };
+            let _ = m.handshake_connections.get_or_create(&l);
+            let _ = m.handshake_timeouts.get_or_create(&l);
+            let _ = m.handshakes_evicted.get_or_create(&l);
+            let _ = m.handshakes_rejected.get_or_create(&l);
         }
         for c in ErrorCode::ALL {
             let _ = m.rejected.get_or_create(&CodeLabel { code: c.as_str() });

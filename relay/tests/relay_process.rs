@@ -1,86 +1,22 @@
 //! The real `dchat-relay` and `dchat` binaries as processes: configuration errors, a
 //! pre-release data directory, the default data directory, SIGTERM drain, kill -9 durability, and the smoke command.
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/tempdir.rs"]
 mod tempdir;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use dchat_relay::client::{generate_key, public_key, Client, ClientError};
 use dchat_relay::protocol::SendStatus;
+use process::{relay_cmd, spawn, url};
 use tempdir::TempDir;
 
-const RELAY: &str = env!("CARGO_BIN_EXE_dchat-relay");
 const CLI: &str = env!("CARGO_BIN_EXE_dchat");
-
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A relay command with a clean environment (no DB_* from test scripts leaking in).
-fn relay_cmd(cwd: &Path) -> Command {
-    let mut c = Command::new(RELAY);
-    c.current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DCHAT_LISTEN", "127.0.0.1:0")
-        .env("DCHAT_METRICS_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info");
-    c
-}
-
-/// Spawns the relay and waits for its "started" log line to learn the ports.
-fn spawn(mut cmd: Command) -> Proc {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent && line.contains("dchat-relay started") {
-                let field = |name: &str| -> SocketAddr {
-                    line.split_whitespace()
-                        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                };
-                let _ = tx.send((field("listen"), field("metrics")));
-                sent = true;
-            }
-        }
-    });
-    let (addr, metrics) = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("relay printed its listen address");
-    Proc {
-        child,
-        addr,
-        metrics,
-    }
-}
-
-fn url(p: &Proc) -> String {
-    format!("ws://{}/v1/ws", p.addr)
-}
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     for _ in 0..600 {
@@ -115,6 +51,8 @@ fn invalid_configuration_exits_2_naming_the_setting() {
         ("DCHAT_MAX_MESSAGE_BYTES", "-1"),
         ("DCHAT_PEERS", "not-a-url"),
         ("DCHAT_SHED_DELAY", "11s"),
+        ("DCHAT_HANDSHAKE_TIMEOUT", "soon"),
+        ("DCHAT_MAX_HANDSHAKES", "0"),
         ("DB_PORT", "99999"),
     ] {
         let mut cmd = relay_cmd(dir.path());

@@ -10,11 +10,13 @@
 //!   wall time, peak RSS and CPU of the tool, the relay and moto.
 //! - [`external`]: a short load test of a relay running elsewhere (staging), judged
 //!   against p99 latency and error-rate thresholds.
+//! - [`flood`]: S5's sockets that never complete a handshake, the `/health` prober.
 #![forbid(unsafe_code)]
 
 pub mod backup;
 pub mod driver;
 pub mod external;
+pub mod flood;
 pub mod procs;
 pub mod router;
 pub mod s3;

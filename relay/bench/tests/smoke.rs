@@ -100,3 +100,43 @@ async fn one_second_against_bare_router() {
     assert!(r.sent > 50, "{r:?}");
     assert_eq!(r.received, r.expected, "{r:?}");
 }
+
+/// S5's flood at toy size: its sockets are closed by the relay at the handshake
+/// deadline and reopened, the relay counts the timeouts, and the `/health` prober and
+/// the metric reader work against the metrics port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_flood_is_closed_at_the_deadline_and_reopened() {
+    use dchat_bench::flood::{self, Flood};
+    let dir = std::env::temp_dir().join(format!("dchat-bench-flood-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = Config::for_test(&dir);
+    cfg.handshake_timeout = Duration::from_millis(300);
+    let relay = Relay::bind(cfg).await.unwrap().spawn();
+    let f = Flood::start(relay.addr, 10, 10).unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let prober = tokio::spawn(flood::probe_health(
+        relay.metrics_addr,
+        Duration::from_millis(50),
+        rx,
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Every socket closed at least twice: the flood reopens what the relay closes.
+    while f.stats.closed.load(std::sync::atomic::Ordering::Relaxed) < 40 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", f.stats);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = f.stop();
+    let _ = stop.send(true);
+    let probes = prober.await.unwrap();
+    assert_eq!(probes.failures, 0);
+    assert!(!probes.latencies.is_empty());
+    assert!(stats.opened.load(std::sync::atomic::Ordering::Relaxed) >= 40);
+    assert_eq!(stats.open.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let (status, text) = flood::get(relay.metrics_addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let timeouts =
+        flood::metric(&text, "dchat_handshake_timeouts_total{listener=\"client\"}").unwrap();
+    assert!(timeouts >= 40.0, "{timeouts}");
+    relay.drain().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

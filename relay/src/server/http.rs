@@ -1,5 +1,5 @@
 //! HTTP surface: the client port (`/v1/ws`, `/v1/peer`, `/health`, `/ready`) and the
-//! metrics port (`/metrics` and the admin API).
+//! metrics port (`/health`, `/metrics` and the admin API).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,9 +33,11 @@ pub fn client_router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Routes of the metrics port.
+/// Routes of the metrics port. It answers `/health` too: it has its own handshake
+/// places, so a liveness check there is not queued behind a flood of the client port.
 pub fn metrics_router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/admin/stats", get(admin::stats))
         .route("/admin/snapshot", get(admin::snapshot))

@@ -7,6 +7,8 @@
 //! The files, from the listener inwards:
 //! - this file: [`Relay`] (bind, run, drain), [`Shared`] (the state every connection
 //!   and endpoint shares) and the timed storage calls on it;
+//! - `accept.rs`, `handshake.rs`: accepting connections and serving HTTP on them; the
+//!   bound on connections that are not WebSockets and the handshake deadline;
 //! - `http.rs`, `admin.rs`: the HTTP routes of both ports and the admin API;
 //! - `connection.rs`: one client connection: socket writes and flushes, rate limit,
 //!   the challenge/response handshake, the close;
@@ -22,10 +24,12 @@
 //!   the channel member cache;
 //! - `overload.rs`, `limits.rs`: load shedding and the per-connection token bucket.
 
+pub mod accept;
 pub mod admin;
 pub mod connection;
 mod delivery;
 pub mod fan_out;
+pub mod handshake;
 pub mod http;
 pub mod limits;
 pub mod overload;
@@ -40,7 +44,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -403,30 +406,34 @@ impl Relay {
         let stop_metrics = CancellationToken::new();
         let background = CancellationToken::new();
 
-        // Small frames must leave at once: Nagle's algorithm with delayed ACKs would
-        // add tens of milliseconds to a push that follows an answer.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
-        let app = http::client_router(shared.clone());
-        let stop = stop_accept.clone();
-        let mut serve_task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-        });
-        let mapp = http::metrics_router(shared.clone());
-        let stop = stop_metrics.clone();
-        let metrics_task = tokio::spawn(async move {
-            axum::serve(metrics_listener, mapp)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
+        // Each port has its own pool of handshake places, so a flood of one cannot
+        // keep the other (probes, scrapes, the admin API) from being served.
+        let client_pool =
+            handshake::HandshakePool::new("client", shared.cfg.max_handshakes, &shared.metrics);
+        let metrics_pool =
+            handshake::HandshakePool::new("metrics", shared.cfg.max_handshakes, &shared.metrics);
+        let mut serve_task = tokio::spawn(accept::serve(
+            listener,
+            http::client_router(shared.clone()),
+            client_pool,
+            accept::ListenerSettings {
+                name: "client",
+                handshake_timeout: shared.cfg.handshake_timeout,
+                nodelay: true,
+            },
+            stop_accept.clone(),
+        ));
+        let metrics_task = tokio::spawn(accept::serve(
+            metrics_listener,
+            http::metrics_router(shared.clone()),
+            metrics_pool,
+            accept::ListenerSettings {
+                name: "metrics",
+                handshake_timeout: shared.cfg.handshake_timeout,
+                nodelay: false,
+            },
+            stop_metrics.clone(),
+        ));
         let expiry = tokio::spawn(expiry_loop(shared.clone(), background.clone()));
         let load = tokio::spawn(overload::monitor(shared.clone(), background.clone()));
         let peers = shared

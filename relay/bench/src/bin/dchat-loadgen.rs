@@ -1,4 +1,5 @@
-//! `dchat-loadgen`: the benchmark load generator of issue 3 (S1–S4). Prints tables.
+//! `dchat-loadgen`: the benchmark load generator of issue 3 (S1–S4) and of the
+//! handshake flood of issue 23 (S5). Prints tables.
 //!
 //! Run it pinned to one core and let it start the servers pinned to the other, e.g.
 //! `taskset -c 1 dchat-loadgen s1 --server-cpu 0`. See `docs/performance.md`.
@@ -17,7 +18,7 @@ use dchat_bench::s3::PgTarget;
 use dchat_bench::systems::{connect, Target};
 
 #[derive(Parser)]
-#[command(about = "dchat relay load generator (benchmarks S1, S2, S3, S4)")]
+#[command(about = "dchat relay load generator (benchmarks S1, S2, S3, S4, S5)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,6 +40,9 @@ enum Cmd {
     /// Load test of a relay running elsewhere (e.g. staging): fails when p99 latency or
     /// the error rate is above its threshold.
     External(dchat_bench::external::ExternalArgs),
+    /// S5: 1:1 messages between a few clients with and without a flood of sockets that
+    /// never complete a handshake (silent and dripping): latency, /health, timeouts.
+    S5(S5Args),
     /// Runs the bare WebSocket router (used by S1 as the on-box limit).
     Router {
         /// Listen address (127.0.0.1 only for benchmarks).
@@ -327,6 +331,34 @@ struct S4Args {
     connections: usize,
 }
 
+#[derive(Args)]
+struct S5Args {
+    #[command(flatten)]
+    common: Common,
+    /// Connected clients exchanging messages.
+    #[arg(long, default_value = "200")]
+    clients: usize,
+    /// Offered messages per second (Poisson, random sender to random other client).
+    #[arg(long, default_value = "2000")]
+    rate: f64,
+    /// Silent sockets in the flood (connect, send nothing; reopened when closed).
+    #[arg(long, default_value = "5000")]
+    silent: usize,
+    /// Dripping sockets in the flood (one byte of a request head a second).
+    #[arg(long, default_value = "5000")]
+    dripping: usize,
+    /// The relay's DCHAT_HANDSHAKE_TIMEOUT.
+    #[arg(long, default_value = "10s")]
+    handshake_timeout: String,
+    /// The relay's DCHAT_MAX_HANDSHAKES (default: room for the whole flood, so that
+    /// every hostile socket holds a descriptor until its deadline).
+    #[arg(long, default_value = "12000")]
+    max_handshakes: usize,
+    /// Interval of the /health probes on the metrics port.
+    #[arg(long, default_value = "100")]
+    health_every_ms: u64,
+}
+
 /// The relay's allocator (see relay/src/main.rs), so that the generator's own CPU share
 /// and the bare router (served by this binary) are measured under the same allocator.
 #[global_allocator]
@@ -356,6 +388,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::S4(a) => s4(a).await,
         Cmd::Backup(a) => backup(a).await,
         Cmd::External(a) => Ok(dchat_bench::external::main(a).await?),
+        Cmd::S5(a) => s5(a).await,
     }
 }
 
@@ -1324,5 +1357,185 @@ async fn backup(a: BackupArgs) -> anyhow::Result<()> {
             "{failed} restored store(s) did not hold what was backed up (see the checks)"
         );
     }
+/// One S5 run: a fresh relay, the clients, optionally the flood, one rate step.
+struct S5Run {
+    step: StepResult,
+    health: dchat_bench::flood::HealthProbes,
+    /// Counter increases over the step: timeouts, evictions, refusals (client port).
+    timeouts: f64,
+    evicted: f64,
+    rejected: f64,
+    /// Flood sockets open when the step ended (0 without a flood).
+    hostile_open: u64,
+    errors: u64,
+}
+
+async fn s5_run(a: &S5Args, flood: bool, seq: &mut u64, rng: &mut Rng) -> anyhow::Result<S5Run> {
+    use dchat_bench::flood::{self, Flood};
+    let c = &a.common;
+    let port = procs::free_port()?;
+    let mport = procs::free_port()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse()?;
+    let dir = procs::scratch_dir("relay")?;
+    let mut envs = relay_env(port, &dir)?;
+    envs.retain(|(k, _)| k != "DCHAT_METRICS_LISTEN");
+    envs.extend([
+        ("DCHAT_METRICS_LISTEN".to_string(), maddr.to_string()),
+        (
+            "DCHAT_HANDSHAKE_TIMEOUT".to_string(),
+            a.handshake_timeout.clone(),
+        ),
+        (
+            "DCHAT_MAX_HANDSHAKES".to_string(),
+            a.max_handshakes.to_string(),
+        ),
+    ]);
+    let proc_ = procs::spawn("relay", c.server_cpu, &relay_bin(c)?, &[], &envs, dir)?;
+    procs::wait_port("relay", addr, Duration::from_secs(30)).await?;
+    procs::wait_port("relay metrics", maddr, Duration::from_secs(30)).await?;
+    let rec = Recorder::new();
+    let target = Target::Relay(format!("ws://{addr}/v1/ws"));
+    let eps = connect(&target, a.clients, c.parallel, 0, c.ack_delay(), &rec).await?;
+    let flood = if flood {
+        let f = Flood::start(addr, a.silent, a.dripping)?;
+        // The step's warm-up starts once every hostile socket has been opened once.
+        let want = (a.silent + a.dripping) as u64;
+        let t0 = Instant::now();
+        while f.stats.opened.load(Ordering::Relaxed) < want {
+            if t0.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!(
+                    "the flood opened only {} of {want} sockets in 120 s",
+                    f.stats.opened.load(Ordering::Relaxed)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(f)
+    } else {
+        None
+    };
+    let counters = |text: &str| -> [f64; 3] {
+        [
+            "dchat_handshake_timeouts_total",
+            "dchat_handshakes_evicted_total",
+            "dchat_handshakes_rejected_total",
+        ]
+        .map(|n| flood::metric(text, &format!("{n}{{listener=\"client\"}}")).unwrap_or(0.0))
+    };
+    let before = counters(&flood::get(maddr, "/metrics").await?.1);
+    let (stop_probe, probe_rx) = tokio::sync::watch::channel(false);
+    let prober = tokio::spawn(flood::probe_health(
+        maddr,
+        Duration::from_millis(a.health_every_ms.max(1)),
+        probe_rx,
+    ));
+    let step = run_step(
+        &eps,
+        &rec,
+        Pattern::Direct,
+        step(c, a.rate),
+        seq,
+        rng,
+        Some(ServerProcs::one(proc_.pid)),
+    )
+    .await;
+    let _ = stop_probe.send(true);
+    let health = prober.await?;
+    let after = counters(&flood::get(maddr, "/metrics").await?.1);
+    let hostile_open = match flood {
+        Some(f) => {
+            let open = f.stats.open.load(Ordering::Relaxed);
+            f.stop();
+            open
+        }
+        None => 0,
+    };
+    let errors = rec.errors.load(Ordering::Relaxed);
+    drop(eps);
+    drop(proc_);
+    Ok(S5Run {
+        step,
+        health,
+        timeouts: after[0] - before[0],
+        evicted: after[1] - before[1],
+        rejected: after[2] - before[2],
+        hostile_open,
+        errors,
+    })
+}
+
+async fn s5(a: S5Args) -> anyhow::Result<()> {
+    let c = &a.common;
+    // Both ends of every hostile socket are on this machine: this process needs a
+    // descriptor per socket (the relay raises its own limit).
+    let raised = dchat_relay::fd_limit::raise_to_hard().context("raising the open-file limit")?;
+    let need = (a.silent + a.dripping + a.clients) as u64 + 256;
+    if raised.now.is_some_and(|l| l < need) {
+        anyhow::bail!(
+            "S5 needs {need} open files; the limit is {:?} (ulimit -Hn)",
+            raised.now
+        );
+    }
+    println!(
+        "# S5 handshake flood: {} clients, {} msgs/s offered, {} B payload; flood {} silent + {} dripping sockets (reopened when closed); relay DCHAT_HANDSHAKE_TIMEOUT={} DCHAT_MAX_HANDSHAKES={}; warm-up {} s, measure {} s, {} repetitions; /health on the metrics port every {} ms",
+        a.clients, a.rate, c.payload, a.silent, a.dripping, a.handshake_timeout, a.max_handshakes, c.warmup, c.measure, c.repeat, a.health_every_ms
+    );
+    println!("| flood | rep | delivered/s | p50 µs | p99 µs | p99.9 µs | max µs | server cpu | handshake timeouts | evicted | rejected | hostile open at end | /health answered | /health p50 ms | p99 ms | max ms | errors |");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let (mut seq, mut rng) = (0u64, Rng::new(0x55));
+    let mut p99 = [Vec::new(), Vec::new()];
+    let mut p50 = [Vec::new(), Vec::new()];
+    let mut health_p99 = [Vec::new(), Vec::new()];
+    for rep in 0..c.repeat {
+        let order = if rep % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for flood in order {
+            let r = s5_run(&a, flood, &mut seq, &mut rng).await?;
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {} of {} | {:.2} | {:.2} | {:.2} | {} |",
+                if flood { "yes" } else { "no" },
+                rep + 1,
+                r.step.delivered_per_sec,
+                r.step.p50_us,
+                r.step.p99_us,
+                r.step.p999_us,
+                r.step.max_us,
+                r.step.server_cpu.map(|s| format!("{:.0}%", s * 100.0)).unwrap_or_else(|| "-".into()),
+                r.timeouts,
+                r.evicted,
+                r.rejected,
+                r.hostile_open,
+                r.health.latencies.len(),
+                r.health.latencies.len() as u64 + r.health.failures,
+                ms(r.health.quantile(0.5)),
+                ms(r.health.quantile(0.99)),
+                ms(r.health.quantile(1.0)),
+                r.errors + r.step.expected.saturating_sub(r.step.received),
+            );
+            let i = usize::from(flood);
+            p99[i].push(r.step.p99_us);
+            p50[i].push(r.step.p50_us);
+            health_p99[i].push(ms(r.health.quantile(0.99)));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    println!();
+    println!("# S5 summary (median (min–max) over repetitions)");
+    println!("| flood | p50 µs | p99 µs | /health p99 ms |");
+    println!("|---|--:|--:|--:|");
+    for (i, name) in ["no", "yes"].iter().enumerate() {
+        let (a50, a50l, a50h) = median_range(&p50[i]);
+        let (a99, a99l, a99h) = median_range(&p99[i]);
+        let (h, hl, hh) = median_range(&health_p99[i]);
+        println!("| {name} | {a50:.0} ({a50l:.0}–{a50h:.0}) | {a99:.0} ({a99l:.0}–{a99h:.0}) | {h:.2} ({hl:.2}–{hh:.2}) |");
+    }
+    let ratio = median_range(&p99[1]).0 / median_range(&p99[0]).0.max(1.0);
+    println!();
+    println!("S5: message p99 with the flood is {ratio:.2}× the p99 without it");
     Ok(())
 }
