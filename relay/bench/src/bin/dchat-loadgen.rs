@@ -1,5 +1,5 @@
-//! `dchat-loadgen`: the benchmark load generator of issue 3 (S1–S4) and of the
-//! handshake flood of issue 23 (S5). Prints tables.
+//! `dchat-loadgen`: the benchmark load generator of issue 3 (S1–S4), the handshake flood
+//! of issue 23 (S5), the backup benchmark and the staging load test (`external`). Prints tables.
 //!
 //! Run it pinned to one core and let it start the servers pinned to the other, e.g.
 //! `taskset -c 1 dchat-loadgen s1 --server-cpu 0`. See `docs/performance.md`.
@@ -1357,6 +1357,9 @@ async fn backup(a: BackupArgs) -> anyhow::Result<()> {
             "{failed} restored store(s) did not hold what was backed up (see the checks)"
         );
     }
+    Ok(())
+}
+
 /// One S5 run: a fresh relay, the clients, optionally the flood, one rate step.
 struct S5Run {
     step: StepResult,
