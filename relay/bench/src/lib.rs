@@ -6,12 +6,15 @@
 //! - [`procs`]: server processes pinned with `taskset`, CPU and memory sampling.
 //! - [`s3`]: S3 durable offline: pipelined durable sends to offline recipients, drain,
 //!   optional kill -9 of the server with a check that no acknowledged message is lost.
+//! - [`soak`]: the relay for half an hour at half its S1 capacity with reconnecting and
+//!   offline clients: lost and duplicated messages, RSS and file descriptors over time.
 #![forbid(unsafe_code)]
 
 pub mod driver;
 pub mod procs;
 pub mod router;
 pub mod s3;
+pub mod soak;
 pub mod systems;
 
 /// Errors of the load generator.

@@ -33,6 +33,8 @@ enum Cmd {
     S3(S3Args),
     /// S4: idle authenticated connections on the relay: RSS per connection, connects/s.
     S4(S4Args),
+    /// Soak (issue 23): steady load with churn for 30 minutes; lost/duplicated, RSS, fds.
+    Soak(dchat_bench::soak::SoakArgs),
     /// Runs the bare WebSocket router (used by S1 as the on-box limit).
     Router {
         /// Listen address (127.0.0.1 only for benchmarks).
@@ -285,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::S2(a) => s2(a).await,
         Cmd::S3(a) => s3(a).await,
         Cmd::S4(a) => s4(a).await,
+        Cmd::Soak(a) => dchat_bench::soak::main(a).await,
     }
 }
 
