@@ -972,16 +972,7 @@ impl ClientTask {
                 }
                 j = self.jobs.recv(), if !self.jobs_done => match j {
                     Some(first) => {
-                        let mut seqs = Vec::with_capacity(BURST);
-                        let mut job = Some(first);
-                        while let Some(j) = job {
-                            if self.sh.ledger().written(j.seq) {
-                                self.sh.count(|c| &c.sent);
-                            }
-                            self.inflight.insert(j.seq, Pending { to: j.to, sched: j.sched, attempts: 0 });
-                            seqs.push(j.seq);
-                            job = if seqs.len() < BURST { self.jobs.try_recv().ok() } else { None };
-                        }
+                        let seqs = self.take_jobs(Some(first), BURST);
                         if self.write(ws, &seqs, None).await.is_err() {
                             return self.lost();
                         }
@@ -1087,11 +1078,38 @@ impl ClientTask {
         End::Lost
     }
 
-    /// Closes cleanly: deferred acks out, close frame, then reads to the end (answers
-    /// count; deliveries are left unacknowledged, so the relay keeps them).
+    /// Moves `first` and up to `max` queued messages in all into `inflight`; their
+    /// sequence numbers, to write.
+    fn take_jobs(&mut self, first: Option<Job>, max: usize) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        let mut job = first.or_else(|| self.jobs.try_recv().ok());
+        while let Some(j) = job {
+            if self.sh.ledger().written(j.seq) {
+                self.sh.count(|c| &c.sent);
+            }
+            let p = Pending {
+                to: j.to,
+                sched: j.sched,
+                attempts: 0,
+            };
+            self.inflight.insert(j.seq, p);
+            seqs.push(j.seq);
+            job = if seqs.len() < max {
+                self.jobs.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        seqs
+    }
+
+    /// Closes cleanly: what is queued to send and the deferred acks out, close frame,
+    /// then reads to the end (answers count; deliveries are left unacknowledged, so the
+    /// relay keeps them; sends still unanswered go again on the next connection).
     async fn close(&mut self, ws: &mut Ws, end: End) -> End {
         self.set(Status::Closing);
-        if self.write(ws, &[], None).await.is_ok() && ws.close(None).await.is_ok() {
+        let seqs = self.take_jobs(None, usize::MAX);
+        if self.write(ws, &seqs, None).await.is_ok() && ws.close(None).await.is_ok() {
             let until = tokio::time::Instant::now() + CLOSE_WAIT;
             while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, ws.next()).await {
                 if let Message::Text(t) = m {
