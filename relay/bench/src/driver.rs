@@ -262,7 +262,7 @@ const SPIN_NS: u64 = 60_000;
 /// core run) for the last [`SPIN_NS`]. The async runtime's timer has 1 ms resolution,
 /// and yielding inside the runtime instead made it poll epoll about a million times a
 /// second, which took the generator's core from the clients.
-fn wait_until(rec: &Recorder, sched: u64) {
+pub(crate) fn wait_until(rec: &Recorder, sched: u64) {
     loop {
         let now = rec.now_ns();
         if now >= sched {

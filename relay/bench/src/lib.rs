@@ -11,6 +11,8 @@
 //! - [`external`]: a short load test of a relay running elsewhere (staging), judged
 //!   against p99 latency and error-rate thresholds.
 //! - [`flood`]: S5's sockets that never complete a handshake, the `/health` prober.
+//! - [`soak`]: the relay for half an hour at half its S1 capacity with reconnecting and
+//!   offline clients: lost and duplicated messages, RSS and file descriptors over time.
 #![forbid(unsafe_code)]
 
 pub mod backup;
@@ -20,6 +22,7 @@ pub mod flood;
 pub mod procs;
 pub mod router;
 pub mod s3;
+pub mod soak;
 pub mod systems;
 
 /// Errors of the load generator.

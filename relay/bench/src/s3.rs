@@ -370,7 +370,7 @@ fn new_hist() -> Histogram<u64> {
 
 /// Connects and authenticates (challenge, signed `auth`, `welcome`), as
 /// [`Client::connect`] does but keeping the raw WebSocket for batched writes.
-async fn connect_sender(url: &str, key: &SigningKey) -> Result<Ws, String> {
+pub(crate) async fn connect_sender(url: &str, key: &SigningKey) -> Result<Ws, String> {
     let mut ws = connect_raw(url).await.map_err(|e| e.to_string())?;
     let next = async |ws: &mut Ws, what: &str| -> Result<ServerFrame, String> {
         loop {

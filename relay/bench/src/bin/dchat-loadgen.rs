@@ -43,6 +43,8 @@ enum Cmd {
     /// S5: 1:1 messages between a few clients with and without a flood of sockets that
     /// never complete a handshake (silent and dripping): latency, /health, timeouts.
     S5(S5Args),
+    /// Soak (issue 23): steady load with churn for 30 minutes; lost/duplicated, RSS, fds.
+    Soak(dchat_bench::soak::SoakArgs),
     /// Runs the bare WebSocket router (used by S1 as the on-box limit).
     Router {
         /// Listen address (127.0.0.1 only for benchmarks).
@@ -389,6 +391,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Backup(a) => backup(a).await,
         Cmd::External(a) => Ok(dchat_bench::external::main(a).await?),
         Cmd::S5(a) => s5(a).await,
+        Cmd::Soak(a) => dchat_bench::soak::main(a).await,
     }
 }
 
