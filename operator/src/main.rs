@@ -322,10 +322,11 @@ async fn serve_http(addr: SocketAddr, state: HttpState) -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     install_crypto_provider();
-    let client = kube::Client::try_default()
+    let metrics = Arc::new(Metrics::new());
+    let config = kube::Config::infer()
         .await
         .context("loading Kubernetes configuration (KUBECONFIG or in-cluster)")?;
-    let metrics = Arc::new(Metrics::new());
+    let client = runner::counted_client(config, &metrics).context("building the API client")?;
     let ready = Arc::new(AtomicBool::new(false));
     let http = tokio::spawn(serve_http(
         args.metrics_addr,

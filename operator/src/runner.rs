@@ -28,6 +28,14 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The operator's client for `config`, its every request counted in
+/// `dchat_operator_kube_requests_total`.
+pub fn counted_client(config: kube::Config, metrics: &Metrics) -> Result<Client, kube::Error> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&metrics.kube_requests_layer())
+        .build())
+}
+
 /// Leader election settings of one operator replica.
 #[derive(Clone, Debug)]
 pub struct LeaderElection {

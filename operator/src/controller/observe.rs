@@ -74,7 +74,15 @@ pub(super) async fn observe(
             }
             Err(e) => return Err(kube_error("listing", kind_name, namespace, "")(e)),
         };
-        for object in list.items {
+        for mut object in list.items {
+            // A list answer leaves apiVersion and kind out of the items of built-in
+            // kinds. Without them no live child contains its desired copy, and every
+            // reconcile re-applied every child: server-side applies that change nothing
+            // (the resourceVersion stays), but a write request each.
+            object.types.get_or_insert_with(|| kube::core::TypeMeta {
+                api_version: kind.resource.api_version.clone(),
+                kind: kind.resource.kind.clone(),
+            });
             let owned = object
                 .metadata
                 .owner_references

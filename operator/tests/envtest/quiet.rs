@@ -1,4 +1,6 @@
-//! Scenario d: an unchanged cluster gets no writes, counted at the API server.
+//! Scenario d: an unchanged cluster gets no writes: no resourceVersion moves, and the
+//! operator's own request counter shows no write request (a server-side apply that
+//! changes nothing leaves the resourceVersion alone, so only the counter sees it).
 
 use dchat_operator::api::Phase;
 
@@ -31,6 +33,7 @@ async fn an_unchanged_cluster_gets_no_writes() {
         settled.status.as_ref().map(|s| s.phase)
     );
 
+    let writes = operator.writes();
     for round in 0..3 {
         let before = operator.reconciles_finished();
         let version = env.poke("dchat-dev", &format!("round-{round}")).await;
@@ -46,6 +49,11 @@ async fn an_unchanged_cluster_gets_no_writes() {
             env.children("dchat-dev").await,
             children,
             "round {round}: a child was written"
+        );
+        assert_eq!(
+            operator.writes(),
+            writes,
+            "round {round}: the operator sent write requests"
         );
     }
     operator.assert_no_refusals();

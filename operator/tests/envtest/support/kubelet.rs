@@ -149,7 +149,8 @@ fn condition(type_: &str, status: bool) -> Value {
     json!({"type": type_, "status": if status {"True"} else {"False"}, "lastTransitionTime": now()})
 }
 
-fn desired_status(pod: &Pod, fate: Fate, restart_count: i32) -> Option<Value> {
+/// The status a kubelet would report for `pod` with `fate`; `None` leaves it alone.
+pub fn desired_status(pod: &Pod, fate: Fate, restart_count: i32) -> Option<Value> {
     let containers = &pod.spec.as_ref()?.containers;
     let started = pod
         .status
@@ -244,7 +245,7 @@ fn desired_status(pod: &Pod, fate: Fate, restart_count: i32) -> Option<Value> {
 }
 
 /// Whether the Pod already shows what `status` would set (so no write is needed).
-fn already(pod: &Pod, status: &Value) -> bool {
+pub fn already(pod: &Pod, status: &Value) -> bool {
     let Some(current) = pod.status.as_ref() else {
         return false;
     };

@@ -66,6 +66,7 @@ impl RunningOperator {
             let client = ClientBuilder::try_from(config)
                 .expect("an operator client")
                 .with_layer(&r)
+                .with_layer(&m.kube_requests_layer())
                 .build();
             let result = runner::run(client, options, m, async move {
                 let _ = stop_rx.await;
@@ -95,6 +96,35 @@ impl RunningOperator {
             .and_then(|l| l.split_whitespace().last())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Its requests so far that write (every verb but get, list and watch), from
+    /// `dchat_operator_kube_requests_total`: "verb resource" → count.
+    pub fn writes(&self) -> std::collections::BTreeMap<String, u64> {
+        let text = self.metrics.encode().unwrap_or_default();
+        let mut out = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("dchat_operator_kube_requests_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let verb = label("verb");
+            if ["get", "list", "watch"].contains(&verb.as_str()) {
+                continue;
+            }
+            *out.entry(format!("{verb} {}", label("resource")))
+                .or_default() += value.parse::<u64>().unwrap_or(0);
+        }
+        out
     }
 
     /// Waits until at least one more reconcile than `before` has finished.
