@@ -638,19 +638,27 @@ pub fn verdicts(r: &Report) -> Vec<Verdict> {
     let peak = |rows: &[Row]| rows.iter().map(|x| x.rss_max_kib.max(x.rss_kib)).max();
     let w = r.warmup.max(Duration::from_secs(1)).as_secs();
     out.push(match (peak(base_rows), peak(later)) {
-        (Some(base), Some(max)) if base > 0 => Verdict {
-            criterion,
-            pass: Some(max as f64 <= base as f64 * (1.0 + RSS_GROWTH_LIMIT)),
-            detail: format!(
-                "{:+.1} %: at most {:.1} MiB from {} to {} s, at most {:.1} MiB after, {:.1} MiB at the end",
-                (max as f64 / base as f64 - 1.0) * 100.0,
-                mib(base),
-                r.warmup.as_secs(),
-                r.warmup.as_secs() + w,
-                mib(max),
-                mib(later.last().map(|x| x.rss_kib).unwrap_or(0))
-            ),
-        },
+        (Some(base), Some(max)) if base > 0 => {
+            // The trend apart from passing peaks: the last window as long as the baseline's.
+            let end = later.last().map(|x| x.at).unwrap_or_default();
+            let tail = later.partition_point(|x| x.at + Duration::from_secs(w) <= end);
+            let last = peak(&later[tail..]).unwrap_or(max);
+            let pct = |v: u64| (v as f64 / base as f64 - 1.0) * 100.0;
+            Verdict {
+                criterion,
+                pass: Some(max as f64 <= base as f64 * (1.0 + RSS_GROWTH_LIMIT)),
+                detail: format!(
+                    "{:+.1} %: at most {:.1} MiB from {} to {} s, at most {:.1} MiB after; in the last {w} s at most {:.1} MiB ({:+.1} %)",
+                    pct(max),
+                    mib(base),
+                    r.warmup.as_secs(),
+                    r.warmup.as_secs() + w,
+                    mib(max),
+                    mib(last),
+                    pct(last)
+                ),
+            }
+        }
         _ => Verdict {
             criterion,
             pass: None,
@@ -2180,6 +2188,12 @@ mod tests {
         ];
         let r = report(rows.clone());
         assert_eq!(pass(&r, "RSS"), Some(true));
+        let v = verdicts(&r);
+        assert!(
+            v[2].detail
+                .contains("in the last 300 s at most 110.0 MiB (+10.0 %)"),
+            "{v:?}"
+        );
         assert_eq!(pass(&r, "lost"), Some(true));
         assert!(!r.failed());
         let mut grown = rows.clone();
