@@ -458,7 +458,7 @@ impl Totals {
 /// One sample of the run, covering the interval before `at`.
 #[derive(Clone, Debug, Default)]
 pub struct Row {
-    /// Time since the load started.
+    /// When the sample was due: a whole number of intervals since the load started.
     pub at: Duration,
     /// Messages sent (first attempts) in the interval.
     pub sent: u64,
@@ -1513,7 +1513,6 @@ async fn wait_for(within: Duration, done: impl Fn() -> bool) -> (bool, f64) {
 struct Sampler {
     pid: u32,
     rss_max_kib: u64,
-    t0: Instant,
     prev: Totals,
     prev_cpu: Duration,
     prev_at: Instant,
@@ -1527,7 +1526,8 @@ impl Sampler {
         rss > 0
     }
 
-    fn sample(&mut self, sh: &Shared) -> Result<Row, BenchError> {
+    /// The row of the interval ending at `at` (since `t0`).
+    fn sample(&mut self, sh: &Shared, at: Duration) -> Result<Row, BenchError> {
         let now = Instant::now();
         let rss_kib = procs::rss_kib(self.pid);
         if rss_kib == 0 {
@@ -1547,7 +1547,7 @@ impl Sampler {
         };
         let secs = now.duration_since(self.prev_at).as_secs_f64().max(1e-9);
         let row = Row {
-            at: now.duration_since(self.t0),
+            at,
             sent: d.sent,
             delivered: d.delivered,
             stored: d.stored,
@@ -1711,7 +1711,6 @@ async fn drive(
     let mut sampler = Sampler {
         pid,
         rss_max_kib: 0,
-        t0,
         prev: sh.counters.snap(),
         prev_cpu: procs::cpu_time(Some(pid)),
         prev_at: t0,
@@ -1754,7 +1753,7 @@ async fn drive(
         }
         first_wave = false;
         if now >= next_row {
-            let row = sampler.sample(sh)?;
+            let row = sampler.sample(sh, next_row.duration_since(t0))?;
             on_row(&row);
             rows.push(row);
             next_row += p.interval;
