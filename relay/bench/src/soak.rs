@@ -13,11 +13,12 @@
 //!   stored for it meanwhile; another online client takes its place.
 //! - **Clients behave as the protocol asks.** Each delivery is recorded once and
 //!   acknowledged (quietly, deferred up to `ack_delay` or 64 deliveries). A client that
-//!   goes away sends its deferred acks, closes the WebSocket and reads to its end:
-//!   answers still count, deliveries read after its close are left to the relay (which
-//!   stores them again, unacknowledged). Every `send` left unanswered by a connection is
-//!   sent again, with the same id, on the next one; `overloaded` and
-//!   `storage_unavailable` refusals are retried too.
+//!   goes away sends what is queued for it, waits (up to 5 s) for the answers, sends its
+//!   deferred acks, closes the WebSocket and reads to its end: answers still count,
+//!   deliveries read after its close are left to the relay (which stores them again,
+//!   unacknowledged). Every `send` left unanswered by a connection is sent again, with
+//!   the same id, on the next one; `overloaded` and `storage_unavailable` refusals are
+//!   retried too.
 //! - **End.** After `duration` the dispatcher stops; every client (offline ones come
 //!   back) waits until all its sends are answered, then all drain: acknowledge, `fetch`,
 //!   until a round delivers nothing.
@@ -29,9 +30,10 @@
 //!   sent its ack (the relay must have applied it: a connection's frames are handled in
 //!   order) is **duplicated**; a copy received again whose first copy's ack never left
 //!   (the connection broke) is a **redelivery**, which at-least-once allows.
-//! - **Relay process.** Every `interval` the relay's RSS (`/proc/PID/status` `VmRSS`), its
-//!   open file descriptors (`/proc/PID/fd`), its CPU share and the machine's load
-//!   average are sampled into a [`Row`] and handed to the caller as the run goes.
+//! - **Relay process.** Every `interval` the relay's RSS (`/proc/PID/status` `VmRSS`, and
+//!   its peak over the interval, read every second), its open file descriptors
+//!   (`/proc/PID/fd`), its CPU share and the machine's load average are sampled into a
+//!   [`Row`] and handed to the caller as the run goes; [`verdicts`] judges them.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -98,7 +100,8 @@ pub struct Params {
     pub duration: Duration,
     /// Time between two samples ([`Row`]s).
     pub interval: Duration,
-    /// The first sample at or after this time is the baseline of the RSS and fd verdicts.
+    /// Warm-up: the fd verdict starts from the first sample at or after it; the RSS
+    /// verdict compares the peaks after one more window as long with those in it.
     pub warmup: Duration,
     /// Fraction of the clients that reconnect every second.
     pub reconnect_per_sec: f64,
@@ -530,7 +533,7 @@ pub struct Idle {
 pub struct Report {
     /// Store name.
     pub store: String,
-    /// The warm-up (baseline of the RSS and fd verdicts).
+    /// The warm-up (see [`Params::warmup`]).
     pub warmup: Duration,
     /// Seconds to connect every client.
     pub connect_secs: f64,
@@ -1848,7 +1851,8 @@ pub struct SoakArgs {
     /// Seconds between two samples (table rows).
     #[arg(long, default_value = "60")]
     pub interval: f64,
-    /// Seconds of warm-up: the first sample at or after it is the RSS and fd baseline.
+    /// Seconds of warm-up. The fd verdict starts from the first sample at or after it;
+    /// the RSS verdict compares later peaks with those of one more window as long.
     #[arg(long, default_value = "300")]
     pub warmup: f64,
     /// Fraction of the clients that reconnect every second.
