@@ -13,11 +13,12 @@
 //!   stored for it meanwhile; another online client takes its place.
 //! - **Clients behave as the protocol asks.** Each delivery is recorded once and
 //!   acknowledged (quietly, deferred up to `ack_delay` or 64 deliveries). A client that
-//!   goes away sends its deferred acks, closes the WebSocket and reads to its end:
-//!   answers still count, deliveries read after its close are left to the relay (which
-//!   stores them again, unacknowledged). Every `send` left unanswered by a connection is
-//!   sent again, with the same id, on the next one; `overloaded` and
-//!   `storage_unavailable` refusals are retried too.
+//!   goes away sends what is queued for it, waits (up to 5 s) for the answers, sends its
+//!   deferred acks, closes the WebSocket and reads to its end: answers still count,
+//!   deliveries read after its close are left to the relay (which stores them again,
+//!   unacknowledged). Every `send` left unanswered by a connection is sent again, with
+//!   the same id, on the next one; `overloaded` and `storage_unavailable` refusals are
+//!   retried too.
 //! - **End.** After `duration` the dispatcher stops; every client (offline ones come
 //!   back) waits until all its sends are answered, then all drain: acknowledge, `fetch`,
 //!   until a round delivers nothing.
@@ -29,9 +30,10 @@
 //!   sent its ack (the relay must have applied it: a connection's frames are handled in
 //!   order) is **duplicated**; a copy received again whose first copy's ack never left
 //!   (the connection broke) is a **redelivery**, which at-least-once allows.
-//! - **Relay process.** Every `interval` the relay's RSS (`/proc/PID/status` `VmRSS`), its
-//!   open file descriptors (`/proc/PID/fd`), its CPU share and the machine's load
-//!   average are sampled into a [`Row`] and handed to the caller as the run goes.
+//! - **Relay process.** Every `interval` the relay's RSS (`/proc/PID/status` `VmRSS`, and
+//!   its peak over the interval, read every second), its open file descriptors
+//!   (`/proc/PID/fd`), its CPU share and the machine's load average are sampled into a
+//!   [`Row`] and handed to the caller as the run goes; [`verdicts`] judges them.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -98,7 +100,8 @@ pub struct Params {
     pub duration: Duration,
     /// Time between two samples ([`Row`]s).
     pub interval: Duration,
-    /// The first sample at or after this time is the baseline of the RSS and fd verdicts.
+    /// Warm-up: the fd verdict starts from the first sample at or after it; the RSS
+    /// verdict compares the peaks after one more window as long with those in it.
     pub warmup: Duration,
     /// Fraction of the clients that reconnect every second.
     pub reconnect_per_sec: f64,
@@ -458,7 +461,7 @@ impl Totals {
 /// One sample of the run, covering the interval before `at`.
 #[derive(Clone, Debug, Default)]
 pub struct Row {
-    /// Time since the load started.
+    /// When the sample was due: a whole number of intervals since the load started.
     pub at: Duration,
     /// Messages sent (first attempts) in the interval.
     pub sent: u64,
@@ -530,7 +533,7 @@ pub struct Idle {
 pub struct Report {
     /// Store name.
     pub store: String,
-    /// The warm-up (baseline of the RSS and fd verdicts).
+    /// The warm-up (see [`Params::warmup`]).
     pub warmup: Duration,
     /// Seconds to connect every client.
     pub connect_secs: f64,
@@ -638,19 +641,27 @@ pub fn verdicts(r: &Report) -> Vec<Verdict> {
     let peak = |rows: &[Row]| rows.iter().map(|x| x.rss_max_kib.max(x.rss_kib)).max();
     let w = r.warmup.max(Duration::from_secs(1)).as_secs();
     out.push(match (peak(base_rows), peak(later)) {
-        (Some(base), Some(max)) if base > 0 => Verdict {
-            criterion,
-            pass: Some(max as f64 <= base as f64 * (1.0 + RSS_GROWTH_LIMIT)),
-            detail: format!(
-                "{:+.1} %: at most {:.1} MiB from {} to {} s, at most {:.1} MiB after, {:.1} MiB at the end",
-                (max as f64 / base as f64 - 1.0) * 100.0,
-                mib(base),
-                r.warmup.as_secs(),
-                r.warmup.as_secs() + w,
-                mib(max),
-                mib(later.last().map(|x| x.rss_kib).unwrap_or(0))
-            ),
-        },
+        (Some(base), Some(max)) if base > 0 => {
+            // The trend apart from passing peaks: the last window as long as the baseline's.
+            let end = later.last().map(|x| x.at).unwrap_or_default();
+            let tail = later.partition_point(|x| x.at + Duration::from_secs(w) <= end);
+            let last = peak(&later[tail..]).unwrap_or(max);
+            let pct = |v: u64| (v as f64 / base as f64 - 1.0) * 100.0;
+            Verdict {
+                criterion,
+                pass: Some(max as f64 <= base as f64 * (1.0 + RSS_GROWTH_LIMIT)),
+                detail: format!(
+                    "{:+.1} %: at most {:.1} MiB from {} to {} s, at most {:.1} MiB after; in the last {w} s at most {:.1} MiB ({:+.1} %)",
+                    pct(max),
+                    mib(base),
+                    r.warmup.as_secs(),
+                    r.warmup.as_secs() + w,
+                    mib(max),
+                    mib(last),
+                    pct(last)
+                ),
+            }
+        }
         _ => Verdict {
             criterion,
             pass: None,
@@ -1505,7 +1516,6 @@ async fn wait_for(within: Duration, done: impl Fn() -> bool) -> (bool, f64) {
 struct Sampler {
     pid: u32,
     rss_max_kib: u64,
-    t0: Instant,
     prev: Totals,
     prev_cpu: Duration,
     prev_at: Instant,
@@ -1519,7 +1529,8 @@ impl Sampler {
         rss > 0
     }
 
-    fn sample(&mut self, sh: &Shared) -> Result<Row, BenchError> {
+    /// The row of the interval ending at `at` (since `t0`).
+    fn sample(&mut self, sh: &Shared, at: Duration) -> Result<Row, BenchError> {
         let now = Instant::now();
         let rss_kib = procs::rss_kib(self.pid);
         if rss_kib == 0 {
@@ -1539,7 +1550,7 @@ impl Sampler {
         };
         let secs = now.duration_since(self.prev_at).as_secs_f64().max(1e-9);
         let row = Row {
-            at: now.duration_since(self.t0),
+            at,
             sent: d.sent,
             delivered: d.delivered,
             stored: d.stored,
@@ -1703,7 +1714,6 @@ async fn drive(
     let mut sampler = Sampler {
         pid,
         rss_max_kib: 0,
-        t0,
         prev: sh.counters.snap(),
         prev_cpu: procs::cpu_time(Some(pid)),
         prev_at: t0,
@@ -1746,7 +1756,7 @@ async fn drive(
         }
         first_wave = false;
         if now >= next_row {
-            let row = sampler.sample(sh)?;
+            let row = sampler.sample(sh, next_row.duration_since(t0))?;
             on_row(&row);
             rows.push(row);
             next_row += p.interval;
@@ -1841,7 +1851,8 @@ pub struct SoakArgs {
     /// Seconds between two samples (table rows).
     #[arg(long, default_value = "60")]
     pub interval: f64,
-    /// Seconds of warm-up: the first sample at or after it is the RSS and fd baseline.
+    /// Seconds of warm-up. The fd verdict starts from the first sample at or after it;
+    /// the RSS verdict compares later peaks with those of one more window as long.
     #[arg(long, default_value = "300")]
     pub warmup: f64,
     /// Fraction of the clients that reconnect every second.
@@ -2180,6 +2191,12 @@ mod tests {
         ];
         let r = report(rows.clone());
         assert_eq!(pass(&r, "RSS"), Some(true));
+        let v = verdicts(&r);
+        assert!(
+            v[2].detail
+                .contains("in the last 300 s at most 110.0 MiB (+10.0 %)"),
+            "{v:?}"
+        );
         assert_eq!(pass(&r, "lost"), Some(true));
         assert!(!r.failed());
         let mut grown = rows.clone();
