@@ -308,6 +308,8 @@ struct Sample {
     /// The API server's requests, every client: (verb, code) → count.
     apiserver: BTreeMap<(String, String), f64>,
     cpu: BTreeMap<&'static str, f64>,
+    /// The API server's requests by "verb resource[/subresource]".
+    by_resource: BTreeMap<String, f64>,
     /// 429 answers by "verb resource", and API Priority and Fairness rejections by
     /// flow schema.
     rejected: BTreeMap<String, f64>,
@@ -339,6 +341,7 @@ impl Sample {
             .expect("a metrics request");
         let text = admin.request_text(request).await.unwrap_or_default();
         let mut apiserver = BTreeMap::new();
+        let mut by_resource = BTreeMap::new();
         for (labels, value) in samples(&text, "apiserver_request_total") {
             // The API server's verbs are HTTP methods where the client's are not.
             let verb = match labels.get("verb").map(|v| v.to_ascii_lowercase()) {
@@ -347,6 +350,17 @@ impl Sample {
                 Some(v) => v,
                 None => String::new(),
             };
+            let resource = format!(
+                "{} {}{}",
+                verb,
+                labels.get("resource").cloned().unwrap_or_default(),
+                labels
+                    .get("subresource")
+                    .filter(|s| !s.is_empty())
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default(),
+            );
+            *by_resource.entry(resource).or_default() += value;
             let key = (verb, labels.get("code").cloned().unwrap_or_default());
             *apiserver.entry(key).or_default() += value;
         }
@@ -379,6 +393,7 @@ impl Sample {
             *rejected.entry(key).or_default() += value;
         }
         Sample {
+            by_resource,
             rejected,
             at: Instant::now(),
             operator: requests,
@@ -1131,6 +1146,30 @@ async fn bench(plane: &ControlPlane, args: &Args) -> bool {
         println!("| {verb} | {resource} | {:.2} |", count / n as f64);
     }
     cpu_table(&[&cold, &steady, &rollout]);
+    println!("\nThe API server's most frequent requests (every client), per cluster\n");
+    println!("| phase | requests |");
+    println!("|---|---|");
+    for phase in [&cold, &steady, &rollout] {
+        let mut top: Vec<(f64, &String)> = phase
+            .after
+            .by_resource
+            .iter()
+            .map(|(what, v)| {
+                (
+                    v - phase.before.by_resource.get(what).copied().unwrap_or(0.0),
+                    what,
+                )
+            })
+            .filter(|(v, _)| *v > 0.0)
+            .collect();
+        top.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let listed: Vec<String> = top
+            .iter()
+            .take(8)
+            .map(|(v, what)| format!("{what} {:.1}", v / n as f64))
+            .collect();
+        println!("| {} | {} |", phase.name, listed.join(", "));
+    }
     for phase in [&cold, &steady, &rollout] {
         for (what, count) in &phase.after.rejected {
             let delta = count - phase.before.rejected.get(what).copied().unwrap_or(0.0);
