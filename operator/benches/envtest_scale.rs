@@ -308,6 +308,11 @@ struct Sample {
     /// The API server's requests, every client: (verb, code) → count.
     apiserver: BTreeMap<(String, String), f64>,
     cpu: BTreeMap<&'static str, f64>,
+    /// The API server's requests by "verb resource[/subresource]".
+    by_resource: BTreeMap<String, f64>,
+    /// 429 answers by "verb resource", and API Priority and Fairness rejections by
+    /// flow schema.
+    rejected: BTreeMap<String, f64>,
     rss_mib: f64,
     hwm_mib: f64,
 }
@@ -336,18 +341,60 @@ impl Sample {
             .expect("a metrics request");
         let text = admin.request_text(request).await.unwrap_or_default();
         let mut apiserver = BTreeMap::new();
+        let mut by_resource = BTreeMap::new();
         for (labels, value) in samples(&text, "apiserver_request_total") {
-            let key = (
+            // The API server's verbs are HTTP methods where the client's are not.
+            let verb = match labels.get("verb").map(|v| v.to_ascii_lowercase()) {
+                Some(v) if v == "post" => "create".to_string(),
+                Some(v) if v == "put" => "update".to_string(),
+                Some(v) => v,
+                None => String::new(),
+            };
+            let resource = format!(
+                "{} {}{}",
+                verb,
+                labels.get("resource").cloned().unwrap_or_default(),
                 labels
-                    .get("verb")
-                    .cloned()
-                    .unwrap_or_default()
-                    .to_ascii_lowercase(),
-                labels.get("code").cloned().unwrap_or_default(),
+                    .get("subresource")
+                    .filter(|s| !s.is_empty())
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default(),
             );
+            *by_resource.entry(resource).or_default() += value;
+            let key = (verb, labels.get("code").cloned().unwrap_or_default());
             *apiserver.entry(key).or_default() += value;
         }
+        let mut rejected = BTreeMap::new();
+        for (labels, value) in samples(&text, "apiserver_request_total") {
+            if labels.get("code").map(String::as_str) == Some("429") {
+                let key = format!(
+                    "{} {}{}",
+                    labels
+                        .get("verb")
+                        .cloned()
+                        .unwrap_or_default()
+                        .to_ascii_lowercase(),
+                    labels.get("resource").cloned().unwrap_or_default(),
+                    labels
+                        .get("subresource")
+                        .filter(|s| !s.is_empty())
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default(),
+                );
+                *rejected.entry(key).or_default() += value;
+            }
+        }
+        for (labels, value) in samples(&text, "apiserver_flowcontrol_rejected_requests_total") {
+            let key = format!(
+                "flow schema {} ({})",
+                labels.get("flow_schema").cloned().unwrap_or_default(),
+                labels.get("reason").cloned().unwrap_or_default(),
+            );
+            *rejected.entry(key).or_default() += value;
+        }
         Sample {
+            by_resource,
+            rejected,
             at: Instant::now(),
             operator: requests,
             reconciles,
@@ -1034,10 +1081,10 @@ async fn bench(plane: &ControlPlane, args: &Args) -> bool {
         .values()
         .sum();
     println!(
-        "| steady ({:.0} s, after {:.0} s settling) | operator writes {}; operator {:.0} requests/min ({:.0} reconciles/min); API server {:.0} requests/min; operator RSS {:.1}–{:.1} MiB | {load_steady} |",
+        "| steady ({:.0} s, after {:.0} s settling) | operator writes {:.0}; operator {:.0} requests/min ({:.0} reconciles/min); API server {:.0} requests/min; operator RSS {:.1}–{:.1} MiB | {load_steady} |",
         steady.seconds,
         settled.as_secs_f64(),
-        steady_writes.values().sum::<f64>(),
+        steady_writes.values().sum::<f64>().abs(),
         steady_ops / minutes,
         (steady.after.reconciles - steady.before.reconciles) / minutes,
         steady_api / minutes,
@@ -1069,6 +1116,28 @@ async fn bench(plane: &ControlPlane, args: &Args) -> bool {
         ],
         n,
     );
+    println!("\n| | cold | steady | rollout |");
+    println!("|---|---:|---:|---:|");
+    let row = |what: &str, f: &dyn Fn(&PhaseReport) -> String| {
+        println!(
+            "| {what} | {} | {} | {} |",
+            f(&cold),
+            f(&steady),
+            f(&rollout)
+        );
+    };
+    row("reconciles per cluster", &|p| {
+        format!(
+            "{:.2}",
+            (p.after.reconciles - p.before.reconciles) / n as f64
+        )
+    });
+    row("API server 429s", &|p| {
+        format!("{:.0}", p.after.apiserver_code(&p.before, "429"))
+    });
+    row("operator RSS at the end (MiB)", &|p| {
+        format!("{:.1}", p.after.rss_mib)
+    });
     let writes = cold.after.operator_writes(&cold.before);
     println!("\nOperator writes in the cold phase, per cluster\n");
     println!("| verb | resource | per cluster |");
@@ -1077,6 +1146,38 @@ async fn bench(plane: &ControlPlane, args: &Args) -> bool {
         println!("| {verb} | {resource} | {:.2} |", count / n as f64);
     }
     cpu_table(&[&cold, &steady, &rollout]);
+    println!("\nThe API server's most frequent requests (every client), per cluster\n");
+    println!("| phase | requests |");
+    println!("|---|---|");
+    for phase in [&cold, &steady, &rollout] {
+        let mut top: Vec<(f64, &String)> = phase
+            .after
+            .by_resource
+            .iter()
+            .map(|(what, v)| {
+                (
+                    v - phase.before.by_resource.get(what).copied().unwrap_or(0.0),
+                    what,
+                )
+            })
+            .filter(|(v, _)| *v > 0.0)
+            .collect();
+        top.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let listed: Vec<String> = top
+            .iter()
+            .take(8)
+            .map(|(v, what)| format!("{what} {:.1}", v / n as f64))
+            .collect();
+        println!("| {} | {} |", phase.name, listed.join(", "));
+    }
+    for phase in [&cold, &steady, &rollout] {
+        for (what, count) in &phase.after.rejected {
+            let delta = count - phase.before.rejected.get(what).copied().unwrap_or(0.0);
+            if delta > 0.0 {
+                println!("{}: {delta:.0} × 429 {what}", phase.name);
+            }
+        }
+    }
     println!(
         "\nstand-in kubelet: {} status patches, {} deletions finished",
         stats.patches.load(Ordering::Relaxed),

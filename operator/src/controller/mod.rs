@@ -19,6 +19,7 @@ mod rollout_effects;
 mod schedule;
 pub mod status;
 mod sync;
+pub mod triggers;
 
 pub use children::{HANDOVER_MANAGER, ROLLOUT_MANAGER};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -35,7 +36,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -56,6 +58,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// How often an unchanged cluster is looked at again; watches trigger everything else.
 const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles running at once. Each holds the lists of its cluster's children and an API
+/// connection; unbounded, 1,000 clusters created together made 1,000 of each at once.
+const MAX_CONCURRENT_RECONCILES: u16 = 32;
 
 /// Everything a reconcile needs, shared by all reconciles.
 pub struct Context {
@@ -343,21 +349,44 @@ fn controller(
         "app.kubernetes.io/managed-by={}",
         labels::MANAGED_BY
     ));
+    // Only StatefulSets are read for their status; see triggers.rs.
+    fn changes<K>(
+        client: &Client,
+        namespace: &Option<String>,
+        owned: &watcher::Config,
+        status_matters: bool,
+    ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+    {
+        triggers::child_changes(
+            api::<PartialObjectMeta<K>>(client, namespace),
+            owned.clone(),
+            status_matters,
+        )
+    }
     let controller = Controller::new(
         api::<DchatCluster>(client, namespace),
         watcher::Config::default(),
     )
-    .owns(api::<StatefulSet>(client, namespace), owned.clone())
-    .owns(api::<Service>(client, namespace), owned.clone())
-    .owns(api::<ConfigMap>(client, namespace), owned.clone())
-    .owns(api::<ServiceAccount>(client, namespace), owned.clone())
-    .owns(
-        api::<HorizontalPodAutoscaler>(client, namespace),
-        owned.clone(),
-    )
-    .owns(api::<PodDisruptionBudget>(client, namespace), owned.clone())
-    .owns(api::<NetworkPolicy>(client, namespace), owned.clone())
-    .owns(api::<Ingress>(client, namespace), owned);
+    .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
+    .owns_stream(changes::<StatefulSet>(client, namespace, &owned, true))
+    .owns_stream(changes::<Service>(client, namespace, &owned, false))
+    .owns_stream(changes::<ConfigMap>(client, namespace, &owned, false))
+    .owns_stream(changes::<ServiceAccount>(client, namespace, &owned, false))
+    .owns_stream(changes::<HorizontalPodAutoscaler>(
+        client, namespace, &owned, false,
+    ))
+    .owns_stream(changes::<PodDisruptionBudget>(
+        client, namespace, &owned, false,
+    ))
+    .owns_stream(changes::<NetworkPolicy>(client, namespace, &owned, false))
+    .owns_stream(changes::<Ingress>(client, namespace, &owned, false));
     if !with_backups {
         return controller;
     }
