@@ -37,6 +37,7 @@ mod requests;
 pub mod router;
 mod send;
 mod session;
+mod socket;
 
 use std::future::Future;
 use std::net::SocketAddr;
