@@ -86,6 +86,10 @@ pub struct Cli {
     /// or plain HTTP. Beyond it the longest-waiting one is closed to make room.
     #[arg(long, env = "DCHAT_MAX_HANDSHAKES", default_value = "1024")]
     pub max_handshakes: String,
+    /// Listen backlog of both ports: connections the kernel completes and queues until
+    /// the relay accepts them (capped by the kernel at `net.core.somaxconn`).
+    #[arg(long, env = "DCHAT_LISTEN_BACKLOG", default_value = "4096")]
+    pub listen_backlog: String,
     /// Close connections silent for this long.
     #[arg(long, env = "DCHAT_IDLE_TIMEOUT", default_value = "120s")]
     pub idle_timeout: String,
@@ -210,6 +214,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Connections per listener that are not WebSockets (see `server::handshake`).
     pub max_handshakes: usize,
+    /// Listen backlog of both listeners.
+    pub listen_backlog: u32,
     /// Idle timeout.
     pub idle_timeout: Duration,
     /// Authentication deadline / challenge lifetime.
@@ -453,6 +459,7 @@ impl Config {
                 1usize,
                 1_000_000,
             )?,
+            listen_backlog: number("DCHAT_LISTEN_BACKLOG", &cli.listen_backlog, 1u32, 65_535)?,
             idle_timeout: duration(
                 "DCHAT_IDLE_TIMEOUT",
                 &cli.idle_timeout,
@@ -623,6 +630,7 @@ mod tests {
         assert!(c.admin_token.is_none());
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_handshakes, 1024);
+        assert_eq!(c.listen_backlog, 4096);
     }
 
     #[test]

@@ -2543,3 +2543,135 @@ async fn shedding_is_off_with_a_zero_shed_delay() {
     blocker.await.unwrap();
     assert_eq!(r.metric("dchat_overload_shedding "), 0.0);
 }
+
+// ---- sends and the client's close in one write ----
+
+/// A text envelope with this id, its id as payload.
+fn envelope_with_id(id: &str, to: KeyHex) -> dchat_relay::protocol::Envelope {
+    dchat_relay::protocol::Envelope {
+        id: id.to_string(),
+        from: None,
+        to: Some(to),
+        channel: None,
+        ts: 1,
+        kind: Kind::Text,
+        payload: dchat_relay::protocol::Base64Bytes(id.as_bytes().to_vec()),
+        media: None,
+    }
+}
+
+/// Writes a `send` for each of `sends` and then the client's close frame, all in one
+/// TCP write (the raw client buffers frames until a flush; sending the close flushes).
+async fn sends_then_close(ws: &mut Raw, sends: &[(String, KeyHex)]) {
+    for (id, to) in sends {
+        let send = ClientFrame::Send {
+            envelope: envelope_with_id(id, *to),
+        };
+        ws.feed(Message::Text(serde_json::to_string(&send).unwrap().into()))
+            .await
+            .unwrap();
+    }
+    ws.send(Message::Close(None)).await.unwrap();
+}
+
+/// A burst of sends, half to a recipient connected here (pushed) and half to one that
+/// is not (stored together in a batch), then the sender's close.
+struct CloseBurst {
+    sender: ed25519_dalek::SigningKey,
+    online: dchat_relay::client::Client,
+    offline: ed25519_dalek::SigningKey,
+    sends: Vec<(String, KeyHex)>,
+}
+
+async fn close_burst(r: &relay_support::TestRelay, n: usize) -> CloseBurst {
+    let online_key = generate_key().unwrap();
+    let online = r.client_as(&online_key).await;
+    let offline = generate_key().unwrap();
+    let sends = (0..n)
+        .map(|i| {
+            let to = if i < n / 2 { &online_key } else { &offline };
+            (format!("burst-{i}"), public_key(to))
+        })
+        .collect();
+    CloseBurst {
+        sender: generate_key().unwrap(),
+        online,
+        offline,
+        sends,
+    }
+}
+
+impl CloseBurst {
+    /// Each recipient gets its messages exactly once, in order; a resend of every id
+    /// is answered `duplicate` and delivers nothing (the next delivery of each
+    /// recipient is a message sent after the resends).
+    async fn check_delivered_exactly_once(mut self, r: &relay_support::TestRelay) {
+        let mut offline = r.client_as(&self.offline).await;
+        for (rcpt, to) in [
+            (&mut self.online, self.sends[0].1),
+            (&mut offline, public_key(&self.offline)),
+        ] {
+            for (id, _) in self.sends.iter().filter(|(_, t)| *t == to) {
+                let d = rcpt.next_delivery().await.unwrap();
+                assert_eq!(&d.envelope.id, id);
+                rcpt.ack(vec![d.ack_ref()]).await.unwrap();
+            }
+        }
+        let mut again = r.client_as(&self.sender).await;
+        for (id, to) in &self.sends {
+            let res = again.send(envelope_with_id(id, *to)).await.unwrap();
+            assert_eq!(res.status, SendStatus::Duplicate, "{id}");
+        }
+        for (rcpt, to) in [
+            (&mut self.online, self.sends[0].1),
+            (&mut offline, public_key(&self.offline)),
+        ] {
+            let after = format!("after-{to}");
+            again.send(envelope_with_id(&after, to)).await.unwrap();
+            assert_eq!(rcpt.next_delivery().await.unwrap().envelope.id, after);
+        }
+    }
+}
+
+/// A client that writes sends and its close frame in one burst gets every send
+/// processed and answered before the relay's close reply: each `sent` (pushed or
+/// stored), then the close frame; the messages are delivered exactly once.
+#[tokio::test]
+async fn sends_written_with_the_close_are_answered_before_the_close_reply() {
+    let r = start(|_| {}).await;
+    let burst = close_burst(&r, 50).await;
+    let (mut ws, _) = raw_authed_as(&r.url(), &burst.sender).await;
+    sends_then_close(&mut ws, &burst.sends).await;
+    for (i, (id, _)) in burst.sends.iter().enumerate() {
+        match next_frame(&mut ws).await {
+            Ok(ServerFrame::Sent {
+                id: got, status, ..
+            }) => {
+                assert_eq!(&got, id);
+                let want = if i < 25 {
+                    SendStatus::Delivered
+                } else {
+                    SendStatus::Stored
+                };
+                assert_eq!(status, want, "{id}");
+            }
+            other => panic!("answer {i} to {id}: {other:?}"),
+        }
+    }
+    // Then the relay's close reply, and nothing else.
+    assert_eq!(next_frame(&mut ws).await, Err((1000, String::new())));
+    burst.check_delivered_exactly_once(&r).await;
+}
+
+/// The same burst from a client that closes its TCP connection right after writing
+/// it, without reading: the relay's answers cannot be written, but every send it read
+/// is stored or delivered all the same, exactly once.
+#[tokio::test]
+async fn sends_written_with_the_close_by_a_client_that_left_are_still_delivered_once() {
+    let r = start(|_| {}).await;
+    let burst = close_burst(&r, 50).await;
+    let (mut ws, _) = raw_authed_as(&r.url(), &burst.sender).await;
+    sends_then_close(&mut ws, &burst.sends).await;
+    drop(ws);
+    burst.check_delivered_exactly_once(&r).await;
+}

@@ -189,8 +189,14 @@ async fn connection(
             r = conn.as_mut() => {
                 // hyper's header read timeout ends a keep-alive connection with the same
                 // error whether the client idled between requests (what keep-alive is
-                // for) or started a head it did not finish, so it is not counted.
+                // for) or started a head it did not finish, so it is not counted. Before
+                // the first request it is the handshake deadline that expired: on a busy
+                // runtime hyper's timer can be seen to fire a moment before `deadline`
+                // (same length, armed a moment later), and the connection still counts.
                 if let Err(e) = r {
+                    if first && e.is_timeout() && !slot.seen_request() {
+                        slot.count_timeout();
+                    }
                     debug!(listener = settings.name, %peer, error = %e, "connection ended");
                 }
                 return;

@@ -6,12 +6,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 use tracing::debug;
 
 use super::limits::TokenBucket;
+use super::socket::{is_peer_closed, ClientSocket};
 use super::Shared;
 use crate::metrics::ReasonLabel;
 use crate::protocol::{
@@ -39,8 +42,11 @@ pub fn now_ms() -> i64 {
 /// code and reason.
 #[derive(Debug)]
 pub(super) enum End {
-    /// The client closed or the socket failed; no close frame to send.
+    /// The socket failed or the client left without a close frame; no close frame to
+    /// send.
     Gone,
+    /// The client sent a close frame: the relay answers it with its own.
+    Closed,
     /// The relay closes with this code and reason.
     Close(ErrorCode, String),
     /// The relay closes because of this frame from the client (a failed `auth`, the
@@ -52,17 +58,25 @@ pub(super) enum End {
 /// (`session.rs`) and the request handlers write to the client through it.
 pub(super) struct Conn {
     pub(super) shared: Arc<Shared>,
-    pub(super) ws: WebSocket,
+    pub(super) ws: ClientSocket,
     pub(super) peer: SocketAddr,
     bucket: TokenBucket,
     strikes: u32,
     pub(super) idle_deadline: Instant,
     /// Frames were buffered in the socket since the last flush.
     unflushed: bool,
+    /// How the client's side ended (close frame, end of stream, read error), once it
+    /// has: nothing more is read, and the session ends this way after handling
+    /// everything read before (see [`Conn::received`]).
+    input_end: Option<End>,
+    /// Writing to the client failed: the socket is gone. What is written from then on
+    /// is dropped, while the session still handles what the client wrote before it
+    /// left (until reading ends too), as if the answers had gone out.
+    output_gone: bool,
 }
 
 /// Runs one upgraded WebSocket connection to completion.
-pub async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr) {
+pub(super) async fn run(shared: Arc<Shared>, ws: ClientSocket, peer: SocketAddr) {
     shared.metrics.connections.inc();
     shared.metrics.connections_total.inc();
     let bucket = TokenBucket::new(shared.cfg.rate_per_sec, shared.cfg.rate_burst);
@@ -75,6 +89,8 @@ pub async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr) {
         strikes: 0,
         idle_deadline,
         unflushed: false,
+        input_end: None,
+        output_gone: false,
     };
     // The handshake and the close run once per connection: boxed, their state does not
     // add to what every idle connection keeps (see `Session::run`).
@@ -94,6 +110,9 @@ impl Conn {
     /// loop flushes once per wake-up after everything ready has been handled, so
     /// answers and pushes that are due together leave in one write.
     pub(super) async fn feed(&mut self, text: impl Into<Utf8Bytes>) -> Result<(), End> {
+        if self.output_gone {
+            return Ok(());
+        }
         let text = text.into();
         self.shared.metrics.bytes_out.inc_by(text.len() as u64);
         self.unflushed = true;
@@ -104,7 +123,10 @@ impl Conn {
         .await
         {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Gone),
+            Ok(Err(_)) => {
+                self.output_gone();
+                Ok(())
+            }
             Err(_) => Err(End::Close(
                 ErrorCode::SlowConsumer,
                 "client is not reading; disconnected".into(),
@@ -113,17 +135,28 @@ impl Conn {
     }
     /// Writes everything buffered, disconnecting a reader that does not take it in time.
     pub(super) async fn flush(&mut self) -> Result<(), End> {
+        if self.output_gone {
+            return Ok(());
+        }
         match timeout(self.shared.cfg.write_timeout, self.ws.flush()).await {
             Ok(Ok(())) => {
                 self.unflushed = false;
                 Ok(())
             }
-            Ok(Err(_)) => Err(End::Gone),
+            Ok(Err(_)) => {
+                self.output_gone();
+                Ok(())
+            }
             Err(_) => Err(End::Close(
                 ErrorCode::SlowConsumer,
                 "client is not reading; disconnected".into(),
             )),
         }
+    }
+    /// Writing failed: nothing more is written (see `output_gone`).
+    fn output_gone(&mut self) {
+        self.output_gone = true;
+        self.unflushed = false;
     }
     /// Flushes if anything is buffered. Called before waiting (for the client or for
     /// storage), so nothing already answered waits behind a slow operation.
@@ -185,36 +218,48 @@ impl Conn {
         }
         Ok(())
     }
+    /// Whether the client's side is still open: once it has ended, nothing more is
+    /// read from the socket.
+    pub(super) fn reading(&self) -> bool {
+        self.input_end.is_none()
+    }
+    /// How the client's side ended, once it has.
+    pub(super) fn take_input_end(&mut self) -> Option<End> {
+        self.input_end.take()
+    }
     /// What a read from the client's socket gave: a frame (the connection is not idle
-    /// then), or how the connection ended.
-    pub(super) fn received(
-        &mut self,
-        m: Option<Result<WsMessage, axum::Error>>,
-    ) -> Result<WsMessage, End> {
+    /// then), or `None` when the client's side ended: how is kept for the end of the
+    /// session ([`Conn::take_input_end`]), which first handles whatever was read
+    /// before (frames read ahead, sends waiting to be stored) as if nothing had ended.
+    pub(super) fn received(&mut self, m: Option<Result<WsMessage, WsError>>) -> Option<WsMessage> {
         self.idle_deadline = Instant::now() + self.shared.cfg.idle_timeout;
-        match m {
-            None => Err(End::Gone),
-            Some(Err(e)) => Err(self.classify(e)),
-            Some(Ok(msg)) => Ok(msg),
-        }
+        let end = match m {
+            // Not seen: the socket stops reading before a close frame (`socket.rs`).
+            Some(Ok(WsMessage::Close(_))) => End::Closed,
+            Some(Ok(msg)) => return Some(msg),
+            None => End::Gone,
+            Some(Err(e)) => self.classify(e),
+        };
+        self.input_end.get_or_insert(end);
+        None
     }
     /// Maps a transport error from the socket to the way the connection ends.
-    fn classify(&self, err: axum::Error) -> End {
-        let inner = err.into_inner();
-        match inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            Some(tokio_tungstenite::tungstenite::Error::Capacity(c)) => {
+    fn classify(&self, err: WsError) -> End {
+        match err {
+            WsError::Io(e) if is_peer_closed(&e) => End::Closed,
+            WsError::Capacity(c) => {
                 End::Close(ErrorCode::FrameTooLarge, format!("frame too large: {c}"))
             }
-            Some(tokio_tungstenite::tungstenite::Error::Utf8(_)) => End::Close(
+            WsError::Utf8(_) => End::Close(
                 ErrorCode::InvalidUtf8,
                 "text frame is not valid UTF-8".into(),
             ),
             // The client dropped the TCP connection without a close frame: nobody left
             // to tell.
-            Some(tokio_tungstenite::tungstenite::Error::Protocol(
+            WsError::Protocol(
                 tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-            )) => End::Gone,
-            Some(tokio_tungstenite::tungstenite::Error::Protocol(p)) => {
+            ) => End::Gone,
+            WsError::Protocol(p) => {
                 debug!(peer = %self.peer, error = %p, "websocket protocol error");
                 End::Close(ErrorCode::BadFrame, "websocket protocol violation".into())
             }
@@ -281,7 +326,7 @@ impl Conn {
                     self.m().auth_failures.get_or_create(&ReasonLabel { reason: "timeout" }).inc();
                     return Err(End::Close(ErrorCode::ChallengeExpired, "challenge expired before auth".into()));
                 }
-                m = self.ws.recv() => m,
+                m = self.ws.next() => m,
             };
             let text = match msg {
                 None => return Err(End::Gone),
@@ -295,7 +340,7 @@ impl Conn {
                     }
                     continue;
                 }
-                Some(Ok(WsMessage::Close(_))) => return Err(End::Gone),
+                Some(Ok(WsMessage::Close(_))) => return Err(End::Closed),
                 Some(Ok(_)) => continue,
             };
             self.m().bytes_in.inc_by(text.len() as u64);
@@ -345,10 +390,19 @@ impl Conn {
         }
     }
     /// Announces the close with an `error` frame and sends the close frame (if the
-    /// relay ends the connection), and counts.
+    /// relay ends the connection), and counts. A close frame of the client is answered
+    /// with a close frame: everything before it is written already.
     async fn finish(&mut self, end: End) {
         let (code, reason, hint) = match end {
             End::Gone => return,
+            End::Closed => {
+                let reply = WsMessage::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: Utf8Bytes::from_static(""),
+                }));
+                let _ = timeout(Duration::from_secs(1), self.ws.send(reply)).await;
+                return;
+            }
             End::Close(code, reason) => (code, reason, FrameHint::default()),
             End::CloseOn(code, reason, hint) => {
                 // A refused frame, counted as every other; closes that refuse no frame
@@ -372,7 +426,7 @@ impl Conn {
         .to_json();
         self.m().bytes_out.inc_by(error.len() as u64);
         let frame = CloseFrame {
-            code: code.close_code(),
+            code: CloseCode::from(code.close_code()),
             reason: Utf8Bytes::from(reason),
         };
         // Both within one second: a client that does not read (`slow_consumer`) may
@@ -386,7 +440,7 @@ impl Conn {
         // sends until its close reply. Dropping the socket with unread input would
         // make the kernel send a reset, and the client would never see our reason.
         let _ = timeout(Duration::from_secs(1), async {
-            while let Some(Ok(m)) = self.ws.recv().await {
+            while let Some(Ok(m)) = self.ws.next().await {
                 if matches!(m, WsMessage::Close(_)) {
                     break;
                 }

@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use super::{admin, connection, Shared};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::{admin, connection, socket, Shared};
 use crate::metrics::CodeLabel;
 
 /// tungstenite's default read buffer is 128 KiB per connection, allocated and touched
@@ -81,16 +83,37 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 pub fn configure_ws(ws: WebSocketUpgrade, max_frame: usize) -> WebSocketUpgrade {
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(max_frame.saturating_mul(4).max(1 << 20))
+        .max_write_buffer_size(max_write_buffer(max_frame))
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
+}
+
+/// The same settings as [`configure_ws`], for the client socket the relay opens itself
+/// (`socket.rs`).
+fn client_ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max_write_buffer(max_frame))
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+fn max_write_buffer(max_frame: usize) -> usize {
+    max_frame.saturating_mul(4).max(1 << 20)
 }
 
 async fn ws_upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    ws: WebSocketUpgrade,
+    req: Request,
 ) -> Response {
+    // A request that is not a WebSocket upgrade is refused first, as axum's extractor
+    // would.
+    let (switching, on_upgrade) = match socket::accept(req).await {
+        Ok(accepted) => accepted,
+        Err(refused) => return refused,
+    };
     if !shared.accepting() {
         shared
             .metrics
@@ -110,11 +133,15 @@ async fn ws_upgrade(
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
     let token = shared.tracker.token();
-    configure_ws(ws, shared.cfg.max_message_bytes).on_upgrade(move |socket| async move {
+    let config = client_ws_config(shared.cfg.max_message_bytes);
+    tokio::spawn(async move {
         let _permit = permit;
         let _token = token;
-        connection::run(shared, socket, peer).await;
-    })
+        if let Some(ws) = socket::open(on_upgrade, config).await {
+            connection::run(shared, ws, peer).await;
+        }
+    });
+    switching
 }
 
 /// Query of the peer endpoint.

@@ -37,6 +37,7 @@ mod requests;
 pub mod router;
 mod send;
 mod session;
+mod socket;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,7 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -283,6 +284,22 @@ impl LocalSessions for Shared {
     }
 }
 
+/// Binds a listener with `backlog` (`DCHAT_LISTEN_BACKLOG`). tokio's `bind` listens
+/// with a backlog of 128 (the standard library's): a burst of connections beyond what
+/// the accept loop takes in that time overflows it, and the kernel then drops
+/// handshakes — a client may see its connection established and later reset.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted relay rebinds at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// A bound, not yet running relay.
 pub struct Relay {
     shared: Arc<Shared>,
@@ -310,16 +327,14 @@ impl Relay {
     /// Binds with an already opened storage. An embedded store must not be shared by
     /// two running relays (each caches channel memberships as the store's only writer).
     pub async fn bind_with_storage(cfg: Config, storage: Storage) -> Result<Relay, ServerError> {
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
+        let listener =
+            listen(cfg.listen, cfg.listen_backlog).map_err(|source| ServerError::Bind {
                 what: "client listener (DCHAT_LISTEN)",
                 addr: cfg.listen,
                 source,
             })?;
-        let metrics_listener = TcpListener::bind(cfg.metrics_listen)
-            .await
-            .map_err(|source| ServerError::Bind {
+        let metrics_listener =
+            listen(cfg.metrics_listen, cfg.listen_backlog).map_err(|source| ServerError::Bind {
                 what: "metrics listener (DCHAT_METRICS_LISTEN)",
                 addr: cfg.metrics_listen,
                 source,

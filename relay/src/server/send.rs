@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Message as WsMessage;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tracing::warn;
 
 use super::connection::{now_ms, Conn, End};
@@ -33,7 +34,7 @@ const HELD_BYTES: usize = 64 * 1024;
 /// What [`Session::push_when_room`] woke up for.
 enum Room {
     /// A frame from this session's own client.
-    Frame(Option<Result<WsMessage, axum::Error>>),
+    Frame(Option<Result<WsMessage, WsError>>),
     /// Room in the recipient's queue (`None`: its session has closed the queue).
     Permit(Option<mpsc::OwnedPermit<Arc<Message>>>),
     /// The push wait is over.
@@ -335,7 +336,7 @@ impl Session {
                         permit = h.tx.clone().reserve_owned() => Room::Permit(permit.ok()),
                         _ = sleep_until(deadline) => Room::Late,
                         own = self.rx.recv(), if own_open && self.window_open(c) => Room::Own(own),
-                        m = c.ws.recv(), if reading => Room::Frame(m),
+                        m = c.ws.next(), if reading && c.reading() => Room::Frame(m),
                     }
                 };
                 match room {
@@ -366,9 +367,12 @@ impl Session {
                         own_open = false;
                         continue;
                     }
+                    // The end of the client's side does not end the wait: the send was
+                    // read, and is routed as if nothing had ended.
                     Room::Frame(m) => {
-                        let msg = c.received(m)?;
-                        Box::pin(self.while_waiting(c, msg)).await?;
+                        if let Some(msg) = c.received(m) {
+                            Box::pin(self.while_waiting(c, msg)).await?;
+                        }
                         continue;
                     }
                 }
@@ -416,8 +420,10 @@ impl Session {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
-        // Answers already written must not wait for this storage round trip.
-        c.flush_pending().await?;
+        // Answers already written must not wait for this storage round trip. The batch
+        // is stored whether or not that write works: these sends were read, and one
+        // that the store accepted must be settled (a retry is `duplicate`), not lost.
+        let flushed = c.flush_pending().await;
         let expires = now_ms().saturating_add(c.shared.cfg.message_ttl.as_millis() as i64);
         let stored = batch
             .iter()
@@ -461,6 +467,7 @@ impl Session {
                         c.shared.stored_direct(&d.msg, d.to, outcome)
                     })
                     .collect();
+                flushed?;
                 for frame in answers {
                     count_duplicate(c, &frame);
                     c.send_frame(frame).await?;
@@ -470,10 +477,17 @@ impl Session {
                 if let Err(e) = failed {
                     warn!(error = %e, count = batch.len(), "storing a batch of messages failed; storing them one by one");
                 }
+                let mut written = flushed;
                 for d in batch {
                     let result = c.shared.store_direct(&d.msg, d.to).await;
-                    answer_send(c, d.in_flight, &d.msg.id, result).await?;
+                    if written.is_ok() {
+                        written = answer_send(c, d.in_flight, &d.msg.id, result).await;
+                    } else if let (Ok(_), Some(mut f)) = (result, d.in_flight) {
+                        // Settled also when the answer cannot be written.
+                        f.settle();
+                    }
                 }
+                written?;
             }
         }
         Ok(())

@@ -7,10 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Message as WsMessage;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, warn};
 
 use super::connection::{Conn, End, DRAIN_REASON};
@@ -67,6 +67,13 @@ impl Conn {
             held_bytes: 0,
         };
         let end = s.run(self).await;
+        // Sends read before the end and waiting in the batch are stored and settled also
+        // when the connection failed: they were read, so a retry must find them
+        // (`duplicate`), never deliver them twice. Their answers go out if the socket
+        // still takes them.
+        if !s.batch.is_empty() {
+            let _ = Box::pin(s.store_batch(self)).await;
+        }
         // Store unacknowledged messages while still registered, so that a new session
         // of this key (which waits for `finished`) finds them in storage.
         Box::pin(s.rehome(self)).await;
@@ -172,11 +179,11 @@ impl Session {
                             Ok(())
                         }
                     }
-                    m = c.ws.recv() => {
+                    m = c.ws.next(), if c.reading() => {
                         read_frame = true;
                         match c.received(m) {
-                            Ok(msg) => Box::pin(self.inbound(c, msg)).await,
-                            Err(end) => Err(end),
+                            Some(msg) => Box::pin(self.inbound(c, msg)).await,
+                            None => Ok(()),
                         }
                     }
                     // A full in-flight window leaves live pushes in the queue (in order,
@@ -210,6 +217,14 @@ impl Session {
             if let Err(end) = c.flush_pending().await {
                 return end;
             }
+            // The client's side ended (its close frame, the end of the stream, a read
+            // error) and everything read before is handled and answered: now the
+            // session ends that way.
+            if self.held.is_empty() {
+                if let Some(end) = c.take_input_end() {
+                    return end;
+                }
+            }
         }
     }
     /// Handles up to [`READY_BURST`] inbound frames and push batches that are ready
@@ -226,15 +241,16 @@ impl Session {
             // drained the socket (tokio then knows it is not readable).
             let polled = if let Some(msg) = self.take_held() {
                 Some(Some(Ok(msg)))
-            } else if reading {
-                c.ws.recv().now_or_never()
+            } else if reading && c.reading() {
+                c.ws.next().now_or_never()
             } else {
                 None
             };
             reading = polled.is_some();
             if let Some(m) = polled {
-                let msg = c.received(m)?;
-                Box::pin(self.inbound(c, msg)).await?;
+                if let Some(msg) = c.received(m) {
+                    Box::pin(self.inbound(c, msg)).await?;
+                }
                 continue;
             }
             if !self.window_open(c) {
@@ -267,7 +283,8 @@ impl Session {
                 }
                 return Ok(());
             }
-            WsMessage::Close(_) => return Err(End::Gone),
+            // Not seen: `Conn::received` takes a close as the end of the client's side.
+            WsMessage::Close(_) => return Err(End::Closed),
             _ => return Ok(()),
         };
         c.m().bytes_in.inc_by(text.len() as u64);
