@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ErrorCode;
-use super::types::{Base64Bytes, KeyHex, SigHex};
+use super::types::{Base64Bytes, Base64Text, KeyHex, SigHex};
 
 /// Protocol version announced in the challenge.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -74,10 +74,12 @@ pub struct MediaRef {
     pub mime: String,
 }
 
-/// A message as sent by a client and delivered to recipients.
+/// A message as sent by a client and delivered to recipients, with its payload as `P`:
+/// [`Envelope`] (decoded bytes) for clients, [`RelayEnvelope`] (the base64 text, not
+/// decoded) where the relay routes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Envelope {
+#[serde(deny_unknown_fields, rename = "Envelope")]
+pub struct EnvelopeOf<P> {
     /// Client-chosen id, unique per sender; retries reuse it, the relay deduplicates on it.
     pub id: String,
     /// Sender key; filled in (or checked) by the relay from the authenticated session.
@@ -94,10 +96,60 @@ pub struct Envelope {
     /// Content kind.
     pub kind: Kind,
     /// Opaque (end-to-end encrypted) content, base64.
-    pub payload: Base64Bytes,
+    pub payload: P,
     /// Media carried by reference, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaRef>,
+}
+
+/// A message as sent by a client and delivered to recipients.
+pub type Envelope = EnvelopeOf<Base64Bytes>;
+
+/// A message as the relay routes it: the payload stays the base64 text it arrived in
+/// (checked canonical, see [`Base64Text`]), so it is forwarded without being decoded
+/// and encoded again.
+pub type RelayEnvelope = EnvelopeOf<Base64Text>;
+
+/// How an envelope's payload is written as JSON: the base64 text of its bytes.
+pub trait Base64Payload {
+    /// Characters of its base64 text.
+    fn base64_len(&self) -> usize;
+    /// Appends its base64 text (no quotes) to `out`.
+    fn push_base64(&self, out: &mut String);
+}
+
+impl Base64Payload for Base64Bytes {
+    fn base64_len(&self) -> usize {
+        self.0.len().div_ceil(3) * 4
+    }
+    fn push_base64(&self, out: &mut String) {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode_string(&self.0, out);
+    }
+}
+
+impl Base64Payload for Base64Text {
+    fn base64_len(&self) -> usize {
+        self.as_str().len()
+    }
+    fn push_base64(&self, out: &mut String) {
+        out.push_str(self.as_str());
+    }
+}
+
+impl From<Envelope> for RelayEnvelope {
+    fn from(e: Envelope) -> RelayEnvelope {
+        RelayEnvelope {
+            payload: Base64Text::from(&e.payload),
+            id: e.id,
+            from: e.from,
+            to: e.to,
+            channel: e.channel,
+            ts: e.ts,
+            kind: e.kind,
+            media: e.media,
+        }
+    }
 }
 
 /// Why an envelope was refused (maps to [`ErrorCode::InvalidEnvelope`]).
@@ -126,7 +178,7 @@ pub fn valid_channel(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-impl Envelope {
+impl<P: Base64Payload> EnvelopeOf<P> {
     /// The JSON text of this envelope, byte for byte what `serde_json::to_string` gives.
     ///
     /// Written by hand because it runs for every routed message: serde_json escapes
@@ -141,12 +193,11 @@ impl Envelope {
     /// A capacity that holds the JSON of this envelope without reallocation in the
     /// common case (no escapes, no media).
     pub fn json_len_hint(&self) -> usize {
-        160 + self.id.len() + self.payload.0.len().div_ceil(3) * 4
+        160 + self.id.len() + self.payload.base64_len()
     }
 
     /// Appends the JSON text of this envelope (see [`Envelope::to_json`]) to `out`.
     pub fn write_json(&self, out: &mut String) {
-        use base64::Engine as _;
         out.push_str(r#"{"id":"#);
         push_json_str(out, &self.id);
         if let Some(k) = &self.from {
@@ -168,7 +219,7 @@ impl Envelope {
         out.push_str(r#","kind":""#);
         out.push_str(self.kind.as_str());
         out.push_str(r#"","payload":""#);
-        base64::engine::general_purpose::STANDARD.encode_string(&self.payload.0, out);
+        self.payload.push_base64(out);
         out.push('"');
         if let Some(m) = &self.media {
             out.push_str(r#","media":"#);
@@ -687,7 +738,7 @@ pub fn encode_deliver(seq: Option<u64>, envelope_json: &str) -> String {
 /// The live `deliver` frame of `envelope` (as [`encode_deliver`] with no `seq` gives
 /// for its JSON), built in one buffer; the envelope JSON is
 /// `frame[LIVE_DELIVER_PREFIX.len()..frame.len() - DELIVER_SUFFIX.len()]`.
-pub fn encode_live_deliver(envelope: &Envelope) -> String {
+pub fn encode_live_deliver<P: Base64Payload>(envelope: &EnvelopeOf<P>) -> String {
     let mut out = String::with_capacity(LIVE_DELIVER_PREFIX.len() + 1 + envelope.json_len_hint());
     out.push_str(LIVE_DELIVER_PREFIX);
     envelope.write_json(&mut out);
@@ -727,46 +778,98 @@ enum FastTag {
 /// A `send` or `ack` frame, decoded in one pass without buffering (see
 /// [`decode_client_frame`]).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FastFrame {
+#[serde(deny_unknown_fields, bound = "P: Deserialize<'de>")]
+struct FastFrame<P> {
     #[serde(rename = "type")]
     tag: FastTag,
     #[serde(default)]
-    envelope: Option<Envelope>,
+    envelope: Option<EnvelopeOf<P>>,
     #[serde(default)]
     messages: Option<Vec<AckRef>>,
     #[serde(default)]
     quiet: Option<bool>,
 }
 
-/// Decodes one client text frame. Never panics, whatever the input.
-pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
-    // Fast path for the two frames of the message hot path. An internally tagged enum
-    // is decoded by first buffering the whole object into serde's generic `Content`
-    // tree (an allocation per key and value), then decoding that; this plain struct
-    // is decoded in one pass. Only the exact shapes `{type: send, envelope}` and
-    // `{type: ack, messages, quiet?}` (no duplicate or other keys) are taken from it, a subset of
-    // what `ClientFrame` accepts; anything else goes to the general path, which decides
-    // and reports the error.
-    match serde_json::from_str::<FastFrame>(text) {
+/// A client frame as the relay handles it ([`decode_request`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// A `send`, its payload kept as base64 text.
+    Send(RelayEnvelope),
+    /// Any other frame.
+    Frame(ClientFrame),
+}
+
+impl Request {
+    /// Whether this is a `send`.
+    pub fn is_send(&self) -> bool {
+        matches!(self, Request::Send(_))
+    }
+
+    /// What an error about this frame says of it.
+    pub fn hint(&self) -> FrameHint {
+        match self {
+            Request::Send(_) => FrameHint {
+                frame_type: Some("send"),
+                quiet_ack: false,
+            },
+            Request::Frame(f) => FrameHint::of_frame(f),
+        }
+    }
+}
+
+/// Decodes one client text frame as the relay handles it: like [`decode_client_frame`]
+/// (the same frames accepted, the same errors), except that a `send` keeps its payload
+/// as the base64 text it arrived in. Never panics, whatever the input.
+pub fn decode_request(text: &str) -> Result<Request, DecodeError> {
+    match decode_fast::<Base64Text>(text) {
+        Some(Fast::Send(envelope)) => Ok(Request::Send(envelope)),
+        Some(Fast::Ack(messages, quiet)) => {
+            Ok(Request::Frame(ClientFrame::Ack { messages, quiet }))
+        }
+        None => match decode_client_frame(text)? {
+            ClientFrame::Send { envelope } => Ok(Request::Send(envelope.into())),
+            frame => Ok(Request::Frame(frame)),
+        },
+    }
+}
+
+/// A frame taken by the fast path ([`decode_fast`]).
+enum Fast<P> {
+    Send(EnvelopeOf<P>),
+    Ack(Vec<AckRef>, bool),
+}
+
+/// Fast path for the two frames of the message hot path. An internally tagged enum
+/// is decoded by first buffering the whole object into serde's generic `Content`
+/// tree (an allocation per key and value), then decoding that; this plain struct
+/// is decoded in one pass. Only the exact shapes `{type: send, envelope}` and
+/// `{type: ack, messages, quiet?}` (no duplicate or other keys) are taken from it, a
+/// subset of what `ClientFrame` accepts; for anything else it gives `None` and the
+/// general path decides and reports the error.
+fn decode_fast<P: serde::de::DeserializeOwned>(text: &str) -> Option<Fast<P>> {
+    match serde_json::from_str::<FastFrame<P>>(text) {
         Ok(FastFrame {
             tag: FastTag::Send,
             envelope: Some(envelope),
             messages: None,
             quiet: None,
-        }) => return Ok(ClientFrame::Send { envelope }),
+        }) => Some(Fast::Send(envelope)),
         Ok(FastFrame {
             tag: FastTag::Ack,
             envelope: None,
             messages: Some(messages),
             quiet,
-        }) => {
-            return Ok(ClientFrame::Ack {
-                messages,
-                quiet: quiet.unwrap_or(false),
-            })
-        }
-        _ => {}
+        }) => Some(Fast::Ack(messages, quiet.unwrap_or(false))),
+        _ => None,
+    }
+}
+
+/// Decodes one client text frame. Never panics, whatever the input.
+pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
+    match decode_fast::<Base64Bytes>(text) {
+        Some(Fast::Send(envelope)) => return Ok(ClientFrame::Send { envelope }),
+        Some(Fast::Ack(messages, quiet)) => return Ok(ClientFrame::Ack { messages, quiet }),
+        None => {}
     }
     match serde_json::from_str::<ClientFrame>(text) {
         Ok(f) => Ok(f),
@@ -1526,6 +1629,33 @@ mod fuzz {
                 prop_assert_eq!(serde_json::from_str::<ClientFrame>(&s).ok(), Some(f));
             } else {
                 prop_assert!(serde_json::from_str::<ClientFrame>(&s).is_err());
+            }
+        }
+
+        /// The relay's decoder accepts exactly what the general decoder accepts, with the
+        /// same errors, and a send's payload text is the base64 of the decoded bytes.
+        #[test]
+        fn relay_decoder_agrees_with_client_frame_decoder(s in prop_oneof![
+            plausible_frame(),
+            client_frame().prop_map(|f| serde_json::to_string(&f).unwrap()),
+            (envelope(), "[A-Za-z0-9+/=_ -]{0,12}").prop_map(|(e, payload)| {
+                let t = serde_json::to_string(&ClientFrame::Send { envelope: e }).unwrap();
+                let at = t.find(r#""payload":""#).unwrap() + 11;
+                let end = at + t[at..].find('"').unwrap();
+                format!("{}{payload}{}", &t[..at], &t[end..])
+            }),
+        ]) {
+            match (decode_request(&s), decode_client_frame(&s)) {
+                (Ok(Request::Send(r)), Ok(ClientFrame::Send { envelope })) => {
+                    prop_assert_eq!(r.payload.decode(), envelope.payload.clone());
+                    prop_assert_eq!(r, RelayEnvelope::from(envelope));
+                }
+                (Ok(Request::Frame(r)), Ok(f)) => {
+                    prop_assert!(!matches!(&f, ClientFrame::Send { envelope: _ }), "send not taken as a send");
+                    prop_assert_eq!(r, f);
+                }
+                (Err(r), Err(e)) => prop_assert_eq!(r, e),
+                (r, e) => prop_assert!(false, "{:?} vs {:?}", r, e),
             }
         }
 

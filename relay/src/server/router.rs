@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::frame::{DELIVER_SUFFIX, LIVE_DELIVER_PREFIX};
-use crate::protocol::{encode_live_deliver, Envelope, KeyHex, Kind};
+use crate::protocol::{encode_live_deliver, KeyHex, Kind, RelayEnvelope};
 use crate::store::{PutOutcome, StoredMessage};
 
 /// A routed message, shared (one allocation) by every recipient it is pushed to.
@@ -38,7 +38,7 @@ pub struct Message {
 
 impl Message {
     /// Builds the routed form of a validated envelope whose `from` is set.
-    pub fn new(envelope: &Envelope, sender: KeyHex) -> Message {
+    pub fn new(envelope: &RelayEnvelope, sender: KeyHex) -> Message {
         Message {
             sender,
             id: envelope.id.clone(),

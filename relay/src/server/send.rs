@@ -17,7 +17,7 @@ use super::router::{
 use super::session::Session;
 use super::Shared;
 use crate::protocol::{
-    decode_client_frame, ClientFrame, Envelope, ErrorCode, FrameHint, KeyHex, SendStatus,
+    decode_client_frame, ClientFrame, ErrorCode, FrameHint, KeyHex, RelayEnvelope, SendStatus,
     ServerFrame,
 };
 use crate::store::SendRecord;
@@ -57,7 +57,7 @@ impl Session {
     /// Routes one `send`. A direct message for a recipient that is not connected here
     /// joins [`Session::batch`] and is answered when the batch is stored; every other
     /// outcome first stores and answers the batch, so answers keep request order.
-    pub(super) async fn send(&mut self, c: &mut Conn, mut env: Envelope) -> Result<(), End> {
+    pub(super) async fn send(&mut self, c: &mut Conn, mut env: RelayEnvelope) -> Result<(), End> {
         let id = env.id.clone();
         if let Err(e) = env.validate() {
             return self
@@ -197,7 +197,11 @@ impl Session {
     /// that once the send is recorded its pushes cannot fail; copies for everyone else
     /// are stored in the same commit as the record. Direct sends to recipients that
     /// are not pushed to join [`Session::batch`] as on a single relay.
-    pub(super) async fn send_recorded(&mut self, c: &mut Conn, env: Envelope) -> Result<(), End> {
+    pub(super) async fn send_recorded(
+        &mut self,
+        c: &mut Conn,
+        env: RelayEnvelope,
+    ) -> Result<(), End> {
         let id = env.id.clone();
         let msg = Arc::new(Message::new(&env, self.key));
         if !self.batch.is_empty() && env.to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
