@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod frame;
+mod scan;
 pub mod types;
 
 pub use error::ErrorCode;
