@@ -190,10 +190,32 @@ impl<P: Base64Payload> EnvelopeOf<P> {
         out
     }
 
-    /// A capacity that holds the JSON of this envelope without reallocation in the
-    /// common case (no escapes, no media).
+    /// The length of the JSON of this envelope, exact in the common case (no escapes,
+    /// no media; a capacity that holds it without reallocation). A frame built with
+    /// exactly its length becomes a shared buffer without another allocation.
     pub fn json_len_hint(&self) -> usize {
-        160 + self.id.len() + self.payload.base64_len()
+        // Each key with its quotes and the value's quotes.
+        const KEY: usize = r#","from":"""#.len() + 64;
+        r#"{"id":"#.len()
+            + plain_json_str_len(&self.id)
+            + self.from.map_or(0, |_| KEY)
+            + self.to.map_or(0, |_| r#","to":"""#.len() + 64)
+            + self
+                .channel
+                .as_deref()
+                .map_or(0, |c| r#","channel":"#.len() + plain_json_str_len(c))
+            + r#","ts":"#.len()
+            + int_len(self.ts.unsigned_abs(), self.ts < 0)
+            + r#","kind":""#.len()
+            + self.kind.as_str().len()
+            + r#"","payload":""#.len()
+            + self.payload.base64_len()
+            + r#"""#.len()
+            + self
+                .media
+                .as_ref()
+                .map_or(0, |m| 64 + m.url.len() + m.sha256.len() + m.mime.len())
+            + 1
     }
 
     /// Appends the JSON text of this envelope (see [`Envelope::to_json`]) to `out`.
@@ -273,6 +295,16 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
 }
 
+/// The length of `s` as a JSON string literal when it needs no escapes.
+fn plain_json_str_len(s: &str) -> usize {
+    s.len() + 2
+}
+
+/// Digits (and sign) of an integer of magnitude `n`.
+fn int_len(n: u64, negative: bool) -> usize {
+    n.checked_ilog10().map_or(1, |l| l as usize + 1) + usize::from(negative)
+}
+
 /// Appends the decimal form of `n` (as serde_json writes integers) without allocating.
 fn push_int(out: &mut String, n: impl std::fmt::Display) {
     use std::fmt::Write as _;
@@ -282,18 +314,18 @@ fn push_int(out: &mut String, n: impl std::fmt::Display) {
 
 /// Appends lowercase hex of `bytes`.
 fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     // Into a stack buffer first, then one append: pushing char by char re-checks the
     // capacity and UTF-8-encodes every digit (a key is 64 of them, two per message).
-    let mut buf = [0u8; 128];
-    for chunk in bytes.chunks(64) {
-        for (i, b) in chunk.iter().enumerate() {
-            buf[2 * i] = DIGITS[usize::from(b >> 4)];
-            buf[2 * i + 1] = DIGITS[usize::from(b & 15)];
-        }
-        let digits = &buf[..2 * chunk.len()];
+    let (keys, rest) = bytes.as_chunks::<32>();
+    for key in keys {
         // Hex digits are ASCII, so this never fails.
-        out.push_str(std::str::from_utf8(digits).unwrap_or_default());
+        out.push_str(std::str::from_utf8(&super::types::hex_lower(key)).unwrap_or_default());
+    }
+    if !rest.is_empty() {
+        let mut key = [0u8; 32];
+        key[..rest.len()].copy_from_slice(rest);
+        let digits = super::types::hex_lower(&key);
+        out.push_str(std::str::from_utf8(&digits[..2 * rest.len()]).unwrap_or_default());
     }
 }
 
@@ -558,16 +590,27 @@ impl ServerFrame {
                 delivered,
                 stored,
             } => {
-                let mut out = String::with_capacity(48 + id.len());
-                out.push_str(r#"{"type":"sent","id":"#);
-                push_json_str(&mut out, id);
-                out.push_str(r#","status":""#);
-                out.push_str(match status {
+                let status = match status {
                     SendStatus::Delivered => "delivered",
                     SendStatus::Stored => "stored",
                     SendStatus::Duplicate => "duplicate",
                     SendStatus::Fanout => "fanout",
-                });
+                };
+                // Exact without escapes: the frame becomes a shared buffer without
+                // another allocation.
+                let len = r#"{"type":"sent","id":"#.len()
+                    + plain_json_str_len(id)
+                    + r#","status":"""#.len()
+                    + status.len()
+                    + seq.map_or(0, |s| r#","seq":"#.len() + int_len(s, false))
+                    + delivered.map_or(0, |d| r#","delivered":"#.len() + int_len(d.into(), false))
+                    + stored.map_or(0, |s| r#","stored":"#.len() + int_len(s.into(), false))
+                    + 1;
+                let mut out = String::with_capacity(len);
+                out.push_str(r#"{"type":"sent","id":"#);
+                push_json_str(&mut out, id);
+                out.push_str(r#","status":""#);
+                out.push_str(status);
                 out.push('"');
                 if let Some(s) = seq {
                     out.push_str(r#","seq":"#);
@@ -721,7 +764,11 @@ pub const DELIVER_SUFFIX: &str = "}";
 
 /// Builds a `deliver` frame around an already-serialized envelope without re-encoding it.
 pub fn encode_deliver(seq: Option<u64>, envelope_json: &str) -> String {
-    let mut out = String::with_capacity(48 + envelope_json.len());
+    let head = match seq {
+        Some(s) => r#"{"type":"deliver","seq":,"envelope":"#.len() + int_len(s, false),
+        None => LIVE_DELIVER_PREFIX.len(),
+    };
+    let mut out = String::with_capacity(head + envelope_json.len() + DELIVER_SUFFIX.len());
     match seq {
         Some(s) => {
             out.push_str(r#"{"type":"deliver","seq":"#);
@@ -739,7 +786,9 @@ pub fn encode_deliver(seq: Option<u64>, envelope_json: &str) -> String {
 /// for its JSON), built in one buffer; the envelope JSON is
 /// `frame[LIVE_DELIVER_PREFIX.len()..frame.len() - DELIVER_SUFFIX.len()]`.
 pub fn encode_live_deliver<P: Base64Payload>(envelope: &EnvelopeOf<P>) -> String {
-    let mut out = String::with_capacity(LIVE_DELIVER_PREFIX.len() + 1 + envelope.json_len_hint());
+    let mut out = String::with_capacity(
+        LIVE_DELIVER_PREFIX.len() + envelope.json_len_hint() + DELIVER_SUFFIX.len(),
+    );
     out.push_str(LIVE_DELIVER_PREFIX);
     envelope.write_json(&mut out);
     out.push_str(DELIVER_SUFFIX);
@@ -1202,6 +1251,17 @@ mod tests {
     /// (`decode_client_frame`, `Envelope::validate`, `valid_channel`);
     /// `relay_server::bad_frame_and_invalid_envelope_table` sends the same rows to a relay.
     fn classify(text: &str) -> Result<(), ErrorCode> {
+        // The relay's decoder (hand-written paths, payload kept as text) refuses with
+        // exactly the general decoder's error and validates the same envelope.
+        let relay = decode_request(text);
+        match (&relay, decode_client_frame(text)) {
+            (Err(r), Err(e)) => assert_eq!(r, &e, "{text}"),
+            (Ok(Request::Send(r)), Ok(ClientFrame::Send { envelope })) => {
+                assert_eq!(r.validate(), envelope.validate(), "{text}")
+            }
+            (Ok(Request::Frame(r)), Ok(f)) => assert_eq!(r, &f, "{text}"),
+            (r, e) => panic!("{text}: relay {r:?}, general {e:?}"),
+        }
         match decode_client_frame(text).map_err(|e| e.code())? {
             ClientFrame::Send { envelope } => {
                 envelope.validate().map_err(|_| ErrorCode::InvalidEnvelope)
@@ -1592,6 +1652,25 @@ mod fuzz {
                 });
             }
             prop_assert_eq!(env.to_json(), serde_json::to_string(&env).unwrap());
+        }
+
+        /// Frames of the hot path are built with exactly their length (no escapes, no
+        /// media), so they become shared buffers without another allocation.
+        #[test]
+        fn hot_frames_are_built_with_their_exact_length(env in envelope(), seq in proptest::option::of(any::<u64>()),
+                                                         delivered in proptest::option::of(any::<u32>()), stored in proptest::option::of(any::<u32>())) {
+            let mut env = env;
+            env.id.retain(|c| c != '"' && c != '\\');
+            prop_assume!(!env.id.is_empty());
+            let json = env.to_json();
+            prop_assert_eq!(json.len(), env.json_len_hint());
+            prop_assert_eq!(json.capacity(), json.len());
+            let live = encode_live_deliver(&env);
+            prop_assert_eq!(live.capacity(), live.len());
+            let stored_frame = encode_deliver(seq, &json);
+            prop_assert_eq!(stored_frame.capacity(), stored_frame.len());
+            let sent = ServerFrame::Sent { id: env.id.clone(), status: SendStatus::Fanout, seq, delivered, stored }.to_json();
+            prop_assert_eq!(sent.capacity(), sent.len());
         }
 
         /// The hand-written `sent`/`acked` encoders match serde_json byte for byte.
