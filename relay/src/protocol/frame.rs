@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ErrorCode;
-use super::types::{Base64Bytes, KeyHex, SigHex};
+use super::types::{Base64Bytes, Base64Text, KeyHex, SigHex};
 
 /// Protocol version announced in the challenge.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -74,10 +74,12 @@ pub struct MediaRef {
     pub mime: String,
 }
 
-/// A message as sent by a client and delivered to recipients.
+/// A message as sent by a client and delivered to recipients, with its payload as `P`:
+/// [`Envelope`] (decoded bytes) for clients, [`RelayEnvelope`] (the base64 text, not
+/// decoded) where the relay routes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Envelope {
+#[serde(deny_unknown_fields, rename = "Envelope")]
+pub struct EnvelopeOf<P> {
     /// Client-chosen id, unique per sender; retries reuse it, the relay deduplicates on it.
     pub id: String,
     /// Sender key; filled in (or checked) by the relay from the authenticated session.
@@ -94,10 +96,60 @@ pub struct Envelope {
     /// Content kind.
     pub kind: Kind,
     /// Opaque (end-to-end encrypted) content, base64.
-    pub payload: Base64Bytes,
+    pub payload: P,
     /// Media carried by reference, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaRef>,
+}
+
+/// A message as sent by a client and delivered to recipients.
+pub type Envelope = EnvelopeOf<Base64Bytes>;
+
+/// A message as the relay routes it: the payload stays the base64 text it arrived in
+/// (checked canonical, see [`Base64Text`]), so it is forwarded without being decoded
+/// and encoded again.
+pub type RelayEnvelope = EnvelopeOf<Base64Text>;
+
+/// How an envelope's payload is written as JSON: the base64 text of its bytes.
+pub trait Base64Payload {
+    /// Characters of its base64 text.
+    fn base64_len(&self) -> usize;
+    /// Appends its base64 text (no quotes) to `out`.
+    fn push_base64(&self, out: &mut String);
+}
+
+impl Base64Payload for Base64Bytes {
+    fn base64_len(&self) -> usize {
+        self.0.len().div_ceil(3) * 4
+    }
+    fn push_base64(&self, out: &mut String) {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode_string(&self.0, out);
+    }
+}
+
+impl Base64Payload for Base64Text {
+    fn base64_len(&self) -> usize {
+        self.as_str().len()
+    }
+    fn push_base64(&self, out: &mut String) {
+        out.push_str(self.as_str());
+    }
+}
+
+impl From<Envelope> for RelayEnvelope {
+    fn from(e: Envelope) -> RelayEnvelope {
+        RelayEnvelope {
+            payload: Base64Text::from(&e.payload),
+            id: e.id,
+            from: e.from,
+            to: e.to,
+            channel: e.channel,
+            ts: e.ts,
+            kind: e.kind,
+            media: e.media,
+        }
+    }
 }
 
 /// Why an envelope was refused (maps to [`ErrorCode::InvalidEnvelope`]).
@@ -126,7 +178,7 @@ pub fn valid_channel(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-impl Envelope {
+impl<P: Base64Payload> EnvelopeOf<P> {
     /// The JSON text of this envelope, byte for byte what `serde_json::to_string` gives.
     ///
     /// Written by hand because it runs for every routed message: serde_json escapes
@@ -138,15 +190,36 @@ impl Envelope {
         out
     }
 
-    /// A capacity that holds the JSON of this envelope without reallocation in the
-    /// common case (no escapes, no media).
+    /// The length of the JSON of this envelope, exact in the common case (no escapes,
+    /// no media; a capacity that holds it without reallocation). A frame built with
+    /// exactly its length becomes a shared buffer without another allocation.
     pub fn json_len_hint(&self) -> usize {
-        160 + self.id.len() + self.payload.0.len().div_ceil(3) * 4
+        // Each key with its quotes and the value's quotes.
+        const KEY: usize = r#","from":"""#.len() + 64;
+        r#"{"id":"#.len()
+            + plain_json_str_len(&self.id)
+            + self.from.map_or(0, |_| KEY)
+            + self.to.map_or(0, |_| r#","to":"""#.len() + 64)
+            + self
+                .channel
+                .as_deref()
+                .map_or(0, |c| r#","channel":"#.len() + plain_json_str_len(c))
+            + r#","ts":"#.len()
+            + int_len(self.ts.unsigned_abs(), self.ts < 0)
+            + r#","kind":""#.len()
+            + self.kind.as_str().len()
+            + r#"","payload":""#.len()
+            + self.payload.base64_len()
+            + r#"""#.len()
+            + self
+                .media
+                .as_ref()
+                .map_or(0, |m| 64 + m.url.len() + m.sha256.len() + m.mime.len())
+            + 1
     }
 
     /// Appends the JSON text of this envelope (see [`Envelope::to_json`]) to `out`.
     pub fn write_json(&self, out: &mut String) {
-        use base64::Engine as _;
         out.push_str(r#"{"id":"#);
         push_json_str(out, &self.id);
         if let Some(k) = &self.from {
@@ -168,7 +241,7 @@ impl Envelope {
         out.push_str(r#","kind":""#);
         out.push_str(self.kind.as_str());
         out.push_str(r#"","payload":""#);
-        base64::engine::general_purpose::STANDARD.encode_string(&self.payload.0, out);
+        self.payload.push_base64(out);
         out.push('"');
         if let Some(m) = &self.media {
             out.push_str(r#","media":"#);
@@ -222,6 +295,16 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
 }
 
+/// The length of `s` as a JSON string literal when it needs no escapes.
+fn plain_json_str_len(s: &str) -> usize {
+    s.len() + 2
+}
+
+/// Digits (and sign) of an integer of magnitude `n`.
+fn int_len(n: u64, negative: bool) -> usize {
+    n.checked_ilog10().map_or(1, |l| l as usize + 1) + usize::from(negative)
+}
+
 /// Appends the decimal form of `n` (as serde_json writes integers) without allocating.
 fn push_int(out: &mut String, n: impl std::fmt::Display) {
     use std::fmt::Write as _;
@@ -231,18 +314,18 @@ fn push_int(out: &mut String, n: impl std::fmt::Display) {
 
 /// Appends lowercase hex of `bytes`.
 fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     // Into a stack buffer first, then one append: pushing char by char re-checks the
     // capacity and UTF-8-encodes every digit (a key is 64 of them, two per message).
-    let mut buf = [0u8; 128];
-    for chunk in bytes.chunks(64) {
-        for (i, b) in chunk.iter().enumerate() {
-            buf[2 * i] = DIGITS[usize::from(b >> 4)];
-            buf[2 * i + 1] = DIGITS[usize::from(b & 15)];
-        }
-        let digits = &buf[..2 * chunk.len()];
+    let (keys, rest) = bytes.as_chunks::<32>();
+    for key in keys {
         // Hex digits are ASCII, so this never fails.
-        out.push_str(std::str::from_utf8(digits).unwrap_or_default());
+        out.push_str(std::str::from_utf8(&super::types::hex_lower(key)).unwrap_or_default());
+    }
+    if !rest.is_empty() {
+        let mut key = [0u8; 32];
+        key[..rest.len()].copy_from_slice(rest);
+        let digits = super::types::hex_lower(&key);
+        out.push_str(std::str::from_utf8(&digits[..2 * rest.len()]).unwrap_or_default());
     }
 }
 
@@ -507,16 +590,27 @@ impl ServerFrame {
                 delivered,
                 stored,
             } => {
-                let mut out = String::with_capacity(48 + id.len());
-                out.push_str(r#"{"type":"sent","id":"#);
-                push_json_str(&mut out, id);
-                out.push_str(r#","status":""#);
-                out.push_str(match status {
+                let status = match status {
                     SendStatus::Delivered => "delivered",
                     SendStatus::Stored => "stored",
                     SendStatus::Duplicate => "duplicate",
                     SendStatus::Fanout => "fanout",
-                });
+                };
+                // Exact without escapes: the frame becomes a shared buffer without
+                // another allocation.
+                let len = r#"{"type":"sent","id":"#.len()
+                    + plain_json_str_len(id)
+                    + r#","status":"""#.len()
+                    + status.len()
+                    + seq.map_or(0, |s| r#","seq":"#.len() + int_len(s, false))
+                    + delivered.map_or(0, |d| r#","delivered":"#.len() + int_len(d.into(), false))
+                    + stored.map_or(0, |s| r#","stored":"#.len() + int_len(s.into(), false))
+                    + 1;
+                let mut out = String::with_capacity(len);
+                out.push_str(r#"{"type":"sent","id":"#);
+                push_json_str(&mut out, id);
+                out.push_str(r#","status":""#);
+                out.push_str(status);
                 out.push('"');
                 if let Some(s) = seq {
                     out.push_str(r#","seq":"#);
@@ -670,7 +764,11 @@ pub const DELIVER_SUFFIX: &str = "}";
 
 /// Builds a `deliver` frame around an already-serialized envelope without re-encoding it.
 pub fn encode_deliver(seq: Option<u64>, envelope_json: &str) -> String {
-    let mut out = String::with_capacity(48 + envelope_json.len());
+    let head = match seq {
+        Some(s) => r#"{"type":"deliver","seq":,"envelope":"#.len() + int_len(s, false),
+        None => LIVE_DELIVER_PREFIX.len(),
+    };
+    let mut out = String::with_capacity(head + envelope_json.len() + DELIVER_SUFFIX.len());
     match seq {
         Some(s) => {
             out.push_str(r#"{"type":"deliver","seq":"#);
@@ -687,8 +785,10 @@ pub fn encode_deliver(seq: Option<u64>, envelope_json: &str) -> String {
 /// The live `deliver` frame of `envelope` (as [`encode_deliver`] with no `seq` gives
 /// for its JSON), built in one buffer; the envelope JSON is
 /// `frame[LIVE_DELIVER_PREFIX.len()..frame.len() - DELIVER_SUFFIX.len()]`.
-pub fn encode_live_deliver(envelope: &Envelope) -> String {
-    let mut out = String::with_capacity(LIVE_DELIVER_PREFIX.len() + 1 + envelope.json_len_hint());
+pub fn encode_live_deliver<P: Base64Payload>(envelope: &EnvelopeOf<P>) -> String {
+    let mut out = String::with_capacity(
+        LIVE_DELIVER_PREFIX.len() + envelope.json_len_hint() + DELIVER_SUFFIX.len(),
+    );
     out.push_str(LIVE_DELIVER_PREFIX);
     envelope.write_json(&mut out);
     out.push_str(DELIVER_SUFFIX);
@@ -727,46 +827,108 @@ enum FastTag {
 /// A `send` or `ack` frame, decoded in one pass without buffering (see
 /// [`decode_client_frame`]).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FastFrame {
+#[serde(deny_unknown_fields, bound = "P: Deserialize<'de>")]
+struct FastFrame<P> {
     #[serde(rename = "type")]
     tag: FastTag,
     #[serde(default)]
-    envelope: Option<Envelope>,
+    envelope: Option<EnvelopeOf<P>>,
     #[serde(default)]
     messages: Option<Vec<AckRef>>,
     #[serde(default)]
     quiet: Option<bool>,
 }
 
-/// Decodes one client text frame. Never panics, whatever the input.
-pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
-    // Fast path for the two frames of the message hot path. An internally tagged enum
-    // is decoded by first buffering the whole object into serde's generic `Content`
-    // tree (an allocation per key and value), then decoding that; this plain struct
-    // is decoded in one pass. Only the exact shapes `{type: send, envelope}` and
-    // `{type: ack, messages, quiet?}` (no duplicate or other keys) are taken from it, a subset of
-    // what `ClientFrame` accepts; anything else goes to the general path, which decides
-    // and reports the error.
-    match serde_json::from_str::<FastFrame>(text) {
+/// A client frame as the relay handles it ([`decode_request`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// A `send`, its payload kept as base64 text.
+    Send(RelayEnvelope),
+    /// Any other frame.
+    Frame(ClientFrame),
+}
+
+impl Request {
+    /// Whether this is a `send`.
+    pub fn is_send(&self) -> bool {
+        matches!(self, Request::Send(_))
+    }
+
+    /// What an error about this frame says of it.
+    pub fn hint(&self) -> FrameHint {
+        match self {
+            Request::Send(_) => FrameHint {
+                frame_type: Some("send"),
+                quiet_ack: false,
+            },
+            Request::Frame(f) => FrameHint::of_frame(f),
+        }
+    }
+}
+
+/// Decodes one client text frame as the relay handles it: like [`decode_client_frame`]
+/// (the same frames accepted, the same errors), except that a `send` keeps its payload
+/// as the base64 text it arrived in. The hot frames in the shape clients write them
+/// take a hand-written path first ([`super::scan`]). Never panics, whatever the input.
+pub fn decode_request(text: &str) -> Result<Request, DecodeError> {
+    if let Some(envelope) = super::scan::send(text) {
+        return Ok(Request::Send(envelope));
+    }
+    if let Some((messages, quiet)) = super::scan::ack(text) {
+        return Ok(Request::Frame(ClientFrame::Ack { messages, quiet }));
+    }
+    match decode_fast::<Base64Text>(text) {
+        Some(Fast::Send(envelope)) => Ok(Request::Send(envelope)),
+        Some(Fast::Ack(messages, quiet)) => {
+            Ok(Request::Frame(ClientFrame::Ack { messages, quiet }))
+        }
+        None => match decode_client_frame(text)? {
+            ClientFrame::Send { envelope } => Ok(Request::Send(envelope.into())),
+            frame => Ok(Request::Frame(frame)),
+        },
+    }
+}
+
+/// A frame taken by the fast path ([`decode_fast`]).
+enum Fast<P> {
+    Send(EnvelopeOf<P>),
+    Ack(Vec<AckRef>, bool),
+}
+
+/// Fast path for the two frames of the message hot path. An internally tagged enum
+/// is decoded by first buffering the whole object into serde's generic `Content`
+/// tree (an allocation per key and value), then decoding that; this plain struct
+/// is decoded in one pass. Only the exact shapes `{type: send, envelope}` and
+/// `{type: ack, messages, quiet?}` (no duplicate or other keys) are taken from it, a
+/// subset of what `ClientFrame` accepts; for anything else it gives `None` and the
+/// general path decides and reports the error.
+fn decode_fast<P: serde::de::DeserializeOwned>(text: &str) -> Option<Fast<P>> {
+    match serde_json::from_str::<FastFrame<P>>(text) {
         Ok(FastFrame {
             tag: FastTag::Send,
             envelope: Some(envelope),
             messages: None,
             quiet: None,
-        }) => return Ok(ClientFrame::Send { envelope }),
+        }) => Some(Fast::Send(envelope)),
         Ok(FastFrame {
             tag: FastTag::Ack,
             envelope: None,
             messages: Some(messages),
             quiet,
-        }) => {
-            return Ok(ClientFrame::Ack {
-                messages,
-                quiet: quiet.unwrap_or(false),
-            })
-        }
-        _ => {}
+        }) => Some(Fast::Ack(messages, quiet.unwrap_or(false))),
+        _ => None,
+    }
+}
+
+/// Decodes one client text frame. Never panics, whatever the input.
+pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
+    if let Some((messages, quiet)) = super::scan::ack(text) {
+        return Ok(ClientFrame::Ack { messages, quiet });
+    }
+    match decode_fast::<Base64Bytes>(text) {
+        Some(Fast::Send(envelope)) => return Ok(ClientFrame::Send { envelope }),
+        Some(Fast::Ack(messages, quiet)) => return Ok(ClientFrame::Ack { messages, quiet }),
+        None => {}
     }
     match serde_json::from_str::<ClientFrame>(text) {
         Ok(f) => Ok(f),
@@ -1089,6 +1251,17 @@ mod tests {
     /// (`decode_client_frame`, `Envelope::validate`, `valid_channel`);
     /// `relay_server::bad_frame_and_invalid_envelope_table` sends the same rows to a relay.
     fn classify(text: &str) -> Result<(), ErrorCode> {
+        // The relay's decoder (hand-written paths, payload kept as text) refuses with
+        // exactly the general decoder's error and validates the same envelope.
+        let relay = decode_request(text);
+        match (&relay, decode_client_frame(text)) {
+            (Err(r), Err(e)) => assert_eq!(r, &e, "{text}"),
+            (Ok(Request::Send(r)), Ok(ClientFrame::Send { envelope })) => {
+                assert_eq!(r.validate(), envelope.validate(), "{text}")
+            }
+            (Ok(Request::Frame(r)), Ok(f)) => assert_eq!(r, &f, "{text}"),
+            (r, e) => panic!("{text}: relay {r:?}, general {e:?}"),
+        }
         match decode_client_frame(text).map_err(|e| e.code())? {
             ClientFrame::Send { envelope } => {
                 envelope.validate().map_err(|_| ErrorCode::InvalidEnvelope)
@@ -1481,6 +1654,25 @@ mod fuzz {
             prop_assert_eq!(env.to_json(), serde_json::to_string(&env).unwrap());
         }
 
+        /// Frames of the hot path are built with exactly their length (no escapes, no
+        /// media), so they become shared buffers without another allocation.
+        #[test]
+        fn hot_frames_are_built_with_their_exact_length(env in envelope(), seq in proptest::option::of(any::<u64>()),
+                                                         delivered in proptest::option::of(any::<u32>()), stored in proptest::option::of(any::<u32>())) {
+            let mut env = env;
+            env.id.retain(|c| c != '"' && c != '\\');
+            prop_assume!(!env.id.is_empty());
+            let json = env.to_json();
+            prop_assert_eq!(json.len(), env.json_len_hint());
+            prop_assert_eq!(json.capacity(), json.len());
+            let live = encode_live_deliver(&env);
+            prop_assert_eq!(live.capacity(), live.len());
+            let stored_frame = encode_deliver(seq, &json);
+            prop_assert_eq!(stored_frame.capacity(), stored_frame.len());
+            let sent = ServerFrame::Sent { id: env.id.clone(), status: SendStatus::Fanout, seq, delivered, stored }.to_json();
+            prop_assert_eq!(sent.capacity(), sent.len());
+        }
+
         /// The hand-written `sent`/`acked` encoders match serde_json byte for byte.
         #[test]
         fn hot_answers_match_serde(id in "\\PC{1,20}", escapes in any::<bool>(), st in 0u8..4,
@@ -1526,6 +1718,33 @@ mod fuzz {
                 prop_assert_eq!(serde_json::from_str::<ClientFrame>(&s).ok(), Some(f));
             } else {
                 prop_assert!(serde_json::from_str::<ClientFrame>(&s).is_err());
+            }
+        }
+
+        /// The relay's decoder accepts exactly what the general decoder accepts, with the
+        /// same errors, and a send's payload text is the base64 of the decoded bytes.
+        #[test]
+        fn relay_decoder_agrees_with_client_frame_decoder(s in prop_oneof![
+            plausible_frame(),
+            client_frame().prop_map(|f| serde_json::to_string(&f).unwrap()),
+            (envelope(), "[A-Za-z0-9+/=_ -]{0,12}").prop_map(|(e, payload)| {
+                let t = serde_json::to_string(&ClientFrame::Send { envelope: e }).unwrap();
+                let at = t.find(r#""payload":""#).unwrap() + 11;
+                let end = at + t[at..].find('"').unwrap();
+                format!("{}{payload}{}", &t[..at], &t[end..])
+            }),
+        ]) {
+            match (decode_request(&s), decode_client_frame(&s)) {
+                (Ok(Request::Send(r)), Ok(ClientFrame::Send { envelope })) => {
+                    prop_assert_eq!(r.payload.decode(), envelope.payload.clone());
+                    prop_assert_eq!(r, RelayEnvelope::from(envelope));
+                }
+                (Ok(Request::Frame(r)), Ok(f)) => {
+                    prop_assert!(!matches!(&f, ClientFrame::Send { envelope: _ }), "send not taken as a send");
+                    prop_assert_eq!(r, f);
+                }
+                (Err(r), Err(e)) => prop_assert_eq!(r, e),
+                (r, e) => prop_assert!(false, "{:?} vs {:?}", r, e),
             }
         }
 

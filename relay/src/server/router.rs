@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::frame::{DELIVER_SUFFIX, LIVE_DELIVER_PREFIX};
-use crate::protocol::{encode_live_deliver, Envelope, KeyHex, Kind};
+use crate::protocol::{encode_live_deliver, KeyHex, Kind, RelayEnvelope};
 use crate::store::{PutOutcome, StoredMessage};
 
 /// A routed message, shared (one allocation) by every recipient it is pushed to.
@@ -38,14 +38,15 @@ pub struct Message {
 
 impl Message {
     /// Builds the routed form of a validated envelope whose `from` is set.
-    pub fn new(envelope: &Envelope, sender: KeyHex) -> Message {
+    pub fn new(envelope: RelayEnvelope, sender: KeyHex) -> Message {
+        let frame = Utf8Bytes::from(encode_live_deliver(&envelope));
         Message {
             sender,
-            id: envelope.id.clone(),
-            channel: envelope.channel.clone(),
+            id: envelope.id,
+            channel: envelope.channel,
             ts: envelope.ts,
             kind: envelope.kind,
-            frame: Utf8Bytes::from(encode_live_deliver(envelope)),
+            frame,
             received: Instant::now(),
         }
     }
@@ -329,18 +330,25 @@ impl RecentIds {
     /// Records the pair as in flight unless it is known already.
     pub fn begin(&self, k: &RecentKey) -> Seen {
         let mut s = self.shard(k);
-        match s.set.get(k) {
-            Some(true) => return Seen::Settled,
-            Some(false) => return Seen::InFlight,
-            None => {}
+        // One lookup for both the check and the insert (this runs for every message).
+        match s.set.entry(k.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                return if *e.get() {
+                    Seen::Settled
+                } else {
+                    Seen::InFlight
+                };
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(false);
+            }
         }
-        if s.order.len() >= self.per_shard {
+        s.order.push_back(k.clone());
+        if s.order.len() > self.per_shard {
             if let Some(old) = s.order.pop_front() {
                 s.set.remove(&old);
             }
         }
-        s.set.insert(k.clone(), false);
-        s.order.push_back(k.clone());
         Seen::New
     }
 

@@ -18,7 +18,7 @@ use super::router::{
 use super::session::Session;
 use super::Shared;
 use crate::protocol::{
-    decode_client_frame, ClientFrame, Envelope, ErrorCode, FrameHint, KeyHex, SendStatus,
+    decode_client_frame, ClientFrame, ErrorCode, FrameHint, KeyHex, RelayEnvelope, SendStatus,
     ServerFrame,
 };
 use crate::store::SendRecord;
@@ -58,11 +58,12 @@ impl Session {
     /// Routes one `send`. A direct message for a recipient that is not connected here
     /// joins [`Session::batch`] and is answered when the batch is stored; every other
     /// outcome first stores and answers the batch, so answers keep request order.
-    pub(super) async fn send(&mut self, c: &mut Conn, mut env: Envelope) -> Result<(), End> {
-        let id = env.id.clone();
+    pub(super) async fn send(&mut self, c: &mut Conn, mut env: RelayEnvelope) -> Result<(), End> {
+        // The id is copied only for an answer that refuses the send: an accepted one is
+        // answered with the routed message's id (one copy fewer per message).
         if let Err(e) = env.validate() {
             return self
-                .refuse_send(c, ErrorCode::InvalidEnvelope, e.to_string(), id)
+                .refuse_send(c, ErrorCode::InvalidEnvelope, e.to_string(), env.id)
                 .await;
         }
         match env.from {
@@ -72,7 +73,7 @@ impl Session {
                         c,
                         ErrorCode::SenderMismatch,
                         "envelope.from must be the authenticated key",
-                        id,
+                        env.id,
                     )
                     .await;
             }
@@ -87,7 +88,7 @@ impl Session {
                     c,
                     ErrorCode::Overloaded,
                     "relay overloaded; retry this send (same id) after a backoff",
-                    id,
+                    env.id,
                 )
                 .await;
         }
@@ -96,7 +97,7 @@ impl Session {
         if c.shared.sends_recorded {
             return self.send_recorded(c, env).await;
         }
-        let recent = recent_key(self.key, &id);
+        let recent = recent_key(self.key, &env.id);
         let mut seen = c.shared.recent.begin(&recent);
         if matches!(seen, Seen::InFlight) && !self.batch.is_empty() {
             // The earlier attempt may be waiting in this connection's own batch.
@@ -110,7 +111,7 @@ impl Session {
             Seen::New => {}
             Seen::Settled => {
                 c.shared.metrics.duplicates.inc();
-                return c.send_frame(duplicate_frame(&id)).await;
+                return c.send_frame(duplicate_frame(&env.id)).await;
             }
             // Acknowledging now could acknowledge a message whose first attempt then
             // fails to store; routing it again could deliver it twice.
@@ -118,7 +119,7 @@ impl Session {
                 .error(
                     ErrorCode::StorageUnavailable,
                     "an earlier send with this id is still being stored; retry with the same id",
-                    Some(id),
+                    Some(env.id),
                 )
                 .await,
         }
@@ -129,19 +130,20 @@ impl Session {
             recent,
             settled: false,
         });
-        let msg = Arc::new(Message::new(&env, self.key));
-        if !self.batch.is_empty() && env.to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
+        let to = env.to;
+        let msg = Arc::new(Message::new(env, self.key));
+        if !self.batch.is_empty() && to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
             // A channel message, or a recipient connected here that could get this one
             // pushed ahead of an earlier message still in the batch.
             self.store_batch(c).await?;
         }
-        let result = match (env.to, env.channel.as_deref()) {
+        let result = match (to, msg.channel.as_deref()) {
             (Some(to), _) => match c.shared.sessions.offer(&to, &msg) {
                 Offer::Full(h) => {
                     let (pushed, _, _ticket) =
                         self.push_when_room(c, &msg, vec![(to, h)], None).await?;
                     if pushed == 1 {
-                        Ok(delivered_frame(&id))
+                        Ok(delivered_frame(&msg.id))
                     } else {
                         c.flush_pending().await?;
                         let store = c.shared.store_direct(&msg, to);
@@ -152,7 +154,7 @@ impl Session {
                     c.shared.metrics.outbound_queue_depth.inc();
                     self.pushed_live = true;
                     self.store_batch(c).await?;
-                    Ok(delivered_frame(&id))
+                    Ok(delivered_frame(&msg.id))
                 }
                 Offer::Store(ticket) => {
                     self.batch.push(Deferred {
@@ -188,7 +190,7 @@ impl Session {
             },
             (None, None) => Err(RouteError::NotMember),
         };
-        answer_send(c, in_flight, &id, result).await
+        answer_send(c, in_flight, &msg.id, result).await
     }
     /// Routes one `send` where the shared store decides duplicates (relays on one
     /// PostgreSQL database): nothing is pushed, stored or answered before the store has
@@ -198,14 +200,18 @@ impl Session {
     /// that once the send is recorded its pushes cannot fail; copies for everyone else
     /// are stored in the same commit as the record. Direct sends to recipients that
     /// are not pushed to join [`Session::batch`] as on a single relay.
-    pub(super) async fn send_recorded(&mut self, c: &mut Conn, env: Envelope) -> Result<(), End> {
-        let id = env.id.clone();
-        let msg = Arc::new(Message::new(&env, self.key));
-        if !self.batch.is_empty() && env.to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
+    pub(super) async fn send_recorded(
+        &mut self,
+        c: &mut Conn,
+        env: RelayEnvelope,
+    ) -> Result<(), End> {
+        let to = env.to;
+        let msg = Arc::new(Message::new(env, self.key));
+        if !self.batch.is_empty() && to.is_none_or(|to| c.shared.sessions.get(&to).is_some()) {
             // As in `send`: nothing may overtake an earlier message still in the batch.
             self.store_batch(c).await?;
         }
-        let result = match (env.to, env.channel.as_deref()) {
+        let result = match (to, msg.channel.as_deref()) {
             (Some(to), _) => {
                 let (room, ticket) = match c.shared.sessions.reserve(&to) {
                     Reserve::Room(room) => (Some(room), None),
@@ -274,7 +280,7 @@ impl Session {
             },
             (None, None) => Err(RouteError::NotMember),
         };
-        answer_send(c, None, &id, result).await
+        answer_send(c, None, &msg.id, result).await
     }
     /// Answers the send `id` with an error. Sends waiting in the batch are stored and
     /// answered first, so answers keep request order.
@@ -514,7 +520,6 @@ async fn answer_send(
     id: &str,
     result: Result<ServerFrame, RouteError>,
 ) -> Result<(), End> {
-    let id = id.to_string();
     match result {
         Ok(frame) => {
             if let Some(mut f) = in_flight {
@@ -528,7 +533,7 @@ async fn answer_send(
             c.error(
                 ErrorCode::NotMember,
                 "join the channel before sending to it",
-                Some(id),
+                Some(id.to_string()),
             )
             .await
         }
@@ -538,7 +543,7 @@ async fn answer_send(
             c.error(
                 ErrorCode::StorageUnavailable,
                 "message not stored; retry with the same id",
-                Some(id),
+                Some(id.to_string()),
             )
             .await
         }

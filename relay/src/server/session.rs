@@ -19,7 +19,7 @@ use super::router::{FastMap, Message, SessionHandle};
 use super::send::Deferred;
 use crate::protocol::frame::{FEATURE_QUIET_ACK, MAX_FETCH_LIMIT};
 use crate::protocol::{
-    decode_client_frame, ClientFrame, ErrorCode, FrameHint, KeyHex, Limits, ServerFrame,
+    decode_request, ClientFrame, ErrorCode, FrameHint, KeyHex, Limits, Request, ServerFrame,
 };
 
 /// Further ready events (inbound frames, batches of pushes) handled after the one that
@@ -288,21 +288,25 @@ impl Session {
             _ => return Ok(()),
         };
         c.m().bytes_in.inc_by(text.len() as u64);
-        let frame = match decode_client_frame(text.as_str()) {
-            Ok(f) => f,
+        let request = match decode_request(text.as_str()) {
+            Ok(r) => r,
             Err(e) => {
                 self.store_batch(c).await?;
                 return c.undecodable(text.as_str(), e).await;
             }
         };
         // Answers go out in request order: whatever is batched is answered first.
-        if !matches!(frame, ClientFrame::Send { .. }) {
+        if !request.is_send() {
             self.store_batch(c).await?;
         }
         if !c.take_token() {
             self.store_batch(c).await?;
-            return c.refuse(FrameHint::of_frame(&frame)).await;
+            return c.refuse(request.hint()).await;
         }
+        let frame = match request {
+            Request::Send(envelope) => return self.send(c, envelope).await,
+            Request::Frame(frame) => frame,
+        };
         match frame {
             ClientFrame::Auth { .. } => {
                 c.error(
@@ -313,7 +317,7 @@ impl Session {
                 .await
             }
             ClientFrame::Ping { nonce } => c.send_frame(ServerFrame::Pong { nonce }).await,
-            ClientFrame::Send { envelope } => self.send(c, envelope).await,
+            ClientFrame::Send { envelope } => self.send(c, envelope.into()).await,
             ClientFrame::Join { channel } => self.membership(c, channel, true).await,
             ClientFrame::Leave { channel } => self.membership(c, channel, false).await,
             ClientFrame::Ack { messages, quiet } => self.ack(c, messages, quiet).await,
