@@ -14,4 +14,5 @@ mod production;
 mod quiet;
 mod resilience;
 mod rollouts;
+mod triggers;
 mod validation;
