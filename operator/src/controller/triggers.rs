@@ -4,7 +4,8 @@
 //! disruption controller whenever a relay becomes ready or goes away), and each reconcile
 //! costs about a dozen reads. The reconcile reads the status of StatefulSets only, so for
 //! the other kinds a change of status alone is not passed on; a change of spec
-//! (`generation`), labels, annotations or owners is, and so is every deletion.
+//! (`generation`), labels, annotations or owners is, and so is every deletion and every
+//! object created again under the same name.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -25,6 +26,8 @@ pub fn change_key(meta: &ObjectMeta, status_matters: bool) -> u64 {
     let mut hasher = DefaultHasher::new();
     match meta.generation {
         Some(generation) if !status_matters => {
+            // A child deleted and created again (new uid) starts at the same generation.
+            meta.uid.hash(&mut hasher);
             generation.hash(&mut hasher);
             meta.labels.hash(&mut hasher);
             meta.annotations.hash(&mut hasher);
@@ -53,7 +56,10 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
-    let mut seen: HashMap<(Option<String>, Option<String>), u64> = HashMap::new();
+    let mut seen: HashMap<Identity, u64> = HashMap::new();
+    // A relist after a broken watch reports no deletions: the keys it lists replace
+    // `seen` when it is done, so children gone meanwhile are forgotten.
+    let mut relisted: Option<HashMap<Identity, u64>> = None;
     watcher(api, config).filter_map(move |event| {
         let passed = match event {
             Err(e) => Some(Err(e)),
@@ -61,18 +67,35 @@ where
                 seen.remove(&identity(&object.metadata));
                 Some(Ok(object))
             }
-            Ok(Event::Apply(object) | Event::InitApply(object)) => {
+            Ok(Event::Apply(object)) => {
                 let key = change_key(&object.metadata, status_matters);
                 let previous = seen.insert(identity(&object.metadata), key);
                 (previous != Some(key)).then_some(Ok(object))
             }
-            Ok(Event::Init | Event::InitDone) => None,
+            Ok(Event::InitApply(object)) => {
+                let id = identity(&object.metadata);
+                let key = change_key(&object.metadata, status_matters);
+                let previous = seen.get(&id).copied();
+                relisted.get_or_insert_with(HashMap::new).insert(id, key);
+                (previous != Some(key)).then_some(Ok(object))
+            }
+            Ok(Event::Init) => {
+                relisted = Some(HashMap::new());
+                None
+            }
+            Ok(Event::InitDone) => {
+                seen = relisted.take().unwrap_or_default();
+                None
+            }
         };
         std::future::ready(passed)
     })
 }
 
-fn identity(meta: &ObjectMeta) -> (Option<String>, Option<String>) {
+/// A child's namespace and name.
+type Identity = (Option<String>, Option<String>);
+
+fn identity(meta: &ObjectMeta) -> Identity {
     (meta.namespace.clone(), meta.name.clone())
 }
 
@@ -87,6 +110,7 @@ mod tests {
             namespace: Some("apps".into()),
             generation,
             resource_version: Some(version.into()),
+            uid: Some("child-1".into()),
             labels: Some([("app".to_string(), "dchat".to_string())].into()),
             owner_references: Some(vec![OwnerReference {
                 uid: "u1".into(),
@@ -106,7 +130,7 @@ mod tests {
     }
 
     #[test]
-    fn spec_labels_annotations_and_owners_are_passed_on() {
+    fn spec_labels_annotations_owners_and_a_new_uid_are_passed_on() {
         let base = meta(Some(1), "10");
         let key = change_key(&base, false);
         assert_ne!(key, change_key(&meta(Some(2), "11"), false), "spec");
@@ -122,6 +146,13 @@ mod tests {
         let mut orphaned = base.clone();
         orphaned.owner_references = None;
         assert_ne!(key, change_key(&orphaned, false), "owners");
+        let mut recreated = base.clone();
+        recreated.uid = Some("child-2".into());
+        assert_ne!(
+            key,
+            change_key(&recreated, false),
+            "deleted and created again"
+        );
     }
 
     #[test]
