@@ -1,16 +1,19 @@
 //! Accepting TCP connections and serving HTTP/1.1 on them, with the bounds on
 //! connections that are not (yet) WebSockets (docs/relay.md, "Before the WebSocket").
 //!
-//! Each listener runs [`serve`]: every accepted connection takes a place in the
-//! listener's [`HandshakePool`] (or, when every place is serving a request, is closed
-//! at once) and is served by hyper on its own task. A connection must complete its
+//! Each listener runs [`serve`] on its own low-priority thread (`accept_thread.rs`):
+//! every accepted connection takes a place in the listener's [`HandshakePool`] (or,
+//! when every place is serving a request, is closed at once) and must complete its
 //! first request head within `DCHAT_HANDSHAKE_TIMEOUT` of being accepted, or it is
-//! closed and counted (`dchat_handshake_timeouts_total`); on a keep-alive connection
-//! each later request head must arrive within the same time after the previous
-//! response (hyper's header read timeout; closed quietly, as hyper cannot tell a
-//! client idling between requests from one dripping a head). A connection that becomes a WebSocket leaves
-//! the pool when the upgrade completes; from then on `DCHAT_MAX_CONNECTIONS`,
-//! `DCHAT_AUTH_TIMEOUT` and `DCHAT_IDLE_TIMEOUT` bound it (`connection.rs`).
+//! closed and counted (`dchat_handshake_timeouts_total`). Until then it is read on that
+//! thread; once the head is complete (or cannot be one: hyper answers it) the socket
+//! moves to the relay's runtime, where hyper serves it with the head already read. On a
+//! keep-alive connection each later request head must arrive within the same time
+//! after the previous response (hyper's header read timeout; closed quietly, as hyper
+//! cannot tell a client idling between requests from one dripping a head). A
+//! connection that becomes a WebSocket leaves the pool when the upgrade completes; from
+//! then on `DCHAT_MAX_CONNECTIONS`, `DCHAT_AUTH_TIMEOUT` and `DCHAT_IDLE_TIMEOUT` bound
+//! it (`connection.rs`).
 //!
 //! axum's own `serve` cannot set any of this (no timer, no header read timeout, no
 //! hook at accept), so this module is the few lines of it the relay needs.
@@ -26,9 +29,12 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, Response, StatusCode};
 use axum::Router;
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service;
@@ -61,12 +67,16 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// serving (hyper's graceful shutdown: idle and waiting connections close at once) and
 /// returns when they have. WebSockets already upgraded are not waited for: they belong
 /// to the relay's drain.
+///
+/// Runs on the listener's accepting thread; connections whose first request head is
+/// complete are served on `sessions` (the relay's runtime).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     pool: Arc<HandshakePool>,
     settings: ListenerSettings,
     stop: CancellationToken,
+    sessions: Handle,
 ) {
     let conns = TaskTracker::new();
     let mut failing = false;
@@ -107,18 +117,182 @@ pub async fn serve(
                 debug!(error = %e, "TCP_NODELAY not set");
             }
         }
-        conns.spawn(connection(
+        conns.spawn(screen(
             tcp,
             peer,
-            router.clone(),
             slot,
-            settings,
-            stop.clone(),
+            Handover {
+                router: router.clone(),
+                settings,
+                stop: stop.clone(),
+                sessions: sessions.clone(),
+                conns: conns.clone(),
+            },
         ));
     }
     drop(listener);
     conns.close();
     conns.wait().await;
+}
+
+/// What a screened connection needs to be served on the relay's runtime.
+struct Handover {
+    router: Router,
+    settings: ListenerSettings,
+    stop: CancellationToken,
+    sessions: Handle,
+    /// The listener's connections, so that [`serve`] waits for it there too.
+    conns: TaskTracker,
+}
+
+/// The most a connection may send before its first request head is complete and still
+/// be read on the accepting thread; beyond it, hyper decides (`431`).
+const MAX_SCREENED_HEAD: usize = 64 * 1024;
+
+/// A newly accepted connection, on the accepting thread: reads until its first request
+/// head is complete within the handshake deadline, then moves it to the relay's
+/// runtime. Closed at the deadline (counted), when evicted, at `stop`, or when the
+/// client leaves first.
+async fn screen(mut tcp: TcpStream, peer: SocketAddr, slot: Slot, to: Handover) {
+    let name = to.settings.name;
+    let accepted = std::time::Instant::now();
+    let head = tokio::select! {
+        biased;
+        () = slot.evicted() => {
+            debug!(listener = name, %peer, "closed to make room for a new connection");
+            return;
+        }
+        // Like hyper's graceful shutdown: a connection without a request closes at once.
+        () = to.stop.cancelled() => return,
+        r = tokio::time::timeout(to.settings.handshake_timeout, read_head(&mut tcp)) => r,
+    };
+    let head = match head {
+        Ok(Ok(Some(head))) => head,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!(listener = name, %peer, error = %e, "connection ended before a request");
+            return;
+        }
+        Err(_) => {
+            slot.count_timeout();
+            debug!(listener = name, %peer, "no request within the handshake timeout");
+            return;
+        }
+    };
+    // Off this thread's reactor and onto the runtime's: the socket must not depend on
+    // a low-priority thread for its readiness once it is a session.
+    let std = match tcp.into_std() {
+        Ok(std) => std,
+        Err(e) => {
+            debug!(listener = name, %peer, error = %e, "connection could not be handed over");
+            return;
+        }
+    };
+    let remaining = to
+        .settings
+        .handshake_timeout
+        .saturating_sub(accepted.elapsed());
+    let Handover {
+        router,
+        settings,
+        stop,
+        sessions,
+        conns,
+    } = to;
+    sessions.spawn(conns.track_future(async move {
+        match TcpStream::from_std(std) {
+            Ok(tcp) => {
+                let io = Prefixed { head, io: tcp };
+                connection(io, peer, router, slot, settings, remaining, stop).await;
+            }
+            Err(e) => {
+                debug!(listener = name, %peer, error = %e, "connection could not be handed over")
+            }
+        }
+    }));
+}
+
+/// Reads from `tcp` until what it holds is a complete request head, or cannot become
+/// one (hyper answers it), or is [`MAX_SCREENED_HEAD`] long; `None` when the client
+/// closed first.
+async fn read_head(tcp: &mut TcpStream) -> std::io::Result<Option<Bytes>> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if buf.len() >= MAX_SCREENED_HEAD {
+            return Ok(Some(buf.freeze()));
+        }
+        buf.reserve(1024);
+        if tcp.read_buf(&mut buf).await? == 0 {
+            return Ok(None);
+        }
+        if !head_pending(&buf) {
+            return Ok(Some(buf.freeze()));
+        }
+    }
+}
+
+/// Whether `buf` is the beginning of a request head that is not complete yet: anything
+/// else — a complete head, or bytes hyper would refuse — is hyper's to answer.
+fn head_pending(buf: &[u8]) -> bool {
+    // hyper's own limit; more headers than this is an error it answers.
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    matches!(
+        httparse::Request::new(&mut headers).parse(buf),
+        Ok(httparse::Status::Partial)
+    )
+}
+
+/// The connection's socket with the bytes the accepting thread already read from it in
+/// front, so that hyper reads the request head it was screened for.
+struct Prefixed {
+    head: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            let front = self.head.split_to(n);
+            buf.put_slice(&front);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Errors of one connection that was closed before it could be accepted.
@@ -137,14 +311,16 @@ fn refuse(tcp: TcpStream) {
     let _ = tcp.try_write(REFUSED);
 }
 
-/// Serves one connection: hyper with the header read timeout, plus the first request's
-/// deadline, eviction from the pool, and graceful shutdown on `stop`.
+/// Serves one connection whose first request head has been read (on the relay's
+/// runtime): hyper with the header read timeout, plus what is `left` of the first
+/// request's deadline, eviction from the pool, and graceful shutdown on `stop`.
 async fn connection(
-    tcp: TcpStream,
+    io: Prefixed,
     peer: SocketAddr,
     router: Router,
     slot: Slot,
     settings: ListenerSettings,
+    left: Duration,
     stop: CancellationToken,
 ) {
     let timeout = settings.handshake_timeout;
@@ -157,13 +333,12 @@ async fn connection(
         .timer(TokioTimer::new())
         .header_read_timeout(timeout);
     let mut conn = pin!(builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades());
-    // The deadline of the first request head. hyper's header read timeout has the same
-    // length and starts a moment later; this one is checked first, so a connection that
-    // never sent a request is counted here rather than closed quietly by hyper (which
-    // cannot tell that from a client that hung up).
-    let mut deadline = pin!(tokio::time::sleep(timeout));
+    // The rest of the first request's deadline. The head is already read, so hyper
+    // parses it at once; the deadline still bounds a request that hyper has not
+    // started to serve (e.g. a runtime too busy to get to it).
+    let mut deadline = pin!(tokio::time::sleep(left));
     let mut first = true;
     let mut stopping = false;
     loop {
@@ -262,5 +437,99 @@ impl HttpBody for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    const UPGRADE: &[u8] = b"GET /v1/ws HTTP/1.1\r\nhost: relay\r\nupgrade: websocket\r\n\
+connection: upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+sec-websocket-version: 13\r\n\r\n";
+
+    #[test]
+    fn a_head_is_pending_until_its_empty_line_arrives() {
+        for end in 0..UPGRADE.len() {
+            assert!(head_pending(&UPGRADE[..end]), "pending at {end} bytes");
+        }
+        assert!(!head_pending(UPGRADE));
+        // Bytes after the head (a body, or frames sent before the answer) change nothing.
+        assert!(!head_pending(&[UPGRADE, b"\x81\x05hello"].concat()));
+    }
+
+    #[test]
+    fn bytes_hyper_would_refuse_are_handed_over_at_once() {
+        // A TLS ClientHello, a bad method, a bad header name: hyper answers 400.
+        assert!(!head_pending(
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+        ));
+        assert!(!head_pending(b"G(T / HTTP/1.1\r\n"));
+        assert!(!head_pending(b"GET / HTTP/1.1\r\nbad header: x\r\n"));
+        // More headers than hyper accepts (it answers 431).
+        let many: Vec<u8> = (0..101)
+            .flat_map(|i| format!("x-{i}: v\r\n").into_bytes())
+            .collect();
+        assert!(!head_pending(
+            &[b"GET / HTTP/1.1\r\n".as_slice(), &many].concat()
+        ));
+    }
+
+    #[test]
+    fn bare_line_feeds_end_a_head_too() {
+        assert!(!head_pending(b"GET /health HTTP/1.1\nhost: x\n\n"));
+        assert!(head_pending(b"GET /health HTTP/1.1\nhost: x\n"));
+    }
+
+    #[tokio::test]
+    async fn read_head_returns_the_head_and_what_followed_it_or_none_when_the_client_left() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            // One byte at a time, as a dripping client would, then a frame with the end.
+            for b in &UPGRADE[..10] {
+                c.write_all(&[*b]).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            c.write_all(&[&UPGRADE[10..], b"frame".as_slice()].concat())
+                .await
+                .expect("write");
+            let mut leaving = TcpStream::connect(addr).await.expect("connect");
+            leaving.write_all(b"GET / HT").await.expect("write");
+            c
+        });
+        let (mut tcp, _) = listener.accept().await.expect("accept");
+        let head = read_head(&mut tcp).await.expect("read").expect("a head");
+        assert_eq!(&head[..], [UPGRADE, b"frame".as_slice()].concat());
+        let _kept_open = client.await.expect("client");
+        let (mut left, _) = listener.accept().await.expect("accept");
+        assert_eq!(read_head(&mut left).await.expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn prefixed_reads_the_screened_bytes_first_then_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        client.write_all(b" world").await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let mut io = Prefixed {
+            head: Bytes::from_static(b"hello"),
+            io: tcp,
+        };
+        let mut first = [0u8; 3];
+        io.read_exact(&mut first).await.expect("read");
+        assert_eq!(&first, b"hel");
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.expect("read");
+        assert_eq!(rest, b"lo world");
+        io.write_all(b"answer").await.expect("write");
+        drop(io);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read");
+        assert_eq!(answer, b"answer");
     }
 }

@@ -7,8 +7,9 @@
 //! The files, from the listener inwards:
 //! - this file: [`Relay`] (bind, run, drain), [`Shared`] (the state every connection
 //!   and endpoint shares) and the timed storage calls on it;
-//! - `accept.rs`, `handshake.rs`: accepting connections and serving HTTP on them; the
-//!   bound on connections that are not WebSockets and the handshake deadline;
+//! - `accept.rs`, `accept_thread.rs`, `handshake.rs`: accepting connections (on a
+//!   low-priority thread per listener) and serving HTTP on them; the bound on
+//!   connections that are not WebSockets and the handshake deadline;
 //! - `http.rs`, `admin.rs`: the HTTP routes of both ports and the admin API;
 //! - `connection.rs`: one client connection: socket writes and flushes, rate limit,
 //!   the challenge/response handshake, the close;
@@ -25,6 +26,7 @@
 //! - `overload.rs`, `limits.rs`: load shedding and the per-connection token bucket.
 
 pub mod accept;
+mod accept_thread;
 pub mod admin;
 pub mod connection;
 mod delivery;
@@ -427,28 +429,47 @@ impl Relay {
             handshake::HandshakePool::new("client", shared.cfg.max_handshakes, &shared.metrics);
         let metrics_pool =
             handshake::HandshakePool::new("metrics", shared.cfg.max_handshakes, &shared.metrics);
-        let mut serve_task = tokio::spawn(accept::serve(
-            listener,
-            http::client_router(shared.clone()),
-            client_pool,
-            accept::ListenerSettings {
-                name: "client",
-                handshake_timeout: shared.cfg.handshake_timeout,
-                nodelay: true,
-            },
-            stop_accept.clone(),
-        ));
-        let metrics_task = tokio::spawn(accept::serve(
-            metrics_listener,
-            http::metrics_router(shared.clone()),
-            metrics_pool,
-            accept::ListenerSettings {
-                name: "metrics",
-                handshake_timeout: shared.cfg.handshake_timeout,
-                nodelay: false,
-            },
-            stop_metrics.clone(),
-        ));
+        // Each listener accepts on a low-priority thread of its own (accept_thread.rs),
+        // and its connections come to this runtime when their request head is complete.
+        let sessions = tokio::runtime::Handle::current();
+        let mut serve_task = accept_thread::AcceptThread::start(
+            "client",
+            accept::serve(
+                listener,
+                http::client_router(shared.clone()),
+                client_pool,
+                accept::ListenerSettings {
+                    name: "client",
+                    handshake_timeout: shared.cfg.handshake_timeout,
+                    nodelay: true,
+                },
+                stop_accept.clone(),
+                sessions.clone(),
+            ),
+        )
+        .map_err(|source| ServerError::Serve {
+            what: "client",
+            source,
+        })?;
+        let mut metrics_task = accept_thread::AcceptThread::start(
+            "metrics",
+            accept::serve(
+                metrics_listener,
+                http::metrics_router(shared.clone()),
+                metrics_pool,
+                accept::ListenerSettings {
+                    name: "metrics",
+                    handshake_timeout: shared.cfg.handshake_timeout,
+                    nodelay: false,
+                },
+                stop_metrics.clone(),
+                sessions,
+            ),
+        )
+        .map_err(|source| ServerError::Serve {
+            what: "metrics",
+            source,
+        })?;
         let expiry = tokio::spawn(expiry_loop(shared.clone(), background.clone()));
         let load = tokio::spawn(overload::monitor(shared.clone(), background.clone()));
         let peers = shared
@@ -464,9 +485,9 @@ impl Relay {
 
         tokio::select! {
             _ = shutdown => {}
-            r = &mut serve_task => {
+            () = serve_task.finished() => {
                 // The listener died on its own: drain what we have and report.
-                warn!("client listener stopped unexpectedly: {r:?}");
+                warn!("client listener stopped unexpectedly");
             }
         }
 
@@ -491,8 +512,8 @@ impl Relay {
             Err(_) => shared.tracker.len(),
         };
         background.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve_task).await;
-        serve_task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), serve_task.finished()).await;
+        serve_task.abandon();
         expiry.abort();
         load.abort();
         cluster.abort();
@@ -515,7 +536,8 @@ impl Relay {
             }
         };
         stop_metrics.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), metrics_task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), metrics_task.finished()).await;
+        metrics_task.abandon();
         info!(abandoned, flushed, "drain complete");
         Ok(DrainReport {
             abandoned_connections: abandoned,
