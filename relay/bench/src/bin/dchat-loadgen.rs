@@ -359,6 +359,10 @@ struct S5Args {
     /// Interval of the /health probes on the metrics port.
     #[arg(long, default_value = "100")]
     health_every_ms: u64,
+    /// Send the flood to this address instead of the measured relay (to attribute its
+    /// cost: e.g. a second relay on the same core, so that only the machine is shared).
+    #[arg(long)]
+    flood_target: Option<std::net::SocketAddr>,
 }
 
 /// The relay's allocator (see relay/src/main.rs), so that the generator's own CPU share
@@ -1404,7 +1408,7 @@ async fn s5_run(a: &S5Args, flood: bool, seq: &mut u64, rng: &mut Rng) -> anyhow
     let target = Target::Relay(format!("ws://{addr}/v1/ws"));
     let eps = connect(&target, a.clients, c.parallel, 0, c.ack_delay(), &rec).await?;
     let flood = if flood {
-        let f = Flood::start(addr, a.silent, a.dripping)?;
+        let f = Flood::start(a.flood_target.unwrap_or(addr), a.silent, a.dripping)?;
         // The step's warm-up starts once every hostile socket has been opened once.
         let want = (a.silent + a.dripping) as u64;
         let t0 = Instant::now();
