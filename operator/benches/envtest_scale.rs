@@ -639,6 +639,24 @@ struct KubeletStats {
     patches: AtomicU64,
     /// Pods whose deletion it finished.
     deletions: AtomicU64,
+    /// When each status patch was sent: the Pods' arrival, so the rate at which the
+    /// StatefulSet controller creates them.
+    patched_at: Mutex<Vec<Instant>>,
+}
+
+impl KubeletStats {
+    /// Pods patched in `[from, to]`: how many, and the first and last patch after `from`.
+    fn patched_between(&self, from: Instant, to: Instant) -> (usize, Duration, Duration) {
+        let times = self.patched_at.lock().unwrap_or_else(|e| e.into_inner());
+        let within: Vec<Duration> = times
+            .iter()
+            .filter(|t| **t >= from && **t <= to)
+            .map(|t| t.duration_since(from))
+            .collect();
+        let first = within.iter().min().copied().unwrap_or_default();
+        let last = within.iter().max().copied().unwrap_or_default();
+        (within.len(), first, last)
+    }
 }
 
 /// One kubelet for every namespace, driven by a watch of all Pods: each Pod becomes
@@ -694,6 +712,11 @@ async fn play(admin: &Client, stats: &KubeletStats, pod: &Pod) {
         )
         .await;
     stats.patches.fetch_add(1, Ordering::Relaxed);
+    stats
+        .patched_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Instant::now());
 }
 
 // ---------------------------------------------------------------- setup
@@ -953,6 +976,7 @@ async fn bench(plane: &ControlPlane, args: &Args) -> bool {
     })
     .await;
     let after = Sample::take(&admin, &operator, &processes).await;
+    let (cold_start, cold_end) = (start, Instant::now());
     if let Err(why) = &running {
         eprintln!("FAIL: cold: {why}");
         failed = true;
@@ -1072,6 +1096,14 @@ async fn bench(plane: &ControlPlane, args: &Args) -> bool {
         created.as_secs_f64(),
         secs(&statused),
         secs(&running)
+    );
+    let (pods, first_pod, last_pod) = stats.patched_between(cold_start, cold_end);
+    let spread = (last_pod - first_pod).as_secs_f64();
+    println!(
+        "| cold Pods | {pods} relay Pods made Ready by the stand-in kubelet between {:.1} s and {:.1} s: {:.1} per second (as fast as the StatefulSet controller creates them) | |",
+        first_pod.as_secs_f64(),
+        last_pod.as_secs_f64(),
+        if spread > 0.0 { pods as f64 / spread } else { 0.0 },
     );
     let minutes = steady.seconds / 60.0;
     let steady_ops = steady.after.operator_total() - steady.before.operator_total();

@@ -352,6 +352,15 @@ pub fn hibernation_view(
     }
 }
 
+/// Whether the wake finished in this reconcile: its plan, made from the record in status,
+/// still kept the autoscaler out and the relay count fixed, but the relays are all back
+/// and the status it writes forgets the record. The next reconcile, from that status,
+/// brings the autoscaler back; a write of status alone starts no reconcile
+/// (`controller/triggers.rs`), so this one must ask for it.
+pub fn wake_finished(plan: &HibernationPlan, view: &HibernationView) -> bool {
+    *plan == HibernationPlan::Waking && *view == HibernationView::Off
+}
+
 /// Describes `source` for people: which field or annotation asked for `what`.
 pub fn describe(source: Source, field: &str, annotation: &str) -> String {
     match source {
@@ -604,6 +613,11 @@ mod tests {
             now,
         );
         assert_eq!(awake, HibernationView::Off);
+        // The reconcile that sees every relay back asks for the next, which brings the
+        // autoscaler back; one still waking, or not waking, does not.
+        assert!(wake_finished(&HibernationPlan::Waking, &awake));
+        assert!(!wake_finished(&HibernationPlan::Waking, &waking));
+        assert!(!wake_finished(&HibernationPlan::Off, &HibernationView::Off));
         assert_eq!(
             hibernation_input(None, None, &spec, false),
             Hibernation::Off

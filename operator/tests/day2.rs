@@ -24,6 +24,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
 use serde_json::json;
 use support::Harness;
 
@@ -78,8 +79,8 @@ impl Scenario {
         s
     }
 
-    /// One reconcile by a freshly started operator.
-    async fn reconcile(&self) {
+    /// One reconcile by a freshly started operator; what it asked of the controller.
+    async fn reconcile(&self) -> Action {
         let ctx = Context::new(
             self.h.client.clone(),
             Arc::new(Metrics::new()),
@@ -88,10 +89,11 @@ impl Scenario {
         .with_clock(self.clock.clone())
         .with_capabilities(self.h.capabilities.clone());
         let cluster = self.h.cluster("chat").await;
-        dchat_operator::controller::reconcile(Arc::new(cluster), Arc::new(ctx))
+        let action = dchat_operator::controller::reconcile(Arc::new(cluster), Arc::new(ctx))
             .await
             .unwrap();
         self.drop_released_status_fields().await;
+        action
     }
 
     /// Plays the part of server-side apply the in-memory API lacks: it merges an apply
@@ -592,9 +594,11 @@ async fn an_autoscaled_cluster_hibernates_without_its_hpa_and_wakes_to_the_hpa_s
     assert_eq!(s.replicas("chat-blue").await, 5);
     assert!(!s.h.exists::<HorizontalPodAutoscaler>("chat").await);
     s.sts_ready("chat-blue").await;
-    s.reconcile().await;
+    let woke = s.reconcile().await;
     assert_eq!(s.status().await.phase, Phase::Running);
-    // The HPA is back, and takes the count over without a dip.
+    // The HPA is back on the next reconcile, which the wake asked for at once (its own
+    // status write starts none), and takes the count over without a dip.
+    assert_eq!(woke, Action::requeue(Duration::ZERO));
     s.reconcile().await;
     let hpa =
         s.h.api::<HorizontalPodAutoscaler>()

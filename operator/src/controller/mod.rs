@@ -39,8 +39,8 @@ use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector, ObjectRef};
+use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -58,6 +58,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// How often an unchanged cluster is looked at again; watches trigger everything else.
 const RESYNC: Duration = Duration::from_secs(300);
+
+/// How long a cluster's reconcile waits for more changes after one (each further change
+/// starts the wait again). The children one reconcile creates, its finalizer, and the
+/// StatefulSet controller's first status steps arrive within about a second; without
+/// it each started a reconcile of its own.
+const DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// Reconciles running at once. Each holds the lists of its cluster's children and an API
 /// connection; unbounded, 1,000 clusters created together made 1,000 of each at once.
@@ -166,6 +172,8 @@ pub async fn reconcile(cluster: Arc<DchatCluster>, ctx: Arc<Context>) -> Result<
     let _timer = ctx.metrics.reconcile_timer();
     ctx.metrics.reconciles.inc();
     let result = async {
+        // Inside kube-runtime's `reconciling object` span, which names what started it.
+        debug!("reconcile started");
         let finalizers = cluster.finalizers();
         let ours = finalizers.iter().position(|f| f == FINALIZER);
         match (cluster.meta().deletion_timestamp.is_some(), ours) {
@@ -185,10 +193,11 @@ pub async fn reconcile(cluster: Arc<DchatCluster>, ctx: Arc<Context>) -> Result<
             (false, Some(_)) => sync(cluster, &ctx).await,
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
-    if let Err(e) = &result {
-        ctx.metrics.record_error(e.metric_label());
+    match &result {
+        Ok(action) => debug!(parent: &span, ?action, "reconcile finished"),
+        Err(e) => ctx.metrics.record_error(e.metric_label()),
     }
     result
 }
@@ -370,23 +379,35 @@ fn controller(
             status_matters,
         )
     }
-    let controller = Controller::new(
-        api::<DchatCluster>(client, namespace),
-        watcher::Config::default(),
-    )
-    .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
-    .owns_stream(changes::<StatefulSet>(client, namespace, &owned, true))
-    .owns_stream(changes::<Service>(client, namespace, &owned, false))
-    .owns_stream(changes::<ConfigMap>(client, namespace, &owned, false))
-    .owns_stream(changes::<ServiceAccount>(client, namespace, &owned, false))
-    .owns_stream(changes::<HorizontalPodAutoscaler>(
-        client, namespace, &owned, false,
-    ))
-    .owns_stream(changes::<PodDisruptionBudget>(
-        client, namespace, &owned, false,
-    ))
-    .owns_stream(changes::<NetworkPolicy>(client, namespace, &owned, false))
-    .owns_stream(changes::<Ingress>(client, namespace, &owned, false));
+    // The cache keeps every change of a cluster (the reconcile reads it); only some
+    // start a reconcile (triggers.rs).
+    let (reader, writer) = reflector::store();
+    let clusters = triggers::cluster_changes(reflector(
+        writer,
+        watcher(
+            api::<DchatCluster>(client, namespace),
+            watcher::Config::default(),
+        ),
+    ));
+    let controller = Controller::for_stream(clusters, reader)
+        .with_config(
+            controller::Config::default()
+                .concurrency(MAX_CONCURRENT_RECONCILES)
+                .debounce(DEBOUNCE),
+        )
+        .owns_stream(changes::<StatefulSet>(client, namespace, &owned, true))
+        .owns_stream(changes::<Service>(client, namespace, &owned, false))
+        .owns_stream(changes::<ConfigMap>(client, namespace, &owned, false))
+        .owns_stream(changes::<ServiceAccount>(client, namespace, &owned, false))
+        .owns_stream(triggers::autoscaler_changes(
+            api::<HorizontalPodAutoscaler>(client, namespace),
+            owned.clone(),
+        ))
+        .owns_stream(changes::<PodDisruptionBudget>(
+            client, namespace, &owned, false,
+        ))
+        .owns_stream(changes::<NetworkPolicy>(client, namespace, &owned, false))
+        .owns_stream(changes::<Ingress>(client, namespace, &owned, false));
     if !with_backups {
         return controller;
     }

@@ -133,6 +133,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         &cluster.spec,
         now,
     );
+    let woke = day2::wake_finished(&decision.hibernation, &hibernation);
     announce_restart(&cluster, ctx, hibernation.record().is_some()).await;
     let mut deployments = Vec::new();
     let mut kept = Vec::new();
@@ -276,7 +277,9 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         crate::api::RestorePhase::Failed => Some(rollout::HANDOVER_RETRY_POLL),
         crate::api::RestorePhase::Completed => None,
     });
-    let requeue = [decision.requeue, backups.requeue, restoring]
+    // The autoscaler comes back on the reconcile after the wake finished, at once.
+    let woken = woke.then_some(std::time::Duration::ZERO);
+    let requeue = [decision.requeue, backups.requeue, restoring, woken]
         .into_iter()
         .flatten()
         .min()

@@ -1,47 +1,113 @@
-//! Which changes of a child start a reconcile of its cluster.
+//! Which changes start a reconcile: of a DchatCluster, and of a child of one.
 //!
-//! Controllers update the status of the children often (the autoscaler every sync, the
-//! disruption controller whenever a relay becomes ready or goes away), and each reconcile
-//! costs about a dozen reads. The reconcile reads the status of StatefulSets only, so for
-//! the other kinds a change of status alone is not passed on; a change of spec
-//! (`generation`), labels, annotations or owners is, and so is every deletion and every
-//! object created again under the same name.
+//! Each reconcile costs about a dozen requests (a list per child kind), and on a real API
+//! server most changes come from the operator itself and from other controllers, not from
+//! people. So not every watch event starts one:
+//!
+//! - **The DchatCluster.** A change of its spec (`generation`), labels, annotations (the
+//!   day-2 and rollout requests), finalizers, a deletion starting, or the cluster created
+//!   again under the same name (new uid). Not a change of status alone: only the
+//!   operator writes status, with what the reconcile that wrote it already knew; what
+//!   must be looked at again later (a rollout step, a backup schedule, a restore) asks
+//!   for it with a requeue, and a change of a child starts one below.
+//! - **The children.** Controllers update their status often (the autoscaler every sync,
+//!   the disruption controller whenever a relay becomes ready or goes away). The reconcile
+//!   reads the status of StatefulSets only, so for the other kinds a change of status
+//!   alone is not passed on; a change of spec (`generation`, or the spec itself for a kind
+//!   without one: HorizontalPodAutoscalers), labels, annotations or owners is, and so is
+//!   every deletion and every object created again under the same name.
+//!
+//! A burst of changes (the children one reconcile created, a StatefulSet's status steps)
+//! becomes one reconcile through the controller's debounce (`controller/mod.rs`).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::{PredicateConfig, WatchStreamExt};
 use kube::Resource;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-/// What of a child's metadata must change for its cluster to be reconciled. With
-/// `status_matters`, or for a kind without `generation` (its status and spec cannot be
-/// told apart), every change: the resourceVersion.
-pub fn change_key(meta: &ObjectMeta, status_matters: bool) -> u64 {
+use crate::api::DchatCluster;
+
+/// What of a DchatCluster must change for it to be reconciled (see the module docs): not
+/// its status. Always `Some`, as kube's predicate filter wants.
+pub fn cluster_change_key(cluster: &DchatCluster) -> Option<u64> {
+    let meta = cluster.meta();
     let mut hasher = DefaultHasher::new();
-    match meta.generation {
-        Some(generation) if !status_matters => {
+    meta.uid.hash(&mut hasher);
+    meta.generation.hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.finalizers.hash(&mut hasher);
+    deletion_second(meta).hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// The DchatClusters of a watch whose changes need a reconcile ([`cluster_change_key`]).
+/// `events` is the watch after the controller's reflector, so its cache (which the
+/// reconcile reads) still takes every change, status included.
+pub fn cluster_changes<S>(events: S) -> impl Stream<Item = Result<DchatCluster, watcher::Error>>
+where
+    S: Stream<Item = Result<Event<DchatCluster>, watcher::Error>>,
+{
+    events
+        .applied_objects()
+        .predicate_filter(cluster_change_key, PredicateConfig::default())
+}
+
+/// What of a child must change for its cluster to be reconciled. `spec` is the hash
+/// ([`spec_hash`]) of the spec of a kind without `generation` whose watch carries it.
+/// With `status_matters`, or for a kind with neither (its status and spec cannot be told
+/// apart), every change: the resourceVersion.
+pub fn change_key(meta: &ObjectMeta, spec: Option<u64>, status_matters: bool) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    #[derive(Hash)]
+    enum Revision {
+        Generation(i64),
+        Spec(u64),
+    }
+    let revision = match (meta.generation, spec) {
+        _ if status_matters => None,
+        (Some(generation), _) => Some(Revision::Generation(generation)),
+        (None, Some(spec)) => Some(Revision::Spec(spec)),
+        (None, None) => None,
+    };
+    match revision {
+        Some(revision) => {
             // A child deleted and created again (new uid) starts at the same generation.
             meta.uid.hash(&mut hasher);
-            generation.hash(&mut hasher);
+            revision.hash(&mut hasher);
             meta.labels.hash(&mut hasher);
             meta.annotations.hash(&mut hasher);
-            meta.deletion_timestamp
-                .as_ref()
-                .map(|t| t.0.as_second())
-                .hash(&mut hasher);
+            deletion_second(meta).hash(&mut hasher);
             for owner in meta.owner_references.iter().flatten() {
                 owner.uid.hash(&mut hasher);
             }
         }
-        _ => meta.resource_version.hash(&mut hasher),
+        None => meta.resource_version.hash(&mut hasher),
     }
     hasher.finish()
+}
+
+/// A hash of a spec as it serializes (typed specs serialize the same way every time).
+pub fn spec_hash<T: Serialize>(spec: &T) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    serde_json::to_vec(spec)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+fn deletion_second(meta: &ObjectMeta) -> Option<i64> {
+    meta.deletion_timestamp.as_ref().map(|t| t.0.as_second())
 }
 
 /// The children of `api` whose changes need a reconcile (see [`change_key`]): a metadata
@@ -56,6 +122,34 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
+    keyed_changes(api, config, move |object: &PartialObjectMeta<K>| {
+        change_key(&object.metadata, None, status_matters)
+    })
+}
+
+/// The HorizontalPodAutoscalers whose changes need a reconcile: they have no
+/// `generation`, and the autoscaler writes their status on every sync that changes it,
+/// so the watch carries their spec and a change of it is told apart from one of status.
+pub fn autoscaler_changes(
+    api: Api<HorizontalPodAutoscaler>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<HorizontalPodAutoscaler, watcher::Error>> + Send {
+    keyed_changes(api, config, |hpa: &HorizontalPodAutoscaler| {
+        change_key(&hpa.metadata, Some(spec_hash(&hpa.spec)), false)
+    })
+}
+
+/// A watch of `api`, each object passed on when its `key` changed since it was last seen,
+/// and on deletion.
+fn keyed_changes<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    key: impl Fn(&K) -> u64 + Send + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
     let mut seen: HashMap<Identity, u64> = HashMap::new();
     // A relist after a broken watch reports no deletions: the keys it lists replace
     // `seen` when it is done, so children gone meanwhile are forgotten.
@@ -64,17 +158,17 @@ where
         let passed = match event {
             Err(e) => Some(Err(e)),
             Ok(Event::Delete(object)) => {
-                seen.remove(&identity(&object.metadata));
+                seen.remove(&identity(object.meta()));
                 Some(Ok(object))
             }
             Ok(Event::Apply(object)) => {
-                let key = change_key(&object.metadata, status_matters);
-                let previous = seen.insert(identity(&object.metadata), key);
+                let key = key(&object);
+                let previous = seen.insert(identity(object.meta()), key);
                 (previous != Some(key)).then_some(Ok(object))
             }
             Ok(Event::InitApply(object)) => {
-                let id = identity(&object.metadata);
-                let key = change_key(&object.metadata, status_matters);
+                let id = identity(object.meta());
+                let key = key(&object);
                 let previous = seen.get(&id).copied();
                 relisted.get_or_insert_with(HashMap::new).insert(id, key);
                 (previous != Some(key)).then_some(Ok(object))
@@ -124,33 +218,33 @@ mod tests {
     fn a_status_update_of_a_kind_whose_status_is_not_read_is_not_passed_on() {
         // A status write: the resourceVersion moves, the generation does not.
         assert_eq!(
-            change_key(&meta(Some(1), "10"), false),
-            change_key(&meta(Some(1), "11"), false)
+            change_key(&meta(Some(1), "10"), None, false),
+            change_key(&meta(Some(1), "11"), None, false)
         );
     }
 
     #[test]
     fn spec_labels_annotations_owners_and_a_new_uid_are_passed_on() {
         let base = meta(Some(1), "10");
-        let key = change_key(&base, false);
-        assert_ne!(key, change_key(&meta(Some(2), "11"), false), "spec");
+        let key = change_key(&base, None, false);
+        assert_ne!(key, change_key(&meta(Some(2), "11"), None, false), "spec");
         let mut labelled = base.clone();
         labelled
             .labels
             .get_or_insert_with(Default::default)
             .insert("app".into(), "other".into());
-        assert_ne!(key, change_key(&labelled, false), "labels");
+        assert_ne!(key, change_key(&labelled, None, false), "labels");
         let mut annotated = base.clone();
         annotated.annotations = Some([("a".to_string(), "b".to_string())].into());
-        assert_ne!(key, change_key(&annotated, false), "annotations");
+        assert_ne!(key, change_key(&annotated, None, false), "annotations");
         let mut orphaned = base.clone();
         orphaned.owner_references = None;
-        assert_ne!(key, change_key(&orphaned, false), "owners");
+        assert_ne!(key, change_key(&orphaned, None, false), "owners");
         let mut recreated = base.clone();
         recreated.uid = Some("child-2".into());
         assert_ne!(
             key,
-            change_key(&recreated, false),
+            change_key(&recreated, None, false),
             "deleted and created again"
         );
     }
@@ -158,14 +252,118 @@ mod tests {
     #[test]
     fn every_change_counts_where_status_is_read_or_there_is_no_generation() {
         assert_ne!(
-            change_key(&meta(Some(1), "10"), true),
-            change_key(&meta(Some(1), "11"), true),
+            change_key(&meta(Some(1), "10"), None, true),
+            change_key(&meta(Some(1), "11"), None, true),
             "a StatefulSet's status"
         );
         assert_ne!(
-            change_key(&meta(None, "10"), false),
-            change_key(&meta(None, "11"), false),
+            change_key(&meta(None, "10"), None, false),
+            change_key(&meta(None, "11"), None, false),
             "a ConfigMap"
         );
+    }
+
+    #[test]
+    fn a_spec_edit_of_an_autoscaler_is_passed_on_and_its_status_updates_are_not() {
+        use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerSpec;
+        // HorizontalPodAutoscalers have no generation: the spec itself is in the key.
+        let spec = HorizontalPodAutoscalerSpec {
+            min_replicas: Some(1),
+            max_replicas: 3,
+            ..HorizontalPodAutoscalerSpec::default()
+        };
+        let key = change_key(&meta(None, "10"), Some(spec_hash(&spec)), false);
+        assert_eq!(
+            key,
+            change_key(&meta(None, "11"), Some(spec_hash(&spec.clone())), false),
+            "a status update"
+        );
+        let edited = HorizontalPodAutoscalerSpec {
+            max_replicas: 5,
+            ..spec.clone()
+        };
+        assert_ne!(
+            key,
+            change_key(&meta(None, "12"), Some(spec_hash(&edited)), false),
+            "a spec edit"
+        );
+        let mut relabelled = meta(None, "13");
+        relabelled.labels = None;
+        assert_ne!(
+            key,
+            change_key(&relabelled, Some(spec_hash(&spec)), false),
+            "labels"
+        );
+    }
+
+    fn cluster() -> DchatCluster {
+        let mut cluster = DchatCluster::new(
+            "relays",
+            serde_json::from_value(serde_json::json!({"version": "1.0.0"})).expect("a spec"),
+        );
+        cluster.metadata = ObjectMeta {
+            namespace: Some("apps".into()),
+            uid: Some("cluster-1".into()),
+            generation: Some(1),
+            resource_version: Some("10".into()),
+            finalizers: Some(vec!["dchat.network/cleanup".into()]),
+            annotations: Some([("a".to_string(), "b".to_string())].into()),
+            ..cluster.metadata
+        };
+        cluster
+    }
+
+    #[test]
+    fn the_operators_own_status_write_does_not_reconcile_a_cluster_again() {
+        let base = cluster();
+        let mut written = base.clone();
+        written.metadata.resource_version = Some("11".into());
+        written.status = Some(crate::api::DchatClusterStatus {
+            phase: crate::api::Phase::Running,
+            ready_replicas: 1,
+            ..Default::default()
+        });
+        assert_eq!(cluster_change_key(&base), cluster_change_key(&written));
+    }
+
+    #[test]
+    fn spec_labels_annotations_finalizers_deletion_and_a_new_uid_reconcile_a_cluster() {
+        let base = cluster();
+        let key = cluster_change_key(&base);
+        let changed = |what: &str, edit: &dyn Fn(&mut DchatCluster)| {
+            let mut cluster = base.clone();
+            edit(&mut cluster);
+            cluster.metadata.resource_version = Some("11".into());
+            assert_ne!(key, cluster_change_key(&cluster), "{what}");
+        };
+        changed("spec", &|c| c.metadata.generation = Some(2));
+        changed("labels", &|c| {
+            c.metadata.labels = Some([("team".to_string(), "chat".to_string())].into())
+        });
+        // The day-2 and rollout requests: pause, hibernate, restart, promote, abort.
+        for annotation in [
+            crate::labels::RECONCILE_ANNOTATION,
+            crate::labels::HIBERNATION_ANNOTATION,
+            crate::labels::RESTARTED_AT_ANNOTATION,
+            crate::rollout::PROMOTE_ANNOTATION,
+            crate::rollout::ABORT_ANNOTATION,
+        ] {
+            changed(annotation, &|c| {
+                c.metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(annotation.into(), "x".into());
+            });
+        }
+        changed("finalizer removed", &|c| c.metadata.finalizers = None);
+        changed("deletion", &|c| {
+            c.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("a time"),
+                ))
+        });
+        changed("created again", &|c| {
+            c.metadata.uid = Some("cluster-2".into())
+        });
     }
 }

@@ -1,14 +1,19 @@
-//! Which changes of a child start a reconcile (`controller/triggers.rs`): a child someone
-//! deleted, or whose spec someone edited, is put back at once. The wait is shorter than
-//! the 5-minute resync, so only the child's own watch event can have started the repair.
+//! Which changes start a reconcile (`controller/triggers.rs`): a child someone deleted, or
+//! whose spec someone edited, is put back at once (the wait is shorter than the 5-minute
+//! resync, so only the child's own watch event can have started the repair); a write of a
+//! DchatCluster's status alone starts none.
 
 use dchat_operator::api::Phase;
+use dchat_operator::controller::triggers::{autoscaler_changes, cluster_changes};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::watcher::{self, watcher};
 use kube::ResourceExt;
 
-use crate::support::{observed, wait_for, Env};
+use crate::support::{observed, wait_for, Env, TIMEOUT};
 
 /// The name of the cluster's first child of `kind`.
 async fn child(env: &Env, kind: &str) -> String {
@@ -66,4 +71,149 @@ async fn a_deleted_or_edited_child_is_put_back_without_waiting_for_the_resync() 
     })
     .await;
     operator.assert_no_refusals();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_autoscaler_spec_is_put_back_without_waiting_for_the_resync() {
+    let Some(env) = Env::shared("autoscaler-trigger").await else {
+        return;
+    };
+    let operator = env.operator().await;
+    env.apply_file("examples/database-secret.yaml").await;
+    env.apply_file("examples/production.yaml").await;
+    env.wait_cluster("dchat", "3 relays Running", |c| {
+        observed(c)
+            && c.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Phase::Running && s.ready_replicas == 3)
+    })
+    .await;
+    let before = operator.reconciles_finished();
+    env.poke("dchat", "settled").await;
+    operator.wait_reconciled_after(before).await;
+    let hpa: HorizontalPodAutoscaler = env.get("dchat").await.expect("the HPA");
+    let wanted = hpa.spec.as_ref().expect("an HPA spec").max_replicas;
+    env.api::<HorizontalPodAutoscaler>()
+        .patch(
+            "dchat",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"maxReplicas": wanted + 1}})),
+        )
+        .await
+        .expect("editing the HPA");
+    wait_for("the HPA's maxReplicas put back", || async {
+        let live: HorizontalPodAutoscaler = env.get("dchat").await?;
+        (live.spec?.max_replicas == wanted).then_some(())
+    })
+    .await;
+    operator.assert_no_refusals();
+}
+
+/// The next object a filtered watch passes on.
+async fn next_change<K>(
+    changes: &mut (impl Stream<Item = Result<K, watcher::Error>> + Unpin),
+) -> K {
+    tokio::time::timeout(TIMEOUT, changes.next())
+        .await
+        .expect("a change within the timeout")
+        .expect("the watch goes on")
+        .expect("a watch event")
+}
+
+/// The HorizontalPodAutoscaler watch filtered as the controller filters it: an HPA has
+/// no generation, yet a write of its status alone (what the autoscaler does on every
+/// sync) is not passed on, and an edit of its spec is. Watch events come in the order of
+/// the writes, so had the status write been passed on, it would have come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscaler_status_write_is_not_passed_on_and_a_spec_edit_is() {
+    let Some(env) = Env::shared("autoscaler-changes").await else {
+        return;
+    };
+    let hpas = env.api::<HorizontalPodAutoscaler>();
+    let selector = format!(
+        "app.kubernetes.io/managed-by={}",
+        dchat_operator::labels::MANAGED_BY
+    );
+    env.apply(&serde_json::json!({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "probe", "labels": {"app.kubernetes.io/managed-by": dchat_operator::labels::MANAGED_BY}},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "absent"},
+            "minReplicas": 1, "maxReplicas": 3,
+        },
+    }))
+    .await
+    .expect("creating the HPA");
+    let config = watcher::Config::default().labels(&selector);
+    let mut changes = Box::pin(autoscaler_changes(hpas.clone(), config));
+    let created = next_change(&mut changes).await;
+    assert_eq!(created.metadata.generation, None, "HPAs have no generation");
+
+    let write_status = |desired: i32| {
+        let hpas = hpas.clone();
+        async move {
+            hpas.patch_status(
+                "probe",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"desiredReplicas": desired}})),
+            )
+            .await
+            .expect("writing the HPA's status")
+        }
+    };
+    write_status(2).await;
+    let edited = hpas
+        .patch(
+            "probe",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"maxReplicas": 4}})),
+        )
+        .await
+        .expect("editing the HPA");
+    let next = next_change(&mut changes).await;
+    assert_eq!(
+        next.metadata.resource_version, edited.metadata.resource_version,
+        "the status write was passed on, or the spec edit was not"
+    );
+    assert_eq!(next.spec.map(|s| s.max_replicas), Some(4));
+}
+
+/// The DchatCluster watch filtered as the controller filters it: a write of status alone
+/// (what every reconcile does) is not passed on; the annotation written after it is, with
+/// the status in the object. Watch events come in the order of the writes, so had the
+/// status write been passed on, it would have come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_write_alone_starts_no_reconcile_of_a_cluster() {
+    let Some(env) = Env::shared("cluster-trigger").await else {
+        return;
+    };
+    // No operator: the test writes the status itself.
+    env.apply_file("examples/dev.yaml").await;
+    let clusters = env.clusters();
+    let config = watcher::Config::default().fields("metadata.name=dchat-dev");
+    let mut changes = Box::pin(cluster_changes(watcher(clusters.clone(), config)));
+    let created = next_change(&mut changes).await;
+    assert!(created.status.is_none(), "{:?}", created.status);
+
+    for (round, phase) in [Phase::Provisioning, Phase::Running]
+        .into_iter()
+        .enumerate()
+    {
+        clusters
+            .patch_status(
+                "dchat-dev",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"phase": phase}})),
+            )
+            .await
+            .expect("writing the status");
+        let poked = env.poke("dchat-dev", &format!("round-{round}")).await;
+        let next = next_change(&mut changes).await;
+        assert_eq!(
+            next.metadata.resource_version.as_deref(),
+            Some(poked.as_str()),
+            "round {round}: the status write was passed on"
+        );
+        assert_eq!(next.status.map(|s| s.phase), Some(phase), "round {round}");
+    }
 }
