@@ -29,7 +29,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, Response, StatusCode};
 use axum::Router;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -202,7 +202,10 @@ async fn screen(mut tcp: TcpStream, peer: SocketAddr, slot: Slot, to: Handover) 
     sessions.spawn(conns.track_future(async move {
         match TcpStream::from_std(std) {
             Ok(tcp) => {
-                let io = Prefixed { head, io: tcp };
+                let io = Prefixed {
+                    head: Some(head),
+                    io: tcp,
+                };
                 connection(io, peer, router, slot, settings, remaining, stop).await;
             }
             Err(e) => {
@@ -245,7 +248,10 @@ fn head_pending(buf: &[u8]) -> bool {
 /// The connection's socket with the bytes the accepting thread already read from it in
 /// front, so that hyper reads the request head it was screened for.
 struct Prefixed {
-    head: Bytes,
+    /// What is left of the screened bytes; `None` once hyper has read them all, so that
+    /// a WebSocket living on this socket for hours does not hold the head's buffer
+    /// (an empty `Bytes` split off a buffer still keeps the whole buffer alive).
+    head: Option<Bytes>,
     io: TcpStream,
 }
 
@@ -255,11 +261,16 @@ impl AsyncRead for Prefixed {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.head.is_empty() {
-            let n = self.head.len().min(buf.remaining());
-            let front = self.head.split_to(n);
-            buf.put_slice(&front);
-            return Poll::Ready(Ok(()));
+        if let Some(head) = self.head.as_mut() {
+            let n = head.len().min(buf.remaining());
+            buf.put_slice(&head[..n]);
+            head.advance(n);
+            if head.is_empty() {
+                self.head = None;
+            }
+            if n > 0 {
+                return Poll::Ready(Ok(()));
+            }
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
@@ -517,15 +528,19 @@ sec-websocket-version: 13\r\n\r\n";
         client.write_all(b" world").await.expect("write");
         client.shutdown().await.expect("shutdown");
         let mut io = Prefixed {
-            head: Bytes::from_static(b"hello"),
+            head: Some(Bytes::from(b"hello".to_vec())),
             io: tcp,
         };
         let mut first = [0u8; 3];
         io.read_exact(&mut first).await.expect("read");
         assert_eq!(&first, b"hel");
+        let mut second = [0u8; 2];
+        io.read_exact(&mut second).await.expect("read");
+        assert_eq!(&second, b"lo");
+        assert!(io.head.is_none(), "the head's buffer is released once read");
         let mut rest = Vec::new();
         io.read_to_end(&mut rest).await.expect("read");
-        assert_eq!(rest, b"lo world");
+        assert_eq!(rest, b" world");
         io.write_all(b"answer").await.expect("write");
         drop(io);
         let mut answer = Vec::new();
