@@ -1,22 +1,12 @@
 //! Scenario c: `examples/production.yaml` with its Secret.
 
-use dchat_operator::api::{DchatCluster, Phase};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams};
 
-use crate::support::{observed, wait_for, Env};
-
-fn ready_with(n: i32) -> impl Fn(&DchatCluster) -> bool {
-    move |c| {
-        observed(c)
-            && c.status
-                .as_ref()
-                .is_some_and(|s| s.phase == Phase::Running && s.ready_replicas == n)
-    }
-}
+use crate::support::{ready_with, wait_for, Env};
 
 /// c. Three relays, the HPA, PDB, Ingress and NetworkPolicy; a scale through the `/scale`
 /// subresource (what the HPA does) is not reverted by the operator.

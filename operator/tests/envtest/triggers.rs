@@ -13,7 +13,7 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::watcher::{self, watcher};
 use kube::ResourceExt;
 
-use crate::support::{observed, wait_for, Env, TIMEOUT};
+use crate::support::{observed, ready_with, wait_for, Env, TIMEOUT};
 
 /// The name of the cluster's first child of `kind`.
 async fn child(env: &Env, kind: &str) -> String {
@@ -81,13 +81,8 @@ async fn an_edited_autoscaler_spec_is_put_back_without_waiting_for_the_resync() 
     let operator = env.operator().await;
     env.apply_file("examples/database-secret.yaml").await;
     env.apply_file("examples/production.yaml").await;
-    env.wait_cluster("dchat", "3 relays Running", |c| {
-        observed(c)
-            && c.status
-                .as_ref()
-                .is_some_and(|s| s.phase == Phase::Running && s.ready_replicas == 3)
-    })
-    .await;
+    env.wait_cluster("dchat", "3 relays Running", ready_with(3))
+        .await;
     let before = operator.reconciles_finished();
     env.poke("dchat", "settled").await;
     operator.wait_reconciled_after(before).await;

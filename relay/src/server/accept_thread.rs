@@ -107,13 +107,17 @@ mod tests {
         .expect("thread");
         let nice = rx.await.expect("ran").expect("getpriority");
         assert_eq!(nice, ACCEPT_NICE);
-        thread.finished().await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), thread.finished())
+            .await
+            .expect("the thread ends with its future");
     }
 
     #[tokio::test]
     async fn abandon_drops_a_future_that_never_ends() {
         let mut thread = AcceptThread::start("test", std::future::pending::<()>()).expect("thread");
         thread.abandon();
-        thread.finished().await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), thread.finished())
+            .await
+            .expect("the thread ends once abandoned");
     }
 }

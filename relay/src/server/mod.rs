@@ -424,52 +424,39 @@ impl Relay {
         let background = CancellationToken::new();
 
         // Each port has its own pool of handshake places, so a flood of one cannot
-        // keep the other (probes, scrapes, the admin API) from being served.
-        let client_pool =
-            handshake::HandshakePool::new("client", shared.cfg.max_handshakes, &shared.metrics);
-        let metrics_pool =
-            handshake::HandshakePool::new("metrics", shared.cfg.max_handshakes, &shared.metrics);
-        // Each listener accepts on a low-priority thread of its own (accept_thread.rs),
-        // and its connections come to this runtime when their request head is complete.
+        // keep the other (probes, scrapes, the admin API) from being served. Each
+        // accepts on a low-priority thread of its own (accept_thread.rs), and its
+        // connections come to this runtime when their request head is complete.
         let sessions = tokio::runtime::Handle::current();
-        let mut serve_task = accept_thread::AcceptThread::start(
-            "client",
-            accept::serve(
+        let start = |name: &'static str, listener, router, nodelay, stop: &CancellationToken| {
+            let pool =
+                handshake::HandshakePool::new(name, shared.cfg.max_handshakes, &shared.metrics);
+            let settings = accept::ListenerSettings {
+                name,
+                handshake_timeout: shared.cfg.handshake_timeout,
+                nodelay,
+            };
+            let serve = accept::serve(
                 listener,
-                http::client_router(shared.clone()),
-                client_pool,
-                accept::ListenerSettings {
-                    name: "client",
-                    handshake_timeout: shared.cfg.handshake_timeout,
-                    nodelay: true,
-                },
-                stop_accept.clone(),
+                router,
+                pool,
+                settings,
+                stop.clone(),
                 sessions.clone(),
-            ),
-        )
-        .map_err(|source| ServerError::Serve {
-            what: "client",
-            source,
-        })?;
-        let mut metrics_task = accept_thread::AcceptThread::start(
+            );
+            accept_thread::AcceptThread::start(name, serve)
+                .map_err(|source| ServerError::Serve { what: name, source })
+        };
+        let client_router = http::client_router(shared.clone());
+        let mut serve_task = start("client", listener, client_router, true, &stop_accept)?;
+        let metrics_router = http::metrics_router(shared.clone());
+        let mut metrics_task = start(
             "metrics",
-            accept::serve(
-                metrics_listener,
-                http::metrics_router(shared.clone()),
-                metrics_pool,
-                accept::ListenerSettings {
-                    name: "metrics",
-                    handshake_timeout: shared.cfg.handshake_timeout,
-                    nodelay: false,
-                },
-                stop_metrics.clone(),
-                sessions,
-            ),
-        )
-        .map_err(|source| ServerError::Serve {
-            what: "metrics",
-            source,
-        })?;
+            metrics_listener,
+            metrics_router,
+            false,
+            &stop_metrics,
+        )?;
         let expiry = tokio::spawn(expiry_loop(shared.clone(), background.clone()));
         let load = tokio::spawn(overload::monitor(shared.clone(), background.clone()));
         let peers = shared

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dchat_operator::api::{DchatBackup, DchatCluster};
+use dchat_operator::api::{DchatBackup, DchatCluster, Phase};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -405,4 +405,14 @@ pub fn condition_status(cluster: &DchatCluster, type_: &str) -> String {
 /// Whether the status describes the current generation.
 pub fn observed(cluster: &DchatCluster) -> bool {
     cluster.status.as_ref().and_then(|s| s.observed_generation) == cluster.metadata.generation
+}
+
+/// Whether the current generation runs `n` ready relays.
+pub fn ready_with(n: i32) -> impl Fn(&DchatCluster) -> bool {
+    move |c| {
+        observed(c)
+            && c.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Phase::Running && s.ready_replicas == n)
+    }
 }
