@@ -21,6 +21,8 @@ pub const CLI_FIELD_MANAGER: &str = "dchat-operator-cli";
 pub const APP_NAME: &str = "dchat-relay";
 /// Value of `app.kubernetes.io/managed-by` on every object.
 pub const MANAGED_BY: &str = "dchat-operator";
+/// Label naming the DchatCluster an object belongs to (its name).
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 /// Label naming the deployment slot of relay pods and their per-slot objects.
 pub const SLOT_LABEL: &str = "dchat.network/slot";
 /// Pod annotation carrying the hash of the relay configuration, so a config change
@@ -113,7 +115,7 @@ pub fn cluster_object_name(cluster: &DchatCluster) -> String {
 pub fn cluster_selector(cluster: &DchatCluster) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
-        ("app.kubernetes.io/instance".to_string(), cluster.name_any()),
+        (INSTANCE_LABEL.to_string(), cluster.name_any()),
     ])
 }
 

@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
@@ -407,7 +407,20 @@ fn controller(
             client, namespace, &owned, false,
         ))
         .owns_stream(changes::<NetworkPolicy>(client, namespace, &owned, false))
-        .owns_stream(changes::<Ingress>(client, namespace, &owned, false));
+        .owns_stream(changes::<Ingress>(client, namespace, &owned, false))
+        // A rollout's smoke test and handover, a restore: every status change.
+        .owns_stream(changes::<Job>(client, namespace, &owned, true))
+        .watches_stream(
+            triggers::relay_pod_trouble(
+                api::<Pod>(client, namespace),
+                watcher::Config::default().labels(&format!(
+                    "app.kubernetes.io/name={},app.kubernetes.io/managed-by={}",
+                    labels::APP_NAME,
+                    labels::MANAGED_BY
+                )),
+            ),
+            |pod| triggers::cluster_of_pod(&pod),
+        );
     if !with_backups {
         return controller;
     }

@@ -270,10 +270,10 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     write_status(&cluster, ctx, &namespace, obs).await?;
     outcome?;
     reported!(consume_annotations(&cluster, ctx, &namespace, &decision).await);
-    // Restore Jobs are not watched by this controller: look while one runs, and now and
-    // then after one failed (deleting the failed Job retries).
+    // The restore Job's changes and deletion (which retries a failed one) start a
+    // reconcile; these looks only bound what a missed event delays.
     let restoring = restore.status.as_ref().and_then(|r| match r.phase {
-        crate::api::RestorePhase::Running => Some(rollout::POLL),
+        crate::api::RestorePhase::Running => Some(rollout::IN_FLIGHT_RESYNC),
         crate::api::RestorePhase::Failed => Some(rollout::HANDOVER_RETRY_POLL),
         crate::api::RestorePhase::Completed => None,
     });

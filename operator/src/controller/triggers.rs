@@ -17,6 +17,14 @@
 //!   without one: HorizontalPodAutoscalers), labels, annotations or owners is, and so is
 //!   every deletion and every object created again under the same name.
 //!
+//! - **Relay Pods** are not children (their StatefulSet owns them), and their readiness
+//!   reaches the reconcile through the StatefulSet's status. What does not is a container
+//!   that restarted or cannot start while the StatefulSet's counts stay the same, which a
+//!   rollout must act on at once: a change of those starts a reconcile of the Pod's
+//!   cluster.
+//! - **Jobs** the cluster owns (smoke test, handover, restore): every change of status,
+//!   so a rollout moves on when its Job finishes, not at its next timer.
+//!
 //! A burst of changes (the children one reconcile created, a StatefulSet's status steps)
 //! becomes one reconcile through the controller's debounce (`controller/mod.rs`).
 
@@ -26,16 +34,20 @@ use std::hash::{Hash, Hasher};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::{PredicateConfig, WatchStreamExt};
 use kube::Resource;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::observe::FAILING_REASONS;
 use crate::api::DchatCluster;
+use crate::labels;
 
 /// What of a DchatCluster must change for it to be reconciled (see the module docs): not
 /// its status. Always `Some`, as kube's predicate filter wants.
@@ -136,6 +148,53 @@ pub fn autoscaler_changes(
 ) -> impl Stream<Item = Result<HorizontalPodAutoscaler, watcher::Error>> + Send {
     keyed_changes(api, config, |hpa: &HorizontalPodAutoscaler| {
         change_key(&hpa.metadata, Some(spec_hash(&hpa.spec)), false)
+    })
+}
+
+/// What of a relay Pod's containers a rollout acts on: restarts, and the waiting reasons
+/// that mean it will not come up by itself. `None` for a Pod with neither.
+pub fn pod_trouble_key(pod: &Pod) -> Option<u64> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let mut hasher = DefaultHasher::new();
+    let mut troubled = false;
+    for status in statuses {
+        let failing = status
+            .state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.as_deref())
+            .filter(|reason| FAILING_REASONS.contains(reason));
+        troubled |= status.restart_count > 0 || failing.is_some();
+        status.name.hash(&mut hasher);
+        status.restart_count.hash(&mut hasher);
+        failing.hash(&mut hasher);
+    }
+    troubled.then(|| {
+        pod.metadata.uid.hash(&mut hasher);
+        hasher.finish()
+    })
+}
+
+/// The cluster a relay Pod belongs to, from its `app.kubernetes.io/instance` label.
+pub fn cluster_of_pod(pod: &Pod) -> Option<ObjectRef<DchatCluster>> {
+    let name = pod.metadata.labels.as_ref()?.get(labels::INSTANCE_LABEL)?;
+    let namespace = pod.metadata.namespace.as_deref()?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+/// The relay Pods whose restarts or failures need a reconcile ([`pod_trouble_key`]):
+/// each passed on when its key changed since it was last seen, and only while it has
+/// trouble; a healthy Pod is never passed on.
+pub fn relay_pod_trouble(
+    api: Api<Pod>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<Pod, watcher::Error>> + Send {
+    keyed_changes(api, config, |pod: &Pod| pod_trouble_key(pod).unwrap_or(0)).filter(|event| {
+        let troubled = match event {
+            Ok(pod) => pod_trouble_key(pod).is_some(),
+            Err(_) => true,
+        };
+        std::future::ready(troubled)
     })
 }
 
@@ -365,5 +424,49 @@ mod tests {
         changed("created again", &|c| {
             c.metadata.uid = Some("cluster-2".into())
         });
+    }
+
+    fn relay_pod(restarts: i32, waiting: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "chat-green-0", "namespace": "apps", "uid": "pod-1",
+                "labels": {"app.kubernetes.io/instance": "chat"}
+            },
+            "status": {"containerStatuses": [{
+                "name": "relay", "image": "relay:1.1", "imageID": "", "ready": false,
+                "restartCount": restarts,
+                "state": waiting.map(|reason| serde_json::json!({"waiting": {"reason": reason}}))
+                    .unwrap_or_else(|| serde_json::json!({"running": {}}))
+            }]}
+        }))
+        .expect("a pod")
+    }
+
+    #[test]
+    fn only_restarts_and_failing_containers_of_a_relay_pod_are_trouble() {
+        assert_eq!(pod_trouble_key(&relay_pod(0, None)), None, "healthy");
+        assert_eq!(
+            pod_trouble_key(&relay_pod(0, Some("ContainerCreating"))),
+            None,
+            "starting"
+        );
+        let failing = pod_trouble_key(&relay_pod(0, Some("CrashLoopBackOff")));
+        let restarted = pod_trouble_key(&relay_pod(1, None));
+        let again = pod_trouble_key(&relay_pod(2, Some("CrashLoopBackOff")));
+        assert!(failing.is_some() && restarted.is_some() && again.is_some());
+        assert_ne!(failing, restarted);
+        assert_ne!(restarted, again, "each restart is a change");
+        assert_eq!(
+            again,
+            pod_trouble_key(&relay_pod(2, Some("CrashLoopBackOff")))
+        );
+        let pod = relay_pod(0, None);
+        assert_eq!(
+            cluster_of_pod(&pod),
+            Some(ObjectRef::new("chat").within("apps"))
+        );
+        let mut unlabelled = pod;
+        unlabelled.metadata.labels = None;
+        assert_eq!(cluster_of_pod(&unlabelled), None);
     }
 }

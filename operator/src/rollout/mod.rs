@@ -43,8 +43,14 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "dchat.network/template-hash";
 pub const SECRET_HASH_ANNOTATION: &str = "dchat.network/secret-hash";
 /// Keys of the database Secret the relays read (see `spec.database.secretRef`).
 const DATABASE_SECRET_KEYS: [&str; 5] = ["host", "port", "name", "username", "password"];
-/// How often an in-flight rollout is looked at: pod restarts are not watched.
+/// How often the analysis query is taken while the post-promotion window runs, and how
+/// often a handback is looked at.
 pub const POLL: Duration = Duration::from_secs(10);
+/// The longest a rollout or restore in flight goes without a look. Its steps advance on
+/// watch events (its StatefulSets, relay Pods that restart or fail, its Jobs, the
+/// cluster's annotations) and at its own timers; this only bounds what a lost event can
+/// delay.
+pub const IN_FLIGHT_RESYNC: Duration = Duration::from_secs(60);
 /// Separates the window's message from why the last analysis query had no answer.
 const INCONCLUSIVE: &str = "; analysis inconclusive: ";
 /// How often a failed handover is looked at for its retry (the Job deleted).
@@ -1386,6 +1392,52 @@ impl Machine<'_, '_> {
             .then_some(r)
     }
 
+    /// When an in-flight rollout must be looked at again although nothing it watches
+    /// changed: when the next timer of its step runs out (ready timeout, progress
+    /// deadline, automatic promotion, post-promotion window, scale-down delay), every
+    /// [`POLL`] while an analysis query watches the window, and at the latest after
+    /// [`IN_FLIGHT_RESYNC`].
+    fn next_look(&self, r: &RolloutStatus) -> Duration {
+        let settings = self.input.settings;
+        let now = self.input.now;
+        let since_step = elapsed(now, &r.step_started_at);
+        let promoted_at = r.promoted_at.as_ref().unwrap_or(&r.step_started_at);
+        let since_promotion = elapsed(now, promoted_at);
+        let scale_down = settings
+            .post_promotion_window
+            .max(settings.scale_down_delay);
+        let left = |timer: Duration, since: Duration| timer.checked_sub(since);
+        let timers = match r.step {
+            RolloutStep::Preparing => vec![
+                left(settings.ready_timeout, active_elapsed(now, r)),
+                left(settings.progress_deadline, since_step),
+            ],
+            RolloutStep::Validating => vec![left(settings.progress_deadline, since_step)],
+            RolloutStep::AwaitingPromotion => vec![settings
+                .auto_promote_after
+                .and_then(|after| left(after, since_step))],
+            RolloutStep::Promoted => vec![
+                left(settings.post_promotion_window, since_promotion),
+                left(scale_down, since_promotion),
+            ],
+            RolloutStep::ScalingDown => vec![left(scale_down, since_promotion)],
+            _ => Vec::new(),
+        };
+        // Timestamps have whole seconds and some timers compare with `>`: one second
+        // later the timer has certainly run out.
+        let timer = timers
+            .into_iter()
+            .flatten()
+            .map(|left| left + Duration::from_secs(1))
+            .min();
+        let analysis =
+            (r.step == RolloutStep::Promoted && settings.analysis.is_some()).then_some(POLL);
+        [timer, analysis]
+            .into_iter()
+            .flatten()
+            .fold(IN_FLIGHT_RESYNC, Duration::min)
+    }
+
     /// Whether the serving slot's rollout ended with a failed handover (the other slot
     /// still holds stored messages).
     fn handover_failed(&self, state: &State) -> bool {
@@ -1530,8 +1582,9 @@ impl Machine<'_, '_> {
             }
         };
         let mut requeue = match in_flight {
-            Some(_) => Some(POLL),
-            // Job deletions are not watched: look for the retry request now and then.
+            Some(r) => Some(self.next_look(r)),
+            // The retry request is the Job's deletion, which starts a reconcile; this
+            // looks now and then in case that event was missed.
             None if self.handover_failed(&state) => Some(HANDOVER_RETRY_POLL),
             None if self.handback_pending(&state).is_some() => Some(POLL),
             None => self.failed_slot_kept_for(&state),

@@ -1653,7 +1653,11 @@ fn transition_table() {
         let handover_stuck = d.rollout.as_ref().is_some_and(|r| r.step == HandoverFailed);
         let expected_requeue = if matches!(d.hibernation, HibernationPlan::Hibernated) {
             None
-        } else if in_flight || d.handover.is_some() {
+        } else if in_flight {
+            // Its exact value: `an_in_flight_rollout_is_looked_at_when_its_timer_runs_out`.
+            d.requeue
+                .filter(|after| (Duration::from_secs(1)..=IN_FLIGHT_RESYNC).contains(after))
+        } else if d.handover.is_some() {
             Some(POLL)
         } else if handover_stuck {
             Some(HANDOVER_RETRY_POLL)
@@ -1696,6 +1700,89 @@ fn transition_table() {
         );
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn an_in_flight_rollout_is_looked_at_when_its_timer_runs_out() {
+    let serving = Serving {
+        slot: Blue,
+        version: Some("v1".into()),
+        hash: Some(hash("v1")),
+    };
+    let look = |settings: Settings, rollout: Option<RolloutStatus>, green, now: i64| {
+        let case = Case {
+            settings,
+            desired: "v2",
+            rollout,
+            green,
+            now,
+            ..base()
+        };
+        let d = run(&case, case.rollout.as_ref(), &serving);
+        (d.rollout.map(|r| r.step), d.requeue)
+    };
+    let second = Duration::from_secs(1);
+    // Preparing since minute 0, 1 of 3 ready: the ready timeout (10 min) is nearer than
+    // the progress deadline (15 min); both are further than the resync.
+    assert_eq!(
+        look(settings(), r(Preparing, 0), sts("v2", 3, 1), 0),
+        (Some(Preparing), Some(IN_FLIGHT_RESYNC))
+    );
+    let short = Settings {
+        ready_timeout: Duration::from_secs(40),
+        ..settings()
+    };
+    assert_eq!(
+        look(short.clone(), r(Preparing, 0), sts("v2", 3, 1), 0),
+        (Some(Preparing), Some(Duration::from_secs(40) + second))
+    );
+    // The timer ran out: the step moved on (failed), and nothing is in flight.
+    assert_eq!(
+        look(short, r(Preparing, 0), sts("v2", 3, 1), 1),
+        (Some(Failed), Some(15 * MIN))
+    );
+    // Awaiting a person: only the resync, unless it promotes itself after a while.
+    assert_eq!(
+        look(manual(), r(AwaitingPromotion, 0), sts("v2", 3, 3), 0),
+        (Some(AwaitingPromotion), Some(IN_FLIGHT_RESYNC))
+    );
+    let after = Settings {
+        auto_promote_after: Some(Duration::from_secs(20)),
+        ..manual()
+    };
+    assert_eq!(
+        look(after, r(AwaitingPromotion, 0), sts("v2", 3, 3), 0),
+        (Some(AwaitingPromotion), Some(Duration::from_secs(21)))
+    );
+    // Promoted at minute 0: the window (10 min) ends at minute 10.
+    let window = Settings {
+        post_promotion_window: Duration::from_secs(30),
+        scale_down_delay: Duration::from_secs(45),
+        ..settings()
+    };
+    assert_eq!(
+        look(window.clone(), r(Promoted, 0), sts("v2", 3, 3), 0),
+        (Some(Promoted), Some(Duration::from_secs(31)))
+    );
+    // With an analysis query, it is taken every POLL meanwhile.
+    let analysed_window = Settings {
+        analysis: analysed().analysis,
+        ..window.clone()
+    };
+    assert_eq!(
+        look(analysed_window, r(Promoted, 0), sts("v2", 3, 3), 0),
+        (Some(Promoted), Some(POLL))
+    );
+    // Scaling down: the old slot goes to zero when the delay after promotion ran out.
+    let mut scaling = r(ScalingDown, 0);
+    if let Some(r) = scaling.as_mut() {
+        r.promoted_at = Some(Time(at(0).0 - std::time::Duration::from_secs(5)));
+        r.step_started_at = at(0);
+    }
+    assert_eq!(
+        look(window, scaling, sts("v2", 3, 3), 0),
+        (Some(ScalingDown), Some(Duration::from_secs(41)))
+    );
 }
 
 #[test]

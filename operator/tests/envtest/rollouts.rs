@@ -3,10 +3,12 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use dchat_operator::api::{DchatCluster, Phase, RolloutStep};
 use dchat_operator::commands::{request, RolloutCommand};
 use dchat_operator::labels::SLOT_LABEL;
+use dchat_operator::rollout::IN_FLIGHT_RESYNC;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
@@ -83,9 +85,17 @@ async fn a_passing_smoke_test_promotes() {
         .unwrap();
     env.wait_cluster("chat", "Validating", at_step(RolloutStep::Validating))
         .await;
+    let validating = Instant::now();
     let cluster = env
         .wait_cluster("chat", "Running 1.1", running_on("1.1"))
         .await;
+    // The smoke Job's completion moves the rollout on, and the window's end is a timer:
+    // not the resync of rollouts in flight (60 s).
+    let took = validating.elapsed();
+    assert!(
+        took < IN_FLIGHT_RESYNC / 2,
+        "Validating to Complete took {took:?}"
+    );
     let status = cluster.status.unwrap();
     assert_eq!(status.active_slot.as_str(), "green");
     assert_eq!(
@@ -127,6 +137,63 @@ async fn a_failing_smoke_test_does_not_switch() {
     assert_eq!(status.active_slot.as_str(), "blue");
     assert_eq!(status.active_version.as_deref(), Some("1.0"));
     assert_eq!(status.phase, Phase::RolledBack);
+    assert_eq!(service_slot(&env, "chat").await, "blue");
+    operator.assert_no_refusals();
+}
+
+/// f. A new relay that crash-loops before the switch fails the rollout when its
+/// restarts show, not at the ready timeout or the next resync: its StatefulSet's status
+/// does not change, its Pod's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_before_the_switch_fails_at_once() {
+    let Some(env) = Env::shared("crash-before-switch").await else {
+        return;
+    };
+    // The new relay stays Pending (its StatefulSet's status settles), then crash-loops.
+    let crash = Arc::new(AtomicBool::new(false));
+    let flag = crash.clone();
+    env.kubelet.set_policy(move |pod| {
+        if job_name(pod).is_some() || image_tag(pod).as_deref() != Some("1.1") {
+            default_fate(pod)
+        } else if flag.load(Ordering::Relaxed) {
+            Fate::CrashLoop
+        } else {
+            Fate::Pending
+        }
+    });
+    let operator = env.operator().await;
+    let slow = "rollout: {validation: {readyTimeout: 10m}, progressDeadline: 10m}";
+    env.apply_cluster("chat", &format!("version: '1.0'\n{slow}"))
+        .await
+        .unwrap();
+    env.wait_cluster("chat", "Running 1.0", running_on("1.0"))
+        .await;
+    env.apply_cluster("chat", &format!("version: '1.1'\n{slow}"))
+        .await
+        .unwrap();
+    env.wait_cluster("chat", "0/1 new relays ready", |c| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.rollout.as_ref())
+            .is_some_and(|r| r.step == RolloutStep::Preparing && r.message.starts_with("0/1"))
+    })
+    .await;
+    // Past the debounce and any reconcile the StatefulSet's last status step started.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    crash.store(true, Ordering::Relaxed);
+    let crashed = Instant::now();
+    let cluster = env
+        .wait_cluster("chat", "the rollout Failed", at_step(RolloutStep::Failed))
+        .await;
+    let took = crashed.elapsed();
+    assert!(
+        took < IN_FLIGHT_RESYNC / 2,
+        "failed {took:?} after the crash"
+    );
+    let status = cluster.status.unwrap();
+    assert_eq!(status.active_version.as_deref(), Some("1.0"));
+    let rollout = status.rollout.unwrap();
+    assert_eq!(rollout.reason.as_deref(), Some("PodFailing"), "{rollout:?}");
     assert_eq!(service_slot(&env, "chat").await, "blue");
     operator.assert_no_refusals();
 }
