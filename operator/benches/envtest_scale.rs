@@ -15,7 +15,9 @@
 //! phase did not finish or the steady phase wrote.
 //!
 //! Run: `cargo bench -p dchat-operator --bench envtest_scale -- [CLUSTERS] [--replicas N]
-//! [--steady SECONDS] [--timeout SECONDS]` (defaults 1000, 1, 300, 1800).
+//! [--steady SECONDS] [--timeout SECONDS] [--kcm-qps N]` (defaults 1000, 1, 300, 1800;
+//! `--kcm-qps` restarts kube-controller-manager with that client-side request rate and
+//! twice as much burst, instead of its default 20 and 30).
 
 #[path = "../tests/envtest/support/kubelet.rs"]
 #[allow(dead_code)]
@@ -64,6 +66,7 @@ struct Args {
     replicas: i32,
     steady: Duration,
     timeout: Duration,
+    kcm_qps: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -72,6 +75,7 @@ fn parse_args() -> Result<Args, String> {
         replicas: 1,
         steady: Duration::from_secs(300),
         timeout: Duration::from_secs(1800),
+        kcm_qps: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -86,6 +90,7 @@ fn parse_args() -> Result<Args, String> {
             "--replicas" => args.replicas = value("--replicas")? as i32,
             "--steady" => args.steady = Duration::from_secs(value("--steady")?),
             "--timeout" => args.timeout = Duration::from_secs(value("--timeout")?),
+            "--kcm-qps" => args.kcm_qps = Some(value("--kcm-qps")?).filter(|&q| q > 0),
             other => {
                 args.clusters = other
                     .parse()
@@ -184,6 +189,84 @@ fn plane_pids(plane: &ControlPlane) -> Vec<(&'static str, u32)> {
             Some((name, pid.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// Restarts kube-controller-manager with the command line kube-up gave it plus a
+/// client-side request rate of `qps` (burst twice that), under the same pid file, so
+/// `kube-down` stops it as its own.
+fn restart_controller_manager(plane: &ControlPlane, qps: u64) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let dir = plane.kubeconfig.parent().unwrap_or(Path::new("."));
+    let pid_file = dir.join("run/kube-controller-manager.pid");
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .map_err(|e| format!("reading {}: {e}", pid_file.display()))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map_err(|e| format!("reading kube-controller-manager's command line: {e}"))?;
+    let mut argv: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if argv.is_empty() {
+        return Err("kube-controller-manager's command line is empty".into());
+    }
+    let port = argv
+        .iter()
+        .find_map(|a| a.strip_prefix("--secure-port="))
+        .map(str::to_string)
+        .ok_or("kube-controller-manager has no --secure-port")?;
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let gone = Instant::now();
+    // Gone, or a zombie left for whoever adopted it.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    while alive() {
+        if gone.elapsed() > Duration::from_secs(20) {
+            return Err(format!("kube-controller-manager {pid} did not stop"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    argv.push(format!("--kube-api-qps={qps}"));
+    argv.push(format!("--kube-api-burst={}", qps * 2));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs/kube-controller-manager.log"))
+        .map_err(|e| format!("opening the controller-manager log: {e}"))?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting kube-controller-manager: {e}"))?;
+    std::fs::write(&pid_file, child.id().to_string()).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    loop {
+        let healthy = Command::new("curl")
+            .args(["-fsSk", &format!("https://127.0.0.1:{port}/healthz")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if healthy {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err("the restarted kube-controller-manager did not become healthy".into());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// `dchat-operator run` as a process of its own; killed when dropped, and by a reaper
@@ -866,6 +949,16 @@ fn main() {
         }
     };
     let plane = ControlPlane::start(&scripts, "scale");
+    if let Some(qps) = args.kcm_qps {
+        if let Err(e) = restart_controller_manager(&plane, qps) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        println!(
+            "kube-controller-manager: --kube-api-qps={qps} --kube-api-burst={}",
+            qps * 2
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
