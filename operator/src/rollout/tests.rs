@@ -84,6 +84,15 @@ fn manual() -> Settings {
 }
 
 /// A StatefulSet given `version`'s template with `ready` of `replicas` ready.
+/// Traffic on `slot`, which runs `version`.
+fn serving_on(slot: Slot, version: &str) -> Serving {
+    Serving {
+        slot,
+        version: Some(version.into()),
+        hash: Some(hash(version)),
+    }
+}
+
 fn sts(version: &str, replicas: i32, ready: i32) -> Option<SlotState> {
     Some(SlotState {
         replicas,
@@ -1704,11 +1713,7 @@ fn transition_table() {
 
 #[test]
 fn an_in_flight_rollout_is_looked_at_when_its_timer_runs_out() {
-    let serving = Serving {
-        slot: Blue,
-        version: Some("v1".into()),
-        hash: Some(hash("v1")),
-    };
+    let serving = serving_on(Blue, "v1");
     let look = |settings: Settings, rollout: Option<RolloutStatus>, green, now: i64| {
         let case = Case {
             settings,
@@ -1787,11 +1792,7 @@ fn an_in_flight_rollout_is_looked_at_when_its_timer_runs_out() {
 
 #[test]
 fn failed_slot_is_kept_for_the_scale_down_delay_then_zeroed() {
-    let serving = Serving {
-        slot: Blue,
-        version: Some("v1".into()),
-        hash: Some(hash("v1")),
-    };
+    let serving = serving_on(Blue, "v1");
     let mut plans = Vec::new();
     for minute in [11, 20, 25, 26, 500] {
         let case = Case {
@@ -1827,11 +1828,7 @@ fn failure_messages_say_why_and_where_traffic_is() {
         now: 3,
         ..base()
     };
-    let serving = Serving {
-        slot: Blue,
-        version: Some("v1".into()),
-        hash: Some(hash("v1")),
-    };
+    let serving = serving_on(Blue, "v1");
     let d = run(&case, case.rollout.as_ref(), &serving);
     let r = d.rollout.unwrap();
     assert_eq!(r.failed_template_hash.as_deref(), Some("hash-v2"));
@@ -1850,11 +1847,7 @@ fn analysis_messages_say_what_was_measured_and_what_was_not() {
         version: "v2".into(),
         hash: hash("v2"),
     };
-    let serving = Serving {
-        slot: Green,
-        version: Some("v2".into()),
-        hash: Some(hash("v2")),
-    };
+    let serving = serving_on(Green, "v2");
     let settings = analysed();
     let decide_with = |rollout: Option<&RolloutStatus>, reading: Reading| {
         decide(&Input {
@@ -1914,11 +1907,7 @@ fn rollback_records_where_it_came_from() {
         now: 5,
         ..base()
     };
-    let serving = Serving {
-        slot: Green,
-        version: Some("v2".into()),
-        hash: Some(hash("v2")),
-    };
+    let serving = serving_on(Green, "v2");
     let d = run(&case, case.rollout.as_ref(), &serving);
     let r = d.rollout.unwrap();
     assert_eq!(r.rolled_back_from.as_deref(), Some("v2"));
@@ -1936,11 +1925,7 @@ fn a_full_rollout_walks_every_step_with_time_passing() {
         version: "v2".into(),
         hash: hash("v2"),
     };
-    let mut serving = Serving {
-        slot: Blue,
-        version: Some("v1".into()),
-        hash: Some(hash("v1")),
-    };
+    let mut serving = serving_on(Blue, "v1");
     let mut rollout: Option<RolloutStatus> = None;
     let mut steps = Vec::new();
     let script: Vec<(i64, Option<SlotState>, JobState)> = vec![
@@ -2097,11 +2082,7 @@ fn decide_at(
 }
 
 fn on_blue() -> Serving {
-    Serving {
-        slot: Blue,
-        version: Some("v1".into()),
-        hash: Some(hash("v1")),
-    }
+    serving_on(Blue, "v1")
 }
 
 #[test]
@@ -2140,11 +2121,7 @@ fn time_paused_does_not_count_against_the_ready_timeout() {
 #[test]
 fn a_pause_in_the_post_promotion_window_resumes_the_window_where_it_stood() {
     // Promoted at minute 0 (window 10m); paused at minute 4 for 60 minutes.
-    let serving = Serving {
-        slot: Green,
-        version: Some("v2".into()),
-        hash: Some(hash("v2")),
-    };
+    let serving = serving_on(Green, "v2");
     let promoted = r(Promoted, 0).unwrap();
     let resumed = resumed(&promoted, 60 * MIN);
     assert_eq!(resumed.promoted_at, Some(at(60)));

@@ -66,6 +66,35 @@ async fn jobs(env: &Env, kind: &str) -> Vec<Job> {
         .collect()
 }
 
+/// Relay Pods of version 1.1 crash-loop once the returned flag is set; before that they
+/// meet `before` (other Pods their default fate).
+fn crash_new_relays_when_flagged(env: &Env, before: Fate) -> Arc<AtomicBool> {
+    let crash = Arc::new(AtomicBool::new(false));
+    let flag = crash.clone();
+    env.kubelet.set_policy(move |pod| {
+        if job_name(pod).is_some() || image_tag(pod).as_deref() != Some("1.1") {
+            default_fate(pod)
+        } else if flag.load(Ordering::Relaxed) {
+            Fate::CrashLoop
+        } else {
+            before.clone()
+        }
+    });
+    crash
+}
+
+/// Version 1.0 with `rollout` until it runs, then version 1.1 with it: a rollout starts.
+async fn roll_out_1_1(env: &Env, rollout: &str) {
+    env.apply_cluster("chat", &format!("version: '1.0'\n{rollout}"))
+        .await
+        .unwrap();
+    env.wait_cluster("chat", "Running 1.0", running_on("1.0"))
+        .await;
+    env.apply_cluster("chat", &format!("version: '1.1'\n{rollout}"))
+        .await
+        .unwrap();
+}
+
 /// f. The smoke Job passes, the rollout promotes itself, the old slot goes to zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passing_smoke_test_promotes() {
@@ -150,27 +179,13 @@ async fn a_crash_loop_before_the_switch_fails_at_once() {
         return;
     };
     // The new relay stays Pending (its StatefulSet's status settles), then crash-loops.
-    let crash = Arc::new(AtomicBool::new(false));
-    let flag = crash.clone();
-    env.kubelet.set_policy(move |pod| {
-        if job_name(pod).is_some() || image_tag(pod).as_deref() != Some("1.1") {
-            default_fate(pod)
-        } else if flag.load(Ordering::Relaxed) {
-            Fate::CrashLoop
-        } else {
-            Fate::Pending
-        }
-    });
+    let crash = crash_new_relays_when_flagged(&env, Fate::Pending);
     let operator = env.operator().await;
-    let slow = "rollout: {validation: {readyTimeout: 10m}, progressDeadline: 10m}";
-    env.apply_cluster("chat", &format!("version: '1.0'\n{slow}"))
-        .await
-        .unwrap();
-    env.wait_cluster("chat", "Running 1.0", running_on("1.0"))
-        .await;
-    env.apply_cluster("chat", &format!("version: '1.1'\n{slow}"))
-        .await
-        .unwrap();
+    roll_out_1_1(
+        &env,
+        "rollout: {validation: {readyTimeout: 10m}, progressDeadline: 10m}",
+    )
+    .await;
     env.wait_cluster("chat", "0/1 new relays ready", |c| {
         c.status
             .as_ref()
@@ -204,28 +219,13 @@ async fn a_crash_loop_in_the_window_rolls_back() {
     let Some(env) = Env::shared("crash-in-window").await else {
         return;
     };
-    let crash = Arc::new(AtomicBool::new(false));
-    let flag = crash.clone();
-    env.kubelet.set_policy(move |pod| {
-        if job_name(pod).is_none()
-            && image_tag(pod).as_deref() == Some("1.1")
-            && flag.load(Ordering::Relaxed)
-        {
-            Fate::CrashLoop
-        } else {
-            default_fate(pod)
-        }
-    });
+    let crash = crash_new_relays_when_flagged(&env, Fate::Ready);
     let operator = env.operator().await;
-    let window = "rollout: {postPromotionWindow: 120s, scaleDownDelay: 3s}";
-    env.apply_cluster("chat", &format!("version: '1.0'\n{window}"))
-        .await
-        .unwrap();
-    env.wait_cluster("chat", "Running 1.0", running_on("1.0"))
-        .await;
-    env.apply_cluster("chat", &format!("version: '1.1'\n{window}"))
-        .await
-        .unwrap();
+    roll_out_1_1(
+        &env,
+        "rollout: {postPromotionWindow: 120s, scaleDownDelay: 3s}",
+    )
+    .await;
     env.wait_cluster("chat", "Promoted", at_step(RolloutStep::Promoted))
         .await;
     assert_eq!(service_slot(&env, "chat").await, "green");
@@ -251,14 +251,7 @@ async fn a_manual_gate_waits_for_promote() {
     };
     let operator = env.operator().await;
     let gate = "rollout: {autoPromote: false, postPromotionWindow: 5s, scaleDownDelay: 3s}";
-    env.apply_cluster("chat", &format!("version: '1.0'\n{gate}"))
-        .await
-        .unwrap();
-    env.wait_cluster("chat", "Running 1.0", running_on("1.0"))
-        .await;
-    env.apply_cluster("chat", &format!("version: '1.1'\n{gate}"))
-        .await
-        .unwrap();
+    roll_out_1_1(&env, gate).await;
     let waiting = env
         .wait_cluster("chat", "AwaitingPromotion", |c| {
             c.status
@@ -296,14 +289,7 @@ async fn abort_keeps_the_old_version() {
     };
     let operator = env.operator().await;
     let gate = "rollout: {autoPromote: false, scaleDownDelay: 3s}";
-    env.apply_cluster("chat", &format!("version: '1.0'\n{gate}"))
-        .await
-        .unwrap();
-    env.wait_cluster("chat", "Running 1.0", running_on("1.0"))
-        .await;
-    env.apply_cluster("chat", &format!("version: '1.1'\n{gate}"))
-        .await
-        .unwrap();
+    roll_out_1_1(&env, gate).await;
     env.wait_cluster(
         "chat",
         "AwaitingPromotion",
@@ -381,14 +367,7 @@ async fn a_rollout_survives_the_operator_killed_at_every_step() {
     };
     let gate = "rollout: {autoPromote: false, postPromotionWindow: 5s, scaleDownDelay: 3s}";
     let mut operator = env.operator().await;
-    env.apply_cluster("chat", &format!("version: '1.0'\n{gate}"))
-        .await
-        .unwrap();
-    env.wait_cluster("chat", "Running 1.0", running_on("1.0"))
-        .await;
-    env.apply_cluster("chat", &format!("version: '1.1'\n{gate}"))
-        .await
-        .unwrap();
+    roll_out_1_1(&env, gate).await;
     let mut killed_at = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(240);
     loop {
