@@ -43,8 +43,7 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "dchat.network/template-hash";
 pub const SECRET_HASH_ANNOTATION: &str = "dchat.network/secret-hash";
 /// Keys of the database Secret the relays read (see `spec.database.secretRef`).
 const DATABASE_SECRET_KEYS: [&str; 5] = ["host", "port", "name", "username", "password"];
-/// How often the analysis query is taken while the post-promotion window runs, and how
-/// often a handback is looked at.
+/// How often the analysis query is taken while the post-promotion window runs.
 pub const POLL: Duration = Duration::from_secs(10);
 /// The longest a rollout or restore in flight goes without a look. Its steps advance on
 /// watch events (its StatefulSets, relay Pods that restart or fail, its Jobs, the
@@ -1586,7 +1585,8 @@ impl Machine<'_, '_> {
             // The retry request is the Job's deletion, which starts a reconcile; this
             // looks now and then in case that event was missed.
             None if self.handover_failed(&state) => Some(HANDOVER_RETRY_POLL),
-            None if self.handback_pending(&state).is_some() => Some(POLL),
+            // The handback Job's changes start a reconcile; this bounds a missed one.
+            None if self.handback_pending(&state).is_some() => Some(IN_FLIGHT_RESYNC),
             None => self.failed_slot_kept_for(&state),
         };
         let hibernation = match input.hibernation {

@@ -1667,7 +1667,7 @@ fn transition_table() {
             d.requeue
                 .filter(|after| (Duration::from_secs(1)..=IN_FLIGHT_RESYNC).contains(after))
         } else if d.handover.is_some() {
-            Some(POLL)
+            Some(IN_FLIGHT_RESYNC)
         } else if handover_stuck {
             Some(HANDOVER_RETRY_POLL)
         } else if failed_slot_kept {
