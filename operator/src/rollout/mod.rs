@@ -43,7 +43,9 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "dchat.network/template-hash";
 pub const SECRET_HASH_ANNOTATION: &str = "dchat.network/secret-hash";
 /// Keys of the database Secret the relays read (see `spec.database.secretRef`).
 const DATABASE_SECRET_KEYS: [&str; 5] = ["host", "port", "name", "username", "password"];
-/// How often the analysis query is taken while the post-promotion window runs.
+/// How often the analysis query is taken while the post-promotion window runs, and a
+/// restore drill's Job looked at (it belongs to its DchatBackup: no change of it starts a
+/// reconcile of the cluster).
 pub const POLL: Duration = Duration::from_secs(10);
 /// The longest a rollout or restore in flight goes without a look. Its steps advance on
 /// watch events (its StatefulSets, relay Pods that restart or fail, its Jobs, the
@@ -105,6 +107,14 @@ pub mod reason {
     /// The cluster hibernates: a rollout that had not switched traffic is cancelled (it
     /// starts again after the wake).
     pub const HIBERNATED: &str = "Hibernated";
+}
+
+impl Settings {
+    /// How long after the switch the old slot goes to zero: the window and the delay
+    /// both passed.
+    pub fn scale_down_after(&self) -> Duration {
+        self.post_promotion_window.max(self.scale_down_delay)
+    }
 }
 
 /// The rollout settings of a spec, parsed.
@@ -477,6 +487,12 @@ struct Machine<'i, 'a> {
     notes: Vec<Note>,
     consume_promote: bool,
     consume_abort: bool,
+}
+
+/// When traffic switched to the rollout's slot (its step start, in a status written
+/// before `promotedAt` existed).
+fn promoted_at(r: &RolloutStatus) -> &Time {
+    r.promoted_at.as_ref().unwrap_or(&r.step_started_at)
 }
 
 fn elapsed(now: Timestamp, since: &Time) -> Duration {
@@ -1223,21 +1239,13 @@ impl Machine<'_, '_> {
                 ))));
             }
         }
-        let promoted_at = r
-            .promoted_at
-            .clone()
-            .unwrap_or_else(|| r.step_started_at.clone());
-        if elapsed(self.input.now, &promoted_at) >= settings.post_promotion_window {
+        let promoted_at = promoted_at(r);
+        if elapsed(self.input.now, promoted_at) >= settings.post_promotion_window {
             let mut next = r.clone();
             next.step = RolloutStep::ScalingDown;
             next.reason = Some(reason::WINDOW_PASSED.to_string());
             next.step_started_at = self.now();
-            let due = after(
-                &promoted_at,
-                settings
-                    .post_promotion_window
-                    .max(settings.scale_down_delay),
-            );
+            let due = after(promoted_at, settings.scale_down_after());
             next.message = format!(
                 "version {} healthy for {}; slot {} scales to zero at {due}",
                 r.target_version,
@@ -1286,14 +1294,7 @@ impl Machine<'_, '_> {
 
     fn scaling_down(&mut self, state: &State, r: &RolloutStatus) -> Option<Progress> {
         let settings = self.input.settings;
-        let promoted_at = r
-            .promoted_at
-            .clone()
-            .unwrap_or_else(|| r.step_started_at.clone());
-        let wait = settings
-            .post_promotion_window
-            .max(settings.scale_down_delay);
-        if elapsed(self.input.now, &promoted_at) < wait {
+        if !self.scale_down_due(r) {
             return None;
         }
         let mut handed_over = "";
@@ -1342,15 +1343,7 @@ impl Machine<'_, '_> {
 
     /// Whether the old slot's scale-down is due (window and delay passed).
     fn scale_down_due(&self, r: &RolloutStatus) -> bool {
-        let settings = self.input.settings;
-        let promoted_at = r
-            .promoted_at
-            .clone()
-            .unwrap_or_else(|| r.step_started_at.clone());
-        elapsed(self.input.now, &promoted_at)
-            >= settings
-                .post_promotion_window
-                .max(settings.scale_down_delay)
+        elapsed(self.input.now, promoted_at(r)) >= self.input.settings.scale_down_after()
     }
 
     /// How much longer a failed, rolled-back or aborted slot stays up for inspection;
@@ -1400,11 +1393,7 @@ impl Machine<'_, '_> {
         let settings = self.input.settings;
         let now = self.input.now;
         let since_step = elapsed(now, &r.step_started_at);
-        let promoted_at = r.promoted_at.as_ref().unwrap_or(&r.step_started_at);
-        let since_promotion = elapsed(now, promoted_at);
-        let scale_down = settings
-            .post_promotion_window
-            .max(settings.scale_down_delay);
+        let since_promotion = elapsed(now, promoted_at(r));
         let left = |timer: Duration, since: Duration| timer.checked_sub(since);
         let timers = match r.step {
             RolloutStep::Preparing => vec![
@@ -1415,11 +1404,11 @@ impl Machine<'_, '_> {
             RolloutStep::AwaitingPromotion => vec![settings
                 .auto_promote_after
                 .and_then(|after| left(after, since_step))],
-            RolloutStep::Promoted => vec![
-                left(settings.post_promotion_window, since_promotion),
-                left(scale_down, since_promotion),
-            ],
-            RolloutStep::ScalingDown => vec![left(scale_down, since_promotion)],
+            // The window's end moves it to ScalingDown, whose delay is no shorter.
+            RolloutStep::Promoted => vec![left(settings.post_promotion_window, since_promotion)],
+            RolloutStep::ScalingDown => {
+                vec![left(settings.scale_down_after(), since_promotion)]
+            }
             _ => Vec::new(),
         };
         // Timestamps have whole seconds and some timers compare with `>`: one second
