@@ -41,6 +41,7 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, ObjectRef};
 use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -380,14 +381,16 @@ fn controller(
         )
     }
     // The cache keeps every change of a cluster (the reconcile reads it); only some
-    // start a reconcile (triggers.rs).
+    // start a reconcile (triggers.rs). It keeps no managedFields: the operator never
+    // reads a cluster's, and they are most of what a cached cluster costs in memory.
     let (reader, writer) = reflector::store();
     let clusters = triggers::cluster_changes(reflector(
         writer,
         watcher(
             api::<DchatCluster>(client, namespace),
             watcher::Config::default(),
-        ),
+        )
+        .modify(|cluster| cluster.managed_fields_mut().clear()),
     ));
     let controller = Controller::for_stream(clusters, reader)
         .with_config(
