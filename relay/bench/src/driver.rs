@@ -241,6 +241,9 @@ pub struct StepResult {
     pub gen_cpu: f64,
     /// Fraction of one core used by the server during the window (when known).
     pub server_cpu: Option<f64>,
+    /// p99 of how late the dispatcher handed a send to its client (µs): the generator's
+    /// own share of the latency before any frame is written.
+    pub dispatch_late_p99_us: f64,
 }
 
 impl StepResult {
@@ -299,6 +302,8 @@ struct Dispatched {
     sent_in_window: u64,
     cpu0: Option<(Duration, Option<Duration>)>,
     cpu1: (Duration, Option<Duration>),
+    /// How late each send of the window left the dispatcher (ns after its schedule).
+    late: Histogram<u64>,
 }
 
 impl Dispatch {
@@ -309,6 +314,7 @@ impl Dispatch {
         let mut t = self.start as f64;
         let mut sent_in_window = 0u64;
         let mut cpu0 = None;
+        let mut late = new_hist();
         loop {
             t += -self.rng.unit().ln() / self.rate * 1e9;
             let sched = t as u64;
@@ -354,6 +360,7 @@ impl Dispatch {
             };
             if sched >= self.m_start {
                 sent_in_window += 1;
+                let _ = late.record(self.rec.now_ns().saturating_sub(sched).max(1));
             }
             if self.txs[from].send(out).is_err() {
                 self.rec.errors.fetch_add(1, Ordering::Relaxed);
@@ -369,6 +376,7 @@ impl Dispatch {
             sent_in_window,
             cpu0,
             cpu1,
+            late,
         }
     }
 }
@@ -436,6 +444,7 @@ pub async fn run_step(
     *rng = done.rng;
     let sent_in_window = done.sent_in_window;
     let (cpu0, cpu1) = (done.cpu0, Some(done.cpu1));
+    let dispatch_late_p99_us = done.late.value_at_quantile(0.99) as f64 / 1000.0;
     let expected = sent_in_window * fan;
     let deadline = Instant::now() + step.drain;
     while rec.received_in_window.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
@@ -470,6 +479,7 @@ pub async fn run_step(
         last_p99_us: us(last.value_at_quantile(0.99)),
         gen_cpu,
         server_cpu,
+        dispatch_late_p99_us,
     }
 }
 

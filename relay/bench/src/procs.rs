@@ -78,6 +78,7 @@ pub fn spawn(
         what: what.to_string(),
         reason,
     };
+    let program = &resolve_program(program).map_err(err)?;
     let mut cmd = match cpu {
         Some(c) => {
             let mut cmd = Command::new("taskset");
@@ -100,6 +101,22 @@ pub fn spawn(
         .map_err(|e| err(format!("starting {}: {e}", program.display())))?;
     let pid = child.id().ok_or_else(|| err("exited at once".into()))?;
     Ok(ServerProc { child, pid, dir })
+}
+
+/// `program` as the child will find it: the server runs in its scratch directory, so a
+/// relative path (`target/release/dchat-relay`) is made absolute here, and one that names
+/// no file is refused now rather than as a server that never listens. A bare name
+/// (`redis-server`) is left to the `PATH` search.
+fn resolve_program(program: &Path) -> Result<PathBuf, String> {
+    if program.components().count() < 2 {
+        return Ok(program.to_path_buf());
+    }
+    let absolute = std::path::absolute(program)
+        .map_err(|e| format!("resolving {}: {e}", program.display()))?;
+    if !absolute.is_file() {
+        return Err(format!("{}: no such file", absolute.display()));
+    }
+    Ok(absolute)
 }
 
 /// Waits until `addr` accepts TCP connections.
@@ -196,4 +213,45 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_program_path_survives_the_change_of_directory() {
+        let dir = scratch_dir("resolve").unwrap();
+        let program = dir.join("server");
+        std::fs::write(&program, b"").unwrap();
+        let relative = program
+            .strip_prefix(std::env::current_dir().unwrap())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| {
+                // The temp dir is not under the working directory: climb to the root.
+                let up = std::env::current_dir().unwrap().components().count() - 1;
+                let mut path: PathBuf = std::iter::repeat_n("..", up).collect();
+                path.push(program.strip_prefix("/").unwrap());
+                path
+            });
+        assert!(relative.is_relative());
+        let resolved = resolve_program(&relative).unwrap();
+        assert!(resolved.is_absolute(), "{}", resolved.display());
+        assert!(resolved.is_file());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_program_path_that_names_no_file_is_refused_and_a_bare_name_is_left_to_path() {
+        let missing = Path::new("target/no-such-dir/dchat-relay");
+        let error = resolve_program(missing).unwrap_err();
+        assert!(
+            error.contains("no-such-dir/dchat-relay: no such file"),
+            "{error}"
+        );
+        assert_eq!(
+            resolve_program(Path::new("redis-server")).unwrap(),
+            Path::new("redis-server")
+        );
+    }
 }
