@@ -19,6 +19,7 @@ pub mod build;
 pub mod commands;
 pub mod controller;
 pub mod day2;
+pub mod events;
 pub mod http;
 pub mod labels;
 pub mod leader;

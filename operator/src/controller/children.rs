@@ -3,11 +3,11 @@
 
 use std::collections::HashSet;
 
+use crate::events::EventType;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
-use kube::runtime::events::EventType;
 use kube::ResourceExt;
 use serde_json::json;
 use tracing::{debug, info};

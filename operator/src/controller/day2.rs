@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use crate::events::EventType;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use tracing::info;
 
 use super::report::{patch_status, publish};

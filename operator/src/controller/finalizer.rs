@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
+use crate::events::EventType;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, Patch};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;

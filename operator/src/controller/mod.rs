@@ -38,7 +38,6 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, ObjectRef};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt;
@@ -46,6 +45,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::api::{DchatBackup, DchatCluster};
+use crate::events::EventRecorder;
 use crate::labels::{self, FINALIZER};
 use crate::metrics::Metrics;
 use discovery::{discover, keep_discovering, serves_backups};
@@ -75,7 +75,7 @@ pub struct Context {
     /// Kubernetes client.
     pub client: Client,
     /// Publishes Kubernetes Events.
-    pub recorder: Recorder,
+    pub recorder: EventRecorder,
     /// Operator metrics.
     pub metrics: Arc<Metrics>,
     /// Source of the time rollout steps are measured with.
@@ -126,12 +126,8 @@ impl Announcements {
 impl Context {
     /// A context reporting Events as `dchat-operator` from `instance`.
     pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: "dchat-operator".into(),
-            instance,
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: EventRecorder::new(client.clone(), "dchat-operator", instance),
             client,
             metrics,
             clock: Arc::new(SystemClock),

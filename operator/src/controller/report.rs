@@ -1,7 +1,7 @@
 //! Reporting: the status patch and Kubernetes Events.
 
+use crate::events::{EventType, Occurrence};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::warn;
@@ -144,15 +144,14 @@ pub(super) async fn publish_about(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
+    let occurrence = Occurrence {
         type_,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Reconcile".to_string(),
-        secondary: None,
+        reason,
+        action: "Reconcile",
+        note: &note,
     };
     // An Event is best effort: failing to record one must not fail the reconcile.
-    if let Err(e) = ctx.recorder.publish(&event, object).await {
+    if let Err(e) = ctx.recorder.publish(object, &occurrence).await {
         warn!(error = %e, "could not publish event");
     }
 }

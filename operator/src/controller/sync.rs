@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
+use crate::events::EventType;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::DynamicObject;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::ResourceExt;
 use tracing::info;
 

@@ -9,6 +9,7 @@ mod backups;
 mod day2;
 mod deletion;
 mod discovery;
+mod events;
 mod failures;
 mod production;
 mod quiet;
