@@ -15,7 +15,6 @@ use dchat_operator::labels::{
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams};
 
@@ -61,13 +60,9 @@ async fn replicas(env: &Env, name: &str) -> Option<i32> {
 /// How often an Event about the DchatCluster with `reason` was published: a repeat is
 /// counted in its first Event's series, not written again.
 async fn occurrences(env: &Env, reason: &str) -> i32 {
-    env.api::<Event>()
-        .list(&ListParams::default())
+    env.events(reason)
         .await
-        .expect("listing Events")
-        .items
         .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
         .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("DchatCluster"))
         .map(|e| e.series.map_or(1, |series| series.count))
         .sum()

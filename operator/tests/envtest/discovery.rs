@@ -6,7 +6,7 @@ use dchat_operator::build::{PrometheusRule, ServiceMonitor};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 
 use crate::support::{condition, condition_status, observed, wait_for, Env, TIMEOUT, USER};
@@ -92,17 +92,11 @@ async fn dev_example_runs_without_monitoring_crds() {
         })
         .await;
     }
-    let events: Api<Event> = env.api();
-    let said: Vec<Event> = events
-        .list(&ListParams::default())
+    let said: Vec<Event> = env
+        .events("PrometheusOperatorNotInstalled")
         .await
-        .unwrap()
-        .items
         .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some("PrometheusOperatorNotInstalled")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("monitored")
-        })
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("monitored"))
         .collect();
     assert_eq!(said.len(), 1, "{said:#?}");
     assert!(said[0].series.is_none(), "repeated: {:?}", said[0].series);

@@ -5,20 +5,9 @@
 use dchat_operator::events::{EventRecorder, EventType, Occurrence};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::DeleteParams;
 
 use crate::support::Env;
-
-async fn events(env: &Env, reason: &str) -> Vec<Event> {
-    env.api::<Event>()
-        .list(&ListParams::default())
-        .await
-        .expect("listing Events")
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeats_are_counted_and_a_gone_event_is_made_again() {
@@ -51,7 +40,7 @@ async fn repeats_are_counted_and_a_gone_event_is_made_again() {
             .await
             .expect("publishing");
     }
-    let seen = events(&env, "RolloutFailed").await;
+    let seen = env.events("RolloutFailed").await;
     let names: Vec<_> = seen.iter().map(|e| &e.metadata.name).collect();
     assert_eq!(seen.len(), 1, "three occurrences, one Event: {names:?}");
     let series = seen[0].series.as_ref().expect("a series");
@@ -66,7 +55,8 @@ async fn repeats_are_counted_and_a_gone_event_is_made_again() {
         .publish(&regarding, &failed("1.2 did not become ready"))
         .await
         .expect("publishing");
-    let mut notes: Vec<String> = events(&env, "RolloutFailed")
+    let mut notes: Vec<String> = env
+        .events("RolloutFailed")
         .await
         .into_iter()
         .filter_map(|e| e.note)
@@ -87,7 +77,8 @@ async fn repeats_are_counted_and_a_gone_event_is_made_again() {
         .publish(&regarding, &failed("1.1 did not become ready"))
         .await
         .expect("a repeat of a deleted Event makes a new one");
-    let again: Vec<Event> = events(&env, "RolloutFailed")
+    let again: Vec<Event> = env
+        .events("RolloutFailed")
         .await
         .into_iter()
         .filter(|e| e.note.as_deref() == Some("1.1 did not become ready"))

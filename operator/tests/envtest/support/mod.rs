@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use dchat_operator::api::{DchatBackup, DchatCluster, Phase};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, CustomResourceExt, Resource};
@@ -363,6 +364,18 @@ impl Env {
             .get_opt(name)
             .await
             .expect("reading an object")
+    }
+
+    /// The namespace's Events with `reason`.
+    pub async fn events(&self, reason: &str) -> Vec<Event> {
+        self.api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .expect("listing Events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect()
     }
 }
 
