@@ -333,7 +333,16 @@ fn backup_controller(client: &Client, namespace: &Option<String>) -> Controller<
         "app.kubernetes.io/name={}",
         crate::backup::job::BACKUP_APP_NAME
     ));
-    Controller::new(backups, watcher::Config::default()).owns(jobs, owned)
+    // Backups accumulate (a schedule's retention per cluster); like the clusters, they
+    // are cached without their managedFields, which nothing reads.
+    let (reader, writer) = reflector::store();
+    let backups = reflector(
+        writer,
+        watcher(backups, watcher::Config::default())
+            .modify(|backup| backup.managed_fields_mut().clear()),
+    )
+    .applied_objects();
+    Controller::for_stream(backups, reader).owns(jobs, owned)
 }
 
 /// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere.
