@@ -60,8 +60,11 @@ async fn the_schedule_catches_up_once_and_then_writes_nothing() {
         .items
         .is_empty());
 
-    // Five hours later (the operator was down): one backup, for the latest hour.
-    clock.advance(Duration::from_secs(5 * 3600 + 600));
+    // Five hours later (the operator was down): one backup, for the latest hour. The
+    // clock stops five minutes into an hour, so the minute later below stays in it
+    // whatever the wall-clock minute the cluster was created at.
+    let into_the_hour = created.as_second().rem_euclid(3600).unsigned_abs();
+    clock.advance(Duration::from_secs(5 * 3600 + 300 - into_the_hour));
     reconcile(&h, &ctx).await;
     let list = backups_api(&h)
         .list(&ListParams::default())
