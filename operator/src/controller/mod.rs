@@ -333,16 +333,36 @@ fn backup_controller(client: &Client, namespace: &Option<String>) -> Controller<
         "app.kubernetes.io/name={}",
         crate::backup::job::BACKUP_APP_NAME
     ));
-    // Backups accumulate (a schedule's retention per cluster); like the clusters, they
-    // are cached without their managedFields, which nothing reads.
+    // Backups accumulate (a schedule's retention per cluster).
+    let (reader, backups) = cached_without_managed_fields(backups);
+    Controller::for_stream(backups.applied_objects(), reader).owns(jobs, owned)
+}
+
+/// A watch of `api` and the cache it fills, the objects kept without their
+/// managedFields: the operator never reads them, and they cost about 11 KiB of memory
+/// per cached DchatCluster.
+fn cached_without_managed_fields<K>(
+    api: Api<K>,
+) -> (
+    reflector::Store<K>,
+    impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
-    let backups = reflector(
+    let events = reflector(
         writer,
-        watcher(backups, watcher::Config::default())
-            .modify(|backup| backup.managed_fields_mut().clear()),
-    )
-    .applied_objects();
-    Controller::for_stream(backups, reader).owns(jobs, owned)
+        watcher(api, watcher::Config::default())
+            .modify(|object: &mut K| object.managed_fields_mut().clear()),
+    );
+    (reader, events)
 }
 
 /// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere.
@@ -386,17 +406,9 @@ fn controller(
         )
     }
     // The cache keeps every change of a cluster (the reconcile reads it); only some
-    // start a reconcile (triggers.rs). It keeps no managedFields: the operator never
-    // reads a cluster's, and they cost about 11 KiB of memory per cached cluster.
-    let (reader, writer) = reflector::store();
-    let clusters = triggers::cluster_changes(reflector(
-        writer,
-        watcher(
-            api::<DchatCluster>(client, namespace),
-            watcher::Config::default(),
-        )
-        .modify(|cluster| cluster.managed_fields_mut().clear()),
-    ));
+    // start a reconcile (triggers.rs).
+    let (reader, clusters) = cached_without_managed_fields(api::<DchatCluster>(client, namespace));
+    let clusters = triggers::cluster_changes(clusters);
     let controller = Controller::for_stream(clusters, reader)
         .with_config(
             controller::Config::default()
