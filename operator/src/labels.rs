@@ -21,6 +21,8 @@ pub const CLI_FIELD_MANAGER: &str = "dchat-operator-cli";
 pub const APP_NAME: &str = "dchat-relay";
 /// Value of `app.kubernetes.io/managed-by` on every object.
 pub const MANAGED_BY: &str = "dchat-operator";
+/// Label naming the manager of an object (value [`MANAGED_BY`] for the operator's).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Label naming the DchatCluster an object belongs to (its name).
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 /// Label naming the deployment slot of relay pods and their per-slot objects.
@@ -130,9 +132,8 @@ pub fn slot_selector(cluster: &DchatCluster, slot: Slot) -> BTreeMap<String, Str
 /// used to find children to delete.
 pub fn managed_selector(cluster: &DchatCluster) -> String {
     format!(
-        "app.kubernetes.io/instance={},app.kubernetes.io/managed-by={}",
+        "{INSTANCE_LABEL}={},{MANAGED_BY_LABEL}={MANAGED_BY}",
         cluster.name_any(),
-        MANAGED_BY
     )
 }
 

@@ -127,7 +127,8 @@ pub(super) async fn apply_children(
             Api::namespaced_with(ctx.client.clone(), namespace, &resource);
         match api.delete(&name, &DeleteParams::background()).await {
             Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
+            // Already gone: the cache it was read from had not seen the deletion yet.
+            Err(e) if is_not_found(&e) => continue,
             Err(e) => return Err(kube_error("deleting", &kind.kind, namespace, &name)(e)),
         }
         publish(

@@ -5,6 +5,7 @@
 //! this module only moves data between them and the API server.
 
 pub mod backups;
+mod cache;
 mod children;
 mod clock;
 mod day2;
@@ -21,6 +22,7 @@ pub mod status;
 mod sync;
 pub mod triggers;
 
+pub use cache::{ChildCacheSlot, ChildCaches};
 pub use children::{HANDOVER_MANAGER, ROLLOUT_MANAGER};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use discovery::{Capabilities, OptionalKinds, DISCOVERY_INTERVAL};
@@ -84,6 +86,8 @@ pub struct Context {
     pub capabilities: Arc<Capabilities>,
     /// What each cluster's Events last announced, so one change is said once.
     pub announced: Announcements,
+    /// The running controller's caches of children (none: reconciles list them).
+    pub children: ChildCacheSlot,
 }
 
 /// The last value each cluster's Events announced, per topic ("phase", "monitoring").
@@ -133,6 +137,7 @@ impl Context {
             clock: Arc::new(SystemClock),
             capabilities: Arc::default(),
             announced: Announcements::default(),
+            children: ChildCacheSlot::default(),
         }
     }
 
@@ -259,7 +264,9 @@ pub async fn run(
                  crds/dchatbackups.dchat.network.yaml is applied and the operator restarted"
             );
         }
-        let clusters = controller(&client, &namespace, with_backups)
+        let (controller, caches) = controller(&client, &namespace, with_backups);
+        ctx.children.set(Arc::new(caches));
+        let clusters = controller
             .reconcile_all_on(rediscovered)
             .graceful_shutdown_on(shutdown.clone())
             .run(reconcile, error_policy, ctx.clone())
@@ -365,12 +372,13 @@ where
     (reader, events)
 }
 
-/// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere.
+/// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere;
+/// and the caches of those children its watches fill, which reconciles read.
 fn controller(
     client: &Client,
     namespace: &Option<String>,
     with_backups: bool,
-) -> Controller<DchatCluster> {
+) -> (Controller<DchatCluster>, ChildCaches) {
     fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -381,29 +389,20 @@ fn controller(
         }
     }
     let owned = watcher::Config::default().labels(&format!(
-        "app.kubernetes.io/managed-by={}",
+        "{}={}",
+        labels::MANAGED_BY_LABEL,
         labels::MANAGED_BY
     ));
-    // Only StatefulSets are read for their status; see triggers.rs.
-    fn changes<K>(
-        client: &Client,
-        namespace: &Option<String>,
-        owned: &watcher::Config,
-        status_matters: bool,
-    ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + 'static,
-    {
-        triggers::child_changes(
-            api::<PartialObjectMeta<K>>(client, namespace),
-            owned.clone(),
-            status_matters,
-        )
+    let mut caches = ChildCaches::default();
+    // Each child kind is cached whole; only some of its changes start a reconcile
+    // (triggers.rs). Only StatefulSets are read for their status.
+    macro_rules! cached_changes {
+        ($kind:ty, $status_matters:expr) => {
+            triggers::child_changes(
+                caches.watch(api::<$kind>(client, namespace), owned.clone()),
+                $status_matters,
+            )
+        };
     }
     // The cache keeps every change of a cluster (the reconcile reads it); only some
     // start a reconcile (triggers.rs).
@@ -415,21 +414,26 @@ fn controller(
                 .concurrency(MAX_CONCURRENT_RECONCILES)
                 .debounce(DEBOUNCE),
         )
-        .owns_stream(changes::<StatefulSet>(client, namespace, &owned, true))
-        .owns_stream(changes::<Service>(client, namespace, &owned, false))
-        .owns_stream(changes::<ConfigMap>(client, namespace, &owned, false))
-        .owns_stream(changes::<ServiceAccount>(client, namespace, &owned, false))
-        .owns_stream(triggers::autoscaler_changes(
+        .owns_stream(cached_changes!(StatefulSet, true))
+        .owns_stream(cached_changes!(Service, false))
+        .owns_stream(cached_changes!(ConfigMap, false))
+        .owns_stream(cached_changes!(ServiceAccount, false))
+        .owns_stream(triggers::autoscaler_changes(caches.watch(
             api::<HorizontalPodAutoscaler>(client, namespace),
             owned.clone(),
+        )))
+        .owns_stream(cached_changes!(PodDisruptionBudget, false))
+        .owns_stream(cached_changes!(NetworkPolicy, false))
+        .owns_stream(cached_changes!(Ingress, false))
+        // A rollout's smoke test and handover, a restore: every status change. Jobs are
+        // not listed by a reconcile, so not cached: a metadata watch.
+        .owns_stream(triggers::child_changes(
+            watcher(
+                api::<PartialObjectMeta<Job>>(client, namespace),
+                owned.clone(),
+            ),
+            true,
         ))
-        .owns_stream(changes::<PodDisruptionBudget>(
-            client, namespace, &owned, false,
-        ))
-        .owns_stream(changes::<NetworkPolicy>(client, namespace, &owned, false))
-        .owns_stream(changes::<Ingress>(client, namespace, &owned, false))
-        // A rollout's smoke test and handover, a restore: every status change.
-        .owns_stream(changes::<Job>(client, namespace, &owned, true))
         .watches_stream(
             triggers::relay_pod_trouble(
                 api::<Pod>(client, namespace),
@@ -442,15 +446,16 @@ fn controller(
             |pod| triggers::cluster_of_pod(&pod),
         );
     if !with_backups {
-        return controller;
+        return (controller, caches);
     }
     // A backup that starts, completes or fails changes its cluster's status.backup.
-    controller.watches(
+    let controller = controller.watches(
         api::<DchatBackup>(client, namespace),
         watcher::Config::default(),
         |backup| {
             let namespace = backup.namespace()?;
             Some(ObjectRef::new(&backup.spec.cluster.name).within(&namespace))
         },
-    )
+    );
+    (controller, caches)
 }

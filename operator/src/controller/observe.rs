@@ -41,9 +41,11 @@ impl LiveChildren {
     }
 }
 
-/// Lists the cluster's children of every managed kind the API server serves (`served`
-/// says which optional ones). A 404 for an optional kind means its CRD went away since
-/// the last discovery: it is skipped and forgotten until discovery finds it again.
+/// The cluster's children of every managed kind the API server serves (`served` says
+/// which optional ones): from the controller's caches for the kinds it watches
+/// ([`super::cache`]), listed for the others (the optional monitoring kinds, and every
+/// kind when no controller runs). A 404 for an optional kind means its CRD went away
+/// since the last discovery: it is skipped and forgotten until discovery finds it again.
 pub(super) async fn observe(
     cluster: &DchatCluster,
     ctx: &Context,
@@ -52,10 +54,25 @@ pub(super) async fn observe(
 ) -> Result<LiveChildren, Error> {
     let uid = cluster.uid();
     let params = ListParams::default().labels(&labels::managed_selector(cluster));
+    let caches = ctx.children.get();
     let mut objects = Vec::new();
     for kind in managed_kinds() {
         let kind_name = kind.resource.kind.as_str();
         if !served.serves(kind_name) {
+            continue;
+        }
+        let erased = || ErasedKind {
+            group: kind.resource.group.clone(),
+            kind: kind.resource.kind.clone(),
+        };
+        let cached = match (&caches, &uid) {
+            (Some(caches), Some(uid)) => {
+                caches.owned(kind_name, &cluster.name_any(), namespace, uid)
+            }
+            _ => None,
+        };
+        if let Some(cached) = cached {
+            objects.extend(cached.into_iter().map(|object| (erased(), object)));
             continue;
         }
         let api: Api<DynamicObject> =
@@ -90,13 +107,7 @@ pub(super) async fn observe(
                 .flatten()
                 .any(|r| Some(&r.uid) == uid.as_ref());
             if owned {
-                objects.push((
-                    ErasedKind {
-                        group: kind.resource.group.clone(),
-                        kind: kind.resource.kind.clone(),
-                    },
-                    object,
-                ));
+                objects.push((erased(), object));
             }
         }
     }

@@ -1,8 +1,10 @@
 //! Which changes start a reconcile: of a DchatCluster, and of a child of one.
 //!
-//! Each reconcile costs about a dozen requests (a list per child kind), and on a real API
-//! server most changes come from the operator itself and from other controllers, not from
-//! people. So not every watch event starts one:
+//! Each reconcile costs requests (a Secret read, status, Events; a list of the optional
+//! monitoring kinds; during a rollout its Pods and Jobs) and CPU, and on a real API server
+//! most changes come from the operator itself and from other controllers, not from
+//! people. So not every watch event starts one (every event still updates the caches the
+//! reconcile reads, [`super::cache`]):
 //!
 //! - **The DchatCluster.** A change of its spec (`generation`), labels, annotations (the
 //!   day-2 and rollout requests), finalizers, a deletion starting, or the cluster created
@@ -37,12 +39,10 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::{PredicateConfig, WatchStreamExt};
 use kube::Resource;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::observe::FAILING_REASONS;
@@ -122,31 +122,32 @@ fn deletion_second(meta: &ObjectMeta) -> Option<i64> {
     meta.deletion_timestamp.as_ref().map(|t| t.0.as_second())
 }
 
-/// The children of `api` whose changes need a reconcile (see [`change_key`]): a metadata
-/// watch, each object passed on when its key changed since it was last seen, and on
-/// deletion.
-pub fn child_changes<K>(
-    api: Api<PartialObjectMeta<K>>,
-    config: watcher::Config,
+/// The children of a watch (`events`) whose changes need a reconcile (see
+/// [`change_key`]): each object passed on when its key changed since it was last seen,
+/// and on deletion.
+pub fn child_changes<K, S>(
+    events: S,
     status_matters: bool,
-) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
+    K: Resource + Send + 'static,
+    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
 {
-    keyed_changes(api, config, move |object: &PartialObjectMeta<K>| {
-        change_key(&object.metadata, None, status_matters)
+    keyed_changes(events, move |object: &K| {
+        change_key(object.meta(), None, status_matters)
     })
 }
 
-/// The HorizontalPodAutoscalers whose changes need a reconcile: they have no
-/// `generation`, and the autoscaler writes their status on every sync that changes it,
-/// so the watch carries their spec and a change of it is told apart from one of status.
-pub fn autoscaler_changes(
-    api: Api<HorizontalPodAutoscaler>,
-    config: watcher::Config,
-) -> impl Stream<Item = Result<HorizontalPodAutoscaler, watcher::Error>> + Send {
-    keyed_changes(api, config, |hpa: &HorizontalPodAutoscaler| {
+/// The HorizontalPodAutoscalers of a watch (`events`) whose changes need a reconcile:
+/// they have no `generation`, and the autoscaler writes their status on every sync that
+/// changes it, so a change of their spec is told apart from one of status by the spec.
+pub fn autoscaler_changes<S>(
+    events: S,
+) -> impl Stream<Item = Result<HorizontalPodAutoscaler, watcher::Error>> + Send
+where
+    S: Stream<Item = Result<Event<HorizontalPodAutoscaler>, watcher::Error>> + Send + 'static,
+{
+    keyed_changes(events, |hpa: &HorizontalPodAutoscaler| {
         change_key(&hpa.metadata, Some(spec_hash(&hpa.spec)), false)
     })
 }
@@ -189,7 +190,10 @@ pub fn relay_pod_trouble(
     api: Api<Pod>,
     config: watcher::Config,
 ) -> impl Stream<Item = Result<Pod, watcher::Error>> + Send {
-    keyed_changes(api, config, |pod: &Pod| pod_trouble_key(pod).unwrap_or(0)).filter(|event| {
+    keyed_changes(watcher(api, config), |pod: &Pod| {
+        pod_trouble_key(pod).unwrap_or(0)
+    })
+    .filter(|event| {
         let troubled = match event {
             Ok(pod) => pod_trouble_key(pod).is_some(),
             Err(_) => true,
@@ -198,22 +202,21 @@ pub fn relay_pod_trouble(
     })
 }
 
-/// A watch of `api`, each object passed on when its `key` changed since it was last seen,
-/// and on deletion.
-fn keyed_changes<K>(
-    api: Api<K>,
-    config: watcher::Config,
+/// The objects of a watch (`events`), each passed on when its `key` changed since it was
+/// last seen, and on deletion.
+fn keyed_changes<K, S>(
+    events: S,
     key: impl Fn(&K) -> u64 + Send + 'static,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
+    K: Resource + Send + 'static,
+    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
 {
     let mut seen: HashMap<Identity, u64> = HashMap::new();
     // A relist after a broken watch reports no deletions: the keys it lists replace
     // `seen` when it is done, so children gone meanwhile are forgotten.
     let mut relisted: Option<HashMap<Identity, u64>> = None;
-    watcher(api, config).filter_map(move |event| {
+    events.filter_map(move |event| {
         let passed = match event {
             Err(e) => Some(Err(e)),
             Ok(Event::Delete(object)) => {

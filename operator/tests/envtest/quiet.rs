@@ -1,6 +1,7 @@
 //! Scenario d: an unchanged cluster gets no writes: no resourceVersion moves, and the
 //! operator's own request counter shows no write request (a server-side apply that
-//! changes nothing leaves the resourceVersion alone, so only the counter sees it).
+//! changes nothing leaves the resourceVersion alone, so only the counter sees it). Nor
+//! does it list its children: a reconcile reads them from the controller's caches.
 
 use dchat_operator::api::Phase;
 
@@ -34,6 +35,7 @@ async fn an_unchanged_cluster_gets_no_writes() {
     );
 
     let writes = operator.writes();
+    let lists = operator.lists();
     for round in 0..3 {
         let before = operator.reconciles_finished();
         let version = env.poke("dchat-dev", &format!("round-{round}")).await;
@@ -54,6 +56,11 @@ async fn an_unchanged_cluster_gets_no_writes() {
             operator.writes(),
             writes,
             "round {round}: the operator sent write requests"
+        );
+        assert_eq!(
+            operator.lists(),
+            lists,
+            "round {round}: the reconcile listed instead of reading its caches"
         );
     }
     operator.assert_no_refusals();

@@ -140,7 +140,7 @@ async fn an_autoscaler_status_write_is_not_passed_on_and_a_spec_edit_is() {
     .await
     .expect("creating the HPA");
     let config = watcher::Config::default().labels(&selector);
-    let mut changes = Box::pin(autoscaler_changes(hpas.clone(), config));
+    let mut changes = Box::pin(autoscaler_changes(watcher(hpas.clone(), config)));
     let created = next_change(&mut changes).await;
     assert_eq!(created.metadata.generation, None, "HPAs have no generation");
 

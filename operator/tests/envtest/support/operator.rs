@@ -101,6 +101,17 @@ impl RunningOperator {
     /// Its requests so far that write (every verb but get, list and watch), from
     /// `dchat_operator_kube_requests_total`: "verb resource" → count.
     pub fn writes(&self) -> std::collections::BTreeMap<String, u64> {
+        self.requests(|verb| !["get", "list", "watch"].contains(&verb))
+    }
+
+    /// Its list requests so far (watches not counted): "list resource" → count.
+    pub fn lists(&self) -> std::collections::BTreeMap<String, u64> {
+        self.requests(|verb| verb == "list")
+    }
+
+    /// Its requests so far whose verb `counts`, from `dchat_operator_kube_requests_total`:
+    /// "verb resource" → count.
+    fn requests(&self, counts: impl Fn(&str) -> bool) -> std::collections::BTreeMap<String, u64> {
         let text = self.metrics.encode().unwrap_or_default();
         let mut out = std::collections::BTreeMap::new();
         for line in text.lines() {
@@ -118,7 +129,7 @@ impl RunningOperator {
                     .unwrap_or_default()
             };
             let verb = label("verb");
-            if ["get", "list", "watch"].contains(&verb.as_str()) {
+            if !counts(&verb) {
                 continue;
             }
             *out.entry(format!("{verb} {}", label("resource")))
