@@ -394,8 +394,8 @@ fn controller(
         labels::MANAGED_BY
     ));
     let mut caches = ChildCaches::default();
-    // Each child kind is cached whole; only some of its changes start a reconcile
-    // (triggers.rs). Only StatefulSets are read for their status.
+    // Each child kind is watched whole and cached (cache.rs); only some of its changes
+    // start a reconcile (triggers.rs). Only StatefulSets are read for their status.
     macro_rules! cached_changes {
         ($kind:ty, $status_matters:expr) => {
             triggers::child_changes(
