@@ -18,9 +18,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
-use kube::api::Api;
-use kube::core::DynamicObject;
+use kube::api::{Api, ObjectMeta};
+use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Resource, ResourceExt};
@@ -28,6 +29,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
 
+use super::discovery::{self, Capabilities};
 use crate::labels::{self, FIELD_MANAGER};
 
 /// The caches of the child kinds the controller watches, by kind name.
@@ -140,6 +142,38 @@ impl KindCache {
         )
     }
 
+    /// The objects in `namespace` whose labels include all of `selector`, or `None`
+    /// before the first list is in.
+    fn labelled<K: DeserializeOwned + Resource>(
+        &self,
+        namespace: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Option<Vec<K>> {
+        let state = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if !state.listed {
+            return None;
+        }
+        let start = (namespace.to_string(), String::new());
+        Some(
+            state
+                .objects
+                .range(start..)
+                .take_while(|((ns, _), _)| ns == namespace)
+                .filter_map(|(_, cached)| serde_json::from_slice::<K>(&cached.json).ok())
+                .filter(|object| {
+                    let labels = object.labels();
+                    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                })
+                .collect(),
+        )
+    }
+
+    /// Drops everything: the watch stopped, and until another one has listed, the kind
+    /// reads as not listed.
+    fn forget(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = CacheState::default();
+    }
+
     /// How many objects it holds (tests).
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -170,16 +204,92 @@ impl ChildCaches {
             + Sync
             + 'static,
     {
+        self.watch_trimmed(api, config, trim_managed_fields::<K>)
+    }
+
+    /// A watch of relay Pods (`api`, `config`) whose Pods this cache keeps, trimmed
+    /// to what a rollout reads of them ([`trim_pod`], also in the events passed on).
+    pub fn watch_pods(
+        &mut self,
+        api: Api<Pod>,
+        config: watcher::Config,
+    ) -> impl Stream<Item = Result<Event<Pod>, watcher::Error>> + Send + 'static {
+        self.watch_trimmed(api, config, trim_pod)
+    }
+
+    fn watch_trimmed<K>(
+        &mut self,
+        api: Api<K>,
+        config: watcher::Config,
+        trim: fn(&mut K),
+    ) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let cache = self.add(K::kind(&()).into_owned());
+        watcher(api, config).modify(trim).map(move |event| {
+            if let Ok(event) = &event {
+                cache.apply(event);
+            }
+            event
+        })
+    }
+
+    /// A watch of the optional kind `resource` whose objects this cache keeps, running
+    /// only while discovery says the API server serves the kind
+    /// ([`discovery::while_served`]): a watch of a kind without its CRD would fail
+    /// forever. While it does not run, the kind reads as not listed (reconciles list it).
+    pub fn watch_while_served(
+        &mut self,
+        api: Api<DynamicObject>,
+        resource: &ApiResource,
+        config: watcher::Config,
+        capabilities: Arc<Capabilities>,
+        changes: tokio::sync::watch::Receiver<u64>,
+    ) -> impl Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send + 'static {
+        let cache = self.add(resource.kind.clone());
+        let stopped = cache.clone();
+        let start = move || {
+            watcher(api.clone(), config.clone())
+                .modify(|object: &mut DynamicObject| trim_managed_fields(object))
+        };
+        discovery::while_served(
+            resource.kind.clone(),
+            capabilities,
+            changes,
+            start,
+            move || stopped.forget(),
+        )
+        .map(move |event| {
+            if let Ok(event) = &event {
+                cache.apply(event);
+            }
+            event
+        })
+    }
+
+    /// The relay Pods in `namespace` whose labels include all of `selector`, trimmed
+    /// ([`trim_pod`]), or `None` when Pods are not cached or not listed yet.
+    pub(super) fn pods(
+        &self,
+        namespace: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Option<Vec<Pod>> {
+        let (_, cache) = self.kinds.iter().find(|(k, _)| k == "Pod")?;
+        cache.labelled(namespace, selector)
+    }
+
+    fn add(&mut self, kind: String) -> Arc<KindCache> {
         let cache = Arc::new(KindCache::default());
-        self.kinds.push((K::kind(&()).into_owned(), cache.clone()));
-        watcher(api, config)
-            .modify(|object: &mut K| trim_managed_fields(object))
-            .map(move |event| {
-                if let Ok(event) = &event {
-                    cache.apply(event);
-                }
-                event
-            })
+        self.kinds.push((kind, cache.clone()));
+        cache
     }
 
     /// The children of kind `kind` that `cluster` (in `namespace`, uid `owner_uid`)
@@ -214,6 +324,39 @@ impl ChildCacheSlot {
     pub fn get(&self) -> Option<Arc<ChildCaches>> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// Keeps of a relay Pod what a rollout reads ([`super::observe::observe_pods`]) and what
+/// starts a reconcile ([`super::triggers::relay_pod_trouble`]): its identity and labels,
+/// and of each container its name, restarts, state and last state. A whole Pod is about
+/// 10 KiB of JSON, most of it the spec.
+fn trim_pod(pod: &mut Pod) {
+    let meta = std::mem::take(&mut pod.metadata);
+    pod.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        labels: meta.labels,
+        ..ObjectMeta::default()
+    };
+    pod.spec = None;
+    let statuses = pod.status.take().and_then(|s| s.container_statuses);
+    pod.status = statuses.map(|statuses| PodStatus {
+        container_statuses: Some(
+            statuses
+                .into_iter()
+                .map(|cs| ContainerStatus {
+                    name: cs.name,
+                    restart_count: cs.restart_count,
+                    state: cs.state,
+                    last_state: cs.last_state,
+                    ..ContainerStatus::default()
+                })
+                .collect(),
+        ),
+        ..PodStatus::default()
+    });
 }
 
 /// Drops an object's managedFields but for one fact: whether the operator's apply owns
@@ -432,5 +575,121 @@ mod tests {
             names(cache.owned("team-a", "chat", "uid-9")),
             ["chat-config-uid-9"]
         );
+    }
+
+    fn relay_pod(namespace: &str, name: &str, slot: &str, restarts: i32) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": format!("uid-{name}"),
+                "resourceVersion": "7",
+                "labels": {
+                    labels::INSTANCE_LABEL: "chat",
+                    labels::SLOT_LABEL: slot,
+                    "controller-revision-hash": "chat-blue-5d8f",
+                },
+                "annotations": {"big": "x".repeat(2000)},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+            },
+            "spec": {"containers": [{"name": "relay", "image": "dchat-relay:0.1.0"}]},
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [{
+                    "name": "relay",
+                    "image": "dchat-relay:0.1.0",
+                    "imageID": "sha256:abc",
+                    "ready": false,
+                    "restartCount": restarts,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+                }],
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_trimmed_pod_keeps_what_rollouts_and_triggers_read() {
+        use crate::controller::triggers::{cluster_of_pod, pod_trouble_key};
+        let whole = relay_pod("team-a", "chat-blue-0", "blue", 3);
+        let mut trimmed = whole.clone();
+        trim_pod(&mut trimmed);
+        assert_eq!(pod_trouble_key(&trimmed), pod_trouble_key(&whole));
+        assert!(pod_trouble_key(&trimmed).is_some());
+        assert_eq!(cluster_of_pod(&trimmed), cluster_of_pod(&whole));
+        assert_eq!(trimmed.metadata.labels, whole.metadata.labels);
+        let status = |pod: &Pod| {
+            pod.status
+                .as_ref()
+                .unwrap()
+                .container_statuses
+                .as_ref()
+                .unwrap()[0]
+                .clone()
+        };
+        assert_eq!(status(&trimmed).last_state, status(&whole).last_state);
+        assert_eq!(status(&trimmed).state, status(&whole).state);
+        assert!(trimmed.spec.is_none());
+        assert!(trimmed.metadata.annotations.is_none());
+        assert!(trimmed.metadata.managed_fields.is_none());
+        let size = |pod: &Pod| serde_json::to_vec(pod).unwrap().len();
+        assert!(
+            size(&trimmed) * 4 < size(&whole),
+            "{} of {}",
+            size(&trimmed),
+            size(&whole)
+        );
+    }
+
+    #[test]
+    fn pods_are_read_by_namespace_and_labels() {
+        let cache = Arc::new(KindCache::default());
+        let mut caches = ChildCaches::default();
+        caches.kinds.push(("Pod".into(), cache.clone()));
+        let blue = BTreeMap::from([
+            (labels::INSTANCE_LABEL.to_string(), "chat".to_string()),
+            (labels::SLOT_LABEL.to_string(), "blue".to_string()),
+        ]);
+        assert!(caches.pods("team-a", &blue).is_none(), "not listed yet");
+        cache.apply(&Event::<Pod>::Init);
+        for pod in [
+            relay_pod("team-a", "chat-blue-0", "blue", 0),
+            relay_pod("team-a", "chat-blue-1", "blue", 1),
+            relay_pod("team-a", "chat-green-0", "green", 0),
+            relay_pod("team-ab", "chat-blue-0", "blue", 0),
+        ] {
+            let mut pod = pod;
+            trim_pod(&mut pod);
+            cache.apply(&Event::InitApply(pod));
+        }
+        cache.apply(&Event::<Pod>::InitDone);
+        let mut names: Vec<String> = caches
+            .pods("team-a", &blue)
+            .expect("listed")
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["chat-blue-0", "chat-blue-1"]);
+        assert_eq!(caches.pods("team-b", &blue).map(|p| p.len()), Some(0));
+    }
+
+    #[test]
+    fn a_forgotten_cache_reads_as_not_listed() {
+        let cache = KindCache::default();
+        cache.apply(&Event::<ConfigMap>::Init);
+        cache.apply(&Event::InitApply(config_map("team-a", "chat", "uid-1")));
+        cache.apply(&Event::<ConfigMap>::InitDone);
+        assert_eq!(names(cache.owned("team-a", "chat", "uid-1")).len(), 1);
+        cache.forget();
+        assert!(cache.owned("team-a", "chat", "uid-1").is_none());
+        assert_eq!(cache.len(), 0);
+        // A new watch's first list brings it back.
+        cache.apply(&Event::<ConfigMap>::Init);
+        cache.apply(&Event::<ConfigMap>::InitDone);
+        assert_eq!(names(cache.owned("team-a", "chat", "uid-1")).len(), 0);
     }
 }

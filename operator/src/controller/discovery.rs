@@ -8,11 +8,15 @@
 //! reconcile and again every [`DISCOVERY_INTERVAL`]; when the answer changes, every
 //! cluster is reconciled, so CRDs installed later get their objects without a restart.
 
-use std::sync::RwLock;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
+use kube::runtime::watcher;
 use kube::Client;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub use crate::build::OptionalKinds;
@@ -134,6 +138,112 @@ pub async fn keep_discovering(
     }
 }
 
+/// How long a watch of an optional kind that was answered 404 (its CRD went away between
+/// two discoveries) waits before it is tried again, unless discovery's answer changes
+/// first.
+const NOT_FOUND_RETRY: Duration = DISCOVERY_INTERVAL;
+
+/// The items of the stream `start` makes, for as long as discovery says the API server
+/// serves `kind`: the stream is started when it is served and dropped, with a call to
+/// `stopped`, when it is not any more. A 404 from the stream means the kind went away
+/// before discovery noticed: the stream is dropped the same way, the error is not passed
+/// on (a controller would back off every watch for it), and it is started again after
+/// discovery's answer changes or [`NOT_FOUND_RETRY`].
+pub fn while_served<T, S>(
+    kind: String,
+    capabilities: Arc<Capabilities>,
+    changes: watch::Receiver<u64>,
+    start: impl FnMut() -> S + Send + 'static,
+    stopped: impl FnMut() + Send + 'static,
+) -> impl Stream<Item = Result<T, watcher::Error>> + Send
+where
+    T: Send + 'static,
+    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+{
+    struct Switch<S, F, G> {
+        kind: String,
+        capabilities: Arc<Capabilities>,
+        /// `None` once the discovery task has ended: the last answer stands.
+        changes: Option<watch::Receiver<u64>>,
+        start: F,
+        stopped: G,
+        current: Option<Pin<Box<S>>>,
+        retry_at: Option<Instant>,
+    }
+    let switch = Switch {
+        kind,
+        capabilities,
+        changes: Some(changes),
+        start,
+        stopped,
+        current: None,
+        retry_at: None,
+    };
+    futures::stream::unfold(switch, |mut s| async move {
+        loop {
+            let served = s.capabilities.get().is_some_and(|k| k.serves(&s.kind));
+            if served && s.current.is_none() && s.retry_at.is_none() {
+                s.current = Some(Box::pin((s.start)()));
+            } else if !served && s.current.is_some() {
+                s.current = None;
+                (s.stopped)();
+            }
+            let changed = async {
+                match &mut s.changes {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let next = async {
+                match &mut s.current {
+                    Some(stream) => stream.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let retry = async {
+                match s.retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                open = changed => {
+                    if !open {
+                        s.changes = None;
+                    }
+                    s.retry_at = None;
+                }
+                () = retry => s.retry_at = None,
+                item = next => match item {
+                    Some(Err(e)) if is_not_found(&e) => {
+                        info!(kind = %s.kind, "no longer served; watching it again when discovery finds it");
+                        s.current = None;
+                        (s.stopped)();
+                        s.retry_at = Some(Instant::now() + NOT_FOUND_RETRY);
+                    }
+                    Some(item) => return Some((item, s)),
+                    // A watcher does not end; if it did, it is started again.
+                    None => {
+                        s.current = None;
+                        (s.stopped)();
+                    }
+                },
+            }
+        }
+    })
+}
+
+/// Whether a watch failed because the API server does not serve its kind.
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +263,95 @@ mod tests {
             })
         );
         assert!(caps.set(OptionalKinds::ALL), "back again is a change");
+    }
+
+    fn api_error(code: u16) -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..kube::core::Status::default()
+        })))
+    }
+
+    #[tokio::test]
+    async fn a_watch_runs_while_its_kind_is_served() {
+        use futures::channel::mpsc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Mutex;
+
+        type Item = Result<u32, watcher::Error>;
+        let capabilities = Arc::new(Capabilities::default());
+        let (changes, rx) = watch::channel(0_u64);
+        let sender: Arc<Mutex<Option<mpsc::UnboundedSender<Item>>>> = Arc::default();
+        let (starts, stops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let stream = while_served(
+            "ServiceMonitor".into(),
+            capabilities.clone(),
+            rx,
+            {
+                let (sender, starts) = (sender.clone(), starts.clone());
+                move || {
+                    let (tx, rx) = mpsc::unbounded();
+                    *sender.lock().unwrap() = Some(tx);
+                    starts.fetch_add(1, Ordering::SeqCst);
+                    rx
+                }
+            },
+            {
+                let stops = stops.clone();
+                move || {
+                    stops.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+        );
+        futures::pin_mut!(stream);
+        let send = |item: Item| {
+            if let Some(tx) = sender.lock().unwrap().as_ref() {
+                let _ = tx.unbounded_send(item);
+            }
+        };
+        let quiet = Duration::from_millis(50);
+        let count = |n: &Arc<AtomicUsize>| n.load(Ordering::SeqCst);
+
+        // Before discovery has answered, and while it says not served: no watch.
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+        capabilities.set(OptionalKinds::NONE);
+        changes.send_modify(|n| *n += 1);
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+        assert_eq!(count(&starts), 0);
+
+        // Served: watched, its items and its other errors passed on.
+        capabilities.set(OptionalKinds::ALL);
+        changes.send_modify(|n| *n += 1);
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+        assert_eq!(count(&starts), 1);
+        send(Ok(1));
+        assert_eq!(stream.next().await.unwrap().unwrap(), 1);
+        send(Err(api_error(403)));
+        assert!(stream.next().await.unwrap().is_err());
+
+        // A 404 before discovery noticed: stopped, not passed on, not restarted at once.
+        send(Err(api_error(404)));
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+        assert_eq!((count(&starts), count(&stops)), (1, 1));
+
+        // Discovery's answer changes: started again.
+        changes.send_modify(|n| *n += 1);
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+        assert_eq!(count(&starts), 2);
+        send(Ok(2));
+        assert_eq!(stream.next().await.unwrap().unwrap(), 2);
+
+        // No longer served: stopped.
+        capabilities.set(OptionalKinds::ALL.without("ServiceMonitor"));
+        changes.send_modify(|n| *n += 1);
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+        assert_eq!((count(&starts), count(&stops)), (2, 2));
+        send(Ok(3));
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+
+        // The discovery task ended: the last answer stands, nothing hangs or spins.
+        drop(changes);
+        assert!(tokio::time::timeout(quiet, stream.next()).await.is_err());
+        assert_eq!((count(&starts), count(&stops)), (2, 2));
     }
 }

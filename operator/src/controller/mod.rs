@@ -47,6 +47,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::api::{DchatBackup, DchatCluster};
+use crate::build::managed_kinds;
 use crate::events::EventRecorder;
 use crate::labels::{self, FINALIZER};
 use crate::metrics::Metrics;
@@ -264,7 +265,13 @@ pub async fn run(
                  crds/dchatbackups.dchat.network.yaml is applied and the operator restarted"
             );
         }
-        let (controller, caches) = controller(&client, &namespace, with_backups);
+        let (controller, caches) = controller(
+            &client,
+            &namespace,
+            with_backups,
+            &ctx.capabilities,
+            &changes_rx,
+        );
         ctx.children.set(Arc::new(caches));
         let clusters = controller
             .reconcile_all_on(rediscovered)
@@ -373,11 +380,15 @@ where
 }
 
 /// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere;
-/// and the caches of those children its watches fill, which reconciles read.
+/// and the caches of those children its watches fill, which reconciles read. The
+/// optional kinds are watched while `capabilities` says they are served (re-read at
+/// each of discovery's `changes`).
 fn controller(
     client: &Client,
     namespace: &Option<String>,
     with_backups: bool,
+    capabilities: &Arc<Capabilities>,
+    changes: &tokio::sync::watch::Receiver<u64>,
 ) -> (Controller<DchatCluster>, ChildCaches) {
     fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
     where
@@ -408,7 +419,7 @@ fn controller(
     // start a reconcile (triggers.rs).
     let (reader, clusters) = cached_without_managed_fields(api::<DchatCluster>(client, namespace));
     let clusters = triggers::cluster_changes(clusters);
-    let controller = Controller::for_stream(clusters, reader)
+    let mut controller = Controller::for_stream(clusters, reader)
         .with_config(
             controller::Config::default()
                 .concurrency(MAX_CONCURRENT_RECONCILES)
@@ -435,16 +446,34 @@ fn controller(
             true,
         ))
         .watches_stream(
-            triggers::relay_pod_trouble(
+            triggers::relay_pod_trouble(caches.watch_pods(
                 api::<Pod>(client, namespace),
                 watcher::Config::default().labels(&format!(
                     "app.kubernetes.io/name={},app.kubernetes.io/managed-by={}",
                     labels::APP_NAME,
                     labels::MANAGED_BY
                 )),
-            ),
+            )),
             |pod| triggers::cluster_of_pod(&pod),
         );
+    for kind in managed_kinds()
+        .into_iter()
+        .filter(|k| k.needs_monitoring_crds)
+    {
+        let api = match namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &kind.resource),
+            None => Api::all_with(client.clone(), &kind.resource),
+        };
+        let events = caches.watch_while_served(
+            api,
+            &kind.resource,
+            owned.clone(),
+            capabilities.clone(),
+            changes.clone(),
+        );
+        controller =
+            controller.owns_stream_with(triggers::child_changes(events, false), kind.resource);
+    }
     if !with_backups {
         return (controller, caches);
     }

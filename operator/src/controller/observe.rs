@@ -42,10 +42,11 @@ impl LiveChildren {
 }
 
 /// The cluster's children of every managed kind the API server serves (`served` says
-/// which optional ones): from the controller's caches for the kinds it watches
-/// ([`super::cache`]), listed for the others (the optional monitoring kinds, and every
-/// kind when no controller runs). A 404 for an optional kind means its CRD went away
-/// since the last discovery: it is skipped and forgotten until discovery finds it again.
+/// which optional ones): from the controller's caches ([`super::cache`]), listed for a
+/// kind whose watch has not listed yet (just started, refused, or an optional kind whose
+/// watch is stopped) and for every kind when no controller runs. A 404 for an optional
+/// kind means its CRD went away since the last discovery: it is skipped and forgotten
+/// until discovery finds it again.
 pub(super) async fn observe(
     cluster: &DchatCluster,
     ctx: &Context,
@@ -239,17 +240,27 @@ pub(super) async fn observe_pods(
         return Ok(health);
     }
     let revision = sts.status.as_ref().and_then(|s| s.update_revision.clone());
-    let selector = labels::slot_selector(cluster, slot)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let pods = api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_error("listing", "Pod", namespace, ""))?;
-    for pod in pods.items {
+    let selector = labels::slot_selector(cluster, slot);
+    let cached = ctx
+        .children
+        .get()
+        .and_then(|caches| caches.pods(namespace, &selector));
+    let pods = match cached {
+        Some(pods) => pods,
+        None => {
+            let selector = selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+            api.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(kube_error("listing", "Pod", namespace, ""))?
+                .items
+        }
+    };
+    for pod in pods {
         let name = pod.name_any();
         let pod_revision = pod.labels().get("controller-revision-hash");
         if revision.is_some() && pod_revision != revision.as_ref() {

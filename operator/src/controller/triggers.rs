@@ -38,9 +38,8 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::watcher::{self, Event};
 use kube::runtime::{PredicateConfig, WatchStreamExt};
 use kube::Resource;
 use serde::Serialize;
@@ -186,14 +185,11 @@ pub fn cluster_of_pod(pod: &Pod) -> Option<ObjectRef<DchatCluster>> {
 /// The relay Pods whose restarts or failures need a reconcile ([`pod_trouble_key`]):
 /// each passed on when its key changed since it was last seen, and only while it has
 /// trouble; a healthy Pod is never passed on.
-pub fn relay_pod_trouble(
-    api: Api<Pod>,
-    config: watcher::Config,
-) -> impl Stream<Item = Result<Pod, watcher::Error>> + Send {
-    keyed_changes(watcher(api, config), |pod: &Pod| {
-        pod_trouble_key(pod).unwrap_or(0)
-    })
-    .filter(|event| {
+pub fn relay_pod_trouble<S>(events: S) -> impl Stream<Item = Result<Pod, watcher::Error>> + Send
+where
+    S: Stream<Item = Result<Event<Pod>, watcher::Error>> + Send + 'static,
+{
+    keyed_changes(events, |pod: &Pod| pod_trouble_key(pod).unwrap_or(0)).filter(|event| {
         let troubled = match event {
             Ok(pod) => pod_trouble_key(pod).is_some(),
             Err(_) => true,

@@ -159,6 +159,31 @@ async fn monitoring_objects_follow_the_crds_without_a_restart() {
     })
     .await;
 
+    // Watched and cached once served: further reconciles list neither kind.
+    let lists = operator.lists();
+    for round in 0..3 {
+        let before = operator.reconciles_finished();
+        env.poke("chat", &format!("round-{round}")).await;
+        operator.wait_reconciled_after(before).await;
+    }
+    assert_eq!(
+        operator.lists(),
+        lists,
+        "a reconcile listed instead of reading the caches"
+    );
+    // Deleted by someone else: put back by the reconcile its watch starts, not at the
+    // next resync (5 minutes, longer than the wait).
+    let uid = monitors.get("chat").await.unwrap().metadata.uid;
+    monitors
+        .delete("chat", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the ServiceMonitor put back", || async {
+        let monitor = monitors.get_opt("chat").await.ok().flatten()?;
+        (monitor.metadata.uid != uid).then_some(())
+    })
+    .await;
+
     // The CRDs go away again: no error, and the next change still reconciles.
     let crds: Api<CustomResourceDefinition> = Api::all(env.admin.clone());
     for name in &crd_names {

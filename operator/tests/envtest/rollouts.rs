@@ -210,7 +210,16 @@ async fn a_crash_loop_before_the_switch_fails_at_once() {
     let rollout = status.rollout.unwrap();
     assert_eq!(rollout.reason.as_deref(), Some("PodFailing"), "{rollout:?}");
     assert_eq!(service_slot(&env, "chat").await, "blue");
+    assert_pods_read_from_the_cache(&operator);
     operator.assert_no_refusals();
+}
+
+/// The rollout's reconciles read the relay Pods from the cache their watch fills: the
+/// only list of Pods is that watch's own.
+fn assert_pods_read_from_the_cache(operator: &crate::support::operator::RunningOperator) {
+    let lists = operator.lists();
+    let pods = lists.get("list pods").copied().unwrap_or(0);
+    assert!(pods <= 1, "the reconciles listed Pods: {lists:?}");
 }
 
 /// f. A crash loop of the new relays inside the post-promotion window rolls back.
@@ -239,6 +248,7 @@ async fn a_crash_loop_in_the_window_rolls_back() {
     let message = &status.rollout.as_ref().unwrap().message;
     assert!(message.contains("CrashLoopBackOff"), "{message}");
     assert_eq!(service_slot(&env, "chat").await, "blue");
+    assert_pods_read_from_the_cache(&operator);
     operator.assert_no_refusals();
 }
 
