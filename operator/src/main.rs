@@ -23,6 +23,13 @@ use kube::CustomResourceExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
+/// jemalloc instead of glibc's malloc (feature `jemalloc`, on in the image): the
+/// operator's memory churns with every burst of watch events and reconciles, and glibc's
+/// allocator kept the peak resident (docs/performance.md, "Operator on a real API server").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Kubernetes operator for dchat relay clusters.
 #[derive(Parser, Debug)]
 #[command(name = "dchat-operator", version, about)]

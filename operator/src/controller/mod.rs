@@ -69,8 +69,9 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// it each started a reconcile of its own.
 const DEBOUNCE: Duration = Duration::from_secs(1);
 
-/// Reconciles running at once. Each holds the lists of its cluster's children and an API
-/// connection; unbounded, 1,000 clusters created together made 1,000 of each at once.
+/// Reconciles running at once. Each holds its cluster's children (parsed from the caches)
+/// and an API connection; unbounded, 1,000 clusters created together made 1,000 of each
+/// at once.
 const MAX_CONCURRENT_RECONCILES: u16 = 32;
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -436,8 +437,9 @@ fn controller(
         .owns_stream(cached_changes!(PodDisruptionBudget, false))
         .owns_stream(cached_changes!(NetworkPolicy, false))
         .owns_stream(cached_changes!(Ingress, false))
-        // A rollout's smoke test and handover, a restore: every status change. Jobs are
-        // not listed by a reconcile, so not cached: a metadata watch.
+        // A rollout's smoke test and handover, a restore: every status change. A
+        // reconcile reads its Jobs by name (get), so they are not cached: a metadata
+        // watch.
         .owns_stream(triggers::child_changes(
             watcher(
                 api::<PartialObjectMeta<Job>>(client, namespace),

@@ -1,7 +1,7 @@
 //! Which changes start a reconcile: of a DchatCluster, and of a child of one.
 //!
-//! Each reconcile costs requests (a Secret read, status, Events; a list of the optional
-//! monitoring kinds; during a rollout its Pods and Jobs) and CPU, and on a real API server
+//! Each reconcile costs requests (a Secret read, status, Events; during a rollout its
+//! Jobs) and CPU, and on a real API server
 //! most changes come from the operator itself and from other controllers, not from
 //! people. So not every watch event starts one (every event still updates the caches the
 //! reconcile reads, [`super::cache`]):
