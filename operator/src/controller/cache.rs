@@ -121,6 +121,39 @@ impl KindCache {
         instance: &str,
         owner_uid: &str,
     ) -> Option<Vec<DynamicObject>> {
+        self.in_namespace(namespace, |cached| {
+            let ours = cached.managed_by_operator
+                && cached.instance.as_deref() == Some(instance)
+                && cached.owner_uids.iter().any(|uid| uid == owner_uid);
+            ours.then(|| serde_json::from_slice(&cached.json).ok())
+                .flatten()
+        })
+    }
+
+    /// The objects in `namespace` whose labels include all of `selector`, or `None`
+    /// before the first list is in.
+    fn labelled<K: DeserializeOwned + Resource>(
+        &self,
+        namespace: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Option<Vec<K>> {
+        self.in_namespace(namespace, |cached| {
+            let object: K = serde_json::from_slice(&cached.json).ok()?;
+            let labels = object.labels();
+            selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+                .then_some(object)
+        })
+    }
+
+    /// What `pick` makes of each object in `namespace`, or `None` before the first list
+    /// is in.
+    fn in_namespace<T>(
+        &self,
+        namespace: &str,
+        pick: impl FnMut(&CachedObject) -> Option<T>,
+    ) -> Option<Vec<T>> {
         let state = self.0.read().unwrap_or_else(|e| e.into_inner());
         if !state.listed {
             return None;
@@ -132,38 +165,7 @@ impl KindCache {
                 .range(start..)
                 .take_while(|((ns, _), _)| ns == namespace)
                 .map(|(_, cached)| cached)
-                .filter(|c| {
-                    c.managed_by_operator
-                        && c.instance.as_deref() == Some(instance)
-                        && c.owner_uids.iter().any(|uid| uid == owner_uid)
-                })
-                .filter_map(|c| serde_json::from_slice(&c.json).ok())
-                .collect(),
-        )
-    }
-
-    /// The objects in `namespace` whose labels include all of `selector`, or `None`
-    /// before the first list is in.
-    fn labelled<K: DeserializeOwned + Resource>(
-        &self,
-        namespace: &str,
-        selector: &BTreeMap<String, String>,
-    ) -> Option<Vec<K>> {
-        let state = self.0.read().unwrap_or_else(|e| e.into_inner());
-        if !state.listed {
-            return None;
-        }
-        let start = (namespace.to_string(), String::new());
-        Some(
-            state
-                .objects
-                .range(start..)
-                .take_while(|((ns, _), _)| ns == namespace)
-                .filter_map(|(_, cached)| serde_json::from_slice::<K>(&cached.json).ok())
-                .filter(|object| {
-                    let labels = object.labels();
-                    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                })
+                .filter_map(pick)
                 .collect(),
         )
     }
@@ -185,6 +187,31 @@ impl KindCache {
     }
 }
 
+/// A built-in kind whose watch fills a cache.
+pub trait CachedKind:
+    Resource<DynamicType = ()>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> CachedKind for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 impl ChildCaches {
     /// A watch of `api` whose objects this cache keeps as the cache of `K`'s kind
     /// (managedFields trimmed, also in the events passed on); the stream must be polled
@@ -195,14 +222,7 @@ impl ChildCaches {
         config: watcher::Config,
     ) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
     where
-        K: Resource<DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: CachedKind,
     {
         self.watch_trimmed(api, config, trim_managed_fields::<K>)
     }
@@ -224,14 +244,7 @@ impl ChildCaches {
         trim: fn(&mut K),
     ) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
     where
-        K: Resource<DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: CachedKind,
     {
         let cache = self.add(K::kind(&()).into_owned());
         watcher(api, config).modify(trim).map(move |event| {
