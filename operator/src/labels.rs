@@ -128,6 +128,15 @@ pub fn slot_selector(cluster: &DchatCluster, slot: Slot) -> BTreeMap<String, Str
     labels
 }
 
+/// `labels` as a label selector string (`k=v,k=v`).
+pub fn selector_string(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Label selector string matching every object the operator manages for a cluster;
 /// used to find children to delete.
 pub fn managed_selector(cluster: &DchatCluster) -> String {

@@ -247,12 +247,7 @@ impl ChildCaches {
         K: CachedKind,
     {
         let cache = self.add(K::kind(&()).into_owned());
-        watcher(api, config).modify(trim).map(move |event| {
-            if let Ok(event) = &event {
-                cache.apply(event);
-            }
-            event
-        })
+        filling(cache, watcher(api, config).modify(trim))
     }
 
     /// A watch of the optional kind `resource` whose objects this cache keeps, running
@@ -273,19 +268,14 @@ impl ChildCaches {
             watcher(api.clone(), config.clone())
                 .modify(|object: &mut DynamicObject| trim_managed_fields(object))
         };
-        discovery::while_served(
+        let events = discovery::while_served(
             resource.kind.clone(),
             capabilities,
             changes,
             start,
             move || stopped.forget(),
-        )
-        .map(move |event| {
-            if let Ok(event) = &event {
-                cache.apply(event);
-            }
-            event
-        })
+        );
+        filling(cache, events)
     }
 
     /// The relay Pods in `namespace` whose labels include all of `selector`, trimmed
@@ -337,6 +327,20 @@ impl ChildCacheSlot {
     pub fn get(&self) -> Option<Arc<ChildCaches>> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// The watch `events`, passed on after each has been applied to `cache`: a reconcile
+/// that an event starts reads a cache that already holds it.
+fn filling<K: Resource + Serialize>(
+    cache: Arc<KindCache>,
+    events: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static {
+    events.map(move |event| {
+        if let Ok(event) = &event {
+            cache.apply(event);
+        }
+        event
+    })
 }
 
 /// Keeps of a relay Pod what a rollout reads ([`super::observe::observe_pods`]) and what

@@ -248,13 +248,8 @@ pub(super) async fn observe_pods(
     let pods = match cached {
         Some(pods) => pods,
         None => {
-            let selector = selector
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
             let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-            api.list(&ListParams::default().labels(&selector))
+            api.list(&ListParams::default().labels(&labels::selector_string(&selector)))
                 .await
                 .map_err(kube_error("listing", "Pod", namespace, ""))?
                 .items

@@ -295,11 +295,7 @@ pub(super) fn observation(
     template_hash: &str,
     now: Timestamp,
 ) -> Observation {
-    let selector = labels::slot_selector(cluster, active_slot)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let selector = labels::selector_string(&labels::slot_selector(cluster, active_slot));
     Observation {
         invalid_spec: None,
         reconcile_error: None,

@@ -159,8 +159,10 @@ async fn monitoring_objects_follow_the_crds_without_a_restart() {
     })
     .await;
 
-    // Watched and cached once served: further reconciles list neither kind.
+    // Watched and cached once served: further reconciles list neither kind, and the
+    // cached objects compare equal to the desired ones (nothing is applied again).
     let lists = operator.lists();
+    let writes = operator.writes();
     for round in 0..3 {
         let before = operator.reconciles_finished();
         env.poke("chat", &format!("round-{round}")).await;
@@ -171,6 +173,7 @@ async fn monitoring_objects_follow_the_crds_without_a_restart() {
         lists,
         "a reconcile listed instead of reading the caches"
     );
+    assert_eq!(operator.writes(), writes, "a reconcile wrote");
     // Deleted by someone else: put back by the reconcile its watch starts, not at the
     // next resync (5 minutes, longer than the wait).
     let uid = monitors.get("chat").await.unwrap().metadata.uid;
