@@ -38,7 +38,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, reflector, ObjectRef};
 use kube::runtime::watcher::{self, watcher};
@@ -350,7 +349,8 @@ fn backup_controller(client: &Client, namespace: &Option<String>) -> Controller<
     ));
     // Backups accumulate (a schedule's retention per cluster).
     let (reader, backups) = cached_without_managed_fields(backups);
-    Controller::for_stream(backups.applied_objects(), reader).owns(jobs, owned)
+    Controller::for_stream(backups.applied_objects(), reader)
+        .owns_stream(triggers::job_changes(watcher(jobs, owned)))
 }
 
 /// A watch of `api` and the cache it fills, the objects kept without their
@@ -437,16 +437,13 @@ fn controller(
         .owns_stream(cached_changes!(PodDisruptionBudget, false))
         .owns_stream(cached_changes!(NetworkPolicy, false))
         .owns_stream(cached_changes!(Ingress, false))
-        // A rollout's smoke test and handover, a restore: every status change. A
-        // reconcile reads its Jobs by name (get), so they are not cached: a metadata
-        // watch.
-        .owns_stream(triggers::child_changes(
-            watcher(
-                api::<PartialObjectMeta<Job>>(client, namespace),
-                owned.clone(),
-            ),
-            true,
-        ))
+        // A rollout's smoke test and handover, a restore: when one finishes. A reconcile
+        // reads its Jobs by name (get), so they are not cached; the watch carries whole
+        // Jobs only for their outcome.
+        .owns_stream(triggers::job_changes(watcher(
+            api::<Job>(client, namespace),
+            owned.clone(),
+        )))
         .watches_stream(
             triggers::relay_pod_trouble(caches.watch_pods(
                 api::<Pod>(client, namespace),

@@ -24,8 +24,12 @@
 //!   that restarted or cannot start while the StatefulSet's counts stay the same, which a
 //!   rollout must act on at once: a change of those starts a reconcile of the Pod's
 //!   cluster.
-//! - **Jobs** the cluster owns (smoke test, handover, restore): every change of status,
-//!   so a rollout moves on when its Job finishes, not at its next timer.
+//! - **Jobs** the cluster owns (smoke test, handover, restore) and a DchatBackup's Jobs:
+//!   a change of their outcome (a condition that ends them, a pod that succeeded), so a
+//!   rollout or a backup moves on when its Job finishes, not at its next timer. The Job
+//!   controller updates a running Job's status several times (start, pods active and
+//!   ready, pods counted as they end); the reconcile reads only the outcome
+//!   (`rollout::smoke::job_state`, `backups::job_outcome`), so those start none.
 //!
 //! A burst of changes (the children one reconcile created, a StatefulSet's status steps)
 //! becomes one reconcile through the controller's debounce (`controller/mod.rs`).
@@ -36,6 +40,7 @@ use std::hash::{Hash, Hasher};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
@@ -149,6 +154,45 @@ where
     keyed_changes(events, |hpa: &HorizontalPodAutoscaler| {
         change_key(&hpa.metadata, Some(spec_hash(&hpa.spec)), false)
     })
+}
+
+/// The Job conditions that end a Job, as the reconciles read them: success
+/// (`SuccessCriteriaMet` comes before `Complete`) or failure (`FailureTarget` before
+/// `Failed`).
+const JOB_OUTCOME_CONDITIONS: [&str; 4] =
+    ["SuccessCriteriaMet", "Complete", "FailureTarget", "Failed"];
+
+/// What of an owned Job must change for its owner to be reconciled: what
+/// [`change_key`] looks at for any child, and the Job's outcome — which of
+/// [`JOB_OUTCOME_CONDITIONS`] are true, and whether a pod succeeded. Not the Job
+/// controller's progress updates of a running Job (`startTime`, `active`, `ready`,
+/// terminated pods being counted, a failed pod that will be retried).
+pub fn job_change_key(job: &Job) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    change_key(&job.metadata, None, false).hash(&mut hasher);
+    let status = job.status.as_ref();
+    for condition in status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if condition.status == "True" && JOB_OUTCOME_CONDITIONS.contains(&condition.type_.as_str())
+        {
+            condition.type_.hash(&mut hasher);
+        }
+    }
+    let succeeded = status.and_then(|s| s.succeeded).unwrap_or(0) > 0;
+    succeeded.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The Jobs of a watch (`events`) whose changes need a reconcile of their owner
+/// ([`job_change_key`]).
+pub fn job_changes<S>(events: S) -> impl Stream<Item = Result<Job, watcher::Error>> + Send
+where
+    S: Stream<Item = Result<Event<Job>, watcher::Error>> + Send + 'static,
+{
+    keyed_changes(events, job_change_key)
 }
 
 /// What of a relay Pod's containers a rollout acts on: restarts, and the waiting reasons
@@ -319,6 +363,102 @@ mod tests {
             change_key(&meta(None, "11"), None, false),
             "a ConfigMap"
         );
+    }
+
+    fn job(status: k8s_openapi::api::batch::v1::JobStatus) -> Job {
+        Job {
+            metadata: meta(Some(1), "10"),
+            status: Some(status),
+            ..Job::default()
+        }
+    }
+
+    fn condition(type_: &str, status: &str) -> k8s_openapi::api::batch::v1::JobCondition {
+        k8s_openapi::api::batch::v1::JobCondition {
+            type_: type_.into(),
+            status: status.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_jobs_progress_is_not_passed_on_and_its_outcome_is() {
+        use k8s_openapi::api::batch::v1::{JobStatus, UncountedTerminatedPods};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let created = job_change_key(&Job {
+            metadata: meta(Some(1), "9"),
+            ..Job::default()
+        });
+        let running = JobStatus {
+            start_time: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+            active: Some(1),
+            ready: Some(0),
+            ..JobStatus::default()
+        };
+        let progress = [
+            running.clone(),
+            JobStatus {
+                ready: Some(1),
+                ..running.clone()
+            },
+            JobStatus {
+                active: Some(0),
+                uncounted_terminated_pods: Some(UncountedTerminatedPods {
+                    succeeded: Some(vec!["pod-1".into()]),
+                    ..Default::default()
+                }),
+                ..running.clone()
+            },
+            JobStatus {
+                failed: Some(1),
+                conditions: Some(vec![condition("Complete", "False")]),
+                ..running.clone()
+            },
+        ];
+        for status in progress {
+            assert_eq!(job_change_key(&job(status.clone())), created, "{status:?}");
+        }
+        let mut seen = vec![created];
+        for status in [
+            JobStatus {
+                succeeded: Some(1),
+                ..running.clone()
+            },
+            JobStatus {
+                succeeded: Some(1),
+                conditions: Some(vec![condition("SuccessCriteriaMet", "True")]),
+                ..running.clone()
+            },
+            JobStatus {
+                succeeded: Some(1),
+                conditions: Some(vec![
+                    condition("SuccessCriteriaMet", "True"),
+                    condition("Complete", "True"),
+                ]),
+                ..running.clone()
+            },
+            JobStatus {
+                conditions: Some(vec![condition("FailureTarget", "True")]),
+                ..running.clone()
+            },
+            JobStatus {
+                conditions: Some(vec![
+                    condition("FailureTarget", "True"),
+                    condition("Failed", "True"),
+                ]),
+                ..running.clone()
+            },
+        ] {
+            let key = job_change_key(&job(status.clone()));
+            assert!(!seen.contains(&key), "not told apart: {status:?}");
+            seen.push(key);
+        }
+        let mut deleting = job(running.clone());
+        deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_ne!(job_change_key(&deleting), created, "deletion started");
+        let mut again = job(running);
+        again.metadata.uid = Some("child-2".into());
+        assert_ne!(job_change_key(&again), created, "created again");
     }
 
     #[test]

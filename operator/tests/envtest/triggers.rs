@@ -1,18 +1,20 @@
 //! Which changes start a reconcile (`controller/triggers.rs`): a child someone deleted, or
 //! whose spec someone edited, is put back at once (the wait is shorter than the 5-minute
 //! resync, so only the child's own watch event can have started the repair); a write of a
-//! DchatCluster's status alone starts none.
+//! DchatCluster's status alone starts none; of a Job, only its end.
 
 use dchat_operator::api::Phase;
-use dchat_operator::controller::triggers::{autoscaler_changes, cluster_changes};
+use dchat_operator::controller::triggers::{autoscaler_changes, cluster_changes, job_changes};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::watcher::{self, watcher};
 use kube::ResourceExt;
 
+use crate::support::kubelet::{job_name, Fate};
 use crate::support::{observed, ready_with, wait_for, Env, TIMEOUT};
 
 /// The name of the cluster's first child of `kind`.
@@ -211,4 +213,69 @@ async fn a_status_write_alone_starts_no_reconcile_of_a_cluster() {
         );
         assert_eq!(next.status.map(|s| s.phase), Some(phase), "round {round}");
     }
+}
+
+/// The Job watch filtered as the controllers filter it: the Job controller's updates of a
+/// running Job (its start, its Pod active and then ready, in the real controller-manager)
+/// are not passed on; its end is. Watch events come in the order of the writes, so had a
+/// progress update been passed on, it would have come before the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_progress_is_not_passed_on_and_its_end_is() {
+    let Some(env) = Env::shared("job-changes").await else {
+        return;
+    };
+    // Its Pod stays Pending until the watch has begun.
+    env.kubelet.set_policy(|_| Fate::Pending);
+    let jobs = env.api::<Job>();
+    env.apply(&serde_json::json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "probe", "labels": {"app.kubernetes.io/managed-by": dchat_operator::labels::MANAGED_BY}},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "probe", "image": "busybox:1.36"}],
+            }},
+        },
+    }))
+    .await
+    .expect("creating the Job");
+    let selector = format!(
+        "app.kubernetes.io/managed-by={}",
+        dchat_operator::labels::MANAGED_BY
+    );
+    let config = watcher::Config::default().labels(&selector);
+    let mut changes = Box::pin(job_changes(watcher(jobs.clone(), config)));
+    let created = next_change(&mut changes).await;
+    assert_eq!(created.name_any(), "probe");
+
+    // The Job controller records its Pod running and ready, then its end.
+    env.kubelet.set_policy(|pod| match job_name(pod) {
+        Some(_) => Fate::Ready,
+        None => Fate::Pending,
+    });
+    let running = wait_for("the Job's Pod ready", || async {
+        let job: Job = env.get("probe").await?;
+        let status = job.status.as_ref()?;
+        (status.active == Some(1) && status.ready == Some(1)).then_some(job)
+    })
+    .await;
+    assert_ne!(
+        running.metadata.resource_version, created.metadata.resource_version,
+        "the Job's status was updated"
+    );
+    env.kubelet.set_policy(|pod| match job_name(pod) {
+        Some(_) => Fate::Succeed,
+        None => Fate::Pending,
+    });
+    let next = next_change(&mut changes).await;
+    let status = next.status.unwrap_or_default();
+    let ended = status.succeeded.unwrap_or(0) > 0
+        || status.conditions.iter().flatten().any(|c| {
+            c.status == "True" && ["SuccessCriteriaMet", "Complete"].contains(&c.type_.as_str())
+        });
+    assert!(
+        ended,
+        "a progress update of the running Job was passed on: {status:?}"
+    );
 }
