@@ -159,25 +159,26 @@ pub(super) async fn decide_rollout(
     Ok(rollout::decide(&input))
 }
 
-/// Creates a rollout Job unless it exists. Jobs are created once and never updated:
-/// a Job's pod template is immutable, and each attempt has its own name.
+/// Creates a rollout Job unless it exists; `true` when this call created it. Jobs are
+/// created once and never updated: a Job's pod template is immutable, and each attempt
+/// has its own name.
 pub(super) async fn ensure_job(
     ctx: &Context,
     namespace: &str,
     name: &str,
     job: &Job,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let existing = jobs
         .get_opt(name)
         .await
         .map_err(kube_error("reading", "Job", namespace, name))?;
     if existing.is_some() {
-        return Ok(());
+        return Ok(false);
     }
     match jobs.create(&PostParams::default(), job).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
         Err(e) => Err(kube_error("creating", "Job", namespace, name)(e)),
     }
 }
@@ -243,13 +244,14 @@ async fn prerollout_backup_state(
     })
 }
 
-/// Creates the DchatBackup a rollout takes before its switch, unless it exists.
+/// Creates the DchatBackup a rollout takes before its switch, unless it exists; `true`
+/// when this call created it.
 pub(super) async fn ensure_prerollout_backup(
     cluster: &DchatCluster,
     ctx: &Context,
     namespace: &str,
     name: &str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     use crate::api::{ClusterReference, DchatBackup, DchatBackupSpec};
     let api: Api<DchatBackup> = Api::namespaced(ctx.client.clone(), namespace);
     if api
@@ -258,7 +260,7 @@ pub(super) async fn ensure_prerollout_backup(
         .map_err(kube_error("reading", "DchatBackup", namespace, name))?
         .is_some()
     {
-        return Ok(());
+        return Ok(false);
     }
     let mut backup = DchatBackup::new(
         name,
@@ -277,8 +279,8 @@ pub(super) async fn ensure_prerollout_backup(
         .into(),
     );
     match api.create(&PostParams::default(), &backup).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
         Err(e) => Err(kube_error("creating", "DchatBackup", namespace, name)(e)),
     }
 }

@@ -211,23 +211,40 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         outcome = apply_children(&cluster, ctx, &namespace, &desired, &kept, &live).await;
     }
     if outcome.is_ok() {
+        // The decision wants these while its step runs; each is created once (logged
+        // then) and read again by every later reconcile of the step.
         if let Some(request) = &decision.smoke {
-            info!(job = %request.job_name, slot = %request.slot, "creating smoke test Job");
             let job = smoke::smoke_job(&cluster, request);
-            outcome = ensure_job(ctx, &namespace, &request.job_name, &job).await;
+            outcome = ensure_job(ctx, &namespace, &request.job_name, &job)
+                .await
+                .map(|created| {
+                    if created {
+                        info!(job = %request.job_name, slot = %request.slot, "created smoke test Job");
+                    }
+                });
         }
     }
     if outcome.is_ok() {
         if let Some(request) = &decision.backup {
-            info!(backup = %request.name, "creating the backup before the switch");
-            outcome = ensure_prerollout_backup(&cluster, ctx, &namespace, &request.name).await;
+            outcome = ensure_prerollout_backup(&cluster, ctx, &namespace, &request.name)
+                .await
+                .map(|created| {
+                    if created {
+                        info!(backup = %request.name, "created the backup before the switch");
+                    }
+                });
         }
     }
     if outcome.is_ok() {
         if let Some(request) = &decision.handover {
-            info!(job = %request.job_name, from = %request.from, to = %request.to, "creating handover Job");
             let job = handover::handover_job(&cluster, request);
-            outcome = ensure_job(ctx, &namespace, &request.job_name, &job).await;
+            outcome = ensure_job(ctx, &namespace, &request.job_name, &job)
+                .await
+                .map(|created| {
+                    if created {
+                        info!(job = %request.job_name, from = %request.from, to = %request.to, "created handover Job");
+                    }
+                });
         }
     }
     for note in &decision.notes {
