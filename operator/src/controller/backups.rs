@@ -225,8 +225,10 @@ pub(super) async fn job_outcome(
             .and_then(|c| c.iter().find(|c| c.type_ == type_ && c.status == "True"))
             .cloned()
     };
-    let complete = condition("Complete");
-    let failed = condition("Failed");
+    // Either condition of an end, as the Job watch's trigger tells them
+    // (`triggers::job_change_key`): the first comes before the Job's pods are gone.
+    let complete = condition("Complete").or_else(|| condition("SuccessCriteriaMet"));
+    let failed = condition("Failed").or_else(|| condition("FailureTarget"));
     if complete.is_none() && failed.is_none() {
         return Ok(JobOutcome::Running);
     }

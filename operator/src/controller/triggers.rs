@@ -25,11 +25,11 @@
 //!   rollout must act on at once: a change of those starts a reconcile of the Pod's
 //!   cluster.
 //! - **Jobs** the cluster owns (smoke test, handover, restore) and a DchatBackup's Jobs:
-//!   a change of their outcome (a condition that ends them, a pod that succeeded), so a
-//!   rollout or a backup moves on when its Job finishes, not at its next timer. The Job
-//!   controller updates a running Job's status several times (start, pods active and
-//!   ready, pods counted as they end); the reconcile reads only the outcome
-//!   (`rollout::smoke::job_state`, `backups::job_outcome`), so those start none.
+//!   a change of their outcome (success, failure, a pod that succeeded), so a rollout or
+//!   a backup moves on when its Job finishes, not at its next timer. Not their creation
+//!   (the operator's own), and not the Job controller's updates of a running Job's status
+//!   (start, pods active and ready, pods counted as they end): the reconcile reads only
+//!   the outcome (`rollout::smoke::job_state`, `backups::job_outcome`).
 //!
 //! A burst of changes (the children one reconcile created, a StatefulSet's status steps)
 //! becomes one reconcile through the controller's debounce (`controller/mod.rs`).
@@ -137,9 +137,11 @@ where
     K: Resource + Send + 'static,
     S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
 {
-    keyed_changes(events, move |object: &K| {
-        change_key(object.meta(), None, status_matters)
-    })
+    keyed_changes(
+        events,
+        move |object: &K| change_key(object.meta(), None, status_matters),
+        |_| true,
+    )
 }
 
 /// The HorizontalPodAutoscalers of a watch (`events`) whose changes need a reconcile:
@@ -151,48 +153,66 @@ pub fn autoscaler_changes<S>(
 where
     S: Stream<Item = Result<Event<HorizontalPodAutoscaler>, watcher::Error>> + Send + 'static,
 {
-    keyed_changes(events, |hpa: &HorizontalPodAutoscaler| {
-        change_key(&hpa.metadata, Some(spec_hash(&hpa.spec)), false)
-    })
+    keyed_changes(
+        events,
+        |hpa: &HorizontalPodAutoscaler| {
+            change_key(&hpa.metadata, Some(spec_hash(&hpa.spec)), false)
+        },
+        |_| true,
+    )
 }
 
-/// The Job conditions that end a Job, as the reconciles read them: success
-/// (`SuccessCriteriaMet` comes before `Complete`) or failure (`FailureTarget` before
-/// `Failed`).
-const JOB_OUTCOME_CONDITIONS: [&str; 4] =
-    ["SuccessCriteriaMet", "Complete", "FailureTarget", "Failed"];
+/// The Job conditions that mean a Job succeeded: `SuccessCriteriaMet` comes first, then
+/// `Complete` once its pods are gone; the reconciles take either as the end.
+pub const JOB_SUCCEEDED_CONDITIONS: [&str; 2] = ["SuccessCriteriaMet", "Complete"];
 
-/// What of an owned Job must change for its owner to be reconciled: what
-/// [`change_key`] looks at for any child, and the Job's outcome — which of
-/// [`JOB_OUTCOME_CONDITIONS`] are true, and whether a pod succeeded. Not the Job
-/// controller's progress updates of a running Job (`startTime`, `active`, `ready`,
-/// terminated pods being counted, a failed pod that will be retried).
-pub fn job_change_key(job: &Job) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    change_key(&job.metadata, None, false).hash(&mut hasher);
-    let status = job.status.as_ref();
-    for condition in status
+/// The Job conditions that mean a Job failed: `FailureTarget`, then `Failed`.
+pub const JOB_FAILED_CONDITIONS: [&str; 2] = ["FailureTarget", "Failed"];
+
+/// Whether one of `types` is a true condition of `job`.
+pub fn job_condition(job: &Job, types: &[&str]) -> bool {
+    job.status
+        .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .into_iter()
         .flatten()
-    {
-        if condition.status == "True" && JOB_OUTCOME_CONDITIONS.contains(&condition.type_.as_str())
-        {
-            condition.type_.hash(&mut hasher);
-        }
-    }
-    let succeeded = status.and_then(|s| s.succeeded).unwrap_or(0) > 0;
+        .any(|c| c.status == "True" && types.contains(&c.type_.as_str()))
+}
+
+/// What of an owned Job must change for its owner to be reconciled: what
+/// [`change_key`] looks at for any child, and the Job's outcome as the reconciles read it
+/// — whether it succeeded ([`JOB_SUCCEEDED_CONDITIONS`]), failed
+/// ([`JOB_FAILED_CONDITIONS`]), and whether a pod succeeded. Not the Job controller's
+/// progress updates of a running Job (`startTime`, `active`, `ready`, terminated pods
+/// being counted, a failed pod that will be retried), nor `Complete` after
+/// `SuccessCriteriaMet`.
+pub fn job_change_key(job: &Job) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    change_key(&job.metadata, None, false).hash(&mut hasher);
+    job_condition(job, &JOB_SUCCEEDED_CONDITIONS).hash(&mut hasher);
+    job_condition(job, &JOB_FAILED_CONDITIONS).hash(&mut hasher);
+    let succeeded = job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0;
     succeeded.hash(&mut hasher);
     hasher.finish()
 }
 
+/// Whether a Job has an outcome the reconciles act on: it succeeded or failed, or a pod
+/// of it succeeded.
+pub fn job_ended(job: &Job) -> bool {
+    job_condition(job, &JOB_SUCCEEDED_CONDITIONS)
+        || job_condition(job, &JOB_FAILED_CONDITIONS)
+        || job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
+}
+
 /// The Jobs of a watch (`events`) whose changes need a reconcile of their owner
-/// ([`job_change_key`]).
+/// ([`job_change_key`]). A Job seen for the first time is passed on only when it has
+/// already ended ([`job_ended`]): the operator creates its Jobs itself, and the reconcile
+/// that created one has nothing new to learn from its echo.
 pub fn job_changes<S>(events: S) -> impl Stream<Item = Result<Job, watcher::Error>> + Send
 where
     S: Stream<Item = Result<Event<Job>, watcher::Error>> + Send + 'static,
 {
-    keyed_changes(events, job_change_key)
+    keyed_changes(events, job_change_key, job_ended)
 }
 
 /// What of a relay Pod's containers a rollout acts on: restarts, and the waiting reasons
@@ -233,7 +253,12 @@ pub fn relay_pod_trouble<S>(events: S) -> impl Stream<Item = Result<Pod, watcher
 where
     S: Stream<Item = Result<Event<Pod>, watcher::Error>> + Send + 'static,
 {
-    keyed_changes(events, |pod: &Pod| pod_trouble_key(pod).unwrap_or(0)).filter(|event| {
+    keyed_changes(
+        events,
+        |pod: &Pod| pod_trouble_key(pod).unwrap_or(0),
+        |_| true,
+    )
+    .filter(|event| {
         let troubled = match event {
             Ok(pod) => pod_trouble_key(pod).is_some(),
             Err(_) => true,
@@ -243,10 +268,11 @@ where
 }
 
 /// The objects of a watch (`events`), each passed on when its `key` changed since it was
-/// last seen, and on deletion.
+/// last seen, when it is seen for the first time and `first` says so, and on deletion.
 fn keyed_changes<K, S>(
     events: S,
     key: impl Fn(&K) -> u64 + Send + 'static,
+    first: impl Fn(&K) -> bool + Send + 'static,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource + Send + 'static,
@@ -256,6 +282,10 @@ where
     // A relist after a broken watch reports no deletions: the keys it lists replace
     // `seen` when it is done, so children gone meanwhile are forgotten.
     let mut relisted: Option<HashMap<Identity, u64>> = None;
+    let passes = move |previous: Option<u64>, key: u64, object: &K| match previous {
+        Some(previous) => previous != key,
+        None => first(object),
+    };
     events.filter_map(move |event| {
         let passed = match event {
             Err(e) => Some(Err(e)),
@@ -266,14 +296,14 @@ where
             Ok(Event::Apply(object)) => {
                 let key = key(&object);
                 let previous = seen.insert(identity(object.meta()), key);
-                (previous != Some(key)).then_some(Ok(object))
+                passes(previous, key, &object).then_some(Ok(object))
             }
             Ok(Event::InitApply(object)) => {
                 let id = identity(object.meta());
                 let key = key(&object);
                 let previous = seen.get(&id).copied();
                 relisted.get_or_insert_with(HashMap::new).insert(id, key);
-                (previous != Some(key)).then_some(Ok(object))
+                passes(previous, key, &object).then_some(Ok(object))
             }
             Ok(Event::Init) => {
                 relisted = Some(HashMap::new());
@@ -430,22 +460,7 @@ mod tests {
                 ..running.clone()
             },
             JobStatus {
-                succeeded: Some(1),
-                conditions: Some(vec![
-                    condition("SuccessCriteriaMet", "True"),
-                    condition("Complete", "True"),
-                ]),
-                ..running.clone()
-            },
-            JobStatus {
                 conditions: Some(vec![condition("FailureTarget", "True")]),
-                ..running.clone()
-            },
-            JobStatus {
-                conditions: Some(vec![
-                    condition("FailureTarget", "True"),
-                    condition("Failed", "True"),
-                ]),
                 ..running.clone()
             },
         ] {
@@ -453,12 +468,91 @@ mod tests {
             assert!(!seen.contains(&key), "not told apart: {status:?}");
             seen.push(key);
         }
+        // The second condition of an end is the same end.
+        let ended = |conditions: Vec<k8s_openapi::api::batch::v1::JobCondition>| {
+            job_change_key(&job(JobStatus {
+                succeeded: None,
+                conditions: Some(conditions),
+                ..running.clone()
+            }))
+        };
+        assert_eq!(
+            ended(vec![condition("SuccessCriteriaMet", "True")]),
+            ended(vec![
+                condition("SuccessCriteriaMet", "True"),
+                condition("Complete", "True"),
+            ]),
+        );
+        assert_eq!(
+            ended(vec![condition("FailureTarget", "True")]),
+            ended(vec![
+                condition("FailureTarget", "True"),
+                condition("Failed", "True"),
+            ]),
+        );
         let mut deleting = job(running.clone());
         deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         assert_ne!(job_change_key(&deleting), created, "deletion started");
         let mut again = job(running);
         again.metadata.uid = Some("child-2".into());
         assert_ne!(job_change_key(&again), created, "created again");
+    }
+
+    #[tokio::test]
+    async fn a_jobs_echo_is_not_passed_on_and_its_end_and_deletion_are() {
+        use k8s_openapi::api::batch::v1::JobStatus;
+        let named = |name: &str, status: JobStatus| {
+            let mut job = job(status);
+            job.metadata.name = Some(name.into());
+            job
+        };
+        let running = JobStatus {
+            active: Some(1),
+            ..JobStatus::default()
+        };
+        let done = JobStatus {
+            succeeded: Some(1),
+            conditions: Some(vec![condition("SuccessCriteriaMet", "True")]),
+            ..JobStatus::default()
+        };
+        let events = vec![
+            // The operator's own create, then the Job controller's progress: nothing.
+            Ok(Event::Apply(named("smoke", JobStatus::default()))),
+            Ok(Event::Apply(named("smoke", running.clone()))),
+            // Its end, then the second condition of the same end: one.
+            Ok(Event::Apply(named("smoke", done.clone()))),
+            Ok(Event::Apply(named(
+                "smoke",
+                JobStatus {
+                    conditions: Some(vec![
+                        condition("SuccessCriteriaMet", "True"),
+                        condition("Complete", "True"),
+                    ]),
+                    ..done.clone()
+                },
+            ))),
+            // A Job first seen when it has already ended (the operator restarted): passed.
+            Ok(Event::Apply(named("restore", done))),
+            Ok(Event::Delete(named("smoke", running))),
+        ];
+        let passed: Vec<(String, bool)> = job_changes(futures::stream::iter(events))
+            .map(|job| {
+                let job = job.expect("no errors");
+                (
+                    job.metadata.name.clone().unwrap_or_default(),
+                    job_ended(&job),
+                )
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            passed,
+            [
+                ("smoke".to_string(), true),
+                ("restore".to_string(), true),
+                ("smoke".to_string(), false),
+            ]
+        );
     }
 
     #[test]
