@@ -21,6 +21,7 @@ pub mod controller;
 pub mod day2;
 pub mod events;
 pub mod http;
+pub mod job_end;
 pub mod labels;
 pub mod leader;
 pub mod metrics;

@@ -24,6 +24,7 @@ use crate::backup::job::{self, CreateRequest, DeleteRequest};
 use crate::backup::lifecycle::{
     self, deletes_data, failure_message, JobOutcome, Observed, Step, FINALIZER,
 };
+use crate::job_end;
 use crate::labels::FIELD_MANAGER;
 
 /// How often a waiting backup (Job running, another backup first) is looked at.
@@ -218,17 +219,8 @@ pub(super) async fn job_outcome(
     else {
         return Ok(JobOutcome::Absent);
     };
-    let condition = |type_: &str| {
-        job.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|c| c.iter().find(|c| c.type_ == type_ && c.status == "True"))
-            .cloned()
-    };
-    // Either condition of an end, as the Job watch's trigger tells them
-    // (`triggers::job_change_key`): the first comes before the Job's pods are gone.
-    let complete = condition("Complete").or_else(|| condition("SuccessCriteriaMet"));
-    let failed = condition("Failed").or_else(|| condition("FailureTarget"));
+    let complete = job_end::true_condition(&job, &job_end::SUCCEEDED);
+    let failed = job_end::true_condition(&job, &job_end::FAILED);
     if complete.is_none() && failed.is_none() {
         return Ok(JobOutcome::Running);
     }

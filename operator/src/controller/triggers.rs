@@ -51,6 +51,7 @@ use serde::Serialize;
 
 use super::observe::FAILING_REASONS;
 use crate::api::DchatCluster;
+use crate::job_end;
 use crate::labels;
 
 /// What of a DchatCluster must change for it to be reconciled (see the module docs): not
@@ -162,57 +163,35 @@ where
     )
 }
 
-/// The Job conditions that mean a Job succeeded: `SuccessCriteriaMet` comes first, then
-/// `Complete` once its pods are gone; the reconciles take either as the end.
-pub const JOB_SUCCEEDED_CONDITIONS: [&str; 2] = ["SuccessCriteriaMet", "Complete"];
-
-/// The Job conditions that mean a Job failed: `FailureTarget`, then `Failed`.
-pub const JOB_FAILED_CONDITIONS: [&str; 2] = ["FailureTarget", "Failed"];
-
-/// Whether one of `types` is a true condition of `job`.
-pub fn job_condition(job: &Job, types: &[&str]) -> bool {
-    job.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .any(|c| c.status == "True" && types.contains(&c.type_.as_str()))
-}
-
 /// What of an owned Job must change for its owner to be reconciled: what
 /// [`change_key`] looks at for any child, and the Job's outcome as the reconciles read it
-/// — whether it succeeded ([`JOB_SUCCEEDED_CONDITIONS`]), failed
-/// ([`JOB_FAILED_CONDITIONS`]), and whether a pod succeeded. Not the Job controller's
+/// ([`crate::job_end`]) — whether it succeeded, failed, and whether a pod succeeded. Not
+/// the Job controller's
 /// progress updates of a running Job (`startTime`, `active`, `ready`, terminated pods
 /// being counted, a failed pod that will be retried), nor `Complete` after
 /// `SuccessCriteriaMet`.
 pub fn job_change_key(job: &Job) -> u64 {
     let mut hasher = DefaultHasher::new();
     change_key(&job.metadata, None, false).hash(&mut hasher);
-    job_condition(job, &JOB_SUCCEEDED_CONDITIONS).hash(&mut hasher);
-    job_condition(job, &JOB_FAILED_CONDITIONS).hash(&mut hasher);
-    let succeeded = job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0;
-    succeeded.hash(&mut hasher);
+    job_end::true_condition(job, &job_end::SUCCEEDED)
+        .is_some()
+        .hash(&mut hasher);
+    job_end::true_condition(job, &job_end::FAILED)
+        .is_some()
+        .hash(&mut hasher);
+    job_end::pod_succeeded(job).hash(&mut hasher);
     hasher.finish()
-}
-
-/// Whether a Job has an outcome the reconciles act on: it succeeded or failed, or a pod
-/// of it succeeded.
-pub fn job_ended(job: &Job) -> bool {
-    job_condition(job, &JOB_SUCCEEDED_CONDITIONS)
-        || job_condition(job, &JOB_FAILED_CONDITIONS)
-        || job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
 }
 
 /// The Jobs of a watch (`events`) whose changes need a reconcile of their owner
 /// ([`job_change_key`]). A Job seen for the first time is passed on only when it has
-/// already ended ([`job_ended`]): the operator creates its Jobs itself, and the reconcile
+/// already ended ([`job_end::ended`]): the operator creates its Jobs itself, and the reconcile
 /// that created one has nothing new to learn from its echo.
 pub fn job_changes<S>(events: S) -> impl Stream<Item = Result<Job, watcher::Error>> + Send
 where
     S: Stream<Item = Result<Event<Job>, watcher::Error>> + Send + 'static,
 {
-    keyed_changes(events, job_change_key, job_ended)
+    keyed_changes(events, job_change_key, job_end::ended)
 }
 
 /// What of a relay Pod's containers a rollout acts on: restarts, and the waiting reasons
@@ -540,7 +519,7 @@ mod tests {
                 let job = job.expect("no errors");
                 (
                     job.metadata.name.clone().unwrap_or_default(),
-                    job_ended(&job),
+                    job_end::ended(&job),
                 )
             })
             .collect()

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec, JobStatus};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
     SeccompProfile, SecurityContext,
@@ -14,6 +14,7 @@ use kube::ResourceExt;
 
 use super::{JobState, SmokeRequest};
 use crate::api::DchatCluster;
+use crate::job_end;
 use crate::labels;
 
 /// UID the relay image's non-root user has; the smoke test runs as it too.
@@ -200,36 +201,30 @@ pub(crate) fn tool_job(cluster: &DchatCluster, tool: ToolJob<'_>) -> Job {
     }
 }
 
-/// Reads a Job's outcome from its status conditions (`Complete` / `Failed`).
+/// Reads a Job's outcome ([`crate::job_end`]): a condition of either end, or a pod that
+/// succeeded.
 pub fn job_state(job: Option<&Job>) -> JobState {
     let Some(job) = job else {
         return JobState::Absent;
     };
-    let status = job.status.clone().unwrap_or_else(JobStatus::default);
-    for condition in status.conditions.iter().flatten() {
-        if condition.status != "True" {
-            continue;
-        }
-        match condition.type_.as_str() {
-            "Complete" | "SuccessCriteriaMet" => return JobState::Succeeded,
-            "Failed" | "FailureTarget" => {
-                let why = [condition.reason.as_deref(), condition.message.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join(": ");
-                return JobState::Failed(format!(
-                    "Job {} failed{}{} (see `kubectl logs job/{}`)",
-                    job.name_any(),
-                    if why.is_empty() { "" } else { ": " },
-                    why,
-                    job.name_any()
-                ));
-            }
-            _ => {}
-        }
+    if job_end::true_condition(job, &job_end::SUCCEEDED).is_some() {
+        return JobState::Succeeded;
     }
-    if status.succeeded.unwrap_or(0) > 0 {
+    if let Some(condition) = job_end::true_condition(job, &job_end::FAILED) {
+        let why = [condition.reason.as_deref(), condition.message.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(": ");
+        return JobState::Failed(format!(
+            "Job {} failed{}{} (see `kubectl logs job/{}`)",
+            job.name_any(),
+            if why.is_empty() { "" } else { ": " },
+            why,
+            job.name_any()
+        ));
+    }
+    if job_end::pod_succeeded(job) {
         return JobState::Succeeded;
     }
     JobState::Running
@@ -240,7 +235,7 @@ mod tests {
     use super::*;
     use crate::api::Slot;
     use crate::testing::cluster_from_yaml;
-    use k8s_openapi::api::batch::v1::JobCondition;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
 
     fn request() -> SmokeRequest {
         SmokeRequest {
