@@ -5,8 +5,11 @@
 //! list per child kind was ten requests per reconcile, most of the operator's requests
 //! on a real API server. A cache can lag the API server by a watch event; what a
 //! reconcile decides from it holds anyway, because a child's status is judged against
-//! its own `generation` (a StatefulSet just changed reads as not rolled out yet) and the
-//! event that brings the cache up to date starts the next reconcile.
+//! its own `generation` (a StatefulSet just changed reads as not rolled out yet), the
+//! event of someone else's change that brings the cache up to date starts the next
+//! reconcile, and a child read before the operator's own write of it reached the cache
+//! (that event starts none, [`super::own_writes`]) is applied again with the same fields,
+//! which changes nothing.
 //!
 //! Each object is kept as its compact JSON text, indexed by namespace, and parsed only
 //! when its own cluster's reconcile reads it: as typed objects the children of 1,000

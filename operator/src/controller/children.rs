@@ -158,13 +158,16 @@ pub(super) async fn scale_statefulset(
         field_manager: Some(ROLLOUT_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    api.patch(
-        name,
-        &params,
-        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
-    )
-    .await
-    .map_err(kube_error("scaling", "StatefulSet", namespace, name))?;
+    let _writing = ctx.own_writes.begin(namespace, name);
+    let scaled = api
+        .patch(
+            name,
+            &params,
+            &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+        )
+        .await
+        .map_err(kube_error("scaling", "StatefulSet", namespace, name))?;
+    ctx.own_writes.record(&scaled.metadata);
     Ok(())
 }
 
@@ -181,7 +184,9 @@ pub(super) async fn server_side_apply(
     // the operator takes back) is set back to the declared value instead of failing
     // the reconcile with a conflict forever.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(&child.name, &params, &Patch::Apply(&child.body))
+    let _writing = ctx.own_writes.begin(namespace, &child.name);
+    let applied = api
+        .patch(&child.name, &params, &Patch::Apply(&child.body))
         .await
         .map_err(kube_error(
             "applying",
@@ -189,6 +194,7 @@ pub(super) async fn server_side_apply(
             namespace,
             &child.name,
         ))?;
+    ctx.own_writes.record(&applied.metadata);
     Ok(())
 }
 
@@ -212,17 +218,20 @@ pub(super) async fn hand_replicas_to_hpa(
         "metadata": {"name": child.name},
         "spec": {"replicas": current},
     });
-    api.patch(
-        &child.name,
-        &PatchParams::apply(HANDOVER_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(kube_error(
-        "handing over replicas of",
-        &child.resource.kind,
-        namespace,
-        &child.name,
-    ))?;
+    let _writing = ctx.own_writes.begin(namespace, &child.name);
+    let handed = api
+        .patch(
+            &child.name,
+            &PatchParams::apply(HANDOVER_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(kube_error(
+            "handing over replicas of",
+            &child.resource.kind,
+            namespace,
+            &child.name,
+        ))?;
+    ctx.own_writes.record(&handed.metadata);
     Ok(())
 }

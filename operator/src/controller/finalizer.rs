@@ -26,7 +26,10 @@ pub(super) async fn add_finalizer(
     ctx: &Context,
     namespace: &str,
 ) -> Result<(), Error> {
-    add_finalizer_to(cluster, ctx, namespace, FINALIZER).await
+    let _writing = ctx.own_writes.begin(namespace, &cluster.name_any());
+    let added = add_finalizer_to(cluster, ctx, namespace, FINALIZER).await?;
+    ctx.own_writes.record(added.meta());
+    Ok(())
 }
 
 /// Removes the cluster's finalizer at `index` (see [`remove_finalizer_from`]).
@@ -41,12 +44,13 @@ pub(super) async fn remove_finalizer(
 
 /// Adds `finalizer` to `object`, guarded by the resourceVersion read, so that a
 /// concurrent change fails this reconcile (and is retried) instead of being overwritten.
+/// Returns the object as written.
 pub(super) async fn add_finalizer_to<K>(
     object: &K,
     ctx: &Context,
     namespace: &str,
     finalizer: &str,
-) -> Result<(), Error>
+) -> Result<K, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -78,8 +82,7 @@ where
         &kind,
         namespace,
         &object.name_any(),
-    ))?;
-    Ok(())
+    ))
 }
 
 /// Removes `finalizer` at `index` of `object`, checking it is still there.

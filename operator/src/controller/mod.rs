@@ -14,6 +14,7 @@ pub mod discovery;
 mod error;
 mod finalizer;
 mod observe;
+mod own_writes;
 mod report;
 mod restore;
 mod rollout_effects;
@@ -27,6 +28,7 @@ pub use children::{HANDOVER_MANAGER, ROLLOUT_MANAGER};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use discovery::{Capabilities, OptionalKinds, DISCOVERY_INTERVAL};
 pub use error::Error;
+pub use own_writes::OwnWrites;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +91,8 @@ pub struct Context {
     pub announced: Announcements,
     /// The running controller's caches of children (none: reconciles list them).
     pub children: ChildCacheSlot,
+    /// The operator's writes whose watch events start no reconcile.
+    pub own_writes: Arc<OwnWrites>,
 }
 
 /// The last value each cluster's Events announced, per topic ("phase", "monitoring").
@@ -139,6 +143,7 @@ impl Context {
             capabilities: Arc::default(),
             announced: Announcements::default(),
             children: ChildCacheSlot::default(),
+            own_writes: Arc::default(),
         }
     }
 
@@ -271,6 +276,7 @@ pub async fn run(
             with_backups,
             &ctx.capabilities,
             &changes_rx,
+            &ctx.own_writes,
         );
         ctx.children.set(Arc::new(caches));
         let clusters = controller
@@ -383,13 +389,15 @@ where
 /// The controller: DchatClusters and the kinds they own, in `namespace` or everywhere;
 /// and the caches of those children its watches fill, which reconciles read. The
 /// optional kinds are watched while `capabilities` says they are served (re-read at
-/// each of discovery's `changes`).
+/// each of discovery's `changes`). The echoes of the writes in `own_writes` start no
+/// reconcile.
 fn controller(
     client: &Client,
     namespace: &Option<String>,
     with_backups: bool,
     capabilities: &Arc<Capabilities>,
     changes: &tokio::sync::watch::Receiver<u64>,
+    own_writes: &Arc<OwnWrites>,
 ) -> (Controller<DchatCluster>, ChildCaches) {
     fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
     where
@@ -413,13 +421,14 @@ fn controller(
             triggers::child_changes(
                 caches.watch(api::<$kind>(client, namespace), owned.clone()),
                 $status_matters,
+                own_writes.clone(),
             )
         };
     }
     // The cache keeps every change of a cluster (the reconcile reads it); only some
     // start a reconcile (triggers.rs).
     let (reader, clusters) = cached_without_managed_fields(api::<DchatCluster>(client, namespace));
-    let clusters = triggers::cluster_changes(clusters);
+    let clusters = triggers::cluster_changes(clusters, own_writes.clone());
     let mut controller = Controller::for_stream(clusters, reader)
         .with_config(
             controller::Config::default()
@@ -430,10 +439,13 @@ fn controller(
         .owns_stream(cached_changes!(Service, false))
         .owns_stream(cached_changes!(ConfigMap, false))
         .owns_stream(cached_changes!(ServiceAccount, false))
-        .owns_stream(triggers::autoscaler_changes(caches.watch(
-            api::<HorizontalPodAutoscaler>(client, namespace),
-            owned.clone(),
-        )))
+        .owns_stream(triggers::autoscaler_changes(
+            caches.watch(
+                api::<HorizontalPodAutoscaler>(client, namespace),
+                owned.clone(),
+            ),
+            own_writes.clone(),
+        ))
         .owns_stream(cached_changes!(PodDisruptionBudget, false))
         .owns_stream(cached_changes!(NetworkPolicy, false))
         .owns_stream(cached_changes!(Ingress, false))
@@ -470,8 +482,10 @@ fn controller(
             capabilities.clone(),
             changes.clone(),
         );
-        controller =
-            controller.owns_stream_with(triggers::child_changes(events, false), kind.resource);
+        controller = controller.owns_stream_with(
+            triggers::child_changes(events, false, own_writes.clone()),
+            kind.resource,
+        );
     }
     if !with_backups {
         return (controller, caches);

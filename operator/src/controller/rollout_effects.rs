@@ -204,7 +204,9 @@ pub(super) async fn consume_annotations(
     }
     let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = json!({"metadata": {"annotations": remove}});
-    api.patch(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch))
+    let _writing = ctx.own_writes.begin(namespace, &cluster.name_any());
+    let consumed = api
+        .patch(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await
         .map_err(kube_error(
             "removing rollout annotations of",
@@ -212,6 +214,7 @@ pub(super) async fn consume_annotations(
             namespace,
             &cluster.name_any(),
         ))?;
+    ctx.own_writes.record(&consumed.metadata);
     Ok(())
 }
 

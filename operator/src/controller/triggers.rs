@@ -31,13 +31,19 @@
 //!   (start, pods active and ready, pods counted as they end): the reconcile reads only
 //!   the outcome (`rollout::smoke::job_state`, `backups::job_outcome`).
 //!
-//! A burst of changes (the children one reconcile created, a StatefulSet's status steps)
+//! - **The operator's own writes** of a child or of a DchatCluster's metadata: their
+//!   echoes are not passed on ([`super::own_writes`]); the reconcile that wrote them
+//!   knew what it wrote.
+//!
+//! A burst of changes (the StatefulSet controller's status steps, a person's edits)
 //! becomes one reconcile through the controller's debounce (`controller/mod.rs`).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
+use futures::future::Either;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
@@ -50,6 +56,7 @@ use kube::Resource;
 use serde::Serialize;
 
 use super::observe::FAILING_REASONS;
+use super::own_writes::OwnWrites;
 use crate::api::DchatCluster;
 use crate::job_end;
 use crate::labels;
@@ -68,16 +75,40 @@ pub fn cluster_change_key(cluster: &DchatCluster) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// The DchatClusters of a watch whose changes need a reconcile ([`cluster_change_key`]).
-/// `events` is the watch after the controller's reflector, so its cache (which the
-/// reconcile reads) still takes every change, status included.
-pub fn cluster_changes<S>(events: S) -> impl Stream<Item = Result<DchatCluster, watcher::Error>>
+/// The DchatClusters of a watch whose changes need a reconcile ([`cluster_change_key`]),
+/// less the echoes of the operator's own writes of their metadata (`own_writes`: the
+/// finalizer, consumed annotations). `events` is the watch after the controller's
+/// reflector, so its cache (which the reconcile reads) still takes every change, status
+/// included.
+pub fn cluster_changes<S>(
+    events: S,
+    own_writes: Arc<OwnWrites>,
+) -> impl Stream<Item = Result<DchatCluster, watcher::Error>>
 where
     S: Stream<Item = Result<Event<DchatCluster>, watcher::Error>>,
 {
+    let forget = own_writes.clone();
     events
+        .inspect(move |event| {
+            if let Ok(Event::Delete(cluster)) = event {
+                forget.forget(cluster.meta());
+            }
+        })
         .applied_objects()
         .predicate_filter(cluster_change_key, PredicateConfig::default())
+        .filter(move |changed| {
+            let own = own_writes.clone();
+            let meta = match changed {
+                Ok(cluster) if !own.is_echo(cluster.meta()) => cluster.meta().clone(),
+                Ok(_) => return Either::Left(std::future::ready(false)),
+                Err(_) => return Either::Left(std::future::ready(true)),
+            };
+            if !own.writing(&meta) {
+                return Either::Left(std::future::ready(true));
+            }
+            // A write of the cluster is in flight: this may be its echo, read first.
+            Either::Right(async move { !own.is_echo_once_answered(&meta).await })
+        })
 }
 
 /// What of a child must change for its cluster to be reconciled. `spec` is the hash
@@ -129,10 +160,12 @@ fn deletion_second(meta: &ObjectMeta) -> Option<i64> {
 
 /// The children of a watch (`events`) whose changes need a reconcile (see
 /// [`change_key`]): each object passed on when its key changed since it was last seen,
-/// and on deletion.
+/// unless the change is the echo of the operator's own write (`own_writes`), and on
+/// deletion.
 pub fn child_changes<K, S>(
     events: S,
     status_matters: bool,
+    own_writes: Arc<OwnWrites>,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource + Send + 'static,
@@ -142,14 +175,17 @@ where
         events,
         move |object: &K| change_key(object.meta(), None, status_matters),
         |_| true,
+        Some(own_writes),
     )
 }
 
 /// The HorizontalPodAutoscalers of a watch (`events`) whose changes need a reconcile:
 /// they have no `generation`, and the autoscaler writes their status on every sync that
 /// changes it, so a change of their spec is told apart from one of status by the spec.
+/// The echoes of the operator's own writes (`own_writes`) are not passed on.
 pub fn autoscaler_changes<S>(
     events: S,
+    own_writes: Arc<OwnWrites>,
 ) -> impl Stream<Item = Result<HorizontalPodAutoscaler, watcher::Error>> + Send
 where
     S: Stream<Item = Result<Event<HorizontalPodAutoscaler>, watcher::Error>> + Send + 'static,
@@ -160,6 +196,7 @@ where
             change_key(&hpa.metadata, Some(spec_hash(&hpa.spec)), false)
         },
         |_| true,
+        Some(own_writes),
     )
 }
 
@@ -191,7 +228,7 @@ pub fn job_changes<S>(events: S) -> impl Stream<Item = Result<Job, watcher::Erro
 where
     S: Stream<Item = Result<Event<Job>, watcher::Error>> + Send + 'static,
 {
-    keyed_changes(events, job_change_key, job_end::ended)
+    keyed_changes(events, job_change_key, job_end::ended, None)
 }
 
 /// What of a relay Pod's containers a rollout acts on: restarts, and the waiting reasons
@@ -236,6 +273,7 @@ where
         events,
         |pod: &Pod| pod_trouble_key(pod).unwrap_or(0),
         |_| true,
+        None,
     )
     .filter(|event| {
         let troubled = match event {
@@ -247,11 +285,13 @@ where
 }
 
 /// The objects of a watch (`events`), each passed on when its `key` changed since it was
-/// last seen, when it is seen for the first time and `first` says so, and on deletion.
+/// last seen, when it is seen for the first time and `first` says so, and on deletion;
+/// with `own_writes`, not when the change is the echo of one of the operator's writes.
 fn keyed_changes<K, S>(
     events: S,
     key: impl Fn(&K) -> u64 + Send + 'static,
     first: impl Fn(&K) -> bool + Send + 'static,
+    own_writes: Option<Arc<OwnWrites>>,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource + Send + 'static,
@@ -261,39 +301,72 @@ where
     // A relist after a broken watch reports no deletions: the keys it lists replace
     // `seen` when it is done, so children gone meanwhile are forgotten.
     let mut relisted: Option<HashMap<Identity, u64>> = None;
-    let passes = move |previous: Option<u64>, key: u64, object: &K| match previous {
-        Some(previous) => previous != key,
-        None => first(object),
+    // Whether a change is passed on: `Some(true)` at once, `Some(false)` once it is
+    // known not to be the echo of a write of the operator's whose response is still
+    // coming, `None` not at all.
+    let passes = {
+        let own_writes = own_writes.clone();
+        move |previous: Option<u64>, key: u64, object: &K| {
+            // Asked of every event, so that the write it answers is forgotten either way.
+            let echo = own_writes
+                .as_ref()
+                .is_some_and(|own| own.is_echo(object.meta()));
+            let changed = match previous {
+                Some(previous) => previous != key,
+                None => first(object),
+            };
+            let writing = own_writes
+                .as_ref()
+                .is_some_and(|own| own.writing(object.meta()));
+            (changed && !echo).then_some(!writing)
+        }
     };
     events.filter_map(move |event| {
-        let passed = match event {
-            Err(e) => Some(Err(e)),
+        let (object, at_once) = match event {
+            Err(e) => return Either::Left(std::future::ready(Some(Err(e)))),
             Ok(Event::Delete(object)) => {
                 seen.remove(&identity(object.meta()));
-                Some(Ok(object))
+                if let Some(own) = &own_writes {
+                    own.forget(object.meta());
+                }
+                (Some(object), Some(true))
             }
             Ok(Event::Apply(object)) => {
                 let key = key(&object);
                 let previous = seen.insert(identity(object.meta()), key);
-                passes(previous, key, &object).then_some(Ok(object))
+                let passed = passes(previous, key, &object);
+                (Some(object), passed)
             }
             Ok(Event::InitApply(object)) => {
                 let id = identity(object.meta());
                 let key = key(&object);
                 let previous = seen.get(&id).copied();
                 relisted.get_or_insert_with(HashMap::new).insert(id, key);
-                passes(previous, key, &object).then_some(Ok(object))
+                let passed = passes(previous, key, &object);
+                (Some(object), passed)
             }
             Ok(Event::Init) => {
                 relisted = Some(HashMap::new());
-                None
+                (None, None)
             }
             Ok(Event::InitDone) => {
                 seen = relisted.take().unwrap_or_default();
-                None
+                (None, None)
             }
         };
-        std::future::ready(passed)
+        match (object, at_once, &own_writes) {
+            (Some(object), Some(false), Some(own)) => {
+                // The event came while a write of the object is in flight: it may be
+                // that write's echo, read before its response.
+                let own = own.clone();
+                Either::Right(async move {
+                    let echo = own.is_echo_once_answered(object.meta()).await;
+                    (!echo).then_some(Ok(object))
+                })
+            }
+            (Some(object), Some(_), _) => Either::Left(std::future::ready(Some(Ok(object)))),
+            _ => Either::Left(std::future::ready(None)),
+        }
     })
 }
 
@@ -532,6 +605,105 @@ mod tests {
                 ("smoke".to_string(), false),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn the_echo_of_the_operators_own_write_of_a_child_is_not_passed_on() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let config_map = |version: &str, generation: i64| ConfigMap {
+            metadata: meta(Some(generation), version),
+            ..ConfigMap::default()
+        };
+        let own = Arc::new(OwnWrites::default());
+        // The operator created it (generation 1) and re-applied it (2); someone else
+        // edited it (3), then the operator put it back (4), its response recorded only
+        // after the echo went by.
+        own.record(&config_map("10", 1).metadata);
+        own.record(&config_map("11", 2).metadata);
+        let events = vec![
+            Ok(Event::Apply(config_map("10", 1))),
+            Ok(Event::Apply(config_map("11", 2))),
+            Ok(Event::Apply(config_map("12", 3))),
+            Ok(Event::Apply(config_map("13", 4))),
+        ];
+        let passed: Vec<_> = child_changes(futures::stream::iter(events), false, own.clone())
+            .map(|c| c.expect("no errors").metadata.resource_version)
+            .collect()
+            .await;
+        assert_eq!(passed, [Some("12".into()), Some("13".into())]);
+        assert_eq!(own.pending(), 0);
+        own.record(&config_map("13", 4).metadata);
+        let deleted = futures::stream::iter(vec![Ok(Event::Delete(config_map("14", 4)))]);
+        let passed: Vec<_> = child_changes(deleted, false, own.clone()).collect().await;
+        assert_eq!(passed.len(), 1, "a deletion is passed on");
+        assert_eq!(own.pending(), 0, "forgotten with the deleted object");
+    }
+
+    #[tokio::test]
+    async fn an_echo_read_before_its_writes_response_is_still_not_passed_on() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let config_map = |version: &str, generation: i64| ConfigMap {
+            metadata: meta(Some(generation), version),
+            ..ConfigMap::default()
+        };
+        let own = Arc::new(OwnWrites::default());
+        let (events, rx) =
+            futures::channel::mpsc::unbounded::<Result<Event<ConfigMap>, watcher::Error>>();
+        let passed = tokio::spawn(
+            child_changes(rx, false, own.clone())
+                .map(|c| c.expect("no errors").metadata.resource_version)
+                .collect::<Vec<_>>(),
+        );
+        let send = |object: ConfigMap| {
+            events
+                .unbounded_send(Ok(Event::Apply(object)))
+                .expect("the stream runs");
+        };
+        send(config_map("10", 1));
+        // The operator's write (11): its echo is read before its response.
+        let writing = own.begin("apps", "relays");
+        send(config_map("11", 2));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        own.record(&config_map("11", 2).metadata);
+        drop(writing);
+        // Someone else's change (12) during another write of the operator's, which fails.
+        let failing = own.begin("apps", "relays");
+        send(config_map("12", 3));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(failing);
+        events.close_channel();
+        let passed = passed.await.expect("the stream task");
+        assert_eq!(passed, [Some("10".into()), Some("12".into())]);
+    }
+
+    #[tokio::test]
+    async fn the_echo_of_the_operators_own_metadata_write_does_not_reconcile_a_cluster() {
+        let own = Arc::new(OwnWrites::default());
+        let base = cluster();
+        let with = |version: &str, annotation: &str| {
+            let mut cluster = base.clone();
+            cluster.metadata.resource_version = Some(version.into());
+            cluster.metadata.annotations = Some([("a".to_string(), annotation.to_string())].into());
+            cluster
+        };
+        // Created by someone; the operator's write (11); someone else's (12).
+        own.record(&with("11", "consumed").metadata);
+        let events = vec![
+            Ok(Event::Apply(with("10", "asked"))),
+            Ok(Event::Apply(with("11", "consumed"))),
+            Ok(Event::Apply(with("12", "asked again"))),
+        ];
+        let passed: Vec<_> = cluster_changes(futures::stream::iter(events), own.clone())
+            .map(|c| c.expect("no errors").metadata.resource_version)
+            .collect()
+            .await;
+        assert_eq!(passed, [Some("10".into()), Some("12".into())]);
+        assert_eq!(own.pending(), 0);
+
+        own.record(&with("13", "unanswered").metadata);
+        let deleted = futures::stream::iter(vec![Ok(Event::Delete(with("14", "x")))]);
+        let _: Vec<_> = cluster_changes(deleted, own.clone()).collect().await;
+        assert_eq!(own.pending(), 0, "forgotten with the deleted cluster");
     }
 
     #[test]

@@ -1,14 +1,20 @@
 //! Which changes start a reconcile (`controller/triggers.rs`): a child someone deleted, or
 //! whose spec someone edited, is put back at once (the wait is shorter than the 5-minute
 //! resync, so only the child's own watch event can have started the repair); a write of a
-//! DchatCluster's status alone starts none; of a Job, only its end.
+//! DchatCluster's status alone starts none; of a Job, only its end; the echo of the
+//! operator's own write, none.
 
 use dchat_operator::api::Phase;
-use dchat_operator::controller::triggers::{autoscaler_changes, cluster_changes, job_changes};
+use std::sync::Arc;
+
+use dchat_operator::controller::triggers::{
+    autoscaler_changes, child_changes, cluster_changes, job_changes,
+};
+use dchat_operator::controller::OwnWrites;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::watcher::{self, watcher};
@@ -142,7 +148,10 @@ async fn an_autoscaler_status_write_is_not_passed_on_and_a_spec_edit_is() {
     .await
     .expect("creating the HPA");
     let config = watcher::Config::default().labels(&selector);
-    let mut changes = Box::pin(autoscaler_changes(watcher(hpas.clone(), config)));
+    let mut changes = Box::pin(autoscaler_changes(
+        watcher(hpas.clone(), config),
+        Default::default(),
+    ));
     let created = next_change(&mut changes).await;
     assert_eq!(created.metadata.generation, None, "HPAs have no generation");
 
@@ -188,7 +197,10 @@ async fn a_status_write_alone_starts_no_reconcile_of_a_cluster() {
     env.apply_file("examples/dev.yaml").await;
     let clusters = env.clusters();
     let config = watcher::Config::default().fields("metadata.name=dchat-dev");
-    let mut changes = Box::pin(cluster_changes(watcher(clusters.clone(), config)));
+    let mut changes = Box::pin(cluster_changes(
+        watcher(clusters.clone(), config),
+        Default::default(),
+    ));
     let created = next_change(&mut changes).await;
     assert!(created.status.is_none(), "{:?}", created.status);
 
@@ -285,3 +297,121 @@ async fn a_jobs_progress_is_not_passed_on_and_its_end_is() {
         "the Job's creation or a progress update was passed on: {status:?}"
     );
 }
+
+/// A child watch filtered as the controller filters it, with the writes recorded as the
+/// operator records its own: the echoes of its writes are not passed on, someone else's
+/// edits between them are. Watch events come in the order of the
+/// writes, so had an echo been passed on, it would have come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_of_the_operators_own_write_is_not_passed_on_and_someone_elses_edit_is() {
+    let Some(env) = Env::shared("own-writes").await else {
+        return;
+    };
+    let own = Arc::new(OwnWrites::default());
+    let managed = dchat_operator::labels::MANAGED_BY;
+    let config = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={managed},probe=own-writes"
+    ));
+    let mut changes = Box::pin(child_changes(
+        watcher(env.api::<ConfigMap>(), config),
+        false,
+        own.clone(),
+    ));
+    let config_map = |value: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "probe", "labels": {
+                "app.kubernetes.io/managed-by": managed, "probe": "own-writes",
+            }},
+            "data": {"value": value},
+        })
+    };
+    let write = |value: &'static str| {
+        let (env, own, object) = (&env, own.clone(), config_map(value));
+        async move {
+            let written = env.apply(&object).await.expect("writing the ConfigMap");
+            own.record(&written.metadata);
+            written
+        }
+    };
+    let someone_edits = |value: &'static str| {
+        let configmaps = env.api::<ConfigMap>();
+        async move {
+            configmaps
+                .patch(
+                    "probe",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"data": {"value": value}})),
+                )
+                .await
+                .expect("someone else editing the ConfigMap")
+        }
+    };
+    // Someone creates it; the watch starts with it.
+    env.apply(&config_map("0"))
+        .await
+        .expect("creating the ConfigMap");
+    let _ = next_change(&mut changes).await;
+    for round in ["first", "second"] {
+        let ours = write("1").await;
+        let theirs = someone_edits("edited").await;
+        let next = next_change(&mut changes).await;
+        assert_eq!(
+            next.metadata.resource_version, theirs.metadata.resource_version,
+            "the echo of the operator's write ({round}, at {:?}) was passed on",
+            ours.metadata.resource_version
+        );
+    }
+    assert_eq!(own.pending(), 0, "every write's echo recognised");
+}
+
+/// The operator, end to end: a child someone edited is put back by one reconcile, and the
+/// echo of that put-back starts no second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn putting_back_an_edited_child_takes_one_reconcile() {
+    let Some(env) = Env::shared("own-write-echo").await else {
+        return;
+    };
+    let operator = env.operator().await;
+    env.apply_file("examples/dev.yaml").await;
+    env.wait_cluster("dchat-dev", "Running", |c| {
+        observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
+    })
+    .await;
+    // Let the last status write and the StatefulSet controller settle.
+    let before = operator.reconciles_finished();
+    env.poke("dchat-dev", "settle").await;
+    operator.wait_reconciled_after(before).await;
+    tokio::time::sleep(QUIET).await;
+
+    let policy_name = child(&env, "NetworkPolicy").await;
+    let policy: NetworkPolicy = env.get(&policy_name).await.expect("the NetworkPolicy");
+    let wanted = policy.spec.clone().expect("a NetworkPolicy spec").ingress;
+    let before = operator.reconciles_finished();
+    env.api::<NetworkPolicy>()
+        .patch(
+            &policy_name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"ingress": []}})),
+        )
+        .await
+        .expect("editing the NetworkPolicy");
+    wait_for("the NetworkPolicy's ingress rules put back", || async {
+        let live: NetworkPolicy = env.get(&policy_name).await?;
+        (live.spec?.ingress == wanted).then_some(())
+    })
+    .await;
+    operator.wait_reconciled_after(before).await;
+    // The echo arrives within milliseconds of the put-back; a reconcile it started would
+    // follow the one-second debounce.
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        operator.reconciles_finished(),
+        before + 1,
+        "the echo of the put-back started a reconcile"
+    );
+    operator.assert_no_refusals();
+}
+
+/// Longer than the controller's debounce (1 s) and a reconcile of a settled cluster.
+const QUIET: std::time::Duration = std::time::Duration::from_secs(4);
