@@ -322,15 +322,23 @@ async fn full_rollout_validates_switches_watches_and_scales_down() {
     assert_eq!(s.step().await, RolloutStep::Validating);
     s.reconcile().await;
     let job = s.smoke_job().await;
+    let job_name = job.metadata.name.clone().unwrap();
     let command = job.spec.unwrap().template.spec.unwrap().containers[0]
         .command
         .clone()
         .unwrap();
     assert_eq!(command[2], "ws://chat-preview.apps.svc:7070/v1/ws");
-    // A restarted operator finds the same Job and does not create another.
+    // A restarted operator finds the same Job and does not create another, reading it
+    // once per reconcile.
     s.h.reset_calls();
     s.reconcile().await;
     assert!(!s.h.writes().iter().any(|c| c.verb == "create"));
+    let job_reads =
+        s.h.all_calls()
+            .into_iter()
+            .filter(|c| c.verb == "get" && c.target == job_name)
+            .count();
+    assert_eq!(job_reads, 1, "the smoke Job read once by the reconcile");
     assert_eq!(s.selects("chat").await, "blue");
 
     // Smoke passed: the switch, in one apply.

@@ -33,6 +33,14 @@ pub(super) struct Asked<'a> {
     pub(super) hibernation: Hibernation,
 }
 
+/// What the rollout decided, and the names of its Jobs this reconcile read and found.
+pub(super) struct Decided {
+    /// The state machine's decision.
+    pub(super) decision: Decision,
+    /// Jobs read for the decision that exist: [`ensure_job`] need not look again.
+    pub(super) existing_jobs: Vec<String>,
+}
+
 /// Observes what the rollout state machine needs and lets it decide.
 pub(super) async fn decide_rollout(
     cluster: &DchatCluster,
@@ -41,7 +49,7 @@ pub(super) async fn decide_rollout(
     live: &LiveChildren,
     asked: Asked<'_>,
     now: Timestamp,
-) -> Result<Decision, Error> {
+) -> Result<Decided, Error> {
     let Asked {
         settings,
         desired_hash,
@@ -65,6 +73,7 @@ pub(super) async fn decide_rollout(
     let mut smoke_state = JobState::Absent;
     let mut handover_state = JobState::Absent;
     let mut backup_state = JobState::Absent;
+    let mut existing_jobs = Vec::new();
     if let Some(r) = previous.rollout.as_ref().filter(|r| {
         settings.handover
             && (matches!(
@@ -81,6 +90,9 @@ pub(super) async fn decide_rollout(
             .await
             .map_err(kube_error("reading", "Job", namespace, &name))?;
         handover_state = smoke::job_state(job.as_ref());
+        if job.is_some() {
+            existing_jobs.push(name);
+        }
     }
     let mut analysis = None;
     if let (Some(r), Some(check)) = (in_flight, settings.analysis.as_ref()) {
@@ -126,6 +138,9 @@ pub(super) async fn decide_rollout(
                 .await
                 .map_err(kube_error("reading", "Job", namespace, &name))?;
             smoke_state = smoke::job_state(job.as_ref());
+            if job.is_some() {
+                existing_jobs.push(name);
+            }
         }
         if r.step == RolloutStep::BackingUp {
             backup_state = prerollout_backup_state(
@@ -156,30 +171,31 @@ pub(super) async fn decide_rollout(
         hibernation,
         now,
     };
-    Ok(rollout::decide(&input))
+    Ok(Decided {
+        decision: rollout::decide(&input),
+        existing_jobs,
+    })
 }
 
 /// Creates a rollout Job unless it exists; `true` when this call created it. Jobs are
 /// created once and never updated: a Job's pod template is immutable, and each attempt
-/// has its own name.
+/// has its own name. A Job in `existing` (read by this reconcile) is not asked for
+/// again; any other is created, an existing one answering with a conflict.
 pub(super) async fn ensure_job(
     ctx: &Context,
     namespace: &str,
-    name: &str,
     job: &Job,
+    existing: &[String],
 ) -> Result<bool, Error> {
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
-    let existing = jobs
-        .get_opt(name)
-        .await
-        .map_err(kube_error("reading", "Job", namespace, name))?;
-    if existing.is_some() {
+    let name = job.name_any();
+    if existing.contains(&name) {
         return Ok(false);
     }
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     match jobs.create(&PostParams::default(), job).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-        Err(e) => Err(kube_error("creating", "Job", namespace, name)(e)),
+        Err(e) => Err(kube_error("creating", "Job", namespace, &name)(e)),
     }
 }
 

@@ -98,7 +98,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         &cluster.spec,
         restore_running,
     );
-    let decision = reported!(
+    let decided = reported!(
         decide_rollout(
             &cluster,
             ctx,
@@ -113,6 +113,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         )
         .await
     );
+    let decision = decided.decision;
     let serving_slot = decision.serving.slot;
     let serving_before = slot_observation(live.get(
         "StatefulSet",
@@ -215,7 +216,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
         // then) and read again by every later reconcile of the step.
         if let Some(request) = &decision.smoke {
             let job = smoke::smoke_job(&cluster, request);
-            outcome = ensure_job(ctx, &namespace, &request.job_name, &job)
+            outcome = ensure_job(ctx, &namespace, &job, &decided.existing_jobs)
                 .await
                 .map(|created| {
                     if created {
@@ -238,7 +239,7 @@ pub(super) async fn sync(cluster: Arc<DchatCluster>, ctx: &Context) -> Result<Ac
     if outcome.is_ok() {
         if let Some(request) = &decision.handover {
             let job = handover::handover_job(&cluster, request);
-            outcome = ensure_job(ctx, &namespace, &request.job_name, &job)
+            outcome = ensure_job(ctx, &namespace, &job, &decided.existing_jobs)
                 .await
                 .map(|created| {
                     if created {
