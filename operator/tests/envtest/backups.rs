@@ -2,13 +2,13 @@
 //! The stand-in kubelet plays the backup Job's pod: it exits with the manifest (or an
 //! error) as its termination message, as `dchat backup create` does.
 
-use dchat_operator::api::{BackupPhase, DchatBackup, DchatCluster, Phase};
+use dchat_operator::api::{BackupPhase, DchatBackup, Phase};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 
 use crate::support::kubelet::{default_fate, job_name, Fate};
-use crate::support::{condition, observed, wait_for, Env};
+use crate::support::{condition, running, wait_for, Env};
 
 const SPEC: &str = "version: '1.0'\nbackup: {destination: {s3: {bucket: dchat-backups, prefix: prod, region: eu-west-1}}, retention: {maxAge: 1d, minKeep: 1}}";
 
@@ -36,10 +36,6 @@ fn backups_succeed(pod: &k8s_openapi::api::core::v1::Pod) -> Fate {
         }
         _ => default_fate(pod),
     }
-}
-
-fn running(c: &DchatCluster) -> bool {
-    observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
 }
 
 fn on_demand(name: &str) -> DchatBackup {

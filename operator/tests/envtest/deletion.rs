@@ -1,9 +1,8 @@
 //! Scenario j: deleting a DchatCluster removes its children and the finalizer completes.
 
-use dchat_operator::api::Phase;
 use kube::api::DeleteParams;
 
-use crate::support::{observed, wait_for, Env};
+use crate::support::{wait_for, Env};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_cluster_removes_its_children() {
@@ -11,11 +10,7 @@ async fn deleting_a_cluster_removes_its_children() {
         return;
     };
     let operator = env.operator().await;
-    env.apply_file("examples/dev.yaml").await;
-    env.wait_cluster("dchat-dev", "Running", |c| {
-        observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await;
+    env.dev_cluster_running().await;
     assert!(env.children("dchat-dev").await.len() >= 6);
 
     env.clusters()

@@ -1,7 +1,6 @@
 //! Scenarios a and b: a cluster without the Prometheus Operator, and its CRDs installed
 //! and removed while the operator runs.
 
-use dchat_operator::api::Phase;
 use dchat_operator::build::{PrometheusRule, ServiceMonitor};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
@@ -9,11 +8,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 
-use crate::support::{condition, condition_status, observed, wait_for, Env, TIMEOUT, USER};
-
-fn running(c: &dchat_operator::api::DchatCluster) -> bool {
-    observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-}
+use crate::support::{
+    condition, condition_status, observed, running, wait_for, Env, TIMEOUT, USER,
+};
 
 /// a. `examples/dev.yaml` on a cluster without monitoring CRDs becomes Running with a
 /// truthful status; a cluster that asks for monitoring there says once, without an
@@ -24,8 +21,7 @@ async fn dev_example_runs_without_monitoring_crds() {
         return;
     };
     let operator = env.operator().await;
-    env.apply_file("examples/dev.yaml").await;
-    let cluster = env.wait_cluster("dchat-dev", "Running", running).await;
+    let cluster = env.dev_cluster_running().await;
     let status = cluster.status.clone().unwrap();
     assert_eq!(status.active_version.as_deref(), Some("0.1.0"));
     assert_eq!(status.active_slot.as_str(), "blue");

@@ -3,9 +3,7 @@
 //! changes nothing leaves the resourceVersion alone, so only the counter sees it). Nor
 //! does it list its children: a reconcile reads them from the controller's caches.
 
-use dchat_operator::api::Phase;
-
-use crate::support::{observed, Env};
+use crate::support::Env;
 
 /// d. Three reconciles caused by metadata-only changes leave the resourceVersion of every
 /// child, and of the DchatCluster apart from the change itself, as they were.
@@ -15,12 +13,7 @@ async fn an_unchanged_cluster_gets_no_writes() {
         return;
     };
     let operator = env.operator().await;
-    env.apply_file("examples/dev.yaml").await;
-    let settled = env
-        .wait_cluster("dchat-dev", "Running", |c| {
-            observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-        })
-        .await;
+    let settled = env.dev_cluster_running().await;
     // Let the last status write and the StatefulSet controller settle: one reconcile
     // that changes nothing.
     let before = operator.reconciles_finished();

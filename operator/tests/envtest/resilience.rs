@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use dchat_operator::api::Phase;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
@@ -11,10 +10,6 @@ use kube::api::Api;
 use crate::support::operator::Replica;
 use crate::support::rbac::RELEASE_NAMESPACE;
 use crate::support::{observed, wait_for, Env};
-
-fn running(c: &dchat_operator::api::DchatCluster) -> bool {
-    observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-}
 
 async fn log_level_applied(env: &Env, configmap: &str, level: &str) {
     let configmaps: Api<ConfigMap> = env.api();
@@ -33,8 +28,7 @@ async fn the_operator_recovers_from_an_api_server_outage() {
         return;
     };
     let mut operator = env.operator().await;
-    env.apply_file("examples/dev.yaml").await;
-    env.wait_cluster("dchat-dev", "Running", running).await;
+    env.dev_cluster_running().await;
 
     tokio::task::block_in_place(|| env.plane().down());
     tokio::time::sleep(Duration::from_secs(20)).await;
@@ -95,8 +89,7 @@ async fn a_standby_replica_takes_over_within_the_lease_duration() {
     let b = env.operator_with(replica("replica-b")).await;
     let leases: Api<Lease> = Api::namespaced(env.admin.clone(), RELEASE_NAMESPACE);
     let first = wait_for("a leader", || holder(&leases, &lease)).await;
-    env.apply_file("examples/dev.yaml").await;
-    env.wait_cluster("dchat-dev", "Running", running).await;
+    env.dev_cluster_running().await;
     let (leader, standby) = if first == "replica-a" { (a, b) } else { (b, a) };
     assert!(leader.reconciles() > 0);
     assert_eq!(standby.reconciles(), 0, "the standby reconciled");

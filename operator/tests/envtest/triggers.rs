@@ -21,7 +21,7 @@ use kube::runtime::watcher::{self, watcher};
 use kube::ResourceExt;
 
 use crate::support::kubelet::{job_name, Fate};
-use crate::support::{observed, ready_with, wait_for, Env, TIMEOUT};
+use crate::support::{ready_with, wait_for, Env, TIMEOUT};
 
 /// The name of the cluster's first child of `kind`.
 async fn child(env: &Env, kind: &str) -> String {
@@ -33,20 +33,10 @@ async fn child(env: &Env, kind: &str) -> String {
         .unwrap_or_else(|| panic!("dchat-dev has no {kind}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_or_edited_child_is_put_back_without_waiting_for_the_resync() {
-    let Some(env) = Env::shared("triggers").await else {
-        return;
-    };
-    let operator = env.operator().await;
-    env.apply_file("examples/dev.yaml").await;
-    env.wait_cluster("dchat-dev", "Running", |c| {
-        observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await;
-
-    // A spec edit of a kind with a generation (its status-only changes start nothing).
-    let policy_name = child(&env, "NetworkPolicy").await;
+/// Empties the ingress rules of `dchat-dev`'s NetworkPolicy (a spec edit: its generation
+/// moves) and waits until the operator has put them back.
+async fn edit_policy_and_await_it_put_back(env: &Env) {
+    let policy_name = child(env, "NetworkPolicy").await;
     let policy: NetworkPolicy = env.get(&policy_name).await.expect("the NetworkPolicy");
     let wanted = policy.spec.clone().expect("a NetworkPolicy spec").ingress;
     assert!(wanted.as_ref().is_some_and(|rules| !rules.is_empty()));
@@ -65,6 +55,18 @@ async fn a_deleted_or_edited_child_is_put_back_without_waiting_for_the_resync() 
         (live.spec?.ingress == wanted).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_or_edited_child_is_put_back_without_waiting_for_the_resync() {
+    let Some(env) = Env::shared("triggers").await else {
+        return;
+    };
+    let operator = env.operator().await;
+    env.dev_cluster_running().await;
+
+    // A spec edit of a kind with a generation (its status-only changes start nothing).
+    edit_policy_and_await_it_put_back(&env).await;
 
     // A deletion of a kind without a generation.
     let service_name = child(&env, "Service").await;
@@ -373,34 +375,15 @@ async fn putting_back_an_edited_child_takes_one_reconcile() {
         return;
     };
     let operator = env.operator().await;
-    env.apply_file("examples/dev.yaml").await;
-    env.wait_cluster("dchat-dev", "Running", |c| {
-        observed(c) && c.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await;
+    env.dev_cluster_running().await;
     // Let the last status write and the StatefulSet controller settle.
     let before = operator.reconciles_finished();
     env.poke("dchat-dev", "settle").await;
     operator.wait_reconciled_after(before).await;
     tokio::time::sleep(QUIET).await;
 
-    let policy_name = child(&env, "NetworkPolicy").await;
-    let policy: NetworkPolicy = env.get(&policy_name).await.expect("the NetworkPolicy");
-    let wanted = policy.spec.clone().expect("a NetworkPolicy spec").ingress;
     let before = operator.reconciles_finished();
-    env.api::<NetworkPolicy>()
-        .patch(
-            &policy_name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"ingress": []}})),
-        )
-        .await
-        .expect("editing the NetworkPolicy");
-    wait_for("the NetworkPolicy's ingress rules put back", || async {
-        let live: NetworkPolicy = env.get(&policy_name).await?;
-        (live.spec?.ingress == wanted).then_some(())
-    })
-    .await;
+    edit_policy_and_await_it_put_back(&env).await;
     operator.wait_reconciled_after(before).await;
     // The echo arrives within milliseconds of the put-back; a reconcile it started would
     // follow the one-second debounce.

@@ -325,6 +325,13 @@ impl Env {
             .expect("reading the DchatCluster")
     }
 
+    /// Applies `examples/dev.yaml` (the DchatCluster `dchat-dev`) and waits until it is
+    /// `Running`; returns it then.
+    pub async fn dev_cluster_running(&self) -> DchatCluster {
+        self.apply_file("examples/dev.yaml").await;
+        self.wait_cluster("dchat-dev", "Running", running).await
+    }
+
     /// Waits until the DchatCluster `name` satisfies `ok`; returns it then.
     pub async fn wait_cluster(
         &self,
@@ -418,6 +425,15 @@ pub fn condition_status(cluster: &DchatCluster, type_: &str) -> String {
 /// Whether the status describes the current generation.
 pub fn observed(cluster: &DchatCluster) -> bool {
     cluster.status.as_ref().and_then(|s| s.observed_generation) == cluster.metadata.generation
+}
+
+/// Whether the current generation is `Running`.
+pub fn running(cluster: &DchatCluster) -> bool {
+    observed(cluster)
+        && cluster
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Running)
 }
 
 /// Whether the current generation runs `n` ready relays.
