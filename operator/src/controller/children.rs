@@ -158,16 +158,11 @@ pub(super) async fn scale_statefulset(
         field_manager: Some(ROLLOUT_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    let _writing = ctx.own_writes.begin(namespace, name);
-    let scaled = api
-        .patch(
-            name,
-            &params,
-            &Patch::Merge(json!({"spec": {"replicas": replicas}})),
-        )
+    let patch = Patch::Merge(json!({"spec": {"replicas": replicas}}));
+    ctx.own_writes
+        .track(namespace, name, api.patch(name, &params, &patch))
         .await
         .map_err(kube_error("scaling", "StatefulSet", namespace, name))?;
-    ctx.own_writes.record(&scaled.metadata);
     Ok(())
 }
 
@@ -184,9 +179,13 @@ pub(super) async fn server_side_apply(
     // the operator takes back) is set back to the declared value instead of failing
     // the reconcile with a conflict forever.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let _writing = ctx.own_writes.begin(namespace, &child.name);
-    let applied = api
-        .patch(&child.name, &params, &Patch::Apply(&child.body))
+    let patch = Patch::Apply(&child.body);
+    ctx.own_writes
+        .track(
+            namespace,
+            &child.name,
+            api.patch(&child.name, &params, &patch),
+        )
         .await
         .map_err(kube_error(
             "applying",
@@ -194,7 +193,6 @@ pub(super) async fn server_side_apply(
             namespace,
             &child.name,
         ))?;
-    ctx.own_writes.record(&applied.metadata);
     Ok(())
 }
 
@@ -218,12 +216,15 @@ pub(super) async fn hand_replicas_to_hpa(
         "metadata": {"name": child.name},
         "spec": {"replicas": current},
     });
-    let _writing = ctx.own_writes.begin(namespace, &child.name);
-    let handed = api
-        .patch(
+    let (params, patch) = (
+        PatchParams::apply(HANDOVER_MANAGER).force(),
+        Patch::Apply(&body),
+    );
+    ctx.own_writes
+        .track(
+            namespace,
             &child.name,
-            &PatchParams::apply(HANDOVER_MANAGER).force(),
-            &Patch::Apply(&body),
+            api.patch(&child.name, &params, &patch),
         )
         .await
         .map_err(kube_error(
@@ -232,6 +233,5 @@ pub(super) async fn hand_replicas_to_hpa(
             namespace,
             &child.name,
         ))?;
-    ctx.own_writes.record(&handed.metadata);
     Ok(())
 }

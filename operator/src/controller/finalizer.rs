@@ -26,9 +26,10 @@ pub(super) async fn add_finalizer(
     ctx: &Context,
     namespace: &str,
 ) -> Result<(), Error> {
-    let _writing = ctx.own_writes.begin(namespace, &cluster.name_any());
-    let added = add_finalizer_to(cluster, ctx, namespace, FINALIZER).await?;
-    ctx.own_writes.record(added.meta());
+    let adding = add_finalizer_to(cluster, ctx, namespace, FINALIZER);
+    ctx.own_writes
+        .track(namespace, &cluster.name_any(), adding)
+        .await?;
     Ok(())
 }
 

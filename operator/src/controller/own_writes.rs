@@ -12,7 +12,7 @@
 //! (`triggers.rs`).
 //!
 //! The response and the watch event travel separately, and on a busy machine the event
-//! can be read first. So a write is announced before it is sent ([`OwnWrites::begin`]),
+//! can be read first. So a write is announced before it is sent ([`OwnWrites::track`]),
 //! and an event of an object with a write in flight waits for that write's response
 //! (at most [`RESPONSE_WAIT`]) before it is judged. An entry whose echo never comes (a
 //! write that changed nothing, an echo passed on after that wait) never matches a later
@@ -20,10 +20,12 @@
 //! and dropped with it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
 use tokio::sync::Notify;
 
 /// How many unanswered writes of one object are remembered: a reconcile writes an object
@@ -77,6 +79,23 @@ impl OwnWrites {
             writes: self.clone(),
             key,
         }
+    }
+
+    /// Sends `write` (of the object `name` in `namespace`) announced as in flight, and
+    /// records the object it returns: the one way the effects write watched objects.
+    pub async fn track<K, E>(
+        self: &Arc<Self>,
+        namespace: &str,
+        name: &str,
+        write: impl Future<Output = Result<K, E>>,
+    ) -> Result<K, E>
+    where
+        K: Resource,
+    {
+        let _in_flight = self.begin(namespace, name);
+        let written = write.await?;
+        self.record(written.meta());
+        Ok(written)
     }
 
     /// Remembers the object a write of the operator returned.

@@ -220,17 +220,16 @@ pub(super) async fn consume_annotations(
     }
     let api: Api<DchatCluster> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = json!({"metadata": {"annotations": remove}});
-    let _writing = ctx.own_writes.begin(namespace, &cluster.name_any());
-    let consumed = api
-        .patch(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch))
+    let (name, params, patch) = (cluster.name_any(), patch_params(), Patch::Merge(&patch));
+    ctx.own_writes
+        .track(namespace, &name, api.patch(&name, &params, &patch))
         .await
         .map_err(kube_error(
             "removing rollout annotations of",
             "DchatCluster",
             namespace,
-            &cluster.name_any(),
+            &name,
         ))?;
-    ctx.own_writes.record(&consumed.metadata);
     Ok(())
 }
 
