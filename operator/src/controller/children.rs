@@ -172,14 +172,34 @@ pub(super) async fn server_side_apply(
     child: &ErasedChild,
 ) -> Result<(), Error> {
     debug!(kind = %child.resource.kind, name = %child.name, "applying");
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), namespace, &child.resource);
     // Forced: the DchatCluster is the declared source of truth for its children, so a
     // field another manager changed (a kubectl edit, a deleted HPA's replica count that
     // the operator takes back) is set back to the declared value instead of failing
     // the reconcile with a conflict forever.
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let patch = Patch::Apply(&child.body);
+    force_apply(
+        ctx,
+        namespace,
+        child,
+        FIELD_MANAGER,
+        &child.body,
+        "applying",
+    )
+    .await
+}
+
+/// Server-side applies `body` to `child` as `manager`, forced, through the record of the
+/// operator's own writes; `doing` names the write in an error.
+async fn force_apply(
+    ctx: &Context,
+    namespace: &str,
+    child: &ErasedChild,
+    manager: &str,
+    body: &serde_json::Value,
+    doing: &'static str,
+) -> Result<(), Error> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &child.resource);
+    let (params, patch) = (PatchParams::apply(manager).force(), Patch::Apply(body));
     ctx.own_writes
         .track(
             namespace,
@@ -188,7 +208,7 @@ pub(super) async fn server_side_apply(
         )
         .await
         .map_err(kube_error(
-            "applying",
+            doing,
             &child.resource.kind,
             namespace,
             &child.name,
@@ -208,30 +228,19 @@ pub(super) async fn hand_replicas_to_hpa(
 ) -> Result<(), Error> {
     let current = live.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
     info!(name = %child.name, replicas = %current, "handing replica count to the HorizontalPodAutoscaler");
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), namespace, &child.resource);
     let body = json!({
         "apiVersion": child.resource.api_version,
         "kind": child.resource.kind,
         "metadata": {"name": child.name},
         "spec": {"replicas": current},
     });
-    let (params, patch) = (
-        PatchParams::apply(HANDOVER_MANAGER).force(),
-        Patch::Apply(&body),
-    );
-    ctx.own_writes
-        .track(
-            namespace,
-            &child.name,
-            api.patch(&child.name, &params, &patch),
-        )
-        .await
-        .map_err(kube_error(
-            "handing over replicas of",
-            &child.resource.kind,
-            namespace,
-            &child.name,
-        ))?;
-    Ok(())
+    force_apply(
+        ctx,
+        namespace,
+        child,
+        HANDOVER_MANAGER,
+        &body,
+        "handing over replicas of",
+    )
+    .await
 }
