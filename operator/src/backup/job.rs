@@ -252,14 +252,18 @@ pub fn create_job(request: &CreateRequest<'_>) -> Option<Job> {
         StoreKind::Postgres => env.extend(database_env(cluster)),
     }
     command.extend(s3_args(&spec.destination));
-    command.extend(rds_args(
-        spec.rds.as_ref(),
-        "--rds-instance",
-        spec.rds
-            .as_ref()
-            .map(|r| r.instance_identifier.as_str())
-            .unwrap_or_default(),
-    ));
+    if let Some(rds) = spec.rds.as_ref() {
+        command.extend(rds_args(
+            Some(rds),
+            "--rds-instance",
+            &rds.instance_identifier,
+        ));
+        // The backup role's IAM policy allows only snapshots named with this prefix.
+        command.extend([
+            "--rds-snapshot-prefix".to_string(),
+            rds.snapshot_prefix.clone(),
+        ]);
+    }
     let mut job = tool_job(
         cluster,
         ToolJob {
@@ -563,7 +567,7 @@ mod tests {
     #[test]
     fn postgres_backup_with_credentials_kms_and_rds() {
         let cluster = cluster_from_yaml(
-            "version: '2.0'\nreplicas: 2\ndatabase: {secretRef: {name: db}}\nbackup: {destination: {s3: {bucket: b1, region: us-east-1, endpoint: 'http://minio:9000', forcePathStyle: true, credentials: {secretRef: {name: s3-keys}}, encryption: 'aws:kms', kmsKeyId: alias/dchat}}, rds: {instanceIdentifier: dchat-prod, region: us-east-1}}",
+            "version: '2.0'\nreplicas: 2\ndatabase: {secretRef: {name: db}}\nbackup: {destination: {s3: {bucket: b1, region: us-east-1, endpoint: 'http://minio:9000', forcePathStyle: true, credentials: {secretRef: {name: s3-keys}}, encryption: 'aws:kms', kmsKeyId: alias/dchat}}, rds: {instanceIdentifier: dchat-prod, region: us-east-1, snapshotPrefix: prod-relay}}",
         );
         let b = backup("nightly");
         let job = create_job(&CreateRequest {
@@ -581,7 +585,9 @@ mod tests {
         assert!(!joined.contains("--admin-url"));
         assert!(joined.contains("--sse aws:kms --s3-endpoint http://minio:9000 --s3-force-path-style --kms-key-id alias/dchat"), "{joined}");
         assert!(
-            joined.ends_with("--rds-instance dchat-prod --rds-region us-east-1"),
+            joined.ends_with(
+                "--rds-instance dchat-prod --rds-region us-east-1 --rds-snapshot-prefix prod-relay"
+            ),
             "{joined}"
         );
         assert_eq!(
@@ -596,6 +602,23 @@ mod tests {
                 "DB_PASSWORD"
             ]
         );
+    }
+
+    #[test]
+    fn rds_snapshots_are_named_with_the_default_prefix_when_none_is_set() {
+        let cluster = cluster_from_yaml(
+            "version: '2.0'\nreplicas: 2\ndatabase: {secretRef: {name: db}}\nbackup: {destination: {s3: {bucket: b1, region: us-east-1}}, rds: {instanceIdentifier: dchat-prod, region: us-east-1}}",
+        );
+        let b = backup("nightly");
+        let job = create_job(&CreateRequest {
+            cluster: &cluster,
+            backup: &b,
+            version: "2.0",
+            slot: Slot::Blue,
+        })
+        .unwrap();
+        let joined = command(&job).join(" ");
+        assert!(joined.ends_with("--rds-snapshot-prefix dchat"), "{joined}");
     }
 
     #[test]
