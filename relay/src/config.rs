@@ -242,25 +242,45 @@ pub struct Config {
     pub shed_delay: Duration,
 }
 
-/// Parses durations like `90s`, `15m`, `720h`, `30d`, `250ms`; a bare number is seconds.
+/// Parses durations like `90s`, `15m`, `720h`, `30d`, `250ms` and sums of them such as
+/// `1h30m` (the form the operator's `DchatCluster` schema allows); a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| "expected a number followed by ms, s, m, h or d".to_string())?;
-    let mult_ms: u64 = match unit {
-        "ms" => 1,
-        "" | "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        other => return Err(format!("unknown unit {other:?} (use ms, s, m, h or d)")),
-    };
-    n.checked_mul(mult_ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| "duration too large".to_string())
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let n: u64 = s.parse().map_err(|_| "duration too large".to_string())?;
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total_ms: u64 = 0;
+    let mut rest = s;
+    loop {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| "expected a number followed by ms, s, m, h or d".to_string())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let mult_ms: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => return Err("expected a unit after the number (ms, s, m, h or d)".to_string()),
+            other => return Err(format!("unknown unit {other:?} (use ms, s, m, h or d)")),
+        };
+        total_ms = n
+            .checked_mul(mult_ms)
+            .and_then(|part| total_ms.checked_add(part))
+            .ok_or_else(|| "duration too large".to_string())?;
+        rest = &rest[unit_len..];
+        if rest.is_empty() {
+            return Ok(Duration::from_millis(total_ms));
+        }
+    }
 }
 
 /// Upper bound of `DCHAT_PUSH_WAIT`: a sender that waits reads nothing from its own
@@ -540,6 +560,18 @@ mod tests {
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("5 weeks").is_err());
+        assert_eq!(
+            parse_duration("1h30m"),
+            Ok(Duration::from_secs(3600 + 30 * 60))
+        );
+        assert_eq!(
+            parse_duration("1m30s500ms"),
+            Ok(Duration::from_millis(90_500))
+        );
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1h30").is_err());
+        assert!(parse_duration("1h-30m").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 
     /// `flag` defaults to `default`, takes `0s`, and refuses `11s` and a non-duration

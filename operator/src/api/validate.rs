@@ -35,6 +35,8 @@ impl std::fmt::Display for ValidationErrors {
     }
 }
 
+/// Shortest message TTL and drain the relays accept (they refuse to start below it).
+const MIN_RELAY_DURATION: Duration = Duration::from_secs(1);
 /// Longest drain the operator accepts; a longer grace period stalls node drains.
 const MAX_DRAIN: Duration = Duration::from_secs(3600);
 
@@ -84,11 +86,18 @@ pub fn validate(spec: &DchatClusterSpec) -> Result<(), ValidationErrors> {
     }
 
     match parse_duration(&spec.relay.message_ttl) {
-        Ok(d) if d.is_zero() => fail("spec.relay.messageTtl", "must be greater than zero".into()),
+        Ok(d) if d < MIN_RELAY_DURATION => fail(
+            "spec.relay.messageTtl",
+            format!("must be at least 1s, got {}", spec.relay.message_ttl),
+        ),
         Ok(_) => {}
         Err(e) => fail("spec.relay.messageTtl", e.to_string()),
     }
     match parse_duration(&spec.relay.drain_timeout) {
+        Ok(d) if d < MIN_RELAY_DURATION => fail(
+            "spec.relay.drainTimeout",
+            format!("must be at least 1s, got {}", spec.relay.drain_timeout),
+        ),
         Ok(d) if d > MAX_DRAIN => fail(
             "spec.relay.drainTimeout",
             format!("must be at most 1h, got {}", spec.relay.drain_timeout),
@@ -277,6 +286,23 @@ mod tests {
         assert_eq!(
             paths,
             vec!["spec.relay.messageTtl", "spec.relay.drainTimeout"]
+        );
+    }
+
+    #[test]
+    fn durations_below_the_relays_minimum_are_refused_and_sums_are_accepted() {
+        let errors = errors_of("version: '1'\nrelay: {messageTtl: 500ms, drainTimeout: 999ms}");
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            vec![
+                "spec.relay.messageTtl: must be at least 1s, got 500ms",
+                "spec.relay.drainTimeout: must be at least 1s, got 999ms"
+            ]
+        );
+        assert_eq!(
+            errors_of("version: '1'\nrelay: {messageTtl: 1h30m, drainTimeout: 1m30s}"),
+            vec![]
         );
     }
 
