@@ -55,7 +55,8 @@ pub struct Cli {
     /// Peer relay WebSocket base URLs, comma-separated (ws://host:7070).
     #[arg(long, env = "DCHAT_PEERS", default_value = "")]
     pub peers: String,
-    /// DNS name:port of the headless Service listing all relays, re-resolved periodically.
+    /// DNS name of the headless Service listing all relays (`name`: peers on this relay's
+    /// own port, or `name:port`), re-resolved every 10 s.
     #[arg(long, env = "DCHAT_PEER_DNS", default_value = "")]
     pub peer_dns: String,
     /// Bearer token of the admin API; the admin API is disabled when empty.
@@ -104,7 +105,8 @@ pub struct Cli {
     #[arg(long, env = "DCHAT_PUSH_WAIT", default_value = "250ms")]
     pub push_wait: String,
     /// Refuse new sends (error `overloaded`, retryable) while tasks wait this long to
-    /// be scheduled: load shedding past saturation (0s never sheds).
+    /// be scheduled, or while storing copies for recipients that fell behind takes this
+    /// long: load shedding past saturation (0s never sheds).
     #[arg(long, env = "DCHAT_SHED_DELAY", default_value = "250ms")]
     pub shed_delay: String,
     /// Total time allowed for a drain after SIGTERM (keep below the pod's grace period).

@@ -1447,6 +1447,23 @@ async fn admin_api_requires_token_and_snapshot_restores_into_empty_relay() {
         .status,
         401
     );
+    // Without the token a caller learns nothing, not even which methods a path takes.
+    for (method, path) in [
+        ("POST", "/admin/stats"),
+        ("GET", "/admin/quiesce"),
+        ("PUT", "/admin/restore"),
+        ("DELETE", "/admin/snapshot"),
+    ] {
+        let answer = http(m, method, path, None, b"").await;
+        assert_eq!(answer.status, 401, "{method} {path}");
+    }
+    // With it, a wrong method is 405 (and changes nothing).
+    assert_eq!(
+        http(m, "GET", "/admin/quiesce", Some(TOKEN), b"")
+            .await
+            .status,
+        405
+    );
     let bkey = generate_key().unwrap();
     let mut a = r.client().await;
     for i in 0..3 {
@@ -1488,18 +1505,23 @@ async fn admin_api_requires_token_and_snapshot_restores_into_empty_relay() {
 #[tokio::test]
 async fn admin_api_is_disabled_without_token() {
     let r = start(|_| {}).await;
-    assert_eq!(
-        http(
+    for (method, path) in [
+        ("GET", "/admin/stats"),
+        ("POST", "/admin/stats"),
+        ("GET", "/admin/quiesce"),
+        ("POST", "/admin/quiesce"),
+        ("DELETE", "/admin/restore"),
+    ] {
+        let answer = http(
             r.relay.metrics_addr,
-            "GET",
-            "/admin/stats",
+            method,
+            path,
             Some("anything-at-all-123"),
-            b""
+            b"",
         )
-        .await
-        .status,
-        404
-    );
+        .await;
+        assert_eq!(answer.status, 404, "{method} {path}");
+    }
 }
 
 #[tokio::test]

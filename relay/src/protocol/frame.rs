@@ -964,31 +964,26 @@ pub struct FrameHint {
 impl FrameHint {
     /// Reads what it can from a frame that failed to decode: the `type` member of a
     /// JSON object, when it names a v1 frame type, and a `quiet` member that is the
-    /// JSON literal `true` in an `ack`. Anything that is not a JSON object gives none.
+    /// JSON literal `true` in an `ack`. A member given more than once counts by its last
+    /// occurrence (as JavaScript's `JSON.parse` reads it), so a duplicate — itself the
+    /// reason the frame failed — does not hide what the frame was. Anything that is not a
+    /// JSON object gives none.
     ///
     /// Only on the error path: it parses the text a second time.
     pub fn of_text(text: &str) -> FrameHint {
-        #[derive(Deserialize)]
-        struct Peek<'a> {
-            #[serde(rename = "type", borrow, default)]
-            kind: Option<std::borrow::Cow<'a, str>>,
-            #[serde(default)]
-            quiet: Option<serde_json::Value>,
-        }
-        // serde would also read a struct from a JSON array (`["ack"]`).
-        if !text.trim_start().starts_with('{') {
-            return FrameHint::default();
-        }
-        let Ok(peek) = serde_json::from_str::<Peek>(text) else {
+        // serde_json's map keeps the last value of a repeated key.
+        let Ok(object) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+        else {
             return FrameHint::default();
         };
-        let frame_type = peek
-            .kind
+        let frame_type = object
+            .get("type")
+            .and_then(serde_json::Value::as_str)
             .and_then(|k| CLIENT_FRAME_TYPES.iter().copied().find(|t| *t == k));
         FrameHint {
             frame_type,
             quiet_ack: frame_type == Some("ack")
-                && peek.quiet == Some(serde_json::Value::Bool(true)),
+                && object.get("quiet") == Some(&serde_json::Value::Bool(true)),
         }
     }
 
@@ -1225,6 +1220,19 @@ mod tests {
             hint(r#"{"type":"auth","key":"zz","sig":1}"#),
             (Some("auth"), false)
         );
+        // A repeated member (which fails decoding) counts by its last occurrence.
+        assert_eq!(
+            hint(r#"{"type":"ack","messages":[],"quiet":true,"quiet":true}"#),
+            (Some("ack"), true)
+        );
+        assert_eq!(
+            hint(r#"{"type":"ack","messages":[],"quiet":true,"quiet":false}"#),
+            (Some("ack"), false)
+        );
+        assert_eq!(
+            hint(r#"{"type":"send","type":"ping"}"#),
+            (Some("ping"), false)
+        );
         // Unknown types, other JSON values and text that is not JSON give nothing.
         assert_eq!(hint(r#"{"type":"teleport","quiet":true}"#), (None, false));
         assert_eq!(hint(r#"{"type":7}"#), (None, false));
@@ -1278,6 +1286,37 @@ mod tests {
     /// A `send` frame whose envelope has `members` (JSON object members without braces).
     fn send_with(members: &str) -> String {
         format!(r#"{{"type":"send","envelope":{{{members}}}}}"#)
+    }
+
+    /// docs/protocol.md, "Decoding": a member given twice is `bad_frame`, at the top
+    /// level or inside the envelope or an ack entry; `unknown_type` needs one `type`
+    /// member that is a string.
+    #[test]
+    fn repeated_members_and_non_string_types_are_bad_frame() {
+        let to = "ab".repeat(32);
+        let from = "cd".repeat(32);
+        for text in [
+            r#"{"type":"ping","type":"ping"}"#.to_string(),
+            r#"{"type":"ack","messages":[],"quiet":true,"quiet":true}"#.to_string(),
+            r#"{"type":"ack","messages":[],"messages":[]}"#.to_string(),
+            format!(r#"{{"type":"ack","messages":[{{"from":"{from}","id":"a","id":"b"}}]}}"#),
+            send_with(&format!(
+                r#""id":"m1","id":"m2","to":"{to}","ts":1,"kind":"text","payload":"aGk=""#
+            )),
+            r#"{"type":"teleport","type":"warp"}"#.to_string(),
+            r#"{"type":5}"#.to_string(),
+            r#"{"type":null}"#.to_string(),
+        ] {
+            assert!(
+                matches!(decode_client_frame(&text), Err(DecodeError::Malformed(_))),
+                "{text}: {:?}",
+                decode_client_frame(&text)
+            );
+        }
+        assert_eq!(
+            decode_client_frame(r#"{"type":""}"#),
+            Err(DecodeError::UnknownType(String::new()))
+        );
     }
 
     /// The table of `docs/protocol.md` ("Refused frames: bad_frame or invalid_envelope"),

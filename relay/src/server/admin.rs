@@ -1,13 +1,16 @@
 //! Admin API on the metrics port: bearer token (`DCHAT_ADMIN_TOKEN`, compared in
-//! constant time); disabled (404) when no token is configured.
+//! constant time, by [`require_token`] before anything else); its routes do not exist
+//! (404) when no token is configured.
 
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
+use axum::extract::Request;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::json;
@@ -18,29 +21,32 @@ use tracing::{info, warn};
 use super::Shared;
 use crate::store::StoreError;
 
-/// Checks the bearer token; `Err` is the response to return.
-fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+/// Middleware of every admin route: the request goes on only with the bearer token
+/// (`Authorization: Bearer <token>`, compared in constant time); otherwise 401.
+pub async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    // The routes exist only with a token configured (see `http::metrics_router`).
     let Some(expected) = shared.cfg.admin_token.as_deref() else {
-        return Err(Box::new(
-            (StatusCode::NOT_FOUND, "admin API disabled\n").into_response(),
-        ));
+        return (StatusCode::NOT_FOUND, "admin API disabled\n").into_response();
     };
-    let given = headers
+    let given = request
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(())
+        next.run(request).await
     } else {
-        Err(Box::new(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "invalid or missing bearer token\n",
-            )
-                .into_response(),
-        ))
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "invalid or missing bearer token\n",
+        )
+            .into_response()
     }
 }
 
@@ -56,10 +62,7 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response {
 /// `GET /admin/stats`: store counts and live connection numbers. For the embedded store
 /// also `contents`: what a restore would refuse it for (`null` when it is empty, which
 /// the counts alone cannot tell: dedup entries of acknowledged messages are not counted).
-pub async fn stats(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&shared, &headers) {
-        return *r;
-    }
+pub async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     let contents = match shared.embedded.clone() {
         Some(store) => match tokio::task::spawn_blocking(move || store.contents()).await {
             Ok(Ok(c)) => c,
@@ -127,10 +130,7 @@ impl Write for ChannelWriter {
 /// `GET /admin/snapshot`: streams a consistent, checksummed snapshot of the embedded
 /// store. A failure mid-stream aborts the response, so the client sees a truncated
 /// stream that fails the checksum instead of a silently incomplete backup.
-pub async fn snapshot(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&shared, &headers) {
-        return *r;
-    }
+pub async fn snapshot(State(shared): State<Arc<Shared>>) -> Response {
     let Some(store) = shared.embedded.clone() else {
         return json_response(
             StatusCode::CONFLICT,
@@ -202,12 +202,8 @@ enum Load {
 
 /// `POST /admin/restore`: loads a snapshot (the request body) into the embedded
 /// store, which must be empty. 409 when not empty, 400 for a corrupt stream.
-pub async fn restore(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    load(shared, headers, body, Load::Restore).await
+pub async fn restore(State(shared): State<Arc<Shared>>, body: Body) -> Response {
+    load(shared, body, Load::Restore).await
 }
 
 /// `POST /admin/import`: merges a snapshot (the request body) into the embedded store,
@@ -215,14 +211,11 @@ pub async fn restore(
 /// store already has are skipped, so a repeated import is harmless; nothing is applied
 /// unless the whole stream verified (400 otherwise). Local sessions are woken so
 /// connected recipients get imported messages at once.
-pub async fn import(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
-    load(shared, headers, body, Load::Merge).await
+pub async fn import(State(shared): State<Arc<Shared>>, body: Body) -> Response {
+    load(shared, body, Load::Merge).await
 }
 
-async fn load(shared: Arc<Shared>, headers: HeaderMap, body: Body, how: Load) -> Response {
-    if let Err(r) = authorize(&shared, &headers) {
-        return *r;
-    }
+async fn load(shared: Arc<Shared>, body: Body, how: Load) -> Response {
     let Some(store) = shared.embedded.clone() else {
         return json_response(
             StatusCode::CONFLICT,
@@ -292,10 +285,7 @@ async fn load(shared: Arc<Shared>, headers: HeaderMap, body: Body, how: Load) ->
 /// live messages are stored and the store is flushed — but the process keeps running,
 /// so the admin API can still stream a snapshot that no client can change any more.
 /// Idempotent; a restart of the process ends it.
-pub async fn quiesce(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&shared, &headers) {
-        return *r;
-    }
+pub async fn quiesce(State(shared): State<Arc<Shared>>) -> Response {
     let already = shared.draining.swap(true, Ordering::AcqRel);
     if !already {
         info!("quiescing for a handover: readiness false, closing clients");

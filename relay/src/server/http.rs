@@ -37,16 +37,29 @@ pub fn client_router(shared: Arc<Shared>) -> Router {
 
 /// Routes of the metrics port. It answers `/health` too: it has its own handshake
 /// places, so a liveness check there is not queued behind a flood of the client port.
+///
+/// The admin routes exist only when `DCHAT_ADMIN_TOKEN` is set (404 otherwise, whatever
+/// the method), and the token is checked before anything else about the request, so a
+/// caller without it learns nothing — not even which methods a path takes (405).
 pub fn metrics_router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/admin/stats", get(admin::stats))
-        .route("/admin/snapshot", get(admin::snapshot))
-        .route("/admin/restore", post(admin::restore))
-        .route("/admin/import", post(admin::import))
-        .route("/admin/quiesce", post(admin::quiesce))
-        .with_state(shared)
+        .route("/metrics", get(metrics));
+    if shared.cfg.admin_token.is_some() {
+        let admin = Router::new()
+            .route("/admin/stats", get(admin::stats))
+            .route("/admin/snapshot", get(admin::snapshot))
+            .route("/admin/restore", post(admin::restore))
+            .route("/admin/import", post(admin::import))
+            .route("/admin/quiesce", post(admin::quiesce))
+            // `layer`, not `route_layer`: it also wraps each path's 405 answer.
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                admin::require_token,
+            ));
+        router = router.merge(admin);
+    }
+    router.with_state(shared)
 }
 
 async fn health() -> &'static str {
