@@ -112,3 +112,33 @@ fn every_schema_property_has_a_description() {
         "fields without description: {missing:?}"
     );
 }
+
+/// kubectl expands a category before it looks for a short name, so a category that is
+/// also a resource name of either CRD would turn `kubectl get dchat NAME` into a request
+/// for several kinds ("you must specify only one resource").
+#[test]
+fn no_category_is_also_a_resource_name() {
+    let crds = [DchatCluster::crd(), DchatBackup::crd()];
+    let mut resource_names = Vec::new();
+    for crd in &crds {
+        let names = &crd.spec.names;
+        resource_names.push(names.plural.clone());
+        resource_names.extend(names.singular.clone());
+        resource_names.extend(names.short_names.clone().unwrap_or_default());
+        resource_names.push(names.kind.to_lowercase());
+    }
+    for crd in &crds {
+        for category in crd.spec.names.categories.clone().unwrap_or_default() {
+            assert!(
+                !resource_names.contains(&category),
+                "{}: category {category:?} is also a resource name",
+                crd.spec.names.kind
+            );
+        }
+    }
+    assert_eq!(
+        DchatCluster::crd().spec.names.short_names,
+        Some(vec!["dchat".to_string()]),
+        "the docs use `kubectl get dchat NAME`"
+    );
+}

@@ -222,7 +222,7 @@ pub struct ClusterReference {
     kind = "DchatBackup",
     plural = "dchatbackups",
     shortname = "dchatbackup",
-    category = "dchat",
+    category = "dchat-all",
     namespaced,
     status = "DchatBackupStatus",
     doc = "One backup of a DchatCluster's relay store (and its RDS snapshot).",

@@ -53,7 +53,7 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
     kind = "DchatCluster",
     plural = "dchatclusters",
     shortname = "dchat",
-    category = "dchat",
+    category = "dchat-all",
     namespaced,
     status = "DchatClusterStatus",
     doc = "A dchat relay cluster managed by dchat-operator.",
