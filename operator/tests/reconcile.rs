@@ -204,6 +204,58 @@ async fn setting_change_rewrites_only_what_depends_on_it() {
     assert_eq!(hash, dchat_operator::build::config_hash(&cm));
 }
 
+/// `spec.replicas` is the starting size with autoscaling: the StatefulSet is created at
+/// it (within the bounds), under the handover manager, so the HPA owns the count at once.
+#[tokio::test]
+async fn an_autoscaled_cluster_starts_at_spec_replicas() {
+    let h = Harness::new(false).await;
+    h.create_cluster(
+        "chat",
+        "version: '1.0.0'\nreplicas: 5\ndatabase: {secretRef: {name: dchat-db}}\nautoscaling: {enabled: true, minReplicas: 3, maxReplicas: 10}",
+    )
+    .await;
+    h.reconcile("chat").await.unwrap();
+    let api = h.api::<StatefulSet>();
+    let sts = api.get("chat-blue").await.unwrap();
+    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(5));
+    let owners_of_replicas: Vec<String> = sts
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(owners_of_replicas, vec![HANDOVER_MANAGER.to_string()]);
+
+    // The HPA's count stands: later reconciles neither write it back nor hand it over.
+    api.patch(
+        "chat-blue",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": 7}})),
+    )
+    .await
+    .unwrap();
+    h.set_statefulset_status("chat-blue", 7).await;
+    h.reset_calls();
+    h.settle("chat").await;
+    assert_eq!(
+        api.get("chat-blue").await.unwrap().spec.unwrap().replicas,
+        Some(7)
+    );
+    assert!(
+        !h.writes()
+            .iter()
+            .any(|c| c.verb == "patch" && c.target == "chat-blue"),
+        "{:?}",
+        h.writes()
+    );
+}
+
 #[tokio::test]
 async fn autoscaling_toggle_creates_hpa_and_hands_over_replicas() {
     let h = Harness::new(false).await;

@@ -131,9 +131,10 @@ pub struct DchatClusterSpec {
     #[serde(default)]
     pub image_pull_policy: ImagePullPolicy,
 
-    /// Number of relays. Fixed size when autoscaling is off; the starting size when it is
-    /// on (the HorizontalPodAutoscaler owns the count from then on). Embedded storage
-    /// (no `database`) supports exactly one relay.
+    /// Number of relays. Fixed size when autoscaling is off; when it is on, the size a
+    /// new StatefulSet starts at (kept within `autoscaling.minReplicas`..`maxReplicas`),
+    /// after which the HorizontalPodAutoscaler owns the count. Embedded storage (no
+    /// `database`) supports exactly one relay.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 1000))]
     pub replicas: i32,

@@ -86,6 +86,18 @@ pub fn fixed_replicas(cluster: &DchatCluster) -> Option<i32> {
     }
 }
 
+/// The size a StatefulSet whose count the HorizontalPodAutoscaler owns is created with:
+/// `spec.replicas` within `autoscaling.minReplicas`..`maxReplicas`. The HPA sizes it from
+/// its first sync on.
+pub fn starting_replicas(cluster: &DchatCluster) -> i32 {
+    let bounds = &cluster.spec.autoscaling;
+    let max = bounds.max_replicas.max(1);
+    cluster
+        .spec
+        .replicas
+        .clamp(bounds.min_replicas.clamp(1, max), max)
+}
+
 /// A desired child object, typed, so tests can inspect fields.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Child {
@@ -360,6 +372,23 @@ pub fn to_dynamic(child: &ErasedChild) -> Result<DynamicObject, serde_json::Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_autoscaled_statefulset_starts_at_spec_replicas_within_the_bounds() {
+        let cluster = |replicas: i32, min: i32, max: i32| {
+            let mut c = DchatCluster::new("c", Default::default());
+            c.spec.replicas = replicas;
+            c.spec.autoscaling.min_replicas = min;
+            c.spec.autoscaling.max_replicas = max;
+            c
+        };
+        assert_eq!(starting_replicas(&cluster(5, 3, 10)), 5);
+        assert_eq!(starting_replicas(&cluster(1, 3, 10)), 3);
+        assert_eq!(starting_replicas(&cluster(12, 3, 10)), 10);
+        // Bounds the schema refuses still give a count the API server takes.
+        assert_eq!(starting_replicas(&cluster(5, 8, 4)), 4);
+        assert_eq!(starting_replicas(&cluster(5, 0, 0)), 1);
+    }
 
     #[test]
     fn kinds_are_read_from_the_resource_list() {

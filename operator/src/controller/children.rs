@@ -99,6 +99,11 @@ pub(super) async fn apply_children(
         let erased = child.erase()?;
         wanted.insert((erased.resource.kind.clone(), erased.name.clone()));
         let live_object = live.get(&erased.resource.kind, &erased.name);
+        // A StatefulSet created without a count (the HPA owns it) would start at the API
+        // server's default of one relay until the HPA's first sync.
+        let created_for_hpa = live_object.is_none()
+            && erased.resource.kind == "StatefulSet"
+            && erased.body.pointer("/spec/replicas").is_none();
         if let Some(live_object) = live_object {
             let live_json = serde_json::to_value(live_object).unwrap_or_default();
             if erased.resource.kind == "StatefulSet"
@@ -111,6 +116,11 @@ pub(super) async fn apply_children(
             }
         }
         server_side_apply(ctx, namespace, &erased).await?;
+        if created_for_hpa {
+            let replicas = crate::build::starting_replicas(cluster);
+            info!(name = %erased.name, replicas, "starting the HorizontalPodAutoscaler's relays");
+            apply_replicas_for_hpa(ctx, namespace, &erased, json!(replicas), "starting").await?;
+        }
     }
     for (kind, object) in &live.objects {
         let name = object.name_any();
@@ -228,19 +238,24 @@ pub(super) async fn hand_replicas_to_hpa(
 ) -> Result<(), Error> {
     let current = live.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
     info!(name = %child.name, replicas = %current, "handing replica count to the HorizontalPodAutoscaler");
+    apply_replicas_for_hpa(ctx, namespace, child, current, "handing over replicas of").await
+}
+
+/// Sets `spec.replicas` of a StatefulSet whose count the HorizontalPodAutoscaler owns,
+/// under the handover field manager, which never sets it again: the HPA's scale writes
+/// change it from then on, and the operator's applies (which omit it) leave it alone.
+async fn apply_replicas_for_hpa(
+    ctx: &Context,
+    namespace: &str,
+    child: &ErasedChild,
+    replicas: serde_json::Value,
+    doing: &'static str,
+) -> Result<(), Error> {
     let body = json!({
         "apiVersion": child.resource.api_version,
         "kind": child.resource.kind,
         "metadata": {"name": child.name},
-        "spec": {"replicas": current},
+        "spec": {"replicas": replicas},
     });
-    force_apply(
-        ctx,
-        namespace,
-        child,
-        HANDOVER_MANAGER,
-        &body,
-        "handing over replicas of",
-    )
-    .await
+    force_apply(ctx, namespace, child, HANDOVER_MANAGER, &body, doing).await
 }

@@ -84,3 +84,48 @@ async fn production_example_runs_the_full_fleet_and_leaves_scale_to_the_hpa() {
     .await;
     operator.assert_no_refusals();
 }
+
+/// `spec.replicas` is the starting size of an autoscaled cluster on the real API server:
+/// the StatefulSet is created at it, and only the handover manager owns the count, so
+/// the HPA's scale writes are never fought.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscaled_cluster_starts_at_spec_replicas_and_the_hpa_owns_the_count() {
+    let Some(env) = Env::shared("autoscaled-start").await else {
+        return;
+    };
+    let _operator = env.operator().await;
+    env.apply_file("examples/database-secret.yaml").await;
+    // Between the bounds and away from both, so neither the API server's default (1)
+    // nor the HPA (which, without metrics, keeps a count within them) gives 4.
+    env.apply_cluster(
+        "chat",
+        "version: '1.0'\nreplicas: 4\ndatabase: {secretRef: {name: dchat-db}}\n\
+         autoscaling: {enabled: true, minReplicas: 2, maxReplicas: 6}",
+    )
+    .await
+    .unwrap();
+    let sts = wait_for("the StatefulSet at 4 relays", || async {
+        env.get::<StatefulSet>("chat-blue")
+            .await
+            .filter(|s| s.spec.as_ref().and_then(|s| s.replicas) == Some(4))
+    })
+    .await;
+    let owners: Vec<String> = sts
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(
+        owners,
+        vec![dchat_operator::controller::HANDOVER_MANAGER.to_string()]
+    );
+    env.wait_cluster("chat", "4 relays Running", ready_with(4))
+        .await;
+}
