@@ -26,14 +26,24 @@ pub(super) async fn write_status(
     if cluster.status.as_ref() == Some(&next) {
         return Ok(());
     }
-    if let Some(phase) = status::phase_transition(cluster, &next)
-        .filter(|phase| ctx.announced.first(cluster, "phase", phase.as_str()))
-    {
+    let transition = status::phase_transition(cluster, &next)
+        .filter(|phase| ctx.announced.first(cluster, "phase", phase.as_str()));
+    if let Some(message) = &obs.invalid_spec {
+        // Every different invalid spec is a Warning of its own, also while the cluster
+        // stays `Failed` (a second mistake fixed in place of the first).
+        let new_message = ctx.announced.first(cluster, "invalid_spec", message);
+        if transition.is_some() || new_message {
+            publish(
+                ctx,
+                cluster,
+                EventType::Warning,
+                next.phase.as_str(),
+                message.clone(),
+            )
+            .await;
+        }
+    } else if let Some(phase) = transition {
         let (type_, note) = match &obs {
-            Observation {
-                invalid_spec: Some(m),
-                ..
-            } => (EventType::Warning, m.clone()),
             Observation {
                 reconcile_error: Some(failure),
                 ..

@@ -4,7 +4,7 @@
 use dchat_operator::api::{DchatCluster, Phase};
 use kube::CustomResourceExt;
 
-use crate::support::{condition, condition_status, observed, Env};
+use crate::support::{condition, condition_status, observed, wait_for, Env};
 
 /// One bad spec per CEL rule, and a phrase of the rule's message.
 const CASES: &[(&str, &str)] = &[
@@ -141,5 +141,34 @@ async fn an_operator_only_rule_gives_failed_and_stalled() {
         .await
         .iter()
         .all(|(kind, _, _)| kind != "StatefulSet"));
+    let warnings = |events: Vec<k8s_openapi::api::events::v1::Event>| -> Vec<String> {
+        events
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .filter_map(|e| e.note)
+            .collect()
+    };
+    let first = wait_for("the Warning Event", || async {
+        Some(warnings(env.events("Failed").await)).filter(|w| w.len() == 1)
+    })
+    .await;
+    assert!(first[0].contains("spec.resources.limits.cpu"), "{first:?}");
+
+    // A second, different mistake while the cluster stays Failed is a Warning of its own.
+    env.apply_cluster(
+        "chat",
+        "version: '1'\nresources: {requests: {cpu: '2'}, limits: {cpu: '1'}}\n\
+         relay: {drainTimeout: 2h}",
+    )
+    .await
+    .expect("the schema accepts it");
+    let both = wait_for("a second Warning Event", || async {
+        Some(warnings(env.events("Failed").await)).filter(|w| w.len() == 2)
+    })
+    .await;
+    assert!(
+        both.iter().any(|n| n.contains("spec.relay.drainTimeout")),
+        "{both:?}"
+    );
     operator.assert_no_refusals();
 }
