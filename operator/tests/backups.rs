@@ -172,3 +172,52 @@ async fn a_backup_runs_its_job_and_completes_from_the_manifest() {
     assert_eq!(status.phase, BackupPhase::Completed, "{status:?}");
     assert_eq!(status.size_bytes, Some(10));
 }
+
+/// A backup that may not start yet shows `Pending` and why (`kubectl get dchatbackup`),
+/// written once while the wait lasts.
+#[tokio::test]
+async fn a_waiting_backup_shows_pending_and_why() {
+    let h = Harness::new(false).await;
+    h.create_cluster("chat", SPEC).await;
+    h.reconcile("chat").await.unwrap();
+    // No relay is ready: the cluster does not serve yet.
+    let api = backups_api(&h);
+    let backup: DchatBackup = serde_json::from_value(serde_json::json!({
+        "apiVersion": "dchat.network/v1alpha1", "kind": "DchatBackup",
+        "metadata": {"name": "early", "namespace": NS},
+        "spec": {"cluster": {"name": "chat"}}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &backup).await.unwrap();
+    for _ in 0..2 {
+        let b = api.get("early").await.unwrap();
+        backups::reconcile(Arc::new(b), h.ctx.clone())
+            .await
+            .unwrap();
+    }
+    let status = api.get("early").await.unwrap().status.expect("a status");
+    assert_eq!(status.phase, BackupPhase::Pending);
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Pending")
+    );
+    assert_eq!(ready.message, "waiting for the cluster to serve");
+
+    // Still waiting: nothing more is written.
+    h.reset_calls();
+    let b = api.get("early").await.unwrap();
+    backups::reconcile(Arc::new(b), h.ctx.clone())
+        .await
+        .unwrap();
+    let writes: Vec<_> = h
+        .writes()
+        .into_iter()
+        .filter(|c| c.target == "early")
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+}

@@ -189,6 +189,31 @@ fn condition(type_: &str, status: &str, reason: &str, message: &str, now: Timest
     }
 }
 
+/// The status that shows why a Pending backup waits, or `None` when the backup is not
+/// Pending or its status already says so (a wait writes nothing while it lasts).
+pub fn waiting(backup: &DchatBackup, why: &str, now: Timestamp) -> Option<DchatBackupStatus> {
+    let status = backup.status.clone().unwrap_or_default();
+    if status.phase != BackupPhase::Pending {
+        return None;
+    }
+    let says_so = backup.status.is_some()
+        && status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "Pending" && c.message == why);
+    if says_so {
+        return None;
+    }
+    Some(DchatBackupStatus {
+        phase: BackupPhase::Pending,
+        conditions: vec![
+            condition("Ready", "False", "Pending", why, now),
+            condition("Reconciling", "True", "Pending", why, now),
+        ],
+        ..status
+    })
+}
+
 /// The status of a backup whose Job was just created.
 pub fn running(status: DchatBackupStatus, job_name: String, now: Timestamp) -> DchatBackupStatus {
     DchatBackupStatus {
@@ -298,6 +323,46 @@ mod tests {
             ..Default::default()
         });
         b
+    }
+
+    #[test]
+    fn a_waiting_backup_says_why_once() {
+        let fresh = backup(None);
+        let status = waiting(&fresh, "waiting for the cluster to serve", now()).unwrap();
+        assert_eq!(status.phase, BackupPhase::Pending);
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            (
+                ready.status.as_str(),
+                ready.reason.as_str(),
+                ready.message.as_str()
+            ),
+            ("False", "Pending", "waiting for the cluster to serve")
+        );
+        let mut recorded = fresh.clone();
+        recorded.status = Some(status);
+        assert_eq!(
+            waiting(&recorded, "waiting for the cluster to serve", now()),
+            None
+        );
+        let next = waiting(&recorded, "another backup of the cluster runs first", now())
+            .expect("a new reason is written");
+        assert!(next
+            .conditions
+            .iter()
+            .any(|c| c.message == "another backup of the cluster runs first"));
+        assert_eq!(
+            waiting(
+                &backup(Some(BackupPhase::Running)),
+                "the backup Job runs",
+                now()
+            ),
+            None
+        );
     }
 
     fn serving_cluster() -> DchatCluster {

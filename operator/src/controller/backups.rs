@@ -89,6 +89,9 @@ async fn advance(backup: &DchatBackup, ctx: &Context, namespace: &str) -> Result
         Step::Idle => Ok(Action::await_change()),
         Step::Wait(why) => {
             tracing::debug!(%why, "backup waits");
+            if let Some(next) = lifecycle::waiting(backup, &why, now) {
+                write_status(backup, ctx, namespace, &next).await?;
+            }
             Ok(Action::requeue(POLL))
         }
         Step::Start => {
