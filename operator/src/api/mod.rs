@@ -160,7 +160,9 @@ pub struct DchatClusterSpec {
     #[serde(default)]
     pub autoscaling: AutoscalingSpec,
 
-    /// PodDisruptionBudget for the relays (created when more than one relay runs).
+    /// PodDisruptionBudget for the relays, created when more than one relay can run
+    /// (`replicas`, or `autoscaling.maxReplicas` when autoscaling, above 1). With neither
+    /// `minAvailable` nor `maxUnavailable` it is `maxUnavailable: 1`.
     #[serde(default)]
     pub disruption_budget: DisruptionBudgetSpec,
 
