@@ -18,7 +18,7 @@ pub enum Error {
         message: String,
     },
     /// A Kubernetes API call failed.
-    #[error("{action} {kind} {namespace}/{name}: {source}")]
+    #[error("{action} {kind} {namespace}/{name}: {}", describe(.source))]
     Kube {
         /// What the operator was doing ("applying", "listing", ...).
         action: &'static str,
@@ -42,7 +42,7 @@ pub enum Error {
     #[error("generating the relays' admin token: {0}")]
     Random(String),
     /// API discovery (which optional kinds the cluster serves) failed.
-    #[error("asking the API server which kinds it serves: {0}")]
+    #[error("asking the API server which kinds it serves: {}", describe(.0))]
     Discovery(#[source] kube::Error),
 }
 
@@ -107,6 +107,22 @@ pub(super) fn kube_error(
     }
 }
 
+/// A kube error as a person reads it in a condition or Event: the API server's message,
+/// reason and code, without kube's debug dump of the whole `Status`.
+pub fn describe(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(status) => {
+            let reason = if status.reason.is_empty() {
+                String::new()
+            } else {
+                format!("{}, ", status.reason)
+            };
+            format!("{} ({reason}HTTP {})", status.message, status.code)
+        }
+        other => other.to_string(),
+    }
+}
+
 pub(super) fn is_not_found(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.is_not_found())
 }
@@ -151,5 +167,22 @@ mod tests {
             .message
             .contains("applying StatefulSet apps/chat-blue"));
         assert!(failure.needs_intervention);
+    }
+
+    #[test]
+    fn an_api_error_reads_as_the_servers_message_reason_and_code() {
+        assert_eq!(
+            api_error(422).to_string(),
+            "applying StatefulSet apps/chat-blue: refused (Forbidden, HTTP 422)"
+        );
+        let discovery = Error::Discovery(kube::Error::Api(
+            kube::core::Status::failure("the server is down", "")
+                .with_code(503)
+                .boxed(),
+        ));
+        assert_eq!(
+            discovery.to_string(),
+            "asking the API server which kinds it serves: the server is down (HTTP 503)"
+        );
     }
 }
