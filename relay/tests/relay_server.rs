@@ -2697,3 +2697,32 @@ async fn sends_written_with_the_close_by_a_client_that_left_are_still_delivered_
     drop(ws);
     burst.check_delivered_exactly_once(&r).await;
 }
+
+/// An `ack` naming an id far longer than any message id (one no store index could
+/// hold) matches nothing, and the store goes on working for everyone.
+#[tokio::test]
+async fn an_ack_of_an_impossibly_long_id_removes_nothing_and_breaks_nothing() {
+    let r = start(|_| {}).await;
+    let (mut raw, _) = raw_authed(&r.url()).await;
+    let sender = "ab".repeat(32);
+    let huge = "x".repeat(70_000);
+    send_text(
+        &mut raw,
+        &format!(r#"{{"type":"ack","messages":[{{"from":"{sender}","id":"{huge}"}}]}}"#),
+    )
+    .await;
+    assert_eq!(
+        next_frame(&mut raw).await.unwrap(),
+        ServerFrame::Acked { removed: 0 }
+    );
+    // Writes still work: a join, and a message stored for an offline recipient.
+    send_text(&mut raw, r#"{"type":"join","channel":"after-the-ack"}"#).await;
+    assert!(matches!(
+        next_frame(&mut raw).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut a = r.client().await;
+    let offline = public_key(&generate_key().unwrap());
+    let sent = a.send_text(offline, "kept").await.unwrap();
+    assert_eq!(sent.status, SendStatus::Stored);
+}

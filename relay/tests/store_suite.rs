@@ -190,6 +190,22 @@ async fn ack_removes_and_a_retry_after_ack_stays_a_duplicate(h: &Harness) {
         0,
         "ids that can never be stored match nothing"
     );
+    // Not even one far beyond any key the store can hold: it matches nothing, and the
+    // store goes on working.
+    let huge = "x".repeat(70_000);
+    assert_eq!(
+        s.ack(&key(1), by_id(&[(key(2), huge.as_str()), (key(2), "zz")]))
+            .await
+            .unwrap(),
+        0
+    );
+    s.put(msg(1, 2, "after-huge")).await.unwrap();
+    assert_eq!(
+        s.ack(&key(1), by_id(&[(key(2), "after-huge")]))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(ids(&all_pending(&*s, 1).await), ["b"]);
     // The sender retrying an id the recipient already acknowledged must not redeliver it.
     assert_eq!(s.put(msg(1, 2, "a")).await.unwrap(), PutOutcome::Duplicate);

@@ -297,6 +297,15 @@ pub(crate) fn validate_message(msg: &StoredMessage) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The keys of an `ack` that can name a stored message: an id validation would refuse
+/// (empty, too long, NUL) was never stored, so it matches nothing and does not reach the
+/// backend (where a key longer than its index allows would fail the whole store).
+pub(crate) fn ackable(keys: Vec<AckKey>) -> Vec<AckKey> {
+    keys.into_iter()
+        .filter(|k| validate_id(&k.id).is_ok())
+        .collect()
+}
+
 /// Checks a message id against [`MAX_MESSAGE_ID_BYTES`]; NUL is refused because
 /// PostgreSQL TEXT cannot hold it.
 fn validate_id(id: &str) -> Result<(), StoreError> {

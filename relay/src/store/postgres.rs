@@ -816,11 +816,12 @@ impl Store for PostgresStore {
     }
 
     async fn ack(&self, recipient: &PublicKey, keys: Vec<AckKey>) -> Result<u64, StoreError> {
-        // An id with NUL cannot have been stored (validation refuses it) and PostgreSQL
-        // TEXT cannot even carry it: such keys match nothing, as in the embedded store.
-        // Reads are not quoted back: with several relays on one database, another one
-        // may have acknowledged or expired the message since.
-        let keys: Vec<&AckKey> = keys.iter().filter(|k| !k.id.contains('\0')).collect();
+        // An id validation refuses (NUL, which PostgreSQL TEXT cannot even carry; empty;
+        // too long) cannot have been stored: such keys match nothing, as in the embedded
+        // store. Reads are not quoted back: with several relays on one database, another
+        // one may have acknowledged or expired the message since.
+        let keys = super::ackable(keys);
+        let keys: Vec<&AckKey> = keys.iter().collect();
         if keys.is_empty() {
             return Ok(0);
         }

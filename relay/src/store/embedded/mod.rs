@@ -325,6 +325,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn ack(&self, recipient: &PublicKey, keys: Vec<AckKey>) -> Result<u64, StoreError> {
+        let keys = super::ackable(keys);
         if keys.is_empty() {
             return Ok(0);
         }
