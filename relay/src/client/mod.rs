@@ -578,8 +578,7 @@ impl Client {
                 {
                     return Err(ClientError::Unexpected("profile signature invalid".into()));
                 }
-                let doc: ProfileDoc = serde_json::from_slice(&data.0)
-                    .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                let doc = ProfileDoc::parse(&data.0).map_err(ClientError::Unexpected)?;
                 if doc.key != key {
                     return Err(ClientError::Unexpected("profile key mismatch".into()));
                 }

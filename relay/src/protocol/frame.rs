@@ -877,6 +877,7 @@ pub fn decode_request(text: &str) -> Result<Request, DecodeError> {
     if let Some((messages, quiet)) = super::scan::ack(text) {
         return Ok(Request::Frame(ClientFrame::Ack { messages, quiet }));
     }
+    not_an_object(text)?;
     match decode_fast::<Base64Text>(text) {
         Some(Fast::Send(envelope)) => Ok(Request::Send(envelope)),
         Some(Fast::Ack(messages, quiet)) => {
@@ -920,11 +921,25 @@ fn decode_fast<P: serde::de::DeserializeOwned>(text: &str) -> Option<Fast<P>> {
     }
 }
 
+/// Refuses text that is not a JSON object before serde sees it: a derived struct and an
+/// internally tagged enum also read a JSON array (`["ping"]` as a ping), which the
+/// protocol does not allow.
+fn not_an_object(text: &str) -> Result<(), DecodeError> {
+    if text.trim_start().starts_with('{') {
+        Ok(())
+    } else {
+        Err(DecodeError::Malformed(
+            "a frame must be a JSON object".into(),
+        ))
+    }
+}
+
 /// Decodes one client text frame. Never panics, whatever the input.
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
     if let Some((messages, quiet)) = super::scan::ack(text) {
         return Ok(ClientFrame::Ack { messages, quiet });
     }
+    not_an_object(text)?;
     match decode_fast::<Base64Bytes>(text) {
         Some(Fast::Send(envelope)) => return Ok(ClientFrame::Send { envelope }),
         Some(Fast::Ack(messages, quiet)) => return Ok(ClientFrame::Ack { messages, quiet }),
@@ -1047,6 +1062,17 @@ pub struct ProfileDoc {
     pub avatar: Option<MediaRef>,
     /// Milliseconds since the epoch; a profile replaces a stored one only if newer.
     pub updated_ms: i64,
+}
+
+impl ProfileDoc {
+    /// Reads a profile document: a JSON object (serde alone would also read a struct
+    /// from a JSON array). The error says what is wrong.
+    pub fn parse(bytes: &[u8]) -> Result<ProfileDoc, String> {
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err("the profile document must be a JSON object".into());
+        }
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
 }
 
 /// Verifies an Ed25519 signature (strict: rejects malleable and small-order forms).
@@ -1193,6 +1219,19 @@ mod tests {
 
     /// The `ref` and `quiet` members of the error about a frame that did not decode.
     #[test]
+    fn a_profile_document_is_a_json_object() {
+        let key = "ab".repeat(32);
+        let object = format!(r#" {{"key":"{key}","name":"Bob","updated_ms":12}}"#);
+        assert_eq!(ProfileDoc::parse(object.as_bytes()).unwrap().name, "Bob");
+        let array = format!(r#"["{key}","Bob",null,12]"#);
+        assert!(serde_json::from_slice::<ProfileDoc>(array.as_bytes()).is_ok());
+        assert_eq!(
+            ProfileDoc::parse(array.as_bytes()),
+            Err("the profile document must be a JSON object".to_string())
+        );
+    }
+
+    #[test]
     fn hints_of_undecodable_frames() {
         let hint = |t: &str| {
             let h = FrameHint::of_text(t);
@@ -1290,9 +1329,9 @@ mod tests {
 
     /// docs/protocol.md, "Decoding": a member given twice is `bad_frame`, at the top
     /// level or inside the envelope or an ack entry; `unknown_type` needs one `type`
-    /// member that is a string.
+    /// member that is a string; a frame is a JSON object, not an array.
     #[test]
-    fn repeated_members_and_non_string_types_are_bad_frame() {
+    fn repeated_members_non_string_types_and_arrays_are_bad_frame() {
         let to = "ab".repeat(32);
         let from = "cd".repeat(32);
         for text in [
@@ -1306,7 +1345,16 @@ mod tests {
             r#"{"type":"teleport","type":"warp"}"#.to_string(),
             r#"{"type":5}"#.to_string(),
             r#"{"type":null}"#.to_string(),
+            // A JSON array is not a frame, though serde would read a struct from it.
+            r#"["ping"]"#.to_string(),
+            r#"["ack",[]]"#.to_string(),
+            format!(r#"["send",{{"id":"m1","to":"{to}","ts":1,"kind":"text","payload":"aGk="}}]"#),
         ] {
+            assert!(
+                matches!(decode_request(&text), Err(DecodeError::Malformed(_))),
+                "{text}: {:?}",
+                decode_request(&text)
+            );
             assert!(
                 matches!(decode_client_frame(&text), Err(DecodeError::Malformed(_))),
                 "{text}: {:?}",

@@ -92,7 +92,7 @@ impl Session {
                 )
                 .await;
         }
-        let doc: ProfileDoc = match serde_json::from_slice(&data.0) {
+        let doc = match ProfileDoc::parse(&data.0) {
             Ok(d) => d,
             Err(e) => {
                 return c
