@@ -569,14 +569,7 @@ mod tests {
         let cluster = cluster_from_yaml(
             "version: '2.0'\nreplicas: 2\ndatabase: {secretRef: {name: db}}\nbackup: {destination: {s3: {bucket: b1, region: us-east-1, endpoint: 'http://minio:9000', forcePathStyle: true, credentials: {secretRef: {name: s3-keys}}, encryption: 'aws:kms', kmsKeyId: alias/dchat}}, rds: {instanceIdentifier: dchat-prod, region: us-east-1, snapshotPrefix: prod-relay}}",
         );
-        let b = backup("nightly");
-        let job = create_job(&CreateRequest {
-            cluster: &cluster,
-            backup: &b,
-            version: "2.0",
-            slot: Slot::Blue,
-        })
-        .unwrap();
+        let job = nightly_backup_job(&cluster);
         let joined = command(&job).join(" ");
         assert!(
             joined.contains("--source postgres --s3-bucket b1"),
@@ -609,16 +602,20 @@ mod tests {
         let cluster = cluster_from_yaml(
             "version: '2.0'\nreplicas: 2\ndatabase: {secretRef: {name: db}}\nbackup: {destination: {s3: {bucket: b1, region: us-east-1}}, rds: {instanceIdentifier: dchat-prod, region: us-east-1}}",
         );
-        let b = backup("nightly");
-        let job = create_job(&CreateRequest {
-            cluster: &cluster,
-            backup: &b,
+        let job = nightly_backup_job(&cluster);
+        let joined = command(&job).join(" ");
+        assert!(joined.ends_with("--rds-snapshot-prefix dchat"), "{joined}");
+    }
+
+    /// The backup Job of the backup `nightly` of `cluster`, version 2.0, blue serving.
+    fn nightly_backup_job(cluster: &DchatCluster) -> Job {
+        create_job(&CreateRequest {
+            cluster,
+            backup: &backup("nightly"),
             version: "2.0",
             slot: Slot::Blue,
         })
-        .unwrap();
-        let joined = command(&job).join(" ");
-        assert!(joined.ends_with("--rds-snapshot-prefix dchat"), "{joined}");
+        .unwrap()
     }
 
     #[test]
