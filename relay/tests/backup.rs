@@ -973,6 +973,25 @@ async fn rds_snapshots_are_tagged_and_only_managed_ones_are_deleted() {
         .send()
         .await
         .is_ok());
+    // A refused snapshot refuses the whole delete before anything is removed, also the
+    // backup's own snapshot (`dchat-…`, which sorts before `rds:…`).
+    let run = delete(&bucket, "prod/r/b3", &["--rds-snapshot", &auto_id])
+        .await
+        .failed();
+    assert_eq!(run.termination_json()["reason"], "RdsSnapshotNotManaged");
+    assert!(
+        rds.describe_db_snapshots()
+            .db_snapshot_identifier(other)
+            .send()
+            .await
+            .is_ok(),
+        "the backup's own snapshot was deleted before the refusal"
+    );
+    assert!(
+        object(&bucket, &format!("{PREFIX}/prod/r/b3/manifest.json"))
+            .await
+            .is_some()
+    );
     assert_eq!(m2["storeKind"], "embedded");
 }
 
@@ -1130,6 +1149,17 @@ async fn bad_input_is_a_clear_error_never_a_panic() {
     .await;
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("--sse"), "{run:?}");
+    // A missing required flag: the termination message names it.
+    let run = dchat(&strings(&["verify", "--backup-path", "a/b/c"]), &[]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    let e = run.termination_json();
+    assert_eq!(e["reason"], "InvalidInput");
+    assert!(
+        e["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("not provided") && m.contains("--s3-bucket")),
+        "{run:?}"
+    );
     let run = create(
         &bucket,
         "prod/chat/x",

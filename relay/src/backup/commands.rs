@@ -890,6 +890,11 @@ pub async fn delete(
             .map(str::to_string)
             .unwrap_or_else(|| dest.region().to_string());
         let rds = Rds::connect(&region).await;
+        // Every snapshot is checked before any is deleted: one that is not this backup's
+        // refuses the whole delete with nothing removed.
+        for id in &ids {
+            rds.check_snapshot(id, path).await?;
+        }
         for id in ids {
             let result = match rds.delete_snapshot(&id, path).await? {
                 Deleted::Deleted => "deleted",

@@ -267,14 +267,24 @@ impl Rds {
         }
     }
 
+    /// Whether the snapshot `id` exists, after checking that it is a manual snapshot
+    /// tagged as the backup at `path`'s (refused otherwise). A delete checks every
+    /// snapshot it was given before it deletes any, so a refusal removes nothing.
+    pub async fn check_snapshot(&self, id: &str, path: &BackupPath) -> Result<bool, RdsError> {
+        let Some(existing) = self.describe(id).await? else {
+            return Ok(false);
+        };
+        check_owner(&existing, id, path)?;
+        Ok(true)
+    }
+
     /// Deletes the manual snapshot `id` of the backup at `path`. Refuses (and deletes
     /// nothing) unless it is a manual snapshot tagged as this backup's; a snapshot that
     /// does not exist is [`Deleted::Gone`].
     pub async fn delete_snapshot(&self, id: &str, path: &BackupPath) -> Result<Deleted, RdsError> {
-        let Some(existing) = self.describe(id).await? else {
+        if !self.check_snapshot(id, path).await? {
             return Ok(Deleted::Gone);
-        };
-        check_owner(&existing, id, path)?;
+        }
         match self
             .client
             .delete_db_snapshot()

@@ -318,6 +318,24 @@ enum BackupCmd {
     },
 }
 
+/// The part of clap's error that says what is wrong — its first paragraph, on one line
+/// (e.g. `the following required arguments were not provided: --s3-bucket <S3_BUCKET>`),
+/// without the usage and help lines after it.
+fn usage_error_message(rendered: &str) -> String {
+    let words: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = words.join(" ");
+    let msg = msg.trim_start_matches("error: ").trim();
+    if msg.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        msg.to_string()
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -328,10 +346,8 @@ fn main() -> std::process::ExitCode {
                 let path = std::env::var_os("DCHAT_TERMINATION_LOG")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| PathBuf::from("/dev/termination-log"));
-                let first = e.to_string();
-                let first = first.lines().next().unwrap_or("invalid arguments");
-                let msg = first.trim_start_matches("error: ");
-                backup::write_termination_message(&path, &backup::error_json(msg, "InvalidInput"));
+                let msg = usage_error_message(&e.to_string());
+                backup::write_termination_message(&path, &backup::error_json(&msg, "InvalidInput"));
             }
             e.exit();
         }
