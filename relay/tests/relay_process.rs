@@ -352,6 +352,94 @@ fn cli_keygen_send_and_fetch() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"name\":\"Bob\""));
 }
 
+/// Output that cannot be written, a server that never answers the upgrade and a refused
+/// connection each end the command with exit 1 and one clear line — never a panic, a
+/// hang, or a message lost.
+#[test]
+fn cli_failures_are_clear_and_lose_nothing() {
+    let dir = TempDir::new("proc-cli-fail");
+    let p = spawn(relay_cmd(dir.path()));
+    let run = |args: &[&str], stdout: Stdio| {
+        Command::new(CLI)
+            .current_dir(dir.path())
+            .env("DCHAT_URL", url(&p))
+            .args(args)
+            .stdout(stdout)
+            .output()
+            .unwrap()
+    };
+    let keygen = |name: &str| -> String {
+        let out = run(&["keygen", "--out", name], Stdio::piped());
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    keygen("alice.key");
+    let bob = keygen("bob.key");
+    let out = run(
+        &["send", "--key", "alice.key", &bob, "kept"],
+        Stdio::piped(),
+    );
+    assert!(out.status.success());
+    // stdout is a full disk: fetch fails, and acknowledges nothing it could not print.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = run(&["fetch", "--key", "bob.key"], Stdio::from(full));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("dchat: writing to stdout"), "{stderr}");
+    let out = run(&["fetch", "--key", "bob.key"], Stdio::piped());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
+
+    // A server that accepts the connection and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("ws://{}/v1/ws", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let out = Command::new(CLI)
+        .current_dir(dir.path())
+        .args([
+            "send",
+            "--url",
+            &silent_url,
+            "--key",
+            "alice.key",
+            &bob,
+            "x",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("timed out waiting for the WebSocket handshake"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    drop(silent);
+
+    // A refused connection: its cause once, not three times.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_url = format!("ws://{}/v1/ws", closed.local_addr().unwrap());
+    drop(closed);
+    let out = Command::new(CLI)
+        .current_dir(dir.path())
+        .args([
+            "send",
+            "--url",
+            &closed_url,
+            "--key",
+            "alice.key",
+            &bob,
+            "x",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
+}
+
 /// `dchat ARGS --help`, with no `DCHAT_*` variables set (their values would show up).
 fn cli_help(args: &[&str]) -> String {
     let out = Command::new(CLI)

@@ -368,10 +368,38 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(cli.cmd)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dchat: {e:#}");
+            eprintln!("dchat: {}", error_chain(&e));
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: an error whose message already
+/// quotes its source (tungstenite's `IO error: …` around the OS error) is not followed
+/// by that source again.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Writes one line of a command's result to stdout. A failed write (a closed pipe, a
+/// full disk) is an error of the command, so nothing printed after it is acknowledged.
+fn emit(line: impl std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 /// A public key argument; a bad one is a usage error (exit 2), as clap reports it.
@@ -397,8 +425,7 @@ fn print_delivery(d: &client::Delivery) -> anyhow::Result<()> {
         "seq": d.seq,
         "text": text,
     });
-    println!("{line}");
-    Ok(())
+    emit(line)
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -406,10 +433,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Keygen { out } => {
             let key = client::generate_key()?;
             client::save_key(&out, &key)?;
-            println!("{}", client::public_key(&key));
+            emit(client::public_key(&key))?;
         }
         Cmd::Pubkey { key } => {
-            println!("{}", client::public_key(&client::load_key(&key)?));
+            emit(client::public_key(&client::load_key(&key)?))?;
         }
         Cmd::Send { conn, to, text } => {
             let mut c = connect(&conn).await?;
@@ -417,13 +444,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             // A busy relay (`overloaded`, `storage_unavailable`) gets the same envelope
             // again after a backoff: about 3 s in all before giving up.
             let r = c.send_retrying(env, SEND_ATTEMPTS).await?;
-            println!("{}", serde_json::json!({"status": r.status, "seq": r.seq}));
+            emit(serde_json::json!({"status": r.status, "seq": r.seq}))?;
             c.close().await;
         }
         Cmd::Listen { conn } => loop {
             let mut c = connect(&conn).await?;
-            // Wait for messages indefinitely; keep the connection alive with pings.
-            c.set_timeout(Duration::from_secs(30));
+            // Wait for messages indefinitely; keep the connection alive with pings, at
+            // least twice per idle timeout the relay announced.
+            let idle = c.limits().idle_timeout_secs;
+            c.set_timeout(listen_ping_interval(idle));
             let end = loop {
                 match c.next_delivery().await {
                     Ok(d) => {
@@ -475,11 +504,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0);
                 let updated = c.publish_profile(&name, None, now).await?;
-                println!("{}", serde_json::json!({"updated": updated}));
+                emit(serde_json::json!({"updated": updated}))?;
             }
             let who = show.unwrap_or_else(|| c.key());
             match c.get_profile(who).await? {
-                Some(p) => println!("{}", serde_json::to_string(&p.doc)?),
+                Some(p) => emit(serde_json::to_string(&p.doc)?)?,
                 None => anyhow::bail!("no profile published for {who}"),
             }
             c.close().await;
@@ -488,7 +517,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let took = client::smoke(&url, timeout)
                 .await
                 .with_context(|| format!("smoke test against {url} failed"))?;
-            println!("smoke ok: round trip in {} ms", took.as_millis());
+            emit(format_args!(
+                "smoke ok: round trip in {} ms",
+                took.as_millis()
+            ))?;
         }
         // `main` runs `dchat backup` itself (its own runtime, logging and exit codes).
         Cmd::Backup(_) => anyhow::bail!("dchat backup is dispatched before the client commands"),
@@ -502,14 +534,27 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let report = dchat_relay::handover::handover(&from, &to, &token, timeout)
                 .await
                 .with_context(|| format!("handover from {from} to {to} failed"))?;
-            println!(
-                "{}",
-                serde_json::json!({"handover": "ok", "from": from, "to": to, "imported": report.imported})
-            );
+            emit(
+                serde_json::json!({"handover": "ok", "from": from, "to": to, "imported": report.imported}),
+            )?;
         }
     }
     Ok(())
 }
+
+/// How often `listen` pings an idle connection: every 30 s, or at half the relay's idle
+/// timeout when that is shorter (0 means the relay announced none).
+fn listen_ping_interval(idle_timeout_secs: u64) -> Duration {
+    let half = Duration::from_millis(idle_timeout_secs.saturating_mul(500));
+    if idle_timeout_secs == 0 {
+        LISTEN_PING
+    } else {
+        LISTEN_PING.min(half).max(Duration::from_millis(100))
+    }
+}
+
+/// `listen`'s ping interval when the relay's idle timeout allows it.
+const LISTEN_PING: Duration = Duration::from_secs(30);
 
 /// Runs a `dchat backup` command: logs go to stderr (`RUST_LOG`, default info for the
 /// relay's own messages), the result to stdout and the termination log.
@@ -536,13 +581,24 @@ fn run_backup(args: BackupArgs) -> std::process::ExitCode {
         }
     };
     let outcome = rt.block_on(backup_command(args.cmd));
+    let mut code = outcome.code;
     if !outcome.stdout.is_empty() {
-        print!("{}", outcome.stdout);
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out
+            .write_all(outcome.stdout.as_bytes())
+            .and_then(|()| out.flush())
+        {
+            // The result is in the termination message too; the exit code says the
+            // printed copy was lost.
+            eprintln!("dchat: writing to stdout: {e}");
+            code = code.max(1);
+        }
     }
     if let Some(message) = &outcome.termination {
         backup::write_termination_message(&args.termination_log, message);
     }
-    std::process::ExitCode::from(outcome.code)
+    std::process::ExitCode::from(code)
 }
 
 fn backup_path(s: &str) -> Result<BackupPath, BackupError> {
@@ -727,5 +783,37 @@ async fn backup_command(cmd: BackupCmd) -> Outcome {
                 Err(e) => failed(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_pings_within_the_relays_idle_timeout() {
+        assert_eq!(listen_ping_interval(120), Duration::from_secs(30));
+        assert_eq!(listen_ping_interval(3), Duration::from_millis(1500));
+        assert_eq!(listen_ping_interval(0), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_usage_error_is_clap_first_paragraph_on_one_line() {
+        let rendered = "error: the following required arguments were not provided:\n  \
+                        --s3-bucket <S3_BUCKET>\n\nUsage: dchat backup verify\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_message(rendered),
+            "the following required arguments were not provided: --s3-bucket <S3_BUCKET>"
+        );
+        assert_eq!(usage_error_message(""), "invalid arguments");
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(io)
+            .context("IO error: refused")
+            .context("connecting");
+        assert_eq!(error_chain(&e), "connecting: IO error: refused");
     }
 }

@@ -200,6 +200,9 @@ fn transport_error(url: &str, e: tokio_tungstenite::tungstenite::Error) -> Clien
     }
 }
 
+/// Longest wait for the relay to answer the WebSocket upgrade.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Bytes of queued frames after which tungstenite writes without waiting for a flush.
 const WRITE_BUFFER_BYTES: usize = 64 << 10;
 
@@ -210,8 +213,12 @@ pub async fn connect_raw(url: &str) -> Result<Ws, ClientError> {
     // Frames are written out when flushed (every `send` flushes), so a writer can queue
     // several frames with `feed` and put them on the wire in one TCP write.
     cfg.write_buffer_size = WRITE_BUFFER_BYTES;
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
+    // A server that accepts the TCP connection but never answers the upgrade must not
+    // hold the client forever.
+    let handshake = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true);
+    let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
+        .map_err(|_| ClientError::Timeout("the WebSocket handshake"))?
         .map_err(|e| transport_error(url, e))?;
     Ok(ws)
 }
@@ -239,7 +246,7 @@ impl Client {
         };
         let nonce = match c.read_frame("challenge").await? {
             ServerFrame::Challenge { nonce, .. } => nonce,
-            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => return Err(ClientError::Unexpected(other.to_json())),
         };
         let sig = c.key.sign(&auth_message(&nonce.0)).to_bytes();
         c.write(&ClientFrame::Auth {
@@ -254,7 +261,7 @@ impl Client {
                 c.limits = limits;
                 c.features = features;
             }
-            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => return Err(ClientError::Unexpected(other.to_json())),
         }
         Ok(c)
     }
@@ -262,6 +269,11 @@ impl Client {
     /// Sets how long requests wait for their answer (default 10 s).
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
+    }
+
+    /// The limits the relay announced in `welcome`.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// This client's public key.
@@ -398,7 +410,7 @@ impl Client {
                 delivered,
                 stored,
             }),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -443,7 +455,7 @@ impl Client {
         .await?;
         match self.response("joined").await? {
             ServerFrame::Joined { .. } => Ok(()),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -455,7 +467,7 @@ impl Client {
         .await?;
         match self.response("left").await? {
             ServerFrame::Left { .. } => Ok(()),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -468,7 +480,7 @@ impl Client {
         .await?;
         match self.response("acked").await? {
             ServerFrame::Acked { removed } => Ok(removed),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -505,7 +517,7 @@ impl Client {
             .await?;
         match self.response("fetched").await? {
             ServerFrame::Fetched { more, .. } => Ok((self.queued.drain(..).collect(), more)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -526,7 +538,7 @@ impl Client {
                 reason: message,
             }),
             ServerFrame::Error { code, message, .. } => Err(ClientError::Relay { code, message }),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -538,7 +550,7 @@ impl Client {
         .await?;
         match self.response("pong").await? {
             ServerFrame::Pong { .. } => Ok(()),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -564,7 +576,7 @@ impl Client {
         .await?;
         match self.response("profile_stored").await? {
             ServerFrame::ProfileStored { updated } => Ok(updated),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(other.to_json())),
         }
     }
 
@@ -584,7 +596,7 @@ impl Client {
                 }
                 Ok(Some(Profile { doc }))
             }
-            Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            Ok(other) => Err(ClientError::Unexpected(other.to_json())),
             Err(ClientError::Relay {
                 code: ErrorCode::NotFound,
                 ..
