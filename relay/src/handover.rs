@@ -30,8 +30,9 @@ const MAX_SMALL_BODY: usize = 64 * 1024;
 /// Why a handover failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
-    /// An admin URL is not `http://host:port` (TLS is not used on the metrics port).
-    #[error("{flag}: {url:?} is not an http:// URL with a host: {reason}")]
+    /// An admin URL is not `http://host:port` (TLS is not used on the metrics port), or
+    /// names the same relay twice.
+    #[error("{flag}: {url:?}: {reason}")]
     BadUrl {
         /// Which option.
         flag: &'static str,
@@ -202,7 +203,7 @@ fn base_url(flag: &'static str, url: &str) -> Result<String, HandoverError> {
     let bad = |reason: &str| HandoverError::BadUrl {
         flag,
         url: url.to_string(),
-        reason: reason.to_string(),
+        reason: format!("not an http:// URL with a host: {reason}"),
     };
     let uri: hyper::Uri = url
         .parse()
@@ -302,6 +303,23 @@ mod tests {
         ] {
             let e = base_url("--to", bad).unwrap_err();
             assert!(e.to_string().starts_with("--to: "), "{bad}: {e}");
+            assert!(e.to_string().contains("not an http:// URL"), "{bad}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_same_relay_twice_is_refused_as_such() {
+        let e = handover(
+            "http://x:9090",
+            "http://x:9090/",
+            "token-0123456789abcdef",
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--to: \"http://x:9090\": must name a different relay than --from"
+        );
     }
 }
