@@ -1,3 +1,8 @@
+output "region" {
+  description = "AWS region of every resource: aws eks update-kubeconfig --region, spec.backup.destination.s3.region and spec.backup.rds.region."
+  value       = var.region
+}
+
 output "vpc_id" {
   description = "VPC id."
   value       = module.vpc.vpc_id
@@ -19,12 +24,12 @@ output "relay_backup_role_arn" {
 }
 
 output "backup_bucket" {
-  description = "S3 bucket for spec.backup.s3.bucket."
+  description = "S3 bucket for spec.backup.destination.s3.bucket."
   value       = aws_s3_bucket.backups.id
 }
 
 output "backup_kms_key_arn" {
-  description = "KMS key encrypting the backup bucket."
+  description = "KMS key encrypting the backup bucket (its default); spec.backup.destination.s3.kmsKeyId, with encryption aws:kms."
   value       = aws_kms_key.backups.arn
 }
 
@@ -34,8 +39,18 @@ output "rds_instance_identifier" {
 }
 
 output "rds_endpoint" {
-  description = "PostgreSQL host:port for the relay database Secret."
+  description = "PostgreSQL host:port."
   value       = aws_db_instance.relay.endpoint
+}
+
+output "rds_address" {
+  description = "PostgreSQL host name: the relay database Secret's host key."
+  value       = aws_db_instance.relay.address
+}
+
+output "rds_port" {
+  description = "PostgreSQL port: the relay database Secret's port key."
+  value       = aws_db_instance.relay.port
 }
 
 output "rds_master_secret_arn" {
