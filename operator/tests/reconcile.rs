@@ -254,6 +254,21 @@ async fn an_autoscaled_cluster_starts_at_spec_replicas() {
         "{:?}",
         h.writes()
     );
+
+    // Starting at one relay, the API server's default, takes no second write.
+    h.create_cluster(
+        "solo",
+        "version: '1.0.0'\nreplicas: 1\ndatabase: {secretRef: {name: dchat-db}}\nautoscaling: {enabled: true, minReplicas: 1, maxReplicas: 3}",
+    )
+    .await;
+    h.reset_calls();
+    h.reconcile("solo").await.unwrap();
+    let patches = h
+        .writes()
+        .into_iter()
+        .filter(|c| c.verb == "patch" && c.target == "solo-blue")
+        .count();
+    assert_eq!(patches, 1, "{:?}", h.writes());
 }
 
 #[tokio::test]

@@ -116,8 +116,11 @@ pub(super) async fn apply_children(
             }
         }
         server_side_apply(ctx, namespace, &erased).await?;
-        if created_for_hpa {
-            let replicas = crate::build::starting_replicas(cluster);
+        // One relay is what the API server gives a StatefulSet created without a count.
+        let starting = created_for_hpa
+            .then(|| crate::build::starting_replicas(cluster))
+            .filter(|&replicas| replicas != 1);
+        if let Some(replicas) = starting {
             info!(name = %erased.name, replicas, "starting the HorizontalPodAutoscaler's relays");
             apply_replicas_for_hpa(ctx, namespace, &erased, json!(replicas), "starting").await?;
         }
