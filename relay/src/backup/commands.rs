@@ -5,6 +5,7 @@
 //! `{"error": "...", "reason": "..."}` on failure, at most 4 KiB) and the exit code (0
 //! or 1). docs/backup.md is the reference of this contract.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -249,20 +250,19 @@ pub async fn create(s3: &S3Settings, opts: CreateOptions) -> Result<Manifest, Ba
     let finish = async {
         let how = dest.verify(&uploaded, opts.upload_check).await?;
         tracing::info!(backup = %path, verified_by = how, "uploaded object verified");
-        let rds_id = match &opts.rds {
+        let (rds_id, rds_region) = match &opts.rds {
             Some(rds) => {
                 let region = rds
                     .region
                     .clone()
                     .unwrap_or_else(|| dest.region().to_string());
                 let client = Rds::connect(&region).await;
-                Some(
-                    client
-                        .create_snapshot(&rds.instance, &rds.snapshot_prefix, path, rds.timeout)
-                        .await?,
-                )
+                let id = client
+                    .create_snapshot(&rds.instance, &rds.snapshot_prefix, path, rds.timeout)
+                    .await?;
+                (Some(id), Some(region))
             }
-            None => None,
+            None => (None, None),
         };
         let manifest = Manifest {
             format_version: MANIFEST_FORMAT_VERSION,
@@ -278,6 +278,7 @@ pub async fn create(s3: &S3Settings, opts: CreateOptions) -> Result<Manifest, Ba
             size_bytes: uploaded.summary.bytes,
             location: dest.url(&data_key),
             rds_snapshot_identifier: rds_id,
+            rds_region,
         };
         dest.put_small(
             &manifest_key,
@@ -865,15 +866,25 @@ pub async fn delete(
     let dest = Destination::connect(s3).await?;
     let manifest_key = dest.manifest_key(path);
     let object = dest.url(&manifest_key);
-    let mut ids: Vec<String> = rds_snapshot
+    // Each snapshot with the region to look for it in: the manifest's own snapshot in the
+    // region the manifest recorded (a delete told another region would otherwise find
+    // it "gone" and drop its only record), the one named on the command line in
+    // `--rds-region` (default: the S3 region).
+    let told_region = rds_region
+        .map(str::to_string)
+        .unwrap_or_else(|| dest.region().to_string());
+    let mut snapshots: Vec<(String, String)> = rds_snapshot
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(str::to_string)
+        .map(|id| (told_region.clone(), id.to_string()))
         .into_iter()
         .collect();
     match dest.get_small(&manifest_key, MAX_MANIFEST_BYTES).await {
         Ok(Some(bytes)) => match Manifest::parse(&object, &bytes) {
-            Ok(m) => ids.extend(m.rds_snapshot_identifier),
+            Ok(m) => {
+                let region = m.rds_region.unwrap_or_else(|| told_region.clone());
+                snapshots.extend(m.rds_snapshot_identifier.map(|id| (region, id)));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the manifest is unreadable; deleting the objects anyway")
             }
@@ -882,26 +893,31 @@ pub async fn delete(
         Err(S3Error::TooBig { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    ids.sort();
-    ids.dedup();
-    let mut rds_snapshots = Vec::new();
-    if !ids.is_empty() {
-        let region = rds_region
-            .map(str::to_string)
-            .unwrap_or_else(|| dest.region().to_string());
-        let rds = Rds::connect(&region).await;
-        // Every snapshot is checked before any is deleted: one that is not this backup's
-        // refuses the whole delete with nothing removed.
-        for id in &ids {
+    snapshots.sort();
+    snapshots.dedup();
+    let mut clients: BTreeMap<String, Rds> = BTreeMap::new();
+    for (region, _) in &snapshots {
+        if !clients.contains_key(region) {
+            clients.insert(region.clone(), Rds::connect(region).await);
+        }
+    }
+    // Every snapshot is checked before any is deleted: one that is not this backup's
+    // refuses the whole delete with nothing removed.
+    for (region, id) in &snapshots {
+        if let Some(rds) = clients.get(region) {
             rds.check_snapshot(id, path).await?;
         }
-        for id in ids {
-            let result = match rds.delete_snapshot(&id, path).await? {
-                Deleted::Deleted => "deleted",
-                Deleted::Gone => "gone",
-            };
-            rds_snapshots.push(RdsDeletion { id, result });
-        }
+    }
+    let mut rds_snapshots = Vec::new();
+    for (region, id) in snapshots {
+        let Some(rds) = clients.get(&region) else {
+            continue;
+        };
+        let result = match rds.delete_snapshot(&id, path).await? {
+            Deleted::Deleted => "deleted",
+            Deleted::Gone => "gone",
+        };
+        rds_snapshots.push(RdsDeletion { id, result });
     }
     let data_key = dest.data_key(path);
     let aborted_uploads = dest.abort_incomplete(&data_key).await?;

@@ -116,6 +116,10 @@ pub struct Manifest {
     /// The manual RDS snapshot taken with this backup, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rds_snapshot_identifier: Option<String>,
+    /// The region of that snapshot, so a delete finds it whatever region it is told
+    /// (absent in manifests written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rds_region: Option<String>,
 }
 
 impl Manifest {
@@ -279,6 +283,7 @@ mod tests {
             size_bytes: 1234,
             location: "s3://bucket/dchat/prod/chat/chat-20261206t015045z/data.dchat".into(),
             rds_snapshot_identifier: Some("dchat-prod-chat-chat-20261206t015045z".into()),
+            rds_region: Some("eu-west-1".into()),
         }
     }
 
@@ -302,6 +307,7 @@ mod tests {
         assert_eq!(Manifest::parse("x", line.as_bytes()).unwrap(), m);
         let mut none = m.clone();
         none.rds_snapshot_identifier = None;
+        none.rds_region = None;
         assert!(!none.to_line().contains("rdsSnapshotIdentifier"));
     }
 
