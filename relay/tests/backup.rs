@@ -1145,6 +1145,12 @@ async fn bad_input_is_a_clear_error_never_a_panic() {
         run.stderr.contains("NoSuchBucket") || run.stderr.contains("does not exist"),
         "{run:?}"
     );
+    // verify of a bucket that does not exist says so, not that the backup is missing.
+    let run = verify(&moto::unique("no-such-bucket"), "prod/chat/x")
+        .await
+        .failed();
+    assert_eq!(run.termination_json()["reason"], "S3Error", "{run:?}");
+    assert!(run.stderr.contains("NoSuchBucket"), "{run:?}");
     let run = create(
         &bucket,
         "prod/chat/x",

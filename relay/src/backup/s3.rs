@@ -11,6 +11,7 @@
 //! SHA-256 (`x-amz-checksum-sha256`): S3 refuses a part whose bytes do not match. After
 //! completion the object is verified ([`Destination::verify`]).
 
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart, ServerSideEncryption,
@@ -542,7 +543,10 @@ impl Destination {
             .await
         {
             Ok(out) => out,
-            Err(e) if status(&e) == Some(404) => return Ok(None),
+            // A missing bucket answers 404 too; it is an error, not a missing object.
+            Err(e) if status(&e) == Some(404) && e.code() != Some("NoSuchBucket") => {
+                return Ok(None)
+            }
             Err(e) => return Err(self.request_error("GetObject", key, e)),
         };
         let size = out.content_length().unwrap_or(0).max(0) as u64;
