@@ -102,7 +102,14 @@ pub fn load_key(path: &Path) -> Result<SigningKey, ClientError> {
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let bytes = hex::decode(text.trim()).map_err(|e| err(format!("not hex: {e}")))?;
+    let text = text.trim();
+    if text.len() != 64 {
+        return Err(err(format!(
+            "expected one key of 64 hex digits, found {} characters",
+            text.len()
+        )));
+    }
+    let bytes = hex::decode(text).map_err(|e| err(format!("not hex: {e}")))?;
     let seed: [u8; 32] = bytes
         .try_into()
         .map_err(|_| err("expected 32 bytes (64 hex digits)".into()))?;
@@ -197,6 +204,34 @@ fn transport_error(url: &str, e: tokio_tungstenite::tungstenite::Error) -> Clien
     ClientError::Transport {
         url: url.to_string(),
         source: Box::new(e),
+    }
+}
+
+/// An error frame with a code this client does not know decodes as
+/// [`ErrorCode::Unknown`]; its message keeps the code the relay sent, so a person reading
+/// `relay error unknown: …` learns which.
+fn name_unknown_code(frame: ServerFrame, text: &str) -> ServerFrame {
+    match frame {
+        ServerFrame::Error {
+            code: ErrorCode::Unknown,
+            message,
+            reference,
+            quiet,
+            close,
+        } => {
+            let raw = serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_string))
+                .unwrap_or_default();
+            ServerFrame::Error {
+                code: ErrorCode::Unknown,
+                message: format!("{message} (code {raw:?})"),
+                reference,
+                quiet,
+                close,
+            }
+        }
+        other => other,
     }
 }
 
@@ -313,6 +348,7 @@ impl Client {
                 Some(Err(e)) => return Err(self.transport(e)),
                 Some(Ok(Message::Text(t))) => {
                     return decode_server_frame(t.as_str())
+                        .map(|frame| name_unknown_code(frame, t.as_str()))
                         .map_err(|e| ClientError::Unexpected(format!("{e}: {}", t.as_str())))
                 }
                 Some(Ok(Message::Close(f))) => {
@@ -787,6 +823,7 @@ impl ClientReader {
                 Some(Err(e)) => return Err(transport_error(&self.url, e)),
                 Some(Ok(Message::Text(t))) => {
                     return decode_server_frame(t.as_str())
+                        .map(|frame| name_unknown_code(frame, t.as_str()))
                         .map_err(|e| ClientError::Unexpected(format!("{e}: {}", t.as_str())))
                 }
                 Some(Ok(Message::Close(f))) => {
@@ -798,5 +835,43 @@ impl ClientReader {
                 Some(Ok(_)) => continue,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_holds_exactly_one_key() {
+        let dir = std::env::temp_dir().join(format!("dchat-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k");
+        let key = "ab".repeat(32);
+        std::fs::write(&path, format!("  {}\r\n", key.to_uppercase())).unwrap();
+        assert!(load_key(&path).is_ok());
+        std::fs::write(&path, format!("{key}\n{key}\n")).unwrap();
+        let e = load_key(&path).unwrap_err().to_string();
+        assert!(e.contains("expected one key of 64 hex digits"), "{e}");
+        std::fs::write(&path, "zz".repeat(32)).unwrap();
+        let e = load_key(&path).unwrap_err().to_string();
+        assert!(e.contains("not hex"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unknown_error_code_keeps_its_name_in_the_message() {
+        let text = r#"{"type":"error","code":"brand_new_code","message":"try later"}"#;
+        let frame = decode_server_frame(text).unwrap();
+        match name_unknown_code(frame, text) {
+            ServerFrame::Error { code, message, .. } => {
+                assert_eq!(code, ErrorCode::Unknown);
+                assert_eq!(message, "try later (code \"brand_new_code\")");
+            }
+            other => panic!("{other:?}"),
+        }
+        let known = r#"{"type":"error","code":"overloaded","message":"busy"}"#;
+        let frame = decode_server_frame(known).unwrap();
+        assert_eq!(name_unknown_code(frame.clone(), known), frame);
     }
 }
