@@ -27,9 +27,24 @@ pub async fn sdk_config(region: Option<&str>) -> SdkConfig {
 }
 
 /// An SDK error as one line with its causes (the SDK's own `Display` says only
-/// "service error").
+/// "service error"): each cause's text once, without the SDK's debug dump of the raw
+/// response (kilobytes of headers in a DchatBackup's `status.error`), which goes to the
+/// debug log instead.
 pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    aws_sdk_s3::error::DisplayErrorContext(e).to_string()
+    tracing::debug!(error = %aws_sdk_s3::error::DisplayErrorContext(e), "AWS request failed");
+    let mut line = String::new();
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        let text = err.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        cause = err.source();
+    }
+    line
 }
 
 /// The HTTP status of a failed request, if a response was received (S3 and RDS share
@@ -38,4 +53,41 @@ pub fn status<E>(
     e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1
+                .as_deref()
+                .map(|l| l as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn an_error_is_its_causes_once_without_debug_output() {
+        let e = Layer(
+            "service error",
+            Some(Box::new(Layer(
+                "NoSuchBucket: The specified bucket does not exist",
+                Some(Box::new(Layer("The specified bucket does not exist", None))),
+            ))),
+        );
+        assert_eq!(
+            describe(&e),
+            "service error: NoSuchBucket: The specified bucket does not exist"
+        );
+    }
 }
