@@ -459,6 +459,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
         notes: Vec::new(),
         consume_promote: false,
         consume_abort: false,
+        promote_stale: false,
     };
     let mut state = State {
         serving: input.serving.clone(),
@@ -487,6 +488,9 @@ struct Machine<'i, 'a> {
     notes: Vec<Note>,
     consume_promote: bool,
     consume_abort: bool,
+    /// The promote annotation was written for a rollout that is no longer in flight (or
+    /// outside one): it is removed and promotes nothing in this decision.
+    promote_stale: bool,
 }
 
 /// When traffic switched to the rollout's slot (its step start, in a status written
@@ -645,6 +649,19 @@ impl Machine<'_, '_> {
         Time(self.input.now)
     }
 
+    /// Whether the promote annotation asks this decision's rollout to promote.
+    fn promote_asked(&self) -> bool {
+        self.input.promote && !self.promote_stale
+    }
+
+    /// Drops a promote annotation that was not written for the rollout now in flight.
+    fn withdraw_promote(&mut self) {
+        if self.input.promote {
+            self.consume_promote = true;
+            self.promote_stale = true;
+        }
+    }
+
     /// One transition, or `None` when the state is settled for these observations.
     fn step(&mut self, state: &State) -> Option<State> {
         match &state.rollout {
@@ -659,7 +676,7 @@ impl Machine<'_, '_> {
         let input = self.input;
         // Annotations outside a rollout have nothing to act on; drop them so they do
         // not act on a later rollout by surprise.
-        self.consume_promote |= input.promote;
+        self.withdraw_promote();
         self.consume_abort |= input.abort;
         if let Some(r) = self.handback_pending(state) {
             let outcome = match &input.handover {
@@ -786,6 +803,8 @@ impl Machine<'_, '_> {
             return Some(self.cancel_for_hibernation(state, r));
         }
         if input.desired.hash != r.target_template_hash {
+            // A promote asked for the superseded rollout, not for the one that follows.
+            self.withdraw_promote();
             return Some(self.supersede(state, r));
         }
         if input.abort {
@@ -794,7 +813,7 @@ impl Machine<'_, '_> {
         }
         if r.step.switched() {
             // Promotion happened; a promote annotation now has nothing to do.
-            self.consume_promote |= input.promote;
+            self.withdraw_promote();
         }
         let next = match r.step {
             RolloutStep::Preparing => self.preparing(state, r),
@@ -1133,7 +1152,7 @@ impl Machine<'_, '_> {
         if self.input.settings.auto_promote {
             return self.promote(r, "validated; promoted automatically".into());
         }
-        if self.input.promote {
+        if self.promote_asked() {
             self.consume_promote = true;
             return self.promote(
                 r,
@@ -1166,7 +1185,7 @@ impl Machine<'_, '_> {
         if let Some((why, detail)) = self.pod_failure(r) {
             return Some(Progress::Move(Box::new(self.fail(state, r, why, detail))));
         }
-        if input.promote {
+        if self.promote_asked() {
             self.consume_promote = true;
             let how = "promoted by the dchat.network/promote annotation".to_string();
             return Some(Progress::Move(Box::new(self.promote(r, how))));

@@ -1372,6 +1372,22 @@ fn table() -> Vec<Case> {
             ..base()
         },
         Case {
+            name: "supersede while a promote of the old rollout is pending -> the annotation is removed, not kept for the new one",
+            settings: manual(),
+            desired: "v3",
+            rollout: r(AwaitingPromotion, 3),
+            green: sts("v2", 3, 3),
+            promote: true,
+            now: 4,
+            step: Some(Preparing),
+            reason: Some(reason::STARTED),
+            target: Some("v3"),
+            slots: BEFORE_SWITCH,
+            consume: (true, false),
+            notes: &[reason::SUPERSEDED, reason::STARTED],
+            ..base()
+        },
+        Case {
             name: "spec back to the serving version before the switch -> cancelled",
             desired: "v1",
             rollout: r(AwaitingPromotion, 3),
