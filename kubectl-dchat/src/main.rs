@@ -10,9 +10,12 @@ use kubectl_dchat::complete::{answer, COMPLETE_ARG};
 fn main() -> ExitCode {
     // kube's logs, for debugging a command: RUST_LOG=kube=debug kubectl dchat ...
     if std::env::var_os("RUST_LOG").is_some() {
+        use std::io::IsTerminal;
+        // Colour only on a terminal, like the rest of the plugin's output.
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
             .init();
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
