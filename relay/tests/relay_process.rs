@@ -392,25 +392,24 @@ fn cli_failures_are_clear_and_lose_nothing() {
     let out = run(&["fetch", "--key", "bob.key"], Stdio::piped());
     assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
 
+    // `dchat send` to alice's key through `url`: exit code and stderr.
+    let send_via = |url: &str| {
+        let out = Command::new(CLI)
+            .current_dir(dir.path())
+            .args(["send", "--url", url, "--key", "alice.key", &bob, "x"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
     // A server that accepts the connection and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let silent_url = format!("ws://{}/v1/ws", silent.local_addr().unwrap());
     let started = std::time::Instant::now();
-    let out = Command::new(CLI)
-        .current_dir(dir.path())
-        .args([
-            "send",
-            "--url",
-            &silent_url,
-            "--key",
-            "alice.key",
-            &bob,
-            "x",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = send_via(&format!("ws://{}/v1/ws", silent.local_addr().unwrap()));
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("timed out waiting for the WebSocket handshake"),
         "{stderr}"
@@ -422,21 +421,8 @@ fn cli_failures_are_clear_and_lose_nothing() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_url = format!("ws://{}/v1/ws", closed.local_addr().unwrap());
     drop(closed);
-    let out = Command::new(CLI)
-        .current_dir(dir.path())
-        .args([
-            "send",
-            "--url",
-            &closed_url,
-            "--key",
-            "alice.key",
-            &bob,
-            "x",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = send_via(&closed_url);
+    assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
 }
 

@@ -893,31 +893,32 @@ pub async fn delete(
         Err(S3Error::TooBig { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    snapshots.sort();
-    snapshots.dedup();
-    let mut clients: BTreeMap<String, Rds> = BTreeMap::new();
-    for (region, _) in &snapshots {
-        if !clients.contains_key(region) {
-            clients.insert(region.clone(), Rds::connect(region).await);
-        }
+    let mut by_region: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (region, id) in snapshots {
+        by_region.entry(region).or_default().push(id);
+    }
+    let mut groups = Vec::new();
+    for (region, mut ids) in by_region {
+        ids.sort();
+        ids.dedup();
+        groups.push((Rds::connect(&region).await, ids));
     }
     // Every snapshot is checked before any is deleted: one that is not this backup's
     // refuses the whole delete with nothing removed.
-    for (region, id) in &snapshots {
-        if let Some(rds) = clients.get(region) {
+    for (rds, ids) in &groups {
+        for id in ids {
             rds.check_snapshot(id, path).await?;
         }
     }
     let mut rds_snapshots = Vec::new();
-    for (region, id) in snapshots {
-        let Some(rds) = clients.get(&region) else {
-            continue;
-        };
-        let result = match rds.delete_snapshot(&id, path).await? {
-            Deleted::Deleted => "deleted",
-            Deleted::Gone => "gone",
-        };
-        rds_snapshots.push(RdsDeletion { id, result });
+    for (rds, ids) in groups {
+        for id in ids {
+            let result = match rds.delete_snapshot(&id, path).await? {
+                Deleted::Deleted => "deleted",
+                Deleted::Gone => "gone",
+            };
+            rds_snapshots.push(RdsDeletion { id, result });
+        }
     }
     let data_key = dest.data_key(path);
     let aborted_uploads = dest.abort_incomplete(&data_key).await?;
